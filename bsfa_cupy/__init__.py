@@ -1,0 +1,20 @@
+"""bsfa-cupy: Block-Sparse FlashAttention forward kernels compiled at run time through CuPy (NVRTC).
+
+Works on CuPy, PyTorch and JAX GPU arrays (zero-copy through DLPack). Importing this package needs
+no CuPy; the GPU functions say which extra to install when it is missing. The exact semantics are
+defined by the NumPy reference, ``bsfa_reference``.
+"""
+from ._backend import has_gpu
+from ._kernels import BLOCK_M, BLOCK_N, HEAD_DIMS, KernelCompileError
+from .ops import attention, block_max_scores
+
+__version__ = "0.1.0"
+__all__ = [
+    "BLOCK_M",
+    "BLOCK_N",
+    "HEAD_DIMS",
+    "KernelCompileError",
+    "attention",
+    "block_max_scores",
+    "has_gpu",
+]

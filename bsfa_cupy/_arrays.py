@@ -1,0 +1,130 @@
+"""Zero-copy interop: CuPy, PyTorch and JAX arrays in, the caller's array type out.
+
+Every input is viewed as a CuPy array through DLPack (no copy); outputs are allocated by the
+caller's framework on the inputs' device and viewed the same way, so the kernel writes straight
+into them. Launches go on the caller's stream: CuPy's current stream, or torch's current stream of
+the device. JAX exposes no stream: its inputs are waited for (``block_until_ready``), the kernel
+runs on CuPy's current stream, and that stream is synchronised before the result is handed to JAX.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._backend import cupy
+
+
+def framework_of(x) -> str:
+    mod = type(x).__module__.split(".")[0]
+    if mod == "cupy":
+        return "cupy"
+    if mod == "torch":
+        return "torch"
+    if mod in ("jax", "jaxlib"):
+        return "jax"
+    if isinstance(x, np.ndarray):
+        return "numpy"
+    if hasattr(x, "__dlpack__"):
+        return "dlpack"
+    return "unknown"
+
+
+@dataclass
+class Frame:
+    """How to allocate and stream for the caller's framework."""
+
+    kind: str  # "cupy" | "torch" | "jax" | "dlpack"
+    device_id: int
+    torch_device: object = None
+
+    def stream(self):
+        cp = cupy()
+        if self.kind == "torch":
+            import torch
+
+            s = torch.cuda.current_stream(self.torch_device)
+            return cp.cuda.ExternalStream(s.cuda_stream, self.device_id)
+        return cp.cuda.get_current_stream()
+
+    def empty(self, shape, dtype_name: str):
+        """Caller-framework array viewed as CuPy (both returned): (native, cupy_view)."""
+        cp = cupy()
+        if self.kind == "torch":
+            import torch
+
+            t = torch.empty(shape, dtype=getattr(torch, dtype_name), device=self.torch_device)
+            return t, cp.from_dlpack(t)
+        with cp.cuda.Device(self.device_id):
+            a = cp.empty(shape, dtype=_cupy_dtype(dtype_name))
+        return a, a
+
+    def wrap(self, native, view):
+        """The array to hand back to the caller (JAX gets the CuPy buffer through DLPack)."""
+        if self.kind == "jax":
+            import jax.dlpack
+
+            return jax.dlpack.from_dlpack(view)
+        return native
+
+    def finish(self, stream) -> None:
+        if self.kind == "jax":
+            stream.synchronize()
+
+
+def _cupy_dtype(name: str):
+    cp = cupy()
+    return cp.dtype(name)
+
+
+def to_cupy(x, name: str):
+    """A zero-copy CuPy view of a GPU array from any supported framework, or a clear TypeError."""
+    cp = cupy()
+    kind = framework_of(x)
+    if kind == "cupy":
+        return x
+    if kind == "numpy":
+        raise TypeError(
+            f"{name}: got a host numpy.ndarray; bsfa_cupy runs on the GPU. Move it there first "
+            "(cupy.asarray(x) or torch.from_numpy(x).cuda()), or use bsfa_reference.attention on the CPU"
+        )
+    if kind == "torch":
+        if not x.is_cuda:
+            raise TypeError(f"{name}: got a torch tensor on {x.device}; expected a CUDA tensor (x.cuda())")
+    elif kind == "jax":
+        platforms = {d.platform for d in x.devices()}
+        if platforms != {"gpu"}:
+            raise TypeError(f"{name}: got a JAX array on {sorted(platforms)}; expected one on a single GPU")
+        x.block_until_ready()
+    elif kind == "unknown":
+        raise TypeError(f"{name}: expected a CuPy, PyTorch or JAX GPU array, got {type(x).__name__}")
+    return cp.from_dlpack(x)
+
+
+def frame_for(x) -> Frame:
+    """The caller's framework and device, read off the first input (before any conversion)."""
+    kind = framework_of(x)
+    if kind == "cupy":
+        return Frame("cupy", x.device.id)
+    if kind == "torch" and x.is_cuda:
+        return Frame("torch", x.device.index, x.device)
+    if kind == "jax":
+        devices = list(x.devices())
+        if len(devices) == 1 and devices[0].platform == "gpu":
+            return Frame("jax", getattr(devices[0], "local_hardware_id", devices[0].id))
+    if kind == "dlpack":
+        dev_type, dev_id = x.__dlpack_device__()
+        return Frame("dlpack", int(dev_id))
+    to_cupy(x, "q")  # raises the clear TypeError for host / unsupported inputs
+    raise TypeError(f"q: unsupported array type {type(x).__name__}")
+
+
+@contextlib.contextmanager
+def on(frame: Frame):
+    """Run the body on the frame's device and stream (as CuPy's current ones)."""
+    cp = cupy()
+    with cp.cuda.Device(frame.device_id):
+        stream = frame.stream()
+        with stream:
+            yield stream

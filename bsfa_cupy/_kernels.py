@@ -1,0 +1,105 @@
+"""Compiled kernel variants: one specialisation key per module, compiled lazily and cached.
+
+What must be compile-time (dtype, head dim, causal, V-load order) is a macro of the key; cheap
+choices (threshold mode, keep-mask output) are run-time arguments, so the variant count stays
+small. CuPy caches compiled modules on disk keyed by the source string and options, and the
+source string already holds every header (see ``_source``).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._backend import cupy
+from ._source import kernel_source
+
+#: Query rows x keys per tile; the kernel's traits struct holds the same numbers.
+BLOCK_M = 128
+BLOCK_N = 64
+HEAD_DIMS = (64, 128)
+DTYPES = {"float16": 0, "bfloat16": 1}
+SOURCE = "bsfa_fwd.cu"
+
+
+@dataclass(frozen=True)
+class VariantKey:
+    """Everything compile-time about one kernel module."""
+
+    dtype: str  # "float16" | "bfloat16"
+    head_dim: int
+    causal: bool
+    v_speculative: bool = True
+
+    def options(self) -> tuple[str, ...]:
+        return (
+            "-std=c++17",
+            f"-DBSFA_DTYPE={DTYPES[self.dtype]}",
+            f"-DBSFA_HEAD_DIM={self.head_dim}",
+            f"-DBSFA_CAUSAL={int(self.causal)}",
+            f"-DBSFA_V_SPECULATIVE={int(self.v_speculative)}",
+        )
+
+    def name(self) -> str:
+        return f"bsfa_{self.dtype}_d{self.head_dim}_{'causal' if self.causal else 'full'}" + (
+            "" if self.v_speculative else "_vlate"
+        )
+
+
+def all_variants() -> list[VariantKey]:
+    return [VariantKey(dt, d, c) for dt in DTYPES for d in HEAD_DIMS for c in (False, True)]
+
+
+class KernelCompileError(RuntimeError):
+    """NVRTC rejected a kernel variant; the message names the variant and carries the log."""
+
+
+@dataclass
+class Kernel:
+    fn: object
+    threads: int
+    smem: int
+
+
+@dataclass
+class Module:
+    key: VariantKey
+    fwd: Kernel
+    block_max: Kernel
+
+
+def _read_int(module, symbol: str) -> int:
+    cp = cupy()
+    ptr = module.get_global(symbol)
+    return int(cp.ndarray((1,), cp.int32, ptr).get()[0])
+
+
+def _kernel(module, fn_name: str, threads_sym: str, smem_sym: str) -> Kernel:
+    fn = module.get_function(fn_name)
+    k = Kernel(fn, _read_int(module, threads_sym), _read_int(module, smem_sym))
+    if k.smem > 48 * 1024:
+        fn.max_dynamic_shared_size_bytes = k.smem
+    return k
+
+
+@functools.cache
+def get_module(key: VariantKey, device_id: int) -> Module:
+    """Compile (first use) and load one variant on one device."""
+    cp = cupy()
+    with cp.cuda.Device(device_id):
+        raw = cp.RawModule(code=kernel_source(SOURCE), options=key.options(), backend="nvrtc")
+        try:
+            fwd = _kernel(raw, "bsfa_fwd", "BSFA_FWD_THREADS", "BSFA_FWD_SMEM_BYTES")
+            bmax = _kernel(raw, "bsfa_block_max", "BSFA_BLOCK_MAX_THREADS", "BSFA_BLOCK_MAX_SMEM_BYTES")
+        except cp.cuda.compiler.CompileException as exc:
+            raise KernelCompileError(f"bsfa_cupy: compiling {key.name()} {key.options()} failed:\n{exc}") from exc
+    return Module(key, fwd, bmax)
+
+
+def i32(x) -> np.int32:
+    return np.int32(x)
+
+
+def i64(x) -> np.int64:
+    return np.int64(x)

@@ -1,0 +1,50 @@
+"""Locate the CUDA sources shipped as package data and fold their local headers in.
+
+CuPy's on-disk kernel cache hashes the source string it is given, not files it ``#include``s, so
+the loader inlines every ``#include "x.cuh"`` itself: the compiled source is one self-contained
+string and a header change always misses the cache.
+"""
+from __future__ import annotations
+
+import functools
+import re
+from importlib import resources
+from pathlib import Path
+
+_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
+
+
+def kernels_dir() -> Path:
+    """Directory of the .cu/.cuh files: package data when installed, ``kernels_cu/`` in a checkout."""
+    try:
+        path = Path(str(resources.files("bsfa_cupy.kernels_cu")))
+        if (path / "bsfa_fwd.cu").is_file():
+            return path
+    except (ModuleNotFoundError, TypeError):
+        pass
+    path = Path(__file__).resolve().parent.parent / "kernels_cu"
+    if (path / "bsfa_fwd.cu").is_file():
+        return path
+    raise FileNotFoundError(
+        "bsfa_cupy: CUDA sources not found (expected bsfa_fwd.cu as package data bsfa_cupy/kernels_cu "
+        "or in kernels_cu/ of a source checkout); reinstall the package"
+    )
+
+
+@functools.cache
+def kernel_source(name: str) -> str:
+    """The text of ``kernels_cu/name`` with its local ``#include "..."`` lines inlined (once each)."""
+    root = kernels_dir()
+    seen: set[str] = set()
+
+    def expand(fname: str) -> str:
+        if fname in seen:
+            return ""
+        seen.add(fname)
+        path = root / fname
+        if not path.is_file():
+            raise FileNotFoundError(f"bsfa_cupy: kernel source {fname!r} not found in {root}")
+        text = path.read_text()
+        return _INCLUDE.sub(lambda m: f"// ---- {m.group(1)} ----\n" + expand(m.group(1)), text)
+
+    return expand(name)

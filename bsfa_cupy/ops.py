@@ -1,0 +1,228 @@
+"""The public GPU API: block-sparse attention and tile maxima on any framework's GPU arrays."""
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from bsfa_reference._validate import check_qk, check_v, softmax_scale_or_default
+
+from . import _kernels
+from ._arrays import frame_for, framework_of, on, to_cupy
+from ._backend import cupy
+from ._kernels import BLOCK_M, BLOCK_N, HEAD_DIMS, VariantKey, get_module, i32, i64
+
+_MAX_GRID_YZ = 65535  # CUDA's limit on gridDim.y / gridDim.z (heads, batch)
+_ALIGN = 16  # cp.async moves 16-byte rows
+
+
+def _dtype_name(x, name):
+    dt = str(x.dtype)
+    if dt not in _kernels.DTYPES:
+        raise TypeError(f"{name}: expected dtype float16 or bfloat16, got {dt}")
+    return dt
+
+
+def _check_grad(arrays):
+    for name, x in arrays:
+        if framework_of(x) == "torch" and x.requires_grad:
+            import torch
+
+            if torch.is_grad_enabled():
+                raise ValueError(
+                    f"{name}: requires_grad=True with grad mode on, but bsfa_cupy is forward-only (no backward); "
+                    "call it under torch.no_grad() / torch.inference_mode() or pass tensors .detach()ed"
+                )
+
+
+def _strides(x, name):
+    """Element strides of a 4-D view whose last dim is contiguous and rows 16-byte aligned."""
+    item = x.dtype.itemsize
+    if x.strides[-1] != item and x.shape[-1] != 1:
+        raise ValueError(
+            f"{name}: expected a contiguous last dimension (stride {item} bytes), got strides {x.strides} "
+            f"for shape {x.shape}; pass .contiguous() / cupy.ascontiguousarray"
+        )
+    bad = [s for s in x.strides[:-1] if s % _ALIGN] + ([x.data.ptr] if x.data.ptr % _ALIGN else [])
+    if bad:
+        raise ValueError(
+            f"{name}: rows must start on {_ALIGN}-byte boundaries (data pointer and batch/seq/head strides "
+            f"multiples of {_ALIGN} bytes), got pointer {x.data.ptr:#x}, strides {x.strides}"
+        )
+    return [i64(s // item) for s in x.strides[:-1]]
+
+
+def _same_device(views, names):
+    ids = [v.device.id for v in views]
+    if len(set(ids)) > 1:
+        got = ", ".join(f"{n} on cuda:{i}" for n, i in zip(names, ids))
+        raise ValueError(f"all arrays must be on one GPU, got {got}")
+
+
+def _thresholds(thresholds, Hq, device_id):
+    """(mode, scalar, device array or None, T) for the kernel; NaN and bad shapes rejected."""
+    cp = cupy()
+    if thresholds is None:
+        return 0, 0.0, None, 1
+    if isinstance(thresholds, (bool, np.bool_)):
+        raise TypeError("thresholds: expected None, a float scalar or an (Hq, T) float32 array, got bool")
+    if isinstance(thresholds, numbers.Real) or (isinstance(thresholds, np.ndarray) and thresholds.ndim == 0):
+        t = np.float32(thresholds)
+        if np.isnan(t):
+            raise ValueError("thresholds: NaN is not a threshold; use -inf to keep every tile")
+        return 1, float(t), None, 1
+    if isinstance(thresholds, np.ndarray):
+        if thresholds.dtype.kind not in "fiu":
+            raise TypeError(f"thresholds: expected a float array, got dtype {thresholds.dtype}")
+        host = np.ascontiguousarray(thresholds, dtype=np.float32)
+        _check_thr_shape(host.shape, Hq)
+        if np.isnan(host).any():
+            raise ValueError(f"thresholds: {int(np.isnan(host).sum())} NaN values; use -inf to keep every tile")
+        return 2, 0.0, cp.asarray(host), host.shape[1]
+    view = to_cupy(thresholds, "thresholds")
+    if view.dtype != cp.float32:
+        raise TypeError(f"thresholds: expected a float32 device array, got {view.dtype}")
+    _check_thr_shape(view.shape, Hq)
+    if view.device.id != device_id:
+        raise ValueError(f"thresholds: expected an array on cuda:{device_id} (the inputs' GPU), got cuda:{view.device.id}")
+    view = cp.ascontiguousarray(view)
+    n_nan = int(cp.isnan(view).sum())  # one small reduction; a NaN must not reach the gate silently
+    if n_nan:
+        raise ValueError(f"thresholds: {n_nan} NaN values; use -inf to keep every tile")
+    return 2, 0.0, view, view.shape[1]
+
+
+def _check_thr_shape(shape, Hq):
+    if len(shape) != 2 or shape[0] != Hq or shape[1] < 1:
+        raise ValueError(f"thresholds: expected shape ({Hq}, T) with T >= 1 (or a scalar), got {tuple(shape)}")
+
+
+def _check_out(out, frame, shape, dtype, device_id):
+    if framework_of(out) != framework_of_frame(frame):
+        raise TypeError(f"out: expected a {frame.kind} array like the inputs, got {type(out).__name__}")
+    if frame.kind == "jax":
+        raise TypeError("out: JAX arrays are immutable; call without out= and use the returned array")
+    view = to_cupy(out, "out")
+    if tuple(view.shape) != shape:
+        raise ValueError(f"out: expected shape {shape} (B, Nq, Hq, D), got {tuple(view.shape)}")
+    if str(view.dtype) != dtype:
+        raise TypeError(f"out: expected dtype {dtype} (the inputs' dtype), got {view.dtype}")
+    if view.device.id != device_id:
+        raise ValueError(f"out: expected an array on cuda:{device_id} (the inputs' GPU), got cuda:{view.device.id}")
+    return view
+
+
+def framework_of_frame(frame):
+    return "cupy" if frame.kind == "dlpack" else frame.kind
+
+
+def attention(q, k, v, thresholds=None, *, causal=True, softmax_scale=None, return_lse=False,
+              return_keep=False, out=None):
+    """Block-sparse FlashAttention forward on the GPU (semantics of ``bsfa_reference.attention``).
+
+    q: (B, Nq, Hq, D), k and v: (B, Nk, Hkv, D), float16 or bfloat16, D in {64, 128}, on one GPU,
+    any strides with a contiguous last dimension. CuPy arrays, torch CUDA tensors and JAX GPU
+    arrays are taken zero-copy and the results come back in the caller's array type, allocated by
+    its framework. The kernel runs on the caller's stream: CuPy's current stream, torch's current
+    stream of the device; JAX inputs are waited for and the result is ready when returned.
+
+    ``causal=True`` is the default (BSFA targets causal prefill), bottom-right aligned like
+    FlashAttention >= 2.1 — see :func:`bsfa_reference.attention` for the mask drawn for Nq != Nk.
+    Tiles are fixed at 128 queries x 64 keys.
+
+    Args:
+        thresholds: None (dense), a scalar, or an (Hq, T) array — host NumPy (copied, cast to
+            float32) or a float32 device array of any of the three frameworks. Query tile a of head h
+            uses thresholds[h, clamp(p(a), 0, T - 1)], p(a) = (128a + Nk - Nq) // 128.
+        out: optional preallocated (B, Nq, Hq, D) output of the inputs' framework and dtype.
+
+    Returns:
+        out (input dtype), then lse (B, Hq, Nq) float32 if ``return_lse``, then keep
+        (B, Hq, nQ, nK) bool if ``return_keep``. Rows with no kept valid key give 0 and -inf.
+    """
+    _check_grad([("q", q), ("k", k), ("v", v)])
+    frame = frame_for(q)
+    with on(frame) as stream:
+        qv, kv, vv = to_cupy(q, "q"), to_cupy(k, "k"), to_cupy(v, "v")
+        B, Nq, Nk, Hq, Hkv, D, dtype = _check_qkv(qv, kv, vv)
+        _same_device([qv, kv, vv], ["q", "k", "v"])
+        strides = _strides(qv, "q") + _strides(kv, "k") + _strides(vv, "v")
+        scale = softmax_scale_or_default(softmax_scale, D)
+        mode, thr_scalar, thr_arr, T = _thresholds(thresholds, Hq, frame.device_id)
+        shape = (B, Nq, Hq, D)
+        if out is None:
+            out_native, out_view = frame.empty(shape, dtype)
+        else:
+            out_native, out_view = out, _check_out(out, frame, shape, dtype, frame.device_id)
+        o_strides = _strides(out_view, "out")
+        nQ, nK = -(-Nq // BLOCK_M), -(-Nk // BLOCK_N)
+        lse_native, lse_view = frame.empty((B, Hq, Nq), "float32")
+        keep_native, keep_view = frame.empty((B, Hq, nQ, nK), "bool") if return_keep else (None, None)
+
+        mod = get_module(VariantKey(dtype, D, bool(causal)), frame.device_id)
+        kern = mod.fwd
+        null = np.uint64(0)
+        args = (
+            qv, kv, vv, out_view, lse_view, keep_view if keep_view is not None else null,
+            thr_arr if thr_arr is not None else null, np.float32(thr_scalar), i32(mode), i32(T),
+            i32(Nq), i32(Nk), i32(Hq), i32(Hkv), *strides, *o_strides, np.float32(scale),
+        )
+        kern.fn((nQ, Hq, B), (kern.threads, 1, 1), args, shared_mem=kern.smem)
+        frame.finish(stream)
+
+    result = (frame.wrap(out_native, out_view),)
+    if return_lse:
+        result += (frame.wrap(lse_native, lse_view),)
+    if return_keep:
+        result += (frame.wrap(keep_native, keep_view),)
+    return result[0] if len(result) == 1 else result
+
+
+def block_max_scores(q, k, *, causal=True, softmax_scale=None):
+    """Per-tile maxima of the scaled scores on the GPU, without materialising the N x N scores.
+
+    q: (B, Nq, Hq, D), k: (B, Nk, Hkv, D) as in :func:`attention`. Returns (B, Hq, nQ, nK) float32
+    in the caller's array type: the maximum of ``softmax_scale * <q_i, k_j>`` over each
+    (128-query x 64-key) tile's valid entries, -inf where a tile has none (the reference's
+    ``bsfa_reference.block_max_scores`` rounded to float32). ``causal=True`` is the default.
+    """
+    _check_grad([("q", q), ("k", k)])
+    frame = frame_for(q)
+    with on(frame) as stream:
+        qv, kv = to_cupy(q, "q"), to_cupy(k, "k")
+        B, Nq, Nk, Hq, Hkv, D = check_qk(qv, kv)
+        dtype = _check_dtypes([("q", qv), ("k", kv)], D)
+        _same_device([qv, kv], ["q", "k"])
+        strides = _strides(qv, "q") + _strides(kv, "k")
+        scale = softmax_scale_or_default(softmax_scale, D)
+        nQ, nK = -(-Nq // BLOCK_M), -(-Nk // BLOCK_N)
+        _check_grid(B, Hq)
+        tm_native, tm_view = frame.empty((B, Hq, nQ, nK), "float32")
+        kern = get_module(VariantKey(dtype, D, bool(causal)), frame.device_id).block_max
+        args = (qv, kv, tm_view, i32(Nq), i32(Nk), i32(Hq), i32(Hkv), *strides, np.float32(scale))
+        kern.fn((nQ, Hq, B), (kern.threads, 1, 1), args, shared_mem=kern.smem)
+        frame.finish(stream)
+    return frame.wrap(tm_native, tm_view)
+
+
+def _check_dtypes(named, D):
+    dts = {name: str(x.dtype) for name, x in named}
+    if len(set(dts.values())) > 1:
+        raise TypeError(f"q, k, v must share one dtype, got {dts}")
+    dtype = _dtype_name(named[0][1], named[0][0])
+    if D not in HEAD_DIMS:
+        raise ValueError(f"head_dim: expected one of {HEAD_DIMS}, got {D}")
+    return dtype
+
+
+def _check_grid(B, Hq):
+    if B > _MAX_GRID_YZ or Hq > _MAX_GRID_YZ:
+        raise ValueError(f"batch and heads must be <= {_MAX_GRID_YZ} each (CUDA grid limit), got B={B}, Hq={Hq}")
+
+
+def _check_qkv(qv, kv, vv):
+    B, Nq, Nk, Hq, Hkv, D = check_qk(qv, kv)
+    check_v(vv, kv)
+    dtype = _check_dtypes([("q", qv), ("k", kv), ("v", vv)], D)
+    _check_grid(B, Hq)
+    return B, Nq, Nk, Hq, Hkv, D, dtype

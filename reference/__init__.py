@@ -1,0 +1,21 @@
+"""bsfa_reference: the exact NumPy definition of Block-Sparse FlashAttention (BSFA).
+
+Everything here is float64 NumPy/SciPy, importable without CuPy or a GPU. The GPU package
+``bsfa_cupy`` is tested against these functions.
+"""
+from .attention import attention, block_max_scores, gate
+from .calibration import Calibrator, sample_thresholds
+from .tiles import BLOCK_M, BLOCK_N, diagonal_tiles, tile_positions, valid_mask
+
+__all__ = [
+    "BLOCK_M",
+    "BLOCK_N",
+    "Calibrator",
+    "attention",
+    "block_max_scores",
+    "diagonal_tiles",
+    "gate",
+    "sample_thresholds",
+    "tile_positions",
+    "valid_mask",
+]

@@ -1,0 +1,101 @@
+"""Input checks shared by the reference functions: clear ValueError/TypeError, never assert."""
+from __future__ import annotations
+
+import numbers
+
+import ml_dtypes
+import numpy as np
+
+#: dtypes the reference accepts for q, k and v (computation is always float64).
+SUPPORTED_DTYPES = (
+    np.dtype(np.float16),
+    np.dtype(ml_dtypes.bfloat16),
+    np.dtype(np.float32),
+    np.dtype(np.float64),
+)
+
+
+def as_float64(x, name: str) -> np.ndarray:
+    """Return ``x`` as a float64 ndarray, rejecting non-array and non-float inputs."""
+    if not isinstance(x, np.ndarray):
+        if hasattr(x, "__cuda_array_interface__") or hasattr(x, "__dlpack_device__"):
+            raise TypeError(
+                f"{name}: the NumPy reference takes host numpy.ndarray inputs, got {type(x).__name__}; "
+                "copy it to the host first or use bsfa_cupy.attention for GPU arrays"
+            )
+        raise TypeError(f"{name}: expected a numpy.ndarray, got {type(x).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        names = ", ".join(str(d) for d in SUPPORTED_DTYPES)
+        raise TypeError(f"{name}: expected dtype in ({names}), got {x.dtype}")
+    return x.astype(np.float64)
+
+
+def check_block(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected a positive int, got {type(value).__name__} {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name}: expected a positive int, got {value}")
+    return int(value)
+
+
+def check_qk(q: np.ndarray, k: np.ndarray) -> tuple[int, int, int, int, int, int]:
+    """Shapes of q (B, Nq, Hq, D) and k (B, Nk, Hkv, D); returns (B, Nq, Nk, Hq, Hkv, D)."""
+    if q.ndim != 4:
+        raise ValueError(f"q: expected rank 4 (batch, seqlen_q, heads_q, head_dim), got shape {q.shape}")
+    if k.ndim != 4:
+        raise ValueError(f"k: expected rank 4 (batch, seqlen_k, heads_kv, head_dim), got shape {k.shape}")
+    B, Nq, Hq, D = q.shape
+    Bk, Nk, Hkv, Dk = k.shape
+    if min(q.shape) < 1 or min(k.shape) < 1:
+        raise ValueError(f"q and k must have no empty dimension, got q {q.shape}, k {k.shape}")
+    if Bk != B:
+        raise ValueError(f"k: expected batch {B} (from q {q.shape}), got k {k.shape}")
+    if Dk != D:
+        raise ValueError(f"k: expected head_dim {D} (from q {q.shape}), got k {k.shape}")
+    if Hq % Hkv != 0:
+        raise ValueError(
+            f"heads: q heads ({Hq}) must be a multiple of k/v heads ({Hkv}); got q {q.shape}, k {k.shape}"
+        )
+    return B, Nq, Nk, Hq, Hkv, D
+
+
+def check_v(v: np.ndarray, k: np.ndarray) -> None:
+    if v.ndim != 4 or v.shape != k.shape:
+        raise ValueError(f"v: expected shape {k.shape} (same as k), got {v.shape}")
+
+
+def softmax_scale_or_default(softmax_scale, D: int) -> float:
+    if softmax_scale is None:
+        return 1.0 / float(np.sqrt(D))
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
+        raise TypeError(f"softmax_scale: expected a float or None, got {type(softmax_scale).__name__}")
+    s = float(softmax_scale)
+    if not np.isfinite(s):
+        raise ValueError(f"softmax_scale: expected a finite float, got {s}")
+    return s
+
+
+def check_thresholds(thresholds, Hq: int):
+    """None, a float32 scalar (0-d array), or a float32 (Hq, T) array. NaN is an error."""
+    if thresholds is None:
+        return None
+    if isinstance(thresholds, bool) or isinstance(thresholds, np.bool_):
+        raise TypeError("thresholds: expected None, a float scalar or an (Hq, T) float array, got bool")
+    if isinstance(thresholds, numbers.Real):
+        t = np.asarray(np.float32(thresholds))
+    elif isinstance(thresholds, np.ndarray):
+        if thresholds.dtype.kind not in "fiu" and thresholds.dtype != np.dtype(ml_dtypes.bfloat16):
+            raise TypeError(f"thresholds: expected a float array, got dtype {thresholds.dtype}")
+        t = thresholds.astype(np.float32)
+        if t.ndim == 0:
+            pass
+        elif t.ndim != 2 or t.shape[0] != Hq or t.shape[1] < 1:
+            raise ValueError(f"thresholds: expected shape ({Hq}, T) with T >= 1 (or a scalar), got {t.shape}")
+    else:
+        raise TypeError(
+            "thresholds: expected None, a float scalar or an (Hq, T) numpy array, "
+            f"got {type(thresholds).__name__}"
+        )
+    if np.isnan(t).any():
+        raise ValueError(f"thresholds: NaN is not a threshold ({int(np.isnan(t).sum())} NaN values); use -inf to keep all")
+    return t

@@ -1,0 +1,41 @@
+"""Shared pytest/hypothesis configuration for the bsfa test suite.
+
+Hypothesis profiles:
+
+* ``ci``  - loaded when the ``CI`` environment variable is set: few, derandomized examples so a
+  2-core CI runner stays well under its time budget and runs are reproducible.
+* ``dev`` - the default locally: more (random) examples.
+* ``gpu`` - for runs on a GPU machine, where the kernels are cheap: many examples.
+
+``HYPOTHESIS_PROFILE=<name>`` overrides the choice.
+"""
+from __future__ import annotations
+
+import os
+
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci",
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "dev",
+    max_examples=150,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile(
+    "gpu",
+    max_examples=400,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))
