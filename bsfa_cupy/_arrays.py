@@ -80,7 +80,6 @@ def _cupy_dtype(name: str):
 
 def to_cupy(x, name: str):
     """A zero-copy CuPy view of a GPU array from any supported framework, or a clear TypeError."""
-    cp = cupy()
     kind = framework_of(x)
     if kind == "cupy":
         return x
@@ -99,7 +98,7 @@ def to_cupy(x, name: str):
         x.block_until_ready()
     elif kind == "unknown":
         raise TypeError(f"{name}: expected a CuPy, PyTorch or JAX GPU array, got {type(x).__name__}")
-    return cp.from_dlpack(x)
+    return cupy().from_dlpack(x)
 
 
 def frame_for(x) -> Frame:

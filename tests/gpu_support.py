@@ -1,0 +1,168 @@
+"""GPU test support: skipping, poisoned outputs, inputs with odd strides, baseline-relative checks.
+
+The kernel is compared with the float64 reference (``bsfa_reference``) only. Tolerances follow
+FlashAttention's tests: the kernel's error against float64 must stay within a small multiple of
+the error of a plain low-precision computation of the same attention, plus a rounding floor.
+"""
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import bsfa_reference as ref
+from bsfa_reference.tiles import diagonal_tiles, expand_tiles, tile_positions, tile_reduce_any, valid_mask
+
+try:
+    import cupy as cp
+
+    HAVE_GPU = cp.cuda.runtime.getDeviceCount() > 0
+except Exception:  # no CuPy, or CuPy without a driver
+    cp = None
+    HAVE_GPU = False
+
+requires_gpu = pytest.mark.skipif(not HAVE_GPU, reason="needs CuPy and a CUDA GPU (none here; CI has none)")
+
+HOST_DTYPES = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+EPS = {"float16": 2.0**-10, "bfloat16": 2.0**-7}
+#: allowed multiple of the low-precision baseline's error
+ERR_FACTOR = 3.0
+#: share of gated tiles whose keep decision may differ from the float64 reference (|M - t| tiny)
+MAX_EXEMPT_SHARE = 0.01
+
+
+def poison_outputs(monkeypatch):
+    """Make every framework allocation inside bsfa_cupy start as garbage (NaN / 0xAB bytes)."""
+    from bsfa_cupy import _arrays
+
+    real_empty = _arrays.Frame.empty
+
+    def empty(self, shape, dtype_name):
+        native, view = real_empty(self, shape, dtype_name)
+        if view.dtype.kind == "f":
+            view.fill(np.nan)
+        else:
+            view.view(cp.uint8).fill(0xAB)
+        return native, view
+
+    monkeypatch.setattr(_arrays.Frame, "empty", empty)
+
+
+def device_array(host, layout: str):
+    """A CuPy copy of a (B, N, H, D) host array with the given memory layout.
+
+    "contiguous"; "bhnd": stored (B, H, N, D) and viewed transposed; "padded": heads padded by one
+    slot and sliced, so the sequence stride is not H*D; all keep the last dim contiguous.
+    """
+    B, N, H, D = host.shape
+    if layout == "contiguous":
+        return cp.asarray(host)
+    if layout == "bhnd":
+        return cp.asarray(np.ascontiguousarray(host.transpose(0, 2, 1, 3))).transpose(0, 2, 1, 3)
+    if layout == "padded":
+        buf = cp.full((B, N, H + 1, D), np.nan, dtype=host.dtype)
+        buf[:, :, :H] = cp.asarray(host)
+        return buf[:, :, :H]
+    raise ValueError(layout)
+
+
+def random_inputs(rng, B, Nq, Nk, Hq, Hkv, D, dtype, spread=1.0):
+    """Host q, k, v in the given dtype; ``spread`` widens the score distribution."""
+    ht = HOST_DTYPES[dtype]
+    q = (rng.standard_normal((B, Nq, Hq, D)) * spread).astype(ht)
+    k = rng.standard_normal((B, Nk, Hkv, D)).astype(ht)
+    v = rng.standard_normal((B, Nk, Hkv, D)).astype(ht)
+    return q, k, v
+
+
+def thresholds_from_maxima(tile_max, Nq, Nk, quantile=0.5):
+    """(Hq, T) float32: per head and query-tile position, a quantile of that tile row's gated maxima.
+
+    Applied to the same inputs this skips about (quantile) of the gated (off-diagonal) tiles.
+    """
+    B, Hq, nQ, nK = tile_max.shape
+    gated = (tile_max > -np.inf) & ~diagonal_tiles(Nq, Nk, ref.BLOCK_M, ref.BLOCK_N)[None, None]
+    pos = np.maximum(tile_positions(Nq, Nk, ref.BLOCK_M), 0)
+    thr = np.full((Hq, int(pos.max()) + 1), -np.inf, dtype=np.float32)
+    for h in range(Hq):
+        for a in range(nQ):
+            vals = tile_max[:, h, a][gated[:, h, a]]
+            if vals.size:
+                thr[h, pos[a]] = np.float32(np.quantile(vals, quantile))
+    return thr
+
+
+def gate_exemptions(tile_max, abs_max, thresholds, Nq, Nk, D):
+    """Tiles whose keep decision may legitimately flip between fp32 and float64 tile maxima.
+
+    A float32 dot product of length D differs from float64 by at most about D * 2^-24 * sum|q||k|;
+    ``abs_max`` is the tile maximum of scale * sum|q||k| (the reference on |q|, |k|).
+    Returns a (B, Hq, nQ, nK) bool mask of exempt tiles.
+    """
+    bound = abs_max * D * 2.0**-22 + 1e-30
+    if thresholds is None:
+        return np.zeros(tile_max.shape, dtype=bool)
+    if np.ndim(thresholds) == 0:
+        thr = np.full(tile_max.shape[1:3], float(thresholds))
+    else:
+        T = thresholds.shape[1]
+        thr = np.asarray(thresholds, np.float64)[:, np.clip(tile_positions(Nq, Nk, ref.BLOCK_M), 0, T - 1)]
+    near = np.abs(tile_max - thr[None, :, :, None]) <= bound
+    diag = diagonal_tiles(Nq, Nk, ref.BLOCK_M, ref.BLOCK_N)[None, None]
+    return near & ~diag & (tile_max > -np.inf)
+
+
+def lowp_attention(q, k, v, keep, causal, scale, dtype):
+    """A plain low-precision attention (fp32 scores and softmax, P and the output rounded to
+    ``dtype``) over the same kept tiles: the baseline error the kernel is measured against."""
+    ht = HOST_DTYPES[dtype]
+    B, Nq, Hq, D = q.shape
+    Nk, Hkv = k.shape[1], k.shape[2]
+    g = Hq // Hkv
+    q32 = q.astype(np.float32)
+    k32 = np.repeat(k.astype(np.float32), g, axis=2)
+    v32 = np.repeat(v.astype(np.float32), g, axis=2)
+    s = np.einsum("bihd,bjhd->bhij", q32, k32).astype(np.float32) * np.float32(scale)
+    mask = valid_mask(Nq, Nk, causal)[None, None] & expand_tiles(keep, Nq, Nk, ref.BLOCK_M, ref.BLOCK_N)
+    s = np.where(mask, s, -np.inf).astype(np.float32)
+    m = s.max(axis=-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0).astype(np.float32)
+    p = np.exp(s - m).astype(np.float32)
+    l = p.sum(axis=-1, keepdims=True)
+    p16 = p.astype(ht).astype(np.float32)
+    o = np.einsum("bhij,bjhd->bihd", p16, v32) / np.where(l > 0, l, 1).transpose(0, 2, 1, 3)
+    return o.astype(ht).astype(np.float64)
+
+
+def check_against_reference(out, lse, q, k, v, keep, causal, scale, dtype, what=""):
+    """out (B, Nq, Hq, D) and lse (B, Hq, Nq) from the kernel vs the float64 reference replaying
+    the kernel's own keep mask; errors bounded relative to the low-precision baseline."""
+    out = np.asarray(out).astype(np.float64)
+    lse = np.asarray(lse).astype(np.float64)
+    ref_out, ref_lse = ref.attention(q, k, v, causal=causal, softmax_scale=scale, keep=keep, return_lse=True)
+    assert not np.isnan(out).any(), f"{what}: {int(np.isnan(out).sum())} NaN in out"
+    assert not np.isnan(lse).any(), f"{what}: {int(np.isnan(lse).sum())} NaN in lse"
+
+    dead = ~np.isfinite(ref_lse)  # rows with no kept valid key: lse -inf and out exactly 0
+    assert np.array_equal(lse[dead], ref_lse[dead]), f"{what}: lse of {int(dead.sum())} empty rows not all -inf"
+    dead_rows = dead.transpose(0, 2, 1)  # (B, Nq, Hq)
+    assert not out[dead_rows].any(), f"{what}: out of empty rows not zero (max {np.abs(out[dead_rows]).max()})"
+
+    base = lowp_attention(q, k, v, keep, causal, scale, dtype)
+    base_err = np.abs(base - ref_out).max()
+    floor = EPS[dtype] * max(1.0, float(np.abs(ref_out).max()))
+    bound = ERR_FACTOR * base_err + floor
+    err = np.abs(out - ref_out)
+    bad = err > bound
+    assert not bad.any(), (
+        f"{what}: out error {err.max():.3e} > bound {bound:.3e} (= {ERR_FACTOR} x baseline {base_err:.3e} + "
+        f"{floor:.1e}) at {np.unravel_index(err.argmax(), err.shape)}; {int(bad.sum())}/{err.size} mismatches"
+    )
+    live = ~dead
+    lerr = np.abs(lse[live] - ref_lse[live])
+    lbound = 1e-4 + 2e-6 * np.abs(ref_lse[live])
+    lbad = lerr > lbound
+    assert not lbad.any(), (
+        f"{what}: lse error {lerr.max():.3e} above 1e-4 + 2e-6|lse|; {int(lbad.sum())}/{lerr.size} mismatches"
+    )
+    return float(err.max()), float(base_err)

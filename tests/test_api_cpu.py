@@ -1,0 +1,65 @@
+"""The GPU API's behaviour that needs no GPU: import without CuPy, clear errors for host inputs."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import bsfa_cupy
+from bsfa_cupy import _backend
+
+
+def test_import_without_cupy_then_call_names_the_extra():
+    code = (
+        "import sys; sys.modules['cupy'] = None\n"
+        "import bsfa_cupy, bsfa_cupy.ops\n"
+        "try:\n"
+        "    bsfa_cupy._backend.cupy()\n"
+        "except ImportError as e:\n"
+        "    print('IMPORTERROR', e)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "IMPORTERROR" in proc.stdout and "bsfa-cupy[cuda12]" in proc.stdout, proc.stdout
+
+
+def test_numpy_inputs_get_a_clear_type_error():
+    q = np.zeros((1, 8, 2, 64), np.float16)
+    with pytest.raises(TypeError, match=r"host numpy.ndarray.*GPU"):
+        bsfa_cupy.attention(q, q, q)
+    with pytest.raises(TypeError, match=r"host numpy.ndarray"):
+        bsfa_cupy.block_max_scores(q, q)
+
+
+def test_unknown_inputs_get_a_type_error():
+    with pytest.raises(TypeError, match="expected a CuPy, PyTorch or JAX GPU array"):
+        bsfa_cupy.attention([1, 2], [1, 2], [1, 2])
+
+
+def test_torch_cpu_tensor_is_rejected():
+    torch = pytest.importorskip("torch")
+    q = torch.zeros(1, 8, 2, 64, dtype=torch.float16)
+    with pytest.raises(TypeError, match="CUDA tensor"):
+        bsfa_cupy.attention(q, q, q)
+
+
+def test_torch_requires_grad_is_rejected_before_anything_else():
+    torch = pytest.importorskip("torch")
+    q = torch.zeros(1, 8, 2, 64, requires_grad=True)
+    with pytest.raises(ValueError, match="forward-only"):
+        bsfa_cupy.attention(q, q.detach(), q.detach())
+
+
+def test_has_gpu_is_a_bool():
+    assert isinstance(_backend.has_gpu(), bool)
+
+
+def test_specialisation_keys_are_distinct():
+    from bsfa_cupy._kernels import VariantKey, all_variants
+
+    keys = all_variants()
+    assert len({k.name() for k in keys}) == len(keys) == 8
+    assert len({k.options() for k in keys}) == len(keys)
+    assert "-DBSFA_HEAD_DIM=128" in VariantKey("bfloat16", 128, True).options()

@@ -1,0 +1,159 @@
+"""The kernel against the float64 reference on the GPU: hypothesis over shapes, layouts and thresholds."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, note, settings
+from hypothesis import strategies as st
+
+import bsfa_reference as ref
+from gpu_support import (
+    MAX_EXEMPT_SHARE,
+    check_against_reference,
+    cp,
+    device_array,
+    gate_exemptions,
+    poison_outputs,
+    random_inputs,
+    requires_gpu,
+    thresholds_from_maxima,
+)
+
+pytestmark = [pytest.mark.gpu, requires_gpu]
+
+
+@st.composite
+def problems(draw):
+    dtype = draw(st.sampled_from(["float16", "bfloat16"]))
+    D = draw(st.sampled_from([64, 128]))
+    causal = draw(st.booleans())
+    B = draw(st.integers(1, 2))
+    Hkv = draw(st.integers(1, 2))
+    group = draw(st.sampled_from([1, 2, 4, 8]))
+    Nk = draw(st.integers(1, 700))
+    Nq = draw(st.one_of(st.integers(1, 700), st.just(Nk)))
+    mode = draw(st.sampled_from(["none", "scalar", "maxima", "maxima", "maxima", "short"]))
+    layouts = draw(st.tuples(*[st.sampled_from(["contiguous", "bhnd", "padded"])] * 3))
+    spread = draw(st.sampled_from([0.5, 1.0, 3.0]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return dict(dtype=dtype, D=D, causal=causal, B=B, Hkv=Hkv, Hq=Hkv * group, Nq=Nq, Nk=Nk, mode=mode,
+                layouts=layouts, spread=spread, seed=seed)
+
+
+def run_case(p, monkeypatch):
+    import bsfa_cupy
+
+    rng = np.random.default_rng(p["seed"])
+    q, k, v = random_inputs(rng, p["B"], p["Nq"], p["Nk"], p["Hq"], p["Hkv"], p["D"], p["dtype"], p["spread"])
+    scale = 1.0 / np.sqrt(p["D"])
+    causal = p["causal"]
+    tile_max = ref.block_max_scores(q, k, causal=causal)
+    if p["mode"] == "none":
+        thr = None
+    elif p["mode"] == "scalar":
+        finite = tile_max[np.isfinite(tile_max)]
+        thr = float(np.median(finite)) if finite.size else 0.0
+    else:
+        thr = thresholds_from_maxima(tile_max, p["Nq"], p["Nk"])
+        if p["mode"] == "short":
+            thr = thr[:, : max(1, thr.shape[1] // 2)]  # positions past T clamp to T - 1
+
+    qd, kd, vd = (device_array(x, lay) for x, lay in zip((q, k, v), p["layouts"]))
+    poison_outputs(monkeypatch)
+    out = cp.full(q.shape, np.nan, dtype=q.dtype)
+    res_out, lse, keep = bsfa_cupy.attention(qd, kd, vd, thr, causal=causal, out=out, return_lse=True,
+                                             return_keep=True)
+    cp.cuda.get_current_stream().synchronize()
+    assert res_out is out, "out= was not returned as the output array"
+    keep_u8 = cp.asnumpy(keep.view(cp.uint8))
+    assert set(np.unique(keep_u8)) <= {0, 1}, f"keep has unwritten entries: values {np.unique(keep_u8)}"
+    kernel_keep = keep_u8.astype(bool)
+
+    # The gate: same decisions as the reference, except tiles within fp32 rounding of the threshold.
+    _, ref_keep = ref.attention(q, k, v, thr, causal=causal, return_keep=True)
+    abs_max = ref.block_max_scores(np.abs(q.astype(np.float64)), np.abs(k.astype(np.float64)), causal=causal)
+    exempt = gate_exemptions(tile_max, abs_max, None if thr is None else np.asarray(thr, np.float32),
+                             p["Nq"], p["Nk"], p["D"])
+    differ = (kernel_keep != ref_keep) & ~exempt
+    assert not differ.any(), (
+        f"keep differs from the reference at {int(differ.sum())} tiles (first {np.argwhere(differ)[:5].tolist()})"
+    )
+    gated = int((tile_max > -np.inf).sum())
+    note(f"exempt tiles: {int(exempt.sum())} of {gated}; kept {int(kernel_keep.sum())}")
+    assert exempt.sum() <= MAX_EXEMPT_SHARE * max(gated, 1) + 1, f"{int(exempt.sum())} exempt tiles of {gated}"
+
+    return check_against_reference(cp.asnumpy(out), cp.asnumpy(lse), q, k, v, kernel_keep, causal, scale,
+                                   p["dtype"], what=str(p))
+
+
+@given(problems())
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # examples: profile
+def test_kernel_matches_reference(monkeypatch, p):
+    with monkeypatch.context() as m:
+        run_case(p, m)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("causal", [True, False])
+def test_every_variant_odd_sizes(monkeypatch, dtype, D, causal):
+    """Every compiled variant on a ragged, GQA, batched problem with tile-maxima thresholds."""
+    p = dict(dtype=dtype, D=D, causal=causal, B=2, Hkv=2, Hq=4, Nq=577, Nk=641, mode="maxima",
+             layouts=("padded", "bhnd", "contiguous"), spread=1.0, seed=D + causal)
+    run_case(p, monkeypatch)
+
+
+@pytest.mark.parametrize("Nq,Nk", [(300, 100), (1, 1), (1, 700), (200, 63), (128, 64)])
+def test_edge_shapes(monkeypatch, Nq, Nk):
+    """Causal rows with no valid key (Nq > Nk), a single query/key, Nk < 64, exact tiles."""
+    p = dict(dtype="float16", D=64, causal=True, B=1, Hkv=1, Hq=2, Nq=Nq, Nk=Nk, mode="maxima",
+             layouts=("contiguous",) * 3, spread=1.0, seed=Nq * 1000 + Nk)
+    run_case(p, monkeypatch)
+
+
+@pytest.mark.parametrize("thr", [np.inf, -np.inf])
+def test_infinite_thresholds(thr):
+    """+inf keeps exactly the diagonal tiles, -inf keeps everything (equals dense bitwise)."""
+    import bsfa_cupy
+
+    rng = np.random.default_rng(3)
+    q, k, v = random_inputs(rng, 1, 640, 640, 4, 2, 128, "float16")
+    qd, kd, vd = map(cp.asarray, (q, k, v))
+    out, keep = bsfa_cupy.attention(qd, kd, vd, thr, return_keep=True)
+    _, ref_keep = ref.attention(q, k, v, thr, return_keep=True)
+    np.testing.assert_array_equal(cp.asnumpy(keep), ref_keep)
+    if thr == -np.inf:
+        dense = bsfa_cupy.attention(qd, kd, vd)
+        assert cp.array_equal(out, dense), "thresholds=-inf must equal dense bitwise"
+
+
+def test_deterministic_and_no_nan():
+    import bsfa_cupy
+
+    rng = np.random.default_rng(11)
+    q, k, v = random_inputs(rng, 2, 1000, 1100, 8, 2, 128, "bfloat16")
+    qd, kd, vd = map(cp.asarray, (q, k, v))
+    thr = thresholds_from_maxima(ref.block_max_scores(q, k), 1000, 1100)
+    runs = [bsfa_cupy.attention(qd, kd, vd, thr, return_lse=True, return_keep=True) for _ in range(2)]
+    for a, b in zip(*runs):
+        assert cp.array_equal(a, b), "two runs on the same inputs differ"
+    assert not cp.isnan(runs[0][0]).any() and not cp.isnan(runs[0][1]).any()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_block_max_scores_matches_reference(monkeypatch, causal, dtype):
+    import bsfa_cupy
+
+    rng = np.random.default_rng(5)
+    q, k, _ = random_inputs(rng, 2, 333, 777, 4, 1, 64, dtype)
+    poison_outputs(monkeypatch)
+    got = cp.asnumpy(bsfa_cupy.block_max_scores(device_array(q, "bhnd"), cp.asarray(k), causal=causal))
+    want = ref.block_max_scores(q, k, causal=causal)
+    assert got.dtype == np.float32
+    inf = ~np.isfinite(want)
+    assert np.array_equal(got[inf], want[inf]), f"{int((got[inf] != want[inf]).sum())} tiles should be -inf"
+    bound = ref.block_max_scores(np.abs(q.astype(np.float64)), np.abs(k.astype(np.float64)), causal=causal)
+    err = np.abs(got[~inf] - want[~inf])
+    lim = bound[~inf] * 64 * 2.0**-22 + 1e-6
+    assert (err <= lim).all(), f"tile max error {err.max():.3e}; {int((err > lim).sum())} tiles over the fp32 bound"

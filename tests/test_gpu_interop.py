@@ -1,0 +1,175 @@
+"""Zero copy, the caller's stream and array type, and dense mode against torch's SDPA."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import bsfa_reference as ref
+from gpu_support import EPS, cp, random_inputs, requires_gpu, thresholds_from_maxima
+
+pytestmark = [pytest.mark.gpu, requires_gpu]
+
+
+def _torch():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch without CUDA")
+    return torch
+
+
+def _spy_launch(monkeypatch):
+    """Record the pointer arguments of every kernel launch."""
+    from bsfa_cupy import ops
+
+    seen = []
+    real = ops.get_module
+
+    def get_module(key, device_id):
+        mod = real(key, device_id)
+        for kern in (mod.fwd, mod.block_max):
+            if not hasattr(kern.fn, "_bsfa_spied"):
+                fn = kern.fn
+
+                class Spy:
+                    _bsfa_spied = True
+
+                    def __call__(self, grid, block, args, **kw):
+                        seen.append([a.data.ptr if hasattr(a, "data") and hasattr(a.data, "ptr") else a for a in args])
+                        return fn(grid, block, args, **kw)
+
+                kern.fn = Spy()
+        return mod
+
+    monkeypatch.setattr(ops, "get_module", get_module)
+    return seen
+
+
+def test_torch_zero_copy_out_and_inputs(monkeypatch):
+    torch = _torch()
+    import bsfa_cupy
+
+    rng = np.random.default_rng(0)
+    q, k, v = (torch.from_numpy(x).cuda() for x in random_inputs(rng, 1, 300, 300, 4, 2, 64, "float16"))
+    out = torch.full_like(q, float("nan"))
+    seen = _spy_launch(monkeypatch)
+    res, lse = bsfa_cupy.attention(q, k, v, out=out, return_lse=True)
+    torch.cuda.synchronize()
+    assert res is out and isinstance(lse, torch.Tensor) and lse.dtype == torch.float32
+    ptrs = seen[-1][:4]
+    assert ptrs == [q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr()], "inputs or out were copied"
+    want = ref.attention(q.cpu().numpy(), k.cpu().numpy(), v.cpu().numpy())
+    err = np.abs(out.cpu().double().numpy() - want).max()
+    assert err < 4 * EPS["float16"], f"torch path error {err:.3e}"
+    # keep-mask output is a torch bool tensor; lse lives on the same device
+    _, keep = bsfa_cupy.attention(q, k, v, 0.0, return_keep=True)
+    assert keep.dtype == torch.bool and keep.device == q.device
+
+
+def test_torch_side_stream_no_extra_sync():
+    """Inputs produced on a side stream and consumed there: correct with no synchronisation."""
+    torch = _torch()
+    import bsfa_cupy
+
+    rng = np.random.default_rng(1)
+    q0, k0, v0 = (torch.from_numpy(x).cuda() for x in random_inputs(rng, 1, 2048, 2048, 8, 8, 128, "float16"))
+    want = bsfa_cupy.attention(q0, k0, v0).float()
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    big = torch.randn(4096, 4096, device="cuda")
+    with torch.cuda.stream(side):
+        for _ in range(20):  # keep the side stream busy so a launch on another stream would race
+            big = big @ big.T / 4096
+        q = q0 + (big[0, 0] * 0).nan_to_num().to(q0.dtype)  # produced on the side stream, after the busy work
+        out = bsfa_cupy.attention(q, k0, v0)
+        diff = (out.float() - want).abs().max()
+    side.synchronize()
+    assert diff.item() == 0.0, f"side-stream result differs from the default-stream result by {diff.item()}"
+
+
+def test_cupy_stream_is_used(monkeypatch):
+    import bsfa_cupy
+
+    rng = np.random.default_rng(2)
+    q, k, v = (cp.asarray(x) for x in random_inputs(rng, 1, 256, 256, 2, 2, 64, "float16"))
+    captured = []
+    from bsfa_cupy import ops
+
+    real = ops.get_module
+
+    def get_module(key, device_id):
+        captured.append(cp.cuda.get_current_stream().ptr)
+        return real(key, device_id)
+
+    monkeypatch.setattr(ops, "get_module", get_module)
+    s = cp.cuda.Stream(non_blocking=True)
+    with s:
+        out = bsfa_cupy.attention(q, k, v)
+    s.synchronize()
+    assert captured[-1] == s.ptr, "the kernel was not launched on CuPy's current stream"
+    assert isinstance(out, cp.ndarray)
+
+
+def test_jax_arrays():
+    jax = pytest.importorskip("jax")
+    if not any(d.platform == "gpu" for d in jax.devices()):
+        pytest.skip("JAX without a GPU")
+    import jax.numpy as jnp
+
+    import bsfa_cupy
+
+    rng = np.random.default_rng(3)
+    q, k, v = random_inputs(rng, 1, 400, 400, 4, 1, 128, "bfloat16")
+    jq, jk, jv = (jnp.asarray(x) for x in (q, k, v))
+    out, keep = bsfa_cupy.attention(jq, jk, jv, 0.5, return_keep=True)
+    assert isinstance(out, jax.Array) and out.dtype == jnp.bfloat16
+    cq, ck, cv = (cp.asarray(x) for x in (q, k, v))
+    want, want_keep = bsfa_cupy.attention(cq, ck, cv, 0.5, return_keep=True)
+    assert np.array_equal(np.asarray(out).view(np.uint16), cp.asnumpy(want).view(np.uint16))
+    assert np.array_equal(np.asarray(keep), cp.asnumpy(want_keep))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("Nq,Nk,causal", [(1024, 1024, True), (777, 777, True), (300, 900, False), (513, 1000, True)])
+def test_dense_matches_torch_sdpa(dtype, Nq, Nk, causal):
+    """thresholds=None against torch's scaled_dot_product_attention (bottom-right mask passed explicitly)."""
+    torch = _torch()
+    import torch.nn.functional as F
+
+    import bsfa_cupy
+
+    rng = np.random.default_rng(Nq + Nk)
+    hq, hkv = 8, 2
+    q, k, v = random_inputs(rng, 2, Nq, Nk, hq, hkv, 128, dtype)
+    tq, tk, tv = (torch.from_numpy(x.view(np.uint16).astype(np.int16)).cuda().view(getattr(torch, dtype))
+                  for x in (q, k, v))
+    ours = bsfa_cupy.attention(tq, tk, tv, causal=causal)
+    mask = torch.from_numpy(ref.valid_mask(Nq, Nk, causal)).cuda() if causal else None
+    sdpa = F.scaled_dot_product_attention(tq.transpose(1, 2), tk.transpose(1, 2), tv.transpose(1, 2),
+                                          attn_mask=mask, enable_gqa=True).transpose(1, 2)
+    want = ref.attention(q, k, v, causal=causal)
+    ours64, sdpa64 = ours.double().cpu().numpy(), sdpa.double().cpu().numpy()
+    rows = np.isfinite(ref.attention(q, k, v, causal=causal, return_lse=True)[1]).transpose(0, 2, 1)
+    peer_err = np.abs(sdpa64 - want)[rows].max()
+    our_err = np.abs(ours64 - want)[rows].max()
+    gap = np.abs(ours64 - sdpa64)[rows].max()
+    assert our_err <= 2 * peer_err + EPS[dtype], f"ours {our_err:.3e} vs SDPA {peer_err:.3e} (float64 reference)"
+    assert gap <= 2 * peer_err + EPS[dtype], f"ours vs SDPA differ by {gap:.3e} (SDPA's own error {peer_err:.3e})"
+
+
+def test_thresholds_from_torch_device_array():
+    torch = _torch()
+    import bsfa_cupy
+
+    rng = np.random.default_rng(4)
+    q, k, v = random_inputs(rng, 1, 700, 700, 4, 4, 64, "float16")
+    thr = thresholds_from_maxima(ref.block_max_scores(q, k), 700, 700)
+    tq, tk, tv = (torch.from_numpy(x).cuda() for x in (q, k, v))
+    a = bsfa_cupy.attention(tq, tk, tv, torch.from_numpy(thr).cuda())
+    b = bsfa_cupy.attention(tq, tk, tv, thr)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="NaN"):
+        bad = torch.from_numpy(thr).cuda()
+        bad[0, 0] = float("nan")
+        bsfa_cupy.attention(tq, tk, tv, bad)
+    with pytest.raises(ValueError, match="requires_grad"):
+        bsfa_cupy.attention(tq.requires_grad_(False).float().half().requires_grad_(True), tk, tv)
