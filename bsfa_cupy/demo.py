@@ -9,6 +9,7 @@ import numpy as np
 import bsfa_reference as ref
 from bsfa_reference.tiles import diagonal_tiles, tile_reduce_any, valid_mask
 
+from ._progress import progress as progress_bar
 from .synthetic import make_sample, needle_retrieved
 
 
@@ -44,7 +45,7 @@ def run(use_gpu: bool | None = None, *, n=None, k=None, plot=None, progress=True
     t0 = time.perf_counter()
     cal = _EngineCalibrator(engine, [cfg.k])
     seeds = range(100, 100 + cfg.calib_samples)
-    for seed in _progress(seeds, "calibrating", progress):
+    for seed in progress_bar(seeds, "  calibrating", progress):
         q_cal, k_cal, _ = engine.put(make_sample(cfg.n, hq=cfg.hq, hkv=cfg.hkv, d=cfg.d, seed=seed))
         cal.update(q_cal, k_cal)
     thresholds = cal.thresholds()[0]
@@ -67,14 +68,6 @@ def run(use_gpu: bool | None = None, *, n=None, k=None, plot=None, progress=True
         keep_heatmap(keep, head=0, path=plot, title=f"kept tiles, head 0, N={cfg.n}, k={cfg.k}")
         echo(f"  keep-mask heatmap     {plot}")
     return stats
-
-
-def _progress(it, desc, enabled):
-    if not enabled:
-        return it
-    from tqdm import tqdm
-
-    return tqdm(it, desc=f"  {desc}", leave=False)
 
 
 def _stats(dense, sparse, keep, s, cfg):

@@ -22,9 +22,13 @@ class Sample:
 
 
 def make_sample(n: int, *, batch=1, hq=4, hkv=1, d=64, n_sink=4, n_needles=4, seed=0,
-                sink=3.0, local=2.5, needle=6.0, noise=1.0) -> Sample:
-    """One draw of the synthetic distribution; ``seed`` picks noise and needle placement."""
+                sink=3.0, local=2.5, needle=6.0, noise=1.0, xp=np) -> Sample:
+    """One draw of the synthetic distribution; ``seed`` picks noise and needle placement.
+
+    ``xp=cupy`` builds the arrays on the GPU (same structure, other random noise).
+    """
     rng = np.random.default_rng(seed)
+    noise_rng = xp.random.default_rng(seed)
     group = hq // hkv
     # Fixed structure (same for every sample of the distribution): sink direction, frequencies.
     struct = np.random.default_rng(12345)
@@ -35,14 +39,15 @@ def make_sample(n: int, *, batch=1, hq=4, hkv=1, d=64, n_sink=4, n_needles=4, se
     rot = np.concatenate([np.cos(pos), np.sin(pos)], axis=1) / np.sqrt(n_freq)  # (n, 2 n_freq)
 
     scale_d = d**0.25  # scores are divided by sqrt(d): put sqrt(d) of magnitude on each side
-    q = noise * rng.standard_normal((batch, n, hq, d)).astype(np.float32) / scale_d
-    k = noise * rng.standard_normal((batch, n, hkv, d)).astype(np.float32) / scale_d
-    v = rng.standard_normal((batch, n, hkv, d)).astype(np.float32)
+    q = noise_rng.standard_normal((batch, n, hq, d), dtype=np.float32) * np.float32(noise / scale_d)
+    k = noise_rng.standard_normal((batch, n, hkv, d), dtype=np.float32) * np.float32(noise / scale_d)
+    v = noise_rng.standard_normal((batch, n, hkv, d), dtype=np.float32)
     width = 2 * n_freq
-    q[..., :width] += local * scale_d * rot[None, :, None, :]
-    k[..., :width] += local * scale_d * rot[None, :, None, :]
-    q += sink * scale_d * np.repeat(sink_dir, group, axis=0)[None, None] * 0.5
-    k[:, :n_sink] += sink * scale_d * sink_dir[None, None] * 0.5 + 0.0
+    rot = xp.asarray(rot.astype(np.float32))
+    q[..., :width] += np.float32(local * scale_d) * rot[None, :, None, :]
+    k[..., :width] += np.float32(local * scale_d) * rot[None, :, None, :]
+    q += xp.asarray((sink * scale_d * 0.5 * np.repeat(sink_dir, group, axis=0)).astype(np.float32))[None, None]
+    k[:, :n_sink] += xp.asarray((sink * scale_d * 0.5 * sink_dir).astype(np.float32))[None, None]
 
     needles = []
     for _ in range(n_needles):
@@ -51,7 +56,7 @@ def make_sample(n: int, *, batch=1, hq=4, hkv=1, d=64, n_sink=4, n_needles=4, se
         j = int(rng.integers(n_sink, max(n_sink + 1, i // 4)))
         hk = h // group
         k[b, j, hk] = needle * scale_d * _unit(q[b, i, h]) + k[b, j, hk] * 0.1
-        v[b, j, hk] = 4.0 * _unit(rng.standard_normal(d))
+        v[b, j, hk] = xp.asarray(4.0 * _unit(rng.standard_normal(d)), dtype=np.float32)
         needles.append((b, h, i, j))
     return Sample(q, k, v, np.array(needles, dtype=np.int64).reshape(-1, 4))
 
@@ -70,4 +75,4 @@ def needle_retrieved(out_sparse, out_dense, v, needles, hq) -> np.ndarray:
 
 
 def _unit(x):
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / (x * x).sum(axis=-1, keepdims=True) ** 0.5

@@ -143,8 +143,10 @@ def problems(draw, *, max_n=300, max_batch=2, dtypes=DTYPES, causal=None, geomet
         block_m, block_n = 128, 64
     else:
         block_m, block_n = draw(st.sampled_from(geometries))
-    Nq = draw(st.integers(1, max_n))
-    Nk = draw(st.integers(1, max_n))
+    # half of the draws from the upper half of the range, so that many tiles are common
+    sizes = st.integers(1, max_n) | st.integers(max(1, max_n // 2), max_n)
+    Nq = draw(sizes)
+    Nk = draw(sizes)
     group = draw(st.sampled_from([g for g in (1, 2, 4, 8) if g <= max_hq]))
     Hkv = draw(st.integers(1, max(1, max_hq // group // 2) if group > 1 else 2))
     Hq = Hkv * group
@@ -160,7 +162,7 @@ def problems(draw, *, max_n=300, max_batch=2, dtypes=DTYPES, causal=None, geomet
                    spread, seed)
 
 
-def draw_thresholds(data, tile_max, Hq, nQ, *, kinds=("none", "scalar", "array")):
+def draw_thresholds(data, tile_max, Hq, nQ, *, kinds=("none", "scalar", "array", "array")):
     """Draw thresholds for a problem whose (B, Hq, nQ, nK) tile maxima are ``tile_max``.
 
     Finite values are spread over the range of the finite tile maxima (so some tiles are kept and

@@ -1,0 +1,322 @@
+"""Benchmark harness: our kernel (dense, sparse at target keep fractions, calibrated) and the peers.
+
+Everything of one invocation runs in one process on one GPU, timed with CUDA events on torch's
+current stream (our kernel launches there when handed torch tensors): warm-up first, then the
+median over repeats of a back-to-back batch of calls that rotates between input sets so repeats do
+not find their inputs in L2. TFLOP/s always use the dense-equivalent FLOPs (causal 2·B·Hq·N²·D,
+non-causal twice that), so sparse rows show effective throughput.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ._progress import progress as progress_bar
+
+IMPLS = ("bsfa-dense", "bsfa-sparse", "bsfa-calibrated", "bsfa-blockmax", "sdpa-flash", "sdpa-cudnn",
+         "sdpa-efficient", "flex")
+RHOS = (1.0, 0.5, 0.25, 0.1, 0.05)
+
+
+@dataclass
+class Row:
+    impl: str
+    b: int
+    n: int
+    d: int
+    hq: int
+    hkv: int
+    dtype: str
+    causal: bool
+    rho: float | None = None
+    rho_target: float | None = None
+    ms: float | None = None
+    tflops: float | None = None
+    error: str | None = None
+
+
+@dataclass
+class Config:
+    ns: tuple = (4096, 8192, 16384, 32768, 65536, 131072)
+    ds: tuple = (64, 128)
+    hkvs: tuple = (8, 32)
+    dtypes: tuple = ("float16", "bfloat16")
+    hq: int = 32
+    b: int = 1
+    causal: tuple = (True,)
+    rhos: tuple = RHOS
+    peers: tuple = ("sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "flex")
+    calibrated: bool = True
+    blockmax: bool = True
+    repeats: int = 7
+    inner: int = 4
+    calib_k: int = 64
+    extra: dict = field(default_factory=dict)
+
+
+def dense_flops(b, hq, n, d, causal):
+    return (2 if causal else 4) * b * hq * n * n * d
+
+
+def gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name()
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")
+
+
+class Timer:
+    """Median ms per call of fn(i) (i rotates over input sets) on torch's current stream."""
+
+    def __init__(self, repeats, inner):
+        self.repeats, self.inner = repeats, inner
+
+    def __call__(self, fn, n_sets):
+        import torch
+
+        for i in range(2):
+            fn(i % n_sets)
+        torch.cuda.synchronize()
+        times = []
+        for r in range(self.repeats):
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for i in range(self.inner):
+                fn((r * self.inner + i) % n_sets)
+            stop.record()
+            stop.synchronize()
+            times.append(start.elapsed_time(stop) / self.inner)
+        return float(np.median(times))
+
+
+def _input_sets(b, n, hq, hkv, d, dtype, l2_bytes):
+    import torch
+
+    tdt = getattr(torch, dtype)
+    per_set = 2 * (b * n * hq * d + 2 * b * n * hkv * d)
+    n_sets = max(1, min(4, math.ceil(3 * l2_bytes / per_set)))
+    sets = []
+    for _ in range(n_sets):
+        q = torch.randn(b, n, hq, d, device="cuda", dtype=tdt)
+        k = torch.randn(b, n, hkv, d, device="cuda", dtype=tdt)
+        v = torch.randn(b, n, hkv, d, device="cuda", dtype=tdt)
+        sets.append((q, k, v))
+    return sets
+
+
+def thresholds_for_rho(tile_max, rho, n):
+    """(Hq, nQ) float32 on the device: per head and query tile, keep the top ceil(rho * gated) tiles.
+
+    tile_max: (Hq, nQ, nK) device array of one batch element (Nq = Nk = n, so position = tile index).
+    """
+    import cupy as cp
+
+    from bsfa_reference.tiles import diagonal_tiles
+
+    diag = cp.asarray(diagonal_tiles(n, n, 128, 64))
+    gated = (tile_max > -cp.inf) & ~diag[None]
+    vals = cp.where(gated, tile_max, -cp.inf)
+    desc = -cp.sort(-vals, axis=-1)
+    n_g = gated.sum(axis=-1)
+    idx = cp.clip(cp.ceil(rho * n_g).astype(cp.int64) - 1, 0, desc.shape[-1] - 1)
+    thr = cp.take_along_axis(desc, idx[..., None], axis=-1)[..., 0]
+    return cp.where(n_g > 0, thr, -cp.inf).astype(cp.float32)
+
+
+def realised_rho(keep, n):
+    import cupy as cp
+
+    from bsfa_reference.tiles import diagonal_tiles, tile_reduce_any, valid_mask
+
+    gated = tile_reduce_any(valid_mask(n, n, True), 128, 64) & ~diagonal_tiles(n, n, 128, 64)
+    g = cp.asarray(gated)[None, None]
+    return float((cp.asarray(keep) & g).sum() / max(int(g.sum()) * keep.shape[0] * keep.shape[1], 1))
+
+
+def _peer_fns(name, sets, causal, n):
+    """A callable(i) for a torch peer, or raise with a short reason."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    tsets = [tuple(x.transpose(1, 2) for x in s) for s in sets]  # (B, H, N, D) views
+    gqa = sets[0][0].shape[2] != sets[0][1].shape[2]
+    if name.startswith("sdpa-"):
+        backend = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
+                   "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION}[name]
+
+        def fn(i):
+            q, k, v = tsets[i]
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+
+        fn(0)  # raises if the backend refuses this shape
+        return fn
+    if name == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        flex = torch.compile(flex_attention)
+        mask = create_block_mask(lambda b, h, qi, ki: ki <= qi, None, None, n, n) if causal else None
+
+        def fn(i):
+            q, k, v = tsets[i]
+            return flex(q, k, v, block_mask=mask, enable_gqa=gqa)
+
+        fn(0)
+        return fn
+    raise ValueError(name)
+
+
+def run(cfg: Config, *, progress=True, echo=print, out_dir="bench/results", tag="") -> dict:
+    import cupy as cp
+    import torch
+
+    import bsfa_cupy
+
+    from .synthetic import make_sample
+
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    timer = Timer(cfg.repeats, cfg.inner)
+    rows: list[Row] = []
+    combos = [(dt, d, hkv, c, n) for dt in cfg.dtypes for d in cfg.ds for hkv in cfg.hkvs for c in cfg.causal
+              for n in cfg.ns]
+    for dtype, d, hkv, causal, n in progress_bar(combos, "bench", progress):
+        base = dict(b=cfg.b, n=n, d=d, hq=cfg.hq, hkv=hkv, dtype=dtype, causal=causal)
+        flops = dense_flops(cfg.b, cfg.hq, n, d, causal)
+
+        def add(impl, ms=None, error=None, **kw):
+            tf = None if ms is None else flops / (ms * 1e-3) / 1e12
+            row = Row(impl, **base, ms=ms, tflops=tf, error=error, **kw)
+            rows.append(row)
+            if not progress:
+                echo(_fmt(row))
+
+        try:
+            sets = _input_sets(cfg.b, n, cfg.hq, hkv, d, dtype, l2)
+        except torch.OutOfMemoryError:
+            add("bsfa-dense", error="out of memory (inputs)")
+            torch.cuda.empty_cache()
+            continue
+        try:
+            with torch.inference_mode():
+                _bench_ours(cfg, sets, n, causal, timer, add, bsfa_cupy, cp)
+                if cfg.calibrated and causal:
+                    _bench_calibrated(cfg, sets, n, d, hkv, dtype, timer, add, bsfa_cupy, cp, make_sample)
+                for peer in cfg.peers:
+                    try:
+                        fn = _peer_fns(peer, sets, causal, n)
+                        add(peer, ms=timer(fn, len(sets)))
+                    except torch.OutOfMemoryError:
+                        add(peer, error="out of memory")
+                    except Exception as exc:  # a peer refusing a shape is a result, not a crash
+                        add(peer, error=_short(exc))
+        except torch.OutOfMemoryError:
+            add("bsfa-dense", error="out of memory")
+        del sets
+        torch.cuda.empty_cache()
+        cp.get_default_memory_pool().free_all_blocks()
+
+    result = {"gpu": gpu_name(), "date": _dt.date.today().isoformat(), "rows": [asdict(r) for r in rows]}
+    if out_dir:
+        write_results(result, out_dir, tag)
+    return result
+
+
+def _bench_ours(cfg, sets, n, causal, timer, add, bsfa_cupy, cp):
+    add("bsfa-dense", ms=timer(lambda i: bsfa_cupy.attention(*sets[i], causal=causal), len(sets)))
+    if cfg.blockmax:
+        add("bsfa-blockmax", ms=timer(lambda i: bsfa_cupy.block_max_scores(*sets[i][:2], causal=causal), len(sets)))
+    if not causal:
+        return
+    tile_max = [cp.from_dlpack(bsfa_cupy.block_max_scores(q, k))[0] for q, k, _ in sets]
+    for rho in cfg.rhos:
+        thr = [thresholds_for_rho(tm, rho, n) for tm in tile_max]
+        _, keep = bsfa_cupy.attention(*sets[0], thr[0], return_keep=True)
+        got = realised_rho(cp.from_dlpack(keep), n)
+        ms = timer(lambda i: bsfa_cupy.attention(*sets[i], thr[i]), len(sets))
+        add("bsfa-sparse", ms=ms, rho=got, rho_target=rho)
+
+
+def _bench_calibrated(cfg, sets, n, d, hkv, dtype, timer, add, bsfa_cupy, cp, make_sample):
+    """Thresholds calibrated on two structured synthetic samples, timed on a fresh one."""
+    import torch
+
+    import bsfa_reference as ref
+
+    def sample(seed):
+        s = make_sample(n, hq=cfg.hq, hkv=hkv, d=d, seed=seed, xp=cp)
+        conv = lambda x: torch.from_dlpack(x.astype(dtype))  # noqa: E731
+        return conv(s.q), conv(s.k), conv(s.v)
+
+    cal = ref.Calibrator([cfg.calib_k])
+    cal._tile_max = lambda q, k: cp.asnumpy(cp.from_dlpack(bsfa_cupy.block_max_scores(q, k)))
+    for seed in (1001, 1002):
+        q, k, _ = sample(seed)
+        cal.update(q, k)
+    thr = cp.asarray(cal.thresholds()[0])
+    q, k, v = sample(2024)
+    _, keep = bsfa_cupy.attention(q, k, v, thr, return_keep=True)
+    got = realised_rho(cp.from_dlpack(keep), n)
+    add("bsfa-calibrated", ms=timer(lambda i: bsfa_cupy.attention(q, k, v, thr), 1), rho=got)
+
+
+def _short(exc) -> str:
+    text = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return text[:160]
+
+
+def _fmt(r: Row) -> str:
+    rho = "" if r.rho is None else f" rho={r.rho:.3f}"
+    val = r.error if r.error else f"{r.ms:.3f} ms {r.tflops:.0f} TFLOP/s"
+    return f"{r.impl:16s} {r.dtype:8s} d={r.d} hkv={r.hkv} n={r.n:6d} causal={int(r.causal)}{rho}: {val}"
+
+
+def write_results(result: dict, out_dir="bench/results", tag="") -> list[Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{slug(result['gpu'])}_{result['date']}" + (f"_{tag}" if tag else "")
+    paths = [out / f"{stem}.json", out / f"{stem}.md"]
+    paths[0].write_text(json.dumps(result, indent=1))
+    paths[1].write_text(markdown(result))
+    try:
+        from .plots import bench_plots
+
+        paths += bench_plots(result, out / stem)
+    except ImportError:
+        pass
+    return paths
+
+
+def markdown(result: dict) -> str:
+    """Per shape: TFLOP/s of each implementation, ratios to our dense and to SDPA flash."""
+    rows = result["rows"]
+    lines = [f"# Benchmark on {result['gpu']}, {result['date']}", "",
+             "Dense-equivalent TFLOP/s (causal 2·B·Hq·N²·D). ρ = realised keep fraction of the gated tiles. "
+             "`×dense` = our dense time / this time; `×flash` = SDPA flash time / this time.", ""]
+    keyf = lambda r: (r["dtype"], r["d"], r["hkv"], r["causal"], r["n"])  # noqa: E731
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(keyf(r), []).append(r)
+    lines.append("| dtype | D | Hkv | causal | N | impl | ρ target | ρ | ms | TFLOP/s | ×dense | ×flash | ×cudnn |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for key, grp in sorted(groups.items()):
+        ref_ms = {r["impl"]: r["ms"] for r in grp if r["rho_target"] is None and r["ms"]}
+        for r in grp:
+            ms = r["ms"]
+            ratio = lambda name: "" if not (ms and ref_ms.get(name)) else f"{ref_ms[name] / ms:.2f}"  # noqa: E731
+            cells = [r["dtype"], r["d"], r["hkv"], r["causal"], r["n"], r["impl"],
+                     "" if r["rho_target"] is None else r["rho_target"],
+                     "" if r["rho"] is None else f"{r['rho']:.3f}",
+                     r["error"] or f"{ms:.3f}", "" if r["tflops"] is None else f"{r['tflops']:.0f}",
+                     ratio("bsfa-dense"), ratio("sdpa-flash"), ratio("sdpa-cudnn")]
+            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,384 @@
+// Block-Sparse FlashAttention forward (bsfa_fwd) and the tile-max kernel
+// (bsfa_block_max), FlashAttention-2 style on mma.sync tensor cores.
+//
+// Specialisation macros (the launcher's compile key):
+//   BSFA_DTYPE          0 = float16, 1 = bfloat16
+//   BSFA_HEAD_DIM       32, 64, 96 or 128
+//   BSFA_CAUSAL         0/1, causal mask aligned bottom-right
+//   BSFA_V_SPECULATIVE  1 (default): V tile c is fetched together with K tile
+//                       c, one tile ahead, before the keep/skip decision, and
+//                       simply left unused when the tile is skipped.
+//                       0: V tile c is fetched only once tile c is kept.
+//
+// One CTA per (128-query tile a, head h, batch b); key tiles of 64 are walked
+// from the last one that can hold a valid entry down to 0, so the masked
+// (diagonal / ragged) tiles come first and the running max starts high.
+//
+// Inputs must be 16-byte aligned with every stride a multiple of 8 elements
+// (cp.async and the 16-byte output stores rely on it); the launcher checks.
+// softmax_scale must be > 0 (max(s) * scale is used as the max of scaled s).
+
+#include "bsfa_ptx.cuh"
+#include "bsfa_traits.cuh"
+#include "bsfa_tile.cuh"
+
+#if !defined(BSFA_DTYPE) || (BSFA_DTYPE != 0 && BSFA_DTYPE != 1)
+#error "BSFA_DTYPE must be 0 (float16) or 1 (bfloat16)"
+#endif
+#if !defined(BSFA_HEAD_DIM) || \
+    (BSFA_HEAD_DIM != 32 && BSFA_HEAD_DIM != 64 && BSFA_HEAD_DIM != 96 && BSFA_HEAD_DIM != 128)
+#error "BSFA_HEAD_DIM must be 32, 64, 96 or 128"
+#endif
+#if !defined(BSFA_CAUSAL) || (BSFA_CAUSAL != 0 && BSFA_CAUSAL != 1)
+#error "BSFA_CAUSAL must be 0 or 1"
+#endif
+#ifndef BSFA_V_SPECULATIVE
+#define BSFA_V_SPECULATIVE 1
+#endif
+
+using TR = bsfa::Traits<BSFA_HEAD_DIM, BSFA_DTYPE == 1>;
+constexpr bool kCausal = BSFA_CAUSAL != 0;
+constexpr bool kVSpeculative = BSFA_V_SPECULATIVE != 0;
+
+// Launch geometry, read by the launcher through RawModule.get_global.
+extern "C" __constant__ int BSFA_FWD_THREADS = TR::kNThreads;
+extern "C" __constant__ int BSFA_FWD_SMEM_BYTES = TR::kFwdSmemBytes;
+extern "C" __constant__ int BSFA_BLOCK_MAX_THREADS = TR::kNThreads;
+extern "C" __constant__ int BSFA_BLOCK_MAX_SMEM_BYTES = TR::kBlockMaxSmemBytes;
+
+namespace bsfa {
+
+constexpr int MB = TR::kWarpMBlocks;
+
+// Threshold of query tile a (thr_mode 1: one scalar; 2: per head and query
+// tile position p = floor((a*128 + Nk - Nq) / 128), clamped into [0, T)).
+__device__ __forceinline__ float tile_threshold(const float* __restrict__ thresholds, float thr_scalar, int thr_mode,
+                                                int thr_T, int h, int diag_off) {
+    if (thr_mode == 1) return thr_scalar;
+    const int p = imax(imin(imax(diag_off, 0) / TR::kBlockM, thr_T - 1), 0);
+    return thresholds[(long long)h * thr_T + p];
+}
+
+// Online-softmax update for a kept tile: the raw scores S become
+// P = exp2(S * scale_log2 - m_new * scale_log2), packed straight away into the
+// 16-bit A fragments of the P V product (half the live registers of fp32 P).
+// The C fragment of S n8 blocks 2kk and 2kk+1 is exactly the A fragment
+// (16 rows x 16 keys) of P V k-step kk: a0 = (row g, keys 2t..2t+1) = S[2kk]
+// c0c1, a1 = (row g+8) = S[2kk] c2c3, a2/a3 = the same from S[2kk+1].  O and
+// l are rescaled by exp2(m_old - m_new) only; l is a per-thread partial row
+// sum of the fp32 P (the quad is reduced once, in the epilogue).
+__device__ __forceinline__ void softmax_update(const float (&S)[MB][TR::kSNBlocks][4], const float (&tile_mx)[MB][2],
+                                               float (&m)[MB][2], float (&l)[MB][2],
+                                               float (&O)[MB][TR::kONBlocks][4],
+                                               unsigned (&P)[MB][TR::kKeySteps][4], float scale_log2) {
+    const float ninf = neg_inf();
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb) {
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+            const float m_new = fmax2(m[mb][hf], tile_mx[mb][hf]);
+            // A row with no valid score yet (m_new = -inf) takes 0 as its
+            // reference so that exp2(-inf - ref) = 0 rather than NaN.
+            const float ref = m_new == ninf ? 0.f : m_new;
+            const float alpha = ex2((m[mb][hf] - ref) * scale_log2);
+            const float ref_scaled = ref * scale_log2;
+            m[mb][hf] = m_new;
+            float rs = 0.f;
+#pragma unroll
+            for (int nb = 0; nb < TR::kSNBlocks; ++nb) {
+                const float p0 = ex2(ffma(S[mb][nb][2 * hf], scale_log2, -ref_scaled));
+                const float p1 = ex2(ffma(S[mb][nb][2 * hf + 1], scale_log2, -ref_scaled));
+                rs += p0 + p1;
+                // n8 block nb -> k-step nb/2, register hf (+2 for the odd block).
+                P[mb][nb / 2][(nb % 2) * 2 + hf] = pack2<TR::kBf16>(p0, p1);
+            }
+            l[mb][hf] = l[mb][hf] * alpha + rs;
+#pragma unroll
+            for (int nb = 0; nb < TR::kONBlocks; ++nb) {
+                O[mb][nb][2 * hf] *= alpha;
+                O[mb][nb][2 * hf + 1] *= alpha;
+            }
+        }
+    }
+}
+
+// O += P V with P from softmax_update.  V (keys x d, row-major in smem) is
+// the "col" B operand: ldmatrix.trans of an 8 keys x 8 d matrix gives each
+// lane two consecutive keys of one d column, i.e. b0 / b1.
+__device__ __forceinline__ void pv_tile(float (&O)[MB][TR::kONBlocks][4], const unsigned (&P)[MB][TR::kKeySteps][4],
+                                        unsigned v_lane_addr) {
+#pragma unroll
+    for (int kk = 0; kk < TR::kKeySteps; ++kk) {
+#pragma unroll
+        for (int dp = 0; dp < TR::kONBlocks / 2; ++dp) {
+            unsigned B[4];
+            ldsm_x4_trans(B, v_lane_addr + kk * TR::kMmaK * TR::kRowBytes + dp * 2 * TR::kMmaN * TR::kElemBytes);
+#pragma unroll
+            for (int mb = 0; mb < MB; ++mb) {
+                mma_16816<TR::kBf16>(O[mb][2 * dp], P[mb][kk], B[0], B[1]);
+                mma_16816<TR::kBf16>(O[mb][2 * dp + 1], P[mb][kk], B[2], B[3]);
+            }
+        }
+    }
+}
+
+}  // namespace bsfa
+
+extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
+    bsfa_fwd(const unsigned short* __restrict__ q, const unsigned short* __restrict__ k,
+             const unsigned short* __restrict__ v, unsigned short* __restrict__ out, float* __restrict__ lse,
+             unsigned char* __restrict__ keep, const float* __restrict__ thresholds, float thr_scalar, int thr_mode,
+             int thr_T, int Nq, int Nk, int Hq, int Hkv, long long q_sb, long long q_sn, long long q_sh,
+             long long k_sb, long long k_sn, long long k_sh, long long v_sb, long long v_sn, long long v_sh,
+             long long o_sb, long long o_sn, long long o_sh, float softmax_scale) {
+    using namespace bsfa;
+    const int tid = threadIdx.x;
+    const int lane = tid & 31;
+    const int warp = tid >> 5;
+    const int a = blockIdx.x;
+    const int h = blockIdx.y;
+    const long long b = blockIdx.z;
+    const QueryTile<TR, kCausal> qt(a, Nq, Nk);
+    const int nK = ceil_div(Nk, TR::kBlockN);
+
+    // Every keep entry of this (b, h, a) row is written: tiles past c_end hold
+    // no valid entry (0); the loop below writes each visited tile.
+    unsigned char* keep_row =
+        keep == nullptr ? nullptr : keep + ((b * Hq + h) * ceil_div(Nq, TR::kBlockM) + a) * nK;
+    if (keep_row != nullptr) {
+        for (int c = qt.c_end + 1 + tid; c < nK; c += TR::kNThreads) keep_row[c] = 0;
+    }
+
+    const unsigned smem = dyn_smem_base();
+    const unsigned sQ = smem + TR::kSmemQ;
+    const unsigned q_lane = sQ + warp * TR::kWarpRows * TR::kRowBytes + lane_off_a<TR>(lane);
+    const unsigned k_lane = smem + TR::kSmemK + lane_off_k<TR>(lane);
+    const unsigned v_lane = smem + TR::kSmemV + lane_off_a<TR>(lane);
+
+    float O[MB][TR::kONBlocks][4];
+    float m[MB][2];
+    float l[MB][2];
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb) {
+#pragma unroll
+        for (int nb = 0; nb < TR::kONBlocks; ++nb)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) O[mb][nb][j] = 0.f;
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+            m[mb][hf] = neg_inf();
+            l[mb][hf] = 0.f;
+        }
+    }
+
+    if (qt.c_end >= 0) {
+        const int hkv = h / (Hq / Hkv);
+        const unsigned short* kg = k + b * k_sb + hkv * k_sh;
+        const unsigned short* vg = v + b * v_sb + hkv * v_sh;
+        const float scale_log2 = softmax_scale * kLog2e;
+        // thr_mode 0 keeps every tile with a valid entry: no gate at all.
+        const bool gated = thr_mode != 0;
+        const float thr = gated ? tile_threshold(thresholds, thr_scalar, thr_mode, thr_T, h, qt.diag_off) : 0.f;
+        int lim[MB][2];
+        row_limits<TR, kCausal>(lim, qt.q0, warp, lane, Nq, Nk);
+
+        auto load_k = [&](int c, int slot) {
+            load_tile_async<TR, TR::kBlockN>(smem + TR::kSmemK + slot * TR::kKVTileBytes,
+                                             kg + (long long)c * TR::kBlockN * k_sn, k_sn, Nk - c * TR::kBlockN, tid);
+        };
+        auto load_v = [&](int c, int slot) {
+            load_tile_async<TR, TR::kBlockN>(smem + TR::kSmemV + slot * TR::kKVTileBytes,
+                                             vg + (long long)c * TR::kBlockN * v_sn, v_sn, Nk - c * TR::kBlockN, tid);
+        };
+
+        // cp.async groups: [Q] [K c_end (+V c_end)] then one group per visited
+        // tile (K c-1 (+V c-1)), committed even when empty so that counting
+        // stays uniform; with BSFA_V_SPECULATIVE=0 a kept tile adds [V c].
+        load_tile_async<TR, TR::kBlockM>(sQ, q + b * q_sb + h * q_sh + qt.q0 * q_sn, q_sn, Nq - qt.q0, tid);
+        cp_async_commit();
+        load_k(qt.c_end, 0);
+        if (kVSpeculative) load_v(qt.c_end, 0);
+        cp_async_commit();
+
+        unsigned qf[TR::kQFragRegs];
+        if constexpr (TR::kQInRegs) {
+            cp_async_wait<1>();
+            cta_sync();
+            load_q_frags<TR>(qf, q_lane);
+        }
+
+        int slot = 0;
+        for (int c = qt.c_end; c >= 0; --c, slot ^= 1) {
+            // Tile c's K (and speculative V) landed; every warp is done with
+            // tile c+1, so its buffers (slot ^ 1) may be refilled.  The
+            // speculative V of a skipped tile is waited on here too, so no
+            // async copy is ever in flight into a buffer being refilled.
+            cp_async_wait<0>();
+            cta_sync();
+            if (c > 0) {
+                load_k(c - 1, slot ^ 1);
+                if (kVSpeculative) load_v(c - 1, slot ^ 1);
+            }
+            cp_async_commit();
+
+            float S[MB][TR::kSNBlocks][4];
+            qk_tile<TR>(S, qf, q_lane, k_lane + slot * TR::kKVTileBytes);
+            if (qt.needs_mask(c, Nk)) mask_tile<TR>(S, lim, c, lane);
+            float tile_mx[MB][2];
+            row_max<TR>(S, tile_mx);
+
+            // The gate: the tile max over valid entries is >= thr iff some row
+            // max is; rows past Nq were masked to -inf.  Uniform per CTA.
+            bool kept = true;
+            if (gated && !qt.is_diagonal(c)) {
+                bool pred = false;
+#pragma unroll
+                for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+                    for (int hf = 0; hf < 2; ++hf) pred |= tile_mx[mb][hf] * softmax_scale >= thr;
+                kept = cta_sync_or(pred);
+            }
+            if (keep_row != nullptr && tid == 0) keep_row[c] = kept ? 1 : 0;
+            if (!kept) continue;
+
+            if (!kVSpeculative) {
+                load_v(c, slot);
+                cp_async_commit();
+            }
+            unsigned P[MB][TR::kKeySteps][4];
+            softmax_update(S, tile_mx, m, l, O, P, scale_log2);
+            if (!kVSpeculative) {
+                // Also waits for K c-1, issued one phase earlier.
+                cp_async_wait<0>();
+                cta_sync();
+            }
+            pv_tile(O, P, v_lane + slot * TR::kKVTileBytes);
+        }
+    }
+
+    // Epilogue.  Each warp stages its normalised rows in its own rows of the Q
+    // tile (only this warp ever read them), then writes 16-byte chunks.
+    warp_sync();
+    const int g = lane >> 2;
+    const int t = lane & 3;
+    float* lse_row = lse + (b * Hq + h) * Nq;
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb) {
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+            float lt = l[mb][hf];
+            lt += shfl_xor(lt, 1);
+            lt += shfl_xor(lt, 2);
+            const bool has_keys = lt > 0.f;
+            const float inv = has_keys ? 1.f / lt : 0.f;
+            const int r = warp * TR::kWarpRows + mb * TR::kMmaM + hf * 8 + g;
+#pragma unroll
+            for (int nb = 0; nb < TR::kONBlocks; ++nb) {
+                sts32(sQ + r * TR::kRowBytes + (nb * TR::kMmaN + 2 * t) * TR::kElemBytes,
+                      pack2<TR::kBf16>(O[mb][nb][2 * hf] * inv, O[mb][nb][2 * hf + 1] * inv));
+            }
+            if (t == 0 && qt.q0 + r < Nq) {
+                lse_row[qt.q0 + r] = has_keys ? m[mb][hf] * softmax_scale + lg2(lt) * kLn2 : neg_inf();
+            }
+        }
+    }
+    warp_sync();
+    unsigned short* og = out + b * o_sb + h * o_sh;
+    constexpr int kCpr = TR::kChunksPerRow;
+#pragma unroll
+    for (int i = 0; i < TR::kWarpRows * kCpr / 32; ++i) {
+        const int idx = lane + i * 32;
+        const int r = warp * TR::kWarpRows + idx / kCpr;
+        const int cc = idx % kCpr;
+        if (qt.q0 + r < Nq) {
+            unsigned vals[4];
+            lds128(vals, sQ + r * TR::kRowBytes + cc * 16);
+            stg128(og + (long long)(qt.q0 + r) * o_sn + cc * TR::kChunkElems, vals);
+        }
+    }
+}
+
+// tile_max[b, h, a, c] = softmax_scale * max of the valid scores of tile
+// (a, c), -inf for tiles without a valid entry.  Same S machinery as bsfa_fwd;
+// one smem exchange of per-warp maxima per tile.
+extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
+    bsfa_block_max(const unsigned short* __restrict__ q, const unsigned short* __restrict__ k,
+                   float* __restrict__ tile_max, int Nq, int Nk, int Hq, int Hkv, long long q_sb, long long q_sn,
+                   long long q_sh, long long k_sb, long long k_sn, long long k_sh, float softmax_scale) {
+    using namespace bsfa;
+    const int tid = threadIdx.x;
+    const int lane = tid & 31;
+    const int warp = tid >> 5;
+    const int a = blockIdx.x;
+    const int h = blockIdx.y;
+    const long long b = blockIdx.z;
+    const QueryTile<TR, kCausal> qt(a, Nq, Nk);
+    const int nK = ceil_div(Nk, TR::kBlockN);
+
+    float* tm_row = tile_max + ((b * Hq + h) * ceil_div(Nq, TR::kBlockM) + a) * nK;
+    for (int c = qt.c_end + 1 + tid; c < nK; c += TR::kNThreads) tm_row[c] = neg_inf();
+    if (qt.c_end < 0) return;
+
+    const unsigned smem = dyn_smem_base();
+    const unsigned sQ = smem + TR::kSmemQ;
+    const unsigned sRed = smem + TR::kSmemRed;
+    const unsigned q_lane = sQ + warp * TR::kWarpRows * TR::kRowBytes + lane_off_a<TR>(lane);
+    const unsigned k_lane = smem + TR::kSmemK + lane_off_k<TR>(lane);
+    const unsigned short* kg = k + b * k_sb + (long long)(h / (Hq / Hkv)) * k_sh;
+    int lim[MB][2];
+    row_limits<TR, kCausal>(lim, qt.q0, warp, lane, Nq, Nk);
+
+    auto load_k = [&](int c, int slot) {
+        load_tile_async<TR, TR::kBlockN>(smem + TR::kSmemK + slot * TR::kKVTileBytes,
+                                         kg + (long long)c * TR::kBlockN * k_sn, k_sn, Nk - c * TR::kBlockN, tid);
+    };
+    // Thread 0 folds the per-warp maxima of the tile whose exchange slot is
+    // `slot`; callers guarantee a barrier since the warps wrote it.
+    auto write_tile = [&](int c, int slot) {
+        if (tid == 0) {
+            float mx = lds_f32(sRed + slot * TR::kNWarps * 4);
+            for (int w = 1; w < TR::kNWarps; ++w) mx = fmax2(mx, lds_f32(sRed + (slot * TR::kNWarps + w) * 4));
+            tm_row[c] = mx * softmax_scale;
+        }
+    };
+
+    load_tile_async<TR, TR::kBlockM>(sQ, q + b * q_sb + h * q_sh + qt.q0 * q_sn, q_sn, Nq - qt.q0, tid);
+    cp_async_commit();
+    load_k(qt.c_end, 0);
+    cp_async_commit();
+
+    unsigned qf[TR::kQFragRegs];
+    if constexpr (TR::kQInRegs) {
+        cp_async_wait<1>();
+        cta_sync();
+        load_q_frags<TR>(qf, q_lane);
+    }
+
+    int slot = 0;
+    for (int c = qt.c_end; c >= 0; --c, slot ^= 1) {
+        cp_async_wait<0>();
+        cta_sync();
+        // The exchange slot of tile c+1 was written before this barrier and is
+        // rewritten only after the next one.
+        if (c < qt.c_end) write_tile(c + 1, slot ^ 1);
+        if (c > 0) load_k(c - 1, slot ^ 1);
+        cp_async_commit();
+
+        float S[MB][TR::kSNBlocks][4];
+        qk_tile<TR>(S, qf, q_lane, k_lane + slot * TR::kKVTileBytes);
+        if (qt.needs_mask(c, Nk)) mask_tile<TR>(S, lim, c, lane);
+        float row_mx[MB][2];
+        row_max<TR>(S, row_mx);
+        float mx = row_mx[0][0];
+#pragma unroll
+        for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf) mx = fmax2(mx, row_mx[mb][hf]);
+        // Rows are already reduced within each quad; fold the 8 quads.
+#pragma unroll
+        for (int off = 4; off < 32; off <<= 1) mx = fmax2(mx, shfl_xor(mx, off));
+        if (lane == 0) sts_f32(sRed + (slot * TR::kNWarps + warp) * 4, mx);
+    }
+    cta_sync();
+    write_tile(0, slot ^ 1);
+}
