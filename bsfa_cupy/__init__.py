@@ -6,14 +6,18 @@ defined by the NumPy reference, ``bsfa_reference``.
 """
 from ._backend import has_gpu
 from ._kernels import BLOCK_M, BLOCK_N, HEAD_DIMS, KernelCompileError
+from .calibration import Calibrator
 from .ops import attention, block_max_scores
+from .thresholds import Thresholds
 
 __version__ = "0.1.0"
 __all__ = [
     "BLOCK_M",
     "BLOCK_N",
+    "Calibrator",
     "HEAD_DIMS",
     "KernelCompileError",
+    "Thresholds",
     "attention",
     "block_max_scores",
     "has_gpu",

@@ -45,7 +45,7 @@ class Frame:
             import torch
 
             s = torch.cuda.current_stream(self.torch_device)
-            return cp.cuda.ExternalStream(s.cuda_stream, self.device_id)
+            return _external_stream(cp, s.cuda_stream, self.device_id)
         return cp.cuda.get_current_stream()
 
     def empty(self, shape, dtype_name: str):
@@ -71,6 +71,15 @@ class Frame:
     def finish(self, stream) -> None:
         if self.kind == "jax":
             stream.synchronize()
+
+
+def _external_stream(cp, ptr: int, device_id: int):
+    """A CuPy handle on a stream another framework owns (no copy, no ownership)."""
+    import warnings
+
+    with warnings.catch_warnings():  # newer CuPy deprecates ExternalStream for Stream.from_external
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return cp.cuda.ExternalStream(ptr, device_id)
 
 
 def _cupy_dtype(name: str):

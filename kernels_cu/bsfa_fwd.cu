@@ -105,9 +105,13 @@ __device__ __forceinline__ void softmax_update(const float (&S)[MB][TR::kSNBlock
 // O += P V with P from softmax_update.  V (keys x d, row-major in smem) is
 // the "col" B operand: ldmatrix.trans of an 8 keys x 8 d matrix gives each
 // lane two consecutive keys of one d column, i.e. b0 / b1.
-__device__ __forceinline__ void pv_tile(float (&O)[MB][TR::kONBlocks][4], const unsigned (&P)[MB][TR::kKeySteps][4],
+//
+// The key-step loop is rolled (P is consumed from P[.][0] and shifted down
+// after each step; the moves are free next to the tensor-core time): fully
+// unrolled, ptxas hoists the V fragments of later steps and spills at hdim 128.
+__device__ __forceinline__ void pv_tile(float (&O)[MB][TR::kONBlocks][4], unsigned (&P)[MB][TR::kKeySteps][4],
                                         unsigned v_lane_addr) {
-#pragma unroll
+#pragma unroll 1
     for (int kk = 0; kk < TR::kKeySteps; ++kk) {
 #pragma unroll
         for (int dp = 0; dp < TR::kONBlocks / 2; ++dp) {
@@ -115,10 +119,16 @@ __device__ __forceinline__ void pv_tile(float (&O)[MB][TR::kONBlocks][4], const 
             ldsm_x4_trans(B, v_lane_addr + kk * TR::kMmaK * TR::kRowBytes + dp * 2 * TR::kMmaN * TR::kElemBytes);
 #pragma unroll
             for (int mb = 0; mb < MB; ++mb) {
-                mma_16816<TR::kBf16>(O[mb][2 * dp], P[mb][kk], B[0], B[1]);
-                mma_16816<TR::kBf16>(O[mb][2 * dp + 1], P[mb][kk], B[2], B[3]);
+                mma_16816<TR::kBf16>(O[mb][2 * dp], P[mb][0], B[0], B[1]);
+                mma_16816<TR::kBf16>(O[mb][2 * dp + 1], P[mb][0], B[2], B[3]);
             }
         }
+#pragma unroll
+        for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+            for (int j = 0; j + 1 < TR::kKeySteps; ++j)
+#pragma unroll
+                for (int r = 0; r < 4; ++r) P[mb][j][r] = P[mb][j + 1][r];
     }
 }
 
@@ -173,28 +183,33 @@ extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
 
     if (qt.c_end >= 0) {
         const int hkv = h / (Hq / Hkv);
-        const unsigned short* kg = k + b * k_sb + hkv * k_sh;
-        const unsigned short* vg = v + b * v_sb + hkv * v_sh;
+        using Copy = TileCopy<TR>;
+        // This thread's first chunk of key tile 0 (see TileCopy).
+        const unsigned short* kg = k + b * k_sb + hkv * k_sh + Copy::thread_offset(tid, k_sn);
+        const unsigned short* vg = v + b * v_sb + hkv * v_sh + Copy::thread_offset(tid, v_sn);
         const float scale_log2 = softmax_scale * kLog2e;
-        // thr_mode 0 keeps every tile with a valid entry: no gate at all.
+        // Tiles in [forced_lo, forced_hi] are kept without a gate: the diagonal
+        // ones, or all of them when thr_mode 0 keeps every tile with a valid
+        // entry.
         const bool gated = thr_mode != 0;
+        const int forced_lo = gated ? qt.diag_lo : 0;
+        const int forced_hi = gated ? qt.diag_hi : qt.c_end;
         const float thr = gated ? tile_threshold(thresholds, thr_scalar, thr_mode, thr_T, h, qt.diag_off) : 0.f;
-        int lim[MB][2];
-        row_limits<TR, kCausal>(lim, qt.q0, warp, lane, Nq, Nk);
 
         auto load_k = [&](int c, int slot) {
-            load_tile_async<TR, TR::kBlockN>(smem + TR::kSmemK + slot * TR::kKVTileBytes,
-                                             kg + (long long)c * TR::kBlockN * k_sn, k_sn, Nk - c * TR::kBlockN, tid);
+            Copy::load<TR::kBlockN>(smem + TR::kSmemK + slot * TR::kKVTileBytes,
+                                    kg + (long long)c * TR::kBlockN * k_sn, k_sn, Nk - c * TR::kBlockN, tid, k);
         };
         auto load_v = [&](int c, int slot) {
-            load_tile_async<TR, TR::kBlockN>(smem + TR::kSmemV + slot * TR::kKVTileBytes,
-                                             vg + (long long)c * TR::kBlockN * v_sn, v_sn, Nk - c * TR::kBlockN, tid);
+            Copy::load<TR::kBlockN>(smem + TR::kSmemV + slot * TR::kKVTileBytes,
+                                    vg + (long long)c * TR::kBlockN * v_sn, v_sn, Nk - c * TR::kBlockN, tid, v);
         };
 
         // cp.async groups: [Q] [K c_end (+V c_end)] then one group per visited
         // tile (K c-1 (+V c-1)), committed even when empty so that counting
         // stays uniform; with BSFA_V_SPECULATIVE=0 a kept tile adds [V c].
-        load_tile_async<TR, TR::kBlockM>(sQ, q + b * q_sb + h * q_sh + qt.q0 * q_sn, q_sn, Nq - qt.q0, tid);
+        Copy::load<TR::kBlockM>(sQ, q + b * q_sb + h * q_sh + qt.q0 * q_sn + Copy::thread_offset(tid, q_sn), q_sn,
+                                Nq - qt.q0, tid, q);
         cp_async_commit();
         load_k(qt.c_end, 0);
         if (kVSpeculative) load_v(qt.c_end, 0);
@@ -208,6 +223,7 @@ extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
         }
 
         int slot = 0;
+#pragma unroll 1
         for (int c = qt.c_end; c >= 0; --c, slot ^= 1) {
             // Tile c's K (and speculative V) landed; every warp is done with
             // tile c+1, so its buffers (slot ^ 1) may be refilled.  The
@@ -223,14 +239,16 @@ extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
 
             float S[MB][TR::kSNBlocks][4];
             qk_tile<TR>(S, qf, q_lane, k_lane + slot * TR::kKVTileBytes);
-            if (qt.needs_mask(c, Nk)) mask_tile<TR>(S, lim, c, lane);
+            if (qt.needs_mask(c)) {
+                mask_tile<TR, kCausal>(S, c, qt.q0 + warp * TR::kWarpRows + (lane >> 2), lane, Nq, Nk);
+            }
             float tile_mx[MB][2];
             row_max<TR>(S, tile_mx);
 
             // The gate: the tile max over valid entries is >= thr iff some row
             // max is; rows past Nq were masked to -inf.  Uniform per CTA.
             bool kept = true;
-            if (gated && !qt.is_diagonal(c)) {
+            if (c < forced_lo || c > forced_hi) {
                 bool pred = false;
 #pragma unroll
                 for (int mb = 0; mb < MB; ++mb)
@@ -324,13 +342,13 @@ extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
     const unsigned sRed = smem + TR::kSmemRed;
     const unsigned q_lane = sQ + warp * TR::kWarpRows * TR::kRowBytes + lane_off_a<TR>(lane);
     const unsigned k_lane = smem + TR::kSmemK + lane_off_k<TR>(lane);
-    const unsigned short* kg = k + b * k_sb + (long long)(h / (Hq / Hkv)) * k_sh;
-    int lim[MB][2];
-    row_limits<TR, kCausal>(lim, qt.q0, warp, lane, Nq, Nk);
+    using Copy = TileCopy<TR>;
+    const unsigned short* kg = k + b * k_sb + (long long)(h / (Hq / Hkv)) * k_sh + Copy::thread_offset(tid, k_sn);
+    const int row0 = qt.q0 + warp * TR::kWarpRows + (lane >> 2);
 
     auto load_k = [&](int c, int slot) {
-        load_tile_async<TR, TR::kBlockN>(smem + TR::kSmemK + slot * TR::kKVTileBytes,
-                                         kg + (long long)c * TR::kBlockN * k_sn, k_sn, Nk - c * TR::kBlockN, tid);
+        Copy::load<TR::kBlockN>(smem + TR::kSmemK + slot * TR::kKVTileBytes, kg + (long long)c * TR::kBlockN * k_sn,
+                                k_sn, Nk - c * TR::kBlockN, tid, k);
     };
     // Thread 0 folds the per-warp maxima of the tile whose exchange slot is
     // `slot`; callers guarantee a barrier since the warps wrote it.
@@ -342,7 +360,8 @@ extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
         }
     };
 
-    load_tile_async<TR, TR::kBlockM>(sQ, q + b * q_sb + h * q_sh + qt.q0 * q_sn, q_sn, Nq - qt.q0, tid);
+    Copy::load<TR::kBlockM>(sQ, q + b * q_sb + h * q_sh + qt.q0 * q_sn + Copy::thread_offset(tid, q_sn), q_sn,
+                            Nq - qt.q0, tid, q);
     cp_async_commit();
     load_k(qt.c_end, 0);
     cp_async_commit();
@@ -366,7 +385,7 @@ extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
 
         float S[MB][TR::kSNBlocks][4];
         qk_tile<TR>(S, qf, q_lane, k_lane + slot * TR::kKVTileBytes);
-        if (qt.needs_mask(c, Nk)) mask_tile<TR>(S, lim, c, lane);
+        if (qt.needs_mask(c)) mask_tile<TR, kCausal>(S, c, row0, lane, Nq, Nk);
         float row_mx[MB][2];
         row_max<TR>(S, row_mx);
         float mx = row_mx[0][0];

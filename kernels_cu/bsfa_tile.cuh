@@ -10,15 +10,17 @@
 namespace bsfa {
 
 // Where a query tile sits relative to the keys.  Causal masking is aligned
-// bottom-right: query row i may see key j iff j <= i + Nk - Nq.
+// bottom-right: query row i may see key j iff j <= i + Nk - Nq.  Everything
+// the key-tile loop needs is reduced to a few ints so that little besides
+// the accumulators stays live across it.
 template <class TR, bool kCausal>
 struct QueryTile {
-    int q0;        // first query row of the tile
-    int diag_off;  // q0 + Nk - Nq: causal key limit of row q0
-    int c_end;     // last key tile holding a valid entry, -1 if there is none
-    int diag_lo;   // key tiles [diag_lo, diag_hi] are "diagonal" (always kept)
+    int q0;         // first query row of the tile
+    int diag_off;   // q0 + Nk - Nq: causal key limit of row q0
+    int c_end;      // last key tile holding a valid entry, -1 if there is none
+    int mask_from;  // key tiles c >= mask_from need masking (they are visited first)
+    int diag_lo;    // key tiles [diag_lo, diag_hi] are "diagonal" (always kept)
     int diag_hi;
-    bool q_ragged;  // the tile runs past Nq
 
     __device__ __forceinline__ QueryTile(int a, int Nq, int Nk) {
         q0 = a * TR::kBlockM;
@@ -26,83 +28,81 @@ struct QueryTile {
         const int q_last = imin(q0 + TR::kBlockM, Nq) - 1;
         const int hi = q_last + Nk - Nq;  // causal key limit of the last valid row
         const int nK = ceil_div(Nk, TR::kBlockN);
+        c_end = kCausal ? (hi < 0 ? -1 : imin(nK - 1, hi / TR::kBlockN)) : nK - 1;
+        // Tiles entirely inside the valid region take the mask-free path: the
+        // ragged key tile (first c with (c+1)*64 > Nk is Nk/64) and, causal,
+        // tiles reaching past row q0's limit (c*64 + 63 > diag_off).  All
+        // tiles of a ragged query tile are masked: rows past Nq are masked out
+        // completely so that their (zero-Q) scores never reach a tile max.
+        mask_from = Nk / TR::kBlockN;
         if (kCausal) {
-            c_end = hi < 0 ? -1 : imin(nK - 1, hi / TR::kBlockN);
-        } else {
-            c_end = nK - 1;
+            const int x = diag_off + 1;  // floor division, x may be negative
+            const int first = x >= 0 ? x / TR::kBlockN : -((-x + TR::kBlockN - 1) / TR::kBlockN);
+            mask_from = imin(mask_from, imax(first, 0));
         }
+        if (q0 + TR::kBlockM > Nq) mask_from = 0;
         // Diagonal tiles are defined the same way in causal and non-causal mode.
         diag_lo = imin(imax(diag_off, 0), Nk - 1) / TR::kBlockN;
         diag_hi = imin(imax(hi, 0), Nk - 1) / TR::kBlockN;
-        q_ragged = q0 + TR::kBlockM > Nq;
     }
 
-    __device__ __forceinline__ bool is_diagonal(int c) const { return c >= diag_lo && c <= diag_hi; }
-
-    // Tiles entirely inside the valid region take the mask-free path.  The
-    // tiles of a ragged query tile are all masked: rows past Nq are masked
-    // out completely so that their (zero-Q) scores never reach a tile max.
-    __device__ __forceinline__ bool needs_mask(int c, int Nk) const {
-        const int k_last = c * TR::kBlockN + TR::kBlockN - 1;
-        return q_ragged || k_last >= Nk || (kCausal && k_last > diag_off);
-    }
+    __device__ __forceinline__ bool needs_mask(int c) const { return c >= mask_from; }
 };
 
-// Per-thread limit of each of its accumulator rows: key j is valid iff
-// j <= lim.  Row r of mma row block mb: lane>>2 (+8 for the c2/c3 half).
-template <class TR, bool kCausal>
-__device__ __forceinline__ void row_limits(int (&lim)[TR::kWarpMBlocks][2], int q0, int warp, int lane, int Nq,
-                                           int Nk) {
-#pragma unroll
-    for (int mb = 0; mb < TR::kWarpMBlocks; ++mb) {
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-            const int i = q0 + warp * TR::kWarpRows + mb * TR::kMmaM + hf * 8 + (lane >> 2);
-            lim[mb][hf] = i >= Nq ? -1 : (kCausal ? imin(Nk - 1, i + Nk - Nq) : Nk - 1);
+// Tile copies: consecutive threads take consecutive 16-byte chunks of a row,
+// so global reads coalesce.  When the thread count is a multiple of the
+// chunks per row, every thread keeps one chunk column and steps down the rows
+// by a fixed count; its first chunk's offset (row_offset_of_thread) is folded
+// once into the caller's base pointer, so the key-tile loop carries a single
+// 64-bit pointer per tensor instead of hoisted per-chunk offsets.
+template <class TR>
+struct TileCopy {
+    static constexpr int kCpr = TR::kChunksPerRow;
+    static constexpr int kNT = TR::kNThreads;
+    static constexpr bool kFixedColumn = kNT % kCpr == 0;
+    static constexpr int kRowStep = kNT / kCpr;
+
+    // Element offset of this thread's first chunk inside any tile.
+    __device__ __forceinline__ static long long thread_offset(int tid, long long row_stride) {
+        if constexpr (kFixedColumn) {
+            return (tid / kCpr) * row_stride + (tid % kCpr) * TR::kChunkElems;
+        } else {
+            return 0;
         }
     }
-}
 
-// Asynchronously copies a ROWS x D tile (row r at src + r * row_stride) to
-// shared memory at dst; rows >= rows_valid are zero-filled.  Consecutive
-// threads take consecutive 16-byte chunks of a row, so global reads coalesce.
-template <class TR, int ROWS>
-__device__ __forceinline__ void load_tile_async(unsigned dst, const unsigned short* src, long long row_stride,
-                                                int rows_valid, int tid) {
-    constexpr int kCpr = TR::kChunksPerRow;
-    constexpr int kNT = TR::kNThreads;
-    if constexpr (kNT % kCpr == 0) {
-        // Each thread keeps one chunk column; rows advance by a fixed step, so
-        // the 64-bit address is bumped instead of recomputed.
-        constexpr int kRowStep = kNT / kCpr;
-        static_assert(ROWS % kRowStep == 0, "tile rows must be a multiple of the rows covered per pass");
-        const int r0 = tid / kCpr;
-        const int cc = tid % kCpr;
-        const unsigned short* p = src + r0 * row_stride + cc * TR::kChunkElems;
-        const long long step = kRowStep * row_stride;
-        const unsigned d = dst + r0 * TR::kRowBytes + cc * 16;
+    // Copies a ROWS x D tile to shared memory at dst.  src = tile's row 0 +
+    // thread_offset(); rows >= rows_valid are zero-filled (src-size 0, with
+    // `safe`, any valid global address, as the unread source).
+    template <int ROWS>
+    __device__ __forceinline__ static void load(unsigned dst, const unsigned short* src, long long row_stride,
+                                                int rows_valid, int tid, const void* safe) {
+        if constexpr (kFixedColumn) {
+            static_assert(ROWS % kRowStep == 0, "tile rows must be a multiple of the rows covered per pass");
+            const int r0 = tid / kCpr;
+            const unsigned d = dst + r0 * TR::kRowBytes + (tid % kCpr) * 16;
 #pragma unroll
-        for (int i = 0; i < ROWS / kRowStep; ++i) {
-            const bool ok = r0 + i * kRowStep < rows_valid;
-            cp_async_16(d + i * kRowStep * TR::kRowBytes, ok ? (const void*)p : (const void*)src, ok ? 16u : 0u);
-            p += step;
-        }
-    } else {
-        constexpr int kTotal = ROWS * kCpr;
+            for (int i = 0; i < ROWS / kRowStep; ++i) {
+                const bool ok = r0 + i * kRowStep < rows_valid;
+                const unsigned short* p = src + (long long)(i * kRowStep) * row_stride;
+                cp_async_16(d + i * kRowStep * TR::kRowBytes, ok ? (const void*)p : safe, ok ? 16u : 0u);
+            }
+        } else {
+            constexpr int kTotal = ROWS * kCpr;
 #pragma unroll
-        for (int i = 0; i < (kTotal + kNT - 1) / kNT; ++i) {
-            const int idx = tid + i * kNT;
-            if (kTotal % kNT == 0 || idx < kTotal) {
-                const int r = idx / kCpr;
-                const int cc = idx % kCpr;
-                const bool ok = r < rows_valid;
-                const unsigned short* p = src + r * row_stride + cc * TR::kChunkElems;
-                cp_async_16(dst + r * TR::kRowBytes + cc * 16, ok ? (const void*)p : (const void*)src,
-                            ok ? 16u : 0u);
+            for (int i = 0; i < (kTotal + kNT - 1) / kNT; ++i) {
+                const int idx = tid + i * kNT;
+                if (kTotal % kNT == 0 || idx < kTotal) {
+                    const int r = idx / kCpr;
+                    const int cc = idx % kCpr;
+                    const bool ok = r < rows_valid;
+                    const unsigned short* p = src + r * row_stride + cc * TR::kChunkElems;
+                    cp_async_16(dst + r * TR::kRowBytes + cc * 16, ok ? (const void*)p : safe, ok ? 16u : 0u);
+                }
             }
         }
     }
-}
+};
 
 // Byte offsets of this lane's ldmatrix row address inside a tile.
 //
@@ -155,7 +155,10 @@ __device__ __forceinline__ void qk_tile(float (&S)[TR::kWarpMBlocks][TR::kSNBloc
 #pragma unroll
             for (int j = 0; j < 4; ++j) S[mb][nb][j] = 0.f;
 
-#pragma unroll
+    // With Q in shared memory the k-step loop is kept rolled: fully unrolled,
+    // ptxas hoists the ldmatrix of many k-steps ahead and, next to the 128
+    // O and 64 S accumulator registers of hdim 128, runs out of registers.
+#pragma unroll(TR::kQInRegs ? TR::kDSteps : 1)
     for (int kk = 0; kk < TR::kDSteps; ++kk) {
         unsigned A[TR::kWarpMBlocks][4];
 #pragma unroll
@@ -180,17 +183,22 @@ __device__ __forceinline__ void qk_tile(float (&S)[TR::kWarpMBlocks][TR::kSNBloc
     }
 }
 
-// Sets invalid scores of key tile c to -inf (only called on tiles that need it).
-template <class TR>
-__device__ __forceinline__ void mask_tile(float (&S)[TR::kWarpMBlocks][TR::kSNBlocks][4],
-                                          const int (&lim)[TR::kWarpMBlocks][2], int c, int lane) {
+// Sets invalid scores of key tile c to -inf (only called on tiles that need
+// it).  Row limits are recomputed here rather than kept live across the loop:
+// key j is valid for query row i iff j <= lim(i), lim = -1 for rows >= Nq.
+// row0 = q0 + warp * kWarpRows + lane / 4, the thread's first accumulator row.
+template <class TR, bool kCausal>
+__device__ __forceinline__ void mask_tile(float (&S)[TR::kWarpMBlocks][TR::kSNBlocks][4], int c, int row0,
+                                          int lane, int Nq, int Nk) {
     const int col0 = c * TR::kBlockN + 2 * (lane & 3);
     const float ninf = neg_inf();
 #pragma unroll
     for (int mb = 0; mb < TR::kWarpMBlocks; ++mb) {
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
-            const int rel = lim[mb][hf] - col0;  // last valid column offset of this thread
+            const int i = row0 + mb * TR::kMmaM + hf * 8;  // rows of c0c1 / c2c3
+            const int lim = i >= Nq ? -1 : (kCausal ? imin(Nk - 1, i + Nk - Nq) : Nk - 1);
+            const int rel = lim - col0;  // last valid column offset of this thread
 #pragma unroll
             for (int nb = 0; nb < TR::kSNBlocks; ++nb) {
 #pragma unroll

@@ -28,29 +28,35 @@ def check_k_values(k_values) -> tuple[int, ...]:
     return tuple(int(k) for k in ks)
 
 
-def sample_thresholds(tile_max: np.ndarray, k_values, Nq: int, Nk: int, block_m: int, block_n: int):
+def sample_thresholds(tile_max, k_values, Nq: int, Nk: int, block_m: int, block_n: int, xp=np):
     """Per-sample thresholds from tile maxima.
 
-    tile_max: (B, Hq, nQ, nK) float (-inf where a tile has no valid entry).
-    Returns (len(k_values), B, Hq, nQ) float64, NaN where a sample has <= k candidates, and the
-    clamped position of each query tile (nQ,) int.
+    tile_max: (B, Hq, nQ, nK) float (-inf where a tile has no valid entry), an array of ``xp``.
+    Returns (len(k_values), B, Hq, nQ) float64 (an ``xp`` array), NaN where a sample has <= k
+    candidates, and the clamped position of each query tile (nQ,) int (NumPy).
 
     Candidates of (b, h, a) are the non-diagonal tiles with a valid entry; the threshold for k is
     the midpoint of the k-th and (k+1)-th largest candidate maxima, so that applying it to the same
     sample keeps exactly k non-diagonal tiles.
+
+    ``xp`` is the array module (numpy, or cupy for maxima on the GPU), so the sort runs where the
+    maxima are and only the small (K, B, Hq, nQ) result has to travel.
     """
-    diag = diagonal_tiles(Nq, Nk, block_m, block_n)
+    tile_max = xp.asarray(tile_max)
+    diag = xp.asarray(diagonal_tiles(Nq, Nk, block_m, block_n))
     cand = (tile_max > -np.inf) & ~diag[None, None]
-    vals = np.where(cand, tile_max.astype(np.float64), -np.inf)
-    vals = -np.sort(-vals, axis=-1)  # descending along key tiles
+    # Sorted in the maxima's own dtype (float32 from the GPU: half the memory of float64); the
+    # cast to float64 is exact and monotone, so the midpoints below equal those of a float64 sort.
+    vals = xp.where(cand, tile_max, xp.asarray(-np.inf, dtype=tile_max.dtype))
+    vals = -xp.sort(-vals, axis=-1)  # descending along key tiles
     n_cand = cand.sum(axis=-1)
     nK = vals.shape[-1]
-    out = np.full((len(k_values),) + vals.shape[:-1], np.nan)
+    out = xp.full((len(k_values),) + vals.shape[:-1], np.nan, dtype=np.float64)
     for i, k in enumerate(k_values):
         if k >= nK:
             continue
-        mid = 0.5 * vals[..., k - 1] + 0.5 * vals[..., k]
-        out[i] = np.where(n_cand > k, mid, np.nan)
+        mid = 0.5 * vals[..., k - 1].astype(np.float64) + 0.5 * vals[..., k].astype(np.float64)
+        out[i] = xp.where(n_cand > k, mid, np.nan)
     pos = np.maximum(tile_positions(Nq, Nk, block_m), 0)
     return out, pos
 
@@ -66,6 +72,9 @@ class Calibrator:
     Call :meth:`update` once per calibration batch of post-RoPE q (B, Nq, Hq, D) and k (B, Nk, Hkv, D);
     neither is kept. Hq, Hkv and D must not change between updates. ``causal=True`` is the default.
     """
+
+    #: array module of the tile maxima from :meth:`_tile_max` (the GPU subclass uses cupy)
+    _xp = np
 
     def __init__(self, k_values, *, causal=True, softmax_scale=None, block_m=BLOCK_M, block_n=BLOCK_N,
                  reduce="mean"):
@@ -105,11 +114,12 @@ class Calibrator:
     def update(self, q, k) -> None:
         """Add the samples of one calibration batch (every batch element is a sample)."""
         shape = self._check_shape(q, k)
-        tile_max = np.asarray(self._tile_max(q, k))
+        xp = self._xp
+        tile_max = self._tile_max(q, k)
         self._shape = shape
         Nq, Nk = q.shape[1], k.shape[1]
-        thr, pos = sample_thresholds(tile_max, self.k_values, Nq, Nk, self.block_m, self.block_n)
-        self._add(thr, pos)
+        thr, pos = sample_thresholds(tile_max, self.k_values, Nq, Nk, self.block_m, self.block_n, xp=xp)
+        self._add(getattr(xp, "asnumpy", np.asarray)(thr), pos)  # cupy.asnumpy for device results
         self.num_samples += q.shape[0]
 
     def _add(self, thr: np.ndarray, pos: np.ndarray) -> None:

@@ -86,9 +86,13 @@ def thresholds_from_maxima(tile_max, Nq, Nk, quantile=0.5):
     thr = np.full((Hq, int(pos.max()) + 1), -np.inf, dtype=np.float32)
     for h in range(Hq):
         for a in range(nQ):
-            vals = tile_max[:, h, a][gated[:, h, a]]
-            if vals.size:
-                thr[h, pos[a]] = np.float32(np.quantile(vals, quantile))
+            vals = np.unique(tile_max[:, h, a][gated[:, h, a]])  # ascending
+            if vals.size == 1:  # a single candidate: skip it or keep it, alternating
+                thr[h, pos[a]] = vals[0] + (1.0 if (h + a) % 2 else -1.0)
+            elif vals.size:
+                # midway between two neighbouring maxima, so no tile sits on its threshold
+                i = min(max(int(round(quantile * vals.size)), 1), vals.size - 1)
+                thr[h, pos[a]] = np.float32(0.5 * (vals[i - 1] + vals[i]))
     return thr
 
 
@@ -107,7 +111,8 @@ def gate_exemptions(tile_max, abs_max, thresholds, Nq, Nk, D):
     else:
         T = thresholds.shape[1]
         thr = np.asarray(thresholds, np.float64)[:, np.clip(tile_positions(Nq, Nk, ref.BLOCK_M), 0, T - 1)]
-    near = np.abs(tile_max - thr[None, :, :, None]) <= bound
+    with np.errstate(invalid="ignore"):  # -inf - -inf where neither counts
+        near = np.abs(tile_max - thr[None, :, :, None]) <= bound
     diag = diagonal_tiles(Nq, Nk, ref.BLOCK_M, ref.BLOCK_N)[None, None]
     return near & ~diag & (tile_max > -np.inf)
 

@@ -17,6 +17,19 @@ def _torch():
     return torch
 
 
+class _Spy:
+    """Wraps a kernel handle, recording each launch's pointer arguments."""
+
+    _bsfa_spied = True
+
+    def __init__(self, fn, seen):
+        self.fn, self.seen = fn, seen
+
+    def __call__(self, grid, block, args, **kw):
+        self.seen.append([a.data.ptr if hasattr(a, "data") and hasattr(a.data, "ptr") else a for a in args])
+        return self.fn(grid, block, args, **kw)
+
+
 def _spy_launch(monkeypatch):
     """Record the pointer arguments of every kernel launch."""
     from bsfa_cupy import ops
@@ -27,17 +40,8 @@ def _spy_launch(monkeypatch):
     def get_module(key, device_id):
         mod = real(key, device_id)
         for kern in (mod.fwd, mod.block_max):
-            if not hasattr(kern.fn, "_bsfa_spied"):
-                fn = kern.fn
-
-                class Spy:
-                    _bsfa_spied = True
-
-                    def __call__(self, grid, block, args, **kw):
-                        seen.append([a.data.ptr if hasattr(a, "data") and hasattr(a.data, "ptr") else a for a in args])
-                        return fn(grid, block, args, **kw)
-
-                kern.fn = Spy()
+            if not getattr(kern.fn, "_bsfa_spied", False):
+                monkeypatch.setattr(kern, "fn", _Spy(kern.fn, seen))  # undone after the test
         return mod
 
     monkeypatch.setattr(ops, "get_module", get_module)
