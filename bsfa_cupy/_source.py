@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import re
-from importlib import resources
+import importlib.util
 from pathlib import Path
 
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
@@ -16,12 +16,13 @@ _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
 
 def kernels_dir() -> Path:
     """Directory of the .cu/.cuh files: package data when installed, ``kernels_cu/`` in a checkout."""
-    try:
-        path = Path(str(resources.files("bsfa_cupy.kernels_cu")))
-        if (path / "bsfa_fwd.cu").is_file():
-            return path
-    except (ModuleNotFoundError, TypeError):
-        pass
+    try:  # kernels_cu has no __init__.py: a namespace subpackage, found through its search path
+        spec = importlib.util.find_spec("bsfa_cupy.kernels_cu")
+    except ModuleNotFoundError:
+        spec = None
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(location) / "bsfa_fwd.cu").is_file():
+            return Path(location)
     path = Path(__file__).resolve().parent.parent / "kernels_cu"
     if (path / "bsfa_fwd.cu").is_file():
         return path

@@ -11,6 +11,7 @@ import ml_dtypes
 import numpy as np
 
 import bsfa_reference
+from bsfa_reference._validate import check_qk
 
 FORMAT = """\
 Dump format: one calibration dump per .npz file (np.savez), or per folder of .npy files (np.save).
@@ -101,10 +102,7 @@ class Dump:
 
     def qk(self, layer: int):
         """(q, k) of ``layer`` as 4-D host arrays in a float dtype (bfloat16 through ml_dtypes)."""
-        q, k = self._array(f"q_{layer}"), self._array(f"k_{layer}")
-        if q.ndim != k.ndim:
-            raise DumpError(f"{self.path}: q_{layer} {q.shape} and k_{layer} {k.shape}: expected the same rank")
-        return q, k
+        return self._array(f"q_{layer}"), self._array(f"k_{layer}")
 
     def _array(self, name):
         x = self._read(name)
@@ -127,8 +125,6 @@ class Dump:
 
 def _shape_key(path, layer, q, k):
     """(Hq, Hkv, D) of one layer's q/k, with the reference's checks worded for a dump."""
-    from bsfa_reference._validate import check_qk
-
     try:
         _, _, _, Hq, Hkv, D = check_qk(q, k)
     except ValueError as exc:
@@ -186,8 +182,6 @@ def calibrate_dumps(paths, k_values, *, reduce="mean", causal=True, softmax_scal
     names = [p.name for p in paths]
     prov = {"source": "bsfa calibrate", "device": "gpu (bsfa_cupy.Calibrator)" if use_gpu else "cpu (bsfa_reference)",
             "dumps": ", ".join(names[:8]) + (f", ... ({len(names)} dumps)" if len(names) > 8 else "")}
-    if softmax_scale is not None:
-        prov["softmax_scale"] = repr(float(softmax_scale))
     prov.update(provenance or {})
     return Thresholds.from_calibrators(cals, provenance=prov), len(paths)
 

@@ -84,7 +84,7 @@ class Thresholds:
     def from_calibrators(cls, calibrators, provenance=None) -> Thresholds:
         """One layer per Calibrator (``bsfa_reference.Calibrator`` or ``bsfa_cupy.Calibrator``), in order.
 
-        All must share k_values, tile geometry, causal and Hq. Layers that saw shorter samples have
+        All must share k_values, tile geometry, causal, softmax_scale and Hq. Layers that saw shorter samples have
         a smaller T; they are padded by repeating their last column, which is what attention does
         for positions >= T (it clamps them to T - 1), so nothing changes for any sequence length.
         ``provenance`` entries override the defaults (source, date, samples, reduce).
@@ -93,13 +93,13 @@ class Thresholds:
         if not cals:
             raise ValueError("calibrators: expected at least one Calibrator (one per layer), got none")
         first = cals[0]
-        key = lambda c: (c.k_values, c.block_m, c.block_n, c.causal)  # noqa: E731
+        key = lambda c: (c.k_values, c.block_m, c.block_n, c.causal, c.softmax_scale)  # noqa: E731
         tables = []
         for i, cal in enumerate(cals):
             if key(cal) != key(first):
                 raise ValueError(
-                    f"calibrators[{i}]: expected (k_values, block_m, block_n, causal) = {key(first)} as layer 0, "
-                    f"got {key(cal)}"
+                    f"calibrators[{i}]: expected (k_values, block_m, block_n, causal, softmax_scale) = {key(first)} "
+                    f"as layer 0, got {key(cal)}"
                 )
             t = cal.thresholds()  # (K, Hq, T); raises when the calibrator saw no sample
             if tables and t.shape[1] != tables[0].shape[1]:
@@ -114,6 +114,8 @@ class Thresholds:
             "samples": str(samples[0]) if len(samples) == 1 else ",".join(map(str, samples)),
             "reduce": first.reduce,
         }
+        if first.softmax_scale is not None:  # attention must then be called with the same scale
+            prov["softmax_scale"] = repr(float(first.softmax_scale))
         prov.update(_check_provenance(provenance))
         return cls(values, first.k_values, block_m=first.block_m, block_n=first.block_n, causal=first.causal,
                    provenance=prov)
