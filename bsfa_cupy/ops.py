@@ -66,8 +66,11 @@ def _thresholds(thresholds, Hq, device_id):
         return 0, 0.0, None, 1
     if isinstance(thresholds, (bool, np.bool_)):
         raise TypeError("thresholds: expected None, a float scalar or an (Hq, T) float32 array, got bool")
-    if isinstance(thresholds, numbers.Real) or (isinstance(thresholds, np.ndarray) and thresholds.ndim == 0):
-        t = np.float32(thresholds)
+    if isinstance(thresholds, (numbers.Real, np.generic)) or (
+        isinstance(thresholds, np.ndarray) and thresholds.ndim == 0
+    ):
+        with np.errstate(over="ignore"):  # beyond float32 range compares as +-inf
+            t = np.float32(thresholds)
         if np.isnan(t):
             raise ValueError("thresholds: NaN is not a threshold; use -inf to keep every tile")
         return 1, float(t), None, 1

@@ -108,15 +108,28 @@ __device__ __forceinline__ void softmax_update(const float (&S)[MB][TR::kSNBlock
 //
 // The key-step loop is rolled (P is consumed from P[.][0] and shifted down
 // after each step; the moves are free next to the tensor-core time): fully
-// unrolled, ptxas hoists the V fragments of later steps and spills at hdim 128.
+// unrolled, ptxas hoists the V fragments of later steps and spills at hdim
+// 128.  The first V fragment of step kk+1 is fetched during step kk.
 __device__ __forceinline__ void pv_tile(float (&O)[MB][TR::kONBlocks][4], unsigned (&P)[MB][TR::kKeySteps][4],
                                         unsigned v_lane_addr) {
+    constexpr int kKStepBytes = TR::kMmaK * TR::kRowBytes;         // 16 keys
+    constexpr int kDPairBytes = 2 * TR::kMmaN * TR::kElemBytes;    // 16 d columns
+    unsigned B0[4];
+    ldsm_x4_trans(B0, v_lane_addr);
 #pragma unroll 1
     for (int kk = 0; kk < TR::kKeySteps; ++kk) {
+        const int kn = kk + 1 < TR::kKeySteps ? kk + 1 : kk;  // last step re-reads its own data
+        unsigned Bn[4];
+        ldsm_x4_trans(Bn, v_lane_addr + kn * kKStepBytes);
 #pragma unroll
         for (int dp = 0; dp < TR::kONBlocks / 2; ++dp) {
             unsigned B[4];
-            ldsm_x4_trans(B, v_lane_addr + kk * TR::kMmaK * TR::kRowBytes + dp * 2 * TR::kMmaN * TR::kElemBytes);
+            if (dp == 0) {
+#pragma unroll
+                for (int j = 0; j < 4; ++j) B[j] = B0[j];
+            } else {
+                ldsm_x4_trans(B, v_lane_addr + kk * kKStepBytes + dp * kDPairBytes);
+            }
 #pragma unroll
             for (int mb = 0; mb < MB; ++mb) {
                 mma_16816<TR::kBf16>(O[mb][2 * dp], P[mb][0], B[0], B[1]);
@@ -124,11 +137,13 @@ __device__ __forceinline__ void pv_tile(float (&O)[MB][TR::kONBlocks][4], unsign
             }
         }
 #pragma unroll
-        for (int mb = 0; mb < MB; ++mb)
+        for (int j = 0; j < 4; ++j) {
+            B0[j] = Bn[j];
 #pragma unroll
-            for (int j = 0; j + 1 < TR::kKeySteps; ++j)
+            for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
-                for (int r = 0; r < 4; ++r) P[mb][j][r] = P[mb][j + 1][r];
+                for (int s = 0; s + 1 < TR::kKeySteps; ++s) P[mb][s][j] = P[mb][s + 1][j];
+        }
     }
 }
 

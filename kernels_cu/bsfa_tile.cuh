@@ -148,36 +148,75 @@ template <class TR>
 __device__ __forceinline__ void qk_tile(float (&S)[TR::kWarpMBlocks][TR::kSNBlocks][4],
                                         const unsigned (&qf)[TR::kQFragRegs], unsigned q_lane_addr,
                                         unsigned k_lane_addr) {
+    constexpr int MB = TR::kWarpMBlocks;
+    constexpr int kKStepBytes = TR::kMmaK * TR::kElemBytes;
+    constexpr int kKeyPairBytes = 2 * TR::kMmaN * TR::kRowBytes;  // 16 keys
 #pragma unroll
-    for (int mb = 0; mb < TR::kWarpMBlocks; ++mb)
+    for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
         for (int nb = 0; nb < TR::kSNBlocks; ++nb)
 #pragma unroll
             for (int j = 0; j < 4; ++j) S[mb][nb][j] = 0.f;
 
-    // With Q in shared memory the k-step loop is kept rolled: fully unrolled,
-    // ptxas hoists the ldmatrix of many k-steps ahead and, next to the 128
-    // O and 64 S accumulator registers of hdim 128, runs out of registers.
-#pragma unroll(TR::kQInRegs ? TR::kDSteps : 1)
-    for (int kk = 0; kk < TR::kDSteps; ++kk) {
-        unsigned A[TR::kWarpMBlocks][4];
+    if constexpr (TR::kQInRegs) {
 #pragma unroll
-        for (int mb = 0; mb < TR::kWarpMBlocks; ++mb) {
-            if constexpr (TR::kQInRegs) {
+        for (int kk = 0; kk < TR::kDSteps; ++kk) {
 #pragma unroll
-                for (int j = 0; j < 4; ++j) A[mb][j] = qf[(kk * TR::kWarpMBlocks + mb) * 4 + j];
-            } else {
-                ldsm_x4(A[mb], q_lane_addr + mb * TR::kMmaM * TR::kRowBytes + kk * TR::kMmaK * TR::kElemBytes);
+            for (int np = 0; np < TR::kSNBlocks / 2; ++np) {
+                unsigned B[4];
+                ldsm_x4(B, k_lane_addr + np * kKeyPairBytes + kk * kKStepBytes);
+#pragma unroll
+                for (int mb = 0; mb < MB; ++mb) {
+                    unsigned A[4];
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) A[j] = qf[(kk * MB + mb) * 4 + j];
+                    mma_16816<TR::kBf16>(S[mb][2 * np], A, B[0], B[1]);
+                    mma_16816<TR::kBf16>(S[mb][2 * np + 1], A, B[2], B[3]);
+                }
             }
         }
+    } else {
+        // Q from shared memory: the k-step loop is kept rolled.  Fully
+        // unrolled, ptxas hoists the ldmatrix of many k-steps ahead and, next
+        // to the 128 O and 64 S accumulator registers of hdim 128, spills.
+        // The A fragments and first K fragment of step kk+1 are fetched during
+        // step kk, so no step starts by waiting on shared memory.
+        auto load_a = [&](unsigned (&A)[MB][4], int kk) {
 #pragma unroll
-        for (int np = 0; np < TR::kSNBlocks / 2; ++np) {
-            unsigned B[4];
-            ldsm_x4(B, k_lane_addr + np * 2 * TR::kMmaN * TR::kRowBytes + kk * TR::kMmaK * TR::kElemBytes);
+            for (int mb = 0; mb < MB; ++mb)
+                ldsm_x4(A[mb], q_lane_addr + mb * TR::kMmaM * TR::kRowBytes + kk * kKStepBytes);
+        };
+        unsigned A[MB][4];
+        unsigned B0[4];
+        load_a(A, 0);
+        ldsm_x4(B0, k_lane_addr);
+#pragma unroll 1
+        for (int kk = 0; kk < TR::kDSteps; ++kk) {
+            const int kn = kk + 1 < TR::kDSteps ? kk + 1 : kk;  // last step re-reads its own data
+            unsigned An[MB][4];
+            unsigned Bn[4];
+            load_a(An, kn);
+            ldsm_x4(Bn, k_lane_addr + kn * kKStepBytes);
 #pragma unroll
-            for (int mb = 0; mb < TR::kWarpMBlocks; ++mb) {
-                mma_16816<TR::kBf16>(S[mb][2 * np], A[mb], B[0], B[1]);
-                mma_16816<TR::kBf16>(S[mb][2 * np + 1], A[mb], B[2], B[3]);
+            for (int np = 0; np < TR::kSNBlocks / 2; ++np) {
+                unsigned B[4];
+                if (np == 0) {
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) B[j] = B0[j];
+                } else {
+                    ldsm_x4(B, k_lane_addr + np * kKeyPairBytes + kk * kKStepBytes);
+                }
+#pragma unroll
+                for (int mb = 0; mb < MB; ++mb) {
+                    mma_16816<TR::kBf16>(S[mb][2 * np], A[mb], B[0], B[1]);
+                    mma_16816<TR::kBf16>(S[mb][2 * np + 1], A[mb], B[2], B[3]);
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                B0[j] = Bn[j];
+#pragma unroll
+                for (int mb = 0; mb < MB; ++mb) A[mb][j] = An[mb][j];
             }
         }
     }

@@ -24,7 +24,7 @@ def as_float64(x, name: str) -> np.ndarray:
                 "copy it to the host first or use bsfa_cupy.attention for GPU arrays"
             )
         raise TypeError(f"{name}: expected a numpy.ndarray, got {type(x).__name__}")
-    if x.dtype not in SUPPORTED_DTYPES:
+    if x.dtype.newbyteorder("=") not in SUPPORTED_DTYPES:  # byte order is storage, not type
         names = ", ".join(str(d) for d in SUPPORTED_DTYPES)
         raise TypeError(f"{name}: expected dtype in ({names}), got {x.dtype}")
     return x.astype(np.float64)
@@ -81,12 +81,17 @@ def check_thresholds(thresholds, Hq: int):
         return None
     if isinstance(thresholds, bool) or isinstance(thresholds, np.bool_):
         raise TypeError("thresholds: expected None, a float scalar or an (Hq, T) float array, got bool")
-    if isinstance(thresholds, numbers.Real):
-        t = np.asarray(np.float32(thresholds))
+    is_scalar = isinstance(thresholds, numbers.Real) or (
+        isinstance(thresholds, np.generic) and thresholds.dtype == np.dtype(ml_dtypes.bfloat16)
+    )
+    if is_scalar:
+        with np.errstate(over="ignore"):  # beyond float32 range is +-inf, as a float32 compare sees it
+            t = np.asarray(np.float32(thresholds))
     elif isinstance(thresholds, np.ndarray):
         if thresholds.dtype.kind not in "fiu" and thresholds.dtype != np.dtype(ml_dtypes.bfloat16):
             raise TypeError(f"thresholds: expected a float array, got dtype {thresholds.dtype}")
-        t = thresholds.astype(np.float32)
+        with np.errstate(over="ignore"):
+            t = thresholds.astype(np.float32)
         if t.ndim == 0:
             pass
         elif t.ndim != 2 or t.shape[0] != Hq or t.shape[1] < 1:

@@ -8,12 +8,21 @@ Hypothesis profiles:
 * ``gpu`` - for runs on a GPU machine, where the kernels are cheap: many examples.
 
 ``HYPOTHESIS_PROFILE=<name>`` overrides the choice.
+
+BLAS threads: the CPU tests multiply many small matrices; a multi-threaded OpenBLAS on a loaded
+2-core runner spins and slows them down several-fold, so one BLAS thread is the default here
+(set OPENBLAS_NUM_THREADS / OMP_NUM_THREADS / MKL_NUM_THREADS yourself to override). This only
+works because NumPy is not imported before this file.
 """
 from __future__ import annotations
 
 import os
 
-from hypothesis import HealthCheck, settings
+if os.environ.get("CI"):  # a 2-core runner: BLAS threads only fight each other there
+    for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
+
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(
     "ci",

@@ -50,7 +50,7 @@ def assert_close(actual, expected, rtol, atol, what):
     raise AssertionError(
         f"{what}: {n_bad} of {a.size} elements differ (rtol={rtol:g}, atol={atol:g}); "
         f"worst abs error {float(err_bad[idx]):.3e} at index {tuple(int(i) for i in idx)}: "
-        f"actual {a[idx]!r}, expected {e[idx]!r}"
+        f"actual {float(a[idx])!r}, expected {float(e[idx])!r}"
     )
 
 

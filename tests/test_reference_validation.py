@@ -302,3 +302,13 @@ def test_calibrator_bad_update_inputs(qkv):
         cal.thresholds()  # failed updates recorded nothing
     cal.update(q, k)
     assert cal.thresholds().shape[:2] == (1, 4)
+
+
+@pytest.mark.parametrize("dtype", [">f8", ">f4", ">f2"])
+def test_non_native_byte_order_floats_accepted(qkv, dtype):
+    """A byte-swapped float64/float32/float16 array is still that dtype (spec: float16, float32,
+    float64 accepted); it must give the same result as the native array, not a TypeError."""
+    q, k, v = (x.astype(np.dtype(dtype).newbyteorder("=")) for x in qkv)
+    want = R.attention(q, k, v, 0.0, **SMALL)
+    got = R.attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), 0.0, **SMALL)
+    assert (got == want).all()
