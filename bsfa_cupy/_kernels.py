@@ -7,6 +7,7 @@ source string already holds every header (see ``_source``).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -18,7 +19,7 @@ from ._source import kernel_source
 #: Query rows x keys per tile; the kernel's traits struct holds the same numbers.
 BLOCK_M = 128
 BLOCK_N = 64
-HEAD_DIMS = (64, 128)
+HEAD_DIMS = (32, 64, 96, 128)
 DTYPES = {"float16": 0, "bfloat16": 1}
 SOURCE = "bsfa_fwd.cu"
 
@@ -49,6 +50,29 @@ class VariantKey:
 
 def all_variants() -> list[VariantKey]:
     return [VariantKey(dt, d, c) for dt in DTYPES for d in HEAD_DIMS for c in (False, True)]
+
+
+#: Compile-time tuning knobs applied to every key built by the API (for benchmarking variants).
+_TUNING: dict = {}
+
+
+@contextlib.contextmanager
+def tuning(**knobs):
+    """Temporarily build kernels with other compile-time knobs, e.g. ``tuning(v_speculative=False)``."""
+    unknown = set(knobs) - {"v_speculative"}
+    if unknown:
+        raise ValueError(f"tuning: unknown knobs {sorted(unknown)}; expected v_speculative")
+    old = dict(_TUNING)
+    _TUNING.update(knobs)
+    try:
+        yield
+    finally:
+        _TUNING.clear()
+        _TUNING.update(old)
+
+
+def key_for(dtype: str, head_dim: int, causal: bool) -> VariantKey:
+    return VariantKey(dtype, head_dim, bool(causal), **_TUNING)
 
 
 class KernelCompileError(RuntimeError):

@@ -10,7 +10,7 @@ from bsfa_reference._validate import check_qk, check_v, softmax_scale_or_default
 from . import _kernels
 from ._arrays import frame_for, framework_of, on, to_cupy
 from ._backend import cupy
-from ._kernels import BLOCK_M, BLOCK_N, HEAD_DIMS, VariantKey, get_module, i32, i64
+from ._kernels import BLOCK_M, BLOCK_N, HEAD_DIMS, get_module, i32, i64, key_for
 
 _MAX_GRID_YZ = 65535  # CUDA's limit on gridDim.y / gridDim.z (heads, batch)
 _ALIGN = 16  # cp.async moves 16-byte rows
@@ -150,7 +150,7 @@ def attention(q, k, v, thresholds=None, *, causal=True, softmax_scale=None, retu
         B, Nq, Nk, Hq, Hkv, D, dtype = _check_qkv(qv, kv, vv)
         _same_device([qv, kv, vv], ["q", "k", "v"])
         strides = _strides(qv, "q") + _strides(kv, "k") + _strides(vv, "v")
-        scale = softmax_scale_or_default(softmax_scale, D)
+        scale = _positive_scale(softmax_scale, D)
         mode, thr_scalar, thr_arr, T = _thresholds(thresholds, Hq, frame.device_id)
         shape = (B, Nq, Hq, D)
         if out is None:
@@ -162,7 +162,7 @@ def attention(q, k, v, thresholds=None, *, causal=True, softmax_scale=None, retu
         lse_native, lse_view = frame.empty((B, Hq, Nq), "float32")
         keep_native, keep_view = frame.empty((B, Hq, nQ, nK), "bool") if return_keep else (None, None)
 
-        mod = get_module(VariantKey(dtype, D, bool(causal)), frame.device_id)
+        mod = get_module(key_for(dtype, D, causal), frame.device_id)
         kern = mod.fwd
         null = np.uint64(0)
         args = (
@@ -197,11 +197,11 @@ def block_max_scores(q, k, *, causal=True, softmax_scale=None):
         dtype = _check_dtypes([("q", qv), ("k", kv)], D)
         _same_device([qv, kv], ["q", "k"])
         strides = _strides(qv, "q") + _strides(kv, "k")
-        scale = softmax_scale_or_default(softmax_scale, D)
+        scale = _positive_scale(softmax_scale, D)
         nQ, nK = -(-Nq // BLOCK_M), -(-Nk // BLOCK_N)
         _check_grid(B, Hq)
         tm_native, tm_view = frame.empty((B, Hq, nQ, nK), "float32")
-        kern = get_module(VariantKey(dtype, D, bool(causal)), frame.device_id).block_max
+        kern = get_module(key_for(dtype, D, causal), frame.device_id).block_max
         args = (qv, kv, tm_view, i32(Nq), i32(Nk), i32(Hq), i32(Hkv), *strides, np.float32(scale))
         kern.fn((nQ, Hq, B), (kern.threads, 1, 1), args, shared_mem=kern.smem)
         frame.finish(stream)
@@ -216,6 +216,13 @@ def _check_dtypes(named, D):
     if D not in HEAD_DIMS:
         raise ValueError(f"head_dim: expected one of {HEAD_DIMS}, got {D}")
     return dtype
+
+
+def _positive_scale(softmax_scale, D):
+    scale = softmax_scale_or_default(softmax_scale, D)
+    if scale <= 0:  # the kernel takes max(scale * s) as scale * max(s)
+        raise ValueError(f"softmax_scale: the GPU kernel needs a positive scale, got {scale}")
+    return scale
 
 
 def _check_grid(B, Hq):

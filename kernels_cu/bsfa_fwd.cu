@@ -14,8 +14,9 @@
 // from the last one that can hold a valid entry down to 0, so the masked
 // (diagonal / ragged) tiles come first and the running max starts high.
 //
-// Inputs must be 16-byte aligned with every stride a multiple of 8 elements
-// (cp.async and the 16-byte output stores rely on it); the launcher checks.
+// q, k, v and out must be 16-byte aligned with every batch/seq/head stride a
+// multiple of 8 elements (cp.async and the 16-byte output stores rely on it);
+// the launcher has to check this (or make an aligned copy).
 // softmax_scale must be > 0 (max(s) * scale is used as the max of scaled s).
 
 #include "bsfa_ptx.cuh"

@@ -52,7 +52,7 @@ struct QueryTile {
 // Tile copies: consecutive threads take consecutive 16-byte chunks of a row,
 // so global reads coalesce.  When the thread count is a multiple of the
 // chunks per row, every thread keeps one chunk column and steps down the rows
-// by a fixed count; its first chunk's offset (row_offset_of_thread) is folded
+// by a fixed count; its first chunk's offset (thread_offset) is folded
 // once into the caller's base pointer, so the key-tile loop carries a single
 // 64-bit pointer per tensor instead of hoisted per-chunk offsets.
 template <class TR>

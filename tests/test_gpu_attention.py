@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.gpu, requires_gpu]
 @st.composite
 def problems(draw):
     dtype = draw(st.sampled_from(["float16", "bfloat16"]))
-    D = draw(st.sampled_from([64, 128]))
+    D = draw(st.sampled_from([64, 128, 64, 128, 32, 96]))
     causal = draw(st.booleans())
     B = draw(st.integers(1, 2))
     Hkv = draw(st.integers(1, 2))
@@ -96,7 +96,7 @@ def test_kernel_matches_reference(monkeypatch, p):
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("D", [32, 64, 96, 128])
 @pytest.mark.parametrize("causal", [True, False])
 def test_every_variant_odd_sizes(monkeypatch, dtype, D, causal):
     """Every compiled variant on a ragged, GQA, batched problem with tile-maxima thresholds."""

@@ -1,0 +1,143 @@
+"""Compile checks of the CUDA kernels, without a GPU.
+
+Every specialisation of kernels_cu/bsfa_fwd.cu (dtype x head dim x causal x
+V order) is compiled with nvcc for sm_80 and sm_90 from the very source the
+runtime hands to NVRTC (``bsfa_cupy._source.kernel_source``), and ptxas must
+report zero spill bytes for both kernels: a spill in these kernels means local
+memory traffic in the inner loop, i.e. a large slowdown that no CPU test sees.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+NVCC = shutil.which("nvcc")
+
+pytestmark = [
+    pytest.mark.nvcc,
+    pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH: the kernel compile checks need the CUDA toolkit"),
+]
+
+ARCHS = ("sm_80", "sm_90")
+DTYPES = (0, 1)  # BSFA_DTYPE: 0 = float16, 1 = bfloat16
+HEAD_DIMS = (32, 64, 96, 128)
+CAUSAL = (0, 1)
+V_SPECULATIVE = (0, 1)
+KERNELS = ("bsfa_fwd", "bsfa_block_max")
+
+VARIANTS = list(itertools.product(ARCHS, DTYPES, HEAD_DIMS, CAUSAL, V_SPECULATIVE))
+
+# The runtime compiles with NVRTC and -std=c++17 (no --use_fast_math).
+BASE_FLAGS = ("-std=c++17", "-Xptxas", "-v")
+
+_FUNC_RE = re.compile(r"Function properties for (\S+)")
+_SPILL_RE = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def _variant_id(variant) -> str:
+    arch, dtype, head_dim, causal, spec = variant
+    return f"{arch}-{('f16', 'bf16')[dtype]}-d{head_dim}-causal{causal}-vspec{spec}"
+
+
+def _defines(dtype: int, head_dim: int, causal: int, spec: int) -> list[str]:
+    return [
+        f"-DBSFA_DTYPE={dtype}",
+        f"-DBSFA_HEAD_DIM={head_dim}",
+        f"-DBSFA_CAUSAL={causal}",
+        f"-DBSFA_V_SPECULATIVE={spec}",
+    ]
+
+
+def _compile(source_path, out_dir, variant) -> subprocess.CompletedProcess:
+    arch, dtype, head_dim, causal, spec = variant
+    cubin = os.path.join(out_dir, _variant_id(variant) + ".cubin")
+    cmd = [NVCC, *BASE_FLAGS, f"-arch={arch}", "-cubin", *_defines(dtype, head_dim, causal, spec)]
+    cmd += [str(source_path), "-o", cubin]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def parse_spills(ptxas_log: str) -> dict[str, tuple[int, int, str]]:
+    """Maps each function in a ``ptxas -v`` log to (spill store bytes, spill load bytes, the ptxas line)."""
+    result: dict[str, tuple[int, int, str]] = {}
+    current = None
+    for line in ptxas_log.splitlines():
+        m = _FUNC_RE.search(line)
+        if m:
+            current = m.group(1)
+            continue
+        m = _SPILL_RE.search(line)
+        if m and current is not None:
+            result[current] = (int(m.group(1)), int(m.group(2)), line.strip())
+            current = None
+    return result
+
+
+@pytest.fixture(scope="module")
+def fwd_source(tmp_path_factory):
+    from bsfa_cupy._source import kernel_source
+
+    src = kernel_source("bsfa_fwd.cu")
+    path = tmp_path_factory.mktemp("bsfa_kernels") / "bsfa_fwd.cu"
+    path.write_text(src)
+    return src, path
+
+
+@pytest.fixture(scope="module")
+def compiled(fwd_source, tmp_path_factory):
+    """Starts every variant's compile at once (nvcc is single-threaded); tests wait for their own."""
+    _, path = fwd_source
+    out_dir = str(tmp_path_factory.mktemp("bsfa_cubins"))
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1))
+    futures = {v: pool.submit(_compile, path, out_dir, v) for v in VARIANTS}
+    yield futures
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+def test_parse_spills_reads_both_log_formats():
+    nvcc_log = (
+        "ptxas info    : Compiling entry function 'bsfa_fwd' for 'sm_80'\n"
+        "ptxas info    : Function properties for bsfa_fwd\n"
+        "    16 bytes stack frame, 16 bytes spill stores, 20 bytes spill loads\n"
+        "ptxas info    : Used 255 registers, used 1 barriers\n"
+    )
+    nvrtc_log = (
+        "ptxas info    : Function properties for bsfa_block_max\n"
+        "ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
+    )
+    assert parse_spills(nvcc_log)["bsfa_fwd"][:2] == (16, 20)
+    assert parse_spills(nvrtc_log)["bsfa_block_max"][:2] == (0, 0)
+
+
+def test_runtime_source_has_no_includes(fwd_source):
+    """NVRTC gets no CUDA or system headers: local headers must all be inlined."""
+    src, _ = fwd_source
+    includes = [line for line in src.splitlines() if line.lstrip().startswith("#include")]
+    assert not includes, f"kernel_source('bsfa_fwd.cu') still has include lines: {includes}"
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_variant_id)
+def test_compiles_without_spills(compiled, variant):
+    proc = compiled[variant].result()
+    log = proc.stdout + proc.stderr
+    name = _variant_id(variant)
+    assert proc.returncode == 0, f"{name}: nvcc failed (exit {proc.returncode}):\n{log[-4000:]}"
+    spills = parse_spills(log)
+    for kernel in KERNELS:
+        assert kernel in spills, f"{name}: no ptxas report for {kernel} (is it exported extern \"C\"?):\n{log[-4000:]}"
+        stores, loads, line = spills[kernel]
+        assert stores == 0 and loads == 0, f"{name}: {kernel} spills registers: {line}"
+
+
+def test_unsupported_head_dim_is_a_compile_error(fwd_source, tmp_path):
+    _, path = fwd_source
+    cmd = [NVCC, *BASE_FLAGS, "-arch=sm_80", "-cubin", *_defines(0, 80, 0, 1), str(path), "-o", str(tmp_path / "x.cubin")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "BSFA_HEAD_DIM" in proc.stdout + proc.stderr
