@@ -75,10 +75,13 @@ def random_inputs(rng, B, Nq, Nk, Hq, Hkv, D, dtype, spread=1.0):
     return q, k, v
 
 
-def thresholds_from_maxima(tile_max, Nq, Nk, quantile=0.5):
-    """(Hq, T) float32: per head and query-tile position, a quantile of that tile row's gated maxima.
+def thresholds_from_maxima(tile_max, Nq, Nk, quantile=0.5, margin=None):
+    """(Hq, T) float32: per head and query-tile position, a threshold midway between two
+    neighbouring gated tile maxima near the given quantile of that tile row.
 
-    Applied to the same inputs this skips about (quantile) of the gated (off-diagonal) tiles.
+    Applied to the same inputs this skips about ``quantile`` of the gated (off-diagonal) tiles.
+    ``margin`` (B, Hq, nQ, nK), optional: a rounding bound per tile; neighbours closer than twice it
+    are not split, so no tile lands within fp32 rounding of its threshold unless nothing else fits.
     """
     B, Hq, nQ, nK = tile_max.shape
     gated = (tile_max > -np.inf) & ~diagonal_tiles(Nq, Nk, ref.BLOCK_M, ref.BLOCK_N)[None, None]
@@ -86,14 +89,26 @@ def thresholds_from_maxima(tile_max, Nq, Nk, quantile=0.5):
     thr = np.full((Hq, int(pos.max()) + 1), -np.inf, dtype=np.float32)
     for h in range(Hq):
         for a in range(nQ):
-            vals = np.unique(tile_max[:, h, a][gated[:, h, a]])  # ascending
+            sel = gated[:, h, a]
+            vals = np.unique(tile_max[:, h, a][sel])  # ascending
+            gap = 0.0 if margin is None else 2.0 * float(margin[:, h, a][sel].max(initial=0.0))
             if vals.size == 1:  # a single candidate: skip it or keep it, alternating
                 thr[h, pos[a]] = vals[0] + (1.0 if (h + a) % 2 else -1.0)
             elif vals.size:
-                # midway between two neighbouring maxima, so no tile sits on its threshold
-                i = min(max(int(round(quantile * vals.size)), 1), vals.size - 1)
+                # midway between two neighbouring maxima, preferring the split nearest the quantile
+                # whose gap exceeds the rounding margin
+                target = min(max(int(round(quantile * vals.size)), 1), vals.size - 1)
+                splits = np.arange(1, vals.size)
+                wide = splits[np.diff(vals) > gap]
+                i = wide[np.abs(wide - target).argmin()] if wide.size else target
                 thr[h, pos[a]] = np.float32(0.5 * (vals[i - 1] + vals[i]))
     return thr
+
+
+def rounding_margin(q, k, causal, D):
+    """Per tile, a bound on |fp32 tile max - float64 tile max| (see gate_exemptions)."""
+    abs_max = ref.block_max_scores(np.abs(q.astype(np.float64)), np.abs(k.astype(np.float64)), causal=causal)
+    return abs_max * D * 2.0**-22 + 1e-30
 
 
 def gate_exemptions(tile_max, abs_max, thresholds, Nq, Nk, D):
@@ -103,7 +118,7 @@ def gate_exemptions(tile_max, abs_max, thresholds, Nq, Nk, D):
     ``abs_max`` is the tile maximum of scale * sum|q||k| (the reference on |q|, |k|).
     Returns a (B, Hq, nQ, nK) bool mask of exempt tiles.
     """
-    bound = abs_max * D * 2.0**-22 + 1e-30
+    bound = abs_max * D * 2.0**-22 + 1e-30  # as rounding_margin
     if thresholds is None:
         return np.zeros(tile_max.shape, dtype=bool)
     if np.ndim(thresholds) == 0:

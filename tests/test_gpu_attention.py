@@ -16,6 +16,7 @@ from gpu_support import (
     poison_outputs,
     random_inputs,
     requires_gpu,
+    rounding_margin,
     thresholds_from_maxima,
 )
 
@@ -48,13 +49,14 @@ def run_case(p, monkeypatch):
     scale = 1.0 / np.sqrt(p["D"])
     causal = p["causal"]
     tile_max = ref.block_max_scores(q, k, causal=causal)
+    margin = rounding_margin(q, k, causal, p["D"])
     if p["mode"] == "none":
         thr = None
     elif p["mode"] == "scalar":
         finite = tile_max[np.isfinite(tile_max)]
         thr = float(np.median(finite)) if finite.size else 0.0
     else:
-        thr = thresholds_from_maxima(tile_max, p["Nq"], p["Nk"])
+        thr = thresholds_from_maxima(tile_max, p["Nq"], p["Nk"], margin=margin)
         if p["mode"] == "short":
             thr = thr[:, : max(1, thr.shape[1] // 2)]  # positions past T clamp to T - 1
 
