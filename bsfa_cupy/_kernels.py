@@ -1,6 +1,6 @@
 """Compiled kernel variants: one specialisation key per module, compiled lazily and cached.
 
-What must be compile-time (dtype, head dim, causal, V-load order) is a macro of the key; cheap
+What must be compile-time (dtype, head dim, causal, and the tuning knobs: V-load order, K ring depth, ...) is a macro of the key; cheap
 choices (threshold mode, keep-mask output) are run-time arguments, so the variant count stays
 small. CuPy caches compiled modules on disk keyed by the source string and options, and the
 source string already holds every header (see ``_source``).
@@ -31,7 +31,18 @@ class VariantKey:
     dtype: str  # "float16" | "bfloat16"
     head_dim: int
     causal: bool
-    v_speculative: bool = True
+    # Tuning knobs (kernels_cu/bsfa_fwd.cu documents each macro).
+    v_speculative: bool = False  # BSFA_V_SPECULATIVE
+    heavy_first: bool = False  # BSFA_HEAVY_FIRST
+    k_stages: int = 2  # BSFA_K_STAGES (3 needs v_speculative=False)
+    v_forced_early: bool = False  # BSFA_V_FORCED_EARLY
+    pv_unroll: bool = False  # BSFA_PV_UNROLL (no effect at head_dim 128)
+
+    def __post_init__(self):
+        if self.k_stages not in (2, 3):
+            raise ValueError(f"k_stages must be 2 or 3, got {self.k_stages!r}")
+        if self.k_stages == 3 and self.v_speculative:
+            raise ValueError("k_stages=3 needs v_speculative=False")
 
     def options(self) -> tuple[str, ...]:
         return (
@@ -40,11 +51,20 @@ class VariantKey:
             f"-DBSFA_HEAD_DIM={self.head_dim}",
             f"-DBSFA_CAUSAL={int(self.causal)}",
             f"-DBSFA_V_SPECULATIVE={int(self.v_speculative)}",
+            f"-DBSFA_HEAVY_FIRST={int(self.heavy_first)}",
+            f"-DBSFA_K_STAGES={int(self.k_stages)}",
+            f"-DBSFA_V_FORCED_EARLY={int(self.v_forced_early)}",
+            f"-DBSFA_PV_UNROLL={int(self.pv_unroll)}",
         )
 
     def name(self) -> str:
-        return f"bsfa_{self.dtype}_d{self.head_dim}_{'causal' if self.causal else 'full'}" + (
-            "" if self.v_speculative else "_vlate"
+        return (
+            f"bsfa_{self.dtype}_d{self.head_dim}_{'causal' if self.causal else 'full'}"
+            + ("_vspec" if self.v_speculative else "")
+            + ("_heavy" if self.heavy_first else "")
+            + (f"_k{self.k_stages}" if self.k_stages != 2 else "")
+            + ("_vforced" if self.v_forced_early else "")
+            + ("_pvunroll" if self.pv_unroll else "")
         )
 
 
@@ -54,14 +74,16 @@ def all_variants() -> list[VariantKey]:
 
 #: Compile-time tuning knobs applied to every key built by the API (for benchmarking variants).
 _TUNING: dict = {}
+#: The VariantKey fields that tuning() accepts.
+TUNING_KNOBS = ("v_speculative", "heavy_first", "k_stages", "v_forced_early", "pv_unroll")
 
 
 @contextlib.contextmanager
 def tuning(**knobs):
-    """Temporarily build kernels with other compile-time knobs, e.g. ``tuning(v_speculative=False)``."""
-    unknown = set(knobs) - {"v_speculative"}
+    """Temporarily build kernels with other compile-time knobs, e.g. ``tuning(k_stages=3, heavy_first=True)``."""
+    unknown = set(knobs) - set(TUNING_KNOBS)
     if unknown:
-        raise ValueError(f"tuning: unknown knobs {sorted(unknown)}; expected v_speculative")
+        raise ValueError(f"tuning: unknown knobs {sorted(unknown)}; expected some of {', '.join(TUNING_KNOBS)}")
     old = dict(_TUNING)
     _TUNING.update(knobs)
     try:

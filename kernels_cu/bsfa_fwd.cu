@@ -5,10 +5,34 @@
 //   BSFA_DTYPE          0 = float16, 1 = bfloat16
 //   BSFA_HEAD_DIM       32, 64, 96 or 128
 //   BSFA_CAUSAL         0/1, causal mask aligned bottom-right
-//   BSFA_V_SPECULATIVE  1 (default): V tile c is fetched together with K tile
-//                       c, one tile ahead, before the keep/skip decision, and
-//                       simply left unused when the tile is skipped.
-//                       0: V tile c is fetched only once tile c is kept.
+//   BSFA_V_SPECULATIVE  0 (default): V tile c is fetched only once tile c is
+//                       kept ("V-late": issued right after the gate, its
+//                       latency hidden behind the softmax exponentials).
+//                       1: V tile c is fetched together with K tile c, one
+//                       tile ahead, before the keep/skip decision, and simply
+//                       left unused when the tile is skipped.
+// Tuning knobs (each defaults to the behaviour before it existed):
+//   BSFA_HEAVY_FIRST    0 (default) / 1: causal only, CTA blockIdx.x takes
+//                       query tile a = nQ-1-blockIdx.x, so the CTAs with the
+//                       most key tiles are dispatched first (tail balance).
+//                       blockIdx.x still indexes query tiles (a bijection).
+//   BSFA_K_STAGES       2 (default) / 3: K ring depth of bsfa_fwd.  3 keeps
+//                       K two tiles ahead, so runs of skipped tiles (wait K,
+//                       QK^T, gate) do not expose K's L2 latency.  Needs
+//                       BSFA_V_SPECULATIVE=0 and then uses ONE V buffer (V
+//                       tile c is issued after tile c+1's P V is done by
+//                       every warp), so shared memory stays Q + 4 tiles.
+//   BSFA_V_FORCED_EARLY 0 (default) / 1, V-late only: tiles kept without a
+//                       gate (diagonal tiles; every tile with thr_mode 0)
+//                       fetch V without waiting for the gate: with two V
+//                       buffers (K_STAGES=2) one tile ahead together with K,
+//                       exactly as BSFA_V_SPECULATIVE=1 does; with one V
+//                       buffer (K_STAGES=3) at the top of the tile's own
+//                       iteration, behind its QK^T.  Dense (thr_mode 0) then
+//                       runs the speculative schedule with no wasted loads.
+//   BSFA_PV_UNROLL      0 (default) / 1: fully unrolled P V k-step loop (P
+//                       indexed statically, no per-step register shifts).
+//                       hdim <= 96 only; ignored at hdim 128, where it spills.
 //
 // One CTA per (128-query tile a, head h, batch b); key tiles of 64 are walked
 // from the last one that can hold a valid entry down to 0, so the masked
@@ -34,12 +58,47 @@
 #error "BSFA_CAUSAL must be 0 or 1"
 #endif
 #ifndef BSFA_V_SPECULATIVE
-#define BSFA_V_SPECULATIVE 1
+#define BSFA_V_SPECULATIVE 0
+#endif
+#ifndef BSFA_HEAVY_FIRST
+#define BSFA_HEAVY_FIRST 0
+#endif
+#ifndef BSFA_K_STAGES
+#define BSFA_K_STAGES 2
+#endif
+#ifndef BSFA_V_FORCED_EARLY
+#define BSFA_V_FORCED_EARLY 0
+#endif
+#ifndef BSFA_PV_UNROLL
+#define BSFA_PV_UNROLL 0
+#endif
+#if BSFA_V_SPECULATIVE != 0 && BSFA_V_SPECULATIVE != 1
+#error "BSFA_V_SPECULATIVE must be 0 or 1"
+#endif
+#if BSFA_HEAVY_FIRST != 0 && BSFA_HEAVY_FIRST != 1
+#error "BSFA_HEAVY_FIRST must be 0 or 1"
+#endif
+#if BSFA_K_STAGES != 2 && BSFA_K_STAGES != 3
+#error "BSFA_K_STAGES must be 2 or 3"
+#endif
+#if BSFA_K_STAGES == 3 && BSFA_V_SPECULATIVE != 0
+#error "BSFA_K_STAGES=3 needs BSFA_V_SPECULATIVE=0 (speculative V would need 3 V buffers)"
+#endif
+#if BSFA_V_FORCED_EARLY != 0 && BSFA_V_FORCED_EARLY != 1
+#error "BSFA_V_FORCED_EARLY must be 0 or 1"
+#endif
+#if BSFA_PV_UNROLL != 0 && BSFA_PV_UNROLL != 1
+#error "BSFA_PV_UNROLL must be 0 or 1"
 #endif
 
-using TR = bsfa::Traits<BSFA_HEAD_DIM, BSFA_DTYPE == 1>;
+// V-late with a 3-deep K ring keeps a single V buffer (see BSFA_K_STAGES).
+using TR = bsfa::Traits<BSFA_HEAD_DIM, BSFA_DTYPE == 1, BSFA_K_STAGES, BSFA_K_STAGES == 3 ? 1 : 2>;
 constexpr bool kCausal = BSFA_CAUSAL != 0;
 constexpr bool kVSpeculative = BSFA_V_SPECULATIVE != 0;
+constexpr bool kHeavyFirst = BSFA_HEAVY_FIRST != 0;
+constexpr bool kVForcedEarly = BSFA_V_FORCED_EARLY != 0 && !kVSpeculative;
+// At hdim 128 the unrolled loop spills (255 registers): it falls back to the rolled one.
+constexpr bool kPvUnroll = BSFA_PV_UNROLL != 0 && BSFA_HEAD_DIM < 128;
 
 // Launch geometry, read by the launcher through RawModule.get_global.
 extern "C" __constant__ int BSFA_FWD_THREADS = TR::kNThreads;
@@ -50,6 +109,16 @@ extern "C" __constant__ int BSFA_BLOCK_MAX_SMEM_BYTES = TR::kBlockMaxSmemBytes;
 namespace bsfa {
 
 constexpr int MB = TR::kWarpMBlocks;
+
+// The query tile of this CTA (BSFA_HEAVY_FIRST: causal, the last, i.e.
+// longest, query tiles go to the first CTAs).
+__device__ __forceinline__ int query_tile_index(int Nq) {
+    if constexpr (kHeavyFirst && kCausal) {
+        return ceil_div(Nq, TR::kBlockM) - 1 - (int)blockIdx.x;
+    } else {
+        return blockIdx.x;
+    }
+}
 
 // Threshold of query tile a (thr_mode 1: one scalar; 2: per head and query
 // tile position p = floor((a*128 + Nk - Nq) / 128), clamped into [0, T)).
@@ -115,6 +184,37 @@ __device__ __forceinline__ void pv_tile(float (&O)[MB][TR::kONBlocks][4], unsign
                                         unsigned v_lane_addr) {
     constexpr int kKStepBytes = TR::kMmaK * TR::kRowBytes;         // 16 keys
     constexpr int kDPairBytes = 2 * TR::kMmaN * TR::kElemBytes;    // 16 d columns
+    if constexpr (kPvUnroll) {
+        // BSFA_PV_UNROLL (hdim <= 96): the k-step loop unrolled, P indexed
+        // statically (no per-step shifts); same one-fragment prefetch.
+        unsigned B0[4];
+        ldsm_x4_trans(B0, v_lane_addr);
+#pragma unroll
+        for (int kk = 0; kk < TR::kKeySteps; ++kk) {
+            unsigned Bn[4];
+#pragma unroll
+            for (int dp = 0; dp < TR::kONBlocks / 2; ++dp) {
+                unsigned B[4];
+                if (dp == 0) {
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) B[j] = B0[j];
+                } else {
+                    ldsm_x4_trans(B, v_lane_addr + kk * kKStepBytes + dp * kDPairBytes);
+                }
+#pragma unroll
+                for (int mb = 0; mb < MB; ++mb) {
+                    mma_16816<TR::kBf16>(O[mb][2 * dp], P[mb][kk], B[0], B[1]);
+                    mma_16816<TR::kBf16>(O[mb][2 * dp + 1], P[mb][kk], B[2], B[3]);
+                }
+                if (dp == 0 && kk + 1 < TR::kKeySteps) {
+                    ldsm_x4_trans(Bn, v_lane_addr + (kk + 1) * kKStepBytes);
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < 4; ++j) B0[j] = Bn[j];
+        }
+        return;
+    }
     unsigned B0[4];
     ldsm_x4_trans(B0, v_lane_addr);
 #pragma unroll 1
@@ -161,9 +261,9 @@ extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
     const int tid = threadIdx.x;
     const int lane = tid & 31;
     const int warp = tid >> 5;
-    const int a = blockIdx.x;
     const int h = blockIdx.y;
     const long long b = blockIdx.z;
+    const int a = query_tile_index(Nq);
     const QueryTile<TR, kCausal> qt(a, Nq, Nk);
     const int nK = ceil_div(Nk, TR::kBlockN);
 
@@ -221,40 +321,65 @@ extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
                                     vg + (long long)c * TR::kBlockN * v_sn, v_sn, Nk - c * TR::kBlockN, tid, v);
         };
 
-        // cp.async groups: [Q] [K c_end (+V c_end)] then one group per visited
-        // tile (K c-1 (+V c-1)), committed even when empty so that counting
-        // stays uniform; with BSFA_V_SPECULATIVE=0 a kept tile adds [V c].
+        constexpr int KS = TR::kKStages;
+        constexpr int VS = TR::kVStages;
+        auto forced = [&](int c) { return c >= forced_lo && c <= forced_hi; };
+
+        // cp.async groups.  Prologue: [Q] then KS-1 groups [K c_end (+V c_end)],
+        // [K c_end-1] (KS=3).  Each visited tile c then commits at its top one
+        // group G_c = [K c-KS+1 (+V c-1 speculative, or V c-1 / V c forced
+        // early)], committed even when empty so that counting stays uniform;
+        // a kept tile whose V is not in flight yet adds [V c] after the gate
+        // and waits for everything (wait_group 0) before its P V.  Hence at
+        // the top of tile c the only group that may still be pending besides
+        // the one holding K c is G_{c+1} when KS=3 (K c was in G_{c+2}, or
+        // the prologue): wait_group KS-2.
         Copy::load<TR::kBlockM>(sQ, q + b * q_sb + h * q_sh + qt.q0 * q_sn + Copy::thread_offset(tid, q_sn), q_sn,
                                 Nq - qt.q0, tid, q);
         cp_async_commit();
         load_k(qt.c_end, 0);
-        if (kVSpeculative) load_v(qt.c_end, 0);
+        if (kVSpeculative || (kVForcedEarly && VS == 2 && forced(qt.c_end))) load_v(qt.c_end, 0);
         cp_async_commit();
+        if constexpr (KS == 3) {
+            if (qt.c_end > 0) load_k(qt.c_end - 1, 1);
+            cp_async_commit();
+        }
 
         unsigned qf[TR::kQFragRegs];
         if constexpr (TR::kQInRegs) {
-            cp_async_wait<1>();
+            cp_async_wait<KS - 1>();
             cta_sync();
             load_q_frags<TR>(qf, q_lane);
         }
 
-        int slot = 0;
+        // ks: K slot of tile c = (c_end - c) % KS; vs: V slot (tile parity
+        // with two V buffers, else 0).
+        int ks = 0;
+        int vs = 0;
 #pragma unroll 1
-        for (int c = qt.c_end; c >= 0; --c, slot ^= 1) {
-            // Tile c's K (and speculative V) landed; every warp is done with
-            // tile c+1, so its buffers (slot ^ 1) may be refilled.  The
-            // speculative V of a skipped tile is waited on here too, so no
-            // async copy is ever in flight into a buffer being refilled.
-            cp_async_wait<0>();
+        for (int c = qt.c_end; c >= 0; --c, ks = ks + 1 == KS ? 0 : ks + 1, vs = VS == 2 ? vs ^ 1 : 0) {
+            // Tile c's K (and V if prefetched) landed; every warp is done
+            // with tile c+1, so its K slot (the slot of tile c-KS+1) and its
+            // V buffer may be refilled.  A speculative V of a skipped tile is
+            // waited on here too, so no async copy is ever in flight into a
+            // buffer being refilled.
+            cp_async_wait<KS - 2>();
             cta_sync();
-            if (c > 0) {
-                load_k(c - 1, slot ^ 1);
-                if (kVSpeculative) load_v(c - 1, slot ^ 1);
+            {
+                const int cn = c - (KS - 1);
+                if (cn >= 0) load_k(cn, ks == 0 ? KS - 1 : ks - 1);
+                if constexpr (kVSpeculative) {
+                    if (c > 0) load_v(c - 1, vs ^ 1);
+                } else if constexpr (kVForcedEarly && VS == 2) {
+                    if (c > 0 && forced(c - 1)) load_v(c - 1, vs ^ 1);
+                } else if constexpr (kVForcedEarly) {
+                    if (forced(c)) load_v(c, vs);
+                }
             }
             cp_async_commit();
 
             float S[MB][TR::kSNBlocks][4];
-            qk_tile<TR>(S, qf, q_lane, k_lane + slot * TR::kKVTileBytes);
+            qk_tile<TR>(S, qf, q_lane, k_lane + ks * TR::kKVTileBytes);
             if (qt.needs_mask(c)) {
                 mask_tile<TR, kCausal>(S, c, qt.q0 + warp * TR::kWarpRows + (lane >> 2), lane, Nq, Nk);
             }
@@ -263,8 +388,9 @@ extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
 
             // The gate: the tile max over valid entries is >= thr iff some row
             // max is; rows past Nq were masked to -inf.  Uniform per CTA.
+            const bool is_forced = forced(c);
             bool kept = true;
-            if (c < forced_lo || c > forced_hi) {
+            if (!is_forced) {
                 bool pred = false;
 #pragma unroll
                 for (int mb = 0; mb < MB; ++mb)
@@ -275,18 +401,29 @@ extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
             if (keep_row != nullptr && tid == 0) keep_row[c] = kept ? 1 : 0;
             if (!kept) continue;
 
-            if (!kVSpeculative) {
-                load_v(c, slot);
-                cp_async_commit();
+            // V-late: issue V c as soon as the tile is known to be kept, so
+            // that its latency hides behind the exponentials below.  (Forced
+            // tiles with BSFA_V_FORCED_EARLY issued it at a tile top: one tile
+            // ahead with it already waited for, or this tile's, still to wait.)
+            bool v_wait = false;
+            if constexpr (!kVSpeculative) {
+                if (!kVForcedEarly || !is_forced) {
+                    load_v(c, vs);
+                    cp_async_commit();
+                    v_wait = true;
+                } else {
+                    v_wait = VS == 1;
+                }
             }
             unsigned P[MB][TR::kKeySteps][4];
             softmax_update(S, tile_mx, m, l, O, P, scale_log2);
-            if (!kVSpeculative) {
-                // Also waits for K c-1, issued one phase earlier.
+            if (v_wait) {
+                // V c is in the most recent group; the K prefetch of this tile
+                // was issued earlier (at the top), so little extra is waited.
                 cp_async_wait<0>();
                 cta_sync();
             }
-            pv_tile(O, P, v_lane + slot * TR::kKVTileBytes);
+            pv_tile(O, P, v_lane + vs * TR::kKVTileBytes);
         }
     }
 
@@ -343,9 +480,9 @@ extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
     const int tid = threadIdx.x;
     const int lane = tid & 31;
     const int warp = tid >> 5;
-    const int a = blockIdx.x;
     const int h = blockIdx.y;
     const long long b = blockIdx.z;
+    const int a = query_tile_index(Nq);
     const QueryTile<TR, kCausal> qt(a, Nq, Nk);
     const int nK = ceil_div(Nk, TR::kBlockN);
 

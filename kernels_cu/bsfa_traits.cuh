@@ -7,7 +7,7 @@ namespace bsfa {
 constexpr float kLog2e = 1.4426950408889634f;  // exp(x) = 2^(x * log2 e)
 constexpr float kLn2 = 0.6931471805599453f;    // ln(x) = log2(x) * ln 2
 
-template <int kHeadDim_, bool kBf16_>
+template <int kHeadDim_, bool kBf16_, int kKStages_ = 2, int kVStages_ = 2>
 struct Traits {
     static constexpr int kHeadDim = kHeadDim_;
     static constexpr bool kBf16 = kBf16_;
@@ -41,9 +41,15 @@ struct Traits {
     // shared memory for every key tile (FA2 does the same at hdim 128).
     static constexpr bool kQInRegs = kHeadDim <= 64;
 
-    // K and V are each double-buffered: tile c+1 streams in while tile c is
-    // being used.
-    static constexpr int kStages = 2;
+    // bsfa_fwd's K ring (2 or 3 tiles: the next K tiles stream in while tile
+    // c is used) and V buffers (2: double-buffered; 1: enough when V tile c is
+    // only issued once tile c+1's P V is done, see bsfa_fwd.cu).
+    // bsfa_block_max always double-buffers K.
+    static constexpr int kKStages = kKStages_;
+    static constexpr int kVStages = kVStages_;
+    static constexpr int kBlockMaxStages = 2;
+    static_assert(kKStages == 2 || kKStages == 3, "K ring of 2 or 3 tiles");
+    static_assert(kVStages == 1 || kVStages == 2, "1 or 2 V buffers");
 
     // Shared-memory tiles are row-major with each row padded by 16 bytes.  A
     // row is then an odd number of 16-byte chunks for every supported head
@@ -71,12 +77,12 @@ struct Traits {
     // Shared-memory map (bytes from the dynamic smem base).
     static constexpr int kSmemQ = 0;
     static constexpr int kSmemK = kSmemQ + kQTileBytes;
-    static constexpr int kSmemV = kSmemK + kStages * kKVTileBytes;
-    static constexpr int kFwdSmemBytes = kSmemV + kStages * kKVTileBytes;
+    static constexpr int kSmemV = kSmemK + kKStages * kKVTileBytes;
+    static constexpr int kFwdSmemBytes = kSmemV + kVStages * kKVTileBytes;
     // bsfa_block_max: no V; per-warp tile maxima, double-buffered by tile
     // parity so one barrier per tile suffices.
-    static constexpr int kSmemRed = kSmemV;
-    static constexpr int kBlockMaxSmemBytes = kSmemRed + kStages * kNWarps * 4;
+    static constexpr int kSmemRed = kSmemK + kBlockMaxStages * kKVTileBytes;
+    static constexpr int kBlockMaxSmemBytes = kSmemRed + kBlockMaxStages * kNWarps * 4;
 
     static_assert(kHeadDim % kMmaK == 0, "head dim must be a multiple of 16");
     static_assert(kKVTileBytes % 16 == 0 && kQTileBytes % 16 == 0, "cp.async needs 16-byte aligned tiles");

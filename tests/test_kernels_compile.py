@@ -5,6 +5,9 @@ V order) is compiled with nvcc for sm_80 and sm_90 from the very source the
 runtime hands to NVRTC (``bsfa_cupy._source.kernel_source``), and ptxas must
 report zero spill bytes for both kernels: a spill in these kernels means local
 memory traffic in the inner loop, i.e. a large slowdown that no CPU test sees.
+The tuning knobs (BSFA_HEAVY_FIRST, BSFA_K_STAGES, BSFA_V_FORCED_EARLY,
+BSFA_PV_UNROLL) are compiled in a covering set of combinations at hdim 64 and
+128 (where register pressure is highest), alternating arch, dtype and causal.
 """
 
 from __future__ import annotations
@@ -32,7 +35,26 @@ CAUSAL = (0, 1)
 V_SPECULATIVE = (0, 1)
 KERNELS = ("bsfa_fwd", "bsfa_block_max")
 
-VARIANTS = list(itertools.product(ARCHS, DTYPES, HEAD_DIMS, CAUSAL, V_SPECULATIVE))
+# Knob combinations beyond the default (every knob but V order at its default
+# above): (BSFA_V_SPECULATIVE, extra macros).  Each is compiled at hdim 64 and
+# 128, for sm_90 (float16, causal) and sm_80 (bfloat16, non-causal).
+KNOB_SETS = (
+    (0, (("BSFA_K_STAGES", 3),)),
+    (0, (("BSFA_V_FORCED_EARLY", 1),)),
+    (0, (("BSFA_K_STAGES", 3), ("BSFA_V_FORCED_EARLY", 1), ("BSFA_HEAVY_FIRST", 1))),
+    (0, (("BSFA_K_STAGES", 3), ("BSFA_V_FORCED_EARLY", 1), ("BSFA_PV_UNROLL", 1))),
+    (0, (("BSFA_V_FORCED_EARLY", 1), ("BSFA_PV_UNROLL", 1), ("BSFA_HEAVY_FIRST", 1))),
+    (1, (("BSFA_PV_UNROLL", 1), ("BSFA_HEAVY_FIRST", 1))),
+)
+KNOB_SHAPES = (("sm_90", 0, 1), ("sm_80", 1, 0))  # (arch, dtype, causal)
+
+VARIANTS = [(*v, ()) for v in itertools.product(ARCHS, DTYPES, HEAD_DIMS, CAUSAL, V_SPECULATIVE)]
+VARIANTS += [
+    (arch, dtype, head_dim, causal, spec, extra)
+    for spec, extra in KNOB_SETS
+    for arch, dtype, causal in KNOB_SHAPES
+    for head_dim in (64, 128)
+]
 
 # The runtime compiles with NVRTC and -std=c++17 (no --use_fast_math).
 BASE_FLAGS = ("-std=c++17", "-Xptxas", "-v")
@@ -41,24 +63,29 @@ _FUNC_RE = re.compile(r"Function properties for (\S+)")
 _SPILL_RE = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
+_KNOB_ABBREV = {"BSFA_HEAVY_FIRST": "heavy", "BSFA_K_STAGES": "k", "BSFA_V_FORCED_EARLY": "vforced", "BSFA_PV_UNROLL": "pvunroll"}
+
+
 def _variant_id(variant) -> str:
-    arch, dtype, head_dim, causal, spec = variant
-    return f"{arch}-{('f16', 'bf16')[dtype]}-d{head_dim}-causal{causal}-vspec{spec}"
+    arch, dtype, head_dim, causal, spec, extra = variant
+    knobs = "".join(f"-{_KNOB_ABBREV[m]}{v}" for m, v in extra)
+    return f"{arch}-{('f16', 'bf16')[dtype]}-d{head_dim}-causal{causal}-vspec{spec}{knobs}"
 
 
-def _defines(dtype: int, head_dim: int, causal: int, spec: int) -> list[str]:
+def _defines(dtype: int, head_dim: int, causal: int, spec: int, extra=()) -> list[str]:
     return [
         f"-DBSFA_DTYPE={dtype}",
         f"-DBSFA_HEAD_DIM={head_dim}",
         f"-DBSFA_CAUSAL={causal}",
         f"-DBSFA_V_SPECULATIVE={spec}",
+        *(f"-D{m}={v}" for m, v in extra),
     ]
 
 
 def _compile(source_path, out_dir, variant) -> subprocess.CompletedProcess:
-    arch, dtype, head_dim, causal, spec = variant
+    arch, dtype, head_dim, causal, spec, extra = variant
     cubin = os.path.join(out_dir, _variant_id(variant) + ".cubin")
-    cmd = [NVCC, *BASE_FLAGS, f"-arch={arch}", "-cubin", *_defines(dtype, head_dim, causal, spec)]
+    cmd = [NVCC, *BASE_FLAGS, f"-arch={arch}", "-cubin", *_defines(dtype, head_dim, causal, spec, extra)]
     cmd += [str(source_path), "-o", cubin]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
@@ -141,3 +168,12 @@ def test_unsupported_head_dim_is_a_compile_error(fwd_source, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
     assert "BSFA_HEAD_DIM" in proc.stdout + proc.stderr
+
+
+def test_k_stages_3_with_speculative_v_is_a_compile_error(fwd_source, tmp_path):
+    _, path = fwd_source
+    defines = _defines(0, 64, 0, 1, (("BSFA_K_STAGES", 3),))
+    cmd = [NVCC, *BASE_FLAGS, "-arch=sm_80", "-cubin", *defines, str(path), "-o", str(tmp_path / "x.cubin")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "BSFA_K_STAGES" in proc.stdout + proc.stderr
