@@ -15,13 +15,11 @@ import bsfa_cupy
 from bsfa_cupy import _kernels
 from bsfa_cupy.benchmark import Timer, _input_sets, dense_flops, gpu_name, realised_rho, slug, thresholds_for_rho
 
-VARIANTS = {
-    "late": dict(),
-    "late+fe": dict(v_forced_early=True),
-    "late+fe+heavy": dict(v_forced_early=True, heavy_first=True),
-    "k3+fe+heavy": dict(k_stages=3, v_forced_early=True, heavy_first=True),
-    "k3+heavy": dict(k_stages=3, heavy_first=True),
-    "speculative+heavy": dict(v_speculative=True, heavy_first=True),
+VARIANTS = {  # knobs relative to the defaults (k3 + forced-early V + heavy-first, late V)
+    "default": dict(),
+    "k2": dict(k_stages=2),
+    "no-heavy": dict(heavy_first=False),
+    "speculative-k2": dict(v_speculative=True, k_stages=2, v_forced_early=False),
 }
 
 p = argparse.ArgumentParser()

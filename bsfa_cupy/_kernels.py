@@ -31,18 +31,19 @@ class VariantKey:
     dtype: str  # "float16" | "bfloat16"
     head_dim: int
     causal: bool
-    # Tuning knobs (kernels_cu/bsfa_fwd.cu documents each macro).
+    # Tuning knobs (kernels_cu/bsfa_fwd.cu documents each macro); defaults are the fastest measured
+    # (bench/NOTES.md, v3) and equal the macros' defaults in the source.
     v_speculative: bool = False  # BSFA_V_SPECULATIVE
-    heavy_first: bool = False  # BSFA_HEAVY_FIRST
-    k_stages: int = 2  # BSFA_K_STAGES (3 needs v_speculative=False)
-    v_forced_early: bool = False  # BSFA_V_FORCED_EARLY
+    heavy_first: bool = True  # BSFA_HEAVY_FIRST
+    k_stages: int = 3  # BSFA_K_STAGES (3 needs v_speculative=False)
+    v_forced_early: bool = True  # BSFA_V_FORCED_EARLY
     pv_unroll: bool = False  # BSFA_PV_UNROLL (no effect at head_dim 128)
 
     def __post_init__(self):
         if self.k_stages not in (2, 3):
             raise ValueError(f"k_stages must be 2 or 3, got {self.k_stages!r}")
         if self.k_stages == 3 and self.v_speculative:
-            raise ValueError("k_stages=3 needs v_speculative=False")
+            raise ValueError("k_stages=3 needs v_speculative=False (pass k_stages=2 with v_speculative=True)")
 
     def options(self) -> tuple[str, ...]:
         return (
@@ -58,14 +59,10 @@ class VariantKey:
         )
 
     def name(self) -> str:
-        return (
-            f"bsfa_{self.dtype}_d{self.head_dim}_{'causal' if self.causal else 'full'}"
-            + ("_vspec" if self.v_speculative else "")
-            + ("_heavy" if self.heavy_first else "")
-            + (f"_k{self.k_stages}" if self.k_stages != 2 else "")
-            + ("_vforced" if self.v_forced_early else "")
-            + ("_pvunroll" if self.pv_unroll else "")
-        )
+        base = f"bsfa_{self.dtype}_d{self.head_dim}_{'causal' if self.causal else 'full'}"
+        defaults = VariantKey(self.dtype, self.head_dim, self.causal)
+        tuned = [f"{k}={getattr(self, k)}" for k in TUNING_KNOBS if getattr(self, k) != getattr(defaults, k)]
+        return base + (f"[{','.join(tuned)}]" if tuned else "")
 
 
 def all_variants() -> list[VariantKey]:

@@ -11,18 +11,18 @@
 //                       1: V tile c is fetched together with K tile c, one
 //                       tile ahead, before the keep/skip decision, and simply
 //                       left unused when the tile is skipped.
-// Tuning knobs (each defaults to the behaviour before it existed):
-//   BSFA_HEAVY_FIRST    0 (default) / 1: causal only, CTA blockIdx.x takes
+// Tuning knobs (defaults: the fastest combination measured, bench/NOTES.md v3):
+//   BSFA_HEAVY_FIRST    0 / 1 (default): causal only, CTA blockIdx.x takes
 //                       query tile a = nQ-1-blockIdx.x, so the CTAs with the
 //                       most key tiles are dispatched first (tail balance).
 //                       blockIdx.x still indexes query tiles (a bijection).
-//   BSFA_K_STAGES       2 (default) / 3: K ring depth of bsfa_fwd.  3 keeps
+//   BSFA_K_STAGES       2 / 3 (default): K ring depth of bsfa_fwd.  3 keeps
 //                       K two tiles ahead, so runs of skipped tiles (wait K,
 //                       QK^T, gate) do not expose K's L2 latency.  Needs
 //                       BSFA_V_SPECULATIVE=0 and then uses ONE V buffer (V
 //                       tile c is issued after tile c+1's P V is done by
 //                       every warp), so shared memory stays Q + 4 tiles.
-//   BSFA_V_FORCED_EARLY 0 (default) / 1, V-late only: tiles kept without a
+//   BSFA_V_FORCED_EARLY 0 / 1 (default), V-late only: tiles kept without a
 //                       gate (diagonal tiles; every tile with thr_mode 0)
 //                       fetch V without waiting for the gate: with two V
 //                       buffers (K_STAGES=2) one tile ahead together with K,
@@ -61,13 +61,13 @@
 #define BSFA_V_SPECULATIVE 0
 #endif
 #ifndef BSFA_HEAVY_FIRST
-#define BSFA_HEAVY_FIRST 0
+#define BSFA_HEAVY_FIRST 1
 #endif
 #ifndef BSFA_K_STAGES
-#define BSFA_K_STAGES 2
+#define BSFA_K_STAGES 3
 #endif
 #ifndef BSFA_V_FORCED_EARLY
-#define BSFA_V_FORCED_EARLY 0
+#define BSFA_V_FORCED_EARLY 1
 #endif
 #ifndef BSFA_PV_UNROLL
 #define BSFA_PV_UNROLL 0

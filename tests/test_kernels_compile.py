@@ -35,20 +35,24 @@ CAUSAL = (0, 1)
 V_SPECULATIVE = (0, 1)
 KERNELS = ("bsfa_fwd", "bsfa_block_max")
 
-# Knob combinations beyond the default (every knob but V order at its default
-# above): (BSFA_V_SPECULATIVE, extra macros).  Each is compiled at hdim 64 and
-# 128, for sm_90 (float16, causal) and sm_80 (bfloat16, non-causal).
+# Speculative V needs the two-stage K ring (the default is three stages).
+SPEC_EXTRA = (("BSFA_K_STAGES", 2), ("BSFA_V_FORCED_EARLY", 0))
+
+# Knob combinations beyond the defaults (K_STAGES=3, V_FORCED_EARLY=1,
+# HEAVY_FIRST=1, PV_UNROLL=0): (BSFA_V_SPECULATIVE, extra macros).  Each is
+# compiled at hdim 64 and 128, for sm_90 (float16, causal) and sm_80
+# (bfloat16, non-causal).
 KNOB_SETS = (
-    (0, (("BSFA_K_STAGES", 3),)),
-    (0, (("BSFA_V_FORCED_EARLY", 1),)),
-    (0, (("BSFA_K_STAGES", 3), ("BSFA_V_FORCED_EARLY", 1), ("BSFA_HEAVY_FIRST", 1))),
-    (0, (("BSFA_K_STAGES", 3), ("BSFA_V_FORCED_EARLY", 1), ("BSFA_PV_UNROLL", 1))),
-    (0, (("BSFA_V_FORCED_EARLY", 1), ("BSFA_PV_UNROLL", 1), ("BSFA_HEAVY_FIRST", 1))),
-    (1, (("BSFA_PV_UNROLL", 1), ("BSFA_HEAVY_FIRST", 1))),
+    (0, (("BSFA_K_STAGES", 2),)),
+    (0, (("BSFA_V_FORCED_EARLY", 0),)),
+    (0, (("BSFA_K_STAGES", 2), ("BSFA_V_FORCED_EARLY", 0), ("BSFA_HEAVY_FIRST", 0))),
+    (0, (("BSFA_PV_UNROLL", 1),)),
+    (0, (("BSFA_K_STAGES", 2), ("BSFA_PV_UNROLL", 1), ("BSFA_HEAVY_FIRST", 0))),
+    (1, SPEC_EXTRA + (("BSFA_PV_UNROLL", 1), ("BSFA_HEAVY_FIRST", 0))),
 )
 KNOB_SHAPES = (("sm_90", 0, 1), ("sm_80", 1, 0))  # (arch, dtype, causal)
 
-VARIANTS = [(*v, ()) for v in itertools.product(ARCHS, DTYPES, HEAD_DIMS, CAUSAL, V_SPECULATIVE)]
+VARIANTS = [(*v, SPEC_EXTRA if v[-1] else ()) for v in itertools.product(ARCHS, DTYPES, HEAD_DIMS, CAUSAL, V_SPECULATIVE)]
 VARIANTS += [
     (arch, dtype, head_dim, causal, spec, extra)
     for spec, extra in KNOB_SETS
