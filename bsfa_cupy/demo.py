@@ -25,7 +25,7 @@ class DemoConfig:
 
 
 CPU_CONFIG = DemoConfig(n=2048, hq=4, hkv=1, d=64, k=8)
-GPU_CONFIG = DemoConfig(n=16384, hq=32, hkv=8, d=128, k=32)
+GPU_CONFIG = DemoConfig(n=16384, hq=32, hkv=8, d=128, k=64)
 
 
 def run(use_gpu: bool | None = None, *, n=None, k=None, plot=None, progress=True, echo=print) -> dict:

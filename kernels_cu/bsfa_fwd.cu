@@ -33,6 +33,15 @@
 //   BSFA_PV_UNROLL      0 (default) / 1: fully unrolled P V k-step loop (P
 //                       indexed statically, no per-step register shifts).
 //                       hdim <= 96 only; ignored at hdim 128, where it spills.
+//   BSFA_QK_PINGPONG    0 / 1 (default), hdim 96/128 (Q from smem): the
+//                       Q K^T d-step loop runs two steps per trip on two
+//                       named fragment sets (no prefetch register moves, no
+//                       index clamp, immediate ldmatrix offsets); the last
+//                       pair is peeled.  (Default set in bsfa_tile.cuh.)
+//   BSFA_FAST_LOADS     0 / 1 (default): Q and the K/V tiles of the key loop
+//                       that lie entirely inside the tensor are copied with
+//                       unpredicated cp.async from a carried tile offset; only
+//                       a ragged tile takes the per-row checked copy.
 //
 // One CTA per (128-query tile a, head h, batch b); key tiles of 64 are walked
 // from the last one that can hold a valid entry down to 0, so the masked
@@ -72,6 +81,9 @@
 #ifndef BSFA_PV_UNROLL
 #define BSFA_PV_UNROLL 0
 #endif
+#ifndef BSFA_FAST_LOADS
+#define BSFA_FAST_LOADS 1
+#endif
 #if BSFA_V_SPECULATIVE != 0 && BSFA_V_SPECULATIVE != 1
 #error "BSFA_V_SPECULATIVE must be 0 or 1"
 #endif
@@ -90,6 +102,12 @@
 #if BSFA_PV_UNROLL != 0 && BSFA_PV_UNROLL != 1
 #error "BSFA_PV_UNROLL must be 0 or 1"
 #endif
+#if BSFA_FAST_LOADS != 0 && BSFA_FAST_LOADS != 1
+#error "BSFA_FAST_LOADS must be 0 or 1"
+#endif
+#if BSFA_QK_PINGPONG != 0 && BSFA_QK_PINGPONG != 1
+#error "BSFA_QK_PINGPONG must be 0 or 1"
+#endif
 
 // V-late with a 3-deep K ring keeps a single V buffer (see BSFA_K_STAGES).
 using TR = bsfa::Traits<BSFA_HEAD_DIM, BSFA_DTYPE == 1, BSFA_K_STAGES, BSFA_K_STAGES == 3 ? 1 : 2>;
@@ -99,6 +117,7 @@ constexpr bool kHeavyFirst = BSFA_HEAVY_FIRST != 0;
 constexpr bool kVForcedEarly = BSFA_V_FORCED_EARLY != 0 && !kVSpeculative;
 // At hdim 128 the unrolled loop spills (255 registers): it falls back to the rolled one.
 constexpr bool kPvUnroll = BSFA_PV_UNROLL != 0 && BSFA_HEAD_DIM < 128;
+constexpr bool kFastLoads = BSFA_FAST_LOADS != 0;
 
 // Launch geometry, read by the launcher through RawModule.get_global.
 extern "C" __constant__ int BSFA_FWD_THREADS = TR::kNThreads;
@@ -320,6 +339,29 @@ extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
             Copy::load<TR::kBlockN>(smem + TR::kSmemV + slot * TR::kKVTileBytes,
                                     vg + (long long)c * TR::kBlockN * v_sn, v_sn, Nk - c * TR::kBlockN, tid, v);
         };
+        // BSFA_FAST_LOADS: inside the key loop, tile c's element offset is
+        // carried (k_off: K tile c-KS+1, v_off: V tile c, both stepped down
+        // by 64 rows per tile) and tiles c < n_full (every row < Nk) are
+        // copied without per-row checks.
+        const int n_full = Nk / TR::kBlockN;
+        const long long k_tile_step = (long long)TR::kBlockN * k_sn;
+        const long long v_tile_step = (long long)TR::kBlockN * v_sn;
+        long long k_off = (long long)(qt.c_end - (TR::kKStages - 1)) * k_tile_step;
+        long long v_off = (long long)qt.c_end * v_tile_step;
+        auto load_k_at = [&](int c, int slot, long long off) {
+            if (kFastLoads && c < n_full) {
+                Copy::template load_full<TR::kBlockN>(smem + TR::kSmemK + slot * TR::kKVTileBytes, kg + off, k_sn, tid);
+            } else {
+                load_k(c, slot);
+            }
+        };
+        auto load_v_at = [&](int c, int slot, long long off) {
+            if (kFastLoads && c < n_full) {
+                Copy::template load_full<TR::kBlockN>(smem + TR::kSmemV + slot * TR::kKVTileBytes, vg + off, v_sn, tid);
+            } else {
+                load_v(c, slot);
+            }
+        };
 
         constexpr int KS = TR::kKStages;
         constexpr int VS = TR::kVStages;
@@ -334,8 +376,14 @@ extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
         // the top of tile c the only group that may still be pending besides
         // the one holding K c is G_{c+1} when KS=3 (K c was in G_{c+2}, or
         // the prologue): wait_group KS-2.
-        Copy::load<TR::kBlockM>(sQ, q + b * q_sb + h * q_sh + qt.q0 * q_sn + Copy::thread_offset(tid, q_sn), q_sn,
-                                Nq - qt.q0, tid, q);
+        {
+            const unsigned short* qg = q + b * q_sb + h * q_sh + qt.q0 * q_sn + Copy::thread_offset(tid, q_sn);
+            if (kFastLoads && qt.q0 + TR::kBlockM <= Nq) {
+                Copy::template load_full<TR::kBlockM>(sQ, qg, q_sn, tid);
+            } else {
+                Copy::load<TR::kBlockM>(sQ, qg, q_sn, Nq - qt.q0, tid, q);
+            }
+        }
         cp_async_commit();
         load_k(qt.c_end, 0);
         if (kVSpeculative || (kVForcedEarly && VS == 2 && forced(qt.c_end))) load_v(qt.c_end, 0);
@@ -357,7 +405,8 @@ extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
         int ks = 0;
         int vs = 0;
 #pragma unroll 1
-        for (int c = qt.c_end; c >= 0; --c, ks = ks + 1 == KS ? 0 : ks + 1, vs = VS == 2 ? vs ^ 1 : 0) {
+        for (int c = qt.c_end; c >= 0;
+             --c, ks = ks + 1 == KS ? 0 : ks + 1, vs = VS == 2 ? vs ^ 1 : 0, k_off -= k_tile_step, v_off -= v_tile_step) {
             // Tile c's K (and V if prefetched) landed; every warp is done
             // with tile c+1, so its K slot (the slot of tile c-KS+1) and its
             // V buffer may be refilled.  A speculative V of a skipped tile is
@@ -367,13 +416,13 @@ extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
             cta_sync();
             {
                 const int cn = c - (KS - 1);
-                if (cn >= 0) load_k(cn, ks == 0 ? KS - 1 : ks - 1);
+                if (cn >= 0) load_k_at(cn, ks == 0 ? KS - 1 : ks - 1, k_off);
                 if constexpr (kVSpeculative) {
-                    if (c > 0) load_v(c - 1, vs ^ 1);
+                    if (c > 0) load_v_at(c - 1, vs ^ 1, v_off - v_tile_step);
                 } else if constexpr (kVForcedEarly && VS == 2) {
-                    if (c > 0 && forced(c - 1)) load_v(c - 1, vs ^ 1);
+                    if (c > 0 && forced(c - 1)) load_v_at(c - 1, vs ^ 1, v_off - v_tile_step);
                 } else if constexpr (kVForcedEarly) {
-                    if (forced(c)) load_v(c, vs);
+                    if (forced(c)) load_v_at(c, vs, v_off);
                 }
             }
             cp_async_commit();
@@ -408,7 +457,7 @@ extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
             bool v_wait = false;
             if constexpr (!kVSpeculative) {
                 if (!kVForcedEarly || !is_forced) {
-                    load_v(c, vs);
+                    load_v_at(c, vs, v_off);
                     cp_async_commit();
                     v_wait = true;
                 } else {

@@ -7,6 +7,12 @@
 // Needs bsfa_ptx.cuh and bsfa_traits.cuh before it.
 #pragma once
 
+// BSFA_QK_PINGPONG (documented in bsfa_fwd.cu) is read here, so its default
+// lives here too.
+#ifndef BSFA_QK_PINGPONG
+#define BSFA_QK_PINGPONG 1
+#endif
+
 namespace bsfa {
 
 // Where a query tile sits relative to the keys.  Causal masking is aligned
@@ -102,7 +108,36 @@ struct TileCopy {
             }
         }
     }
+    // load() for a tile known to lie entirely inside the tensor (every row
+    // valid): no per-row predicate, select or src-size, the row pointer just
+    // steps by kRowStep rows (the ragged last tile takes load()).
+    template <int ROWS>
+    __device__ __forceinline__ static void load_full(unsigned dst, const unsigned short* src, long long row_stride,
+                                                     int tid) {
+        if constexpr (kFixedColumn) {
+            static_assert(ROWS % kRowStep == 0, "tile rows must be a multiple of the rows covered per pass");
+            const unsigned d = dst + (tid / kCpr) * TR::kRowBytes + (tid % kCpr) * 16;
+            const long long step = (long long)kRowStep * row_stride;
+#pragma unroll
+            for (int i = 0; i < ROWS / kRowStep; ++i) {
+                cp_async_16_full(d + i * kRowStep * TR::kRowBytes, src);
+                src += step;
+            }
+        } else {
+            constexpr int kTotal = ROWS * kCpr;
+#pragma unroll
+            for (int i = 0; i < (kTotal + kNT - 1) / kNT; ++i) {
+                const int idx = tid + i * kNT;
+                if (kTotal % kNT == 0 || idx < kTotal) {
+                    const int r = idx / kCpr;
+                    const int cc = idx % kCpr;
+                    cp_async_16_full(dst + r * TR::kRowBytes + cc * 16, src + r * row_stride + cc * TR::kChunkElems);
+                }
+            }
+        }
+    }
 };
+
 
 // Byte offsets of this lane's ldmatrix row address inside a tile.
 //
@@ -151,12 +186,14 @@ __device__ __forceinline__ void qk_tile(float (&S)[TR::kWarpMBlocks][TR::kSNBloc
     constexpr int MB = TR::kWarpMBlocks;
     constexpr int kKStepBytes = TR::kMmaK * TR::kElemBytes;
     constexpr int kKeyPairBytes = 2 * TR::kMmaN * TR::kRowBytes;  // 16 keys
+    if (!(BSFA_QK_PINGPONG && !TR::kQInRegs && TR::kDSteps % 2 == 0 && TR::kDSteps >= 4)) {
 #pragma unroll
-    for (int mb = 0; mb < MB; ++mb)
+        for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
-        for (int nb = 0; nb < TR::kSNBlocks; ++nb)
+            for (int nb = 0; nb < TR::kSNBlocks; ++nb)
 #pragma unroll
-            for (int j = 0; j < 4; ++j) S[mb][nb][j] = 0.f;
+                for (int j = 0; j < 4; ++j) S[mb][nb][j] = 0.f;
+    }
 
     if constexpr (TR::kQInRegs) {
 #pragma unroll
@@ -181,6 +218,72 @@ __device__ __forceinline__ void qk_tile(float (&S)[TR::kWarpMBlocks][TR::kSNBloc
         // to the 128 O and 64 S accumulator registers of hdim 128, spills.
         // The A fragments and first K fragment of step kk+1 are fetched during
         // step kk, so no step starts by waiting on shared memory.
+#if BSFA_QK_PINGPONG
+        if constexpr (TR::kDSteps % 2 == 0 && TR::kDSteps >= 4) {
+            // BSFA_QK_PINGPONG: two k-steps per trip with two named fragment
+            // sets (A0/B0 for even steps, A1/B1 for odd ones), so the
+            // one-step prefetch needs no register moves and no clamped index;
+            // lane addresses advance by plain adds, every ldmatrix takes an
+            // immediate offset.  The last pair is peeled (no prefetch past D).
+            auto load_a = [&](unsigned (&A)[MB][4], unsigned qa) {
+#pragma unroll
+                for (int mb = 0; mb < MB; ++mb) ldsm_x4(A[mb], qa + mb * TR::kMmaM * TR::kRowBytes);
+            };
+            // kZero: the first k-step writes S (zero accumulator input).
+            auto step = [&](bool kZero, const unsigned (&A)[MB][4], const unsigned (&Bf)[4], unsigned ka) {
+#pragma unroll
+                for (int np = 0; np < TR::kSNBlocks / 2; ++np) {
+                    unsigned B[4];
+                    if (np == 0) {
+#pragma unroll
+                        for (int j = 0; j < 4; ++j) B[j] = Bf[j];
+                    } else {
+                        ldsm_x4(B, ka + np * kKeyPairBytes);
+                    }
+#pragma unroll
+                    for (int mb = 0; mb < MB; ++mb) {
+                        if (kZero) {  // a constant at every (inlined) call
+                            mma_16816_zc<TR::kBf16>(S[mb][2 * np], A[mb], B[0], B[1]);
+                            mma_16816_zc<TR::kBf16>(S[mb][2 * np + 1], A[mb], B[2], B[3]);
+                        } else {
+                            mma_16816<TR::kBf16>(S[mb][2 * np], A[mb], B[0], B[1]);
+                            mma_16816<TR::kBf16>(S[mb][2 * np + 1], A[mb], B[2], B[3]);
+                        }
+                    }
+                }
+            };
+            unsigned A0[MB][4], A1[MB][4], B0[4], B1[4];
+            unsigned qa = q_lane_addr;
+            unsigned ka = k_lane_addr;
+            load_a(A0, qa);
+            ldsm_x4(B0, ka);
+            // Pair 0 peeled: its first step starts S from zero.
+            load_a(A1, qa + kKStepBytes);
+            ldsm_x4(B1, ka + kKStepBytes);
+            step(true, A0, B0, ka);
+            load_a(A0, qa + 2 * kKStepBytes);
+            ldsm_x4(B0, ka + 2 * kKStepBytes);
+            step(false, A1, B1, ka + kKStepBytes);
+            qa += 2 * kKStepBytes;
+            ka += 2 * kKStepBytes;
+#pragma unroll 1
+            for (int it = 1; it < TR::kDSteps / 2 - 1; ++it) {
+                load_a(A1, qa + kKStepBytes);
+                ldsm_x4(B1, ka + kKStepBytes);
+                step(false, A0, B0, ka);
+                load_a(A0, qa + 2 * kKStepBytes);
+                ldsm_x4(B0, ka + 2 * kKStepBytes);
+                step(false, A1, B1, ka + kKStepBytes);
+                qa += 2 * kKStepBytes;
+                ka += 2 * kKStepBytes;
+            }
+            load_a(A1, qa + kKStepBytes);
+            ldsm_x4(B1, ka + kKStepBytes);
+            step(false, A0, B0, ka);
+            step(false, A1, B1, ka + kKStepBytes);
+            return;
+        }
+#endif
         auto load_a = [&](unsigned (&A)[MB][4], int kk) {
 #pragma unroll
             for (int mb = 0; mb < MB; ++mb)

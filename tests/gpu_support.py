@@ -92,16 +92,18 @@ def thresholds_from_maxima(tile_max, Nq, Nk, quantile=0.5, margin=None):
             sel = gated[:, h, a]
             vals = np.unique(tile_max[:, h, a][sel])  # ascending
             gap = 0.0 if margin is None else 2.0 * float(margin[:, h, a][sel].max(initial=0.0))
-            if vals.size == 1:  # a single candidate: skip it or keep it, alternating
-                thr[h, pos[a]] = vals[0] + (1.0 if (h + a) % 2 else -1.0)
-            elif vals.size:
-                # midway between two neighbouring maxima, preferring the split nearest the quantile
-                # whose gap exceeds the rounding margin
-                target = min(max(int(round(quantile * vals.size)), 1), vals.size - 1)
-                splits = np.arange(1, vals.size)
-                wide = splits[np.diff(vals) > gap]
-                i = wide[np.abs(wide - target).argmin()] if wide.size else target
+            if not vals.size:
+                continue
+            # midway between two neighbouring maxima, preferring the split nearest the quantile
+            # whose gap exceeds the rounding margin; with none, skip or keep the whole row
+            target = min(max(int(round(quantile * vals.size)), 1), vals.size - 1)
+            splits = np.arange(1, vals.size)
+            wide = splits[np.diff(vals) > gap]
+            if wide.size:
+                i = wide[np.abs(wide - target).argmin()]
                 thr[h, pos[a]] = np.float32(0.5 * (vals[i - 1] + vals[i]))
+            else:
+                thr[h, pos[a]] = vals[-1] + 1.0 if (h + a) % 2 else vals[0] - 1.0
     return thr
 
 
