@@ -57,6 +57,7 @@ class Config:
     repeats: int = 7
     inner: int = 4
     calib_k: int = 64
+    ours: bool = True
     extra: dict = field(default_factory=dict)
 
 
@@ -208,8 +209,9 @@ def run(cfg: Config, *, progress=True, echo=print, out_dir="bench/results", tag=
             continue
         try:
             with torch.inference_mode():
-                _bench_ours(cfg, sets, n, causal, timer, add, bsfa_cupy, cp)
-                if cfg.calibrated and causal:
+                if cfg.ours:
+                    _bench_ours(cfg, sets, n, causal, timer, add, bsfa_cupy, cp)
+                if cfg.ours and cfg.calibrated and causal:
                     _bench_calibrated(cfg, sets, n, d, hkv, dtype, timer, add, bsfa_cupy, cp, make_sample)
                 for peer in cfg.peers:
                     try:
@@ -250,15 +252,12 @@ def _bench_calibrated(cfg, sets, n, d, hkv, dtype, timer, add, bsfa_cupy, cp, ma
     """Thresholds calibrated on two structured synthetic samples, timed on a fresh one."""
     import torch
 
-    import bsfa_reference as ref
-
     def sample(seed):
         s = make_sample(n, hq=cfg.hq, hkv=hkv, d=d, seed=seed, xp=cp)
         conv = lambda x: torch.from_dlpack(x.astype(dtype))  # noqa: E731
         return conv(s.q), conv(s.k), conv(s.v)
 
-    cal = ref.Calibrator([cfg.calib_k])
-    cal._tile_max = lambda q, k: cp.asnumpy(cp.from_dlpack(bsfa_cupy.block_max_scores(q, k)))
+    cal = bsfa_cupy.Calibrator([cfg.calib_k])
     for seed in (1001, 1002):
         q, k, _ = sample(seed)
         cal.update(q, k)

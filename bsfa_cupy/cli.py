@@ -35,7 +35,7 @@ def _bench(args) -> int:
 
     cfg = Config(ns=tuple(args.n), ds=tuple(args.d), hkvs=tuple(args.hkv), dtypes=tuple(args.dtype),
                  causal=(True, False) if args.noncausal else (True,), peers=tuple(args.peers),
-                 calibrated=not args.no_calibrated, repeats=args.repeats)
+                 calibrated=not args.no_calibrated, repeats=args.repeats, ours=not args.peers_only)
     result = run(cfg, progress=not args.quiet, out_dir=args.out, tag=args.tag)
     from .benchmark import markdown
 
@@ -115,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                    default=["sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "flex"])
     b.add_argument("--noncausal", action="store_true", help="also time non-causal rows")
     b.add_argument("--no-calibrated", action="store_true", help="skip the calibrated-thresholds row")
+    b.add_argument("--peers-only", action="store_true", help="time only the peers (e.g. FlexAttention on a few shapes)")
     b.add_argument("--repeats", type=_positive, default=7)
     b.add_argument("--out", default="bench/results", help="folder for the JSON/markdown/PNG results")
     b.add_argument("--tag", default="", help="suffix for the result file names")

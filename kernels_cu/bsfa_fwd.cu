@@ -38,6 +38,11 @@
 //                       named fragment sets (no prefetch register moves, no
 //                       index clamp, immediate ldmatrix offsets); the last
 //                       pair is peeled.  (Default set in bsfa_tile.cuh.)
+//   BSFA_PV_PINGPONG    0 / 1 (default): the rolled P V loop (BSFA_PV_UNROLL
+//                       off, or hdim 128) runs two key steps per trip on two
+//                       named V fragment sets: P shifts by two per trip (32
+//                       moves per tile instead of 96), no V fragment moves,
+//                       no index clamp.
 //   BSFA_FAST_LOADS     0 / 1 (default): Q and the K/V tiles of the key loop
 //                       that lie entirely inside the tensor are copied with
 //                       unpredicated cp.async from a carried tile offset; only
@@ -81,6 +86,9 @@
 #ifndef BSFA_PV_UNROLL
 #define BSFA_PV_UNROLL 0
 #endif
+#ifndef BSFA_PV_PINGPONG
+#define BSFA_PV_PINGPONG 1
+#endif
 #ifndef BSFA_FAST_LOADS
 #define BSFA_FAST_LOADS 1
 #endif
@@ -102,6 +110,9 @@
 #if BSFA_PV_UNROLL != 0 && BSFA_PV_UNROLL != 1
 #error "BSFA_PV_UNROLL must be 0 or 1"
 #endif
+#if BSFA_PV_PINGPONG != 0 && BSFA_PV_PINGPONG != 1
+#error "BSFA_PV_PINGPONG must be 0 or 1"
+#endif
 #if BSFA_FAST_LOADS != 0 && BSFA_FAST_LOADS != 1
 #error "BSFA_FAST_LOADS must be 0 or 1"
 #endif
@@ -118,6 +129,7 @@ constexpr bool kVForcedEarly = BSFA_V_FORCED_EARLY != 0 && !kVSpeculative;
 // At hdim 128 the unrolled loop spills (255 registers): it falls back to the rolled one.
 constexpr bool kPvUnroll = BSFA_PV_UNROLL != 0 && BSFA_HEAD_DIM < 128;
 constexpr bool kFastLoads = BSFA_FAST_LOADS != 0;
+constexpr bool kPvPingPong = BSFA_PV_PINGPONG != 0 && !kPvUnroll;
 
 // Launch geometry, read by the launcher through RawModule.get_global.
 extern "C" __constant__ int BSFA_FWD_THREADS = TR::kNThreads;
@@ -231,6 +243,48 @@ __device__ __forceinline__ void pv_tile(float (&O)[MB][TR::kONBlocks][4], unsign
             }
 #pragma unroll
             for (int j = 0; j < 4; ++j) B0[j] = Bn[j];
+        }
+        return;
+    }
+    if constexpr (kPvPingPong) {
+        // BSFA_PV_PINGPONG: two key steps per trip on two named V fragment
+        // sets (B0: even steps, B1: odd), P consumed from P[.][0..1] and
+        // shifted down by two per trip; no B moves, no index clamp, the lane
+        // address advances by a plain add.  The last trip's prefetch re-reads
+        // its own step (harmless, in bounds).
+        unsigned B0[4], B1[4];
+        unsigned va = v_lane_addr;
+        ldsm_x4_trans(B0, va);
+        auto step = [&](int s, const unsigned (&Bf)[4], unsigned vk) {
+#pragma unroll
+            for (int dp = 0; dp < TR::kONBlocks / 2; ++dp) {
+                unsigned B[4];
+                if (dp == 0) {
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) B[j] = Bf[j];
+                } else {
+                    ldsm_x4_trans(B, vk + dp * kDPairBytes);
+                }
+#pragma unroll
+                for (int mb = 0; mb < MB; ++mb) {
+                    mma_16816<TR::kBf16>(O[mb][2 * dp], P[mb][s], B[0], B[1]);
+                    mma_16816<TR::kBf16>(O[mb][2 * dp + 1], P[mb][s], B[2], B[3]);
+                }
+            }
+        };
+#pragma unroll 1
+        for (int it = 0; it < TR::kKeySteps / 2; ++it) {
+            ldsm_x4_trans(B1, va + kKStepBytes);
+            step(0, B0, va);
+            ldsm_x4_trans(B0, va + (it + 1 < TR::kKeySteps / 2 ? 2 * kKStepBytes : 0));
+            step(1, B1, va + kKStepBytes);
+            va += 2 * kKStepBytes;
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+#pragma unroll
+                for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+                    for (int s2 = 0; s2 + 2 < TR::kKeySteps; ++s2) P[mb][s2][j] = P[mb][s2 + 2][j];
         }
         return;
     }
