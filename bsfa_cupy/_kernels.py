@@ -38,6 +38,9 @@ class VariantKey:
     k_stages: int = 3  # BSFA_K_STAGES (3 needs v_speculative=False)
     v_forced_early: bool = True  # BSFA_V_FORCED_EARLY
     pv_unroll: bool = False  # BSFA_PV_UNROLL (no effect at head_dim 128)
+    fast_loads: bool = True  # BSFA_FAST_LOADS
+    qk_pingpong: bool = True  # BSFA_QK_PINGPONG (head_dim 96/128 only)
+    pv_pingpong: bool = True  # BSFA_PV_PINGPONG (rolled P V loop only)
 
     def __post_init__(self):
         if self.k_stages not in (2, 3):
@@ -56,6 +59,9 @@ class VariantKey:
             f"-DBSFA_K_STAGES={int(self.k_stages)}",
             f"-DBSFA_V_FORCED_EARLY={int(self.v_forced_early)}",
             f"-DBSFA_PV_UNROLL={int(self.pv_unroll)}",
+            f"-DBSFA_FAST_LOADS={int(self.fast_loads)}",
+            f"-DBSFA_QK_PINGPONG={int(self.qk_pingpong)}",
+            f"-DBSFA_PV_PINGPONG={int(self.pv_pingpong)}",
         )
 
     def name(self) -> str:
@@ -72,7 +78,16 @@ def all_variants() -> list[VariantKey]:
 #: Compile-time tuning knobs applied to every key built by the API (for benchmarking variants).
 _TUNING: dict = {}
 #: The VariantKey fields that tuning() accepts.
-TUNING_KNOBS = ("v_speculative", "heavy_first", "k_stages", "v_forced_early", "pv_unroll")
+TUNING_KNOBS = (
+    "v_speculative",
+    "heavy_first",
+    "k_stages",
+    "v_forced_early",
+    "pv_unroll",
+    "fast_loads",
+    "qk_pingpong",
+    "pv_pingpong",
+)
 
 
 @contextlib.contextmanager

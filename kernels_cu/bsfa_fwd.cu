@@ -47,6 +47,11 @@
 //                       that lie entirely inside the tensor are copied with
 //                       unpredicated cp.async from a carried tile offset; only
 //                       a ragged tile takes the per-row checked copy.
+//                       No effect at hdim 96 (no fixed copy column).
+//   At hdim 128 BSFA_FAST_LOADS / QK_PINGPONG / PV_PINGPONG only act with the
+//   default schedule (K_STAGES=3, V_FORCED_EARLY=1, V_SPECULATIVE=0); other
+//   schedules spill with them and keep the previous code (bsfa_tile.cuh,
+//   BSFA_V4_LOOPS_OK).
 //
 // One CTA per (128-query tile a, head h, batch b); key tiles of 64 are walked
 // from the last one that can hold a valid entry down to 0, so the masked
@@ -128,8 +133,10 @@ constexpr bool kHeavyFirst = BSFA_HEAVY_FIRST != 0;
 constexpr bool kVForcedEarly = BSFA_V_FORCED_EARLY != 0 && !kVSpeculative;
 // At hdim 128 the unrolled loop spills (255 registers): it falls back to the rolled one.
 constexpr bool kPvUnroll = BSFA_PV_UNROLL != 0 && BSFA_HEAD_DIM < 128;
-constexpr bool kFastLoads = BSFA_FAST_LOADS != 0;
-constexpr bool kPvPingPong = BSFA_PV_PINGPONG != 0 && !kPvUnroll;
+// Only with a fixed chunk column per thread (not hdim 96: 12 chunks per row,
+// whose per-chunk offsets, hoisted out of the key loop, make it spill).
+constexpr bool kFastLoads = BSFA_FAST_LOADS != 0 && BSFA_V4_LOOPS_OK && bsfa::TileCopy<TR>::kFixedColumn;
+constexpr bool kPvPingPong = BSFA_PV_PINGPONG != 0 && BSFA_V4_LOOPS_OK && !kPvUnroll;
 
 // Launch geometry, read by the launcher through RawModule.get_global.
 extern "C" __constant__ int BSFA_FWD_THREADS = TR::kNThreads;

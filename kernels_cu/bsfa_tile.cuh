@@ -12,6 +12,18 @@
 #ifndef BSFA_QK_PINGPONG
 #define BSFA_QK_PINGPONG 1
 #endif
+// At hdim 128 only the default bsfa_fwd schedule (K_STAGES 3, forced-early V,
+// not speculative) has the registers for the v4 loops: every other schedule
+// keeps the previous ones (BSFA_QK_PINGPONG, BSFA_PV_PINGPONG and
+// BSFA_FAST_LOADS are ignored there), which spill-free compiles require.
+#if defined(BSFA_HEAD_DIM) && BSFA_HEAD_DIM == 128 &&                                   \
+    ((defined(BSFA_K_STAGES) && BSFA_K_STAGES != 3) ||                                  \
+     (defined(BSFA_V_FORCED_EARLY) && BSFA_V_FORCED_EARLY == 0) ||                      \
+     (defined(BSFA_V_SPECULATIVE) && BSFA_V_SPECULATIVE != 0))
+#define BSFA_V4_LOOPS_OK 0
+#else
+#define BSFA_V4_LOOPS_OK 1
+#endif
 
 namespace bsfa {
 
@@ -186,7 +198,7 @@ __device__ __forceinline__ void qk_tile(float (&S)[TR::kWarpMBlocks][TR::kSNBloc
     constexpr int MB = TR::kWarpMBlocks;
     constexpr int kKStepBytes = TR::kMmaK * TR::kElemBytes;
     constexpr int kKeyPairBytes = 2 * TR::kMmaN * TR::kRowBytes;  // 16 keys
-    if (!(BSFA_QK_PINGPONG && !TR::kQInRegs && TR::kDSteps % 2 == 0 && TR::kDSteps >= 4)) {
+    if (!(BSFA_QK_PINGPONG && BSFA_V4_LOOPS_OK && !TR::kQInRegs && TR::kDSteps % 2 == 0 && TR::kDSteps >= 4)) {
 #pragma unroll
         for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
@@ -218,7 +230,7 @@ __device__ __forceinline__ void qk_tile(float (&S)[TR::kWarpMBlocks][TR::kSNBloc
         // to the 128 O and 64 S accumulator registers of hdim 128, spills.
         // The A fragments and first K fragment of step kk+1 are fetched during
         // step kk, so no step starts by waiting on shared memory.
-#if BSFA_QK_PINGPONG
+#if BSFA_QK_PINGPONG && BSFA_V4_LOOPS_OK
         if constexpr (TR::kDSteps % 2 == 0 && TR::kDSteps >= 4) {
             // BSFA_QK_PINGPONG: two k-steps per trip with two named fragment
             // sets (A0/B0 for even steps, A1/B1 for odd ones), so the

@@ -6,7 +6,7 @@ runtime hands to NVRTC (``bsfa_cupy._source.kernel_source``), and ptxas must
 report zero spill bytes for both kernels: a spill in these kernels means local
 memory traffic in the inner loop, i.e. a large slowdown that no CPU test sees.
 The tuning knobs (BSFA_HEAVY_FIRST, BSFA_K_STAGES, BSFA_V_FORCED_EARLY,
-BSFA_PV_UNROLL) are compiled in a covering set of combinations at hdim 64 and
+BSFA_PV_UNROLL, BSFA_FAST_LOADS, BSFA_QK_PINGPONG, BSFA_PV_PINGPONG) are compiled in a covering set of combinations at hdim 64 and
 128 (where register pressure is highest), alternating arch, dtype and causal.
 """
 
@@ -49,6 +49,11 @@ KNOB_SETS = (
     (0, (("BSFA_PV_UNROLL", 1),)),
     (0, (("BSFA_K_STAGES", 2), ("BSFA_PV_UNROLL", 1), ("BSFA_HEAVY_FIRST", 0))),
     (1, SPEC_EXTRA + (("BSFA_PV_UNROLL", 1), ("BSFA_HEAVY_FIRST", 0))),
+    # The pre-v4 loops (checked loads, one-step QK^T / P V loops).
+    (0, (("BSFA_FAST_LOADS", 0), ("BSFA_QK_PINGPONG", 0), ("BSFA_PV_PINGPONG", 0))),
+    (0, (("BSFA_QK_PINGPONG", 0),)),
+    (0, (("BSFA_PV_PINGPONG", 0), ("BSFA_K_STAGES", 2))),
+    (1, SPEC_EXTRA + (("BSFA_FAST_LOADS", 0),)),
 )
 KNOB_SHAPES = (("sm_90", 0, 1), ("sm_80", 1, 0))  # (arch, dtype, causal)
 
@@ -67,7 +72,15 @@ _FUNC_RE = re.compile(r"Function properties for (\S+)")
 _SPILL_RE = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
-_KNOB_ABBREV = {"BSFA_HEAVY_FIRST": "heavy", "BSFA_K_STAGES": "k", "BSFA_V_FORCED_EARLY": "vforced", "BSFA_PV_UNROLL": "pvunroll"}
+_KNOB_ABBREV = {
+    "BSFA_HEAVY_FIRST": "heavy",
+    "BSFA_K_STAGES": "k",
+    "BSFA_V_FORCED_EARLY": "vforced",
+    "BSFA_PV_UNROLL": "pvunroll",
+    "BSFA_FAST_LOADS": "fastld",
+    "BSFA_QK_PINGPONG": "qkpp",
+    "BSFA_PV_PINGPONG": "pvpp",
+}
 
 
 def _variant_id(variant) -> str:
