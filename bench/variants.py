@@ -15,11 +15,10 @@ import bsfa_cupy
 from bsfa_cupy import _kernels
 from bsfa_cupy.benchmark import Timer, _input_sets, dense_flops, gpu_name, realised_rho, slug, thresholds_for_rho
 
-VARIANTS = {  # knobs relative to the defaults (k3 + forced-early V + heavy-first, late V)
+VARIANTS = {  # knobs relative to the defaults
     "default": dict(),
-    "k2": dict(k_stages=2),
-    "no-heavy": dict(heavy_first=False),
-    "speculative-k2": dict(v_speculative=True, k_stages=2, v_forced_early=False),
+    "v3-loops": dict(fast_loads=False, qk_pingpong=False, pv_pingpong=False),
+    "no-fast-loads": dict(fast_loads=False),
 }
 
 p = argparse.ArgumentParser()
