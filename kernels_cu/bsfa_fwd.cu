@@ -43,7 +43,7 @@
 //                       named V fragment sets: P shifts by two per trip (32
 //                       moves per tile instead of 96), no V fragment moves,
 //                       no index clamp.
-//   BSFA_FAST_LOADS     0 (default) / 1: Q and the K/V tiles of the key loop
+//   BSFA_FAST_LOADS     0 / 1 (default): Q and the K/V tiles of the key loop
 //                       that lie entirely inside the tensor are copied with
 //                       unpredicated cp.async from a carried tile offset; only
 //                       a ragged tile takes the per-row checked copy.
@@ -95,7 +95,7 @@
 #define BSFA_PV_PINGPONG 1
 #endif
 #ifndef BSFA_FAST_LOADS
-#define BSFA_FAST_LOADS 0
+#define BSFA_FAST_LOADS 1
 #endif
 #if BSFA_V_SPECULATIVE != 0 && BSFA_V_SPECULATIVE != 1
 #error "BSFA_V_SPECULATIVE must be 0 or 1"

@@ -54,7 +54,6 @@ KNOB_SETS = (
     (0, (("BSFA_QK_PINGPONG", 0),)),
     (0, (("BSFA_PV_PINGPONG", 0), ("BSFA_K_STAGES", 2))),
     (1, SPEC_EXTRA + (("BSFA_FAST_LOADS", 0),)),
-    (0, (("BSFA_FAST_LOADS", 1),)),
 )
 KNOB_SHAPES = (("sm_90", 0, 1), ("sm_80", 1, 0))  # (arch, dtype, causal)
 
