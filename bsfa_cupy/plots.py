@@ -32,17 +32,12 @@ def keep_heatmap(keep, *, head=0, batch=0, path="keep.png", title=None) -> str:
 
 def bench_plots(result: dict, stem) -> list:
     """Two PNGs from a benchmark result: speedup vs ρ per N, and TFLOP/s vs N per implementation."""
-    from pathlib import Path
-
-    plt = _pyplot()
     rows = [r for r in result["rows"] if r["ms"]]
-    paths = []
     shapes = sorted({(r["dtype"], r["d"], r["hkv"]) for r in rows if r["causal"]})
     if not shapes:
-        return paths
-    fig, axes = plt.subplots(1, len(shapes), figsize=(4.5 * len(shapes), 4), squeeze=False)
-    for ax, (dt, d, hkv) in zip(axes[0], shapes):
-        sel = [r for r in rows if (r["dtype"], r["d"], r["hkv"], r["causal"]) == (dt, d, hkv, True)]
+        return []
+
+    def speedup(ax, sel):
         for n in sorted({r["n"] for r in sel}):
             dense = [r["ms"] for r in sel if r["n"] == n and r["impl"] == "bsfa-dense"]
             sp = sorted((r["rho"], r["ms"]) for r in sel if r["n"] == n and r["impl"] == "bsfa-sparse")
@@ -51,33 +46,38 @@ def bench_plots(result: dict, stem) -> list:
         ax.set_xscale("log")
         ax.set_xlabel("realised keep fraction ρ of gated tiles")
         ax.set_ylabel("speedup over our dense")
-        ax.set_title(f"{dt} D={d} Hkv={hkv}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"BSFA sparse speedup, {result['gpu']}, {result['date']}")
-    fig.tight_layout()
-    paths.append(Path(f"{stem}_speedup.png"))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
 
-    fig, axes = plt.subplots(1, len(shapes), figsize=(4.5 * len(shapes), 4), squeeze=False)
-    for ax, (dt, d, hkv) in zip(axes[0], shapes):
-        sel = [r for r in rows if (r["dtype"], r["d"], r["hkv"], r["causal"]) == (dt, d, hkv, True)]
+    def throughput(ax, sel):
         for impl in ("bsfa-dense", "bsfa-sparse@0.1", "bsfa-calibrated", "sdpa-flash", "sdpa-cudnn", "flex"):
             name, _, rho = impl.partition("@")
-            pts = sorted((r["n"], r["tflops"]) for r in sel if r["impl"] == name
-                         and (not rho or r["rho_target"] == float(rho)))
+            pts = sorted({r["n"]: r["tflops"] for r in sel if r["impl"] == name
+                          and (not rho or r["rho_target"] == float(rho))}.items())
             if pts:
                 ax.plot([n for n, _ in pts], [t for _, t in pts], "o-", label=impl)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("sequence length N")
         ax.set_ylabel("dense-equivalent TFLOP/s")
+
+    where = f"{result['gpu']}, {result['date']}"
+    return [
+        _shape_panels(rows, shapes, speedup, f"BSFA sparse speedup, {where}", f"{stem}_speedup.png"),
+        _shape_panels(rows, shapes, throughput, f"Causal attention throughput, {where}", f"{stem}_tflops.png"),
+    ]
+
+
+def _shape_panels(rows, shapes, draw, title, path):
+    """One panel per (dtype, D, Hkv) of the causal rows, drawn by ``draw(ax, rows)``."""
+    from pathlib import Path
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(shapes), figsize=(4.5 * len(shapes), 4), squeeze=False)
+    for ax, (dt, d, hkv) in zip(axes[0], shapes):
+        draw(ax, [r for r in rows if (r["dtype"], r["d"], r["hkv"], r["causal"]) == (dt, d, hkv, True)])
         ax.set_title(f"{dt} D={d} Hkv={hkv}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"Causal attention throughput, {result['gpu']}, {result['date']}")
+    fig.suptitle(title)
     fig.tight_layout()
-    paths.append(Path(f"{stem}_tflops.png"))
-    fig.savefig(paths[-1], dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    return paths
+    return Path(path)
