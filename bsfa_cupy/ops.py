@@ -136,7 +136,8 @@ def attention(q, k, v, thresholds=None, *, causal=True, softmax_scale=None, retu
     Args:
         thresholds: None (dense), a scalar, or an (Hq, T) array — host NumPy (copied, cast to
             float32) or a float32 device array of any of the three frameworks. Query tile a of head h
-            uses thresholds[h, clamp(p(a), 0, T - 1)], p(a) = (128a + Nk - Nq) // 128.
+            uses thresholds[h, clamp(p(a), 0, T - 1)], p(a) = (128a + Nk - Nq) // 128. A device
+            array is checked for NaN with one small reduction, which waits for the stream.
         out: optional preallocated (B, Nq, Hq, D) output of the inputs' framework and dtype.
 
     Returns:
