@@ -16,9 +16,9 @@ from bsfa_cupy import _kernels
 from bsfa_cupy.benchmark import Timer, _input_sets, dense_flops, gpu_name, realised_rho, slug, thresholds_for_rho
 
 VARIANTS = {  # knobs relative to the defaults
-    "default": dict(),
-    "v3-loops": dict(fast_loads=False, qk_pingpong=False, pv_pingpong=False),
-    "no-fast-loads": dict(fast_loads=False),
+    "wgmma": dict(sm90=True),
+    "wgmma-pv-wait": dict(sm90=True, pv_defer=False),
+    "mma.sync": dict(sm90=False),
 }
 
 p = argparse.ArgumentParser()
@@ -43,9 +43,21 @@ with torch.inference_mode():
                 return torch.nn.functional.scaled_dot_product_attention(
                     *(x.transpose(1, 2) for x in sets[i]), is_causal=True, enable_gqa=True)
 
+        def cudnn(i):
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                return torch.nn.functional.scaled_dot_product_attention(
+                    *(x.transpose(1, 2) for x in sets[i]), is_causal=True, enable_gqa=True)
+
         flash = timer(sdpa, len(sets))
         rows.append(dict(variant="sdpa-flash", n=n, rho=None, ms=flash))
         print(f"n={n} sdpa-flash {flash:.3f} ms {flops / flash / 1e9:.0f} TFLOP/s", flush=True)
+        try:
+            cud = timer(cudnn, len(sets))
+            rows.append(dict(variant="sdpa-cudnn", n=n, rho=None, ms=cud))
+            print(f"n={n} sdpa-cudnn {cud:.3f} ms {flops / cud / 1e9:.0f} TFLOP/s ({flash / cud:.3f}x flash)",
+                  flush=True)
+        except RuntimeError as exc:
+            print(f"n={n} sdpa-cudnn unavailable: {exc}", flush=True)
         for name, knobs in VARIANTS.items():
             with _kernels.tuning(**knobs):
                 ms = timer(lambda i: bsfa_cupy.attention(*sets[i]), len(sets))

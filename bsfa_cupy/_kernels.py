@@ -8,8 +8,12 @@ source string already holds every header (see ``_source``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import hashlib
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -22,6 +26,10 @@ BLOCK_N = 64
 HEAD_DIMS = (32, 64, 96, 128)
 DTYPES = {"float16": 0, "bfloat16": 1}
 SOURCE = "bsfa_fwd.cu"
+#: The Hopper (sm_90a, wgmma) forward and the head dims it is built for; other head dims and other
+#: GPUs use the mma.sync kernel of SOURCE.
+SOURCE_SM90 = "bsfa_fwd_sm90.cu"
+SM90_HEAD_DIMS = (64, 128)
 
 
 @dataclass(frozen=True)
@@ -41,6 +49,10 @@ class VariantKey:
     fast_loads: bool = True  # BSFA_FAST_LOADS (off is 1-2% faster on H200 but spills 4 B at hdim 128 on sm_80)
     qk_pingpong: bool = True  # BSFA_QK_PINGPONG (head_dim 96/128 only)
     pv_pingpong: bool = True  # BSFA_PV_PINGPONG (rolled P V loop only)
+    # bsfa_fwd from SOURCE_SM90 (wgmma, compute capability 9.0 only); the knobs above then only
+    # shape bsfa_block_max, which always comes from SOURCE.
+    sm90: bool = False
+    pv_defer: bool = True  # BSFA_PV_DEFER of the sm90 kernel (bsfa_fwd_sm90.cu)
 
     def __post_init__(self):
         if self.k_stages not in (2, 3):
@@ -49,6 +61,14 @@ class VariantKey:
             raise ValueError("k_stages=3 needs v_speculative=False (pass k_stages=2 with v_speculative=True)")
 
     def options(self) -> tuple[str, ...]:
+        if self.sm90:
+            return (
+                "-std=c++17",
+                f"-DBSFA_DTYPE={DTYPES[self.dtype]}",
+                f"-DBSFA_HEAD_DIM={self.head_dim}",
+                f"-DBSFA_CAUSAL={int(self.causal)}",
+                f"-DBSFA_PV_DEFER={int(self.pv_defer)}",
+            )
         return (
             "-std=c++17",
             f"-DBSFA_DTYPE={DTYPES[self.dtype]}",
@@ -66,13 +86,14 @@ class VariantKey:
 
     def name(self) -> str:
         base = f"bsfa_{self.dtype}_d{self.head_dim}_{'causal' if self.causal else 'full'}"
-        defaults = VariantKey(self.dtype, self.head_dim, self.causal)
+        defaults = VariantKey(self.dtype, self.head_dim, self.causal, sm90=self.sm90)
         tuned = [f"{k}={getattr(self, k)}" for k in TUNING_KNOBS if getattr(self, k) != getattr(defaults, k)]
-        return base + (f"[{','.join(tuned)}]" if tuned else "")
+        return base + ("_sm90" if self.sm90 else "") + (f"[{','.join(tuned)}]" if tuned else "")
 
 
 def all_variants() -> list[VariantKey]:
-    return [VariantKey(dt, d, c) for dt in DTYPES for d in HEAD_DIMS for c in (False, True)]
+    keys = [VariantKey(dt, d, c) for dt in DTYPES for d in HEAD_DIMS for c in (False, True)]
+    return keys + [VariantKey(dt, d, c, sm90=True) for dt in DTYPES for d in SM90_HEAD_DIMS for c in (False, True)]
 
 
 #: Compile-time tuning knobs applied to every key built by the API (for benchmarking variants).
@@ -87,6 +108,8 @@ TUNING_KNOBS = (
     "fast_loads",
     "qk_pingpong",
     "pv_pingpong",
+    "sm90",
+    "pv_defer",
 )
 
 
@@ -105,8 +128,18 @@ def tuning(**knobs):
         _TUNING.update(old)
 
 
-def key_for(dtype: str, head_dim: int, causal: bool) -> VariantKey:
-    return VariantKey(dtype, head_dim, bool(causal), **_TUNING)
+def key_for(dtype: str, head_dim: int, causal: bool, device_id: int) -> VariantKey:
+    """The variant the API launches: the wgmma kernel where the device and head dim allow it
+    (unless ``tuning(sm90=False)``), else the mma.sync one."""
+    knobs = dict(_TUNING)
+    want_sm90 = knobs.pop("sm90", True)
+    sm90 = bool(want_sm90) and head_dim in SM90_HEAD_DIMS and compute_capability(device_id) == "90"
+    return VariantKey(dtype, head_dim, bool(causal), sm90=sm90, **knobs)
+
+
+@functools.cache
+def compute_capability(device_id: int) -> str:
+    return str(cupy().cuda.Device(device_id).compute_capability)
 
 
 class KernelCompileError(RuntimeError):
@@ -141,10 +174,51 @@ def _kernel(module, fn_name: str, threads_sym: str, smem_sym: str) -> Kernel:
     return k
 
 
+def _cache_dir() -> Path:
+    return Path(os.environ.get("BSFA_CACHE_DIR") or Path.home() / ".cache" / "bsfa-cupy")
+
+
+def _load_sm90(key: VariantKey):
+    """NVRTC-compile bsfa_fwd_sm90.cu for sm_90a and load it as a RawModule.
+
+    CuPy's own compile path always names the plain ``sm_90`` target, which has no wgmma; so this
+    variant is compiled here, through the same NVRTC, and cached on disk as a cubin keyed by the
+    source, the options and the NVRTC version.
+    """
+    cp = cupy()
+    from cupy_backends.cuda.libs import nvrtc
+
+    source = kernel_source(SOURCE_SM90)
+    options = key.options() + ("-arch=sm_90a", "-ftz=true", "-lineinfo")
+    digest = hashlib.sha256(repr((source, options, nvrtc.getVersion())).encode()).hexdigest()[:32]
+    path = _cache_dir() / f"{key.name().replace('[', '_').replace(']', '')}-{digest}.cubin"
+    if not path.is_file():
+        prog = nvrtc.createProgram(source, SOURCE_SM90, (), ())
+        try:
+            try:
+                nvrtc.compileProgram(prog, list(options))
+            except nvrtc.NVRTCError as exc:
+                log = nvrtc.getProgramLog(prog)
+                raise KernelCompileError(f"bsfa_cupy: compiling {key.name()} {options} failed:\n{log}") from exc
+            cubin = nvrtc.getCUBIN(prog)
+        finally:
+            nvrtc.destroyProgram(prog)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(cubin)
+        os.replace(tmp, path)  # atomic: concurrent processes never load a partial file
+    return cp.RawModule(path=str(path))
+
+
 @functools.cache
 def get_module(key: VariantKey, device_id: int) -> Module:
     """Compile (first use) and load one variant on one device."""
     cp = cupy()
+    if key.sm90:
+        base = get_module(dataclasses.replace(key, sm90=False), device_id)
+        with cp.cuda.Device(device_id):
+            fwd = _kernel(_load_sm90(key), "bsfa_fwd", "BSFA_FWD_THREADS", "BSFA_FWD_SMEM_BYTES")
+        return Module(key, fwd, base.block_max)
     with cp.cuda.Device(device_id):
         raw = cp.RawModule(code=kernel_source(SOURCE), options=key.options(), backend="nvrtc")
         try:

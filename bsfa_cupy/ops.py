@@ -1,6 +1,7 @@
 """The public GPU API: block-sparse attention and tile maxima on any framework's GPU arrays."""
 from __future__ import annotations
 
+import dataclasses
 import numbers
 
 import numpy as np
@@ -163,7 +164,7 @@ def attention(q, k, v, thresholds=None, *, causal=True, softmax_scale=None, retu
         lse_native, lse_view = frame.empty((B, Hq, Nq), "float32")
         keep_native, keep_view = frame.empty((B, Hq, nQ, nK), "bool") if return_keep else (None, None)
 
-        mod = get_module(key_for(dtype, D, causal), frame.device_id)
+        mod = get_module(key_for(dtype, D, causal, frame.device_id), frame.device_id)
         kern = mod.fwd
         null = np.uint64(0)
         args = (
@@ -202,7 +203,8 @@ def block_max_scores(q, k, *, causal=True, softmax_scale=None):
         nQ, nK = -(-Nq // BLOCK_M), -(-Nk // BLOCK_N)
         _check_grid(B, Hq)
         tm_native, tm_view = frame.empty((B, Hq, nQ, nK), "float32")
-        kern = get_module(key_for(dtype, D, causal), frame.device_id).block_max
+        key = dataclasses.replace(key_for(dtype, D, causal, frame.device_id), sm90=False)  # block_max is mma.sync only
+        kern = get_module(key, frame.device_id).block_max
         args = (qv, kv, tm_view, i32(Nq), i32(Nk), i32(Hq), i32(Hkv), *strides, np.float32(scale))
         kern.fn((nQ, Hq, B), (kern.threads, 1, 1), args, shared_mem=kern.smem)
         frame.finish(stream)

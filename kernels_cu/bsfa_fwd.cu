@@ -148,25 +148,6 @@ namespace bsfa {
 
 constexpr int MB = TR::kWarpMBlocks;
 
-// The query tile of this CTA (BSFA_HEAVY_FIRST: causal, the last, i.e.
-// longest, query tiles go to the first CTAs).
-__device__ __forceinline__ int query_tile_index(int Nq) {
-    if constexpr (kHeavyFirst && kCausal) {
-        return ceil_div(Nq, TR::kBlockM) - 1 - (int)blockIdx.x;
-    } else {
-        return blockIdx.x;
-    }
-}
-
-// Threshold of query tile a (thr_mode 1: one scalar; 2: per head and query
-// tile position p = floor((a*128 + Nk - Nq) / 128), clamped into [0, T)).
-__device__ __forceinline__ float tile_threshold(const float* __restrict__ thresholds, float thr_scalar, int thr_mode,
-                                                int thr_T, int h, int diag_off) {
-    if (thr_mode == 1) return thr_scalar;
-    const int p = imax(imin(imax(diag_off, 0) / TR::kBlockM, thr_T - 1), 0);
-    return thresholds[(long long)h * thr_T + p];
-}
-
 // Online-softmax update for a kept tile: the raw scores S become
 // P = exp2(S * scale_log2 - m_new * scale_log2), packed straight away into the
 // 16-bit A fragments of the P V product (half the live registers of fp32 P).
@@ -343,7 +324,7 @@ extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
     const int warp = tid >> 5;
     const int h = blockIdx.y;
     const long long b = blockIdx.z;
-    const int a = query_tile_index(Nq);
+    const int a = query_tile_index<TR, kCausal && kHeavyFirst>(Nq);
     const QueryTile<TR, kCausal> qt(a, Nq, Nk);
     const int nK = ceil_div(Nk, TR::kBlockN);
 
@@ -390,7 +371,7 @@ extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
         const bool gated = thr_mode != 0;
         const int forced_lo = gated ? qt.diag_lo : 0;
         const int forced_hi = gated ? qt.diag_hi : qt.c_end;
-        const float thr = gated ? tile_threshold(thresholds, thr_scalar, thr_mode, thr_T, h, qt.diag_off) : 0.f;
+        const float thr = gated ? tile_threshold<TR>(thresholds, thr_scalar, thr_mode, thr_T, h, qt.diag_off) : 0.f;
 
         auto load_k = [&](int c, int slot) {
             Copy::load<TR::kBlockN>(smem + TR::kSmemK + slot * TR::kKVTileBytes,
@@ -592,7 +573,7 @@ extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
     const int warp = tid >> 5;
     const int h = blockIdx.y;
     const long long b = blockIdx.z;
-    const int a = query_tile_index(Nq);
+    const int a = query_tile_index<TR, kCausal && kHeavyFirst>(Nq);
     const QueryTile<TR, kCausal> qt(a, Nq, Nk);
     const int nK = ceil_div(Nk, TR::kBlockN);
 

@@ -156,6 +156,19 @@ __device__ __forceinline__ float shfl_xor(float v, int lane_mask) {
     return r;
 }
 
+// True on every lane iff pred holds on some lane of the (full) warp.
+__device__ __forceinline__ bool warp_any(bool pred) {
+    unsigned r;
+    asm volatile(
+        "{ .reg .pred p, q;\n"
+        "  setp.ne.u32 p, %1, 0;\n"
+        "  vote.sync.any.pred q, p, 0xffffffff;\n"
+        "  selp.u32 %0, 1, 0, q; }\n"
+        : "=r"(r)
+        : "r"((unsigned)pred));
+    return r != 0;
+}
+
 __device__ __forceinline__ void warp_sync() { asm volatile("bar.warp.sync 0xffffffff;\n" ::: "memory"); }
 
 __device__ __forceinline__ void cta_sync() { asm volatile("bar.sync 0;\n" ::: "memory"); }

@@ -67,6 +67,28 @@ struct QueryTile {
     __device__ __forceinline__ bool needs_mask(int c) const { return c >= mask_from; }
 };
 
+// The query tile of this CTA.  kHeavyFirst (causal): the last, i.e. longest,
+// query tiles go to the first CTAs, so the long CTAs are dispatched first
+// and the short ones fill the tail.
+template <class TR, bool kHeavyFirst>
+__device__ __forceinline__ int query_tile_index(int Nq) {
+    if constexpr (kHeavyFirst) {
+        return ceil_div(Nq, TR::kBlockM) - 1 - (int)blockIdx.x;
+    } else {
+        return blockIdx.x;
+    }
+}
+
+// Threshold of query tile a (thr_mode 1: one scalar; 2: per head and query
+// tile position p = floor((a*128 + Nk - Nq) / 128), clamped into [0, T)).
+template <class TR>
+__device__ __forceinline__ float tile_threshold(const float* __restrict__ thresholds, float thr_scalar, int thr_mode,
+                                                int thr_T, int h, int diag_off) {
+    if (thr_mode == 1) return thr_scalar;
+    const int p = imax(imin(imax(diag_off, 0) / TR::kBlockM, thr_T - 1), 0);
+    return thresholds[(long long)h * thr_T + p];
+}
+
 // Tile copies: consecutive threads take consecutive 16-byte chunks of a row,
 // so global reads coalesce.  When the thread count is a multiple of the
 // chunks per row, every thread keeps one chunk column and steps down the rows

@@ -60,6 +60,6 @@ def test_specialisation_keys_are_distinct():
     from bsfa_cupy._kernels import VariantKey, all_variants
 
     keys = all_variants()
-    assert len({k.name() for k in keys}) == len(keys) == 16
+    assert len({k.name() for k in keys}) == len(keys) == 24
     assert len({k.options() for k in keys}) == len(keys)
     assert "-DBSFA_HEAD_DIM=128" in VariantKey("bfloat16", 128, True).options()

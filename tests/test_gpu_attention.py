@@ -23,6 +23,30 @@ from gpu_support import (
 pytestmark = [pytest.mark.gpu, requires_gpu]
 
 
+def _is_hopper() -> bool:
+    return cp is not None and str(cp.cuda.Device().compute_capability) == "90"
+
+
+@pytest.fixture(params=["wgmma", "mma.sync"], autouse=True)
+def kernel_path(request):
+    """Every test runs on both forward kernels: the sm_90a wgmma one (Hopper, head dims 64 / 128;
+    other head dims fall back to mma.sync) and the mma.sync one."""
+    from bsfa_cupy import _kernels
+
+    if request.param == "wgmma" and not _is_hopper():
+        pytest.skip("the wgmma kernel needs compute capability 9.0")
+    with _kernels.tuning(sm90=request.param == "wgmma"):
+        yield request.param
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_launcher_picks_the_kernel_path(kernel_path, D):
+    from bsfa_cupy import _kernels
+
+    key = _kernels.key_for("float16", D, True, cp.cuda.Device().id)
+    assert key.sm90 == (kernel_path == "wgmma"), f"{kernel_path}: launcher chose {key.name()}"
+
+
 @st.composite
 def problems(draw):
     dtype = draw(st.sampled_from(["float16", "bfloat16"]))

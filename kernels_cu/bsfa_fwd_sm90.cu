@@ -1,0 +1,430 @@
+// Block-Sparse FlashAttention forward for Hopper (sm_90a): warpgroup MMA.
+//
+// Same contract, arguments and results as bsfa_fwd in bsfa_fwd.cu (the
+// launcher picks this one on compute capability 9.0 for head dims 64 and
+// 128); the gate, masking and tile bookkeeping are the shared ones of
+// bsfa_tile.cuh, so both kernels keep and skip the same tiles.
+//
+// Specialisation macros: BSFA_DTYPE (0 float16, 1 bfloat16), BSFA_HEAD_DIM
+// (64 or 128), BSFA_CAUSAL (0/1, bottom-right aligned).
+//
+// Layout.  One CTA = one warpgroup (128 threads) per (128-query tile, head,
+// batch), two CTAs per SM.  The tile's rows are two wgmma M=64 halves; warp w
+// owns rows 16w..16w+15 of each half, so a thread holds the same 32 rows'
+// worth of fragments as a warp of the mma.sync kernel.  S = Q K^T is a
+// wgmma m64n64k16 per half with Q and K read from shared memory; O += P V a
+// wgmma m64nDk16 per half with P straight from registers (the S accumulator
+// layout is the A-fragment layout) and V read "MN-major" (d contiguous), so no
+// tile is ever transposed.  Tiles sit in 128-byte swizzled panels of 64
+// columns (bsfa_wgmma.cuh), filled by cp.async.
+//
+// Schedule: that of bsfa_fwd's default (3-deep K ring, one V buffer, V of
+// ungated tiles fetched at the top of their iteration, V of gated tiles right
+// after the gate).  Each wgmma group is waited for where its result is
+// needed; the two CTAs of an SM overlap each other's waits, barriers and
+// softmax with their tensor-core work -- a single warpgroup per CTA keeps
+// every barrier to 4 warps and lets the two CTAs drift freely.
+
+#include "bsfa_ptx.cuh"
+#include "bsfa_traits.cuh"
+#include "bsfa_tile.cuh"
+#include "bsfa_wgmma.cuh"
+
+#if !defined(BSFA_DTYPE) || (BSFA_DTYPE != 0 && BSFA_DTYPE != 1)
+#error "BSFA_DTYPE must be 0 (float16) or 1 (bfloat16)"
+#endif
+#if !defined(BSFA_HEAD_DIM) || (BSFA_HEAD_DIM != 64 && BSFA_HEAD_DIM != 128)
+#error "BSFA_HEAD_DIM must be 64 or 128 for the sm_90a kernel"
+#endif
+#if !defined(BSFA_CAUSAL) || (BSFA_CAUSAL != 0 && BSFA_CAUSAL != 1)
+#error "BSFA_CAUSAL must be 0 or 1"
+#endif
+// BSFA_PV_DEFER 1 (default): the P V group of a kept tile is left in flight
+// and retired together with the next tile's S, so the tensor cores run it
+// while the CTA crosses the next barrier and issues the next loads; V then
+// needs two buffers, and the K ring is 2 deep to stay within 2 CTAs per SM.
+// 0: P V is waited for at once (K ring 3, one V buffer).
+#ifndef BSFA_PV_DEFER
+#define BSFA_PV_DEFER 1
+#endif
+// Which descriptor field carries which V stride (MN-major B operand): 0 =
+// leading offset between 64-column panels, stride offset between 8-key
+// groups (the canonical MN-major form).  1 swaps them (diagnostics only).
+#ifndef BSFA_V_DESC_SWAP
+#define BSFA_V_DESC_SWAP 0
+#endif
+
+namespace bsfa {
+
+template <int kHeadDim_, bool kBf16_>
+struct Sm90Traits {
+    static constexpr int kHeadDim = kHeadDim_;
+    static constexpr bool kBf16 = kBf16_;
+    static constexpr int kBlockM = 128;  // the BSFA tile, as in Traits
+    static constexpr int kBlockN = 64;
+    static constexpr int kNThreads = 128;  // one warpgroup
+    static constexpr int kWgmmaM = 64;
+    static constexpr int kHalves = kBlockM / kWgmmaM;
+
+    // The fragment geometry the shared helpers (mask_tile, row_max) see: a
+    // thread's rows form kWarpMBlocks blocks kMmaM rows apart (one per M=64
+    // half), each 16 rows x 8 n8 blocks of S like an mma.sync m16n8 tile.
+    static constexpr int kWarpMBlocks = kHalves;
+    static constexpr int kMmaM = kWgmmaM;
+    static constexpr int kMmaN = 8;
+    static constexpr int kMmaK = 16;
+    static constexpr int kWarpRows = 16;  // rows of one half owned by a warp
+    static constexpr int kSNBlocks = kBlockN / kMmaN;
+    static constexpr int kONBlocks = kHeadDim / kMmaN;
+    static constexpr int kDSteps = kHeadDim / kMmaK;   // k-steps of S = Q K^T
+    static constexpr int kKeySteps = kBlockN / kMmaK;  // k-steps of O += P V
+
+    // Shared memory: 128-byte swizzled panels of 64 columns.
+    static constexpr int kElemBytes = 2;
+    static constexpr int kChunkElems = 16 / kElemBytes;
+    static constexpr int kPanelCols = kSwizzleBytes / kElemBytes;  // 64
+    static constexpr int kPanels = kHeadDim / kPanelCols;
+    static constexpr int kChunksPerPanelRow = kSwizzleBytes / 16;  // 8
+    static constexpr int kStepsPerPanel = kPanelCols / kMmaK;      // QK^T k-steps per panel
+    static constexpr int kQPanelBytes = kBlockM * kSwizzleBytes;
+    static constexpr int kKVPanelBytes = kBlockN * kSwizzleBytes;
+    static constexpr int kQBytes = kPanels * kQPanelBytes;
+    static constexpr int kKVBytes = kPanels * kKVPanelBytes;
+    static constexpr bool kPvDefer = BSFA_PV_DEFER != 0;
+    static constexpr int kKStages = kPvDefer ? 2 : 3;  // K ring (see BSFA_PV_DEFER)
+    static constexpr int kVStages = kPvDefer ? 2 : 1;
+    static constexpr int kSmemQ = 0;
+    static constexpr int kSmemK = kSmemQ + kQBytes;
+    static constexpr int kSmemV = kSmemK + kKStages * kKVBytes;
+    // + one atom of slack: the dynamic window is aligned up to 1024 bytes.
+    static constexpr int kSmemBytes = kSmemV + kVStages * kKVBytes + kSwizzleAtomBytes;
+
+    static_assert(kHeadDim % kPanelCols == 0, "head dim must be a whole number of 64-column panels");
+    static_assert(kKVPanelBytes % kSwizzleAtomBytes == 0, "panels must keep the 1024-byte atom alignment");
+};
+
+using TR = Sm90Traits<BSFA_HEAD_DIM, BSFA_DTYPE == 1>;
+constexpr bool kCausal = BSFA_CAUSAL != 0;
+constexpr int MB = TR::kHalves;
+
+// Async copy of a ROWS x D tile into swizzled panels at dst.  src = the
+// tile's row 0 in global memory; rows >= rows_valid are zero-filled.  A
+// thread keeps one 16-byte chunk column and steps down the rows by a
+// multiple of 8, so its swizzled chunk position never changes.
+template <int ROWS>
+__device__ __forceinline__ void load_tile(unsigned dst, const unsigned short* src, long long row_stride,
+                                          int rows_valid, int tid, const void* safe) {
+    constexpr int kCpr = TR::kHeadDim / TR::kChunkElems;
+    constexpr int kRowStep = TR::kNThreads / kCpr;
+    static_assert(kRowStep % kSwizzleRows == 0 && ROWS % kRowStep == 0, "copy rows must keep the swizzle phase");
+    const int r0 = tid / kCpr;
+    const int cc = tid % kCpr;
+    const unsigned d = dst + (cc / TR::kChunksPerPanelRow) * (ROWS * kSwizzleBytes) +
+                       swizzled(r0, cc % TR::kChunksPerPanelRow);
+    const unsigned short* s = src + r0 * row_stride + cc * TR::kChunkElems;
+#pragma unroll
+    for (int i = 0; i < ROWS / kRowStep; ++i) {
+        const bool ok = r0 + i * kRowStep < rows_valid;
+        cp_async_16(d + i * kRowStep * kSwizzleBytes,
+                    ok ? (const void*)(s + (long long)i * kRowStep * row_stride) : safe, ok ? 16u : 0u);
+    }
+}
+
+__device__ __forceinline__ float (&flat(float (&x)[TR::kSNBlocks][4]))[TR::kSNBlocks * 4] {
+    return *reinterpret_cast<float(*)[TR::kSNBlocks * 4]>(&x);
+}
+__device__ __forceinline__ float (&flat_o(float (&x)[TR::kONBlocks][4]))[TR::kONBlocks * 4] {
+    return *reinterpret_cast<float(*)[TR::kONBlocks * 4]>(&x);
+}
+
+// S = Q K_c^T for both halves, committed as one wgmma group.  k-step kk reads
+// panel kk / 4, 16 columns (32 bytes) further along its rows per step.
+__device__ __forceinline__ void issue_qk(float (&S)[MB][TR::kSNBlocks][4], unsigned long long q_desc,
+                                         unsigned long long k_desc) {
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < TR::kDSteps; ++kk) {
+        const unsigned col = (kk % TR::kStepsPerPanel) * TR::kMmaK * TR::kElemBytes;
+        const unsigned long long kd = desc_add(k_desc, (kk / TR::kStepsPerPanel) * TR::kKVPanelBytes + col);
+#pragma unroll
+        for (int hm = 0; hm < MB; ++hm) {
+            const unsigned qoff = (kk / TR::kStepsPerPanel) * TR::kQPanelBytes + hm * TR::kWgmmaM * kSwizzleBytes + col;
+            wgmma_ss_n64<TR::kBf16>(flat(S[hm]), desc_add(q_desc, qoff), kd, kk > 0 ? 1 : 0);
+        }
+    }
+    wgmma_commit();
+}
+
+// O += P V for both halves, committed as one wgmma group; key step kk = 16
+// keys = two 8-key swizzle atoms further into V.
+__device__ __forceinline__ void issue_pv(float (&O)[MB][TR::kONBlocks][4], const unsigned (&P)[MB][TR::kKeySteps][4],
+                                         unsigned long long v_desc) {
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < TR::kKeySteps; ++kk) {
+#pragma unroll
+        for (int hm = 0; hm < MB; ++hm) {
+            wgmma_rs<TR::kBf16, TR::kHeadDim>(flat_o(O[hm]), P[hm][kk], desc_add(v_desc, kk * TR::kMmaK * kSwizzleBytes),
+                                              1);
+        }
+    }
+    wgmma_commit();
+}
+
+// Online-softmax update for a kept tile (as in bsfa_fwd.cu): P = exp2(S *
+// scale_log2 - m_new * scale_log2) packed into the A fragments of P V; O and l
+// rescaled by exp2(m_old - m_new); l is a per-thread partial row sum.  Once
+// the running maxima settle, most tiles raise no row max of the warp: O's
+// rescale (2 D multiplies per thread) is then skipped, exactly (alpha == 1).
+__device__ __forceinline__ void softmax_update(const float (&S)[MB][TR::kSNBlocks][4], const float (&tile_mx)[MB][2],
+                                               float (&m)[MB][2], float (&l)[MB][2],
+                                               float (&O)[MB][TR::kONBlocks][4], unsigned (&P)[MB][TR::kKeySteps][4],
+                                               float scale_log2) {
+    const float ninf = neg_inf();
+    float alpha[MB][2];
+    bool rescale = false;
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb) {
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+            const float m_new = fmax2(m[mb][hf], tile_mx[mb][hf]);
+            // A row with no valid score yet keeps exp2(-inf - 0) = 0, not NaN.
+            const float ref = m_new == ninf ? 0.f : m_new;
+            alpha[mb][hf] = ex2((m[mb][hf] - ref) * scale_log2);
+            rescale |= m_new != m[mb][hf];
+            const float ref_scaled = ref * scale_log2;
+            m[mb][hf] = m_new;
+            float rs = 0.f;
+#pragma unroll
+            for (int nb = 0; nb < TR::kSNBlocks; ++nb) {
+                const float p0 = ex2(ffma(S[mb][nb][2 * hf], scale_log2, -ref_scaled));
+                const float p1 = ex2(ffma(S[mb][nb][2 * hf + 1], scale_log2, -ref_scaled));
+                rs += p0 + p1;
+                P[mb][nb / 2][(nb % 2) * 2 + hf] = pack2<TR::kBf16>(p0, p1);
+            }
+            l[mb][hf] = l[mb][hf] * alpha[mb][hf] + rs;
+        }
+    }
+    if (warp_any(rescale)) {
+#pragma unroll
+        for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+            for (int nb = 0; nb < TR::kONBlocks; ++nb)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) O[mb][nb][j] *= alpha[mb][j / 2];
+    }
+}
+
+}  // namespace bsfa
+
+// Launch geometry, read by the launcher through the module's globals.
+extern "C" __constant__ int BSFA_FWD_THREADS = bsfa::TR::kNThreads;
+extern "C" __constant__ int BSFA_FWD_SMEM_BYTES = bsfa::TR::kSmemBytes;
+
+extern "C" __global__ void __launch_bounds__(bsfa::TR::kNThreads, 2)
+    bsfa_fwd(const unsigned short* __restrict__ q, const unsigned short* __restrict__ k,
+             const unsigned short* __restrict__ v, unsigned short* __restrict__ out, float* __restrict__ lse,
+             unsigned char* __restrict__ keep, const float* __restrict__ thresholds, float thr_scalar, int thr_mode,
+             int thr_T, int Nq, int Nk, int Hq, int Hkv, long long q_sb, long long q_sn, long long q_sh,
+             long long k_sb, long long k_sn, long long k_sh, long long v_sb, long long v_sn, long long v_sh,
+             long long o_sb, long long o_sn, long long o_sh, float softmax_scale) {
+    using namespace bsfa;
+    constexpr int KS = TR::kKStages;
+    const int tid = threadIdx.x;
+    const int lane = tid & 31;
+    const int warp = tid >> 5;
+    const int h = blockIdx.y;
+    const long long b = blockIdx.z;
+    const int a = query_tile_index<TR, kCausal>(Nq);
+    const QueryTile<TR, kCausal> qt(a, Nq, Nk);
+    const int nK = ceil_div(Nk, TR::kBlockN);
+    // Tile row of this thread's accumulator elements 0..1 of half 0 (2..3: +8;
+    // half hm: + 64 hm).
+    const int row_in_tile = warp * TR::kWarpRows + (lane >> 2);
+
+    unsigned char* keep_row =
+        keep == nullptr ? nullptr : keep + ((b * Hq + h) * ceil_div(Nq, TR::kBlockM) + a) * nK;
+    if (keep_row != nullptr) {
+        for (int c = qt.c_end + 1 + tid; c < nK; c += TR::kNThreads) keep_row[c] = 0;
+    }
+
+    const unsigned smem = (dyn_smem_base() + kSwizzleAtomBytes - 1) & ~(unsigned)(kSwizzleAtomBytes - 1);
+    const unsigned sQ = smem + TR::kSmemQ;
+    const unsigned sK = smem + TR::kSmemK;
+    const unsigned sV = smem + TR::kSmemV;
+
+    float O[MB][TR::kONBlocks][4];
+    float m[MB][2];
+    float l[MB][2];
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb) {
+#pragma unroll
+        for (int nb = 0; nb < TR::kONBlocks; ++nb)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) O[mb][nb][j] = 0.f;
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+            m[mb][hf] = neg_inf();
+            l[mb][hf] = 0.f;
+        }
+    }
+
+    if (qt.c_end >= 0) {
+        const int hkv = h / (Hq / Hkv);
+        const unsigned short* kg = k + b * k_sb + hkv * k_sh;
+        const unsigned short* vg = v + b * v_sb + hkv * v_sh;
+        const float scale_log2 = softmax_scale * kLog2e;
+        const bool gated = thr_mode != 0;
+        const int forced_lo = gated ? qt.diag_lo : 0;
+        const int forced_hi = gated ? qt.diag_hi : qt.c_end;
+        const float thr = gated ? tile_threshold<TR>(thresholds, thr_scalar, thr_mode, thr_T, h, qt.diag_off) : 0.f;
+        auto forced = [&](int c) { return c >= forced_lo && c <= forced_hi; };
+
+        auto load_k = [&](int c, int slot) {
+            load_tile<TR::kBlockN>(sK + slot * TR::kKVBytes, kg + (long long)c * TR::kBlockN * k_sn, k_sn,
+                                   Nk - c * TR::kBlockN, tid, k);
+        };
+        int vb = 0;  // V buffer of the next kept tile (flips per kept tile)
+        auto load_v = [&](int c) {
+            load_tile<TR::kBlockN>(sV + vb * TR::kKVBytes, vg + (long long)c * TR::kBlockN * v_sn, v_sn,
+                                   Nk - c * TR::kBlockN, tid, v);
+        };
+
+        // cp.async groups, as in bsfa_fwd.cu: prologue [Q + K c_end] (and
+        // [K c_end-1] with a 3-deep ring); each visited tile c commits at its
+        // top [K c-KS+1 (+ V c if ungated)] and a kept tile waits for
+        // everything before its P V, so at the top of tile c the groups after
+        // the one holding K c are at most those of tiles c+1 .. c+KS-2.
+        load_tile<TR::kBlockM>(sQ, q + b * q_sb + h * q_sh + (long long)qt.q0 * q_sn, q_sn, Nq - qt.q0, tid, q);
+        load_k(qt.c_end, qt.c_end % KS);
+        cp_async_commit();
+        if constexpr (KS == 3) {
+            if (qt.c_end > 0) load_k(qt.c_end - 1, (qt.c_end - 1) % KS);
+            cp_async_commit();
+        }
+
+        const unsigned long long q_desc = make_desc(sQ, 16, kSwizzleAtomBytes);
+        // V is the MN-major B operand: the leading offset steps between
+        // 64-column panels, the stride offset between 8-key groups.
+#if BSFA_V_DESC_SWAP
+        const unsigned long long v_desc = make_desc(sV, kSwizzleAtomBytes, TR::kKVPanelBytes);
+#else
+        const unsigned long long v_desc = make_desc(sV, TR::kKVPanelBytes, kSwizzleAtomBytes);
+#endif
+
+        // P of the last kept tile: with BSFA_PV_DEFER the tensor cores read it
+        // until the next tile's wait, so it lives across iterations.
+        unsigned P[MB][TR::kKeySteps][4];
+        int ks = qt.c_end % KS;  // K ring slot of tile c
+#pragma unroll 1
+        for (int c = qt.c_end; c >= 0; --c, ks = ks == 0 ? KS - 1 : ks - 1) {
+            // K c landed everywhere; every warp is done with tile c+1's S, so
+            // the slot of K c+1 (= K c-KS+1's) may be refilled, and with the
+            // P V of the kept tile before the last one, its V buffer.
+            cp_async_wait<KS - 2>();
+            fence_proxy_async();
+            cta_sync();
+            const bool is_forced = forced(c);
+            if (c >= KS - 1) load_k(c - (KS - 1), ks + 1 == KS ? 0 : ks + 1);  // slot (c-KS+1) mod KS
+            if (is_forced) load_v(c);
+            cp_async_commit();
+
+            float S[MB][TR::kSNBlocks][4];
+            issue_qk(S, q_desc, make_desc(sK + ks * TR::kKVBytes, 16, kSwizzleAtomBytes));
+            wgmma_wait<0>();  // S, and a deferred P V of the last kept tile
+#pragma unroll
+            for (int hm = 0; hm < MB; ++hm) {
+                fence_regs(flat(S[hm]));
+                fence_regs(flat_o(O[hm]));
+            }
+            fence_regs(P);
+
+            if (qt.needs_mask(c)) mask_tile<TR, kCausal>(S, c, qt.q0 + row_in_tile, lane, Nq, Nk);
+            float tile_mx[MB][2];
+            row_max<TR>(S, tile_mx);
+
+            // The gate (uniform per CTA): the tile max over valid entries is
+            // >= thr iff some row max is; rows past Nq were masked to -inf.
+            bool kept = true;
+            if (!is_forced) {
+                bool pred = false;
+#pragma unroll
+                for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+                    for (int hf = 0; hf < 2; ++hf) pred |= tile_mx[mb][hf] * softmax_scale >= thr;
+                kept = cta_sync_or(pred);
+            }
+            if (keep_row != nullptr && tid == 0) keep_row[c] = kept ? 1 : 0;
+            if (!kept) continue;
+
+            if (!is_forced) {
+                load_v(c);  // V-late: its latency hides behind the exponentials
+                cp_async_commit();
+            }
+            softmax_update(S, tile_mx, m, l, O, P, scale_log2);
+            cp_async_wait<0>();
+            fence_proxy_async();
+            cta_sync();
+            issue_pv(O, P, desc_add(v_desc, vb * TR::kKVBytes));
+            vb = TR::kVStages == 2 ? vb ^ 1 : 0;
+            if constexpr (!TR::kPvDefer) {
+                wgmma_wait<0>();
+#pragma unroll
+                for (int hm = 0; hm < MB; ++hm) fence_regs(flat_o(O[hm]));
+            }
+            // P is read by the tensor cores until the group retires.
+            fence_regs(P);
+        }
+        wgmma_wait<0>();
+#pragma unroll
+        for (int hm = 0; hm < MB; ++hm) fence_regs(flat_o(O[hm]));
+        fence_regs(P);
+    }
+
+    // Epilogue.  Every warp's wgmma reads of Q are over once all warps are
+    // here; each warp then stages its own normalised rows in those rows of
+    // the Q tile (swizzled: conflict-free fragment stores) and writes them out
+    // as 16-byte chunks.
+    cta_sync();
+    const int t = lane & 3;
+    float* lse_row = lse + (b * Hq + h) * Nq;
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb) {
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+            float lt = l[mb][hf];
+            lt += shfl_xor(lt, 1);
+            lt += shfl_xor(lt, 2);
+            const bool has_keys = lt > 0.f;
+            const float inv = has_keys ? 1.f / lt : 0.f;
+            const int r = mb * TR::kWgmmaM + row_in_tile + hf * 8;
+#pragma unroll
+            for (int nb = 0; nb < TR::kONBlocks; ++nb) {
+                const unsigned addr = sQ + (nb / TR::kChunksPerPanelRow) * TR::kQPanelBytes +
+                                      swizzled(r, nb % TR::kChunksPerPanelRow) + 4 * t;
+                sts32(addr, pack2<TR::kBf16>(O[mb][nb][2 * hf] * inv, O[mb][nb][2 * hf + 1] * inv));
+            }
+            if (t == 0 && qt.q0 + r < Nq) {
+                lse_row[qt.q0 + r] = has_keys ? m[mb][hf] * softmax_scale + lg2(lt) * kLn2 : neg_inf();
+            }
+        }
+    }
+    warp_sync();
+    unsigned short* og = out + b * o_sb + h * o_sh;
+    constexpr int kCpr = TR::kHeadDim / TR::kChunkElems;
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb) {
+#pragma unroll
+        for (int i = 0; i < TR::kWarpRows * kCpr / 32; ++i) {
+            const int idx = lane + i * 32;
+            const int r = mb * TR::kWgmmaM + warp * TR::kWarpRows + idx / kCpr;
+            const int cc = idx % kCpr;
+            if (qt.q0 + r < Nq) {
+                unsigned vals[4];
+                lds128(vals, sQ + (cc / TR::kChunksPerPanelRow) * TR::kQPanelBytes +
+                                 swizzled(r, cc % TR::kChunksPerPanelRow));
+                stg128(og + (long long)(qt.q0 + r) * o_sn + cc * TR::kChunkElems, vals);
+            }
+        }
+    }
+}
