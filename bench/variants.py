@@ -17,7 +17,6 @@ from bsfa_cupy.benchmark import Timer, _input_sets, dense_flops, gpu_name, reali
 
 VARIANTS = {  # knobs relative to the defaults
     "wgmma": dict(sm90=True),
-    "wgmma-pv-wait": dict(sm90=True, pv_defer=False),
     "mma.sync": dict(sm90=False),
 }
 

@@ -52,7 +52,6 @@ class VariantKey:
     # bsfa_fwd from SOURCE_SM90 (wgmma, compute capability 9.0 only); the knobs above then only
     # shape bsfa_block_max, which always comes from SOURCE.
     sm90: bool = False
-    pv_defer: bool = True  # BSFA_PV_DEFER of the sm90 kernel (bsfa_fwd_sm90.cu)
 
     def __post_init__(self):
         if self.k_stages not in (2, 3):
@@ -67,7 +66,6 @@ class VariantKey:
                 f"-DBSFA_DTYPE={DTYPES[self.dtype]}",
                 f"-DBSFA_HEAD_DIM={self.head_dim}",
                 f"-DBSFA_CAUSAL={int(self.causal)}",
-                f"-DBSFA_PV_DEFER={int(self.pv_defer)}",
             )
         return (
             "-std=c++17",
@@ -109,7 +107,6 @@ TUNING_KNOBS = (
     "qk_pingpong",
     "pv_pingpong",
     "sm90",
-    "pv_defer",
 )
 
 

@@ -39,21 +39,6 @@
 #if !defined(BSFA_CAUSAL) || (BSFA_CAUSAL != 0 && BSFA_CAUSAL != 1)
 #error "BSFA_CAUSAL must be 0 or 1"
 #endif
-// BSFA_PV_DEFER 1 (default): the P V group of a kept tile is left in flight
-// and retired together with the next tile's S, so the tensor cores run it
-// while the CTA crosses the next barrier and issues the next loads; V then
-// needs two buffers, and the K ring is 2 deep to stay within 2 CTAs per SM.
-// 0: P V is waited for at once (K ring 3, one V buffer).
-#ifndef BSFA_PV_DEFER
-#define BSFA_PV_DEFER 1
-#endif
-// Which descriptor field carries which V stride (MN-major B operand): 0 =
-// leading offset between 64-column panels, stride offset between 8-key
-// groups (the canonical MN-major form).  1 swaps them (diagnostics only).
-#ifndef BSFA_V_DESC_SWAP
-#define BSFA_V_DESC_SWAP 0
-#endif
-
 namespace bsfa {
 
 template <int kHeadDim_, bool kBf16_>
@@ -90,9 +75,8 @@ struct Sm90Traits {
     static constexpr int kKVPanelBytes = kBlockN * kSwizzleBytes;
     static constexpr int kQBytes = kPanels * kQPanelBytes;
     static constexpr int kKVBytes = kPanels * kKVPanelBytes;
-    static constexpr bool kPvDefer = BSFA_PV_DEFER != 0;
-    static constexpr int kKStages = kPvDefer ? 2 : 3;  // K ring (see BSFA_PV_DEFER)
-    static constexpr int kVStages = kPvDefer ? 2 : 1;
+    static constexpr int kKStages = 3;  // K ring: K tiles c-1, c-2 stream in while tile c is used
+    static constexpr int kVStages = 1;
     static constexpr int kSmemQ = 0;
     static constexpr int kSmemK = kSmemQ + kQBytes;
     static constexpr int kSmemV = kSmemK + kKStages * kKVBytes;
@@ -104,6 +88,10 @@ struct Sm90Traits {
 };
 
 using TR = Sm90Traits<BSFA_HEAD_DIM, BSFA_DTYPE == 1>;
+// One M=64 half seen by the shared helpers.
+struct HalfTR : TR {
+    static constexpr int kWarpMBlocks = 1;
+};
 constexpr bool kCausal = BSFA_CAUSAL != 0;
 constexpr int MB = TR::kHalves;
 
@@ -137,22 +125,23 @@ __device__ __forceinline__ float (&flat_o(float (&x)[TR::kONBlocks][4]))[TR::kON
     return *reinterpret_cast<float(*)[TR::kONBlocks * 4]>(&x);
 }
 
-// S = Q K_c^T for both halves, committed as one wgmma group.  k-step kk reads
-// panel kk / 4, 16 columns (32 bytes) further along its rows per step.
+// S = Q K_c^T, one wgmma group per M=64 half (half 0 first), so the first
+// half's maxima can be taken while the second half is still computed.
+// k-step kk reads panel kk / 4, 16 columns (32 bytes) further along its rows.
 __device__ __forceinline__ void issue_qk(float (&S)[MB][TR::kSNBlocks][4], unsigned long long q_desc,
                                          unsigned long long k_desc) {
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < TR::kDSteps; ++kk) {
-        const unsigned col = (kk % TR::kStepsPerPanel) * TR::kMmaK * TR::kElemBytes;
-        const unsigned long long kd = desc_add(k_desc, (kk / TR::kStepsPerPanel) * TR::kKVPanelBytes + col);
+    for (int hm = 0; hm < MB; ++hm) {
 #pragma unroll
-        for (int hm = 0; hm < MB; ++hm) {
+        for (int kk = 0; kk < TR::kDSteps; ++kk) {
+            const unsigned col = (kk % TR::kStepsPerPanel) * TR::kMmaK * TR::kElemBytes;
+            const unsigned koff = (kk / TR::kStepsPerPanel) * TR::kKVPanelBytes + col;
             const unsigned qoff = (kk / TR::kStepsPerPanel) * TR::kQPanelBytes + hm * TR::kWgmmaM * kSwizzleBytes + col;
-            wgmma_ss_n64<TR::kBf16>(flat(S[hm]), desc_add(q_desc, qoff), kd, kk > 0 ? 1 : 0);
+            wgmma_ss_n64<TR::kBf16>(flat(S[hm]), desc_add(q_desc, qoff), desc_add(k_desc, koff), kk > 0 ? 1 : 0);
         }
+        wgmma_commit();
     }
-    wgmma_commit();
 }
 
 // O += P V for both halves, committed as one wgmma group; key step kk = 16
@@ -284,67 +273,69 @@ extern "C" __global__ void __launch_bounds__(bsfa::TR::kNThreads, 2)
             load_tile<TR::kBlockN>(sK + slot * TR::kKVBytes, kg + (long long)c * TR::kBlockN * k_sn, k_sn,
                                    Nk - c * TR::kBlockN, tid, k);
         };
-        int vb = 0;  // V buffer of the next kept tile (flips per kept tile)
         auto load_v = [&](int c) {
-            load_tile<TR::kBlockN>(sV + vb * TR::kKVBytes, vg + (long long)c * TR::kBlockN * v_sn, v_sn,
+            load_tile<TR::kBlockN>(sV, vg + (long long)c * TR::kBlockN * v_sn, v_sn,
                                    Nk - c * TR::kBlockN, tid, v);
         };
 
-        // cp.async groups, as in bsfa_fwd.cu: prologue [Q + K c_end] (and
-        // [K c_end-1] with a 3-deep ring); each visited tile c commits at its
-        // top [K c-KS+1 (+ V c if ungated)] and a kept tile waits for
-        // everything before its P V, so at the top of tile c the groups after
-        // the one holding K c are at most those of tiles c+1 .. c+KS-2.
+        // cp.async groups: prologue [Q + K c_end], [K c_end-1]; each visited
+        // tile c commits at its top [V c if ungated] and [K c-2] (either may
+        // be empty) and a kept tile waits for everything before its P V, so
+        // the group holding K c-1 is complete once at most one (tile c's K)
+        // is pending.
         load_tile<TR::kBlockM>(sQ, q + b * q_sb + h * q_sh + (long long)qt.q0 * q_sn, q_sn, Nq - qt.q0, tid, q);
         load_k(qt.c_end, qt.c_end % KS);
         cp_async_commit();
-        if constexpr (KS == 3) {
-            if (qt.c_end > 0) load_k(qt.c_end - 1, (qt.c_end - 1) % KS);
-            cp_async_commit();
-        }
+        if (qt.c_end > 0) load_k(qt.c_end - 1, (qt.c_end - 1) % KS);
+        cp_async_commit();
 
         const unsigned long long q_desc = make_desc(sQ, 16, kSwizzleAtomBytes);
         // V is the MN-major B operand: the leading offset steps between
         // 64-column panels, the stride offset between 8-key groups.
-#if BSFA_V_DESC_SWAP
-        const unsigned long long v_desc = make_desc(sV, kSwizzleAtomBytes, TR::kKVPanelBytes);
-#else
         const unsigned long long v_desc = make_desc(sV, TR::kKVPanelBytes, kSwizzleAtomBytes);
-#endif
 
-        // P of the last kept tile: with BSFA_PV_DEFER the tensor cores read it
-        // until the next tile's wait, so it lives across iterations.
+        // Barriers.  Every visited tile ends with a CTA barrier: the gate for a
+        // gated tile, the one before P V for a kept tile (plus one after it
+        // when the next tile fetches its V at its top, into the buffer this
+        // P V reads).  Before it each thread has waited for the group holding
+        // K c-1 and fenced; so after it K c-1 is visible to the tensor cores,
+        // every warp is done with S c (K c's slot is free) and, ahead of a
+        // gate, with the last P V.  Skipped tiles thus cost one barrier.
+        cp_async_wait<KS - 2>();
+        fence_proxy_async();
+        cta_sync();
         unsigned P[MB][TR::kKeySteps][4];
         int ks = qt.c_end % KS;  // K ring slot of tile c
 #pragma unroll 1
         for (int c = qt.c_end; c >= 0; --c, ks = ks == 0 ? KS - 1 : ks - 1) {
-            // K c landed everywhere; every warp is done with tile c+1's S, so
-            // the slot of K c+1 (= K c-KS+1's) may be refilled, and with the
-            // P V of the kept tile before the last one, its V buffer.
-            cp_async_wait<KS - 2>();
-            fence_proxy_async();
-            cta_sync();
             const bool is_forced = forced(c);
-            if (c >= KS - 1) load_k(c - (KS - 1), ks + 1 == KS ? 0 : ks + 1);  // slot (c-KS+1) mod KS
+            // V in its own group ahead of K's: the gate's wait (all but the
+            // newest group) needs K c-1, not this V.
             if (is_forced) load_v(c);
+            cp_async_commit();
+            if (c >= KS - 1) load_k(c - (KS - 1), ks + 1 == KS ? 0 : ks + 1);  // slot (c-KS+1) mod KS
             cp_async_commit();
 
             float S[MB][TR::kSNBlocks][4];
             issue_qk(S, q_desc, make_desc(sK + ks * TR::kKVBytes, 16, kSwizzleAtomBytes));
-            wgmma_wait<0>();  // S, and a deferred P V of the last kept tile
-#pragma unroll
-            for (int hm = 0; hm < MB; ++hm) {
-                fence_regs(flat(S[hm]));
-                fence_regs(flat_o(O[hm]));
-            }
-            fence_regs(P);
-
-            if (qt.needs_mask(c)) mask_tile<TR, kCausal>(S, c, qt.q0 + row_in_tile, lane, Nq, Nk);
             float tile_mx[MB][2];
-            row_max<TR>(S, tile_mx);
+            auto half_max = [&](int hm) {
+                float(&Sh)[1][TR::kSNBlocks][4] = *reinterpret_cast<float(*)[1][TR::kSNBlocks][4]>(&S[hm]);
+                float(&mh)[1][2] = *reinterpret_cast<float(*)[1][2]>(&tile_mx[hm]);
+                if (qt.needs_mask(c)) {
+                    mask_tile<HalfTR, kCausal>(Sh, c, qt.q0 + hm * TR::kWgmmaM + row_in_tile, lane, Nq, Nk);
+                }
+                row_max<HalfTR, false>(Sh, mh);  // lane-local: the gate needs no more
+            };
+            wgmma_wait<1>();
+            fence_regs(flat(S[0]));
+            half_max(0);
+            wgmma_wait<0>();
+            fence_regs(flat(S[1]));
+            half_max(1);
 
             // The gate (uniform per CTA): the tile max over valid entries is
-            // >= thr iff some row max is; rows past Nq were masked to -inf.
+            // >= thr iff some lane's max is; rows past Nq were masked to -inf.
             bool kept = true;
             if (!is_forced) {
                 bool pred = false;
@@ -352,10 +343,13 @@ extern "C" __global__ void __launch_bounds__(bsfa::TR::kNThreads, 2)
                 for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
                     for (int hf = 0; hf < 2; ++hf) pred |= tile_mx[mb][hf] * softmax_scale >= thr;
+                cp_async_wait<KS - 2>();
+                fence_proxy_async();
                 kept = cta_sync_or(pred);
             }
             if (keep_row != nullptr && tid == 0) keep_row[c] = kept ? 1 : 0;
             if (!kept) continue;
+            quad_max(tile_mx);  // row maxima for the softmax
 
             if (!is_forced) {
                 load_v(c);  // V-late: its latency hides behind the exponentials
@@ -365,20 +359,13 @@ extern "C" __global__ void __launch_bounds__(bsfa::TR::kNThreads, 2)
             cp_async_wait<0>();
             fence_proxy_async();
             cta_sync();
-            issue_pv(O, P, desc_add(v_desc, vb * TR::kKVBytes));
-            vb = TR::kVStages == 2 ? vb ^ 1 : 0;
-            if constexpr (!TR::kPvDefer) {
-                wgmma_wait<0>();
+            issue_pv(O, P, v_desc);
+            wgmma_wait<0>();
 #pragma unroll
-                for (int hm = 0; hm < MB; ++hm) fence_regs(flat_o(O[hm]));
-            }
-            // P is read by the tensor cores until the group retires.
+            for (int hm = 0; hm < MB; ++hm) fence_regs(flat_o(O[hm]));
             fence_regs(P);
+            if (c > 0 && forced(c - 1)) cta_sync();
         }
-        wgmma_wait<0>();
-#pragma unroll
-        for (int hm = 0; hm < MB; ++hm) fence_regs(flat_o(O[hm]));
-        fence_regs(P);
     }
 
     // Epilogue.  Every warp's wgmma reads of Q are over once all warps are

@@ -387,24 +387,53 @@ __device__ __forceinline__ void mask_tile(float (&S)[TR::kWarpMBlocks][TR::kSNBl
 }
 
 // Row maxima of the tile, complete after the quad (4 lanes sharing a row)
-// reduction: every lane of the quad holds the same value.
-template <class TR>
+// reduction: every lane of the quad holds the same value.  Each thread's
+// 2 * kSNBlocks values of a row are folded as a tree (depth log2, not a
+// chain), so the few warps of an SM are not left waiting on one long chain
+// of dependent max instructions.
+//
+// kQuad = false stops before the quad reduction: each lane then holds the max
+// of its own values only, which is all a tile-wide gate needs (quad_max
+// finishes the job for tiles that are kept).
+template <class TR, bool kQuad = true>
 __device__ __forceinline__ void row_max(const float (&S)[TR::kWarpMBlocks][TR::kSNBlocks][4],
                                         float (&mx)[TR::kWarpMBlocks][2]) {
+    constexpr int kVals = 2 * TR::kSNBlocks;
+    static_assert(kVals == 16, "row_max folds the 16 values of a 64-key tile row");
 #pragma unroll
     for (int mb = 0; mb < TR::kWarpMBlocks; ++mb) {
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
-            float m = fmax2(S[mb][0][2 * hf], S[mb][0][2 * hf + 1]);
+            float v[kVals];
 #pragma unroll
-            for (int nb = 1; nb < TR::kSNBlocks; ++nb) {
-                m = fmax2(m, fmax2(S[mb][nb][2 * hf], S[mb][nb][2 * hf + 1]));
+            for (int nb = 0; nb < TR::kSNBlocks; ++nb) {
+                v[2 * nb] = S[mb][nb][2 * hf];
+                v[2 * nb + 1] = S[mb][nb][2 * hf + 1];
             }
-            m = fmax2(m, shfl_xor(m, 1));
-            m = fmax2(m, shfl_xor(m, 2));
+#pragma unroll
+            for (int i = 0; i < 8; ++i) v[i] = fmax2(v[i], v[i + 8]);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) v[i] = fmax2(v[i], v[i + 4]);
+            float m = fmax2(fmax2(v[0], v[2]), fmax2(v[1], v[3]));
+            if (kQuad) {
+                m = fmax2(m, shfl_xor(m, 1));
+                m = fmax2(m, shfl_xor(m, 2));
+            }
             mx[mb][hf] = m;
         }
     }
+}
+
+// Completes row_max<TR, false>: the max over the 4 lanes sharing each row.
+template <int MB>
+__device__ __forceinline__ void quad_max(float (&mx)[MB][2]) {
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+            const float m = fmax2(mx[mb][hf], shfl_xor(mx[mb][hf], 1));
+            mx[mb][hf] = fmax2(m, shfl_xor(m, 2));
+        }
 }
 
 }  // namespace bsfa

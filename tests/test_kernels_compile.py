@@ -1,5 +1,9 @@
 """Compile checks of the CUDA kernels, without a GPU.
 
+The Hopper forward (kernels_cu/bsfa_fwd_sm90.cu) is compiled for sm_90a in every specialisation
+(dtype x head dim 64/128 x causal): zero spills, and no ptxas report of serialised wgmma (C7515),
+which would silently cost most of its speed.
+
 Every specialisation of kernels_cu/bsfa_fwd.cu (dtype x head dim x causal x
 V order) is compiled with nvcc for sm_80 and sm_90 from the very source the
 runtime hands to NVRTC (``bsfa_cupy._source.kernel_source``), and ptxas must
@@ -83,6 +87,25 @@ _KNOB_ABBREV = {
 }
 
 
+SM90_FLAGS = ("-gencode=arch=compute_90a,code=sm_90a",)
+SM90_VARIANTS = [(dtype, head_dim, causal, ()) for dtype in DTYPES for head_dim in (64, 128) for causal in CAUSAL]
+
+
+def _sm90_id(variant) -> str:
+    dtype, head_dim, causal, extra = variant
+    knobs = "".join(f"-{m.lower()}{v}" for m, v in extra)
+    return f"sm_90a-{('f16', 'bf16')[dtype]}-d{head_dim}-causal{causal}{knobs}"
+
+
+def _compile_sm90(source_path, out_dir, variant) -> subprocess.CompletedProcess:
+    dtype, head_dim, causal, extra = variant
+    cubin = os.path.join(out_dir, _sm90_id(variant) + ".cubin")
+    defines = [f"-DBSFA_DTYPE={dtype}", f"-DBSFA_HEAD_DIM={head_dim}", f"-DBSFA_CAUSAL={causal}"]
+    defines += [f"-D{m}={v}" for m, v in extra]
+    cmd = [NVCC, *BASE_FLAGS, *SM90_FLAGS, "-cubin", *defines, str(source_path), "-o", cubin]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
 def _variant_id(variant) -> str:
     arch, dtype, head_dim, causal, spec, extra = variant
     knobs = "".join(f"-{_KNOB_ABBREV[m]}{v}" for m, v in extra)
@@ -134,12 +157,24 @@ def fwd_source(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def compiled(fwd_source, tmp_path_factory):
+def sm90_source(tmp_path_factory):
+    from bsfa_cupy._source import kernel_source
+
+    src = kernel_source("bsfa_fwd_sm90.cu")
+    path = tmp_path_factory.mktemp("bsfa_kernels_sm90") / "bsfa_fwd_sm90.cu"
+    path.write_text(src)
+    return src, path
+
+
+@pytest.fixture(scope="module")
+def compiled(fwd_source, sm90_source, tmp_path_factory):
     """Starts every variant's compile at once (nvcc is single-threaded); tests wait for their own."""
     _, path = fwd_source
+    _, path90 = sm90_source
     out_dir = str(tmp_path_factory.mktemp("bsfa_cubins"))
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1))
     futures = {v: pool.submit(_compile, path, out_dir, v) for v in VARIANTS}
+    futures.update({("sm90", v): pool.submit(_compile_sm90, path90, out_dir, v) for v in SM90_VARIANTS})
     yield futures
     pool.shutdown(wait=True, cancel_futures=True)
 
@@ -159,11 +194,34 @@ def test_parse_spills_reads_both_log_formats():
     assert parse_spills(nvrtc_log)["bsfa_block_max"][:2] == (0, 0)
 
 
-def test_runtime_source_has_no_includes(fwd_source):
+def test_runtime_source_has_no_includes(fwd_source, sm90_source):
     """NVRTC gets no CUDA or system headers: local headers must all be inlined."""
-    src, _ = fwd_source
-    includes = [line for line in src.splitlines() if line.lstrip().startswith("#include")]
-    assert not includes, f"kernel_source('bsfa_fwd.cu') still has include lines: {includes}"
+    for name, (src, _) in (("bsfa_fwd.cu", fwd_source), ("bsfa_fwd_sm90.cu", sm90_source)):
+        includes = [line for line in src.splitlines() if line.lstrip().startswith("#include")]
+        assert not includes, f"kernel_source({name!r}) still has include lines: {includes}"
+
+
+@pytest.mark.parametrize("variant", SM90_VARIANTS, ids=_sm90_id)
+def test_sm90_compiles_without_spills_or_serialised_wgmma(compiled, variant):
+    proc = compiled[("sm90", variant)].result()
+    log = proc.stdout + proc.stderr
+    name = _sm90_id(variant)
+    assert proc.returncode == 0, f"{name}: nvcc failed (exit {proc.returncode}):\n{log[-4000:]}"
+    spills = parse_spills(log)
+    assert "bsfa_fwd" in spills, f"{name}: no ptxas report for bsfa_fwd:\n{log[-4000:]}"
+    stores, loads, line = spills["bsfa_fwd"]
+    assert stores == 0 and loads == 0, f"{name}: bsfa_fwd spills registers: {line}"
+    serialised = [ln for ln in log.splitlines() if "C7515" in ln or "serialized" in ln]
+    assert not serialised, f"{name}: ptxas serialises the wgmma pipeline: {serialised}"
+
+
+def test_sm90_unsupported_head_dim_is_a_compile_error(sm90_source, tmp_path):
+    _, path = sm90_source
+    cmd = [NVCC, *BASE_FLAGS, *SM90_FLAGS, "-cubin", "-DBSFA_DTYPE=0", "-DBSFA_HEAD_DIM=96", "-DBSFA_CAUSAL=1",
+           str(path), "-o", str(tmp_path / "x.cubin")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "BSFA_HEAD_DIM" in proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=_variant_id)
