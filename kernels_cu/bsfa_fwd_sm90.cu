@@ -231,11 +231,7 @@ extern "C" __global__ void __launch_bounds__(bsfa::TR::kNThreads, 2)
     // half hm: + 64 hm).
     const int row_in_tile = warp * TR::kWarpRows + (lane >> 2);
 
-    unsigned char* keep_row =
-        keep == nullptr ? nullptr : keep + ((b * Hq + h) * ceil_div(Nq, TR::kBlockM) + a) * nK;
-    if (keep_row != nullptr) {
-        for (int c = qt.c_end + 1 + tid; c < nK; c += TR::kNThreads) keep_row[c] = 0;
-    }
+    unsigned char* keep_row = keep_row_for(keep, b, h, Hq, a, Nq, nK, qt, tid);
 
     const unsigned smem = (dyn_smem_base() + kSwizzleAtomBytes - 1) & ~(unsigned)(kSwizzleAtomBytes - 1);
     const unsigned sQ = smem + TR::kSmemQ;
@@ -245,29 +241,16 @@ extern "C" __global__ void __launch_bounds__(bsfa::TR::kNThreads, 2)
     float O[MB][TR::kONBlocks][4];
     float m[MB][2];
     float l[MB][2];
-#pragma unroll
-    for (int mb = 0; mb < MB; ++mb) {
-#pragma unroll
-        for (int nb = 0; nb < TR::kONBlocks; ++nb)
-#pragma unroll
-            for (int j = 0; j < 4; ++j) O[mb][nb][j] = 0.f;
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-            m[mb][hf] = neg_inf();
-            l[mb][hf] = 0.f;
-        }
-    }
+    init_softmax_state(O, m, l);
 
     if (qt.c_end >= 0) {
         const int hkv = h / (Hq / Hkv);
         const unsigned short* kg = k + b * k_sb + hkv * k_sh;
         const unsigned short* vg = v + b * v_sb + hkv * v_sh;
         const float scale_log2 = softmax_scale * kLog2e;
-        const bool gated = thr_mode != 0;
-        const int forced_lo = gated ? qt.diag_lo : 0;
-        const int forced_hi = gated ? qt.diag_hi : qt.c_end;
-        const float thr = gated ? tile_threshold<TR>(thresholds, thr_scalar, thr_mode, thr_T, h, qt.diag_off) : 0.f;
-        auto forced = [&](int c) { return c >= forced_lo && c <= forced_hi; };
+        const GatePlan<TR> plan(qt, thresholds, thr_scalar, thr_mode, thr_T, h);
+        const float thr = plan.thr;
+        auto forced = [&](int c) { return plan.forced(c); };
 
         auto load_k = [&](int c, int slot) {
             load_tile<TR::kBlockN>(sK + slot * TR::kKVBytes, kg + (long long)c * TR::kBlockN * k_sn, k_sn,
@@ -379,9 +362,7 @@ extern "C" __global__ void __launch_bounds__(bsfa::TR::kNThreads, 2)
     for (int mb = 0; mb < MB; ++mb) {
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
-            float lt = l[mb][hf];
-            lt += shfl_xor(lt, 1);
-            lt += shfl_xor(lt, 2);
+            const float lt = quad_sum(l[mb][hf]);
             const bool has_keys = lt > 0.f;
             const float inv = has_keys ? 1.f / lt : 0.f;
             const int r = mb * TR::kWgmmaM + row_in_tile + hf * 8;
@@ -392,7 +373,7 @@ extern "C" __global__ void __launch_bounds__(bsfa::TR::kNThreads, 2)
                 sts32(addr, pack2<TR::kBf16>(O[mb][nb][2 * hf] * inv, O[mb][nb][2 * hf + 1] * inv));
             }
             if (t == 0 && qt.q0 + r < Nq) {
-                lse_row[qt.q0 + r] = has_keys ? m[mb][hf] * softmax_scale + lg2(lt) * kLn2 : neg_inf();
+                lse_row[qt.q0 + r] = row_lse(lt, m[mb][hf], softmax_scale);
             }
         }
     }

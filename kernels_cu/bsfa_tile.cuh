@@ -89,6 +89,68 @@ __device__ __forceinline__ float tile_threshold(const float* __restrict__ thresh
     return thresholds[(long long)h * thr_T + p];
 }
 
+// The keep-mask row of (b, h, a), or nullptr when no mask was asked for.
+// Entries past c_end (tiles without a valid entry) are cleared here; the key
+// loop writes every visited tile.
+template <class TR, bool kCausal>
+__device__ __forceinline__ unsigned char* keep_row_for(unsigned char* keep, long long b, int h, int Hq, int a, int Nq,
+                                                       int nK, const QueryTile<TR, kCausal>& qt, int tid) {
+    unsigned char* row = keep == nullptr ? nullptr : keep + ((b * Hq + h) * ceil_div(Nq, TR::kBlockM) + a) * nK;
+    if (row != nullptr) {
+        for (int c = qt.c_end + 1 + tid; c < nK; c += TR::kNThreads) row[c] = 0;
+    }
+    return row;
+}
+
+// Online-softmax state before the first key tile: O = 0, row max -inf, row sum 0.
+template <int MB, int NB>
+__device__ __forceinline__ void init_softmax_state(float (&O)[MB][NB][4], float (&m)[MB][2], float (&l)[MB][2]) {
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb) {
+#pragma unroll
+        for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) O[mb][nb][j] = 0.f;
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+            m[mb][hf] = neg_inf();
+            l[mb][hf] = 0.f;
+        }
+    }
+}
+
+// Which key tiles a query tile keeps without a gate, and the gate's
+// threshold: tiles in [forced_lo, forced_hi] are the diagonal ones, or every
+// tile with a valid entry when thr_mode 0 keeps them all.
+template <class TR>
+struct GatePlan {
+    int forced_lo;
+    int forced_hi;
+    float thr;
+
+    template <bool kCausal>
+    __device__ __forceinline__ GatePlan(const QueryTile<TR, kCausal>& qt, const float* __restrict__ thresholds,
+                                        float thr_scalar, int thr_mode, int thr_T, int h) {
+        const bool gated = thr_mode != 0;
+        forced_lo = gated ? qt.diag_lo : 0;
+        forced_hi = gated ? qt.diag_hi : qt.c_end;
+        thr = gated ? tile_threshold<TR>(thresholds, thr_scalar, thr_mode, thr_T, h, qt.diag_off) : 0.f;
+    }
+    __device__ __forceinline__ bool forced(int c) const { return c >= forced_lo && c <= forced_hi; }
+};
+
+// A row's softmax sum from the per-lane partial sums of its quad.
+__device__ __forceinline__ float quad_sum(float x) {
+    x += shfl_xor(x, 1);
+    return x + shfl_xor(x, 2);
+}
+
+// log-sum-exp of a row (natural log) from its raw-score max m and its sum l
+// of exp2((s - m) * scale * log2 e); -inf for a row without a valid key.
+__device__ __forceinline__ float row_lse(float l, float m, float softmax_scale) {
+    return l > 0.f ? m * softmax_scale + lg2(l) * kLn2 : neg_inf();
+}
+
 // Tile copies: consecutive threads take consecutive 16-byte chunks of a row,
 // so global reads coalesce.  When the thread count is a multiple of the
 // chunks per row, every thread keeps one chunk column and steps down the rows
