@@ -183,7 +183,13 @@ def _load_sm90(key: VariantKey):
     source, the options and the NVRTC version.
     """
     cp = cupy()
-    from cupy_backends.cuda.libs import nvrtc
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+    except ImportError as exc:
+        raise KernelCompileError(
+            f"bsfa_cupy: {key.name()} needs CuPy's NVRTC bindings (cupy_backends.cuda.libs.nvrtc), which this CuPy "
+            "does not provide; use the mma.sync kernel with bsfa_cupy._kernels.tuning(sm90=False)"
+        ) from exc
 
     source = kernel_source(SOURCE_SM90)
     options = key.options() + ("-arch=sm_90a", "-ftz=true", "-lineinfo")

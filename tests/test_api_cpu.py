@@ -63,3 +63,16 @@ def test_specialisation_keys_are_distinct():
     assert len({k.name() for k in keys}) == len(keys) == 24
     assert len({k.options() for k in keys}) == len(keys)
     assert "-DBSFA_HEAD_DIM=128" in VariantKey("bfloat16", 128, True).options()
+
+
+@pytest.mark.parametrize("cc", ["90", "80", "100"])
+def test_launcher_uses_the_wgmma_kernel_only_on_hopper_head_dims_64_128(monkeypatch, cc):
+    from bsfa_cupy import _kernels
+
+    monkeypatch.setattr(_kernels, "compute_capability", lambda device_id: cc)
+    for d in _kernels.HEAD_DIMS:
+        key = _kernels.key_for("bfloat16", d, True, 0)
+        assert key.sm90 == (cc == "90" and d in _kernels.SM90_HEAD_DIMS), f"cc {cc}, head dim {d}: {key.name()}"
+        with _kernels.tuning(sm90=False):
+            assert not _kernels.key_for("bfloat16", d, True, 0).sm90
+    assert "-DBSFA_HEAD_DIM=128" in _kernels.VariantKey("float16", 128, False, sm90=True).options()
