@@ -60,18 +60,15 @@ class VariantKey:
             raise ValueError("k_stages=3 needs v_speculative=False (pass k_stages=2 with v_speculative=True)")
 
     def options(self) -> tuple[str, ...]:
-        if self.sm90:
-            return (
-                "-std=c++17",
-                f"-DBSFA_DTYPE={DTYPES[self.dtype]}",
-                f"-DBSFA_HEAD_DIM={self.head_dim}",
-                f"-DBSFA_CAUSAL={int(self.causal)}",
-            )
-        return (
+        shape = (
             "-std=c++17",
             f"-DBSFA_DTYPE={DTYPES[self.dtype]}",
             f"-DBSFA_HEAD_DIM={self.head_dim}",
             f"-DBSFA_CAUSAL={int(self.causal)}",
+        )
+        if self.sm90:  # the wgmma kernel has no tuning macros
+            return shape
+        return shape + (
             f"-DBSFA_V_SPECULATIVE={int(self.v_speculative)}",
             f"-DBSFA_HEAVY_FIRST={int(self.heavy_first)}",
             f"-DBSFA_K_STAGES={int(self.k_stages)}",
@@ -125,11 +122,11 @@ def tuning(**knobs):
         _TUNING.update(old)
 
 
-def key_for(dtype: str, head_dim: int, causal: bool, device_id: int) -> VariantKey:
+def key_for(dtype: str, head_dim: int, causal: bool, device_id: int, *, allow_sm90: bool = True) -> VariantKey:
     """The variant the API launches: the wgmma kernel where the device and head dim allow it
-    (unless ``tuning(sm90=False)``), else the mma.sync one."""
+    (unless ``tuning(sm90=False)`` or ``allow_sm90=False``), else the mma.sync one."""
     knobs = dict(_TUNING)
-    want_sm90 = knobs.pop("sm90", True)
+    want_sm90 = knobs.pop("sm90", True) and allow_sm90
     sm90 = bool(want_sm90) and head_dim in SM90_HEAD_DIMS and compute_capability(device_id) == "90"
     return VariantKey(dtype, head_dim, bool(causal), sm90=sm90, **knobs)
 
@@ -194,7 +191,7 @@ def _load_sm90(key: VariantKey):
     source = kernel_source(SOURCE_SM90)
     options = key.options() + ("-arch=sm_90a", "-ftz=true", "-lineinfo")
     digest = hashlib.sha256(repr((source, options, nvrtc.getVersion())).encode()).hexdigest()[:32]
-    path = _cache_dir() / f"{key.name().replace('[', '_').replace(']', '')}-{digest}.cubin"
+    path = _cache_dir() / f"bsfa_fwd_sm90-{digest}.cubin"  # keys differing only in block_max knobs share it
     if not path.is_file():
         prog = nvrtc.createProgram(source, SOURCE_SM90, (), ())
         try:

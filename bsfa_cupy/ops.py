@@ -1,7 +1,6 @@
 """The public GPU API: block-sparse attention and tile maxima on any framework's GPU arrays."""
 from __future__ import annotations
 
-import dataclasses
 import numbers
 
 import numpy as np
@@ -203,7 +202,7 @@ def block_max_scores(q, k, *, causal=True, softmax_scale=None):
         nQ, nK = -(-Nq // BLOCK_M), -(-Nk // BLOCK_N)
         _check_grid(B, Hq)
         tm_native, tm_view = frame.empty((B, Hq, nQ, nK), "float32")
-        key = dataclasses.replace(key_for(dtype, D, causal, frame.device_id), sm90=False)  # block_max is mma.sync only
+        key = key_for(dtype, D, causal, frame.device_id, allow_sm90=False)  # bsfa_block_max is mma.sync only
         kern = get_module(key, frame.device_id).block_max
         args = (qv, kv, tm_view, i32(Nq), i32(Nk), i32(Hq), i32(Hkv), *strides, np.float32(scale))
         kern.fn((nQ, Hq, B), (kern.threads, 1, 1), args, shared_mem=kern.smem)

@@ -88,22 +88,24 @@ _KNOB_ABBREV = {
 
 
 SM90_FLAGS = ("-gencode=arch=compute_90a,code=sm_90a",)
-SM90_VARIANTS = [(dtype, head_dim, causal, ()) for dtype in DTYPES for head_dim in (64, 128) for causal in CAUSAL]
+SM90_VARIANTS = [(dtype, head_dim, causal) for dtype in DTYPES for head_dim in (64, 128) for causal in CAUSAL]
 
 
 def _sm90_id(variant) -> str:
-    dtype, head_dim, causal, extra = variant
-    knobs = "".join(f"-{m.lower()}{v}" for m, v in extra)
-    return f"sm_90a-{('f16', 'bf16')[dtype]}-d{head_dim}-causal{causal}{knobs}"
+    dtype, head_dim, causal = variant
+    return f"sm_90a-{('f16', 'bf16')[dtype]}-d{head_dim}-causal{causal}"
+
+
+def _nvcc(source_path, out_dir, name, arch_flags, defines) -> subprocess.CompletedProcess:
+    cmd = [NVCC, *BASE_FLAGS, *arch_flags, "-cubin", *defines, str(source_path)]
+    cmd += ["-o", os.path.join(out_dir, name + ".cubin")]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
 
 def _compile_sm90(source_path, out_dir, variant) -> subprocess.CompletedProcess:
-    dtype, head_dim, causal, extra = variant
-    cubin = os.path.join(out_dir, _sm90_id(variant) + ".cubin")
+    dtype, head_dim, causal = variant
     defines = [f"-DBSFA_DTYPE={dtype}", f"-DBSFA_HEAD_DIM={head_dim}", f"-DBSFA_CAUSAL={causal}"]
-    defines += [f"-D{m}={v}" for m, v in extra]
-    cmd = [NVCC, *BASE_FLAGS, *SM90_FLAGS, "-cubin", *defines, str(source_path), "-o", cubin]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    return _nvcc(source_path, out_dir, _sm90_id(variant), SM90_FLAGS, defines)
 
 
 def _variant_id(variant) -> str:
@@ -124,10 +126,8 @@ def _defines(dtype: int, head_dim: int, causal: int, spec: int, extra=()) -> lis
 
 def _compile(source_path, out_dir, variant) -> subprocess.CompletedProcess:
     arch, dtype, head_dim, causal, spec, extra = variant
-    cubin = os.path.join(out_dir, _variant_id(variant) + ".cubin")
-    cmd = [NVCC, *BASE_FLAGS, f"-arch={arch}", "-cubin", *_defines(dtype, head_dim, causal, spec, extra)]
-    cmd += [str(source_path), "-o", cubin]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    defines = _defines(dtype, head_dim, causal, spec, extra)
+    return _nvcc(source_path, out_dir, _variant_id(variant), (f"-arch={arch}",), defines)
 
 
 def parse_spills(ptxas_log: str) -> dict[str, tuple[int, int, str]]:
@@ -146,24 +146,24 @@ def parse_spills(ptxas_log: str) -> dict[str, tuple[int, int, str]]:
     return result
 
 
-@pytest.fixture(scope="module")
-def fwd_source(tmp_path_factory):
+def _runtime_source(tmp_path_factory, name):
+    """The source NVRTC gets (headers inlined), written to a file for nvcc."""
     from bsfa_cupy._source import kernel_source
 
-    src = kernel_source("bsfa_fwd.cu")
-    path = tmp_path_factory.mktemp("bsfa_kernels") / "bsfa_fwd.cu"
+    src = kernel_source(name)
+    path = tmp_path_factory.mktemp("bsfa_kernels") / name
     path.write_text(src)
     return src, path
+
+
+@pytest.fixture(scope="module")
+def fwd_source(tmp_path_factory):
+    return _runtime_source(tmp_path_factory, "bsfa_fwd.cu")
 
 
 @pytest.fixture(scope="module")
 def sm90_source(tmp_path_factory):
-    from bsfa_cupy._source import kernel_source
-
-    src = kernel_source("bsfa_fwd_sm90.cu")
-    path = tmp_path_factory.mktemp("bsfa_kernels_sm90") / "bsfa_fwd_sm90.cu"
-    path.write_text(src)
-    return src, path
+    return _runtime_source(tmp_path_factory, "bsfa_fwd_sm90.cu")
 
 
 @pytest.fixture(scope="module")
