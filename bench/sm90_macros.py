@@ -1,9 +1,11 @@
 """Time builds of the sm_90a forward with extra compile-time macros, side by side in one process.
 
 Usage: python bench/sm90_macros.py NAME=[MACRO=VALUE[,MACRO=VALUE]] ... [--n 16384] [--rhos 0.5 0.1]
+           [--thresholds handle|array|both]
 e.g.   python bench/sm90_macros.py base= other=BSFA_SOME_MACRO=1 --n 16384
 Prints dense and sparse times per build and the ratio to the first build's dense (D=128, Hkv=8,
-float16, causal).
+float16, causal). Sparse calls pass a DeviceThresholds (validated once; "handle") and/or the
+plain device array ("array": a NaN check with a stream wait per call).
 """
 import argparse
 
@@ -17,6 +19,7 @@ p = argparse.ArgumentParser()
 p.add_argument("--n", type=int, default=16384)
 p.add_argument("--d", type=int, default=128)
 p.add_argument("--rhos", type=float, nargs="+", default=[0.5, 0.1])
+p.add_argument("--thresholds", choices=["handle", "array", "both"], default="handle")
 p.add_argument("builds", nargs="+")
 args = p.parse_args()
 
@@ -30,6 +33,8 @@ timer = Timer(repeats=7, inner=4)
 sets = _input_sets(1, args.n, 32, 8, args.d, "float16", 60 * 2**20)
 tmax = [cp.from_dlpack(bsfa_cupy.block_max_scores(q, k))[0] for q, k, _ in sets]
 thr = {rho: [thresholds_for_rho(t, rho, args.n) for t in tmax] for rho in args.rhos}
+paths = ["handle", "array"] if args.thresholds == "both" else [args.thresholds]
+as_passed = {"array": lambda t: t, "handle": lambda t: bsfa_cupy.DeviceThresholds(t)}
 flops = dense_flops(1, 32, args.n, args.d, True)
 base = None
 for name, extra in builds.items():
@@ -42,7 +47,10 @@ for name, extra in builds.items():
         for rho in args.rhos:
             _, keep = bsfa_cupy.attention(*sets[0], thr[rho][0], return_keep=True)
             got = realised_rho(cp.from_dlpack(keep), args.n)
-            ms = timer(lambda i: bsfa_cupy.attention(*sets[i], thr[rho][i]), len(sets))
-            line += f" | rho={got:.2f} {ms:.3f} ms {ms / dense:.3f}"
+            line += f" | rho={got:.2f}"
+            for path in paths:
+                t = [as_passed[path](x) for x in thr[rho]]
+                ms = timer(lambda i: bsfa_cupy.attention(*sets[i], t[i]), len(sets))
+                line += f" {path} {ms:.3f} ms {ms / dense:.3f}"
         print(line, flush=True)
 _kernels.VariantKey.options = orig

@@ -64,7 +64,7 @@ with torch.inference_mode():
                 print(f"n={n} {name:18s} dense    {ms:.3f} ms {flops / ms / 1e9:.0f} TFLOP/s "
                       f"({flash / ms:.3f}x flash)", flush=True)
                 for rho in args.rhos:
-                    thr = [thresholds_for_rho(t, rho, n) for t in tmax]
+                    thr = [bsfa_cupy.DeviceThresholds(thresholds_for_rho(t, rho, n)) for t in tmax]
                     _, keep = bsfa_cupy.attention(*sets[0], thr[0], return_keep=True)
                     got = realised_rho(cp.from_dlpack(keep), n)
                     ms_s = timer(lambda i: bsfa_cupy.attention(*sets[i], thr[i]), len(sets))

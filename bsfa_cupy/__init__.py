@@ -7,6 +7,7 @@ defined by the NumPy reference, ``bsfa_reference``.
 from ._backend import has_gpu
 from ._kernels import BLOCK_M, BLOCK_N, HEAD_DIMS, KernelCompileError
 from .calibration import Calibrator
+from .device_thresholds import DeviceThresholds
 from .ops import attention, block_max_scores
 from .thresholds import Thresholds
 
@@ -15,6 +16,7 @@ __all__ = [
     "BLOCK_M",
     "BLOCK_N",
     "Calibrator",
+    "DeviceThresholds",
     "HEAD_DIMS",
     "KernelCompileError",
     "Thresholds",

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,6 +146,27 @@ class Kernel:
     fn: object
     threads: int
     smem: int
+    # Grid (w, nQ, B*Hq/w) that hands out heads in chunks (the sm_90a forward), else (nQ, Hq, B);
+    # kernels_cu/bsfa_tile.cuh decodes both.
+    chunked_grid: bool = False
+
+    def grid(self, B: int, Hq: int, nQ: int) -> tuple[int, int, int]:
+        if not self.chunked_grid:
+            return (nQ, Hq, B)
+        bh = B * Hq
+        w = next(w for w in (4, 2, 1) if bh % w == 0)
+        if bh // w > MAX_GRID_YZ:  # huge batches: wider chunks, so that gridDim.z fits
+            w = min(d for d in _divisors(bh) if bh // d <= MAX_GRID_YZ)
+        return (w, nQ, bh // w)
+
+
+#: CUDA's limit on gridDim.y and gridDim.z.
+MAX_GRID_YZ = 65535
+
+
+def _divisors(n: int) -> list[int]:
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return small + [n // d for d in small]
 
 
 @dataclass
@@ -218,6 +240,7 @@ def get_module(key: VariantKey, device_id: int) -> Module:
         base = get_module(dataclasses.replace(key, sm90=False), device_id)
         with cp.cuda.Device(device_id):
             fwd = _kernel(_load_sm90(key), "bsfa_fwd", "BSFA_FWD_THREADS", "BSFA_FWD_SMEM_BYTES")
+        fwd.chunked_grid = True
         return Module(key, fwd, base.block_max)
     with cp.cuda.Device(device_id):
         raw = cp.RawModule(code=kernel_source(SOURCE), options=key.options(), backend="nvrtc")

@@ -1,18 +1,15 @@
 """The public GPU API: block-sparse attention and tile maxima on any framework's GPU arrays."""
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
 
 from bsfa_reference._validate import check_qk, check_v, softmax_scale_or_default
 
 from . import _kernels
 from ._arrays import frame_for, framework_of, on, to_cupy
-from ._backend import cupy
-from ._kernels import BLOCK_M, BLOCK_N, HEAD_DIMS, get_module, i32, i64, key_for
+from .device_thresholds import kernel_thresholds
+from ._kernels import BLOCK_M, BLOCK_N, HEAD_DIMS, MAX_GRID_YZ, get_module, i32, i64, key_for
 
-_MAX_GRID_YZ = 65535  # CUDA's limit on gridDim.y / gridDim.z (heads, batch)
 _ALIGN = 16  # cp.async moves 16-byte rows
 
 
@@ -59,47 +56,6 @@ def _same_device(views, names):
         raise ValueError(f"all arrays must be on one GPU, got {got}")
 
 
-def _thresholds(thresholds, Hq, device_id):
-    """(mode, scalar, device array or None, T) for the kernel; NaN and bad shapes rejected."""
-    cp = cupy()
-    if thresholds is None:
-        return 0, 0.0, None, 1
-    if isinstance(thresholds, (bool, np.bool_)):
-        raise TypeError("thresholds: expected None, a float scalar or an (Hq, T) float32 array, got bool")
-    if isinstance(thresholds, (numbers.Real, np.generic)) or (
-        isinstance(thresholds, np.ndarray) and thresholds.ndim == 0
-    ):
-        with np.errstate(over="ignore"):  # beyond float32 range compares as +-inf
-            t = np.float32(thresholds)
-        if np.isnan(t):
-            raise ValueError("thresholds: NaN is not a threshold; use -inf to keep every tile")
-        return 1, float(t), None, 1
-    if isinstance(thresholds, np.ndarray):
-        if thresholds.dtype.kind not in "fiu":
-            raise TypeError(f"thresholds: expected a float array, got dtype {thresholds.dtype}")
-        host = np.ascontiguousarray(thresholds, dtype=np.float32)
-        _check_thr_shape(host.shape, Hq)
-        if np.isnan(host).any():
-            raise ValueError(f"thresholds: {int(np.isnan(host).sum())} NaN values; use -inf to keep every tile")
-        return 2, 0.0, cp.asarray(host), host.shape[1]
-    view = to_cupy(thresholds, "thresholds")
-    if view.dtype != cp.float32:
-        raise TypeError(f"thresholds: expected a float32 device array, got {view.dtype}")
-    _check_thr_shape(view.shape, Hq)
-    if view.device.id != device_id:
-        raise ValueError(f"thresholds: expected an array on cuda:{device_id} (the inputs' GPU), got cuda:{view.device.id}")
-    view = cp.ascontiguousarray(view)
-    n_nan = int(cp.isnan(view).sum())  # one small reduction; a NaN must not reach the gate silently
-    if n_nan:
-        raise ValueError(f"thresholds: {n_nan} NaN values; use -inf to keep every tile")
-    return 2, 0.0, view, view.shape[1]
-
-
-def _check_thr_shape(shape, Hq):
-    if len(shape) != 2 or shape[0] != Hq or shape[1] < 1:
-        raise ValueError(f"thresholds: expected shape ({Hq}, T) with T >= 1 (or a scalar), got {tuple(shape)}")
-
-
 def _check_out(out, frame, shape, dtype, device_id):
     if framework_of(out) != framework_of_frame(frame):
         raise TypeError(f"out: expected a {frame.kind} array like the inputs, got {type(out).__name__}")
@@ -137,7 +93,8 @@ def attention(q, k, v, thresholds=None, *, causal=True, softmax_scale=None, retu
         thresholds: None (dense), a scalar, or an (Hq, T) array — host NumPy (copied, cast to
             float32) or a float32 device array of any of the three frameworks. Query tile a of head h
             uses thresholds[h, clamp(p(a), 0, T - 1)], p(a) = (128a + Nk - Nq) // 128. A device
-            array is checked for NaN with one small reduction, which waits for the stream.
+            array is checked for NaN with one small reduction, which waits for the stream; a
+            :class:`DeviceThresholds`, validated once when built, skips that check (per-layer loops).
         out: optional preallocated (B, Nq, Hq, D) output of the inputs' framework and dtype.
 
     Returns:
@@ -149,17 +106,18 @@ def attention(q, k, v, thresholds=None, *, causal=True, softmax_scale=None, retu
     with on(frame) as stream:
         qv, kv, vv = to_cupy(q, "q"), to_cupy(k, "k"), to_cupy(v, "v")
         B, Nq, Nk, Hq, Hkv, D, dtype = _check_qkv(qv, kv, vv)
+        nQ, nK = -(-Nq // BLOCK_M), -(-Nk // BLOCK_N)
+        _check_grid(B, Hq, nQ)
         _same_device([qv, kv, vv], ["q", "k", "v"])
         strides = _strides(qv, "q") + _strides(kv, "k") + _strides(vv, "v")
         scale = _positive_scale(softmax_scale, D)
-        mode, thr_scalar, thr_arr, T = _thresholds(thresholds, Hq, frame.device_id)
+        mode, thr_scalar, thr_arr, T = kernel_thresholds(thresholds, Hq, frame.device_id)
         shape = (B, Nq, Hq, D)
         if out is None:
             out_native, out_view = frame.empty(shape, dtype)
         else:
             out_native, out_view = out, _check_out(out, frame, shape, dtype, frame.device_id)
         o_strides = _strides(out_view, "out")
-        nQ, nK = -(-Nq // BLOCK_M), -(-Nk // BLOCK_N)
         lse_native, lse_view = frame.empty((B, Hq, Nq), "float32")
         keep_native, keep_view = frame.empty((B, Hq, nQ, nK), "bool") if return_keep else (None, None)
 
@@ -171,7 +129,7 @@ def attention(q, k, v, thresholds=None, *, causal=True, softmax_scale=None, retu
             thr_arr if thr_arr is not None else null, np.float32(thr_scalar), i32(mode), i32(T),
             i32(Nq), i32(Nk), i32(Hq), i32(Hkv), *strides, *o_strides, np.float32(scale),
         )
-        kern.fn((nQ, Hq, B), (kern.threads, 1, 1), args, shared_mem=kern.smem)
+        kern.fn(kern.grid(B, Hq, nQ), (kern.threads, 1, 1), args, shared_mem=kern.smem)
         frame.finish(stream)
 
     result = (frame.wrap(out_native, out_view),)
@@ -200,12 +158,12 @@ def block_max_scores(q, k, *, causal=True, softmax_scale=None):
         strides = _strides(qv, "q") + _strides(kv, "k")
         scale = _positive_scale(softmax_scale, D)
         nQ, nK = -(-Nq // BLOCK_M), -(-Nk // BLOCK_N)
-        _check_grid(B, Hq)
+        _check_grid(B, Hq, nQ)
         tm_native, tm_view = frame.empty((B, Hq, nQ, nK), "float32")
         key = key_for(dtype, D, causal, frame.device_id, allow_sm90=False)  # bsfa_block_max is mma.sync only
         kern = get_module(key, frame.device_id).block_max
         args = (qv, kv, tm_view, i32(Nq), i32(Nk), i32(Hq), i32(Hkv), *strides, np.float32(scale))
-        kern.fn((nQ, Hq, B), (kern.threads, 1, 1), args, shared_mem=kern.smem)
+        kern.fn(kern.grid(B, Hq, nQ), (kern.threads, 1, 1), args, shared_mem=kern.smem)
         frame.finish(stream)
     return frame.wrap(tm_native, tm_view)
 
@@ -227,14 +185,17 @@ def _positive_scale(softmax_scale, D):
     return scale
 
 
-def _check_grid(B, Hq):
-    if B > _MAX_GRID_YZ or Hq > _MAX_GRID_YZ:
-        raise ValueError(f"batch and heads must be <= {_MAX_GRID_YZ} each (CUDA grid limit), got B={B}, Hq={Hq}")
+def _check_grid(B, Hq, nQ):
+    """Both launch grids fit CUDA's limits: (nQ, Hq, B) and (w, nQ, B*Hq/w) (see ``Kernel.grid``)."""
+    if nQ > MAX_GRID_YZ or B > MAX_GRID_YZ or Hq > MAX_GRID_YZ:
+        raise ValueError(
+            f"expected at most {MAX_GRID_YZ} query tiles (Nq <= {MAX_GRID_YZ * BLOCK_M}), batch and heads "
+            f"each (CUDA grid limits), got {nQ} query tiles, B={B}, Hq={Hq}"
+        )
 
 
 def _check_qkv(qv, kv, vv):
     B, Nq, Nk, Hq, Hkv, D = check_qk(qv, kv)
     check_v(vv, kv)
     dtype = _check_dtypes([("q", qv), ("k", kv), ("v", vv)], D)
-    _check_grid(B, Hq)
     return B, Nq, Nk, Hq, Hkv, D, dtype

@@ -222,9 +222,10 @@ extern "C" __global__ void __launch_bounds__(bsfa::TR::kNThreads, 2)
     const int tid = threadIdx.x;
     const int lane = tid & 31;
     const int warp = tid >> 5;
-    const int h = blockIdx.y;
-    const long long b = blockIdx.z;
-    const int a = query_tile_index<TR, kCausal>(Nq);
+    const CtaHead ch = chunked_head(Hq);
+    const int h = ch.h;
+    const long long b = ch.b;
+    const int a = chunked_query_tile<TR, kCausal>(Nq);
     const QueryTile<TR, kCausal> qt(a, Nq, Nk);
     const int nK = ceil_div(Nk, TR::kBlockN);
     // Tile row of this thread's accumulator elements 0..1 of half 0 (2..3: +8;
@@ -293,7 +294,9 @@ extern "C" __global__ void __launch_bounds__(bsfa::TR::kNThreads, 2)
         for (int c = qt.c_end; c >= 0; --c, ks = ks == 0 ? KS - 1 : ks - 1) {
             const bool is_forced = forced(c);
             // V in its own group ahead of K's: the gate's wait (all but the
-            // newest group) needs K c-1, not this V.
+            // newest group) needs K c-1, not this V.  Both go before S: K
+            // after S measured 1-4% slower dense and at rho 0.5, faster only
+            // at rho 0.1 (bench/NOTES.md, v8).
             if (is_forced) load_v(c);
             cp_async_commit();
             if (c >= KS - 1) load_k(c - (KS - 1), ks + 1 == KS ? 0 : ks + 1);  // slot (c-KS+1) mod KS
@@ -332,12 +335,11 @@ extern "C" __global__ void __launch_bounds__(bsfa::TR::kNThreads, 2)
             }
             if (keep_row != nullptr && tid == 0) keep_row[c] = kept ? 1 : 0;
             if (!kept) continue;
-            quad_max(tile_mx);  // row maxima for the softmax
-
             if (!is_forced) {
-                load_v(c);  // V-late: its latency hides behind the exponentials
+                load_v(c);  // V-late: its latency hides behind the row maxima and the exponentials
                 cp_async_commit();
             }
+            quad_max(tile_mx);  // row maxima for the softmax
             softmax_update(S, tile_mx, m, l, O, P, scale_log2);
             cp_async_wait<0>();
             fence_proxy_async();
@@ -357,7 +359,8 @@ extern "C" __global__ void __launch_bounds__(bsfa::TR::kNThreads, 2)
     // as 16-byte chunks.
     cta_sync();
     const int t = lane & 3;
-    float* lse_row = lse + (b * Hq + h) * Nq;
+    const CtaHead ce = chunked_head<true>(Hq);
+    float* lse_row = lse + ((long long)ce.b * Hq + ce.h) * Nq;
 #pragma unroll
     for (int mb = 0; mb < MB; ++mb) {
 #pragma unroll
@@ -378,7 +381,7 @@ extern "C" __global__ void __launch_bounds__(bsfa::TR::kNThreads, 2)
         }
     }
     warp_sync();
-    unsigned short* og = out + b * o_sb + h * o_sh;
+    unsigned short* og = out + ce.b * o_sb + ce.h * o_sh;
     constexpr int kCpr = TR::kHeadDim / TR::kChunkElems;
 #pragma unroll
     for (int mb = 0; mb < MB; ++mb) {

@@ -67,9 +67,9 @@ struct QueryTile {
     __device__ __forceinline__ bool needs_mask(int c) const { return c >= mask_from; }
 };
 
-// The query tile of this CTA.  kHeavyFirst (causal): the last, i.e. longest,
-// query tiles go to the first CTAs, so the long CTAs are dispatched first
-// and the short ones fill the tail.
+// The query tile of a CTA of bsfa_fwd.cu's kernels, whose grid is (nQ, Hq,
+// B).  kHeavyFirst (causal): the last, i.e. longest, query tiles go to the
+// first CTAs of each head.
 template <class TR, bool kHeavyFirst>
 __device__ __forceinline__ int query_tile_index(int Nq) {
     if constexpr (kHeavyFirst) {
@@ -77,6 +77,37 @@ __device__ __forceinline__ int query_tile_index(int Nq) {
     } else {
         return blockIdx.x;
     }
+}
+
+// The (query tile, head, batch) of a CTA of the sm_90a forward, whose grid
+// is (w, nQ, B*Hq/w), dispatched x fastest: the (batch, head) pairs,
+// flattened as b * Hq + h, are taken w at a time (w = 4, else 2, else 1: the
+// largest that divides B * Hq), and within such a chunk the CTAs go rank by
+// rank (blockIdx.y), all w heads per rank.  kHeavyFirst (causal): rank r is
+// query tile nQ-1-r, so every chunk starts with its longest tiles and its
+// short ones fill in behind them.  A whole head at a time (w = 1, the grid
+// above) starts the last head's long tiles right before the end and
+// stretches it; all heads at once would spread the CTAs in flight over every
+// head's K and V and defeat L2 reuse.  (The mma.sync kernels keep the grid
+// above: at hdim 128 some of their schedules have no registers to spare for
+// the division.)
+template <class TR, bool kHeavyFirst>
+__device__ __forceinline__ int chunked_query_tile(int Nq) {
+    return kHeavyFirst ? ceil_div(Nq, TR::kBlockM) - 1 - (int)blockIdx.y : (int)blockIdx.y;
+}
+struct CtaHead {
+    int h;
+    int b;
+};
+template <bool kFresh = false>
+__device__ __forceinline__ CtaHead chunked_head(int Hq) {
+    unsigned x = blockIdx.x, z = blockIdx.z;
+    if constexpr (kFresh) {  // not merged with earlier calls: an epilogue recomputes b, h instead of keeping them live
+        asm volatile("mov.u32 %0, %%ctaid.x;" : "=r"(x));
+        asm volatile("mov.u32 %0, %%ctaid.z;" : "=r"(z));
+    }
+    const int bh = (int)(z * gridDim.x + x);
+    return CtaHead{bh % Hq, bh / Hq};
 }
 
 // Threshold of query tile a (thr_mode 1: one scalar; 2: per head and query

@@ -75,6 +75,22 @@ def random_inputs(rng, B, Nq, Nk, Hq, Hkv, D, dtype, spread=1.0):
     return q, k, v
 
 
+def scalar_threshold(tile_max, margin):
+    """One threshold for every tile: midway between the two neighbouring distinct tile maxima nearest
+    the median whose gap exceeds twice the largest rounding margin (the median itself when none does),
+    so that ties at the median (common in bfloat16) do not put many tiles within rounding of it."""
+    finite = np.isfinite(tile_max)
+    vals = np.unique(tile_max[finite])
+    if not vals.size:
+        return 0.0
+    gap = 2.0 * float(margin[finite].max())
+    wide = np.flatnonzero(np.diff(vals) > gap) + 1  # split before vals[i]
+    if not wide.size:
+        return float(np.median(tile_max[finite]))
+    i = wide[np.abs(wide - vals.size // 2).argmin()]
+    return float(0.5 * (vals[i - 1] + vals[i]))
+
+
 def thresholds_from_maxima(tile_max, Nq, Nk, quantile=0.5, margin=None):
     """(Hq, T) float32: per head and query-tile position, a threshold midway between two
     neighbouring gated tile maxima near the given quantile of that tile row.

@@ -77,3 +77,26 @@ def test_launcher_uses_the_wgmma_kernel_only_on_hopper_head_dims_64_128(monkeypa
             assert not _kernels.key_for("bfloat16", d, True, 0).sm90
         assert not _kernels.key_for("bfloat16", d, True, 0, allow_sm90=False).sm90  # block_max's key
     assert "-DBSFA_HEAD_DIM=128" in _kernels.VariantKey("float16", 128, False, sm90=True).options()
+
+
+def test_device_thresholds_refuse_a_scalar_before_needing_cupy():
+    with pytest.raises(TypeError, match="scalar needs no device copy"):
+        bsfa_cupy.DeviceThresholds(0.5)
+
+
+def test_launch_grids_and_their_limits():
+    from bsfa_cupy._kernels import Kernel
+    from bsfa_cupy.ops import _check_grid
+
+    per_head, chunked = Kernel(None, 128, 0), Kernel(None, 128, 0, chunked_grid=True)
+    assert per_head.grid(2, 32, 128) == (128, 32, 2)
+    assert chunked.grid(2, 32, 128) == (4, 128, 16)
+    assert chunked.grid(3, 2, 5) == (2, 5, 3)
+    assert chunked.grid(1, 5, 7) == (1, 7, 5)
+    assert chunked.grid(40000, 8, 2) == (5, 2, 64000)  # chunks widen until gridDim.z fits
+    assert chunked.grid(65537, 3, 2) == (65537, 2, 3)
+    _check_grid(65535, 65535, 65535)
+    with pytest.raises(ValueError, match=r"at most 65535 query tiles .* got 65536 query tiles, B=1, Hq=8"):
+        _check_grid(1, 8, 65536)
+    with pytest.raises(ValueError, match=r"got 1 query tiles, B=1, Hq=65536"):
+        _check_grid(1, 65536, 1)

@@ -17,6 +17,7 @@ from gpu_support import (
     random_inputs,
     requires_gpu,
     rounding_margin,
+    scalar_threshold,
     thresholds_from_maxima,
 )
 
@@ -77,8 +78,7 @@ def run_case(p, monkeypatch):
     if p["mode"] == "none":
         thr = None
     elif p["mode"] == "scalar":
-        finite = tile_max[np.isfinite(tile_max)]
-        thr = float(np.median(finite)) if finite.size else 0.0
+        thr = scalar_threshold(tile_max, margin)
     else:
         thr = thresholds_from_maxima(tile_max, p["Nq"], p["Nk"], margin=margin)
         if p["mode"] == "short":
@@ -136,6 +136,14 @@ def test_edge_shapes(monkeypatch, Nq, Nk):
     """Causal rows with no valid key (Nq > Nk), a single query/key, Nk < 64, exact tiles."""
     p = dict(dtype="float16", D=64, causal=True, B=1, Hkv=1, Hq=2, Nq=Nq, Nk=Nk, mode="maxima",
              layouts=("contiguous",) * 3, spread=1.0, seed=Nq * 1000 + Nk)
+    run_case(p, monkeypatch)
+
+
+@pytest.mark.parametrize("B,Hkv,Hq,causal", [(3, 1, 4, True), (3, 1, 2, True), (1, 5, 5, True), (2, 3, 9, False)])
+def test_dispatch_order_covers_every_tile(monkeypatch, B, Hkv, Hq, causal):
+    """CTAs take (batch, head) pairs 4, 2 or 1 at a time (what divides B * Hq): each width once."""
+    p = dict(dtype="float16", D=64, causal=causal, B=B, Hkv=Hkv, Hq=Hq, Nq=333, Nk=400, mode="maxima",
+             layouts=("contiguous",) * 3, spread=1.0, seed=B * 100 + Hq)
     run_case(p, monkeypatch)
 
 

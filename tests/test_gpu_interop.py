@@ -177,3 +177,47 @@ def test_thresholds_from_torch_device_array():
         bsfa_cupy.attention(tq, tk, tv, bad)
     with pytest.raises(ValueError, match="requires_grad"):
         bsfa_cupy.attention(tq.requires_grad_(False).float().half().requires_grad_(True), tk, tv)
+
+
+@pytest.mark.parametrize("source", ["numpy", "cupy", "torch"])
+def test_device_thresholds_equal_the_plain_array(source):
+    """A DeviceThresholds gives the plain array's result bitwise, and is a private copy."""
+    import bsfa_cupy
+
+    rng = np.random.default_rng(8)
+    q, k, v = random_inputs(rng, 1, 700, 700, 4, 2, 128, "float16")
+    thr = thresholds_from_maxima(ref.block_max_scores(q, k), 700, 700)
+    qd, kd, vd = map(cp.asarray, (q, k, v))
+    if source == "numpy":
+        src = thr.copy()
+    elif source == "cupy":
+        src = cp.asarray(thr)
+    else:
+        src = _torch().from_numpy(thr.copy()).cuda()
+    handle = bsfa_cupy.DeviceThresholds(src)
+    assert (handle.heads, handle.positions, handle.device_id) == (4, thr.shape[1], cp.cuda.Device().id)
+    src[...] = np.inf if source == "numpy" else float("inf")  # later writes must not reach the copy
+    want, want_keep = bsfa_cupy.attention(qd, kd, vd, thr, return_keep=True)
+    got, got_keep = bsfa_cupy.attention(qd, kd, vd, handle, return_keep=True)
+    assert cp.array_equal(got_keep, want_keep), "keep masks differ"
+    assert cp.array_equal(got, want), f"outputs differ: max |diff| {float(cp.abs(got - want).max()):.3e}"
+    assert not bool(want_keep.all()), "thresholds skipped nothing: the test would not see a stale copy"
+
+
+def test_device_thresholds_reject_bad_input():
+    import bsfa_cupy
+
+    thr = np.zeros((4, 3), np.float32)
+    bad = cp.asarray(thr)
+    bad[1, 2] = cp.nan
+    with pytest.raises(ValueError, match="1 NaN"):
+        bsfa_cupy.DeviceThresholds(bad)
+    with pytest.raises(ValueError, match="NaN"):
+        bsfa_cupy.DeviceThresholds(cp.asnumpy(bad))
+    with pytest.raises(TypeError, match="float32 device array, got float16"):
+        bsfa_cupy.DeviceThresholds(cp.asarray(thr, dtype=cp.float16))
+    with pytest.raises(ValueError, match=r"expected shape \(Hq, T\)"):
+        bsfa_cupy.DeviceThresholds(cp.zeros((4, 0), cp.float32))
+    q = cp.ones((1, 128, 2, 64), cp.float16)
+    with pytest.raises(ValueError, match="expected 2 heads .* got a DeviceThresholds of 4"):
+        bsfa_cupy.attention(q, q, q, bsfa_cupy.DeviceThresholds(thr))
