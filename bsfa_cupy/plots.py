@@ -58,10 +58,10 @@ def bench_plots(result: dict, stem) -> list:
         ax.set_xlabel("sequence length N")
         ax.set_ylabel("dense-equivalent TFLOP/s")
 
-    where = f"{result['gpu']}, {result['date']}"
+    where = f"{result['gpu']}, {result['date']}"  # a line of its own: long GPU names overflow one panel
     return [
-        _shape_panels(rows, shapes, speedup, f"BSFA sparse speedup, {where}", f"{stem}_speedup.png"),
-        _shape_panels(rows, shapes, throughput, f"Causal attention throughput, {where}", f"{stem}_tflops.png"),
+        _shape_panels(rows, shapes, speedup, f"BSFA sparse speedup\n{where}", f"{stem}_speedup.png"),
+        _shape_panels(rows, shapes, throughput, f"Causal attention throughput\n{where}", f"{stem}_tflops.png"),
     ]
 
 
@@ -70,12 +70,13 @@ def _shape_panels(rows, shapes, draw, title, path):
     from pathlib import Path
 
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(shapes), figsize=(4.5 * len(shapes), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(shapes), figsize=(max(4.5 * len(shapes), 6.0), 4.4), squeeze=False)
     for ax, (dt, d, hkv) in zip(axes[0], shapes):
         draw(ax, [r for r in rows if (r["dtype"], r["d"], r["hkv"], r["causal"]) == (dt, d, hkv, True)])
         ax.set_title(f"{dt} D={d} Hkv={hkv}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # a panel can be empty (e.g. peers only, no sparse rows)
+            ax.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
