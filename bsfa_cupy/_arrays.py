@@ -55,7 +55,7 @@ class Frame:
             import torch
 
             t = torch.empty(shape, dtype=getattr(torch, dtype_name), device=self.torch_device)
-            return t, cp.from_dlpack(t)
+            return t, cp.from_dlpack(_TorchOnCurrentStream(t))
         with cp.cuda.Device(self.device_id):
             a = cp.empty(shape, dtype=_cupy_dtype(dtype_name))
         return a, a
@@ -87,8 +87,13 @@ def _cupy_dtype(name: str):
     return cp.dtype(name)
 
 
-def to_cupy(x, name: str):
-    """A zero-copy CuPy view of a GPU array from any supported framework, or a clear TypeError."""
+def to_cupy(x, name: str, frame: Frame | None = None):
+    """A zero-copy CuPy view of a GPU array from any supported framework, or a clear TypeError.
+
+    ``frame``: the call's frame, when CuPy's current stream is already its stream (inside ``on(frame)``);
+    a torch tensor of a torch frame's device then skips the DLPack stream handshake (see
+    ``_TorchOnCurrentStream``).
+    """
     kind = framework_of(x)
     if kind == "cupy":
         return x
@@ -100,6 +105,8 @@ def to_cupy(x, name: str):
     if kind == "torch":
         if not x.is_cuda:
             raise TypeError(f"{name}: got a torch tensor on {x.device}; expected a CUDA tensor (x.cuda())")
+        if frame is not None and frame.kind == "torch" and x.device == frame.torch_device:
+            return cupy().from_dlpack(_TorchOnCurrentStream(x))
     elif kind == "jax":
         platforms = {d.platform for d in x.devices()}
         if platforms != {"gpu"}:
@@ -108,6 +115,27 @@ def to_cupy(x, name: str):
     elif kind == "unknown":
         raise TypeError(f"{name}: expected a CuPy, PyTorch or JAX GPU array, got {type(x).__name__}")
     return cupy().from_dlpack(x)
+
+
+class _TorchOnCurrentStream:
+    """A torch CUDA tensor exported through DLPack without the stream handshake (stream=-1).
+
+    Only for tensors of the call's torch device inside ``on(frame)``: the consumer stream CuPy would
+    announce is then torch's current stream itself, so torch's check would find nothing to order, and
+    skipping it saves most of a call's host time. Work on other torch streams is the caller's to order,
+    as for any torch operation on the current stream.
+    """
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+    def __dlpack__(self, stream=None, **kwargs):
+        return self.tensor.__dlpack__(stream=-1, **kwargs)
+
+    def __dlpack_device__(self):
+        return self.tensor.__dlpack_device__()
 
 
 def frame_for(x) -> Frame:

@@ -61,7 +61,7 @@ def _check_out(out, frame, shape, dtype, device_id):
         raise TypeError(f"out: expected a {frame.kind} array like the inputs, got {type(out).__name__}")
     if frame.kind == "jax":
         raise TypeError("out: JAX arrays are immutable; call without out= and use the returned array")
-    view = to_cupy(out, "out")
+    view = to_cupy(out, "out", frame)
     if tuple(view.shape) != shape:
         raise ValueError(f"out: expected shape {shape} (B, Nq, Hq, D), got {tuple(view.shape)}")
     if str(view.dtype) != dtype:
@@ -104,7 +104,7 @@ def attention(q, k, v, thresholds=None, *, causal=True, softmax_scale=None, retu
     _check_grad([("q", q), ("k", k), ("v", v)])
     frame = frame_for(q)
     with on(frame) as stream:
-        qv, kv, vv = to_cupy(q, "q"), to_cupy(k, "k"), to_cupy(v, "v")
+        qv, kv, vv = to_cupy(q, "q", frame), to_cupy(k, "k", frame), to_cupy(v, "v", frame)
         B, Nq, Nk, Hq, Hkv, D, dtype = _check_qkv(qv, kv, vv)
         nQ, nK = -(-Nq // BLOCK_M), -(-Nk // BLOCK_N)
         _check_grid(B, Hq, nQ)
@@ -151,7 +151,7 @@ def block_max_scores(q, k, *, causal=True, softmax_scale=None):
     _check_grad([("q", q), ("k", k)])
     frame = frame_for(q)
     with on(frame) as stream:
-        qv, kv = to_cupy(q, "q"), to_cupy(k, "k")
+        qv, kv = to_cupy(q, "q", frame), to_cupy(k, "k", frame)
         B, Nq, Nk, Hq, Hkv, D = check_qk(qv, kv)
         dtype = _check_dtypes([("q", qv), ("k", kv)], D)
         _same_device([qv, kv], ["q", "k"])
