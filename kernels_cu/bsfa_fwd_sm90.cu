@@ -295,8 +295,8 @@ extern "C" __global__ void __launch_bounds__(bsfa::TR::kNThreads, 2)
             const bool is_forced = forced(c);
             // V in its own group ahead of K's: the gate's wait (all but the
             // newest group) needs K c-1, not this V.  Both go before S: K
-            // after S measured 1-4% slower dense and at rho 0.5, faster only
-            // at rho 0.1 (bench/NOTES.md, v8).
+            // after S measured 1-4% slower dense and slower sparse except at
+            // rho 0.1 (bench/NOTES.md, v8).
             if (is_forced) load_v(c);
             cp_async_commit();
             if (c >= KS - 1) load_k(c - (KS - 1), ks + 1 == KS ? 0 : ks + 1);  // slot (c-KS+1) mod KS
