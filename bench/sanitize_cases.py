@@ -1,6 +1,6 @@
 """A small variant matrix for compute-sanitizer (memcheck, racecheck): every kernel, ragged shapes.
 
-Both forward kernels run: the sm_90a wgmma one (on compute capability 9.0) and the mma.sync one.
+Both kernel sets run: the sm_90a wgmma ones (on compute capability 9.0) and the mma.sync ones.
 """
 import numpy as np
 
@@ -17,9 +17,9 @@ for sm90, dtype in [(p, dt) for p in paths for dt in ("float16", "bfloat16")]:
                 q = cp.asarray(rng.standard_normal((1, nq, 2, d), dtype=np.float32)).astype(dtype)
                 k = cp.asarray(rng.standard_normal((1, nk, 1, d), dtype=np.float32)).astype(dtype)
                 v = cp.asarray(rng.standard_normal((1, nk, 1, d), dtype=np.float32)).astype(dtype)
-                tm = bsfa_cupy.block_max_scores(q, k, causal=causal)
-                thr = float(cp.median(tm[cp.isfinite(tm)]))
                 with _kernels.tuning(sm90=sm90):
+                    tm = bsfa_cupy.block_max_scores(q, k, causal=causal)
+                    thr = float(cp.median(tm[cp.isfinite(tm)]))
                     for t in (None, thr):
                         bsfa_cupy.attention(q, k, v, t, causal=causal, return_lse=True, return_keep=True)
 cp.cuda.Device().synchronize()

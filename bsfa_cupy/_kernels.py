@@ -8,7 +8,6 @@ source string already holds every header (see ``_source``).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import hashlib
 import math
@@ -50,8 +49,8 @@ class VariantKey:
     fast_loads: bool = True  # BSFA_FAST_LOADS (off is 1-2% faster on H200 but spills 4 B at hdim 128 on sm_80)
     qk_pingpong: bool = True  # BSFA_QK_PINGPONG (head_dim 96/128 only)
     pv_pingpong: bool = True  # BSFA_PV_PINGPONG (rolled P V loop only)
-    # bsfa_fwd from SOURCE_SM90 (wgmma, compute capability 9.0 only); the knobs above then only
-    # shape bsfa_block_max, which always comes from SOURCE.
+    # Both kernels from SOURCE_SM90 (wgmma, compute capability 9.0 only); the knobs above then
+    # have no effect.
     sm90: bool = False
 
     def __post_init__(self):
@@ -123,11 +122,11 @@ def tuning(**knobs):
         _TUNING.update(old)
 
 
-def key_for(dtype: str, head_dim: int, causal: bool, device_id: int, *, allow_sm90: bool = True) -> VariantKey:
-    """The variant the API launches: the wgmma kernel where the device and head dim allow it
-    (unless ``tuning(sm90=False)`` or ``allow_sm90=False``), else the mma.sync one."""
+def key_for(dtype: str, head_dim: int, causal: bool, device_id: int) -> VariantKey:
+    """The variant the API launches: the wgmma kernels where the device and head dim allow it
+    (unless ``tuning(sm90=False)``), else the mma.sync ones."""
     knobs = dict(_TUNING)
-    want_sm90 = knobs.pop("sm90", True) and allow_sm90
+    want_sm90 = knobs.pop("sm90", True)
     sm90 = bool(want_sm90) and head_dim in SM90_HEAD_DIMS and compute_capability(device_id) == "90"
     return VariantKey(dtype, head_dim, bool(causal), sm90=sm90, **knobs)
 
@@ -213,7 +212,7 @@ def _load_sm90(key: VariantKey):
     source = kernel_source(SOURCE_SM90)
     options = key.options() + ("-arch=sm_90a", "-ftz=true", "-lineinfo")
     digest = hashlib.sha256(repr((source, options, nvrtc.getVersion())).encode()).hexdigest()[:32]
-    path = _cache_dir() / f"bsfa_fwd_sm90-{digest}.cubin"  # keys differing only in block_max knobs share it
+    path = _cache_dir() / f"bsfa_fwd_sm90-{digest}.cubin"  # keys differing only in mma.sync knobs share it
     if not path.is_file():
         prog = nvrtc.createProgram(source, SOURCE_SM90, (), ())
         try:
@@ -237,11 +236,12 @@ def get_module(key: VariantKey, device_id: int) -> Module:
     """Compile (first use) and load one variant on one device."""
     cp = cupy()
     if key.sm90:
-        base = get_module(dataclasses.replace(key, sm90=False), device_id)
         with cp.cuda.Device(device_id):
-            fwd = _kernel(_load_sm90(key), "bsfa_fwd", "BSFA_FWD_THREADS", "BSFA_FWD_SMEM_BYTES")
-        fwd.chunked_grid = True
-        return Module(key, fwd, base.block_max)
+            raw = _load_sm90(key)
+            fwd = _kernel(raw, "bsfa_fwd", "BSFA_FWD_THREADS", "BSFA_FWD_SMEM_BYTES")
+            bmax = _kernel(raw, "bsfa_block_max", "BSFA_BLOCK_MAX_THREADS", "BSFA_BLOCK_MAX_SMEM_BYTES")
+        fwd.chunked_grid = bmax.chunked_grid = True
+        return Module(key, fwd, bmax)
     with cp.cuda.Device(device_id):
         raw = cp.RawModule(code=kernel_source(SOURCE), options=key.options(), backend="nvrtc")
         try:

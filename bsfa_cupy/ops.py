@@ -160,8 +160,7 @@ def block_max_scores(q, k, *, causal=True, softmax_scale=None):
         nQ, nK = -(-Nq // BLOCK_M), -(-Nk // BLOCK_N)
         _check_grid(B, Hq, nQ)
         tm_native, tm_view = frame.empty((B, Hq, nQ, nK), "float32")
-        key = key_for(dtype, D, causal, frame.device_id, allow_sm90=False)  # bsfa_block_max is mma.sync only
-        kern = get_module(key, frame.device_id).block_max
+        kern = get_module(key_for(dtype, D, causal, frame.device_id), frame.device_id).block_max
         args = (qv, kv, tm_view, i32(Nq), i32(Nk), i32(Hq), i32(Hkv), *strides, np.float32(scale))
         kern.fn(kern.grid(B, Hq, nQ), (kern.threads, 1, 1), args, shared_mem=kern.smem)
         frame.finish(stream)

@@ -1,8 +1,8 @@
 // Block-Sparse FlashAttention forward for Hopper (sm_90a): warpgroup MMA.
 //
-// Same contract, arguments and results as bsfa_fwd in bsfa_fwd.cu (the
-// launcher picks this one on compute capability 9.0 for head dims 64 and
-// 128); the gate, masking and tile bookkeeping are the shared ones of
+// Same contract, arguments and results as bsfa_fwd and bsfa_block_max in
+// bsfa_fwd.cu (the launcher picks these on compute capability 9.0 for head
+// dims 64 and 128); the gate, masking and tile bookkeeping are the shared ones of
 // bsfa_tile.cuh, so both kernels keep and skip the same tiles.
 //
 // Specialisation macros: BSFA_DTYPE (0 float16, 1 bfloat16), BSFA_HEAD_DIM
@@ -82,6 +82,10 @@ struct Sm90Traits {
     static constexpr int kSmemV = kSmemK + kKStages * kKVBytes;
     // + one atom of slack: the dynamic window is aligned up to 1024 bytes.
     static constexpr int kSmemBytes = kSmemV + kVStages * kKVBytes + kSwizzleAtomBytes;
+    // bsfa_block_max: Q and the K ring, then two slots of per-warp maxima.
+    static constexpr int kNWarps = kNThreads / 32;
+    static constexpr int kSmemRed = kSmemV;
+    static constexpr int kBlockMaxSmemBytes = kSmemRed + 2 * kNWarps * 4 + kSwizzleAtomBytes;
 
     static_assert(kHeadDim % kPanelCols == 0, "head dim must be a whole number of 64-column panels");
     static_assert(kKVPanelBytes % kSwizzleAtomBytes == 0, "panels must keep the 1024-byte atom alignment");
@@ -142,6 +146,30 @@ __device__ __forceinline__ void issue_qk(float (&S)[MB][TR::kSNBlocks][4], unsig
         }
         wgmma_commit();
     }
+}
+
+// S = Q K_c^T and its lane-local row maxima over the valid entries (masked
+// to -inf), half 0's taken while half 1 is still computed.  Shared by both
+// kernels, so the gate of bsfa_fwd and bsfa_block_max see the same maxima.
+template <class QT>
+__device__ __forceinline__ void qk_row_maxima(float (&S)[MB][TR::kSNBlocks][4], float (&tile_mx)[MB][2],
+                                              unsigned long long q_desc, unsigned long long k_desc, const QT& qt,
+                                              int c, int row_in_tile, int lane, int Nq, int Nk) {
+    issue_qk(S, q_desc, k_desc);
+    auto half_max = [&](int hm) {
+        float(&Sh)[1][TR::kSNBlocks][4] = *reinterpret_cast<float(*)[1][TR::kSNBlocks][4]>(&S[hm]);
+        float(&mh)[1][2] = *reinterpret_cast<float(*)[1][2]>(&tile_mx[hm]);
+        if (qt.needs_mask(c)) {
+            mask_tile<HalfTR, kCausal>(Sh, c, qt.q0 + hm * TR::kWgmmaM + row_in_tile, lane, Nq, Nk);
+        }
+        row_max<HalfTR, false>(Sh, mh);  // lane-local: the gate needs no more
+    };
+    wgmma_wait<1>();
+    fence_regs(flat(S[0]));
+    half_max(0);
+    wgmma_wait<0>();
+    fence_regs(flat(S[1]));
+    half_max(1);
 }
 
 // O += P V for both halves, committed as one wgmma group; key step kk = 16
@@ -209,6 +237,8 @@ __device__ __forceinline__ void softmax_update(const float (&S)[MB][TR::kSNBlock
 // Launch geometry, read by the launcher through the module's globals.
 extern "C" __constant__ int BSFA_FWD_THREADS = bsfa::TR::kNThreads;
 extern "C" __constant__ int BSFA_FWD_SMEM_BYTES = bsfa::TR::kSmemBytes;
+extern "C" __constant__ int BSFA_BLOCK_MAX_THREADS = bsfa::TR::kNThreads;
+extern "C" __constant__ int BSFA_BLOCK_MAX_SMEM_BYTES = bsfa::TR::kBlockMaxSmemBytes;
 
 extern "C" __global__ void __launch_bounds__(bsfa::TR::kNThreads, 2)
     bsfa_fwd(const unsigned short* __restrict__ q, const unsigned short* __restrict__ k,
@@ -303,22 +333,9 @@ extern "C" __global__ void __launch_bounds__(bsfa::TR::kNThreads, 2)
             cp_async_commit();
 
             float S[MB][TR::kSNBlocks][4];
-            issue_qk(S, q_desc, make_desc(sK + ks * TR::kKVBytes, 16, kSwizzleAtomBytes));
             float tile_mx[MB][2];
-            auto half_max = [&](int hm) {
-                float(&Sh)[1][TR::kSNBlocks][4] = *reinterpret_cast<float(*)[1][TR::kSNBlocks][4]>(&S[hm]);
-                float(&mh)[1][2] = *reinterpret_cast<float(*)[1][2]>(&tile_mx[hm]);
-                if (qt.needs_mask(c)) {
-                    mask_tile<HalfTR, kCausal>(Sh, c, qt.q0 + hm * TR::kWgmmaM + row_in_tile, lane, Nq, Nk);
-                }
-                row_max<HalfTR, false>(Sh, mh);  // lane-local: the gate needs no more
-            };
-            wgmma_wait<1>();
-            fence_regs(flat(S[0]));
-            half_max(0);
-            wgmma_wait<0>();
-            fence_regs(flat(S[1]));
-            half_max(1);
+            qk_row_maxima(S, tile_mx, q_desc, make_desc(sK + ks * TR::kKVBytes, 16, kSwizzleAtomBytes), qt, c,
+                          row_in_tile, lane, Nq, Nk);
 
             // The gate (uniform per CTA): the tile max over valid entries is
             // >= thr iff some lane's max is; rows past Nq were masked to -inf.
@@ -396,6 +413,80 @@ extern "C" __global__ void __launch_bounds__(bsfa::TR::kNThreads, 2)
                                  swizzled(r, cc % TR::kChunksPerPanelRow));
                 stg128(og + (long long)(qt.q0 + r) * o_sn + cc * TR::kChunkElems, vals);
             }
+        }
+    }
+}
+
+// Tile maxima only (same contract as bsfa_block_max in bsfa_fwd.cu): the S
+// path of bsfa_fwd above (same K ring, the same wgmma S, masks and row maxima,
+// so its maxima are bit-identical to what this kernel's gate compares), one
+// barrier per tile, which also publishes the per-warp maxima to thread 0.
+extern "C" __global__ void __launch_bounds__(bsfa::TR::kNThreads, 2)
+    bsfa_block_max(const unsigned short* __restrict__ q, const unsigned short* __restrict__ k,
+                   float* __restrict__ tile_max, int Nq, int Nk, int Hq, int Hkv, long long q_sb, long long q_sn,
+                   long long q_sh, long long k_sb, long long k_sn, long long k_sh, float softmax_scale) {
+    using namespace bsfa;
+    constexpr int KS = TR::kKStages;
+    const int tid = threadIdx.x;
+    const int lane = tid & 31;
+    const int warp = tid >> 5;
+    const CtaHead ch = chunked_head(Hq);
+    const int h = ch.h;
+    const long long b = ch.b;
+    const int a = chunked_query_tile<TR, kCausal>(Nq);
+    const QueryTile<TR, kCausal> qt(a, Nq, Nk);
+    const int nK = ceil_div(Nk, TR::kBlockN);
+    const int row_in_tile = warp * TR::kWarpRows + (lane >> 2);
+
+    float* tm_row = tile_max + ((b * Hq + h) * ceil_div(Nq, TR::kBlockM) + a) * nK;
+    for (int c = qt.c_end + 1 + tid; c < nK; c += TR::kNThreads) tm_row[c] = neg_inf();
+    if (qt.c_end < 0) return;
+
+    const unsigned smem = (dyn_smem_base() + kSwizzleAtomBytes - 1) & ~(unsigned)(kSwizzleAtomBytes - 1);
+    const unsigned sQ = smem + TR::kSmemQ;
+    const unsigned sK = smem + TR::kSmemK;
+    const unsigned sRed = smem + TR::kSmemRed;
+    const unsigned short* kg = k + b * k_sb + (long long)(h / (Hq / Hkv)) * k_sh;
+    auto load_k = [&](int c, int slot) {
+        load_tile<TR::kBlockN>(sK + slot * TR::kKVBytes, kg + (long long)c * TR::kBlockN * k_sn, k_sn,
+                               Nk - c * TR::kBlockN, tid, k);
+    };
+
+    // cp.async groups as in bsfa_fwd: [Q + K c_end], [K c_end-1], then one
+    // [K c-2] per tile; the end-of-tile wait leaves only the newest pending.
+    load_tile<TR::kBlockM>(sQ, q + b * q_sb + h * q_sh + (long long)qt.q0 * q_sn, q_sn, Nq - qt.q0, tid, q);
+    load_k(qt.c_end, qt.c_end % KS);
+    cp_async_commit();
+    if (qt.c_end > 0) load_k(qt.c_end - 1, (qt.c_end - 1) % KS);
+    cp_async_commit();
+    const unsigned long long q_desc = make_desc(sQ, 16, kSwizzleAtomBytes);
+    cp_async_wait<KS - 2>();
+    fence_proxy_async();
+    cta_sync();
+
+    int ks = qt.c_end % KS;
+#pragma unroll 1
+    for (int c = qt.c_end; c >= 0; --c, ks = ks == 0 ? KS - 1 : ks - 1) {
+        if (c >= KS - 1) load_k(c - (KS - 1), ks + 1 == KS ? 0 : ks + 1);
+        cp_async_commit();
+        float S[MB][TR::kSNBlocks][4];
+        float tile_mx[MB][2];
+        qk_row_maxima(S, tile_mx, q_desc, make_desc(sK + ks * TR::kKVBytes, 16, kSwizzleAtomBytes), qt, c,
+                      row_in_tile, lane, Nq, Nk);
+        float mx = fmax2(fmax2(tile_mx[0][0], tile_mx[0][1]), fmax2(tile_mx[1][0], tile_mx[1][1]));
+#pragma unroll
+        for (int off = 1; off < 32; off <<= 1) mx = fmax2(mx, shfl_xor(mx, off));
+        const unsigned slot = sRed + (c & 1) * TR::kNWarps * 4;
+        if (lane == 0) sts_f32(slot + warp * 4, mx);
+        cp_async_wait<KS - 2>();
+        fence_proxy_async();
+        cta_sync();
+        // Slot c&1 is rewritten two tiles on, after the next barrier.
+        if (tid == 0) {
+            float m = lds_f32(slot);
+#pragma unroll
+            for (int w = 1; w < TR::kNWarps; ++w) m = fmax2(m, lds_f32(slot + w * 4));
+            tm_row[c] = m * softmax_scale;
         }
     }
 }

@@ -75,7 +75,6 @@ def test_launcher_uses_the_wgmma_kernel_only_on_hopper_head_dims_64_128(monkeypa
         assert key.sm90 == (cc == "90" and d in _kernels.SM90_HEAD_DIMS), f"cc {cc}, head dim {d}: {key.name()}"
         with _kernels.tuning(sm90=False):
             assert not _kernels.key_for("bfloat16", d, True, 0).sm90
-        assert not _kernels.key_for("bfloat16", d, True, 0, allow_sm90=False).sm90  # block_max's key
     assert "-DBSFA_HEAD_DIM=128" in _kernels.VariantKey("float16", 128, False, sm90=True).options()
 
 
