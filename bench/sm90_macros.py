@@ -34,7 +34,7 @@ sets = _input_sets(1, args.n, 32, 8, args.d, "float16", 60 * 2**20)
 tmax = [cp.from_dlpack(bsfa_cupy.block_max_scores(q, k))[0] for q, k, _ in sets]
 thr = {rho: [thresholds_for_rho(t, rho, args.n) for t in tmax] for rho in args.rhos}
 paths = ["handle", "array"] if args.thresholds == "both" else [args.thresholds]
-as_passed = {"array": lambda t: t, "handle": lambda t: bsfa_cupy.DeviceThresholds(t)}
+as_passed = {"array": lambda t: t, "handle": bsfa_cupy.DeviceThresholds}
 flops = dense_flops(1, 32, args.n, args.d, True)
 base = None
 for name, extra in builds.items():

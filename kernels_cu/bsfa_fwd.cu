@@ -148,40 +148,20 @@ namespace bsfa {
 
 constexpr int MB = TR::kWarpMBlocks;
 
-// Online-softmax update for a kept tile: the raw scores S become
-// P = exp2(S * scale_log2 - m_new * scale_log2), packed straight away into the
-// 16-bit A fragments of the P V product (half the live registers of fp32 P).
-// The C fragment of S n8 blocks 2kk and 2kk+1 is exactly the A fragment
-// (16 rows x 16 keys) of P V k-step kk: a0 = (row g, keys 2t..2t+1) = S[2kk]
-// c0c1, a1 = (row g+8) = S[2kk] c2c3, a2/a3 = the same from S[2kk+1].  O and
-// l are rescaled by exp2(m_old - m_new) only; l is a per-thread partial row
-// sum of the fp32 P (the quad is reduced once, in the epilogue).
+// Online-softmax update for a kept tile (softmax_row in bsfa_tile.cuh, per
+// row): P is packed straight away into the 16-bit A fragments of the P V
+// product (half the live registers of fp32 P); O is rescaled by
+// exp2(m_old - m_new); l stays a per-thread partial row sum (the quad is
+// reduced once, in the epilogue).
 __device__ __forceinline__ void softmax_update(const float (&S)[MB][TR::kSNBlocks][4], const float (&tile_mx)[MB][2],
                                                float (&m)[MB][2], float (&l)[MB][2],
                                                float (&O)[MB][TR::kONBlocks][4],
                                                unsigned (&P)[MB][TR::kKeySteps][4], float scale_log2) {
-    const float ninf = neg_inf();
 #pragma unroll
     for (int mb = 0; mb < MB; ++mb) {
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
-            const float m_new = fmax2(m[mb][hf], tile_mx[mb][hf]);
-            // A row with no valid score yet (m_new = -inf) takes 0 as its
-            // reference so that exp2(-inf - ref) = 0 rather than NaN.
-            const float ref = m_new == ninf ? 0.f : m_new;
-            const float alpha = ex2((m[mb][hf] - ref) * scale_log2);
-            const float ref_scaled = ref * scale_log2;
-            m[mb][hf] = m_new;
-            float rs = 0.f;
-#pragma unroll
-            for (int nb = 0; nb < TR::kSNBlocks; ++nb) {
-                const float p0 = ex2(ffma(S[mb][nb][2 * hf], scale_log2, -ref_scaled));
-                const float p1 = ex2(ffma(S[mb][nb][2 * hf + 1], scale_log2, -ref_scaled));
-                rs += p0 + p1;
-                // n8 block nb -> k-step nb/2, register hf (+2 for the odd block).
-                P[mb][nb / 2][(nb % 2) * 2 + hf] = pack2<TR::kBf16>(p0, p1);
-            }
-            l[mb][hf] = l[mb][hf] * alpha + rs;
+            const float alpha = softmax_row<TR>(S, mb, hf, tile_mx[mb][hf], m[mb][hf], l[mb][hf], P, scale_log2);
 #pragma unroll
             for (int nb = 0; nb < TR::kONBlocks; ++nb) {
                 O[mb][nb][2 * hf] *= alpha;

@@ -148,6 +148,24 @@ __device__ __forceinline__ void issue_qk(float (&S)[MB][TR::kSNBlocks][4], unsig
     }
 }
 
+// The 1024-byte-aligned start of the dynamic shared memory (the swizzle atom).
+__device__ __forceinline__ unsigned aligned_smem_base() {
+    return (dyn_smem_base() + kSwizzleAtomBytes - 1) & ~(unsigned)(kSwizzleAtomBytes - 1);
+}
+
+// The first cp.async groups of both kernels: [Q + K c_end], [K c_end-1]
+// (empty when c_end = 0); load_k(c, slot) copies key tile c into ring slot.
+template <class LoadK>
+__device__ __forceinline__ void load_q_and_first_keys(unsigned sQ, const unsigned short* q_tile, long long q_sn,
+                                                      int q_rows, int tid, const void* q_safe, int c_end,
+                                                      LoadK&& load_k) {
+    load_tile<TR::kBlockM>(sQ, q_tile, q_sn, q_rows, tid, q_safe);
+    load_k(c_end, c_end % TR::kKStages);
+    cp_async_commit();
+    if (c_end > 0) load_k(c_end - 1, (c_end - 1) % TR::kKStages);
+    cp_async_commit();
+}
+
 // S = Q K_c^T and its lane-local row maxima over the valid entries (masked
 // to -inf), half 0's taken while half 1 is still computed.  Shared by both
 // kernels, so the gate of bsfa_fwd and bsfa_block_max see the same maxima.
@@ -188,38 +206,23 @@ __device__ __forceinline__ void issue_pv(float (&O)[MB][TR::kONBlocks][4], const
     wgmma_commit();
 }
 
-// Online-softmax update for a kept tile (as in bsfa_fwd.cu): P = exp2(S *
-// scale_log2 - m_new * scale_log2) packed into the A fragments of P V; O and l
-// rescaled by exp2(m_old - m_new); l is a per-thread partial row sum.  Once
-// the running maxima settle, most tiles raise no row max of the warp: O's
-// rescale (2 D multiplies per thread) is then skipped, exactly (alpha == 1).
+// Online-softmax update for a kept tile (softmax_row in bsfa_tile.cuh, per
+// row, as in bsfa_fwd.cu).  Once the running maxima settle, most tiles raise
+// no row max of the warp: O's rescale by exp2(m_old - m_new) (2 D multiplies
+// per thread) is then skipped, exactly (alpha == 1).
 __device__ __forceinline__ void softmax_update(const float (&S)[MB][TR::kSNBlocks][4], const float (&tile_mx)[MB][2],
                                                float (&m)[MB][2], float (&l)[MB][2],
                                                float (&O)[MB][TR::kONBlocks][4], unsigned (&P)[MB][TR::kKeySteps][4],
                                                float scale_log2) {
-    const float ninf = neg_inf();
     float alpha[MB][2];
     bool rescale = false;
 #pragma unroll
     for (int mb = 0; mb < MB; ++mb) {
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
-            const float m_new = fmax2(m[mb][hf], tile_mx[mb][hf]);
-            // A row with no valid score yet keeps exp2(-inf - 0) = 0, not NaN.
-            const float ref = m_new == ninf ? 0.f : m_new;
-            alpha[mb][hf] = ex2((m[mb][hf] - ref) * scale_log2);
-            rescale |= m_new != m[mb][hf];
-            const float ref_scaled = ref * scale_log2;
-            m[mb][hf] = m_new;
-            float rs = 0.f;
-#pragma unroll
-            for (int nb = 0; nb < TR::kSNBlocks; ++nb) {
-                const float p0 = ex2(ffma(S[mb][nb][2 * hf], scale_log2, -ref_scaled));
-                const float p1 = ex2(ffma(S[mb][nb][2 * hf + 1], scale_log2, -ref_scaled));
-                rs += p0 + p1;
-                P[mb][nb / 2][(nb % 2) * 2 + hf] = pack2<TR::kBf16>(p0, p1);
-            }
-            l[mb][hf] = l[mb][hf] * alpha[mb][hf] + rs;
+            const float m_old = m[mb][hf];
+            alpha[mb][hf] = softmax_row<TR>(S, mb, hf, tile_mx[mb][hf], m[mb][hf], l[mb][hf], P, scale_log2);
+            rescale |= m[mb][hf] != m_old;
         }
     }
     if (warp_any(rescale)) {
@@ -264,7 +267,7 @@ extern "C" __global__ void __launch_bounds__(bsfa::TR::kNThreads, 2)
 
     unsigned char* keep_row = keep_row_for(keep, b, h, Hq, a, Nq, nK, qt, tid);
 
-    const unsigned smem = (dyn_smem_base() + kSwizzleAtomBytes - 1) & ~(unsigned)(kSwizzleAtomBytes - 1);
+    const unsigned smem = aligned_smem_base();
     const unsigned sQ = smem + TR::kSmemQ;
     const unsigned sK = smem + TR::kSmemK;
     const unsigned sV = smem + TR::kSmemV;
@@ -297,11 +300,8 @@ extern "C" __global__ void __launch_bounds__(bsfa::TR::kNThreads, 2)
         // be empty) and a kept tile waits for everything before its P V, so
         // the group holding K c-1 is complete once at most one (tile c's K)
         // is pending.
-        load_tile<TR::kBlockM>(sQ, q + b * q_sb + h * q_sh + (long long)qt.q0 * q_sn, q_sn, Nq - qt.q0, tid, q);
-        load_k(qt.c_end, qt.c_end % KS);
-        cp_async_commit();
-        if (qt.c_end > 0) load_k(qt.c_end - 1, (qt.c_end - 1) % KS);
-        cp_async_commit();
+        load_q_and_first_keys(sQ, q + b * q_sb + h * q_sh + (long long)qt.q0 * q_sn, q_sn, Nq - qt.q0, tid, q, qt.c_end,
+                              load_k);
 
         const unsigned long long q_desc = make_desc(sQ, 16, kSwizzleAtomBytes);
         // V is the MN-major B operand: the leading offset steps between
@@ -442,7 +442,7 @@ extern "C" __global__ void __launch_bounds__(bsfa::TR::kNThreads, 2)
     for (int c = qt.c_end + 1 + tid; c < nK; c += TR::kNThreads) tm_row[c] = neg_inf();
     if (qt.c_end < 0) return;
 
-    const unsigned smem = (dyn_smem_base() + kSwizzleAtomBytes - 1) & ~(unsigned)(kSwizzleAtomBytes - 1);
+    const unsigned smem = aligned_smem_base();
     const unsigned sQ = smem + TR::kSmemQ;
     const unsigned sK = smem + TR::kSmemK;
     const unsigned sRed = smem + TR::kSmemRed;
@@ -454,11 +454,8 @@ extern "C" __global__ void __launch_bounds__(bsfa::TR::kNThreads, 2)
 
     // cp.async groups as in bsfa_fwd: [Q + K c_end], [K c_end-1], then one
     // [K c-2] per tile; the end-of-tile wait leaves only the newest pending.
-    load_tile<TR::kBlockM>(sQ, q + b * q_sb + h * q_sh + (long long)qt.q0 * q_sn, q_sn, Nq - qt.q0, tid, q);
-    load_k(qt.c_end, qt.c_end % KS);
-    cp_async_commit();
-    if (qt.c_end > 0) load_k(qt.c_end - 1, (qt.c_end - 1) % KS);
-    cp_async_commit();
+    load_q_and_first_keys(sQ, q + b * q_sb + h * q_sh + (long long)qt.q0 * q_sn, q_sn, Nq - qt.q0, tid, q, qt.c_end,
+                          load_k);
     const unsigned long long q_desc = make_desc(sQ, 16, kSwizzleAtomBytes);
     cp_async_wait<KS - 2>();
     fence_proxy_async();

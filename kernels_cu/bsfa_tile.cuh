@@ -150,6 +150,36 @@ __device__ __forceinline__ void init_softmax_state(float (&O)[MB][NB][4], float 
     }
 }
 
+// One row (half hf of row block mb) of the online-softmax update of a kept
+// tile, for both forward kernels: m takes the tile's row max, the row's
+// P = exp2(S * scale_log2 - m_new * scale_log2) is packed into the 16-bit A
+// fragments of P V (n8 block nb -> k-step nb/2, register hf, +2 for the odd
+// block: the C fragment of S is the A fragment of P), and l, a per-thread
+// partial row sum of the fp32 P, is rescaled and extended.  Returns the
+// rescale factor exp2(m_old - m_new); rescaling O is the caller's.
+template <class TR, int MB>
+__device__ __forceinline__ float softmax_row(const float (&S)[MB][TR::kSNBlocks][4], int mb, int hf, float tile_mx,
+                                             float& m, float& l, unsigned (&P)[MB][TR::kKeySteps][4],
+                                             float scale_log2) {
+    const float m_new = fmax2(m, tile_mx);
+    // A row with no valid score yet (m_new = -inf) takes 0 as its reference
+    // so that exp2(-inf - ref) = 0 rather than NaN.
+    const float ref = m_new == neg_inf() ? 0.f : m_new;
+    const float alpha = ex2((m - ref) * scale_log2);
+    const float ref_scaled = ref * scale_log2;
+    m = m_new;
+    float rs = 0.f;
+#pragma unroll
+    for (int nb = 0; nb < TR::kSNBlocks; ++nb) {
+        const float p0 = ex2(ffma(S[mb][nb][2 * hf], scale_log2, -ref_scaled));
+        const float p1 = ex2(ffma(S[mb][nb][2 * hf + 1], scale_log2, -ref_scaled));
+        rs += p0 + p1;
+        P[mb][nb / 2][(nb % 2) * 2 + hf] = pack2<TR::kBf16>(p0, p1);
+    }
+    l = l * alpha + rs;
+    return alpha;
+}
+
 // Which key tiles a query tile keeps without a gate, and the gate's
 // threshold: tiles in [forced_lo, forced_hi] are the diagonal ones, or every
 // tile with a valid entry when thr_mode 0 keeps them all.

@@ -201,17 +201,23 @@ def test_runtime_source_has_no_includes(fwd_source, sm90_source):
         assert not includes, f"kernel_source({name!r}) still has include lines: {includes}"
 
 
-@pytest.mark.parametrize("variant", SM90_VARIANTS, ids=_sm90_id)
-def test_sm90_compiles_without_spills_or_serialised_wgmma(compiled, variant):
-    proc = compiled[("sm90", variant)].result()
+def _assert_compiled_without_spills(proc, name) -> str:
+    """nvcc succeeded and ptxas reports 0 spill bytes for every kernel of KERNELS; returns the log."""
     log = proc.stdout + proc.stderr
-    name = _sm90_id(variant)
     assert proc.returncode == 0, f"{name}: nvcc failed (exit {proc.returncode}):\n{log[-4000:]}"
     spills = parse_spills(log)
     for kernel in KERNELS:
-        assert kernel in spills, f"{name}: no ptxas report for {kernel}:\n{log[-4000:]}"
+        assert kernel in spills, f"{name}: no ptxas report for {kernel} (is it exported extern \"C\"?):\n{log[-4000:]}"
         stores, loads, line = spills[kernel]
         assert stores == 0 and loads == 0, f"{name}: {kernel} spills registers: {line}"
+    return log
+
+
+@pytest.mark.parametrize("variant", SM90_VARIANTS, ids=_sm90_id)
+def test_sm90_compiles_without_spills_or_serialised_wgmma(compiled, variant):
+    proc = compiled[("sm90", variant)].result()
+    name = _sm90_id(variant)
+    log = _assert_compiled_without_spills(proc, name)
     serialised = [ln for ln in log.splitlines() if "C7515" in ln or "serialized" in ln]
     assert not serialised, f"{name}: ptxas serialises the wgmma pipeline: {serialised}"
 
@@ -227,15 +233,7 @@ def test_sm90_unsupported_head_dim_is_a_compile_error(sm90_source, tmp_path):
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=_variant_id)
 def test_compiles_without_spills(compiled, variant):
-    proc = compiled[variant].result()
-    log = proc.stdout + proc.stderr
-    name = _variant_id(variant)
-    assert proc.returncode == 0, f"{name}: nvcc failed (exit {proc.returncode}):\n{log[-4000:]}"
-    spills = parse_spills(log)
-    for kernel in KERNELS:
-        assert kernel in spills, f"{name}: no ptxas report for {kernel} (is it exported extern \"C\"?):\n{log[-4000:]}"
-        stores, loads, line = spills[kernel]
-        assert stores == 0 and loads == 0, f"{name}: {kernel} spills registers: {line}"
+    _assert_compiled_without_spills(compiled[variant].result(), _variant_id(variant))
 
 
 def test_unsupported_head_dim_is_a_compile_error(fwd_source, tmp_path):
