@@ -30,7 +30,7 @@ class DeviceThresholds:
         cp = cupy()
         if isinstance(thresholds, np.ndarray):
             host = _host_thresholds(thresholds)
-            with cp.cuda.Device(device) as dev:  # None: the current device
+            with cp.cuda.Device(device if device is not None else cp.cuda.Device().id) as dev:
                 self.array = cp.asarray(host)
                 self.device_id = dev.id
                 cp.cuda.get_current_stream().synchronize()
