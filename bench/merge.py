@@ -5,7 +5,7 @@ Usage: python bench/merge.py OUT_TAG part1.json part2.json ...
 import json
 import sys
 
-from bsfa_cupy.benchmark import write_results
+from bsfa_cupy.tools.benchmark import write_results
 
 tag, parts = sys.argv[1], [json.load(open(p)) for p in sys.argv[2:]]
 gpus = {p["gpu"] for p in parts}

@@ -8,7 +8,7 @@ import cupy as cp
 
 import bsfa_cupy
 from bsfa_cupy import _kernels
-from bsfa_cupy.benchmark import thresholds_for_rho
+from bsfa_cupy.tools.benchmark import thresholds_for_rho
 
 p = argparse.ArgumentParser()
 p.add_argument("--n", type=int, default=8192)

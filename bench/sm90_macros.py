@@ -13,7 +13,7 @@ import cupy as cp
 
 import bsfa_cupy
 from bsfa_cupy import _kernels
-from bsfa_cupy.benchmark import Timer, _input_sets, dense_flops, realised_rho, thresholds_for_rho
+from bsfa_cupy.tools.benchmark import Timer, _input_sets, dense_flops, realised_rho, thresholds_for_rho
 
 p = argparse.ArgumentParser()
 p.add_argument("--n", type=int, default=16384)

@@ -13,7 +13,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import bsfa_cupy
 from bsfa_cupy import _kernels
-from bsfa_cupy.benchmark import Timer, _input_sets, dense_flops, gpu_name, realised_rho, slug, thresholds_for_rho
+from bsfa_cupy.tools.benchmark import Timer, _input_sets, dense_flops, gpu_name, realised_rho, slug, thresholds_for_rho
 
 VARIANTS = {  # knobs relative to the defaults
     "wgmma": dict(sm90=True),

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import bsfa_reference as R
-from helpers import assert_close, assert_same_mask, make_qkv
-from online_softmax import dense_softmax_attention, online_softmax_attention
+from tests.support.reference_helpers import assert_close, assert_same_mask, make_qkv
+from tests.support.online_softmax import dense_softmax_attention, online_softmax_attention
 
 
 def test_assert_close_passes_within_tolerance():

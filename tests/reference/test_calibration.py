@@ -10,8 +10,8 @@ from hypothesis import event, given, note
 from hypothesis import strategies as st
 
 import bsfa_reference as R
-from helpers import assert_close, make_qkv, problems
-from online_softmax import is_diagonal, online_softmax_attention, position_of
+from tests.support.reference_helpers import assert_close, make_qkv, problems
+from tests.support.online_softmax import is_diagonal, online_softmax_attention, position_of
 
 k_values_st = st.lists(st.integers(1, 6), min_size=1, max_size=3, unique=True)
 

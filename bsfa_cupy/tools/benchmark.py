@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._progress import progress as progress_bar
+from .progress import progress as progress_bar
 
 IMPLS = ("bsfa-dense", "bsfa-sparse", "bsfa-calibrated", "bsfa-blockmax", "sdpa-flash", "sdpa-cudnn",
          "sdpa-efficient", "flex")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import bsfa_reference as ref
-from gpu_support import EPS, cp, random_inputs, requires_gpu, thresholds_from_maxima
+from tests.support.gpu import EPS, cp, random_inputs, requires_gpu, thresholds_from_maxima
 
 pytestmark = [pytest.mark.gpu, requires_gpu]
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._backend import cupy
+from .._backend import cupy
 
 
 def time_ms(fn, *, warmup=3, repeats=10, setup=None) -> float:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import bsfa_reference as R
-from helpers import make_qkv
+from tests.support.reference_helpers import make_qkv
 
 
 @pytest.fixture

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from gpu_support import requires_gpu
+from tests.support.gpu import requires_gpu
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 # Every Python block that starts with an import is a complete example; others are fragments of one.
 BLOCKS = [b for b in re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S) if b.startswith("import")]
 

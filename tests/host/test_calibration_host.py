@@ -4,7 +4,7 @@
   GPU hands it) it must give the float64 path's midpoints exactly.
 * ``bsfa_cupy.Calibrator``'s glue (its ``_xp`` and ``_tile_max`` hooks into the reference's
   update) driven with NumPy in place of CuPy must equal the reference fed the same maxima.
-* ``bsfa_cupy.dumps.HostCalibrator`` (the CLI's CPU path) takes maxima in bands of query tiles.
+* ``bsfa_cupy.tools.dumps.HostCalibrator`` (the CLI's CPU path) takes maxima in bands of query tiles.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 
 import bsfa_reference as ref
 import bsfa_cupy
-from bsfa_cupy.dumps import HostCalibrator, banded_block_max
+from bsfa_cupy.tools.dumps import HostCalibrator, banded_block_max
 
 SHAPES = [(300, 300), (300, 700), (700, 300), (129, 129), (1, 500)]
 
@@ -48,7 +48,7 @@ class _NumpyGpuCalibrator(bsfa_cupy.Calibrator):
 
 
 class _Fed(ref.Calibrator):
-    """The reference rule fed the same float32 maxima (as bsfa_cupy.demo does with the kernel's)."""
+    """The reference rule fed the same float32 maxima (as bsfa_cupy.tools.demo does with the kernel's)."""
 
     def _tile_max(self, q, k):
         return ref.block_max_scores(q, k, causal=self.causal, softmax_scale=self.softmax_scale).astype(np.float32)

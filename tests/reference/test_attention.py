@@ -11,7 +11,7 @@ from hypothesis import event, given, note
 from hypothesis import strategies as st
 
 import bsfa_reference as R
-from helpers import (
+from tests.support.reference_helpers import (
     ATOL64,
     RTOL64,
     assert_close,
@@ -20,7 +20,7 @@ from helpers import (
     make_qkv,
     problems,
 )
-from online_softmax import (
+from tests.support.online_softmax import (
     dense_softmax_attention,
     is_diagonal,
     online_softmax_attention,

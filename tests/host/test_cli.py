@@ -12,9 +12,9 @@ import pytest
 
 import bsfa_reference as ref
 from bsfa_cupy import Thresholds
-from bsfa_cupy.cli import main
+from bsfa_cupy.tools.cli import main
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 LAYERS, HQ, HKV, D = 2, 4, 2, 16
 
 

@@ -1,7 +1,7 @@
 """Test helpers: a reporting ``assert_close``, hypothesis strategies for BSFA problems, input makers.
 
-Imported by the test modules as ``from helpers import ...`` (``tests/`` has no ``__init__.py``, so
-pytest puts it on ``sys.path``).
+Imported as ``from tests.support.reference_helpers import ...`` (``tests`` is a package; pytest puts the
+repository root on ``sys.path``).
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ import pytest
 
 import bsfa_cupy
 import bsfa_reference as ref
-from gpu_support import HOST_DTYPES, cp, requires_gpu
+from tests.support.gpu import HOST_DTYPES, cp, requires_gpu
 
 pytestmark = [pytest.mark.gpu, requires_gpu]
 

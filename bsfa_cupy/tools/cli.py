@@ -14,7 +14,7 @@ def _demo(args) -> int:
 
     use_gpu = {"auto": None, "gpu": True, "cpu": False}[args.device]
     if use_gpu:
-        from ._backend import has_gpu
+        from .._backend import has_gpu
 
         if not has_gpu():
             raise CliError("--device gpu: no CUDA GPU visible to CuPy (install bsfa-cupy[cuda12] or [cuda13])")
@@ -23,7 +23,7 @@ def _demo(args) -> int:
 
 
 def _bench(args) -> int:
-    from ._backend import has_gpu
+    from .._backend import has_gpu
 
     if not has_gpu():
         raise CliError("needs CuPy and a CUDA GPU (install bsfa-cupy[cuda12] or [cuda13])")
@@ -45,7 +45,7 @@ def _bench(args) -> int:
 
 def _use_gpu(device: str) -> bool:
     """--device auto|gpu|cpu -> whether to run on the GPU (gpu without one is an error)."""
-    from ._backend import has_gpu
+    from .._backend import has_gpu
 
     if device == "cpu":
         return False

@@ -140,12 +140,12 @@ def calibrate_dumps(paths, k_values, *, reduce="mean", causal=True, softmax_scal
     with tile maxima computed in bands (:class:`HostCalibrator`).
     Returns (Thresholds, number of dumps).
     """
-    from ._progress import progress as progress_bar
-    from .thresholds import Thresholds
+    from .progress import progress as progress_bar
+    from ..thresholds import Thresholds
 
     paths = find_dumps(paths)
     if use_gpu:
-        from .calibration import Calibrator
+        from ..calibration import Calibrator
 
         to_device = _to_device
     else:
@@ -222,7 +222,7 @@ def banded_block_max(q, k, causal, softmax_scale, block_m, block_n, budget):
 
 def _to_device(x, name):
     """Host dump array -> CuPy float16/bfloat16 (the kernel's dtypes)."""
-    from ._backend import cupy
+    from .._backend import cupy
 
     cp = cupy()
     if x.dtype == np.dtype(ml_dtypes.bfloat16):

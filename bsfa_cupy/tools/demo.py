@@ -9,7 +9,7 @@ import numpy as np
 import bsfa_reference as ref
 from bsfa_reference.tiles import diagonal_tiles, tile_reduce_any, valid_mask
 
-from ._progress import progress as progress_bar
+from .progress import progress as progress_bar
 from .synthetic import make_sample, needle_retrieved
 
 
@@ -30,7 +30,7 @@ GPU_CONFIG = DemoConfig(n=16384, hq=32, hkv=8, d=128, k=64)
 
 def run(use_gpu: bool | None = None, *, n=None, k=None, plot=None, progress=True, echo=print) -> dict:
     """Run the demo; returns the printed numbers. ``use_gpu=None`` picks the GPU when available."""
-    from ._backend import has_gpu
+    from .._backend import has_gpu
 
     if use_gpu is None:
         use_gpu = has_gpu()
@@ -121,12 +121,12 @@ class _GpuEngine:
         return tuple(self.cp.asarray(x.astype(np.float16)) for x in (s.q, s.k, s.v))
 
     def block_max(self, q, k):
-        from .ops import block_max_scores
+        from ..ops import block_max_scores
 
         return self.cp.asnumpy(block_max_scores(q, k))
 
     def run(self, q, k, v, thresholds):
-        from .ops import attention
+        from ..ops import attention
         from .timing import time_ms
 
         thr = self.cp.asarray(thresholds)

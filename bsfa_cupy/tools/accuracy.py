@@ -26,7 +26,7 @@ import numpy as np
 import bsfa_reference as ref
 from bsfa_reference.tiles import diagonal_tiles, tile_reduce_any, valid_mask
 
-from ._progress import progress as progress_bar
+from .progress import progress as progress_bar
 from .synthetic import make_sample, needle_retrieved
 
 CALIB_SEED0 = 1000
@@ -77,7 +77,7 @@ class _GpuEngine:
     """The kernel on CuPy float16 arrays; synthetic inputs are built on the GPU."""
 
     def __init__(self):
-        from ._backend import cupy
+        from .._backend import cupy
 
         self.xp = cp = cupy()
         props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
@@ -87,12 +87,12 @@ class _GpuEngine:
         return tuple(x.astype(self.xp.float16) for x in (s.q, s.k, s.v))
 
     def calibrator(self, ks):
-        from .calibration import Calibrator
+        from ..calibration import Calibrator
 
         return Calibrator(ks)
 
     def attention(self, q, k, v, thr):
-        from .ops import attention
+        from ..ops import attention
 
         thr = None if thr is None else self.xp.asarray(thr)
         return attention(q, k, v, thr, return_lse=True, return_keep=True)
@@ -202,7 +202,7 @@ def markdown(result: dict) -> str:
     cfg = result["config"]
     lines = [
         f"# Attention-level accuracy of calibrated BSFA on {result['device']}, {result['date']}", "",
-        f"Synthetic long-context inputs (`bsfa_cupy.synthetic`: sinks, local window, planted needles), "
+        f"Synthetic long-context inputs (`bsfa_cupy.tools.synthetic`: sinks, local window, planted needles), "
         f"B=1, Hq={cfg['hq']}, Hkv={cfg['hkv']}, D={cfg['d']}, {cfg['dtype']} inputs, causal, 128x64 tiles. "
         f"Thresholds per k calibrated (mean) on {cfg['calib_samples']} samples (seeds "
         f"{result['calib_seeds'][0]}-{result['calib_seeds'][1]}), evaluated on a separate sample "

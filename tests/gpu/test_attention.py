@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
 import bsfa_reference as ref
-from gpu_support import (
+from tests.support.gpu import (
     MAX_EXEMPT_SHARE,
     check_against_reference,
     cp,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import bsfa_reference as ref
-from bsfa_cupy import accuracy
+from bsfa_cupy.tools import accuracy
 from bsfa_reference.tiles import expand_tiles, valid_mask
 
 
@@ -44,7 +44,7 @@ def test_cpu_harness_writes_results(tmp_path):
 
 
 def test_png_is_skipped_with_a_note_without_matplotlib(tmp_path, monkeypatch, capsys):
-    from bsfa_cupy import plots
+    from bsfa_cupy.tools import plots
 
     def missing():
         raise ImportError("plots need matplotlib: pip install 'bsfa-cupy[plot]'")

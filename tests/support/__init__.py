@@ -1,0 +1,1 @@
+"""Shared test helpers: reference problem generators, an independent online-softmax twin, GPU fixtures."""
