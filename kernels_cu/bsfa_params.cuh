@@ -1,0 +1,35 @@
+// The launch ABI of every BSFA kernel: one struct, passed by value as the
+// kernel's only parameter (__grid_constant__, so it stays in the constant
+// bank).  bsfa_cupy/_params.py packs the same layout with a NumPy structured
+// dtype; tests/kernels/test_params.py compiles this header on the host and
+// checks every offset against it.  A new argument is added here and there.
+//
+// Plain C++ on purpose (no CUDA qualifiers): the host compiler must read it.
+#pragma once
+
+namespace bsfa {
+
+struct Params {
+    // 8-byte members first, so the layout has no padding to get wrong.
+    const unsigned short* q;    // (B, Nq, Hq, D) float16/bfloat16 bits
+    const unsigned short* k;    // (B, Nk, Hkv, D)
+    const unsigned short* v;    // (B, Nk, Hkv, D); bsfa_fwd only
+    unsigned short* out;        // (B, Nq, Hq, D); bsfa_fwd only
+    float* lse;                 // (B, Hq, Nq) contiguous; bsfa_fwd only
+    unsigned char* keep;        // (B, Hq, nQ, nK) contiguous bool, or null; bsfa_fwd only
+    const float* thresholds;    // (Hq, thr_T) contiguous, thr_mode 2 only
+    float* tile_max;            // (B, Hq, nQ, nK) contiguous; bsfa_block_max only
+    // Element strides of the batch, sequence and head dimensions (the last
+    // dimension is contiguous).
+    long long q_sb, q_sn, q_sh;
+    long long k_sb, k_sn, k_sh;
+    long long v_sb, v_sn, v_sh;
+    long long o_sb, o_sn, o_sh;
+    int Nq, Nk, Hq, Hkv;
+    int thr_mode;  // 0: dense (every tile kept), 1: thr_scalar, 2: thresholds[h, p]
+    int thr_T;     // threshold positions per head (thr_mode 2)
+    float thr_scalar;
+    float softmax_scale;  // > 0: max(scale * s) is taken as scale * max(s)
+};
+
+}  // namespace bsfa
