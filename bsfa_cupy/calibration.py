@@ -4,7 +4,7 @@ from __future__ import annotations
 import bsfa_reference
 
 from ._backend import cupy
-from ._kernels import BLOCK_M, BLOCK_N
+from bsfa_reference.tiles import BLOCK_M, BLOCK_N
 
 
 class Calibrator(bsfa_reference.Calibrator):

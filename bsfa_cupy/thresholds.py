@@ -11,7 +11,7 @@ import numpy as np
 
 from bsfa_reference.calibration import check_k_values
 
-from ._kernels import BLOCK_M, BLOCK_N
+from bsfa_reference.tiles import BLOCK_M, BLOCK_N
 
 #: bumped when the .npz layout changes incompatibly
 FORMAT_VERSION = 1
