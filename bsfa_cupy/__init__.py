@@ -4,8 +4,11 @@ Works on CuPy, PyTorch and JAX GPU arrays (zero-copy through DLPack). Importing 
 no CuPy; the GPU functions say which extra to install when it is missing. The exact semantics are
 defined by the NumPy reference, ``bsfa_reference``.
 """
+from bsfa_reference.tiles import BLOCK_M, BLOCK_N
+
 from ._backend import has_gpu
-from ._kernels import BLOCK_M, BLOCK_N, HEAD_DIMS, KernelCompileError
+from ._compile import KernelCompileError
+from ._variants import HEAD_DIMS, Backend
 from .calibration import Calibrator
 from .device_thresholds import DeviceThresholds
 from .ops import attention, block_max_scores
@@ -14,6 +17,7 @@ from .thresholds import Thresholds
 __version__ = "0.1.0"
 __all__ = [
     "BLOCK_M",
+    "Backend",
     "BLOCK_N",
     "Calibrator",
     "DeviceThresholds",

@@ -1,8 +1,8 @@
 """Locate the CUDA sources shipped as package data and fold their local headers in.
 
-CuPy's on-disk kernel cache hashes the source string it is given, not files it ``#include``s, so
-the loader inlines every ``#include "x.cuh"`` itself: the compiled source is one self-contained
-string and a header change always misses the cache.
+The compile cache hashes the source string it is given, not files it ``#include``s, so every
+``#include "x.cuh"`` is inlined here: the compiled source is one self-contained string and a
+header change always misses the cache.
 """
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import re
 import importlib.util
 from pathlib import Path
 
+#: A file every kernel includes: where it is, the sources are.
+_MARKER = "bsfa_params.cuh"
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
 
 
@@ -21,13 +23,13 @@ def kernels_dir() -> Path:
     except ModuleNotFoundError:
         spec = None
     for location in (spec.submodule_search_locations or []) if spec else []:
-        if (Path(location) / "bsfa_fwd.cu").is_file():
+        if (Path(location) / _MARKER).is_file():
             return Path(location)
     path = Path(__file__).resolve().parent.parent / "kernels_cu"
-    if (path / "bsfa_fwd.cu").is_file():
+    if (path / _MARKER).is_file():
         return path
     raise FileNotFoundError(
-        "bsfa_cupy: CUDA sources not found (expected bsfa_fwd.cu as package data bsfa_cupy/kernels_cu "
+        f"bsfa_cupy: CUDA sources not found (expected {_MARKER} as package data bsfa_cupy/kernels_cu "
         "or in kernels_cu/ of a source checkout); reinstall the package"
     )
 

@@ -5,17 +5,22 @@ import numpy as np
 
 from bsfa_reference._validate import check_qk, check_v, softmax_scale_or_default
 
-from . import _kernels
+from bsfa_reference.tiles import BLOCK_M, BLOCK_N
+
+from . import _launch
 from ._arrays import frame_for, framework_of, on, to_cupy
+from ._kernels import compute_capability, get_module
+from ._variants import DTYPES, HEAD_DIMS, Backend, as_backend, select
 from .device_thresholds import kernel_thresholds
-from ._kernels import BLOCK_M, BLOCK_N, HEAD_DIMS, MAX_GRID_YZ, get_module, i32, i64, key_for
+
+__all__ = ["Backend", "attention", "block_max_scores"]
 
 _ALIGN = 16  # cp.async moves 16-byte rows
 
 
 def _dtype_name(x, name):
     dt = str(x.dtype)
-    if dt not in _kernels.DTYPES:
+    if dt not in DTYPES:
         raise TypeError(f"{name}: expected dtype float16 or bfloat16, got {dt}")
     return dt
 
@@ -46,7 +51,7 @@ def _strides(x, name):
             f"{name}: rows must start on {_ALIGN}-byte boundaries (data pointer and batch/seq/head strides "
             f"multiples of {_ALIGN} bytes), got pointer {x.data.ptr:#x}, strides {x.strides}"
         )
-    return [i64(s // item) for s in x.strides[:-1]]
+    return [s // item for s in x.strides[:-1]]
 
 
 def _same_device(views, names):
@@ -76,7 +81,7 @@ def framework_of_frame(frame):
 
 
 def attention(q, k, v, thresholds=None, *, causal=True, softmax_scale=None, return_lse=False,
-              return_keep=False, out=None):
+              return_keep=False, out=None, backend="auto"):
     """Block-sparse FlashAttention forward on the GPU (semantics of ``bsfa_reference.attention``).
 
     q: (B, Nq, Hq, D), k and v: (B, Nk, Hkv, D), float16 or bfloat16, D in {64, 128}, on one GPU,
@@ -96,6 +101,9 @@ def attention(q, k, v, thresholds=None, *, causal=True, softmax_scale=None, retu
             array is checked for NaN with one small reduction, which waits for the stream; a
             :class:`DeviceThresholds`, validated once when built, skips that check (per-layer loops).
         out: optional preallocated (B, Nq, Hq, D) output of the inputs' framework and dtype.
+        backend: "auto" (the wgmma kernel on compute capability 9.0 for head dims 64 and 128, else
+            the mma.sync one), "sm80" (mma.sync, any GPU of compute capability >= 8.0), "sm90"
+            (wgmma; an error elsewhere), or a :class:`Backend` carrying extra compile-time defines.
 
     Returns:
         out (input dtype), then lse (B, Hq, Nq) float32 if ``return_lse``, then keep
@@ -107,8 +115,9 @@ def attention(q, k, v, thresholds=None, *, causal=True, softmax_scale=None, retu
         qv, kv, vv = to_cupy(q, "q", frame), to_cupy(k, "k", frame), to_cupy(v, "v", frame)
         B, Nq, Nk, Hq, Hkv, D, dtype = _check_qkv(qv, kv, vv)
         nQ, nK = -(-Nq // BLOCK_M), -(-Nk // BLOCK_N)
-        _check_grid(B, Hq, nQ)
+        _launch.check_grid(B, Hq, nQ, BLOCK_M)
         _same_device([qv, kv, vv], ["q", "k", "v"])
+        backend = as_backend(backend)
         strides = _strides(qv, "q") + _strides(kv, "k") + _strides(vv, "v")
         scale = _positive_scale(softmax_scale, D)
         mode, thr_scalar, thr_arr, T = kernel_thresholds(thresholds, Hq, frame.device_id)
@@ -121,15 +130,13 @@ def attention(q, k, v, thresholds=None, *, causal=True, softmax_scale=None, retu
         lse_native, lse_view = frame.empty((B, Hq, Nq), "float32")
         keep_native, keep_view = frame.empty((B, Hq, nQ, nK), "bool") if return_keep else (None, None)
 
-        mod = get_module(key_for(dtype, D, causal, frame.device_id), frame.device_id)
-        kern = mod.fwd
-        null = np.uint64(0)
-        args = (
-            qv, kv, vv, out_view, lse_view, keep_view if keep_view is not None else null,
-            thr_arr if thr_arr is not None else null, np.float32(thr_scalar), i32(mode), i32(T),
-            i32(Nq), i32(Nk), i32(Hq), i32(Hkv), *strides, *o_strides, np.float32(scale),
+        kern = _module(backend, dtype, D, causal, frame.device_id).fwd
+        params = _launch.pack(
+            q=qv, k=kv, v=vv, out=out_view, lse=lse_view, keep=keep_view, thresholds=thr_arr,
+            **_stride_fields("qkvo", strides + o_strides), Nq=Nq, Nk=Nk, Hq=Hq, Hkv=Hkv,
+            thr_mode=mode, thr_T=T, thr_scalar=thr_scalar, softmax_scale=scale,
         )
-        kern.fn(kern.grid(B, Hq, nQ), (kern.threads, 1, 1), args, shared_mem=kern.smem)
+        kern.launch(B, Hq, nQ, params)
         frame.finish(stream)
 
     result = (frame.wrap(out_native, out_view),)
@@ -140,13 +147,14 @@ def attention(q, k, v, thresholds=None, *, causal=True, softmax_scale=None, retu
     return result[0] if len(result) == 1 else result
 
 
-def block_max_scores(q, k, *, causal=True, softmax_scale=None):
+def block_max_scores(q, k, *, causal=True, softmax_scale=None, backend="auto"):
     """Per-tile maxima of the scaled scores on the GPU, without materialising the N x N scores.
 
     q: (B, Nq, Hq, D), k: (B, Nk, Hkv, D) as in :func:`attention`. Returns (B, Hq, nQ, nK) float32
     in the caller's array type: the maximum of ``softmax_scale * <q_i, k_j>`` over each
     (128-query x 64-key) tile's valid entries, -inf where a tile has none (the reference's
-    ``bsfa_reference.block_max_scores`` rounded to float32). ``causal=True`` is the default.
+    ``bsfa_reference.block_max_scores`` rounded to float32). ``causal=True`` is the default;
+    ``backend`` as in :func:`attention`.
     """
     _check_grad([("q", q), ("k", k)])
     frame = frame_for(q)
@@ -158,11 +166,13 @@ def block_max_scores(q, k, *, causal=True, softmax_scale=None):
         strides = _strides(qv, "q") + _strides(kv, "k")
         scale = _positive_scale(softmax_scale, D)
         nQ, nK = -(-Nq // BLOCK_M), -(-Nk // BLOCK_N)
-        _check_grid(B, Hq, nQ)
+        _launch.check_grid(B, Hq, nQ, BLOCK_M)
+        backend = as_backend(backend)
         tm_native, tm_view = frame.empty((B, Hq, nQ, nK), "float32")
-        kern = get_module(key_for(dtype, D, causal, frame.device_id), frame.device_id).block_max
-        args = (qv, kv, tm_view, i32(Nq), i32(Nk), i32(Hq), i32(Hkv), *strides, np.float32(scale))
-        kern.fn(kern.grid(B, Hq, nQ), (kern.threads, 1, 1), args, shared_mem=kern.smem)
+        kern = _module(backend, dtype, D, causal, frame.device_id).block_max
+        params = _launch.pack(q=qv, k=kv, tile_max=tm_view, **_stride_fields("qk", strides), Nq=Nq, Nk=Nk, Hq=Hq,
+                              Hkv=Hkv, softmax_scale=scale)
+        kern.launch(B, Hq, nQ, params)
         frame.finish(stream)
     return frame.wrap(tm_native, tm_view)
 
@@ -184,13 +194,15 @@ def _positive_scale(softmax_scale, D):
     return scale
 
 
-def _check_grid(B, Hq, nQ):
-    """Both launch grids fit CUDA's limits: (nQ, Hq, B) and (w, nQ, B*Hq/w) (see ``Kernel.grid``)."""
-    if nQ > MAX_GRID_YZ or B > MAX_GRID_YZ or Hq > MAX_GRID_YZ:
-        raise ValueError(
-            f"expected at most {MAX_GRID_YZ} query tiles (Nq <= {MAX_GRID_YZ * BLOCK_M}), batch and heads "
-            f"each (CUDA grid limits), got {nQ} query tiles, B={B}, Hq={Hq}"
-        )
+def _module(backend, dtype, D, causal, device_id):
+    key = select(backend, dtype, D, causal, compute_capability(device_id))
+    return get_module(key, backend, device_id)
+
+
+def _stride_fields(tensors, strides):
+    """{"q_sb": ..., "q_sn": ..., "q_sh": ..., ...} for the tensors named by their letters."""
+    names = [f"{t}_{d}" for t in tensors for d in ("sb", "sn", "sh")]
+    return dict(zip(names, strides))
 
 
 def _check_qkv(qv, kv, vv):

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 import bsfa_reference as ref
 from tests.support.gpu import (
+    EPS,
     MAX_EXEMPT_SHARE,
     check_against_reference,
     cp,
@@ -28,24 +29,29 @@ def _is_hopper() -> bool:
     return cp is not None and str(cp.cuda.Device().compute_capability) == "90"
 
 
-@pytest.fixture(params=["wgmma", "mma.sync"], autouse=True)
-def kernel_path(request):
-    """Every test runs on both forward kernels: the sm_90a wgmma one (Hopper, head dims 64 / 128;
-    other head dims fall back to mma.sync) and the mma.sync one."""
-    from bsfa_cupy import _kernels
-
-    if request.param == "wgmma" and not _is_hopper():
-        pytest.skip("the wgmma kernel needs compute capability 9.0")
-    with _kernels.tuning(sm90=request.param == "wgmma"):
-        yield request.param
+@pytest.fixture(params=["auto", "sm80"])
+def backend(request):
+    """Every test runs on both forward kernels: "auto" (on Hopper the sm_90a wgmma kernel for head
+    dims 64 / 128, mma.sync for the others) and "sm80" (mma.sync everywhere)."""
+    if request.param == "auto" and not _is_hopper():
+        pytest.skip("off Hopper, 'auto' is the mma.sync kernel that 'sm80' already tests")
+    return request.param
 
 
-@pytest.mark.parametrize("D", [64, 128])
-def test_launcher_picks_the_kernel_path(kernel_path, D):
-    from bsfa_cupy import _kernels
+@pytest.mark.parametrize("D", [32, 64, 96, 128])
+def test_backend_picks_the_kernel(backend, D):
+    from bsfa_cupy import _kernels, ops
 
-    key = _kernels.key_for("float16", D, True, cp.cuda.Device().id)
-    assert key.sm90 == (kernel_path == "wgmma"), f"{kernel_path}: launcher chose {key.name()}"
+    mod = ops._module(bsfa_cupy_backend(backend), "float16", D, True, cp.cuda.Device().id)
+    want = "sm90" if backend == "auto" and D in (64, 128) else "sm80"
+    assert mod.key.arch == want, f"backend {backend!r}, head dim {D}: ran {mod.key.name()}"
+    assert isinstance(mod, _kernels.Module) and mod.fwd.threads > 0 and mod.block_max.threads > 0
+
+
+def bsfa_cupy_backend(name):
+    import bsfa_cupy
+
+    return bsfa_cupy.Backend(name)
 
 
 @st.composite
@@ -66,7 +72,7 @@ def problems(draw):
                 layouts=layouts, spread=spread, seed=seed)
 
 
-def run_case(p, monkeypatch):
+def run_case(p, monkeypatch, backend):
     import bsfa_cupy
 
     rng = np.random.default_rng(p["seed"])
@@ -88,7 +94,7 @@ def run_case(p, monkeypatch):
     poison_outputs(monkeypatch)
     out = cp.full(q.shape, np.nan, dtype=q.dtype)
     res_out, lse, keep = bsfa_cupy.attention(qd, kd, vd, thr, causal=causal, out=out, return_lse=True,
-                                             return_keep=True)
+                                             return_keep=True, backend=backend)
     cp.cuda.get_current_stream().synchronize()
     assert res_out is out, "out= was not returned as the output array"
     keep_u8 = cp.asnumpy(keep.view(cp.uint8))
@@ -115,62 +121,63 @@ def run_case(p, monkeypatch):
 
 @given(problems())
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # examples: profile
-def test_kernel_matches_reference(monkeypatch, p):
+def test_kernel_matches_reference(monkeypatch, backend, p):
     with monkeypatch.context() as m:
-        info, (err, base_err) = run_case(p, m)
+        info, (err, base_err) = run_case(p, m, backend)
     note(f"{info}; out error {err:.2e} vs low-precision baseline {base_err:.2e}")
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("D", [32, 64, 96, 128])
 @pytest.mark.parametrize("causal", [True, False])
-def test_every_variant_odd_sizes(monkeypatch, dtype, D, causal):
+def test_every_variant_odd_sizes(monkeypatch, backend, dtype, D, causal):
     """Every compiled variant on a ragged, GQA, batched problem with tile-maxima thresholds."""
     p = dict(dtype=dtype, D=D, causal=causal, B=2, Hkv=2, Hq=4, Nq=577, Nk=641, mode="maxima",
              layouts=("padded", "bhnd", "contiguous"), spread=1.0, seed=D + causal)
-    run_case(p, monkeypatch)
+    run_case(p, monkeypatch, backend)
 
 
 @pytest.mark.parametrize("Nq,Nk", [(300, 100), (1, 1), (1, 700), (200, 63), (128, 64)])
-def test_edge_shapes(monkeypatch, Nq, Nk):
+def test_edge_shapes(monkeypatch, backend, Nq, Nk):
     """Causal rows with no valid key (Nq > Nk), a single query/key, Nk < 64, exact tiles."""
     p = dict(dtype="float16", D=64, causal=True, B=1, Hkv=1, Hq=2, Nq=Nq, Nk=Nk, mode="maxima",
              layouts=("contiguous",) * 3, spread=1.0, seed=Nq * 1000 + Nk)
-    run_case(p, monkeypatch)
+    run_case(p, monkeypatch, backend)
 
 
 @pytest.mark.parametrize("B,Hkv,Hq,causal", [(3, 1, 4, True), (3, 1, 2, True), (1, 5, 5, True), (2, 3, 9, False)])
-def test_dispatch_order_covers_every_tile(monkeypatch, B, Hkv, Hq, causal):
+def test_dispatch_order_covers_every_tile(monkeypatch, backend, B, Hkv, Hq, causal):
     """CTAs take (batch, head) pairs 4, 2 or 1 at a time (what divides B * Hq): each width once."""
     p = dict(dtype="float16", D=64, causal=causal, B=B, Hkv=Hkv, Hq=Hq, Nq=333, Nk=400, mode="maxima",
              layouts=("contiguous",) * 3, spread=1.0, seed=B * 100 + Hq)
-    run_case(p, monkeypatch)
+    run_case(p, monkeypatch, backend)
 
 
 @pytest.mark.parametrize("thr", [np.inf, -np.inf])
-def test_infinite_thresholds(thr):
+def test_infinite_thresholds(backend, thr):
     """+inf keeps exactly the diagonal tiles, -inf keeps everything (equals dense bitwise)."""
     import bsfa_cupy
 
     rng = np.random.default_rng(3)
     q, k, v = random_inputs(rng, 1, 640, 640, 4, 2, 128, "float16")
     qd, kd, vd = map(cp.asarray, (q, k, v))
-    out, keep = bsfa_cupy.attention(qd, kd, vd, thr, return_keep=True)
+    out, keep = bsfa_cupy.attention(qd, kd, vd, thr, return_keep=True, backend=backend)
     _, ref_keep = ref.attention(q, k, v, thr, return_keep=True)
     np.testing.assert_array_equal(cp.asnumpy(keep), ref_keep)
     if thr == -np.inf:
-        dense = bsfa_cupy.attention(qd, kd, vd)
+        dense = bsfa_cupy.attention(qd, kd, vd, backend=backend)
         assert cp.array_equal(out, dense), "thresholds=-inf must equal dense bitwise"
 
 
-def test_deterministic_and_no_nan():
+def test_deterministic_and_no_nan(backend):
     import bsfa_cupy
 
     rng = np.random.default_rng(11)
     q, k, v = random_inputs(rng, 2, 1000, 1100, 8, 2, 128, "bfloat16")
     qd, kd, vd = map(cp.asarray, (q, k, v))
     thr = thresholds_from_maxima(ref.block_max_scores(q, k), 1000, 1100)
-    runs = [bsfa_cupy.attention(qd, kd, vd, thr, return_lse=True, return_keep=True) for _ in range(2)]
+    runs = [bsfa_cupy.attention(qd, kd, vd, thr, return_lse=True, return_keep=True, backend=backend)
+            for _ in range(2)]
     for a, b in zip(*runs):
         assert cp.array_equal(a, b), "two runs on the same inputs differ"
     assert not cp.isnan(runs[0][0]).any() and not cp.isnan(runs[0][1]).any()
@@ -178,13 +185,14 @@ def test_deterministic_and_no_nan():
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_block_max_scores_matches_reference(monkeypatch, causal, dtype):
+def test_block_max_scores_matches_reference(monkeypatch, backend, causal, dtype):
     import bsfa_cupy
 
     rng = np.random.default_rng(5)
     q, k, _ = random_inputs(rng, 2, 333, 777, 4, 1, 64, dtype)
     poison_outputs(monkeypatch)
-    got = cp.asnumpy(bsfa_cupy.block_max_scores(device_array(q, "bhnd"), cp.asarray(k), causal=causal))
+    got = cp.asnumpy(bsfa_cupy.block_max_scores(device_array(q, "bhnd"), cp.asarray(k), causal=causal,
+                                                    backend=backend))
     want = ref.block_max_scores(q, k, causal=causal)
     assert got.dtype == np.float32
     inf = ~np.isfinite(want)
@@ -193,3 +201,44 @@ def test_block_max_scores_matches_reference(monkeypatch, causal, dtype):
     err = np.abs(got[~inf] - want[~inf])
     lim = bound[~inf] * 64 * 2.0**-22 + 1e-6
     assert (err <= lim).all(), f"tile max error {err.max():.3e}; {int((err > lim).sum())} tiles over the fp32 bound"
+
+
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("causal", [True, False])
+def test_nonfinite_inputs_reach_exactly_the_reference_rows(monkeypatch, backend, D, gated, causal):
+    """NaN / ±inf in q, k and v propagate like the reference defines: the same outputs and lse are
+    non-finite (NaN lse exactly where the reference's is NaN), every other entry is accurate."""
+    import bsfa_cupy
+
+    rng = np.random.default_rng(D * 4 + 2 * gated + causal)
+    B, Nq, Nk, Hq, Hkv = 1, 333, 400, 4, 2
+    q, k, v = random_inputs(rng, B, Nq, Nk, Hq, Hkv, D, "float16")
+    thr = thresholds_from_maxima(ref.block_max_scores(q, k, causal=causal), Nq, Nk) if gated else None
+    q, k, v = q.copy(), k.copy(), v.copy()
+    q[0, 200, 1, 5] = np.nan
+    q[0, 17, 3, 0] = np.inf
+    k[0, 150, 0, 3] = np.nan
+    k[0, 390, 1, 7] = -np.inf
+    v[0, 70, 1, 2] = np.nan
+    v[0, 300, 0, 0] = np.inf
+    poison_outputs(monkeypatch)
+    out, lse, keep = bsfa_cupy.attention(*map(cp.asarray, (q, k, v)), thr, causal=causal, return_lse=True,
+                                         return_keep=True, backend=backend)
+    out, lse, keep = cp.asnumpy(out), cp.asnumpy(lse), cp.asnumpy(keep)
+    # The reference replays the kernel's tile decisions (the gate itself is tested on finite inputs).
+    want_out, want_lse = ref.attention(q, k, v, causal=causal, keep=keep, return_lse=True)
+    got_bad, want_bad = ~np.isfinite(out), ~np.isfinite(want_out)
+    assert want_bad.any(), "the planted values reached no output: the test checks nothing"
+    assert np.array_equal(got_bad, want_bad), (
+        f"non-finite outputs differ at {int((got_bad != want_bad).sum())} entries "
+        f"(first {np.argwhere(got_bad != want_bad)[:5].tolist()})"
+    )
+    assert np.array_equal(np.isnan(lse), np.isnan(want_lse)), f"NaN lse differ at {np.argwhere(np.isnan(lse) != np.isnan(want_lse))[:5].tolist()}"
+    assert np.array_equal(lse == -np.inf, want_lse == -np.inf), "rows without kept keys differ"
+    ok = ~want_bad
+    err = np.abs(out[ok].astype(np.float64) - want_out[ok])
+    tol = 16 * EPS["float16"] * np.abs(v[np.isfinite(v)]).max()
+    assert err.max() <= tol, f"finite outputs: worst error {err.max():.3e} > {tol:.3e}, {int((err > tol).sum())} over"
+    fin = np.isfinite(want_lse)
+    assert np.abs(lse[fin] - want_lse[fin]).max() <= 1e-2, "finite lse differ"

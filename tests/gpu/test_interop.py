@@ -26,7 +26,8 @@ class _Spy:
         self.fn, self.seen = fn, seen
 
     def __call__(self, grid, block, args, **kw):
-        self.seen.append([a.data.ptr if hasattr(a, "data") and hasattr(a.data, "ptr") else a for a in args])
+        (params,) = args  # bsfa::Params, one struct by value
+        self.seen.append([int(params[name]) for name in ("q", "k", "v", "out")])
         return self.fn(grid, block, args, **kw)
 
 
@@ -37,8 +38,8 @@ def _spy_launch(monkeypatch):
     seen = []
     real = ops.get_module
 
-    def get_module(key, device_id):
-        mod = real(key, device_id)
+    def get_module(key, backend, device_id):
+        mod = real(key, backend, device_id)
         for kern in (mod.fwd, mod.block_max):
             if not getattr(kern.fn, "_bsfa_spied", False):
                 monkeypatch.setattr(kern, "fn", _Spy(kern.fn, seen))  # undone after the test
@@ -100,9 +101,9 @@ def test_cupy_stream_is_used(monkeypatch):
 
     real = ops.get_module
 
-    def get_module(key, device_id):
+    def get_module(key, backend, device_id):
         captured.append(cp.cuda.get_current_stream().ptr)
-        return real(key, device_id)
+        return real(key, backend, device_id)
 
     monkeypatch.setattr(ops, "get_module", get_module)
     s = cp.cuda.Stream(non_blocking=True)

@@ -57,25 +57,44 @@ def test_has_gpu_is_a_bool():
 
 
 def test_specialisation_keys_are_distinct():
-    from bsfa_cupy._kernels import VariantKey, all_variants
+    from bsfa_cupy._variants import VariantKey, all_variants
 
     keys = all_variants()
-    assert len({k.name() for k in keys}) == len(keys) == 24
-    assert len({k.options() for k in keys}) == len(keys)
-    assert "-DBSFA_HEAD_DIM=128" in VariantKey("bfloat16", 128, True).options()
+    assert len({k.name() for k in keys}) == len(keys) == 24  # 16 mma.sync + 8 wgmma
+    assert len({(k.source, k.defines()) for k in keys}) == len(keys)
+    assert "-DBSFA_HEAD_DIM=128" in VariantKey("bfloat16", 128, True, "sm90").defines()
+    with pytest.raises(ValueError, match=r"the sm90 kernel takes \(64, 128\), got 96"):
+        VariantKey("float16", 96, True, "sm90")
 
 
 @pytest.mark.parametrize("cc", ["90", "80", "100"])
-def test_launcher_uses_the_wgmma_kernel_only_on_hopper_head_dims_64_128(monkeypatch, cc):
-    from bsfa_cupy import _kernels
+def test_auto_backend_uses_the_wgmma_kernel_only_on_hopper_head_dims_64_128(cc):
+    from bsfa_cupy._variants import HEAD_DIMS, Backend, select
 
-    monkeypatch.setattr(_kernels, "compute_capability", lambda device_id: cc)
-    for d in _kernels.HEAD_DIMS:
-        key = _kernels.key_for("bfloat16", d, True, 0)
-        assert key.sm90 == (cc == "90" and d in _kernels.SM90_HEAD_DIMS), f"cc {cc}, head dim {d}: {key.name()}"
-        with _kernels.tuning(sm90=False):
-            assert not _kernels.key_for("bfloat16", d, True, 0).sm90
-    assert "-DBSFA_HEAD_DIM=128" in _kernels.VariantKey("float16", 128, False, sm90=True).options()
+    for d in HEAD_DIMS:
+        key = select(Backend(), "bfloat16", d, True, cc)
+        assert (key.arch == "sm90") == (cc == "90" and d in (64, 128)), f"cc {cc}, head dim {d}: {key.name()}"
+        assert select(Backend("sm80"), "bfloat16", d, True, cc).arch == "sm80"
+
+
+def test_explicit_backends_refuse_what_they_cannot_run():
+    from bsfa_cupy._variants import Backend, as_backend, select
+
+    with pytest.raises(ValueError, match=r"backend 'sm90': .* compute capability 9.0 .* got 8.0"):
+        select(Backend("sm90"), "float16", 128, True, "80")
+    with pytest.raises(ValueError, match=r"backend 'sm90': expected head_dim in \(64, 128\), got 32"):
+        select(Backend("sm90"), "float16", 32, True, "90")
+    with pytest.raises(ValueError, match=r"compute capability >= 8.0, got 7.5"):
+        select(Backend(), "float16", 64, True, "75")
+    with pytest.raises(ValueError, match=r"expected 'auto', 'sm80' or 'sm90', got 'fa3'"):
+        Backend("fa3")
+    with pytest.raises(ValueError, match=r"macro names other than .* got 'BSFA_HEAD_DIM'"):
+        Backend("sm90", {"BSFA_HEAD_DIM": 64})
+    with pytest.raises(ValueError, match=r"BSFA_X: expected a number or identifier, got '1; rm'"):
+        Backend("sm90", {"BSFA_X": "1; rm"})
+    assert Backend("sm90", {"B": 1, "A": True}).options() == ("-DA=1", "-DB=1")
+    with pytest.raises(TypeError, match="backend: expected 'auto', 'sm80', 'sm90' or a bsfa_cupy.Backend, got int"):
+        as_backend(90)
 
 
 def test_device_thresholds_refuse_a_scalar_before_needing_cupy():
@@ -84,18 +103,32 @@ def test_device_thresholds_refuse_a_scalar_before_needing_cupy():
 
 
 def test_launch_grids_and_their_limits():
-    from bsfa_cupy._kernels import Kernel
-    from bsfa_cupy.ops import _check_grid
+    from bsfa_cupy._launch import GRID_CHUNKED, GRID_PER_HEAD, check_grid, grid
 
-    per_head, chunked = Kernel(None, 128, 0), Kernel(None, 128, 0, chunked_grid=True)
-    assert per_head.grid(2, 32, 128) == (128, 32, 2)
-    assert chunked.grid(2, 32, 128) == (4, 128, 16)
-    assert chunked.grid(3, 2, 5) == (2, 5, 3)
-    assert chunked.grid(1, 5, 7) == (1, 7, 5)
-    assert chunked.grid(40000, 8, 2) == (5, 2, 64000)  # chunks widen until gridDim.z fits
-    assert chunked.grid(65537, 3, 2) == (65537, 2, 3)
-    _check_grid(65535, 65535, 65535)
+    assert grid(GRID_PER_HEAD, 2, 32, 128) == (128, 32, 2)
+    assert grid(GRID_CHUNKED, 2, 32, 128) == (4, 128, 16)
+    assert grid(GRID_CHUNKED, 3, 2, 5) == (2, 5, 3)
+    assert grid(GRID_CHUNKED, 1, 5, 7) == (1, 7, 5)
+    assert grid(GRID_CHUNKED, 40000, 8, 2) == (5, 2, 64000)  # chunks widen until gridDim.z fits
+    assert grid(GRID_CHUNKED, 65537, 3, 2) == (65537, 2, 3)
+    with pytest.raises(ValueError, match="BSFA_GRID: expected 0 or 1, got 7"):
+        grid(7, 1, 1, 1)
+    check_grid(65535, 65535, 65535, 128)
     with pytest.raises(ValueError, match=r"at most 65535 query tiles .* got 65536 query tiles, B=1, Hq=8"):
-        _check_grid(1, 8, 65536)
+        check_grid(1, 8, 65536, 128)
     with pytest.raises(ValueError, match=r"got 1 query tiles, B=1, Hq=65536"):
-        _check_grid(1, 65536, 1)
+        check_grid(1, 65536, 1, 128)
+
+
+def test_params_packing_takes_pointers_and_refuses_unknown_fields():
+    from bsfa_cupy._launch import PARAMS, pack
+
+    class Dev:  # the shape of a CuPy array's data pointer
+        class data:
+            ptr = 0x7F00
+
+    rec = pack(q=Dev(), keep=None, Nq=5, softmax_scale=0.5)
+    assert rec["q"] == 0x7F00 and rec["keep"] == 0 and rec["Nq"] == 5 and rec["softmax_scale"] == np.float32(0.5)
+    assert rec.dtype == PARAMS and PARAMS.itemsize % 8 == 0
+    with pytest.raises(TypeError, match=r"no field\(s\) \['q_stride'\]"):
+        pack(q_stride=1)
