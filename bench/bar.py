@@ -1,12 +1,14 @@
 """The issue's performance bar read off benchmark result files, one row per (file, shape, N).
 
-Usage: python bench/bar.py bench/results/NVIDIA-H200_2026-11-27_v8-*.json
+Usage: python bench/bar.py FILE.json ...
+e.g.   python bench/bar.py bench/results/*_v8-h100-sweep.json bench/results/*_v8-sweep.json \
+           bench/results/*_v8-main-fp16-r2.json        (the v8 table in bench/NOTES.md)
 Columns: dense x FA2 (SDPA flash time / ours), sparse / our dense at the rows nearest rho 0.5 / 0.25 / 0.1
 (realised rho in brackets), rho~0.1 x FA2 and x cuDNN, with a mark where a ratio misses the bar
 (dense >= 1.0x FA2 at 8K-64K; sparse <= 0.76 / 0.64 / 0.56 at N >= 16K; rho~0.1 >= 1.8x FA2 at 16K-64K).
 """
+import argparse
 import json
-import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -56,4 +58,6 @@ def main(paths):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("files", nargs="+", help="result JSON files of `python -m bsfa_cupy bench` or bench/merge.py")
+    main(p.parse_args().files)

@@ -1,43 +1,104 @@
 #!/usr/bin/env bash
-# One call on a GPU machine: install, GPU tests, sanitizers, a quick benchmark; a summary table last.
-# Usage: bench/gpu_check.sh [stage ...]   stages: tests sanitize bench (default: all three)
+# One call on a GPU machine: install, compile every kernel variant, the GPU tests, three compute-sanitizer
+# tools on bench/sanitize_cases.py and a quick benchmark; a summary last. Exit status 0 when every stage passed.
+# Usage: [OUT=dir] bench/gpu_check.sh [stage ...]
+#   stages: compile tests memcheck racecheck synccheck bench (default: all; "sanitize" = the three tools)
+# The compile stage (bench/warm_cache.py, ~10 s cold) names any variant that fails to compile before the tests run.
+# Everything goes to $OUT (default /tmp/bsfa_gpu_check): gpu.txt install.log compile.log tests.log junit.xml
+# sanitize_{memcheck,racecheck,synccheck}.log bench.log, the benchmark's *_quick.{json,md,png}, summary.txt.
+# Time limits: each stage its own (seconds; env T_COMPILE T_TESTS T_MEMCHECK T_RACECHECK T_SYNCCHECK T_BENCH)
+# and the whole call T_TOTAL (default 510 s), so it ends within ~9 minutes on a fresh machine.
 # Needs only the machine's Python with CuPy >= 14, torch, pytest and hypothesis; downloads nothing.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 OUT=${OUT:-/tmp/bsfa_gpu_check}
 mkdir -p "$OUT"
-stages=${*:-tests sanitize bench}
 export PYTHONUNBUFFERED=1
-declare -A status
+deadline=$((SECONDS + ${T_TOTAL:-510}))
 
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 -m pip install --quiet --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 \
-  || { echo "editable install failed, running from the tree"; export PYTHONPATH=$PWD; }
-python3 -c "import bsfa_cupy, cupy; print('bsfa_cupy from', bsfa_cupy.__file__, '| cupy', cupy.__version__)"
+stages=()
+for arg in "${@:-compile tests sanitize bench}"; do
+  for s in $arg; do
+    case $s in
+      sanitize) stages+=(memcheck racecheck synccheck) ;;
+      compile | tests | memcheck | racecheck | synccheck | bench) stages+=("$s") ;;
+      *) echo "unknown stage $s (stages: compile tests sanitize memcheck racecheck synccheck bench)"; exit 2 ;;
+    esac
+  done
+done
+declare -A limit=([compile]=${T_COMPILE:-60} [tests]=${T_TESTS:-300} [memcheck]=${T_MEMCHECK:-60}
+                  [racecheck]=${T_RACECHECK:-90} [synccheck]=${T_SYNCCHECK:-60} [bench]=${T_BENCH:-90})
+declare -A status seconds
 
-for stage in $stages; do
+# run STAGE LOG CMD...: CMD with output to LOG, within the stage's limit and the call's deadline.
+run() {
+  local stage=$1 log=$2 t0=$SECONDS lim=${limit[$1]} rc
+  shift 2
+  if ((deadline - SECONDS < lim)); then lim=$((deadline - SECONDS)); fi
+  if ((lim < 10)); then
+    status[$stage]="SKIPPED (no time left)"
+    seconds[$stage]=0
+    return 1
+  fi
+  echo "---- $stage (limit $lim s)"
+  timeout --kill-after=15 "$lim" "$@" >"$log" 2>&1
+  rc=$?
+  seconds[$stage]=$((SECONDS - t0))
+  case $rc in
+    0) status[$stage]="ok" ;;
+    124 | 137) status[$stage]="TIMED OUT after $lim s" ;;
+    *) status[$stage]="FAILED (exit $rc)" ;;
+  esac
+  return $rc
+}
+
+nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -m pip install --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 \
+  || { echo "editable install failed (see install.log), running from the tree"; export PYTHONPATH=$PWD; }
+python3 -c "import bsfa_cupy, cupy; print('bsfa_cupy from', bsfa_cupy.__file__, '| cupy', cupy.__version__)" \
+  2>&1 | tee -a "$OUT/gpu.txt"
+sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || echo compute-sanitizer)
+
+for stage in "${stages[@]}"; do
   case $stage in
-    tests)
-      HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-gpu} python3 -m pytest -m gpu -q -p no:cacheprovider \
-        --junitxml="$OUT/junit.xml" tests 2>&1 | tee "$OUT/tests.log"
-      status[tests]=$(tail -n 1 "$OUT/tests.log")
+    compile)
+      run compile "$OUT/compile.log" python3 bench/warm_cache.py
+      status[compile]+="; $(tail -n 1 "$OUT/compile.log" 2>/dev/null)"
       ;;
-    sanitize)
-      for tool in memcheck racecheck; do
-        compute-sanitizer --tool $tool --error-exitcode 9 python3 bench/sanitize_cases.py >"$OUT/sanitize_$tool.log" 2>&1
-        rc=$?
-        status[$tool]="exit $rc; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -n 1)"
-      done
+    tests)
+      run tests "$OUT/tests.log" env HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-gpu}" \
+        python3 -m pytest -m gpu -q -p no:cacheprovider --junitxml="$OUT/junit.xml" tests
+      grep -E '^(FAILED|ERROR)' "$OUT/tests.log" 2>/dev/null | head -n 20
+      last=$(tail -n 1 "$OUT/tests.log" 2>/dev/null)
+      if [[ ${status[tests]} == ok && $last != *passed* ]]; then status[tests]="FAILED (no GPU test ran)"; fi
+      status[tests]+="; $last"
+      ;;
+    memcheck | racecheck | synccheck)
+      run "$stage" "$OUT/sanitize_$stage.log" "$sanitizer" --tool "$stage" --error-exitcode 9 \
+        python3 bench/sanitize_cases.py
+      status[$stage]+="; $(grep -hE '(ERROR|RACECHECK) SUMMARY' "$OUT/sanitize_$stage.log" 2>/dev/null | tail -n 1 | sed 's/^=* *//')"
+      status[$stage]+="; $(grep -hE '^(sanitize cases ran|NaN |[A-Za-z.]*(Error|Exception)\b)' "$OUT/sanitize_$stage.log" \
+        2>/dev/null | tail -n 3 | tr '\n' ' ')"
       ;;
     bench)
-      python3 -m bsfa_cupy bench --quiet --n ${BENCH_N:-8192 16384} --d 128 --hkv 8 --dtype float16 \
-        --peers sdpa-flash sdpa-cudnn --out "$OUT" --tag quick 2>&1 | tee "$OUT/bench.log" | grep -E '^(bsfa|sdpa)'
-      status[bench]=$(ls "$OUT"/*quick.json 2>/dev/null | head -n 1)
+      # shellcheck disable=SC2086  # BENCH_N is a list of sizes
+      run bench "$OUT/bench.log" python3 -m bsfa_cupy bench --quiet --n ${BENCH_N:-8192 16384} --d 128 --hkv 8 \
+        --dtype float16 --peers sdpa-flash sdpa-cudnn --out "$OUT" --tag quick
+      quick=$(find "$OUT" -maxdepth 1 -name '*_quick.json' | head -n 1)
+      status[bench]+="; ${quick:-no result file}"
       ;;
   esac
+  status[$stage]=$(sed -E 's/(; *)+$//; s/ +$//' <<<"${status[$stage]}")
+  echo "$stage: ${status[$stage]}"
 done
 
-echo
-echo "==== summary ($(head -n 1 "$OUT/gpu.txt")) ===="
-for key in "${!status[@]}"; do printf '%-10s %s\n' "$key" "${status[$key]}"; done
-if [ -f "$OUT/bench.log" ]; then grep -E '^(bsfa-dense|bsfa-sparse|sdpa)' "$OUT/bench.log" | tail -n 20; fi
+failed=0 verdict="all passed"
+for stage in "${stages[@]}"; do [[ ${status[$stage]} == ok* ]] || { failed=1; verdict="FAILED"; }; done
+{
+  echo
+  echo "==== summary: $(head -n 1 "$OUT/gpu.txt"); $SECONDS s in all; $verdict ===="
+  for stage in "${stages[@]}"; do printf '%-10s %4s s  %s\n' "$stage" "${seconds[$stage]}" "${status[$stage]}"; done
+  if [[ -f $OUT/bench.log ]]; then grep -E '^(bsfa|sdpa)' "$OUT/bench.log" | tail -n 20; fi
+  echo "logs in $OUT"
+} | tee "$OUT/summary.txt"
+exit $failed

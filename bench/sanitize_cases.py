@@ -1,26 +1,81 @@
-"""A small variant matrix for compute-sanitizer (memcheck, racecheck): every kernel, ragged shapes.
+"""A small case matrix for compute-sanitizer (memcheck, racecheck, synccheck): every kernel, ragged shapes.
 
-Both kernel sets run: the sm_90a wgmma ones (on compute capability 9.0) and the mma.sync ones.
+Runs `attention` and `block_max_scores` on each kernel the GPU has: backend "sm80" (mma.sync, any GPU)
+and, on compute capability 9.0, "sm90" (wgmma). Per kernel: float16 and bfloat16, head dims 64 and
+128, causal and not, ragged sequence lengths, dense and with thresholds, returning lse and keep masks.
+Last, one case per kernel and mask with a NaN in q, k and v: every output row that sees a NaN must
+be NaN (checked here), with no access out of bounds (checked by the sanitizer).
+
+Usage: compute-sanitizer --tool memcheck --error-exitcode 9 python3 bench/sanitize_cases.py
 """
+import argparse
+
 import numpy as np
 
-import bsfa_cupy
-import cupy as cp
-from bsfa_cupy import _kernels
+p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+p.add_argument("--backend", choices=("sm80", "sm90"), action="append",
+               help="run only this kernel (repeatable; default: every kernel the GPU has)")
+args = p.parse_args()
+
+import cupy as cp  # noqa: E402  (after argparse: --help works without a GPU)
+
+import bsfa_cupy  # noqa: E402
 
 rng = np.random.default_rng(0)
-paths = (True, False) if str(cp.cuda.Device().compute_capability) == "90" else (False,)
-for sm90, dtype in [(p, dt) for p in paths for dt in ("float16", "bfloat16")]:
-    for d in (64, 128):
-        for causal in (True, False):
-            for nq, nk in ((200, 130), (130, 200), (64, 64)):
-                q = cp.asarray(rng.standard_normal((1, nq, 2, d), dtype=np.float32)).astype(dtype)
-                k = cp.asarray(rng.standard_normal((1, nk, 1, d), dtype=np.float32)).astype(dtype)
-                v = cp.asarray(rng.standard_normal((1, nk, 1, d), dtype=np.float32)).astype(dtype)
-                with _kernels.tuning(sm90=sm90):
-                    tm = bsfa_cupy.block_max_scores(q, k, causal=causal)
+hopper = str(cp.cuda.Device().compute_capability) == "90"
+backends = args.backend or (["sm80", "sm90"] if hopper else ["sm80"])
+
+
+def inputs(nq, nk, d, dtype):
+    q = cp.asarray(rng.standard_normal((1, nq, 2, d), dtype=np.float32)).astype(dtype)
+    k = cp.asarray(rng.standard_normal((1, nk, 1, d), dtype=np.float32)).astype(dtype)
+    v = cp.asarray(rng.standard_normal((1, nk, 1, d), dtype=np.float32)).astype(dtype)
+    return q, k, v
+
+
+n_calls = 0
+for backend in backends:
+    for dtype in ("float16", "bfloat16"):
+        for d in (64, 128):
+            for causal in (True, False):
+                for nq, nk in ((200, 130), (130, 200), (64, 64)):
+                    q, k, v = inputs(nq, nk, d, dtype)
+                    tm = bsfa_cupy.block_max_scores(q, k, causal=causal, backend=backend)
                     thr = float(cp.median(tm[cp.isfinite(tm)]))
                     for t in (None, thr):
-                        bsfa_cupy.attention(q, k, v, t, causal=causal, return_lse=True, return_keep=True)
+                        bsfa_cupy.attention(q, k, v, t, causal=causal, return_lse=True, return_keep=True,
+                                            backend=backend)
+                    n_calls += 3
+
+# NaN in q (row iq, head 0), v (key jv, one element) and k (key jk): one case per kernel and mask. With
+# the causal mask (bottom-right aligned) query row i sees keys j <= i + nk - nq, so each NaN reaches
+# different rows: row iq sees neither NaN key, rows from jv + nq - nk on see the NaN value (one NaN
+# output element), rows from jk + nq - nk on also the NaN score (all NaN). Without the mask every row
+# sees both. A row that sees a NaN must hold one.
+nq, nk, d = 200, 130, 128
+iq, jv, jk = 100, 90, 120
+rows = np.arange(nq)
+bad = []
+for backend in backends:
+    for causal in (True, False):
+        q, k, v = inputs(nq, nk, d, "float16")
+        q[0, iq, 0, 3] = cp.nan
+        k[0, jk, 0, 5] = cp.nan
+        v[0, jv, 0, 7] = cp.nan
+        bsfa_cupy.block_max_scores(q, k, causal=causal, backend=backend)
+        bsfa_cupy.attention(q, k, v, 0.0, causal=causal, return_lse=True, return_keep=True, backend=backend)
+        out = bsfa_cupy.attention(q, k, v, causal=causal, backend=backend)
+        n_calls += 3
+        sees = rows + nk - nq >= jv if causal else np.ones(nq, bool)
+        want = np.repeat(sees[:, None], 2, axis=1)  # both query heads share the kv head
+        want[iq, 0] = True
+        got = cp.asnumpy(cp.isnan(out[0]).any(axis=-1))
+        missing = int((want & ~got).sum())
+        if missing:
+            bad.append(f"{backend} causal={int(causal)}: {missing} of {int(want.sum())} (row, head) outputs that "
+                       "see a NaN are not NaN")
 cp.cuda.Device().synchronize()
-print("sanitize cases ran, kernel paths:", ["wgmma" if p else "mma.sync" for p in paths])
+print(f"sanitize cases ran: {n_calls} calls, kernels {backends}")
+if bad:
+    raise SystemExit("NaN not propagated: " + "; ".join(bad))
+print("NaN propagated on every kernel")

@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# The benchmark sweep behind the README table, in parts (a few fit one call on a GPU machine);
-# merge the parts' JSON with bench/merge.py, e.g.
-#   python bench/merge.py v8-sweep OUT/*_v8-main-fp16.json OUT/*_v8-main-bf16.json ...
-# Usage: [TAG=name] bench/sweep.sh PART [PART...]   (result tags NAME-PART; default name wgmma)
+# The benchmark sweep behind the README table, in parts (a few fit one call on a GPU machine), each part
+# one `python3 -m bsfa_cupy bench` run (backend "auto": the wgmma kernel on Hopper) written to $OUT as
+# GPU_DATE_TAG-PART.{json,md,png}; merge the parts' JSON with bench/merge.py, e.g.
+#   python3 bench/merge.py v8-sweep $OUT/*_v8-main-fp16.json $OUT/*_v8-main-bf16.json ... --out bench/results
+# Usage: TAG=name [OUT=dir] bench/sweep.sh PART [PART...]   (OUT default /tmp/bsfa_bench)
 #   main-fp16 main-bf16          D=128, Hkv=8, N=8K..64K, ours + SDPA flash/cuDNN
 #   d64 hkv32 hkv32-bf16         D=64 (fp16, N=8K..32K); Hkv=32 (N=8K..64K)
 #   4k noncausal n128k flex      4K both dtypes, a non-causal row (16K), N=128K, FlexAttention at 16K/32K
 #   groups: main = main-fp16 main-bf16; shapes = d64 hkv32 hkv32-bf16; extra = 4k noncausal n128k flex
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 OUT=${OUT:-/tmp/bsfa_bench}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-T=${TAG:-wgmma}
+T=${TAG:?"set TAG, the name of this sweep: result tags are TAG-PART, e.g. TAG=v8 gives v8-main-fp16"}
 peers=(--peers sdpa-flash sdpa-cudnn)
 bench() { python3 -m bsfa_cupy bench --quiet --out "$OUT" "$@" 2>&1 | grep -E '^(bsfa|sdpa|flex)' ; }
 parts=()
@@ -26,19 +27,19 @@ for p in "$@"; do
 done
 for part in "${parts[@]}"; do
   case $part in
-    main-fp16) bench --tag $T-main-fp16 --n 8192 16384 32768 65536 --d 128 --hkv 8 --dtype float16 "${peers[@]}" ;;
-    main-bf16) bench --tag $T-main-bf16 --n 8192 16384 32768 65536 --d 128 --hkv 8 --dtype bfloat16 "${peers[@]}" \
+    main-fp16) bench --tag "$T"-main-fp16 --n 8192 16384 32768 65536 --d 128 --hkv 8 --dtype float16 "${peers[@]}" ;;
+    main-bf16) bench --tag "$T"-main-bf16 --n 8192 16384 32768 65536 --d 128 --hkv 8 --dtype bfloat16 "${peers[@]}" \
                  --no-calibrated ;;
-    d64) bench --tag $T-d64 --n 8192 16384 32768 --d 64 --hkv 8 --dtype float16 "${peers[@]}" --no-calibrated ;;
-    hkv32) bench --tag $T-hkv32 --n 8192 16384 32768 65536 --d 128 --hkv 32 --dtype float16 "${peers[@]}" \
+    d64) bench --tag "$T"-d64 --n 8192 16384 32768 --d 64 --hkv 8 --dtype float16 "${peers[@]}" --no-calibrated ;;
+    hkv32) bench --tag "$T"-hkv32 --n 8192 16384 32768 65536 --d 128 --hkv 32 --dtype float16 "${peers[@]}" \
              --no-calibrated ;;
-    hkv32-bf16) bench --tag $T-hkv32-bf16 --n 8192 16384 32768 65536 --d 128 --hkv 32 --dtype bfloat16 \
+    hkv32-bf16) bench --tag "$T"-hkv32-bf16 --n 8192 16384 32768 65536 --d 128 --hkv 32 --dtype bfloat16 \
                   "${peers[@]}" --no-calibrated ;;
-    4k) bench --tag $T-4k --n 4096 --d 128 --hkv 8 --dtype float16 bfloat16 "${peers[@]}" ;;
-    noncausal) bench --tag $T-noncausal --n 16384 --d 128 --hkv 8 --dtype float16 --noncausal --no-calibrated \
+    4k) bench --tag "$T"-4k --n 4096 --d 128 --hkv 8 --dtype float16 bfloat16 "${peers[@]}" ;;
+    noncausal) bench --tag "$T"-noncausal --n 16384 --d 128 --hkv 8 --dtype float16 --noncausal --no-calibrated \
                  "${peers[@]}" ;;
-    n128k) bench --tag $T-n128k --n 131072 --d 128 --hkv 8 --dtype float16 --repeats 3 --no-calibrated "${peers[@]}" ;;
-    flex) bench --tag $T-flex --n 16384 32768 --d 128 --hkv 8 --dtype float16 --peers-only --peers flex ;;
+    n128k) bench --tag "$T"-n128k --n 131072 --d 128 --hkv 8 --dtype float16 --repeats 3 --no-calibrated "${peers[@]}" ;;
+    flex) bench --tag "$T"-flex --n 16384 32768 --d 128 --hkv 8 --dtype float16 --peers-only --peers flex ;;
     *) echo "unknown part $part"; exit 2 ;;
   esac
 done
