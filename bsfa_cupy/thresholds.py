@@ -5,10 +5,16 @@ import datetime as _dt
 import json
 import numbers
 import os
+import struct
+import threading
+import zipfile
+import zlib
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 
+from bsfa_reference._validate import check_flag
 from bsfa_reference.calibration import check_k_values
 
 from bsfa_reference.tiles import BLOCK_M, BLOCK_N
@@ -18,15 +24,21 @@ FORMAT_VERSION = 1
 _KEYS = ("format_version", "thresholds", "k_values", "block_m", "block_n", "causal", "provenance")
 _OFFICIAL_KEYS = ("thresholds", "k_values", "q_block_size", "k_block_size", "max_num_blocks", "num_layers",
                   "num_heads")
+#: what np.load and reading an archive member raise for a damaged file (found by truncating and
+#: flipping bytes of saved files; RuntimeError: an "encrypted" flag, NotImplementedError: an unknown
+#: compression method, MemoryError / OverflowError: a damaged .npy header claiming a huge array)
+_READ_ERRORS = (OSError, EOFError, ValueError, KeyError, IndexError, OverflowError, MemoryError, RuntimeError,
+                NotImplementedError, zipfile.BadZipFile, zlib.error, struct.error)
 
 
 class Thresholds:
     """Calibrated BSFA thresholds of a model: ``values[k index, layer, head, position]``.
 
-    values: (len(k_values), layers, Hq, T) float32, -inf where every tile is kept; NaN is refused.
+    values: (len(k_values), layers, Hq, T) real floats (stored as float32), -inf where every tile
+        is kept; NaN, complex, integer and object arrays are refused.
     k_values: the k of each first index (off-diagonal key tiles kept per query tile in calibration).
     block_m, block_n: the tile geometry the thresholds were calibrated with (the kernel's 128x64).
-    causal: whether they were calibrated with the causal mask.
+    causal: (a bool) whether they were calibrated with the causal mask.
     provenance: str -> str (e.g. source, date, samples, reduce); numbers are stored as text.
 
     :meth:`for_layer` gives the (Hq, T) float32 array that :func:`bsfa_cupy.attention` takes.
@@ -35,7 +47,7 @@ class Thresholds:
     def __init__(self, values, k_values, *, block_m=BLOCK_M, block_n=BLOCK_N, causal=True, provenance=None):
         self.k_values = check_k_values(k_values)
         arr = np.asarray(values)
-        if arr.dtype.kind not in "fiu":
+        if not _is_real_float(arr.dtype):
             raise TypeError(f"values: expected a float array, got dtype {arr.dtype}")
         arr = np.ascontiguousarray(arr, dtype=np.float32)
         if arr.ndim != 4 or arr.shape[0] != len(self.k_values) or min(arr.shape) < 1:
@@ -47,7 +59,7 @@ class Thresholds:
             raise ValueError(f"values: {int(np.isnan(arr).sum())} NaN values; use -inf to keep every tile")
         self.values = arr
         self.block_m, self.block_n = _positive_int(block_m, "block_m"), _positive_int(block_n, "block_n")
-        self.causal = bool(causal)
+        self.causal = check_flag(causal, "causal")
         self.provenance = _check_provenance(provenance)
 
     @property
@@ -122,19 +134,36 @@ class Thresholds:
 
     # ------------------------------------------------------------------ files
     def save(self, path) -> Path:
-        """Write an ``.npz`` (plain arrays, no pickle; provenance as JSON text) to exactly ``path``."""
+        """Write an ``.npz`` (plain arrays, no pickle; provenance as JSON text) to exactly ``path``.
+
+        The file is replaced atomically: written in full to a temporary file next to it, synced,
+        then renamed over ``path``, so a failed write leaves the previous file as it was.
+        """
         path = Path(path)
-        with open(path, "wb") as f:  # a file object: np.savez would append ".npz" to a bare name
-            np.savez(
-                f,
-                format_version=np.int64(FORMAT_VERSION),
-                thresholds=self.values,
-                k_values=np.asarray(self.k_values, dtype=np.int64),
-                block_m=np.int64(self.block_m),
-                block_n=np.int64(self.block_n),
-                causal=np.bool_(self.causal),
-                provenance=np.str_(json.dumps(self.provenance, sort_keys=True)),
-            )
+        # pid and thread: concurrent writers of one path never share a temporary file
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a bare name
+                np.savez(
+                    f,
+                    format_version=np.int64(FORMAT_VERSION),
+                    thresholds=self.values,
+                    k_values=np.asarray(self.k_values, dtype=np.int64),
+                    block_m=np.int64(self.block_m),
+                    block_n=np.int64(self.block_n),
+                    causal=np.bool_(self.causal),
+                    provenance=np.str_(json.dumps(self.provenance, sort_keys=True)),
+                )
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                tmp.unlink()
+            except FileNotFoundError:
+                pass
+            raise
+        _sync_folder(path.parent)
         return path
 
     @classmethod
@@ -144,14 +173,18 @@ class Thresholds:
         The tile geometry must be the kernel's 128x64: thresholds calibrated on other tiles are
         maxima over other sets of scores and do not transfer (ValueError). ``check_geometry=False``
         loads such a file for inspection only.
+
+        A missing file is a FileNotFoundError; any other file that cannot be read or is not what
+        :meth:`save` writes (truncated, corrupt, missing or mistyped fields) is a ValueError whose
+        message starts with the path.
         """
         name = os.fspath(path)
         try:
             data = np.load(name, allow_pickle=False)
         except FileNotFoundError:
             raise
-        except (OSError, EOFError, ValueError) as exc:  # not a zip or .npy, truncated, or a pickle
-            raise ValueError(f"{name}: not a readable .npz file ({exc})") from None
+        except _READ_ERRORS as exc:  # not a zip or .npy, truncated, damaged, a pickle, a folder
+            raise ValueError(f"{name}: not a readable .npz file (truncated or corrupt): {_reason(exc)}") from None
         if not hasattr(data, "files"):
             raise ValueError(f"{name}: expected an .npz archive of Thresholds.save, got a single .npy array")
         with data:
@@ -159,23 +192,34 @@ class Thresholds:
             if missing:
                 raise ValueError(f"{name}: not a bsfa thresholds file: missing {missing} (has {sorted(data.files)}); "
                                  "files of the paper's code load with Thresholds.load_official")
-            try:
-                fields = {k: data[k] for k in _KEYS}
-            except ValueError as exc:  # an object array would need pickle
-                raise ValueError(f"{name}: {exc}") from None
-        version = int(fields["format_version"])
+            fields = {}
+            for key in _KEYS:
+                try:
+                    fields[key] = data[key]
+                except _READ_ERRORS as exc:  # a damaged member, or an object array (needs pickle)
+                    raise ValueError(f"{name}: field {key!r} could not be read ({_reason(exc)}); expected the "
+                                     "plain .npy data Thresholds.save writes (truncated or corrupt file?)") from None
+        version = _int_field(fields, "format_version", name)
         if version != FORMAT_VERSION:
             raise ValueError(f"{name}: expected format_version {FORMAT_VERSION}, got {version}; "
                              "written by another bsfa-cupy version")
+        values = _field(fields, "thresholds", name, "a 4-d float array",
+                        lambda a: _is_real_float(a.dtype) and a.ndim == 4)
+        k_values = _field(fields, "k_values", name, "a 1-d integer array",
+                          lambda a: a.dtype.kind in "iu" and a.ndim == 1).tolist()
+        block_m, block_n = _int_field(fields, "block_m", name), _int_field(fields, "block_n", name)
+        causal = bool(_field(fields, "causal", name, "a 0-d bool array", lambda a: a.dtype == np.bool_ and a.ndim == 0))
+        text = str(_field(fields, "provenance", name, "a 0-d str array", lambda a: a.dtype.kind == "U" and a.ndim == 0))
         try:
-            provenance = json.loads(str(fields["provenance"]))
+            provenance = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{name}: provenance is not JSON text ({exc})") from None
-        block_m, block_n = int(fields["block_m"]), int(fields["block_n"])
         if check_geometry:
             _check_geometry(block_m, block_n, name)
-        return cls(fields["thresholds"], fields["k_values"].tolist(), block_m=block_m, block_n=block_n,
-                   causal=bool(fields["causal"]), provenance=provenance)
+        try:
+            return cls(values, k_values, block_m=block_m, block_n=block_n, causal=causal, provenance=provenance)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{name}: {exc}") from None
 
     @classmethod
     def load_official(cls, path, *, check_geometry=True) -> Thresholds:
@@ -229,20 +273,88 @@ class Thresholds:
         if missing:
             raise ValueError(f"{name}: missing keys {missing} of the published threshold format (has {sorted(data)})")
         thr = data["thresholds"]
-        values = thr.detach().cpu().float().numpy() if hasattr(thr, "detach") else np.asarray(thr, np.float32)
-        k_values = [int(k) for k in (data["k_values"].tolist() if hasattr(data["k_values"], "tolist") else data["k_values"])]
-        expect = (len(k_values), int(data["num_layers"]), int(data["num_heads"]), int(data["max_num_blocks"]))
+        if hasattr(thr, "detach"):  # a torch tensor
+            if not thr.is_floating_point():
+                raise ValueError(f"{name}: 'thresholds': expected a real float tensor, got {thr.dtype}")
+            values = thr.detach().cpu().float().numpy()
+        else:
+            values = np.asarray(thr)
+            if not _is_real_float(values.dtype):
+                raise ValueError(f"{name}: 'thresholds': expected a real float array, got dtype {values.dtype}")
+            values = values.astype(np.float32)
+        ks = data["k_values"]
+        ks = ks.tolist() if hasattr(ks, "tolist") else ks
+        if not isinstance(ks, (list, tuple)):
+            raise ValueError(f"{name}: 'k_values': expected a list of ints, got {type(ks).__name__} {ks!r}")
+        k_values = [_official_int(k, "k_values", name) for k in ks]
+        sizes = {key: _official_int(data[key], key, name)
+                 for key in ("num_layers", "num_heads", "max_num_blocks", "q_block_size", "k_block_size")}
+        expect = (len(k_values), sizes["num_layers"], sizes["num_heads"], sizes["max_num_blocks"])
         if values.shape != expect:
             raise ValueError(f"{name}: expected thresholds of shape {expect} (num_k, num_layers, num_heads, "
                              f"max_num_blocks), got {values.shape}")
-        block_m, block_n = int(data["q_block_size"]), int(data["k_block_size"])
+        block_m, block_n = sizes["q_block_size"], sizes["k_block_size"]
         if check_geometry:
             _check_geometry(block_m, block_n, name)
         prov = {"source": f"official BSFA threshold file {Path(name).name}", "format": "torch dict (arXiv 2512.07011 code)"}
         for key in ("aggregation_method", "shape_description"):
             if isinstance(data.get(key), str):
                 prov[key] = data[key]
-        return cls(values, k_values, block_m=block_m, block_n=block_n, causal=True, provenance=prov)
+        try:
+            return cls(values, k_values, block_m=block_m, block_n=block_n, causal=True, provenance=prov)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{name}: {exc}") from None
+
+
+def _is_real_float(dtype) -> bool:
+    return dtype.kind == "f" or dtype == np.dtype(ml_dtypes.bfloat16)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _describe(value) -> str:
+    if isinstance(value, np.ndarray):
+        return f"dtype {value.dtype}, shape {value.shape}"
+    return type(value).__name__  # a member that is not .npy data comes back as bytes
+
+
+def _field(fields, key, name, expected, ok):
+    value = fields[key]
+    if not (isinstance(value, np.ndarray) and ok(value)):
+        raise ValueError(f"{name}: field {key!r}: expected {expected}, got {_describe(value)}")
+    return value
+
+
+def _int_field(fields, key, name) -> int:
+    # kind "iu" leaves out bool and float: 128.9 must not load as 128, nor True as 1
+    return int(_field(fields, key, name, "a 0-d integer array", lambda a: a.dtype.kind in "iu" and a.ndim == 0))
+
+
+def _official_int(value, key, name) -> int:
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # a 0-d tensor or array
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name}: {key!r}: expected an int, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (POSIX); best effort where folders cannot be synced."""
+    if os.name != "posix":
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _check_geometry(block_m: int, block_n: int, name: str) -> None:

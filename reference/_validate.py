@@ -15,8 +15,8 @@ SUPPORTED_DTYPES = (
 )
 
 
-def as_float64(x, name: str) -> np.ndarray:
-    """Return ``x`` as a float64 ndarray, rejecting non-array and non-float inputs."""
+def check_array(x, name: str) -> None:
+    """Reject non-array and non-float inputs (no conversion, so checks can run before any copy)."""
     if not isinstance(x, np.ndarray):
         if hasattr(x, "__cuda_array_interface__") or hasattr(x, "__dlpack_device__"):
             raise TypeError(
@@ -27,7 +27,13 @@ def as_float64(x, name: str) -> np.ndarray:
     if x.dtype.newbyteorder("=") not in SUPPORTED_DTYPES:  # byte order is storage, not type
         names = ", ".join(str(d) for d in SUPPORTED_DTYPES)
         raise TypeError(f"{name}: expected dtype in ({names}), got {x.dtype}")
-    return x.astype(np.float64)
+
+
+def check_flag(value, name: str) -> bool:
+    """A Python or NumPy bool; anything else (``"False"``, 0, None) is a TypeError, not truthiness."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
 
 
 def check_block(value, name: str) -> int:
@@ -65,13 +71,14 @@ def check_v(v: np.ndarray, k: np.ndarray) -> None:
 
 
 def softmax_scale_or_default(softmax_scale, D: int) -> float:
+    """None -> 1/sqrt(D); else a finite real > 0 (the kernels take max(scale * s) as scale * max(s))."""
     if softmax_scale is None:
         return 1.0 / float(np.sqrt(D))
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
+    if isinstance(softmax_scale, (bool, np.bool_)) or not isinstance(softmax_scale, numbers.Real):
         raise TypeError(f"softmax_scale: expected a float or None, got {type(softmax_scale).__name__}")
     s = float(softmax_scale)
-    if not np.isfinite(s):
-        raise ValueError(f"softmax_scale: expected a finite float, got {s}")
+    if not (np.isfinite(s) and s > 0):
+        raise ValueError(f"softmax_scale: expected a finite float > 0 or None, got {s}")
     return s
 
 

@@ -1,11 +1,12 @@
 """Threshold calibration, the paper's rule, streaming over calibration batches."""
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
 
-from ._validate import check_block
+from ._validate import SUPPORTED_DTYPES, check_block, check_flag
 from .tiles import BLOCK_M, BLOCK_N, diagonal_tiles, tile_positions
 
 REDUCTIONS = ("mean", "median")
@@ -37,12 +38,19 @@ def sample_thresholds(tile_max, k_values, Nq: int, Nk: int, block_m: int, block_
 
     Candidates of (b, h, a) are the non-diagonal tiles with a valid entry; the threshold for k is
     the midpoint of the k-th and (k+1)-th largest candidate maxima, so that applying it to the same
-    sample keeps exactly k non-diagonal tiles.
+    sample keeps exactly k non-diagonal tiles. NaN or +inf maxima (from non-finite q or k) are a
+    ValueError: they would silently drop candidates or proposals.
 
     ``xp`` is the array module (numpy, or cupy for maxima on the GPU), so the sort runs where the
     maxima are and only the small (K, B, Hq, nQ) result has to travel.
     """
     tile_max = xp.asarray(tile_max)
+    bad = int((xp.isnan(tile_max) | (tile_max == np.inf)).sum())
+    if bad:
+        raise ValueError(
+            f"tile_max: expected finite maxima or -inf (no valid entry), got {bad} NaN or +inf of "
+            f"{tile_max.size} in shape {tuple(tile_max.shape)}; calibrate on finite q and k"
+        )
     diag = xp.asarray(diagonal_tiles(Nq, Nk, block_m, block_n))
     cand = (tile_max > -np.inf) & ~diag[None, None]
     # Sorted in the maxima's own dtype (float32 from the GPU: half the memory of float64); the
@@ -71,6 +79,9 @@ class Calibrator:
 
     Call :meth:`update` once per calibration batch of post-RoPE q (B, Nq, Hq, D) and k (B, Nk, Hkv, D);
     neither is kept. Hq, Hkv and D must not change between updates. ``causal=True`` is the default.
+    q or k with a NaN or ±inf is refused (ValueError), as are batches whose tile maxima would need
+    more memory than :func:`bsfa_reference.block_max_scores` allows (4 GiB, or
+    ``BSFA_REFERENCE_MAX_BYTES``).
     """
 
     #: array module of the tile maxima from :meth:`_tile_max` (the GPU subclass uses cupy)
@@ -79,7 +90,7 @@ class Calibrator:
     def __init__(self, k_values, *, causal=True, softmax_scale=None, block_m=BLOCK_M, block_n=BLOCK_N,
                  reduce="mean"):
         self.k_values = check_k_values(k_values)
-        self.causal = bool(causal)
+        self.causal = check_flag(causal, "causal")
         self.softmax_scale = softmax_scale
         self.block_m = check_block(block_m, "block_m")
         self.block_n = check_block(block_n, "block_n")
@@ -92,10 +103,27 @@ class Calibrator:
         self.num_samples = 0
 
     def _tile_max(self, q, k):
-        from .attention import block_max_scores
+        from .attention import _block_max
 
-        return block_max_scores(q, k, causal=self.causal, softmax_scale=self.softmax_scale,
-                                block_m=self.block_m, block_n=self.block_n)
+        return _block_max(q, k, self.causal, self.softmax_scale, self.block_m, self.block_n,
+                          "bsfa_reference.Calibrator.update")
+
+    def _count_nonfinite(self, x, name: str) -> int:
+        """NaN and ±inf entries of ``x``; 0 for what is not a float array (refused later, by type)."""
+        if not isinstance(x, np.ndarray) or x.dtype.newbyteorder("=") not in SUPPORTED_DTYPES:
+            return 0
+        return int(x.size - np.count_nonzero(np.isfinite(x)))
+
+    def _check_finite(self, x, name: str) -> None:
+        # One NaN would make every maximum of its row or key NaN or -inf (skipped by the rule)
+        # and bias or erase the thresholds without a sign; refuse it instead.
+        bad = self._count_nonfinite(x, name)
+        if bad:
+            shape = tuple(int(n) for n in x.shape)  # torch's .size is a method: count from the shape
+            raise ValueError(
+                f"{name}: expected finite values, got {bad} NaN or ±inf of {math.prod(shape)} in shape {shape}; "
+                "calibrate on finite activations"
+            )
 
     def _check_shape(self, q, k):
         if getattr(q, "ndim", None) != 4 or getattr(k, "ndim", None) != 4:
@@ -114,6 +142,8 @@ class Calibrator:
     def update(self, q, k) -> None:
         """Add the samples of one calibration batch (every batch element is a sample)."""
         shape = self._check_shape(q, k)
+        self._check_finite(q, "q")
+        self._check_finite(k, "k")
         xp = self._xp
         tile_max = self._tile_max(q, k)
         self._shape = shape

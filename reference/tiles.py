@@ -49,8 +49,19 @@ def tile_reduce_any(mask: np.ndarray, block_m: int, block_n: int) -> np.ndarray:
 
 
 def tile_reduce_max(s: np.ndarray, block_m: int, block_n: int) -> np.ndarray:
-    """(..., Nq, Nk) float64 with -inf at invalid entries -> (..., nQ, nK) tile maxima."""
-    return _tile_reduce(s, block_m, block_n, -np.inf, np.max)
+    """(..., Nq, Nk) float64 with -inf at invalid entries -> (..., nQ, nK) tile maxima.
+
+    The maximum of each block_m x block_n box, entries past Nq / Nk counting as -inf, NaN
+    ignored (IEEE maxNum, as the kernels' fmaxf): NaN only for a box that is all NaN.
+    """
+    *_, Nq, Nk = s.shape
+    t = np.fmax.reduceat(s, np.arange(0, Nk, block_n), axis=-1)  # no padded copy of s
+    t = np.fmax.reduceat(t, np.arange(0, Nq, block_m), axis=-2)
+    if Nq % block_m:  # the last boxes reach past Nq: their missing rows count as -inf
+        t[..., -1, :] = np.fmax(t[..., -1, :], -np.inf)
+    if Nk % block_n:
+        t[..., -1] = np.fmax(t[..., -1], -np.inf)
+    return t
 
 
 def _tile_reduce(x, block_m, block_n, fill, reduce):

@@ -2,8 +2,14 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
+import threading
+import warnings
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -207,3 +213,235 @@ def test_official_loader_without_torch_names_torch(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "IMPORTERROR" in proc.stdout and "pip install torch" in proc.stdout, proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# saving replaces the file atomically
+# ---------------------------------------------------------------------------------------------
+
+
+def _fail_after_some_bytes(monkeypatch, exc=OSError(28, "No space left on device")):
+    def savez(file, **arrays):
+        file.write(b"PK\x03\x04" + b"\x00" * 100)  # a partial archive, then the disk fills up
+        raise exc
+
+    monkeypatch.setattr(np, "savez", savez)
+
+
+def test_failed_save_keeps_the_previous_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "thr.npz"
+    Thresholds(_values(), [16, 32], provenance=PROV).save(path)
+    before = path.read_bytes()
+    _fail_after_some_bytes(monkeypatch)
+    with pytest.raises(OSError, match="No space left"):
+        Thresholds(_values(seed=1), [16, 32]).save(path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["thr.npz"]
+    np.testing.assert_array_equal(Thresholds.load(path).values, _values())
+
+
+def test_interrupted_save_of_a_new_file_leaves_nothing(tmp_path, monkeypatch):
+    _fail_after_some_bytes(monkeypatch, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        Thresholds(_values(), [16, 32]).save(tmp_path / "new.npz")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_rename_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "thr.npz"
+    Thresholds(_values(), [16, 32]).save(path)
+    before = path.read_bytes()
+    renames = []
+
+    def replace(src, dst):
+        renames.append((Path(src), Path(dst)))
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(PermissionError):
+        Thresholds(_values(seed=1), [16, 32]).save(path)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["thr.npz"]
+    (src, dst), = renames
+    assert dst == path and src.parent == tmp_path  # same folder: the rename is atomic
+    assert str(os.getpid()) in src.name and str(threading.get_ident()) in src.name
+
+
+def test_concurrent_saves_of_one_path_leave_one_complete_file(tmp_path):
+    path = tmp_path / "thr.npz"
+    tables = [Thresholds(_values(seed=s), [16, 32]) for s in range(4)]
+    errors = []
+
+    def writer(t):
+        try:
+            for _ in range(10):
+                t.save(path)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in tables]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors
+    got = Thresholds.load(path).values
+    assert any(np.array_equal(got, t.values) for t in tables)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["thr.npz"]
+
+
+# ---------------------------------------------------------------------------------------------
+# damaged and mistyped files: one ValueError that starts with the path
+# ---------------------------------------------------------------------------------------------
+
+
+def _saved(tmp_path, name="thr.npz", **fields):
+    """A file as Thresholds.save writes it, with ``fields`` replaced."""
+    arrays = dict(format_version=np.int64(1), thresholds=_values(), k_values=np.array([16, 32]),
+                  block_m=np.int64(BLOCK_M), block_n=np.int64(BLOCK_N), causal=np.bool_(True),
+                  provenance=np.str_(json.dumps(PROV)))
+    arrays.update(fields)
+    path = tmp_path / name
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+    return path
+
+
+def _load_error(path):
+    with pytest.raises(ValueError) as info:
+        Thresholds.load(path)
+    msg = str(info.value)
+    assert msg.startswith(f"{path}: "), msg
+    return msg
+
+
+def test_truncated_file_is_a_value_error(tmp_path):
+    good = _saved(tmp_path).read_bytes()
+    path = tmp_path / "cut.npz"
+    # every length through the central directory at the end, every 11th before it
+    for n in sorted(set(range(0, len(good), 11)) | set(range(len(good) - 600, len(good)))):
+        path.write_bytes(good[:n])
+        _load_error(path)
+    path.write_bytes(good[: len(good) // 2])
+    assert "not a readable .npz file (truncated or corrupt)" in _load_error(path)
+
+
+def test_zero_byte_file(tmp_path):
+    path = tmp_path / "empty.npz"
+    path.write_bytes(b"")
+    assert "not a readable .npz file (truncated or corrupt)" in _load_error(path)
+
+
+def test_corrupted_bytes_load_or_raise_value_error(tmp_path):
+    good = _saved(tmp_path).read_bytes()
+    path = tmp_path / "flipped.npz"
+    rng = np.random.default_rng(0)
+    for _ in range(400):
+        bad = bytearray(good)
+        bad[rng.integers(len(bad))] = rng.integers(256)
+        path.write_bytes(bytes(bad))
+        try:
+            Thresholds.load(path)
+        except ValueError as exc:
+            assert str(exc).startswith(f"{path}: ")
+
+
+def test_zip_members_that_are_not_npy(tmp_path):
+    path = tmp_path / "zip.npz"
+    with zipfile.ZipFile(path, "w") as z:
+        for key in ("format_version", "thresholds", "k_values", "block_m", "block_n", "causal", "provenance"):
+            z.writestr(f"{key}.npy", b"\x93NUMPY garbage")
+    assert "field 'format_version' could not be read" in _load_error(path)
+    with zipfile.ZipFile(path, "w") as z:  # members without .npy data come back as raw bytes
+        for key in ("format_version", "thresholds", "k_values", "block_m", "block_n", "causal", "provenance"):
+            z.writestr(key, b"text")
+    assert "field 'format_version': expected a 0-d integer array, got bytes" in _load_error(path)
+
+
+def test_missing_file_and_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.npz"):
+        Thresholds.load(tmp_path / "missing.npz")
+    assert "not a readable .npz file" in _load_error(tmp_path)
+
+
+@pytest.mark.parametrize("field,value,expected", [
+    ("causal", np.str_("False"), "field 'causal': expected a 0-d bool array, got dtype <U5"),
+    ("causal", np.int64(0), "field 'causal': expected a 0-d bool array, got dtype int64"),
+    ("causal", np.array([True]), r"field 'causal': expected a 0-d bool array, got dtype bool, shape \(1,\)"),
+    ("block_m", np.float64(128.9), "field 'block_m': expected a 0-d integer array, got dtype float64"),
+    ("block_n", np.float32(64), "field 'block_n': expected a 0-d integer array, got dtype float32"),
+    ("block_n", np.bool_(True), "field 'block_n': expected a 0-d integer array, got dtype bool"),
+    ("format_version", np.float64(1.0), "field 'format_version': expected a 0-d integer array"),
+    ("format_version", np.int64(2), "expected format_version 1, got 2"),
+    ("k_values", np.array([16.0, 32.0]), "field 'k_values': expected a 1-d integer array, got dtype float64"),
+    ("k_values", np.array([True, False]), "field 'k_values': expected a 1-d integer array, got dtype bool"),
+    ("k_values", np.array([16, 16]), "k_values: expected no duplicates"),
+    ("thresholds", _values().astype(np.complex64), "field 'thresholds': expected a 4-d float array, got dtype complex64"),
+    ("thresholds", np.zeros((2, 3, 4, 5), np.int32), "field 'thresholds': expected a 4-d float array, got dtype int32"),
+    ("thresholds", _values()[0], r"field 'thresholds': expected a 4-d float array, got dtype float32, shape \(3, 4, 5\)"),
+    ("thresholds", np.where(_values() > 1, np.nan, _values()), "NaN values; use -inf"),
+    ("provenance", np.str_("[1, 2]"), "provenance: expected a dict"),
+    ("provenance", np.str_("{"), "provenance is not JSON text"),
+    ("provenance", np.int64(3), "field 'provenance': expected a 0-d str array"),
+])
+def test_mistyped_fields(tmp_path, field, value, expected):
+    path = _saved(tmp_path, **{field: value})
+    msg = _load_error(path)
+    assert re.search(expected, msg), msg
+
+
+def test_object_array_field(tmp_path):
+    path = _saved(tmp_path, thresholds=np.array([None, 1.0], dtype=object))  # np.savez pickles it
+    assert "field 'thresholds' could not be read" in _load_error(path)
+
+
+def test_constructor_types_are_strict():
+    with pytest.raises(TypeError, match="causal: expected a bool, got str 'False'"):
+        Thresholds(_values(), [16, 32], causal="False")
+    with pytest.raises(TypeError, match="causal: expected a bool, got int"):
+        Thresholds(_values(), [16, 32], causal=1)
+    assert Thresholds(_values(), [16, 32], causal=np.bool_(False)).causal is False
+    for bad in (_values().astype(np.complex128), np.zeros((2, 3, 4, 5), np.int64), _values().astype(object),
+                [[[[1 + 0j]]]]):
+        with pytest.raises(TypeError, match="values: expected a float array"):
+            Thresholds(bad, [16, 32] if np.ndim(bad) == 4 and np.shape(bad)[0] == 2 else [1])
+    with pytest.raises(TypeError, match="block_m: expected a positive int, got float 128.9"):
+        Thresholds(_values(), [16, 32], block_m=128.9)
+    with pytest.raises(TypeError, match="k_values: expected ints, got float"):
+        Thresholds(_values(), [16.0, 32.0])
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("q_block_size", 128.9, "'q_block_size': expected an int, got float 128.9"),
+    ("k_block_size", np.float64(64.0), "'k_block_size': expected an int, got float"),
+    ("num_layers", 3.0, "'num_layers': expected an int, got float 3.0"),
+    ("num_heads", True, "'num_heads': expected an int, got bool"),
+    ("max_num_blocks", np.array(5.5), "'max_num_blocks': expected an int, got float 5.5"),
+    ("k_values", [16.0, 32.0], "'k_values': expected an int, got float 16.0"),
+    ("k_values", 16, "'k_values': expected a list of ints, got int"),
+    ("thresholds", _values().astype(np.complex64), "'thresholds': expected a real float array, got dtype complex64"),
+    ("thresholds", np.zeros((2, 3, 4, 5), np.int32), "'thresholds': expected a real float array, got dtype int32"),
+])
+def test_official_dict_fields_are_strict(key, value, expected):
+    """The published format read without torch: no truncation of 128.9 to 128, no complex
+    thresholds cast to float32 with only a warning."""
+    data = dict(thresholds=_values(), k_values=[16, 32], max_num_blocks=5, num_layers=3, num_heads=4,
+                q_block_size=128, k_block_size=64)
+    assert Thresholds.from_official(dict(data), name="thr.pt").values.shape == (2, 3, 4, 5)
+    data[key] = value
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a ComplexWarning would be the old silent cast
+        with pytest.raises(ValueError) as info:
+            Thresholds.from_official(data, name="thr.pt")
+    assert str(info.value).startswith("thr.pt: ") and expected in str(info.value), str(info.value)
+
+
+def test_official_file_damaged_or_mistyped(tmp_path):
+    torch = pytest.importorskip("torch")
+    path = tmp_path / "thr.pt"
+    torch.save(_official(torch, q_block_size=128.9), path)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: 'q_block_size': expected an int"):
+        Thresholds.load_official(path)
+    good = path.read_bytes()
+    path.write_bytes(good[: len(good) // 2])
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: torch.load"):
+        Thresholds.load_official(path)

@@ -194,7 +194,10 @@ def test_keep_type(qkv, keep, match):
 BAD_BLOCKS = [(0, ValueError, "expected a positive int, got 0"),
               (-16, ValueError, "expected a positive int, got -16"),
               (16.0, TypeError, "expected a positive int, got float"),
+              (128.9, TypeError, "expected a positive int, got float 128.9"),
+              (np.float64(16.0), TypeError, "expected a positive int, got float64"),
               (True, TypeError, "expected a positive int, got bool"),
+              (np.bool_(True), TypeError, "expected a positive int, got bool"),
               ("16", TypeError, "expected a positive int, got str"),
               (None, TypeError, "expected a positive int, got NoneType")]
 
@@ -223,8 +226,17 @@ def test_numpy_int_block_sizes_accepted(qkv):
     ("0.1", TypeError, "softmax_scale: expected a float or None"),
     (True, TypeError, "softmax_scale: expected a float or None"),
     (1j, TypeError, "softmax_scale: expected a float or None"),
+    (np.bool_(True), TypeError, "softmax_scale: expected a float or None"),
+    (np.complex128(0.5), TypeError, "softmax_scale: expected a float or None"),
     (math.nan, ValueError, "softmax_scale: expected a finite float"),
     (math.inf, ValueError, "softmax_scale: expected a finite float"),
+    (-math.inf, ValueError, "softmax_scale: expected a finite float"),
+    (0, ValueError, r"softmax_scale: expected a finite float > 0 or None, got 0.0"),
+    (0.0, ValueError, r"softmax_scale: expected a finite float > 0 or None, got 0.0"),
+    (-0.0, ValueError, r"softmax_scale: expected a finite float > 0 or None, got -0.0"),
+    (-0.125, ValueError, r"softmax_scale: expected a finite float > 0 or None, got -0.125"),
+    (np.float32(-1), ValueError, r"softmax_scale: expected a finite float > 0 or None, got -1.0"),
+    (-1, ValueError, r"softmax_scale: expected a finite float > 0 or None, got -1.0"),
 ])
 def test_bad_softmax_scale(qkv, scale, exc, match):
     q, k, v = qkv
@@ -235,6 +247,47 @@ def test_bad_softmax_scale(qkv, scale, exc, match):
     cal = R.Calibrator([1], softmax_scale=scale)
     with pytest.raises(exc, match=match):
         cal.update(q, k)
+
+
+def test_positive_softmax_scales_accepted(qkv):
+    q, k, v = qkv
+    for scale in (1, np.int64(2), np.float32(0.25), 5e-324, 1e300):
+        assert R.attention(q, k, v, softmax_scale=scale, **SMALL).shape == q.shape
+        assert R.block_max_scores(q, k, softmax_scale=scale, **SMALL).shape == (2, 4, 3, 7)
+
+
+@pytest.mark.parametrize("causal", ["False", "True", "", 0, 1, None, np.int64(1), np.array([True])])
+def test_causal_must_be_a_bool(qkv, causal):
+    """``causal="False"`` used to be truthy, i.e. causal."""
+    q, k, v = qkv
+    with pytest.raises(TypeError, match="causal: expected a bool, got"):
+        R.attention(q, k, v, causal=causal)
+    with pytest.raises(TypeError, match="causal: expected a bool, got"):
+        R.block_max_scores(q, k, causal=causal)
+    with pytest.raises(TypeError, match="causal: expected a bool, got"):
+        R.Calibrator([1], causal=causal)
+    with pytest.raises(TypeError, match="causal: expected a bool, got"):
+        R.gate(np.zeros((1, 4, 3, 7)), None, 40, 50, 16, 8, causal=causal)
+
+
+def test_numpy_bool_causal_accepted(qkv):
+    q, k, v = qkv
+    for flag in (True, False):
+        a = R.attention(q, k, v, causal=np.bool_(flag), **SMALL)
+        assert (a == R.attention(q, k, v, causal=flag, **SMALL)).all()
+    assert R.Calibrator([1], causal=np.bool_(False)).causal is False
+
+
+@pytest.mark.parametrize("thr", [np.complex128(0.5), np.complex64(0.5), np.array(0.5 + 0j), 0.5 + 0j,
+                                 np.zeros((4, 2), np.complex128), np.array(0.5, dtype=object),
+                                 np.zeros((4, 2), dtype=object)])
+def test_complex_and_object_thresholds_refused(qkv, thr):
+    """A complex threshold must not lose its imaginary part (even a zero one) to a cast."""
+    q, k, v = qkv
+    with pytest.raises(TypeError, match="thresholds: expected"):
+        R.attention(q, k, v, thr, **SMALL)
+    with pytest.raises(TypeError, match="thresholds: expected"):
+        R.gate(np.zeros((2, 4, 3, 7)), thr, 40, 50, 16, 8, causal=True)
 
 
 # ---------------------------------------------------------------------------------------------
