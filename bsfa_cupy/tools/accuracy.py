@@ -17,17 +17,18 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 import bsfa_reference as ref
-from bsfa_reference.tiles import diagonal_tiles, tile_reduce_any, valid_mask
+from bsfa_reference.calibration import check_k_values
 
+from .outputs import check_out_dir, check_tag, result_stem, slug
 from .progress import progress as progress_bar
-from .synthetic import make_sample, needle_retrieved
+from .synthetic import MIN_N, make_sample, needle_retrieved
+from .tiles import causal_tiles
 
 CALIB_SEED0 = 1000
 EVAL_SEED = 7  # not in the calibration seeds: thresholds are never tested on their own samples
@@ -104,8 +105,26 @@ class _GpuEngine:
         self.xp.get_default_memory_pool().free_all_blocks()
 
 
-def run(cfg: Config, *, use_gpu=False, progress=True, out_dir="bench/results", tag=""):
-    """Measure every (N, k); returns (result dict, written paths)."""
+def check(cfg: Config, use_gpu: bool) -> None:
+    """ValueError for a configuration the run would fail on, before any work (``--n``-style wording)."""
+    if min(cfg.ns) < MIN_N:
+        raise ValueError(f"--n {min(cfg.ns)}: expected sequence lengths of at least {MIN_N} (the synthetic samples "
+                         f"start with {MIN_N - 1} attention-sink keys)")
+    check_k_values(cfg.ks)
+    if cfg.calib_samples < 1:
+        raise ValueError(f"--calib-samples {cfg.calib_samples}: expected at least 1")
+    if not use_gpu:
+        from .sizes import check_host_reference
+
+        check_host_reference(cfg.ns, cfg.hq, cfg.d, cfg.hkv)
+
+
+def run(cfg: Config, *, use_gpu=False, progress=True, out_dir=".", tag=""):
+    """Measure every (N, k); returns (result dict, written paths). ``out_dir=None`` writes nothing."""
+    check(cfg, use_gpu)
+    if out_dir:
+        check_out_dir(out_dir)
+        check_tag(tag, "tag")  # fails here, not after the measurements
     engine = _GpuEngine() if use_gpu else _CpuEngine()
     xp = engine.xp
     rows = []
@@ -138,8 +157,7 @@ def run(cfg: Config, *, use_gpu=False, progress=True, out_dir="bench/results", t
 
 def _tile_sets(n, xp):
     """Valid and gated (valid, off-diagonal) tiles of causal N x N attention, as xp bool arrays."""
-    valid = tile_reduce_any(valid_mask(n, n, True), ref.BLOCK_M, ref.BLOCK_N)
-    gated = valid & ~diagonal_tiles(n, n, ref.BLOCK_M, ref.BLOCK_N)
+    valid, gated = causal_tiles(n, ref.BLOCK_M, ref.BLOCK_N)
     return xp.asarray(valid), xp.asarray(gated)
 
 
@@ -179,20 +197,16 @@ def _needles(engine, dense, sparse, v, needles, hq):
 
 
 # ---------------------------------------------------------------------- reports
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")
-
-
-def write_results(result: dict, out_dir="bench/results", tag="") -> list:
-    """JSON + markdown (+ PNG when matplotlib is there) named after the device and date."""
+def write_results(result: dict, out_dir=".", tag="") -> list:
+    """JSON + markdown (+ PNG when matplotlib is there) named after the device, date and tag."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / (f"accuracy_{slug(result['device'])}_{result['date']}" + (f"_{tag}" if tag else ""))
-    paths = [stem.with_suffix(".json"), stem.with_suffix(".md")]
+    stem = result_stem("accuracy", slug(result["device"]), result["date"], tag=tag)
+    paths = [out / f"{stem}.json", out / f"{stem}.md"]
     paths[0].write_text(json.dumps(result, indent=1) + "\n")
     paths[1].write_text(markdown(result))
     try:
-        paths.append(plot(result, stem.with_suffix(".png")))
+        paths.append(plot(result, out / f"{stem}.png"))
     except ImportError as exc:
         print(f"PNG skipped: {exc}")
     return paths

@@ -11,12 +11,12 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from .outputs import check_out_dir, check_tag, result_stem, slug
 from .progress import progress as progress_bar
 
 IMPLS = ("bsfa-dense", "bsfa-sparse", "bsfa-calibrated", "bsfa-blockmax", "sdpa-flash", "sdpa-cudnn",
@@ -69,10 +69,6 @@ def gpu_name() -> str:
     import torch
 
     return torch.cuda.get_device_name()
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")
 
 
 class Timer:
@@ -136,9 +132,9 @@ def thresholds_for_rho(tile_max, rho, n):
 def realised_rho(keep, n):
     import cupy as cp
 
-    from bsfa_reference.tiles import diagonal_tiles, tile_reduce_any, valid_mask
+    from .tiles import causal_tiles
 
-    gated = tile_reduce_any(valid_mask(n, n, True), 128, 64) & ~diagonal_tiles(n, n, 128, 64)
+    gated = causal_tiles(n, 128, 64)[1]
     g = cp.asarray(gated)[None, None]
     return float((cp.asarray(keep) & g).sum() / max(int(g.sum()) * keep.shape[0] * keep.shape[1], 1))
 
@@ -177,7 +173,11 @@ def _peer_fns(name, sets, causal, n):
     raise ValueError(name)
 
 
-def run(cfg: Config, *, progress=True, echo=print, out_dir="bench/results", tag="") -> dict:
+def run(cfg: Config, *, progress=True, echo=print, out_dir=".", tag="") -> dict:
+    """Time every configured shape; writes JSON/markdown/PNG to ``out_dir`` unless it is None."""
+    if out_dir:
+        check_out_dir(out_dir)
+        check_tag(tag, "tag")  # fails here, not after the timings
     import cupy as cp
     import torch
 
@@ -296,10 +296,10 @@ def _fmt(r: Row) -> str:
     return f"{r.impl:16s} {r.dtype:8s} d={r.d} hkv={r.hkv} n={r.n:6d} causal={int(r.causal)}{rho}: {val}"
 
 
-def write_results(result: dict, out_dir="bench/results", tag="") -> list[Path]:
+def write_results(result: dict, out_dir=".", tag="") -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{slug(result['gpu'])}_{result['date']}" + (f"_{tag}" if tag else "")
+    stem = result_stem(slug(result["gpu"]), result["date"], tag=tag)
     paths = [out / f"{stem}.json", out / f"{stem}.md"]
     paths[0].write_text(json.dumps(result, indent=1))
     paths[1].write_text(markdown(result))

@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+
+#: the largest --n, --k, ... accepted: the kernels index sequences and tiles with 32-bit ints
+MAX_INT = 2**31 - 1
 
 
 class CliError(Exception):
@@ -10,7 +14,7 @@ class CliError(Exception):
 
 
 def _demo(args) -> int:
-    from .demo import run
+    from . import demo
 
     use_gpu = {"auto": None, "gpu": True, "cpu": False}[args.device]
     if use_gpu:
@@ -18,11 +22,28 @@ def _demo(args) -> int:
 
         if not has_gpu():
             raise CliError("--device gpu: no CUDA GPU visible to CuPy (install bsfa-cupy[cuda12] or [cuda13])")
-    run(use_gpu, n=args.n, k=args.k, plot=args.plot, progress=not args.quiet)
+    demo.run(use_gpu, n=args.n, k=args.k, plot=args.plot, progress=not args.quiet)
     return 0
 
 
 def _bench(args) -> int:
+    from .benchmark import Config
+    from .outputs import check_out_dir, check_tag
+    from .synthetic import MIN_N
+
+    cfg = Config(ns=tuple(args.n), ds=tuple(args.d), hkvs=tuple(args.hkv), dtypes=tuple(args.dtype),
+                 causal=(True, False) if args.noncausal else (True,), peers=tuple(args.peers),
+                 calibrated=not args.no_calibrated, repeats=args.repeats, ours=not args.peers_only)
+    if min(cfg.ns) < MIN_N:
+        raise CliError(f"--n {min(cfg.ns)}: expected sequence lengths of at least {MIN_N} (the calibrated row's "
+                       f"synthetic samples start with {MIN_N - 1} attention-sink keys)")
+    bad = [h for h in cfg.hkvs if cfg.hq % h]
+    if bad:
+        raise CliError(f"--hkv {bad[0]}: expected a divisor of the {cfg.hq} query heads (GQA groups)")
+    if not cfg.ours and not cfg.peers:
+        raise CliError("--peers-only with an empty --peers: nothing to time")
+    check_tag(args.tag)
+    check_out_dir(args.out)
     from .._backend import has_gpu
 
     if not has_gpu():
@@ -31,11 +52,8 @@ def _bench(args) -> int:
         import torch  # noqa: F401
     except ImportError:
         raise CliError("the benchmark times on torch's stream and compares with torch SDPA: install torch") from None
-    from .benchmark import Config, run
+    from .benchmark import run
 
-    cfg = Config(ns=tuple(args.n), ds=tuple(args.d), hkvs=tuple(args.hkv), dtypes=tuple(args.dtype),
-                 causal=(True, False) if args.noncausal else (True,), peers=tuple(args.peers),
-                 calibrated=not args.no_calibrated, repeats=args.repeats, ours=not args.peers_only)
     result = run(cfg, progress=not args.quiet, out_dir=args.out, tag=args.tag)
     from .benchmark import markdown
 
@@ -57,14 +75,21 @@ def _use_gpu(device: str) -> bool:
 
 
 def _calibrate(args) -> int:
-    from .dumps import calibrate_dumps
+    from .dumps import calibrate_dumps, dump_files, find_dumps
+    from .outputs import check_out_file
 
+    ks = _distinct(args.k, "--k")
     use_gpu = _use_gpu(args.device)
+    paths = find_dumps(args.dumps)
+    out = check_out_file(args.out, "--out", inputs=dump_files(paths))
     prov = {"model": args.model} if args.model else {}
-    thr, n_dumps = calibrate_dumps(args.dumps, args.k, reduce=args.reduce, causal=args.causal,
+    thr, n_dumps = calibrate_dumps(paths, ks, reduce=args.reduce, causal=args.causal,
                                    softmax_scale=args.softmax_scale, use_gpu=use_gpu, progress=not args.quiet,
                                    provenance=prov)
-    path = thr.save(args.out)
+    try:
+        path = thr.save(out)
+    except OSError as exc:  # e.g. a full disk: its message does not name the file
+        raise CliError(f"--out {out}: writing failed ({exc.strerror or exc})") from None
     plural = lambda n, what: f"{n} {what}" + ("s" if n != 1 else "")  # noqa: E731
     print(f"wrote {path}: {plural(thr.num_layers, 'layer')} x {plural(thr.num_heads, 'head')} x "
           f"T={thr.num_positions} query-tile positions, "
@@ -74,12 +99,17 @@ def _calibrate(args) -> int:
 
 
 def _accuracy(args) -> int:
-    from .accuracy import Config, markdown, run
+    from . import accuracy
+    from .outputs import check_out_dir, check_tag
 
+    ks = _distinct(args.k, "--k")
+    check_tag(args.tag)
+    check_out_dir(args.out)
     use_gpu = _use_gpu(args.device)
-    cfg = Config.for_device(use_gpu, ns=args.n, ks=args.k, calib_samples=args.calib_samples)
-    result, paths = run(cfg, use_gpu=use_gpu, progress=not args.quiet, out_dir=args.out, tag=args.tag)
-    print(markdown(result))
+    cfg = accuracy.Config.for_device(use_gpu, ns=args.n, ks=ks, calib_samples=args.calib_samples)
+    accuracy.check(cfg, use_gpu)
+    result, paths = accuracy.run(cfg, use_gpu=use_gpu, progress=not args.quiet, out_dir=args.out, tag=args.tag)
+    print(accuracy.markdown(result))
     for p in paths:
         print(f"wrote {p}")
     return 0
@@ -100,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: the GPU kernel when CuPy and a GPU are present, else the NumPy reference")
     d.add_argument("--n", type=_positive, default=None, help="sequence length (default 16384 on GPU, 2048 on CPU)")
     d.add_argument("--k", type=_positive, default=None, help="off-diagonal tiles to keep per query tile in calibration")
-    d.add_argument("--plot", metavar="PNG", default=None, help="write a heatmap of head 0's kept tiles")
+    d.add_argument("--plot", metavar="PNG", default=None,
+                   help="write a heatmap of head 0's kept tiles (.png, .pdf, .svg, ...; needs matplotlib)")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=_demo)
 
@@ -117,8 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-calibrated", action="store_true", help="skip the calibrated-thresholds row")
     b.add_argument("--peers-only", action="store_true", help="time only the peers (e.g. FlexAttention on a few shapes)")
     b.add_argument("--repeats", type=_positive, default=7)
-    b.add_argument("--out", default="bench/results", help="folder for the JSON/markdown/PNG results")
-    b.add_argument("--tag", default="", help="suffix for the result file names")
+    b.add_argument("--out", default=".", help="folder for the JSON/markdown/PNG results, created if missing "
+                   "(default: the current directory)")
+    b.add_argument("--tag", default="", help="suffix for the result file names (letters, digits, . _ + -)")
     b.add_argument("--quiet", action="store_true", help="no progress bar (prints each row instead)")
     b.set_defaults(func=_bench)
 
@@ -132,14 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("dumps", nargs="+", help=".npz dumps, folders of .npy dumps, or folders holding them")
     c.add_argument("--k", type=_positive, nargs="+", default=[16, 32, 64, 96],
                    help="off-diagonal key tiles to keep per query tile (default: 16 32 64 96)")
-    c.add_argument("--out", default="thresholds.npz", help="output file (default: thresholds.npz)")
+    c.add_argument("--out", default="thresholds.npz",
+                   help="output file, never one of the dumps (default: thresholds.npz in the current directory)")
     c.add_argument("--reduce", choices=("mean", "median"), default="mean", help="over samples (default: mean)")
     c.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto",
                    help="auto: bsfa_cupy.Calibrator when CuPy and a GPU are present, else the NumPy reference")
     mask = c.add_mutually_exclusive_group()
     mask.add_argument("--causal", dest="causal", action="store_true", default=True, help="causal mask (default)")
     mask.add_argument("--non-causal", dest="causal", action="store_false", help="no mask")
-    c.add_argument("--softmax-scale", type=float, default=None, help="score scale (default 1/sqrt(head_dim))")
+    c.add_argument("--softmax-scale", type=_positive_float, default=None,
+                   help="score scale, a finite number > 0 (default 1/sqrt(head_dim))")
     c.add_argument("--model", default="", help="model name recorded in the file's provenance")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=_calibrate)
@@ -154,8 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequence lengths (default 4096..65536 on GPU, 1024 2048 4096 on CPU)")
     a.add_argument("--k", type=_positive, nargs="+", default=[16, 32, 64, 96, 128])
     a.add_argument("--calib-samples", type=_positive, default=None, help="calibration samples per N")
-    a.add_argument("--out", default="bench/results", help="folder for the JSON/markdown/PNG results")
-    a.add_argument("--tag", default="", help="suffix for the result file names")
+    a.add_argument("--out", default=".", help="folder for the JSON/markdown/PNG results, created if missing "
+                   "(default: the current directory)")
+    a.add_argument("--tag", default="", help="suffix for the result file names (letters, digits, . _ + -)")
     a.add_argument("--quiet", action="store_true", help="no progress bar")
     a.set_defaults(func=_accuracy)
     return p
@@ -166,18 +201,52 @@ def _positive(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    if not 1 <= value <= MAX_INT:
+        raise argparse.ArgumentTypeError(f"expected a positive integer up to {MAX_INT}, got {value}")
     return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def _distinct(values, option):
+    seen = set()
+    for v in values:
+        if v in seen:
+            raise CliError(f"{option}: {v} is given twice")
+        seen.add(v)
+    return list(values)
+
+
+_OUT_OF_MEMORY_HINT = {
+    "calibrate": "each layer of a dump is read whole: split the dumps into fewer samples each",
+}
+
+
+def _one_line(exc) -> str:
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return text or type(exc).__name__
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    # Mistakes in arguments and files; other exceptions are bugs and keep their traceback.
     except (CliError, ValueError, TypeError, OSError, ImportError) as exc:  # OSError: FileNotFoundError & co
-        print(f"bsfa {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        message = _one_line(exc)
+    except MemoryError as exc:
+        hint = _OUT_OF_MEMORY_HINT.get(args.command, "try a smaller --n")
+        message = f"out of memory ({_one_line(exc)}); {hint}"
+    print(f"bsfa {args.command}: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

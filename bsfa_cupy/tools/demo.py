@@ -7,10 +7,11 @@ from dataclasses import dataclass
 import numpy as np
 
 import bsfa_reference as ref
-from bsfa_reference.tiles import diagonal_tiles, tile_reduce_any, valid_mask
+from bsfa_reference.calibration import check_k_values
 
 from .progress import progress as progress_bar
-from .synthetic import make_sample, needle_retrieved
+from .synthetic import MIN_N, make_sample, needle_retrieved
+from .tiles import causal_tiles
 
 
 @dataclass
@@ -28,14 +29,37 @@ CPU_CONFIG = DemoConfig(n=2048, hq=4, hkv=1, d=64, k=8)
 GPU_CONFIG = DemoConfig(n=16384, hq=32, hkv=8, d=128, k=64)
 
 
+def check(use_gpu: bool, *, n=None, k=None, plot=None) -> DemoConfig:
+    """The run's configuration, or ValueError/ImportError for one it would fail on, before any work."""
+    cfg = GPU_CONFIG if use_gpu else CPU_CONFIG
+    cfg = DemoConfig(n or cfg.n, cfg.hq, cfg.hkv, cfg.d, k or cfg.k, cfg.calib_samples, cfg.dtype)
+    if cfg.n < MIN_N:
+        raise ValueError(f"--n {cfg.n}: expected a sequence length of at least {MIN_N} (the synthetic samples start "
+                         f"with {MIN_N - 1} attention-sink keys)")
+    check_k_values([cfg.k])
+    from . import sizes
+
+    if use_gpu:  # the samples are built and the results checked on the host
+        sizes.check_host_memory(cfg.n, lambda m: sizes.gpu_demo_host_bytes(m, cfg.hq, cfg.d, cfg.hkv),
+                                what="the demo")
+    else:
+        sizes.check_host_reference([cfg.n], cfg.hq, cfg.d, cfg.hkv)
+    if plot:
+        from .outputs import check_out_file
+        from .plots import check_image_path
+
+        check_out_file(plot, "--plot")
+        check_image_path(plot, "--plot")
+    return cfg
+
+
 def run(use_gpu: bool | None = None, *, n=None, k=None, plot=None, progress=True, echo=print) -> dict:
     """Run the demo; returns the printed numbers. ``use_gpu=None`` picks the GPU when available."""
     from .._backend import has_gpu
 
     if use_gpu is None:
         use_gpu = has_gpu()
-    cfg = GPU_CONFIG if use_gpu else CPU_CONFIG
-    cfg = DemoConfig(n or cfg.n, cfg.hq, cfg.hkv, cfg.d, k or cfg.k, cfg.calib_samples, cfg.dtype)
+    cfg = check(use_gpu, n=n, k=k, plot=plot)
     engine = _GpuEngine() if use_gpu else _CpuEngine()
     echo(f"bsfa demo on {engine.name}: N={cfg.n}, Hq={cfg.hq}, Hkv={cfg.hkv}, D={cfg.d}, {cfg.dtype}, causal, k={cfg.k}")
     if not use_gpu:
@@ -72,9 +96,7 @@ def run(use_gpu: bool | None = None, *, n=None, k=None, plot=None, progress=True
 
 def _stats(dense, sparse, keep, s, cfg):
     keep = np.asarray(keep)
-    valid_tiles = tile_reduce_any(valid_mask(cfg.n, cfg.n, True), ref.BLOCK_M, ref.BLOCK_N)
-    diag = diagonal_tiles(cfg.n, cfg.n, ref.BLOCK_M, ref.BLOCK_N)
-    gated = valid_tiles & ~diag
+    valid_tiles, gated = causal_tiles(cfg.n, ref.BLOCK_M, ref.BLOCK_N)
     kept_gated = (keep & gated[None, None]).sum() / max(gated.sum() * keep.shape[0] * keep.shape[1], 1)
     density = keep.sum() / (valid_tiles.sum() * keep.shape[0] * keep.shape[1])
     err = np.linalg.norm(sparse - dense) / np.linalg.norm(dense)

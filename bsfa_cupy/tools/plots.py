@@ -15,6 +15,21 @@ def _pyplot():
     return plt
 
 
+def check_image_path(path, option="--plot") -> None:
+    """ImportError without matplotlib, ValueError for a file name whose suffix it cannot write (savefig
+    would otherwise add ".png" to a bare name, or fail after all the work for an unknown one)."""
+    from pathlib import Path
+
+    _pyplot()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    kinds = FigureCanvasAgg.get_supported_filetypes()
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in kinds:
+        raise ValueError(f"{option} {path}: expected a file name ending in one of "
+                         f"{', '.join('.' + s for s in sorted(kinds))}")
+
+
 def keep_heatmap(keep, *, head=0, batch=0, path="keep.png", title=None) -> str:
     """PNG of one head's kept tiles (query tile x key tile) from a (B, Hq, nQ, nK) keep mask."""
     plt = _pyplot()

@@ -13,6 +13,11 @@ from dataclasses import dataclass
 import numpy as np
 
 
+#: attention-sink keys at the start of every sample; a sample needs at least one more position
+N_SINK = 4
+MIN_N = N_SINK + 1
+
+
 @dataclass
 class Sample:
     q: np.ndarray  # (B, N, Hq, D) float32
@@ -21,12 +26,14 @@ class Sample:
     needles: np.ndarray  # (n, 4) int: batch, query head, query row, key row
 
 
-def make_sample(n: int, *, batch=1, hq=4, hkv=1, d=64, n_sink=4, n_needles=4, seed=0,
+def make_sample(n: int, *, batch=1, hq=4, hkv=1, d=64, n_sink=N_SINK, n_needles=4, seed=0,
                 sink=3.0, local=2.5, needle=6.0, noise=1.0, xp=np) -> Sample:
     """One draw of the synthetic distribution; ``seed`` picks noise and needle placement.
 
     ``xp=cupy`` builds the arrays on the GPU (same structure, other random noise).
     """
+    if n <= n_sink:  # needles are planted after the sinks
+        raise ValueError(f"n: expected a sequence longer than its {n_sink} attention-sink keys, got {n}")
     rng = np.random.default_rng(seed)
     noise_rng = xp.random.default_rng(seed)
     group = hq // hkv

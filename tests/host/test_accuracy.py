@@ -64,3 +64,19 @@ def test_config_for_the_cpu_is_small(ns, ks):
     cfg = accuracy.Config.for_device(False, ns=ns, ks=ks)
     assert max(cfg.ns) <= 4096 and cfg.hq <= 4
     assert accuracy.EVAL_SEED not in range(accuracy.CALIB_SEED0, accuracy.CALIB_SEED0 + cfg.calib_samples)
+
+
+def _tiny_result():
+    return {"device": "cpu-reference", "date": "2025-01-01", "config": vars(accuracy.Config(ns=(512,))),
+            "calib_seeds": [1000, 1003], "eval_seed": 7,
+            "rows": [dict(n=512, k=1, density=0.5, gated_kept=0.2, mass_dropped=0.1, rel_err=0.2, needles_hit=3,
+                          needles=4)]}
+
+
+def test_tags_keep_their_dots(tmp_path):
+    first = accuracy.write_results(_tiny_result(), tmp_path, tag="v1.2")
+    second = accuracy.write_results(_tiny_result(), tmp_path, tag="v1.3")
+    for paths, tag in ((first, "v1.2"), (second, "v1.3")):
+        stem = f"accuracy_cpu-reference_2025-01-01_{tag}"
+        assert [p.name for p in paths] == [f"{stem}.json", f"{stem}.md", f"{stem}.png"][: len(paths)]
+        assert len(paths) >= 2 and all(p.is_file() for p in paths)

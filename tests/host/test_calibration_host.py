@@ -101,3 +101,44 @@ def test_host_calibrator_equals_reference(monkeypatch):
         host.update(q, k)
         plain.update(q, k)
     np.testing.assert_allclose(host.thresholds(), plain.thresholds(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("B,Hq,Hkv", [(2, 4, 2), (1, 3, 3), (1, 4, 1)])
+@pytest.mark.parametrize("Nq,Nk,causal", [(300, 700, True), (700, 300, True), (333, 333, False)])
+def test_banded_maxima_equal_the_reference_for_every_head_grouping(B, Hq, Hkv, Nq, Nk, causal):
+    rng = np.random.default_rng(13)
+    q, k = _qk(rng, Nq, Nk, B=B, Hq=Hq, Hkv=Hkv)
+    want = ref.block_max_scores(q, k, causal=causal, softmax_scale=0.3)
+    for budget in (1, 200_000, 2**40):
+        got = banded_block_max(q, k, causal, 0.3, 128, 64, budget)
+        np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def test_a_band_stays_within_the_memory_budget():
+    """Peak memory of the banded maxima, everything NumPy allocates counted, minus the returned
+    (B, Hq, nQ, nK) array, at most the budget, and not far below it (bands are not needlessly small)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(14)
+    q, k = _qk(rng, 1024, 1024, B=1, Hq=8, Hkv=2, D=64)
+    budget = 3 * 2**20
+    tracemalloc.start()
+    try:
+        got = banded_block_max(q, k, True, None, 128, 64, budget)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    used = peak - got.nbytes
+    assert budget / 3 <= used <= budget, (used, budget)
+    np.testing.assert_allclose(got, ref.block_max_scores(q, k), rtol=1e-12)
+
+
+def test_the_default_band_fits_a_long_context_model_layer():
+    """Hq=32, Hkv=8, D=128 at N=64K: the band the CLI's CPU path plans stays within its budget."""
+    from bsfa_cupy.tools.dumps import band_plan
+
+    rows, cols, nbytes = band_plan(Hq=32, Hkv=8, D=128, Nq=65536, Nk=65536, block_m=128, block_n=64,
+                                   budget=HostCalibrator.budget)
+    assert HostCalibrator.budget == 256 * 2**20
+    assert nbytes <= HostCalibrator.budget and rows % 128 == 0 and cols % 64 == 0 and cols >= 64
