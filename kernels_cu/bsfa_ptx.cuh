@@ -9,6 +9,8 @@
 // Shared-memory operands are 32-bit shared-window addresses (what ldmatrix and
 // cp.async take natively); the kernels never touch shared memory through C++
 // pointers, so there is no aliasing between asm and compiler-visible accesses.
+//
+// Self-contained.
 #pragma once
 
 namespace bsfa {
@@ -188,6 +190,16 @@ __device__ __forceinline__ bool cta_sync_or(bool pred) {
 }
 
 // ---------------------------------------------------------------- plain memory
+
+// Global load through the read-only (non-coherent) path, for data the kernel
+// never writes (the gate thresholds).  The pointer comes out of the Params
+// struct, not a __restrict__ kernel argument, so the compiler cannot prove
+// that itself.
+__device__ __forceinline__ float ldg_nc_f32(const float* p) {
+    float v;
+    asm("ld.global.nc.f32 %0, [%1];\n" : "=f"(v) : "l"(p));
+    return v;
+}
 
 __device__ __forceinline__ void sts32(unsigned addr, unsigned v) {
     asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");

@@ -41,7 +41,7 @@ def test_installed_package_finds_kernel_sources(wheel, tmp_path):
                    check=True, capture_output=True)
     code = (
         "import bsfa_cupy, bsfa_cupy._source as s; "
-        "d = s.kernels_dir(); src = s.kernel_source('bsfa_fwd.cu'); "
+        "d = s.kernels_dir(); src = s.kernel_source('bsfa_fwd_sm80.cu') + s.kernel_source('bsfa_fwd_sm90.cu'); "
         "print(d); print(len(src)); print('#include \"' in src)"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

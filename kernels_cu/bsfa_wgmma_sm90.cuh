@@ -1,6 +1,7 @@
 // Hopper (sm_90a) warpgroup MMA: wgmma wrappers, shared-memory matrix
-// descriptors and the fences that order them.  Only bsfa_fwd_sm90.cu
-// includes this file; it needs an sm_90a compile.
+// descriptors, the swizzle they assume and the fences that order them.  Only
+// the sm90 headers include this file; it needs an sm_90a compile.
+// Self-contained.
 //
 // A wgmma is issued by a whole warpgroup (4 consecutive warps) and runs
 // asynchronously: the accumulator registers named by the asm belong to the

@@ -1,0 +1,58 @@
+// The gate: which key tiles of a query tile are kept without comparing their
+// maximum to a threshold (the diagonal ones; all of them in dense mode), the
+// threshold the others are compared with, and the keep-mask row a CTA
+// reports its decisions in.  Shared by both forward kernels.
+//
+// Includes what it needs.
+#pragma once
+
+#include "bsfa_mask.cuh"
+#include "bsfa_ptx.cuh"
+#include "bsfa_traits.cuh"
+
+namespace bsfa {
+
+// Threshold of query tile a (thr_mode 1: one scalar; 2: per head and query
+// tile position p = floor((a*128 + Nk - Nq) / 128), clamped into [0, T)).
+template <class TR>
+__device__ __forceinline__ float tile_threshold(const float* __restrict__ thresholds, float thr_scalar, int thr_mode,
+                                                int thr_T, int h, int diag_off) {
+    if (thr_mode == 1) return thr_scalar;
+    const int p = imax(imin(imax(diag_off, 0) / TR::kBlockM, thr_T - 1), 0);
+    return ldg_nc_f32(thresholds + (long long)h * thr_T + p);
+}
+
+// The keep-mask row of (b, h, a), or nullptr when no mask was asked for.
+// Entries past c_end (tiles without a valid entry) are cleared here; the key
+// loop writes every visited tile.
+template <class TR, bool kCausal>
+__device__ __forceinline__ unsigned char* keep_row_for(unsigned char* keep, long long b, int h, int Hq, int a, int Nq,
+                                                       int nK, const QueryTile<TR, kCausal>& qt, int tid) {
+    unsigned char* row = keep == nullptr ? nullptr : keep + ((b * Hq + h) * ceil_div(Nq, TR::kBlockM) + a) * nK;
+    if (row != nullptr) {
+        for (int c = qt.c_end + 1 + tid; c < nK; c += TR::kNThreads) row[c] = 0;
+    }
+    return row;
+}
+
+// Which key tiles a query tile keeps without a gate, and the gate's
+// threshold: tiles in [forced_lo, forced_hi] are the diagonal ones, or every
+// tile with a valid entry when thr_mode 0 keeps them all.
+template <class TR>
+struct GatePlan {
+    int forced_lo;
+    int forced_hi;
+    float thr;
+
+    template <bool kCausal>
+    __device__ __forceinline__ GatePlan(const QueryTile<TR, kCausal>& qt, const float* __restrict__ thresholds,
+                                        float thr_scalar, int thr_mode, int thr_T, int h) {
+        const bool gated = thr_mode != 0;
+        forced_lo = gated ? qt.diag_lo : 0;
+        forced_hi = gated ? qt.diag_hi : qt.c_end;
+        thr = gated ? tile_threshold<TR>(thresholds, thr_scalar, thr_mode, thr_T, h, qt.diag_off) : 0.f;
+    }
+    __device__ __forceinline__ bool forced(int c) const { return c >= forced_lo && c <= forced_hi; }
+};
+
+}  // namespace bsfa
