@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Compare the SASS of every default kernel variant between two versions of kernels_cu/.
 
-    python tests/kernels/sass_diff.py HEAD~1 kernels_cu            # a git revision against the work tree
-    python tests/kernels/sass_diff.py old_dir new_dir --params     # ignore kernel-parameter offsets
+    python bench/sass_diff.py HEAD~1 kernels_cu            # a git revision against the work tree
+    python bench/sass_diff.py old_dir new_dir --params     # ignore kernel-parameter offsets
 
 Each side is a git revision (its kernels_cu/ is exported to a temporary directory) or a directory
 of kernel sources.  Both are compiled as the compile test does (nvcc -cubin, -std=c++17; the
@@ -29,7 +29,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 # The mma.sync file under its current and its earlier name.
 SM80_NAMES = ("bsfa_fwd_sm80.cu", "bsfa_fwd.cu")
 SM90_NAME = "bsfa_fwd_sm90.cu"
