@@ -6,12 +6,14 @@ Everything here is float64 NumPy/SciPy, importable without CuPy or a GPU. The GP
 from .attention import attention, block_max_scores, gate
 from .calibration import Calibrator, sample_thresholds
 from .tiles import BLOCK_M, BLOCK_N, diagonal_tiles, tile_positions, valid_mask
+from .varlen import attention_varlen
 
 __all__ = [
     "BLOCK_M",
     "BLOCK_N",
     "Calibrator",
     "attention",
+    "attention_varlen",
     "block_max_scores",
     "diagonal_tiles",
     "gate",

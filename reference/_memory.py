@@ -74,3 +74,22 @@ def check_memory(nbytes: int, what: str, shapes: str, way_out: str) -> None:
 
 def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
+
+
+def attention_varlen_bytes(len_q, len_k, Hq, Hkv, D, n_q_tiles, n_k_tiles, block_n=BLOCK_N) -> tuple[int, int]:
+    """Peak bytes of :func:`bsfa_reference.attention_varlen`, and the sequence that sets it.
+
+    Sequences run one at a time, so the peak is the largest :func:`attention_bytes` of one
+    sequence (B = 1) plus the packed outputs alive throughout: out (total_q, Hq, D) and lse
+    (Hq, total_q) float64, keep (num_seqs, Hq, n_q_tiles, n_k_tiles) bool. Python ints: Nq * Nk
+    of a long sequence times 17 can pass int64.
+    """
+    worst, at = 0, -1
+    for s, (nq, nk) in enumerate(zip(len_q.tolist(), len_k.tolist())):
+        if nq and nk:
+            b = attention_bytes(1, nq, nk, Hq, Hkv, D, block_n)
+            if b > worst:
+                worst, at = b, s
+    total_q = int(sum(len_q.tolist()))
+    outputs = 8 * total_q * Hq * (D + 1) + len(len_q) * Hq * n_q_tiles * n_k_tiles
+    return worst + outputs, at

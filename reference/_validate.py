@@ -111,3 +111,56 @@ def check_thresholds(thresholds, Hq: int):
     if np.isnan(t).any():
         raise ValueError(f"thresholds: NaN is not a threshold ({int(np.isnan(t).sum())} NaN values); use -inf to keep all")
     return t
+
+
+def check_cu_seqlens(cu, total: int, name: str) -> np.ndarray:
+    """Cumulative sequence offsets of a packed (varlen) batch; returns the (num_seqs,) int64 lengths.
+
+    FlashAttention's varlen layout: a 1-D int32 array of num_seqs + 1 offsets, starting at 0,
+    non-decreasing, ending at the packed length ``total``. int32 exactly (no conversion), so that
+    the same check can guard a host copy of what a kernel reads.
+    """
+    if not isinstance(cu, np.ndarray):
+        raise TypeError(f"{name}: expected a 1-D numpy int32 array, got {type(cu).__name__}")
+    if cu.dtype != np.dtype(np.int32):
+        raise TypeError(f"{name}: expected dtype int32, got {cu.dtype}")
+    if cu.ndim != 1:
+        raise ValueError(f"{name}: expected a 1-D array of num_seqs + 1 offsets, got shape {cu.shape}")
+    if cu.size < 1:
+        raise ValueError(f"{name}: expected length >= 1 (num_seqs + 1), got 0")
+    if cu[0] != 0:
+        raise ValueError(f"{name}: expected {name}[0] == 0, got {int(cu[0])}")
+    lengths = np.diff(cu.astype(np.int64))
+    falls = np.flatnonzero(lengths < 0)
+    if falls.size:
+        i = int(falls[0]) + 1
+        raise ValueError(
+            f"{name}: expected non-decreasing offsets, got {name}[{i}] = {int(cu[i])} < "
+            f"{name}[{i - 1}] = {int(cu[i - 1])}"
+        )
+    if int(cu[-1]) != total:
+        raise ValueError(f"{name}: expected last entry {total} (the packed length), got {int(cu[-1])}")
+    return lengths
+
+
+def check_cu_seqlens_pair(cu_q, cu_k, total_q: int, total_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Both offset arrays of a varlen call; returns the (num_seqs,) query and key lengths."""
+    len_q = check_cu_seqlens(cu_q, total_q, "cu_seqlens_q")
+    len_k = check_cu_seqlens(cu_k, total_k, "cu_seqlens_k")
+    if len_k.size != len_q.size:
+        raise ValueError(
+            f"cu_seqlens_k: expected length {cu_q.size} (the same number of sequences as cu_seqlens_q), "
+            f"got {cu_k.size}"
+        )
+    return len_q, len_k
+
+
+def check_max_seqlen(value, longest: int, name: str, what: str) -> int:
+    """None -> ``longest``; else an int >= ``longest`` (larger only pads the keep layout)."""
+    if value is None:
+        return longest
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an int or None, got {type(value).__name__} {value!r}")
+    if value < longest:
+        raise ValueError(f"{name}: expected an int >= {longest} (the longest {what}), got {int(value)}")
+    return int(value)
