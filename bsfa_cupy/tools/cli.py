@@ -98,6 +98,32 @@ def _calibrate(args) -> int:
     return 0
 
 
+def _calibrate_model(args) -> int:
+    from . import model_calibration as mc
+    from .outputs import check_out_file
+
+    ks = _distinct(args.k, "--k")
+    root, gguf, texts = mc.check_inputs(args.folder, args.gguf, args.text, args.tokens)
+    out = check_out_file(args.out, "--out", inputs=texts + ([gguf] if gguf else []))
+    device = "cuda" if args.device == "gpu" or (args.device == "auto" and _torch_cuda()) else "cpu"
+    thr, n = mc.run(root, args.gguf, texts, ks, tokens=args.tokens, device=device, progress=not args.quiet)
+    try:
+        path = thr.save(out)
+    except OSError as exc:
+        raise CliError(f"--out {out}: writing failed ({exc.strerror or exc})") from None
+    print(f"wrote {path}: {thr.num_layers} layers x {thr.num_heads} heads x T={thr.num_positions} query-tile "
+          f"positions, k = {' '.join(map(str, thr.k_values))}, {n} texts of <= {args.tokens} tokens ({device})")
+    return 0
+
+
+def _torch_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
 def _accuracy(args) -> int:
     from . import accuracy
     from .outputs import check_out_dir, check_tag
@@ -177,6 +203,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", default="", help="model name recorded in the file's provenance")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=_calibrate)
+
+    m = sub.add_parser("calibrate-model", help="calibrate thresholds by running a transformers model on text files",
+                       description="Calibrate BSFA thresholds per (layer, head, query-tile position) for several k "
+                       "from a causal language model's own post-RoPE queries and keys (bsfa_cupy.hf.calibrate), "
+                       "one sample per text file, and write them as a Thresholds .npz. Offline: the model is read "
+                       "from a local folder (a transformers checkpoint, or a .gguf file in it with --gguf).")
+    m.add_argument("folder", help="local model folder")
+    m.add_argument("--gguf", default=None, help="name of a .gguf file inside the folder (needs the gguf package)")
+    m.add_argument("--text", nargs="+", required=True, help="UTF-8 text files, one calibration sample each")
+    m.add_argument("--tokens", type=_positive, default=2048, help="tokens taken from each text (default 2048, >= 128)")
+    m.add_argument("--k", type=_positive, nargs="+", default=[16, 32, 64, 96],
+                   help="off-diagonal key tiles to keep per query tile (default: 16 32 64 96)")
+    m.add_argument("--out", default="thresholds.npz",
+                   help="output file, never one of the inputs (default: thresholds.npz in the current directory)")
+    m.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto",
+                   help="auto: the GPU when torch sees one (bfloat16), else the CPU (float32, the NumPy reference)")
+    m.add_argument("--quiet", action="store_true", help="no progress bar")
+    m.set_defaults(func=_calibrate_model)
 
     a = sub.add_parser("accuracy", help="block-sparse vs dense at the attention level as functions of k and N",
                        description="Relative output error, attention mass dropped, needle retrieval and kept "
