@@ -5,6 +5,7 @@ Everything here is float64 NumPy/SciPy, importable without CuPy or a GPU. The GP
 """
 from .attention import attention, block_max_scores, gate
 from .calibration import Calibrator, sample_thresholds
+from .merge import merge_partials
 from .tiles import BLOCK_M, BLOCK_N, diagonal_tiles, tile_positions, valid_mask
 from .varlen import attention_varlen
 
@@ -17,6 +18,7 @@ __all__ = [
     "block_max_scores",
     "diagonal_tiles",
     "gate",
+    "merge_partials",
     "sample_thresholds",
     "tile_positions",
     "valid_mask",

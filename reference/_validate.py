@@ -164,3 +164,33 @@ def check_max_seqlen(value, longest: int, name: str, what: str) -> int:
     if value < longest:
         raise ValueError(f"{name}: expected an int >= {longest} (the longest {what}), got {int(value)}")
     return int(value)
+
+
+def check_offsets(q_start, k_start, Nq: int, Nk: int, block_m: int | None = None,
+                  block_n: int | None = None) -> tuple[int, int]:
+    """Absolute positions (q0, k0) of a call's first query and first key; q_start None is bottom-right.
+
+    Explicit offsets must be multiples of the tile sizes (when given): tiles start at the call's
+    own row 0 / key 0, and only aligned offsets make them the full problem's tiles, which is what
+    lets split calls keep exactly the full call's tiles. The bottom-right default is exempt: it
+    is the unsplit call's geometry, whatever Nk - Nq is.
+    """
+    k0 = _check_offset(k_start, "k_start", block_n, "block_n")
+    if q_start is None:
+        return k0 + Nk - Nq, k0
+    return _check_offset(q_start, "q_start", block_m, "block_m"), k0
+
+
+def _check_offset(value, name: str, block: int | None, block_name: str) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        what = "an int >= 0 or None" if name == "q_start" else "an int >= 0"
+        raise TypeError(f"{name}: expected {what}, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if value < 0:
+        raise ValueError(f"{name}: expected an int >= 0, got {value}")
+    if block is not None and value % block:
+        raise ValueError(
+            f"{name}: expected a multiple of {block_name} = {block} (split calls must start on a tile "
+            f"boundary of the full problem), got {value}"
+        )
+    return value

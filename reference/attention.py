@@ -8,6 +8,7 @@ from ._validate import (
     check_array,
     check_block,
     check_flag,
+    check_offsets,
     check_qk,
     check_thresholds,
     check_v,
@@ -16,12 +17,12 @@ from ._validate import (
 from .tiles import (
     BLOCK_M,
     BLOCK_N,
-    diagonal_tiles,
+    diagonal_tiles_at,
     n_tiles,
-    tile_positions,
+    tile_positions_at,
     tile_reduce_any,
     tile_reduce_max,
-    valid_mask,
+    valid_mask_at,
 )
 
 #: q*k products held at once while the scores of non-finite inputs are classified (8 MiB)
@@ -104,7 +105,8 @@ def _describe(B, Nq, Nk, Hq, Hkv, D):
     return f"B={B}, Nq={Nq}, Nk={Nk}, Hq={Hq}, Hkv={Hkv}, D={D}"
 
 
-def block_max_scores(q, k, *, causal=True, softmax_scale=None, block_m=BLOCK_M, block_n=BLOCK_N):
+def block_max_scores(q, k, *, causal=True, softmax_scale=None, block_m=BLOCK_M, block_n=BLOCK_N, q_start=None,
+                     k_start=0):
     """Per-tile maximum of the scaled scores.
 
     q: (B, Nq, Hq, D); k: (B, Nk, Hkv, D). Returns (B, Hq, nQ, nK) float64 with
@@ -113,49 +115,57 @@ def block_max_scores(q, k, *, causal=True, softmax_scale=None, block_m=BLOCK_M, 
     (causal mask, rows >= Nq, columns >= Nk) count as -inf and NaN scores are ignored (IEEE
     maxNum, the kernels' fmaxf): -inf for a tile with no valid entry, NaN only when every entry of
     the box is valid and NaN. See :func:`attention` for non-finite inputs.
-    ``causal=True`` is the default, bottom-right aligned as in :func:`attention`.
+    ``causal=True`` is the default, bottom-right aligned as in :func:`attention`; ``q_start`` /
+    ``k_start`` place the call in a longer sequence as in :func:`attention`, and then every entry
+    is the same tile's entry of the unsplit call: -inf at the same tiles, other values up to the
+    last bits (float64 BLAS rounds a dot product differently for different matrix shapes).
 
     Memory: about 8 bytes per score (one float64 (B, Hq, Nq, Nk) array) at the peak. Inputs
     estimated to need more than 4 GiB, or the byte count in the environment variable
     ``BSFA_REFERENCE_MAX_BYTES``, are refused with a ValueError before anything is allocated.
     """
-    return _block_max(q, k, causal, softmax_scale, block_m, block_n, "bsfa_reference.block_max_scores")
+    return _block_max(q, k, causal, softmax_scale, block_m, block_n, "bsfa_reference.block_max_scores",
+                      q_start, k_start)
 
 
-def _block_max(q, k, causal, softmax_scale, block_m, block_n, what):
+def _block_max(q, k, causal, softmax_scale, block_m, block_n, what, q_start=None, k_start=0):
     shape, scale, causal, block_m, block_n = _check_inputs(q, k, causal, softmax_scale, block_m, block_n)
     B, Nq, Nk, Hq, Hkv, D = shape
+    q0, k0 = check_offsets(q_start, k_start, Nq, Nk, block_m, block_n)
     check_memory(block_max_bytes(B, Nq, Nk, Hq, Hkv, D, block_n), what, _describe(*shape), _BLOCK_MAX_WAY_OUT)
     s, _ = _scores(q.astype(np.float64), k.astype(np.float64), scale, Hq, Hkv)
-    np.copyto(s, -np.inf, where=~valid_mask(Nq, Nk, causal))
+    np.copyto(s, -np.inf, where=~valid_mask_at(Nq, Nk, causal, q0, k0))
     return tile_reduce_max(s, block_m, block_n)
 
 
-def gate(tile_max, thresholds, Nq, Nk, block_m, block_n, *, causal):
+def gate(tile_max, thresholds, Nq, Nk, block_m, block_n, *, causal, q_start=None, k_start=0):
     """keep (B, Hq, nQ, nK) from tile maxima (B, Hq, nQ, nK) and thresholds (as :func:`attention`).
 
     Candidates are the tiles with a valid entry (from the mask, never from the maximum); diagonal
-    candidates are kept, the others iff M >= threshold (a NaN M is skipped).
+    candidates are kept, the others iff M >= threshold (a NaN M is skipped). ``q_start`` /
+    ``k_start`` as in :func:`attention`.
     """
+    q0, k0 = check_offsets(q_start, k_start, Nq, Nk, block_m, block_n)
     tile_max = np.asarray(tile_max, dtype=np.float64)
     shape = (n_tiles(Nq, block_m), n_tiles(Nk, block_n))
     if tile_max.ndim != 4 or tile_max.shape[2:] != shape:
         raise ValueError(f"tile_max: expected shape (B, Hq, {shape[0]}, {shape[1]}), got {tile_max.shape}")
     thr = check_thresholds(thresholds, tile_max.shape[1])
-    cand = tile_reduce_any(valid_mask(Nq, Nk, check_flag(causal, "causal")), block_m, block_n)
-    return _gate(tile_max, thr, cand, Nq, Nk, block_m, block_n)
+    cand = tile_reduce_any(valid_mask_at(Nq, Nk, check_flag(causal, "causal"), q0, k0),
+                           block_m, block_n)
+    return _gate(tile_max, thr, cand, Nq, Nk, block_m, block_n, q0, k0)
 
 
-def _gate(tile_max, thr, cand, Nq, Nk, block_m, block_n):
+def _gate(tile_max, thr, cand, Nq, Nk, block_m, block_n, q0, k0):
     if thr is None:
         return np.broadcast_to(cand, tile_max.shape).copy()
     if thr.ndim == 0:
         t = np.broadcast_to(np.float64(thr), tile_max.shape[1:3])  # (Hq, nQ)
     else:
-        pos = np.clip(tile_positions(Nq, Nk, block_m), 0, thr.shape[1] - 1)
+        pos = np.clip(tile_positions_at(Nq, block_m, q0), 0, thr.shape[1] - 1)
         t = thr[:, pos].astype(np.float64)  # (Hq, nQ)
     above = tile_max >= t[None, :, :, None]  # False for a NaN maximum
-    return cand & (diagonal_tiles(Nq, Nk, block_m, block_n) | above)
+    return cand & (diagonal_tiles_at(Nq, Nk, block_m, block_n, q0, k0) | above)
 
 
 def attention(
@@ -171,6 +181,8 @@ def attention(
     keep=None,
     return_lse=False,
     return_keep=False,
+    q_start=None,
+    k_start=0,
 ):
     """Block-sparse attention forward, computed exactly in float64.
 
@@ -197,14 +209,34 @@ def attention(
     A row with no valid key (the first three above) or no *kept* valid key returns out = 0 and
     lse = -inf.
 
+    Absolute positions (for split calls, e.g. context parallelism or split-KV): query row i sits
+    at P_q(i) = q0 + i and key j at P_k(j) = k_start + j, where q0 = ``q_start``, or by default
+    q0 = k_start + Nk - Nq (bottom-right: the queries end where the keys end; with k_start = 0
+    this is the alignment above, negative positions included). Causal (i, j) is valid iff
+    P_k(j) <= P_q(i); non-causal every pair is. An explicit ``q_start`` must be a multiple of
+    block_m and ``k_start`` of block_n (both >= 0), so that the call's tiles are tiles of the full
+    sequence; the default q0 needs no alignment.
+
     Tiling and the gate: query tile a holds rows [a*block_m, (a+1)*block_m), key tile c holds keys
-    [c*block_n, (c+1)*block_n). Tiles with a valid entry are the candidates. The tile maximum M is
-    the maximum scaled score over the tile's valid entries (-inf if none; padding rows/columns
-    never count). Key tiles overlapping query tile a's aligned span [a*block_m + Nk - Nq,
-    min((a+1)*block_m, Nq) - 1 + Nk - Nq] (clipped into [0, Nk - 1]) are diagonal: diagonal
-    candidates are always kept. Any other candidate is kept iff M >= threshold, compared in float32
-    precision (strictly below is skipped). Query tile a sits at position
-    p(a) = (a*block_m + Nk - Nq) // block_m and head h uses thresholds[h, clamp(p(a), 0, T-1)].
+    [c*block_n, (c+1)*block_n) (counted from the call's own row 0 and key 0). Tiles with a valid
+    entry are the candidates. The tile maximum M is the maximum scaled score over the tile's valid
+    entries (-inf if none; padding rows/columns never count). Query tile a's diagonal span is the
+    absolute interval [q0 + a*block_m, q0 + min((a+1)*block_m, Nq) - 1], each end raised to 0 if
+    negative; the call's key tiles whose absolute keys [k_start + c*block_n,
+    k_start + min((c+1)*block_n, Nk) - 1] overlap it are diagonal (none if the span lies outside
+    the call's keys), and diagonal candidates are always kept. With the default offsets the span
+    is [a*block_m + Nk - Nq, min((a+1)*block_m, Nq) - 1 + Nk - Nq] clipped into [0, Nk - 1]. Any
+    other candidate is kept iff M >= threshold, compared in float32 precision (strictly below is
+    skipped). Query tile a sits at position p(a) = (q0 + a*block_m) // block_m (by default
+    (a*block_m + Nk - Nq) // block_m) and head h uses thresholds[h, clamp(p(a), 0, T-1)].
+
+    Split calls: cut the queries of a full call (q0 = k_start = 0, e.g. Nq = Nk) at multiples of
+    block_m and the keys at multiples of block_n, call this function on every (query part, key
+    part) pair with its offsets, and combine each query part's results over its key parts with
+    :func:`merge_partials`: out and lse equal the full call's up to float64 rounding, and each
+    part's keep is the full keep's block at (q_start // block_m, k_start // block_n), exactly
+    unless a threshold lies within the last bits of a tile maximum (see :func:`block_max_scores`).
+    A key part entirely after a causal query part has no valid entry: out 0, lse -inf, no tiles.
 
     Skipped tiles leave the softmax entirely: the output is the softmax over the kept valid
     scores only (renormalised), and lse covers the kept scores only.
@@ -232,6 +264,9 @@ def attention(
         softmax_scale: a finite float > 0; defaults to 1 / sqrt(D).
         keep: optional (B, Hq, nQ, nK) bool mask to replay instead of the gate (for checking a
             kernel's reported mask); tiles with no valid entry stay dropped. Excludes ``thresholds``.
+        q_start: None (bottom-right) or the absolute position of query row 0, an int >= 0 that is
+            a multiple of block_m.
+        k_start: the absolute position of key 0, an int >= 0 that is a multiple of block_n.
 
     Memory: about 17 bytes per score (B*Hq*Nq*Nk; two float64 arrays and a bool one) at the peak.
     Inputs estimated to need more than 4 GiB, or the byte count in the environment variable
@@ -246,6 +281,7 @@ def attention(
     B, Nq, Nk, Hq, Hkv, D = shape
     check_array(v, "v")
     check_v(v, k)
+    q0, k0 = check_offsets(q_start, k_start, Nq, Nk, block_m, block_n)
     thr = check_thresholds(thresholds, Hq)
     nQ, nK = n_tiles(Nq, block_m), n_tiles(Nk, block_n)
     if keep is not None:
@@ -256,13 +292,13 @@ def attention(
                  _ATTENTION_WAY_OUT)
 
     s, finite = _scores(q.astype(np.float64), k.astype(np.float64), scale, Hq, Hkv, rows_contiguous=True)
-    valid = valid_mask(Nq, Nk, causal)
+    valid = valid_mask_at(Nq, Nk, causal, q0, k0)
     np.copyto(s, -np.inf, where=~valid)
     cand = tile_reduce_any(valid, block_m, block_n)
     if keep is not None:
         tiles = keep & cand
     else:
-        tiles = _gate(tile_reduce_max(s, block_m, block_n), thr, cand, Nq, Nk, block_m, block_n)
+        tiles = _gate(tile_reduce_max(s, block_m, block_n), thr, cand, Nq, Nk, block_m, block_n, q0, k0)
     skipped = tiles[..., np.arange(Nq)[:, None] // block_m, np.arange(Nk)[None, :] // block_n]
     np.logical_not(skipped, out=skipped)
     np.copyto(s, -np.inf, where=skipped)  # from here on only kept valid entries are above -inf

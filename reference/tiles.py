@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._validate import check_offsets
+
 #: The paper's (and the kernel's) tile geometry: 128 query rows x 64 keys.
 BLOCK_M = 128
 BLOCK_N = 64
@@ -12,35 +14,62 @@ def n_tiles(n: int, block: int) -> int:
     return -(-n // block)
 
 
-def valid_mask(Nq: int, Nk: int, causal: bool) -> np.ndarray:
-    """(Nq, Nk) bool: causal is bottom-right aligned, (i, j) valid iff j <= i + Nk - Nq."""
+def valid_mask(Nq: int, Nk: int, causal: bool, *, q_start=None, k_start=0) -> np.ndarray:
+    """(Nq, Nk) bool: causal (i, j) valid iff k_start + j <= q_start + i (see attention).
+
+    The default q_start = k_start + Nk - Nq is bottom-right alignment: j <= i + Nk - Nq.
+    """
+    return valid_mask_at(Nq, Nk, causal, *check_offsets(q_start, k_start, Nq, Nk))
+
+
+def valid_mask_at(Nq: int, Nk: int, causal: bool, q0: int, k0: int) -> np.ndarray:
+    """:func:`valid_mask` for resolved absolute positions q0, k0 of row 0 and key 0 (q0 may be < 0)."""
     if not causal:
         return np.ones((Nq, Nk), dtype=bool)
     i = np.arange(Nq)[:, None]
     j = np.arange(Nk)[None, :]
-    return j <= i + (Nk - Nq)
+    return j <= i + (q0 - k0)
 
 
-def diagonal_tiles(Nq: int, Nk: int, block_m: int, block_n: int) -> np.ndarray:
-    """(nQ, nK) bool: key tiles overlapping the aligned span of each query tile.
+def diagonal_tiles(Nq: int, Nk: int, block_m: int, block_n: int, *, q_start=None, k_start=0) -> np.ndarray:
+    """(nQ, nK) bool: key tiles overlapping the absolute span of each query tile.
 
-    Query tile a spans rows [a*block_m, min((a+1)*block_m, Nq) - 1]; shifted by Nk - Nq into key
-    coordinates and clipped into [0, Nk - 1], the key tiles it overlaps are always kept.
+    Query tile a spans the absolute positions [q0 + a*block_m, q0 + min((a+1)*block_m, Nq) - 1]
+    (q0 = q_start, default k_start + Nk - Nq), both ends raised to 0 if negative; the call's key
+    tiles whose absolute keys [k_start + c*block_n, k_start + min((c+1)*block_n, Nk) - 1] overlap
+    it are diagonal. A span entirely outside the call's keys has no diagonal tile, so that a split
+    call marks exactly the full call's diagonal tiles. With the defaults this is the span
+    [a*block_m + Nk - Nq, min((a+1)*block_m, Nq) - 1 + Nk - Nq] clipped into [0, Nk - 1].
     """
+    return diagonal_tiles_at(Nq, Nk, block_m, block_n, *check_offsets(q_start, k_start, Nq, Nk, block_m, block_n))
+
+
+def diagonal_tiles_at(Nq: int, Nk: int, block_m: int, block_n: int, q0: int, k0: int) -> np.ndarray:
+    """:func:`diagonal_tiles` for resolved absolute positions q0, k0 of row 0 and key 0."""
     nQ, nK = n_tiles(Nq, block_m), n_tiles(Nk, block_n)
     diag = np.zeros((nQ, nK), dtype=bool)
     for a in range(nQ):
-        lo = a * block_m + Nk - Nq
-        hi = min((a + 1) * block_m, Nq) - 1 + Nk - Nq
-        lo, hi = min(max(lo, 0), Nk - 1), min(max(hi, 0), Nk - 1)
-        diag[a, lo // block_n : hi // block_n + 1] = True
+        # bottom-right rows before the sequence start (Nq > Nk) sit at position 0, as they always have
+        lo = max(q0 + a * block_m, 0)
+        hi = max(q0 + min((a + 1) * block_m, Nq) - 1, 0)
+        lo, hi = max(lo, k0) - k0, min(hi, k0 + Nk - 1) - k0
+        if lo <= hi:
+            diag[a, lo // block_n : hi // block_n + 1] = True
     return diag
 
 
-def tile_positions(Nq: int, Nk: int, block_m: int) -> np.ndarray:
-    """(nQ,) int: absolute position p(a) = (a*block_m + Nk - Nq) // block_m, before clamping."""
+def tile_positions(Nq: int, Nk: int, block_m: int, *, q_start=None, k_start=0) -> np.ndarray:
+    """(nQ,) int: absolute position p(a) = (q0 + a*block_m) // block_m, before clamping.
+
+    q0 = q_start, default k_start + Nk - Nq, which gives (a*block_m + Nk - Nq) // block_m.
+    """
+    return tile_positions_at(Nq, block_m, check_offsets(q_start, k_start, Nq, Nk, block_m)[0])
+
+
+def tile_positions_at(Nq: int, block_m: int, q0: int) -> np.ndarray:
+    """:func:`tile_positions` for the resolved absolute position q0 of row 0."""
     a = np.arange(n_tiles(Nq, block_m))
-    return (a * block_m + Nk - Nq) // block_m
+    return (a * block_m + q0) // block_m
 
 
 def tile_reduce_any(mask: np.ndarray, block_m: int, block_n: int) -> np.ndarray:

@@ -64,14 +64,15 @@ def test_public_signatures():
     P = inspect.Parameter
     sig = inspect.signature(R.attention)
     assert list(sig.parameters) == ["q", "k", "v", "thresholds", "causal", "softmax_scale", "block_m", "block_n",
-                                    "keep", "return_lse", "return_keep"]
+                                    "keep", "return_lse", "return_keep", "q_start", "k_start"]
     assert sig.parameters["thresholds"].default is None
     kw = {n: p for n, p in sig.parameters.items() if p.kind is P.KEYWORD_ONLY}
     assert {n: p.default for n, p in kw.items()} == dict(causal=True, softmax_scale=None, block_m=128, block_n=64,
-                                                          keep=None, return_lse=False, return_keep=False)
+                                                          keep=None, return_lse=False, return_keep=False,
+                                                          q_start=None, k_start=0)
     sig = inspect.signature(R.block_max_scores)
     assert {n: p.default for n, p in sig.parameters.items() if p.kind is P.KEYWORD_ONLY} == dict(
-        causal=True, softmax_scale=None, block_m=128, block_n=64)
+        causal=True, softmax_scale=None, block_m=128, block_n=64, q_start=None, k_start=0)
     sig = inspect.signature(R.Calibrator)
     assert list(sig.parameters)[0] == "k_values"
     assert {n: p.default for n, p in sig.parameters.items() if p.kind is P.KEYWORD_ONLY} == dict(
