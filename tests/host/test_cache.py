@@ -169,3 +169,21 @@ def test_compile_path_recompiles_a_corrupt_cubin_and_compiles_once_across_thread
     assert _compile.cached_binary("src", "bsfa_x", ("-DA=1",), True) == b"CUBIN:src"
     assert len(compiles) == 2, "a corrupt cache entry was loaded instead of recompiled"
     assert _compile.cached_binary("src", "bsfa_x", ("-DA=2",), True) == b"CUBIN:src" and len(compiles) == 3
+
+
+def test_compile_targets_per_kernel_family_and_device():
+    from bsfa_cupy._compile import KernelCompileError, options_for, target
+
+    class Nvrtc:
+        @staticmethod
+        def getSupportedArchs():
+            return (75, 80, 86, 90, 100)
+
+    assert target("sm90", "90", Nvrtc) == ("sm_90a", True)  # wgmma needs the architecture-specific target
+    assert target("sm80", "90", Nvrtc) == ("sm_90", True)
+    assert target("sm80", "86", Nvrtc) == ("sm_86", True)
+    assert target("sm80", "120", Nvrtc) == ("compute_100", False)  # newer than NVRTC: PTX, JIT-compiled at load
+    with pytest.raises(KernelCompileError, match="none usable for compute capability 70"):
+        target("sm80", "70", Nvrtc)
+    assert options_for("sm90", "sm_90a")[:2] == ("-std=c++17", "-arch=sm_90a") and "-ftz=true" in options_for("sm90", "sm_90a")
+    assert "-ftz=true" not in options_for("sm80", "sm_80")
