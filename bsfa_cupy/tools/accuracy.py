@@ -16,7 +16,6 @@ The CPU path runs the float64 NumPy reference (small N, few heads); the GPU path
 from __future__ import annotations
 
 import datetime as _dt
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import numpy as np
 import bsfa_reference as ref
 from bsfa_reference.calibration import check_k_values
 
-from .outputs import check_out_dir, check_tag, result_stem, slug
+from .outputs import check_out_dir, check_tag, result_stem, slug, write_result_files
 from .progress import progress as progress_bar
 from .synthetic import MIN_N, make_sample, needle_retrieved
 from .tiles import causal_tiles
@@ -199,17 +198,10 @@ def _needles(engine, dense, sparse, v, needles, hq):
 # ---------------------------------------------------------------------- reports
 def write_results(result: dict, out_dir=".", tag="") -> list:
     """JSON + markdown (+ PNG when matplotlib is there) named after the device, date and tag."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     stem = result_stem("accuracy", slug(result["device"]), result["date"], tag=tag)
-    paths = [out / f"{stem}.json", out / f"{stem}.md"]
-    paths[0].write_text(json.dumps(result, indent=1) + "\n")
-    paths[1].write_text(markdown(result))
-    try:
-        paths.append(plot(result, out / f"{stem}.png"))
-    except ImportError as exc:
-        print(f"PNG skipped: {exc}")
-    return paths
+    return write_result_files(out_dir, stem, result, markdown(result),
+                              lambda s: [plot(result, s.with_name(s.name + ".png"))])
+
 
 
 def markdown(result: dict) -> str:

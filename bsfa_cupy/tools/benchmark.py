@@ -9,14 +9,13 @@ non-causal twice that), so sparse rows show effective throughput.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .outputs import check_out_dir, check_tag, result_stem, slug
+from .outputs import check_out_dir, check_tag, result_stem, slug, write_result_files
 from .progress import progress as progress_bar
 
 IMPLS = ("bsfa-dense", "bsfa-sparse", "bsfa-calibrated", "bsfa-blockmax", "sdpa-flash", "sdpa-cudnn",
@@ -297,19 +296,14 @@ def _fmt(r: Row) -> str:
 
 
 def write_results(result: dict, out_dir=".", tag="") -> list[Path]:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = result_stem(slug(result["gpu"]), result["date"], tag=tag)
-    paths = [out / f"{stem}.json", out / f"{stem}.md"]
-    paths[0].write_text(json.dumps(result, indent=1))
-    paths[1].write_text(markdown(result))
-    try:
+    def plot(stem):
         from .plots import bench_plots
 
-        paths += bench_plots(result, out / stem)
-    except ImportError:
-        pass
-    return paths
+        return bench_plots(result, stem)
+
+    return write_result_files(out_dir, result_stem(slug(result["gpu"]), result["date"], tag=tag), result,
+                              markdown(result), plot)
+
 
 
 def markdown(result: dict) -> str:

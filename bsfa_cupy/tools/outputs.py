@@ -4,9 +4,11 @@ The checks raise ValueError with the option name first, so ``bsfa`` prints them 
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
+from typing import Callable
 
 _TAG = re.compile(r"[A-Za-z0-9._+-]*")
 
@@ -27,6 +29,24 @@ def check_tag(tag: str, option: str = "--tag") -> str:
 def result_stem(*parts: str, tag: str = "") -> str:
     """``part_part[_tag]``; callers append suffixes to it as text (Path.with_suffix would cut a dotted tag)."""
     return "_".join(parts) + (f"_{check_tag(tag, 'tag')}" if tag else "")
+
+
+def write_result_files(out_dir, stem: str, result: dict, text: str, plot: Callable[[Path], list]) -> list[Path]:
+    """``stem.json`` and ``stem.md`` in ``out_dir`` (created), then ``plot(out_dir / stem)``'s PNGs.
+
+    Without matplotlib the plot's ImportError is reported and noted at the end of the markdown.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{stem}.json", out / f"{stem}.md"]
+    paths[0].write_text(json.dumps(result, indent=1) + "\n")
+    try:
+        paths += plot(out / stem)
+    except ImportError as exc:
+        print(f"PNG skipped: {exc}")
+        text += f"\nPNG skipped: {exc}\n"
+    paths[1].write_text(text)
+    return paths
 
 
 def check_out_dir(path, option: str = "--out") -> Path:

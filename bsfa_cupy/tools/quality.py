@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import datetime as _dt
 import importlib.util
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .outputs import result_stem, slug
+from .outputs import result_stem, slug, write_result_files
 from .progress import progress as progress_bar
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -239,19 +238,10 @@ def run(cfg: Config, *, device="cpu", progress=True, out_dir=".", tag=""):
 # ---------------------------------------------------------------------- reports
 def write_results(result: dict, out_dir=".", tag="") -> list:
     """JSON + markdown (+ PNG when matplotlib is there) named after the device, date and tag."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     stem = result_stem(slug(result["device"]), result["date"], tag=tag)
-    paths = [out / f"{stem}.json", out / f"{stem}.md"]
-    paths[0].write_text(json.dumps(result, indent=1) + "\n")
-    try:
-        paths.append(plot(result, out / f"{stem}.png"))
-        note = ""
-    except ImportError as exc:
-        note = f"PNG skipped: {exc}"
-        print(note)
-    paths[1].write_text(markdown(result) + (f"\n{note}\n" if note else ""))
-    return paths
+    return write_result_files(out_dir, stem, result, markdown(result),
+                              lambda s: [plot(result, s.with_name(s.name + ".png"))])
+
 
 
 def markdown(result: dict) -> str:
