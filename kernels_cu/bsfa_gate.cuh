@@ -53,6 +53,19 @@ struct GatePlan {
         thr = gated ? tile_threshold<TR>(thresholds, thr_scalar, thr_mode, thr_T, h, qt.diag_off) : 0.f;
     }
     __device__ __forceinline__ bool forced(int c) const { return c >= forced_lo && c <= forced_hi; }
+
+    // This thread's vote for keeping a gated tile: the tile max over valid
+    // entries is >= thr iff some row (or lane) max is, since invalid entries
+    // were masked to -inf.  The caller ORs the votes over the CTA.
+    template <int MB>
+    __device__ __forceinline__ bool vote(const float (&tile_mx)[MB][2], float softmax_scale) const {
+        bool pred = false;
+#pragma unroll
+        for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf) pred |= tile_mx[mb][hf] * softmax_scale >= thr;
+        return pred;
+    }
 };
 
 }  // namespace bsfa

@@ -135,7 +135,6 @@ __device__ __forceinline__ void fwd_mainloop(const FwdArgs& args, const QueryTil
     const unsigned short* vg = args.v + b * args.v_sb + hkv * args.v_sh + Copy::thread_offset(tid, args.v_sn);
     const float scale_log2 = args.softmax_scale * kLog2e;
     const GatePlan<TR> plan(qt, args.thresholds, args.thr_scalar, args.thr_mode, args.thr_T, h);
-    const float thr = plan.thr;
 
     auto load_k = [&](int c, int slot) {
         Copy::template load<TR::kBlockN>(smem + TR::kSmemK + slot * TR::kKVTileBytes,
@@ -213,17 +212,11 @@ __device__ __forceinline__ void fwd_mainloop(const FwdArgs& args, const QueryTil
         float tile_mx[MB][2];
         row_max<TR>(S, tile_mx);
 
-        // The gate: the tile max over valid entries is >= thr iff some row
-        // max is; rows past Nq were masked to -inf.  Uniform per CTA.
+        // The gate (GatePlan::vote, ORed over the CTA): uniform per CTA.
         const bool is_forced = forced(c);
         bool kept = true;
         if (!is_forced) {
-            bool pred = false;
-#pragma unroll
-            for (int mb = 0; mb < MB; ++mb)
-#pragma unroll
-                for (int hf = 0; hf < 2; ++hf) pred |= tile_mx[mb][hf] * args.softmax_scale >= thr;
-            kept = cta_sync_or(pred);
+            kept = cta_sync_or(plan.vote(tile_mx, args.softmax_scale));
         }
         if (keep_row != nullptr && tid == 0) keep_row[c] = kept ? 1 : 0;
         if (!kept) continue;

@@ -74,7 +74,6 @@ __device__ __forceinline__ void fwd_mainloop(const Params& p, const FwdArgs& arg
     const unsigned short* vg = args.v + b * args.v_sb + hkv * args.v_sh;
     const float scale_log2 = args.softmax_scale * kLog2e;
     const GatePlan<TR> plan(qt, args.thresholds, args.thr_scalar, args.thr_mode, args.thr_T, h);
-    const float thr = plan.thr;
     auto forced = [&](int c) { return plan.forced(c); };
 
     auto load_k = [&](int c, int slot) {
@@ -128,15 +127,11 @@ __device__ __forceinline__ void fwd_mainloop(const Params& p, const FwdArgs& arg
         qk_row_maxima<TR>(S, tile_mx, q_desc, make_desc(sK + ks * TR::kKVBytes, 16, kSwizzleAtomBytes), qt, c,
                           row_in_tile, lane, p.Nq, p.Nk);
 
-        // The gate (uniform per CTA): the tile max over valid entries is
-        // >= thr iff some lane's max is; rows past Nq were masked to -inf.
+        // The gate (GatePlan::vote on lane-local maxima, ORed over the CTA):
+        // uniform per CTA.
         bool kept = true;
         if (!is_forced) {
-            bool pred = false;
-#pragma unroll
-            for (int mb = 0; mb < MB; ++mb)
-#pragma unroll
-                for (int hf = 0; hf < 2; ++hf) pred |= tile_mx[mb][hf] * args.softmax_scale >= thr;
+            const bool pred = plan.vote(tile_mx, args.softmax_scale);
             cp_async_wait<KS - 2>();
             fence_proxy_async();
             kept = cta_sync_or(pred);
