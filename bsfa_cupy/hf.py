@@ -389,8 +389,7 @@ def _candidate_tiles(Nq: int, Nk: int) -> tuple[int, int]:
 
     From the tile grid, not an (Nq, Nk) mask, which would take gigabytes at the kernel's lengths.
     """
-    last = np.minimum((np.arange(-(-Nq // BLOCK_M)) + 1) * BLOCK_M, Nq) - 1 + (Nk - Nq)  # each tile's last row
-    cand = (np.arange(-(-Nk // BLOCK_N)) * BLOCK_N)[None, :] <= last[:, None]
+    cand = bsfa_reference.tiles.candidate_tiles(Nq, Nk, BLOCK_M, BLOCK_N, causal=True)
     diag = bsfa_reference.tiles.diagonal_tiles(Nq, Nk, BLOCK_M, BLOCK_N)
     return int(cand.sum()), int((cand & diag).sum())
 

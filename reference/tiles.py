@@ -31,6 +31,20 @@ def valid_mask_at(Nq: int, Nk: int, causal: bool, q0: int, k0: int) -> np.ndarra
     return j <= i + (q0 - k0)
 
 
+def candidate_tiles(Nq: int, Nk: int, block_m: int, block_n: int, causal: bool) -> np.ndarray:
+    """(nQ, nK) bool: tiles holding a valid entry of a bottom-right call, from the tile grid alone.
+
+    Equal to ``tile_reduce_any(valid_mask(Nq, Nk, causal), block_m, block_n)`` without the (Nq, Nk)
+    mask, which takes gigabytes at long lengths: causal, a tile has one iff its first key is visible
+    to its last query row.
+    """
+    nQ, nK = n_tiles(Nq, block_m), n_tiles(Nk, block_n)
+    if not causal:
+        return np.ones((nQ, nK), dtype=bool)
+    last_row_limit = np.minimum((np.arange(nQ) + 1) * block_m, Nq) - 1 + (Nk - Nq)
+    return (np.arange(nK) * block_n)[None, :] <= last_row_limit[:, None]
+
+
 def diagonal_tiles(Nq: int, Nk: int, block_m: int, block_n: int, *, q_start=None, k_start=0) -> np.ndarray:
     """(nQ, nK) bool: key tiles overlapping the absolute span of each query tile.
 

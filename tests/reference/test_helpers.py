@@ -79,3 +79,13 @@ def test_public_signatures():
         causal=True, softmax_scale=None, block_m=128, block_n=64, reduce="mean")
     cal = R.Calibrator([1])
     assert callable(cal.update) and callable(cal.thresholds)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("Nq,Nk", [(1, 1), (577, 641), (641, 577), (300, 100), (128, 64), (1000, 1), (5, 700)])
+def test_candidate_tiles_from_the_grid_equal_the_mask_reduction(Nq, Nk, causal):
+    from bsfa_reference.tiles import candidate_tiles, tile_reduce_any, valid_mask
+
+    for bm, bn in ((128, 64), (16, 8), (5, 3)):
+        want = tile_reduce_any(valid_mask(Nq, Nk, causal), bm, bn)
+        np.testing.assert_array_equal(candidate_tiles(Nq, Nk, bm, bn, causal), want, err_msg=f"{Nq}x{Nk} {bm}x{bn}")
