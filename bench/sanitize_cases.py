@@ -1,7 +1,7 @@
 """A small case matrix for compute-sanitizer (memcheck, racecheck, synccheck): every kernel, ragged shapes.
 
 Runs `attention` and `block_max_scores` on each kernel the GPU has: backend "sm80" (mma.sync, any GPU)
-and, on compute capability 9.0, "sm90" (wgmma). Per kernel: float16 and bfloat16, head dims 64 and
+and, on compute capability 9.0, "sm90" (wgmma) and "sm90ws" (warp-specialised TMA + wgmma). Per kernel: float16 and bfloat16, head dims 64 and
 128, causal and not, ragged sequence lengths, dense and with thresholds, returning lse and keep masks.
 Last, one case per kernel and mask with a NaN in q, k and v: every output row that sees a NaN must
 be NaN (checked here), with no access out of bounds (checked by the sanitizer).
@@ -13,7 +13,7 @@ import argparse
 import numpy as np
 
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-p.add_argument("--backend", choices=("sm80", "sm90"), action="append",
+p.add_argument("--backend", choices=("sm80", "sm90", "sm90ws"), action="append",
                help="run only this kernel (repeatable; default: every kernel the GPU has)")
 args = p.parse_args()
 
@@ -23,7 +23,7 @@ import bsfa_cupy  # noqa: E402
 
 rng = np.random.default_rng(0)
 hopper = str(cp.cuda.Device().compute_capability) == "90"
-backends = args.backend or (["sm80", "sm90"] if hopper else ["sm80"])
+backends = args.backend or (["sm80", "sm90", "sm90ws"] if hopper else ["sm80"])
 
 
 def inputs(nq, nk, d, dtype):

@@ -4,7 +4,8 @@ Usage: python bench/sm90_macros.py NAME=[ARCH:][MACRO=VALUE[,MACRO=VALUE]] ... [
            [--rhos 0.5 0.1] [--thresholds handle|array|both] [--d 128] [--hkv 8] [--dtype float16]
 e.g.   python bench/sm90_macros.py base= other=BSFA_SOME_MACRO=1 --n 16384
        python bench/sm90_macros.py mma.sync=sm80: wgmma=sm90: --n 8192 16384
-ARCH is sm90 (the wgmma kernel, the default) or sm80 (the mma.sync kernel); each build runs as
+ARCH is sm90 (the wgmma kernel, the default), sm90ws (the warp-specialised one) or sm80 (the mma.sync
+kernel); each build runs as
 bsfa_cupy.Backend(ARCH, {MACRO: VALUE, ...}), its own compiled and cached module. Prints, per N and
 build, dense and sparse times and the ratio to the first build's dense (B=1, Hq=32, causal). Sparse
 calls pass a DeviceThresholds (validated once; "handle") and/or the plain device array ("array": a
@@ -17,7 +18,7 @@ def parse_build(spec):
     """NAME=[ARCH:][MACRO=VALUE,...] -> (name, arch, {macro: value})."""
     name, _, rest = spec.partition("=")
     arch, sep, macros = rest.partition(":")
-    if not sep or arch not in ("sm80", "sm90"):
+    if not sep or arch not in ("sm80", "sm90", "sm90ws"):
         arch, macros = "sm90", rest
     defines = {}
     for item in filter(None, macros.split(",")):

@@ -3,7 +3,7 @@
 A variant that fails to compile shows as one line here, before the GPU tests (which would otherwise
 fail wherever they first need it); the whole set takes ~13 s cold on one process, ~5 s on eight (H200).
 Variants: backend "sm80" for float16/bfloat16, head dims 32/64/96/128, causal and not; on compute
-capability 9.0 also "sm90" for head dims 64/128. Each process compiles one variant through the public
+capability 9.0 also "sm90" and "sm90ws" for head dims 64/128. Each process compiles one variant through the public
 API (one tiny `attention` call loads the module holding both kernels); prints seconds per variant.
 Usage: python bench/warm_cache.py [--jobs 8]
 """
@@ -13,7 +13,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 
-ARCH_HEAD_DIMS = {"sm80": (32, 64, 96, 128), "sm90": (64, 128)}
+from bsfa_cupy._variants import ARCH_HEAD_DIMS
 
 
 def compile_one(backend, dtype, d, causal):

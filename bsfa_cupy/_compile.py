@@ -36,7 +36,7 @@ def target(arch: str, compute_capability: str, nvrtc=None) -> tuple[str, bool]:
     the device's own ``sm_XY``; a device newer than this NVRTC knows gets PTX for the newest
     architecture NVRTC has, which the driver compiles at load.
     """
-    if arch == "sm90":
+    if arch in ("sm90", "sm90ws"):
         return "sm_90a", True
     cc = int(compute_capability)
     supported = tuple(int(a) for a in (nvrtc or _nvrtc()).getSupportedArchs())
@@ -51,8 +51,8 @@ def target(arch: str, compute_capability: str, nvrtc=None) -> tuple[str, bool]:
 def options_for(arch: str, arch_flag: str) -> tuple[str, ...]:
     """NVRTC options besides the key's and the backend's defines."""
     base = ("-std=c++17", f"-arch={arch_flag}", "-lineinfo")
-    # The wgmma kernel was measured with flush-to-zero; the mma.sync kernel without.
-    return base + (("-ftz=true",) if arch == "sm90" else ())
+    # The wgmma kernels were measured with flush-to-zero; the mma.sync kernel without.
+    return base + (("-ftz=true",) if arch in ("sm90", "sm90ws") else ())
 
 
 def compile_module(source: str, name: str, options: tuple[str, ...], cubin: bool) -> bytes:

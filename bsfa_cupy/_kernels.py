@@ -26,19 +26,28 @@ def compute_capability(device_id: int) -> str:
     return str(cupy().cuda.Device(device_id).compute_capability)
 
 
+@functools.cache
+def sm_count(device_id: int) -> int:
+    return int(cupy().cuda.Device(device_id).attributes["MultiProcessorCount"])
+
+
 @dataclass
 class Kernel:
     fn: object
     threads: int
     smem: int
     grid_kind: int
+    sms: int  # multiprocessors of the device (the persistent grid's width)
+    tma: int = 0  # > 0: takes three tensor maps (q, k, v) after the Params, boxes of this many rows
 
     def grid(self, B: int, Hq: int, nQ: int) -> tuple[int, int, int]:
-        return _launch.grid(self.grid_kind, B, Hq, nQ)
+        return _launch.grid(self.grid_kind, B, Hq, nQ, self.sms)
 
-    def launch(self, B: int, Hq: int, nQ: int, params) -> None:
+    def launch(self, B: int, Hq: int, nQ: int, params, maps: tuple = ()) -> None:
         """On CuPy's current stream (the caller's, see ``_arrays.on``)."""
-        self.fn(self.grid(B, Hq, nQ), (self.threads, 1, 1), (params,), shared_mem=self.smem)
+        if len(maps) != (3 if self.tma else 0):
+            raise TypeError(f"kernel expects {3 if self.tma else 0} tensor maps, got {len(maps)}")
+        self.fn(self.grid(B, Hq, nQ), (self.threads, 1, 1), (params, *maps), shared_mem=self.smem)
 
 
 @dataclass
@@ -69,24 +78,32 @@ def get_module(key: VariantKey, backend: Backend, device_id: int) -> Module:
                 f"bsfa_cupy: {name} was built with {tile[0]}x{tile[1]} tiles, expected the reference's {BLOCK_M}x{BLOCK_N}"
             )
         grid_kind = _read_int(raw, "BSFA_GRID")
-        fwd = _kernel(raw, "bsfa_fwd", "BSFA_FWD", grid_kind)
-        bmax = _kernel(raw, "bsfa_block_max", "BSFA_BLOCK_MAX", grid_kind)
+        sms = sm_count(device_id)
+        # Optional globals: a module whose bsfa_block_max decodes another grid than its bsfa_fwd,
+        # and a bsfa_fwd that takes tensor maps.
+        fwd = _kernel(raw, "bsfa_fwd", "BSFA_FWD", grid_kind, sms, tma=_read_int(raw, "BSFA_FWD_TMA", 0))
+        bmax = _kernel(raw, "bsfa_block_max", "BSFA_BLOCK_MAX", _read_int(raw, "BSFA_BLOCK_MAX_GRID", grid_kind), sms)
     return Module(key, backend.defines, fwd, bmax, raw)
 
 
-def _read_int(raw, symbol: str) -> int:
+def _read_int(raw, symbol: str, default: int | None = None) -> int:
     cp = cupy()
-    ptr = raw.get_global_var(symbol)
+    try:
+        ptr = raw.get_global_var(symbol)
+    except cp.cuda.driver.CUDADriverError:
+        if default is None:
+            raise
+        return default
     ptr = ptr[0] if isinstance(ptr, tuple) else ptr
     host = np.zeros(1, np.int32)
     cp.cuda.runtime.memcpy(host.ctypes.data, int(ptr), 4, cp.cuda.runtime.memcpyDeviceToHost)
     return int(host[0])
 
 
-def _kernel(raw, fn_name: str, prefix: str, grid_kind: int) -> Kernel:
+def _kernel(raw, fn_name: str, prefix: str, grid_kind: int, sms: int, tma: int = 0) -> Kernel:
     cp = cupy()
     fn = raw.get_function(fn_name)
-    k = Kernel(fn, _read_int(raw, prefix + "_THREADS"), _read_int(raw, prefix + "_SMEM_BYTES"), grid_kind)
+    k = Kernel(fn, _read_int(raw, prefix + "_THREADS"), _read_int(raw, prefix + "_SMEM_BYTES"), grid_kind, sms, tma)
     if k.smem > 48 * 1024:  # above the default window a kernel must opt in
         driver = cp.cuda.driver
         attr = getattr(driver, "CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES", 8)

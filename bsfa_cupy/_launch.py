@@ -17,7 +17,7 @@ _STRIDES = tuple(f"{t}_{d}" for t in "qkvo" for d in ("sb", "sn", "sh"))
 PARAMS = np.dtype(
     [(name, _PTR) for name in ("q", "k", "v", "out", "lse", "keep", "thresholds", "tile_max")]
     + [(name, _I64) for name in _STRIDES]
-    + [(name, _I32) for name in ("Nq", "Nk", "Hq", "Hkv", "thr_mode", "thr_T")]
+    + [(name, _I32) for name in ("Nq", "Nk", "Hq", "Hkv", "thr_mode", "thr_T", "B")]
     + [(name, _F32) for name in ("thr_scalar", "softmax_scale")],
     align=True,
 )
@@ -27,6 +27,9 @@ MAX_GRID_YZ = 65535
 #: BSFA_GRID values exported by the kernels.
 GRID_PER_HEAD = 0  # (nQ, Hq, B)
 GRID_CHUNKED = 1  # (w, nQ, B*Hq/w): heads handed out w at a time
+GRID_PERSISTENT = 2  # (min(SMs, tiles), 1, 1): each CTA walks the tile list
+#: The persistent kernels count tiles (nQ * B * Hq) in an int.
+MAX_TILES = 2**31 - 1
 
 
 def pack(**fields) -> np.void:
@@ -45,12 +48,17 @@ def pack(**fields) -> np.void:
     return rec[()]
 
 
-def grid(kind: int, B: int, Hq: int, nQ: int) -> tuple[int, int, int]:
+def grid(kind: int, B: int, Hq: int, nQ: int, sms: int = 1) -> tuple[int, int, int]:
     """The grid a kernel of BSFA_GRID ``kind`` decodes (kernels_cu/bsfa_scheduler.cuh)."""
     if kind == GRID_PER_HEAD:
         return (nQ, Hq, B)
+    if kind == GRID_PERSISTENT:
+        tiles = nQ * B * Hq
+        if tiles > MAX_TILES:
+            raise ValueError(f"expected at most {MAX_TILES} work tiles (nQ * B * Hq), got {nQ} * {B} * {Hq} = {tiles}")
+        return (max(1, min(sms, tiles)), 1, 1)
     if kind != GRID_CHUNKED:
-        raise ValueError(f"BSFA_GRID: expected {GRID_PER_HEAD} or {GRID_CHUNKED}, got {kind}")
+        raise ValueError(f"BSFA_GRID: expected {GRID_PER_HEAD}, {GRID_CHUNKED} or {GRID_PERSISTENT}, got {kind}")
     bh = B * Hq
     w = next(w for w in (4, 2, 1) if bh % w == 0)
     if bh // w > MAX_GRID_YZ:  # huge batches: wider chunks, so that gridDim.z fits
@@ -59,12 +67,13 @@ def grid(kind: int, B: int, Hq: int, nQ: int) -> tuple[int, int, int]:
 
 
 def check_grid(B: int, Hq: int, nQ: int, block_m: int) -> None:
-    """Both grids fit CUDA's limits: (nQ, Hq, B) and (w, nQ, B*Hq/w)."""
+    """Both fixed grids fit CUDA's limits: (nQ, Hq, B) and (w, nQ, B*Hq/w)."""
     if nQ > MAX_GRID_YZ or B > MAX_GRID_YZ or Hq > MAX_GRID_YZ:
         raise ValueError(
             f"expected at most {MAX_GRID_YZ} query tiles (Nq <= {MAX_GRID_YZ * block_m}), batch and heads "
             f"each (CUDA grid limits), got {nQ} query tiles, B={B}, Hq={Hq}"
         )
+
 
 
 def _divisors(n: int) -> list[int]:

@@ -2,7 +2,8 @@
 
 A key names semantics and target only: dtype, head dim, causal, and the kernel architecture
 (``sm80``: the mma.sync kernels of ``bsfa_fwd_sm80.cu``, any GPU of compute capability >= 8.0;
-``sm90``: the wgmma kernels of ``bsfa_fwd_sm90.cu``, compute capability 9.0 only). Everything
+``sm90``: the one-warpgroup wgmma kernels of ``bsfa_fwd_sm90.cu``; ``sm90ws``: the warp-specialised
+TMA/wgmma forward of ``bsfa_fwd_sm90ws.cu``; both compute capability 9.0 only). Everything
 else compiled into a module (extra defines for an A/B experiment) comes from an explicit
 :class:`Backend` argument, never from process state.
 """
@@ -13,8 +14,10 @@ from dataclasses import dataclass
 from typing import Mapping
 
 DTYPES = {"float16": 0, "bfloat16": 1}
-SOURCES = {"sm80": "bsfa_fwd_sm80.cu", "sm90": "bsfa_fwd_sm90.cu"}
-ARCH_HEAD_DIMS = {"sm80": (32, 64, 96, 128), "sm90": (64, 128)}
+SOURCES = {"sm80": "bsfa_fwd_sm80.cu", "sm90": "bsfa_fwd_sm90.cu", "sm90ws": "bsfa_fwd_sm90ws.cu"}
+ARCH_HEAD_DIMS = {"sm80": (32, 64, 96, 128), "sm90": (64, 128), "sm90ws": (64, 128)}
+#: Kernel families that need compute capability 9.0 (wgmma, sm_90a).
+HOPPER_ARCHS = ("sm90", "sm90ws")
 #: Head dims some kernel serves.
 HEAD_DIMS = ARCH_HEAD_DIMS["sm80"]
 #: Macros a key sets; a Backend's defines may not override them.
@@ -30,7 +33,7 @@ class VariantKey:
     dtype: str  # "float16" | "bfloat16"
     head_dim: int
     causal: bool
-    arch: str  # "sm80" | "sm90"
+    arch: str  # "sm80" | "sm90" | "sm90ws"
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -57,7 +60,7 @@ class VariantKey:
 
 @dataclass(frozen=True)
 class Backend:
-    """An explicit kernel choice: ``arch`` ("auto", "sm80" or "sm90") and extra preprocessor defines.
+    """An explicit kernel choice: ``arch`` ("auto", "sm80", "sm90" or "sm90ws") and extra preprocessor defines.
 
     ``defines`` are for benchmarks that compare variants of a kernel (``{"BSFA_SOME_MACRO": 1}``);
     each distinct set compiles and caches its own module. The library itself always runs the
@@ -69,7 +72,7 @@ class Backend:
 
     def __init__(self, arch: str = "auto", defines: Mapping[str, object] | tuple = ()):
         if arch not in ("auto", *SOURCES):
-            raise ValueError(f"backend: expected 'auto', 'sm80' or 'sm90', got {arch!r}")
+            raise ValueError(f"backend: expected 'auto', 'sm80', 'sm90' or 'sm90ws', got {arch!r}")
         items = defines.items() if isinstance(defines, Mapping) else defines
         norm = []
         for name, value in items:
@@ -91,7 +94,9 @@ def as_backend(backend) -> Backend:
         return backend
     if isinstance(backend, str):
         return Backend(backend)
-    raise TypeError(f"backend: expected 'auto', 'sm80', 'sm90' or a bsfa_cupy.Backend, got {type(backend).__name__}")
+    raise TypeError(
+        f"backend: expected 'auto', 'sm80', 'sm90', 'sm90ws' or a bsfa_cupy.Backend, got {type(backend).__name__}"
+    )
 
 
 def select(backend: Backend, dtype: str, head_dim: int, causal: bool, compute_capability: str) -> VariantKey:
@@ -102,8 +107,8 @@ def select(backend: Backend, dtype: str, head_dim: int, causal: bool, compute_ca
     arch = backend.arch
     if arch == "auto":
         arch = "sm90" if cc == "90" and head_dim in ARCH_HEAD_DIMS["sm90"] else "sm80"
-    elif arch == "sm90" and cc != "90":
-        raise ValueError(f"backend 'sm90': the wgmma kernel needs compute capability 9.0 (Hopper), got {cc[:-1]}.{cc[-1]}")
+    elif arch in HOPPER_ARCHS and cc != "90":
+        raise ValueError(f"backend {arch!r}: the wgmma kernel needs compute capability 9.0 (Hopper), got {cc[:-1]}.{cc[-1]}")
     if head_dim not in ARCH_HEAD_DIMS[arch]:
         raise ValueError(f"backend {arch!r}: expected head_dim in {ARCH_HEAD_DIMS[arch]}, got {head_dim}")
     return VariantKey(dtype, head_dim, bool(causal), arch)

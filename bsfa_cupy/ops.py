@@ -7,7 +7,7 @@ from bsfa_reference._validate import check_qk, check_v, softmax_scale_or_default
 
 from bsfa_reference.tiles import BLOCK_M, BLOCK_N
 
-from . import _launch
+from . import _launch, _tma
 from ._arrays import frame_for, framework_of, on, to_cupy
 from ._kernels import compute_capability, get_module
 from ._variants import DTYPES, HEAD_DIMS, Backend, as_backend, select
@@ -133,10 +133,11 @@ def attention(q, k, v, thresholds=None, *, causal=True, softmax_scale=None, retu
         kern = _module(backend, dtype, D, causal, frame.device_id).fwd
         params = _launch.pack(
             q=qv, k=kv, v=vv, out=out_view, lse=lse_view, keep=keep_view, thresholds=thr_arr,
-            **_stride_fields("qkvo", strides + o_strides), Nq=Nq, Nk=Nk, Hq=Hq, Hkv=Hkv,
+            **_stride_fields("qkvo", strides + o_strides), Nq=Nq, Nk=Nk, Hq=Hq, Hkv=Hkv, B=B,
             thr_mode=mode, thr_T=T, thr_scalar=thr_scalar, softmax_scale=scale,
         )
-        kern.launch(B, Hq, nQ, params)
+        maps = tuple(_tma.tensor_map(x, kern.tma) for x in (qv, kv, vv)) if kern.tma else ()
+        kern.launch(B, Hq, nQ, params, maps)
         frame.finish(stream)
 
     result = (frame.wrap(out_native, out_view),)
@@ -171,7 +172,7 @@ def block_max_scores(q, k, *, causal=True, softmax_scale=None, backend="auto"):
         tm_native, tm_view = frame.empty((B, Hq, nQ, nK), "float32")
         kern = _module(backend, dtype, D, causal, frame.device_id).block_max
         params = _launch.pack(q=qv, k=kv, tile_max=tm_view, **_stride_fields("qk", strides), Nq=Nq, Nk=Nk, Hq=Hq,
-                              Hkv=Hkv, softmax_scale=scale)
+                              Hkv=Hkv, B=B, softmax_scale=scale)
         kern.launch(B, Hq, nQ, params)
         frame.finish(stream)
     return frame.wrap(tm_native, tm_view)

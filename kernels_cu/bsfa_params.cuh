@@ -28,6 +28,7 @@ struct Params {
     int Nq, Nk, Hq, Hkv;
     int thr_mode;  // 0: dense (every tile kept), 1: thr_scalar, 2: thresholds[h, p]
     int thr_T;     // threshold positions per head (thr_mode 2)
+    int B;         // batch size (the persistent kernel derives its tile list from it)
     float thr_scalar;
     float softmax_scale;  // > 0: max(scale * s) is taken as scale * max(s)
 };

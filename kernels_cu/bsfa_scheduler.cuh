@@ -10,6 +10,9 @@
 //     dividing B*Hq), widened further (to the smallest divisor w of B*Hq
 //     with B*Hq/w <= 65535) only when B*Hq/w exceeds 65535, gridDim.z's
 //     limit.
+//   BSFA_GRID 2 (kGridPersistent), the warp-specialised sm_90a forward
+//     (bsfa_fwd_sm90ws.cu): grid (min(SMs, tiles), 1, 1), each CTA walking
+//     the tile list of bsfa_tile_scheduler_sm90.cuh.
 //
 // Causal kernels take the query tiles heavy-first: the longest query tiles
 // (most key tiles to visit) are dispatched first, so they do not start last
@@ -26,6 +29,7 @@ namespace bsfa {
 enum GridKind : int {
     kGridPerHead = 0,
     kGridChunked = 1,
+    kGridPersistent = 2,  // (min(SMs, tiles), 1, 1): bsfa_tile_scheduler_sm90.cuh
 };
 
 // kGridPerHead: the query tile of this CTA.

@@ -83,6 +83,15 @@ __device__ __forceinline__ void fence_regs(unsigned (&r)[L][M][N]) {
             for (int k = 0; k < N; ++k) asm volatile("" : "+r"(r[i][j][k])::"memory");
 }
 
+// The same for the P fragments of one 128-key block ([k-step][register]).
+template <int M, int N>
+__device__ __forceinline__ void fence_regs(unsigned (&r)[M][N]) {
+#pragma unroll
+    for (int j = 0; j < M; ++j)
+#pragma unroll
+        for (int k = 0; k < N; ++k) asm volatile("" : "+r"(r[j][k])::"memory");
+}
+
 // ------------------------------------------------------------------ wgmma
 //
 // Accumulator layout (m64nN, fp32): warp w of the warpgroup owns rows
@@ -119,6 +128,15 @@ __device__ __forceinline__ void fence_regs(unsigned (&r)[L][M][N]) {
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]) \
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d))
 
+#define BSFA_WGMMA_SS_N128(TY)                                                                 \
+    asm volatile(                                                                                \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                       \
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " "                                 \
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "  \
+        "%64, %65, p, 1, 1, 0, 0;\n}\n"                                                  \
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]) \
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d))
+
 
 // D(64 x 64) (+)= A(64 x 16, smem, K-major) * B(16 x 64, smem, K-major).
 template <bool kBf16>
@@ -128,6 +146,18 @@ __device__ __forceinline__ void wgmma_ss_n64(float (&d)[32], unsigned long long 
         BSFA_WGMMA_SS_N64("bf16");
     } else {
         BSFA_WGMMA_SS_N64("f16");
+    }
+}
+
+// D(64 x 128) (+)= A(64 x 16, smem, K-major) * B(16 x 128, smem, K-major): S of a
+// 128-key block in the warp-specialised kernel.
+template <bool kBf16>
+__device__ __forceinline__ void wgmma_ss_n128(float (&d)[64], unsigned long long desc_a, unsigned long long desc_b,
+                                              int scale_d) {
+    if constexpr (kBf16) {
+        BSFA_WGMMA_SS_N128("bf16");
+    } else {
+        BSFA_WGMMA_SS_N128("f16");
     }
 }
 
@@ -152,6 +182,7 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const unsigned (&a)[
 }
 
 #undef BSFA_WGMMA_SS_N64
+#undef BSFA_WGMMA_SS_N128
 #undef BSFA_WGMMA_RS_N64
 #undef BSFA_WGMMA_RS_N128
 

@@ -57,6 +57,7 @@ class Config:
     inner: int = 4
     calib_k: int = 64
     ours: bool = True
+    backend: str = "auto"  # our kernel: "auto", "sm80", "sm90" or "sm90ws"
     extra: dict = field(default_factory=dict)
 
 
@@ -227,7 +228,8 @@ def run(cfg: Config, *, progress=True, echo=print, out_dir=".", tag="") -> dict:
         torch.cuda.empty_cache()
         cp.get_default_memory_pool().free_all_blocks()
 
-    result = {"gpu": gpu_name(), "date": _dt.date.today().isoformat(), "rows": [asdict(r) for r in rows]}
+    result = {"gpu": gpu_name(), "date": _dt.date.today().isoformat(), "backend": cfg.backend,
+              "rows": [asdict(r) for r in rows]}
     if out_dir:
         write_results(result, out_dir, tag)
     return result
@@ -249,18 +251,20 @@ def _warm_up_clocks(seconds=1.0):
 
 
 def _bench_ours(cfg, sets, n, causal, timer, add, bsfa_cupy, cp):
-    add("bsfa-dense", ms=timer(lambda i: bsfa_cupy.attention(*sets[i], causal=causal), len(sets)))
+    be = cfg.backend
+    add("bsfa-dense", ms=timer(lambda i: bsfa_cupy.attention(*sets[i], causal=causal, backend=be), len(sets)))
     if cfg.blockmax:
-        add("bsfa-blockmax", ms=timer(lambda i: bsfa_cupy.block_max_scores(*sets[i][:2], causal=causal), len(sets)))
+        add("bsfa-blockmax",
+            ms=timer(lambda i: bsfa_cupy.block_max_scores(*sets[i][:2], causal=causal, backend=be), len(sets)))
     if not causal:
         return
-    tile_max = [cp.from_dlpack(bsfa_cupy.block_max_scores(q, k))[0] for q, k, _ in sets]
+    tile_max = [cp.from_dlpack(bsfa_cupy.block_max_scores(q, k, backend=be))[0] for q, k, _ in sets]
     for rho in cfg.rhos:
         # Validated once, as a per-layer loop would hold them: no NaN check (a stream wait) per call.
         thr = [bsfa_cupy.DeviceThresholds(thresholds_for_rho(tm, rho, n)) for tm in tile_max]
-        _, keep = bsfa_cupy.attention(*sets[0], thr[0], return_keep=True)
+        _, keep = bsfa_cupy.attention(*sets[0], thr[0], return_keep=True, backend=be)
         got = realised_rho(cp.from_dlpack(keep), n)
-        ms = timer(lambda i: bsfa_cupy.attention(*sets[i], thr[i]), len(sets))
+        ms = timer(lambda i: bsfa_cupy.attention(*sets[i], thr[i], backend=be), len(sets))
         add("bsfa-sparse", ms=ms, rho=got, rho_target=rho)
 
 
@@ -279,9 +283,9 @@ def _bench_calibrated(cfg, sets, n, d, hkv, dtype, timer, add, bsfa_cupy, cp, ma
         cal.update(q, k)
     thr = bsfa_cupy.DeviceThresholds(cal.thresholds()[0])
     q, k, v = sample(2024)
-    _, keep = bsfa_cupy.attention(q, k, v, thr, return_keep=True)
+    _, keep = bsfa_cupy.attention(q, k, v, thr, return_keep=True, backend=cfg.backend)
     got = realised_rho(cp.from_dlpack(keep), n)
-    add("bsfa-calibrated", ms=timer(lambda i: bsfa_cupy.attention(q, k, v, thr), 1), rho=got)
+    add("bsfa-calibrated", ms=timer(lambda i: bsfa_cupy.attention(q, k, v, thr, backend=cfg.backend), 1), rho=got)
 
 
 def _short(exc) -> str:

@@ -33,7 +33,8 @@ def _bench(args) -> int:
 
     cfg = Config(ns=tuple(args.n), ds=tuple(args.d), hkvs=tuple(args.hkv), dtypes=tuple(args.dtype),
                  causal=(True, False) if args.noncausal else (True,), peers=tuple(args.peers),
-                 calibrated=not args.no_calibrated, repeats=args.repeats, ours=not args.peers_only)
+                 calibrated=not args.no_calibrated, repeats=args.repeats, ours=not args.peers_only,
+                 backend=args.backend)
     if min(cfg.ns) < MIN_N:
         raise CliError(f"--n {min(cfg.ns)}: expected sequence lengths of at least {MIN_N} (the calibrated row's "
                        f"synthetic samples start with {MIN_N - 1} attention-sink keys)")
@@ -195,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-calibrated", action="store_true", help="skip the calibrated-thresholds row")
     b.add_argument("--peers-only", action="store_true", help="time only the peers (e.g. FlexAttention on a few shapes)")
     b.add_argument("--repeats", type=_positive, default=7)
+    b.add_argument("--backend", choices=("auto", "sm80", "sm90", "sm90ws"), default="auto",
+                   help="our kernel (default: auto, the one bsfa_cupy.attention picks)")
     b.add_argument("--out", default=".", help="folder for the JSON/markdown/PNG results, created if missing "
                    "(default: the current directory)")
     b.add_argument("--tag", default="", help="suffix for the result file names (letters, digits, . _ + -)")

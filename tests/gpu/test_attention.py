@@ -29,12 +29,13 @@ def _is_hopper() -> bool:
     return cp is not None and str(cp.cuda.Device().compute_capability) == "90"
 
 
-@pytest.fixture(params=["auto", "sm80"])
+@pytest.fixture(params=["auto", "sm80", "sm90ws"])
 def backend(request):
-    """Every test runs on both forward kernels: "auto" (on Hopper the sm_90a wgmma kernel for head
-    dims 64 / 128, mma.sync for the others) and "sm80" (mma.sync everywhere)."""
-    if request.param == "auto" and not _is_hopper():
-        pytest.skip("off Hopper, 'auto' is the mma.sync kernel that 'sm80' already tests")
+    """Every test runs on every forward kernel: "auto" (on Hopper the sm_90a wgmma kernel for head
+    dims 64 / 128, mma.sync for the others), "sm80" (mma.sync everywhere) and, on Hopper,
+    "sm90ws" (the warp-specialised TMA kernel; other head dims fall back to "sm80" in these tests)."""
+    if request.param != "sm80" and not _is_hopper():
+        pytest.skip(f"off Hopper, {request.param!r} is not run ('auto' is the mma.sync kernel 'sm80' tests)")
     return request.param
 
 
@@ -42,8 +43,12 @@ def backend(request):
 def test_backend_picks_the_kernel(backend, D):
     from bsfa_cupy import _kernels, ops
 
+    if backend == "sm90ws" and D not in (64, 128):
+        with pytest.raises(ValueError, match=r"backend 'sm90ws': expected head_dim in \(64, 128\)"):
+            ops._module(bsfa_cupy_backend(backend), "float16", D, True, cp.cuda.Device().id)
+        return
     mod = ops._module(bsfa_cupy_backend(backend), "float16", D, True, cp.cuda.Device().id)
-    want = "sm90" if backend == "auto" and D in (64, 128) else "sm80"
+    want = backend if backend == "sm90ws" else "sm90" if backend == "auto" and D in (64, 128) else "sm80"
     assert mod.key.arch == want, f"backend {backend!r}, head dim {D}: ran {mod.key.name()}"
     assert isinstance(mod, _kernels.Module) and mod.fwd.threads > 0 and mod.block_max.threads > 0
 
@@ -72,8 +77,15 @@ def problems(draw):
                 layouts=layouts, spread=spread, seed=seed)
 
 
+def kernel_backend(backend, D):
+    """sm90ws serves head dims 64 and 128 only; the other head dims run on the mma.sync kernel."""
+    return "sm80" if backend == "sm90ws" and D not in (64, 128) else backend
+
+
 def run_case(p, monkeypatch, backend):
     import bsfa_cupy
+
+    backend = kernel_backend(backend, p["D"])
 
     rng = np.random.default_rng(p["seed"])
     q, k, v = random_inputs(rng, p["B"], p["Nq"], p["Nk"], p["Hq"], p["Hkv"], p["D"], p["dtype"], p["spread"])

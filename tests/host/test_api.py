@@ -60,7 +60,7 @@ def test_specialisation_keys_are_distinct():
     from bsfa_cupy._variants import VariantKey, all_variants
 
     keys = all_variants()
-    assert len({k.name() for k in keys}) == len(keys) == 24  # 16 mma.sync + 8 wgmma
+    assert len({k.name() for k in keys}) == len(keys) == 32  # 16 mma.sync + 8 wgmma + 8 warp-specialised
     assert len({(k.source, k.defines()) for k in keys}) == len(keys)
     assert "-DBSFA_HEAD_DIM=128" in VariantKey("bfloat16", 128, True, "sm90").defines()
     with pytest.raises(ValueError, match=r"the sm90 kernel takes \(64, 128\), got 96"):
@@ -84,16 +84,19 @@ def test_explicit_backends_refuse_what_they_cannot_run():
         select(Backend("sm90"), "float16", 128, True, "80")
     with pytest.raises(ValueError, match=r"backend 'sm90': expected head_dim in \(64, 128\), got 32"):
         select(Backend("sm90"), "float16", 32, True, "90")
+    with pytest.raises(ValueError, match=r"backend 'sm90ws': .* compute capability 9.0 .* got 8.0"):
+        select(Backend("sm90ws"), "float16", 128, True, "80")
+    assert select(Backend("sm90ws"), "float16", 64, False, "90").source == "bsfa_fwd_sm90ws.cu"
     with pytest.raises(ValueError, match=r"compute capability >= 8.0, got 7.5"):
         select(Backend(), "float16", 64, True, "75")
-    with pytest.raises(ValueError, match=r"expected 'auto', 'sm80' or 'sm90', got 'fa3'"):
+    with pytest.raises(ValueError, match=r"expected 'auto', 'sm80', 'sm90' or 'sm90ws', got 'fa3'"):
         Backend("fa3")
     with pytest.raises(ValueError, match=r"macro names other than .* got 'BSFA_HEAD_DIM'"):
         Backend("sm90", {"BSFA_HEAD_DIM": 64})
     with pytest.raises(ValueError, match=r"BSFA_X: expected a number or identifier, got '1; rm'"):
         Backend("sm90", {"BSFA_X": "1; rm"})
     assert Backend("sm90", {"B": 1, "A": True}).options() == ("-DA=1", "-DB=1")
-    with pytest.raises(TypeError, match="backend: expected 'auto', 'sm80', 'sm90' or a bsfa_cupy.Backend, got int"):
+    with pytest.raises(TypeError, match="backend: expected 'auto', 'sm80', 'sm90', 'sm90ws' or a bsfa_cupy.Backend, got int"):
         as_backend(90)
 
 
@@ -103,7 +106,7 @@ def test_device_thresholds_refuse_a_scalar_before_needing_cupy():
 
 
 def test_launch_grids_and_their_limits():
-    from bsfa_cupy._launch import GRID_CHUNKED, GRID_PER_HEAD, check_grid, grid
+    from bsfa_cupy._launch import GRID_CHUNKED, GRID_PER_HEAD, GRID_PERSISTENT, check_grid, grid
 
     assert grid(GRID_PER_HEAD, 2, 32, 128) == (128, 32, 2)
     assert grid(GRID_CHUNKED, 2, 32, 128) == (4, 128, 16)
@@ -111,8 +114,12 @@ def test_launch_grids_and_their_limits():
     assert grid(GRID_CHUNKED, 1, 5, 7) == (1, 7, 5)
     assert grid(GRID_CHUNKED, 40000, 8, 2) == (5, 2, 64000)  # chunks widen until gridDim.z fits
     assert grid(GRID_CHUNKED, 65537, 3, 2) == (65537, 2, 3)
-    with pytest.raises(ValueError, match="BSFA_GRID: expected 0 or 1, got 7"):
+    with pytest.raises(ValueError, match="BSFA_GRID: expected 0, 1 or 2, got 7"):
         grid(7, 1, 1, 1)
+    assert grid(GRID_PERSISTENT, 1, 32, 128, sms=132) == (132, 1, 1)
+    assert grid(GRID_PERSISTENT, 1, 2, 3, sms=132) == (6, 1, 1)  # fewer tiles than SMs: one CTA each
+    with pytest.raises(ValueError, match=r"at most 2147483647 work tiles .* got 65535 \* 65535 \* 2"):
+        grid(GRID_PERSISTENT, 65535, 2, 65535, sms=132)
     check_grid(65535, 65535, 65535, 128)
     with pytest.raises(ValueError, match=r"at most 65535 query tiles .* got 65536 query tiles, B=1, Hq=8"):
         check_grid(1, 8, 65536, 128)

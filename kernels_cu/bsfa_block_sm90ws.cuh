@@ -1,0 +1,192 @@
+// One 128-key block of a consumer warpgroup in the warp-specialised sm_90a
+// forward: S = Q K^T (a wgmma m64n128 group), the BSFA gate of its two
+// 64-key halves -- each a key tile of the reference with its own decision --
+// the online-softmax update over the kept halves, and O += P V over the kept
+// halves only.  A skipped half costs no exponential and no tensor-core work.
+//
+// The tile maximum behind a decision spans all 128 query rows, i.e. both
+// consumer warpgroups: each warp ORs its rows' votes, writes one byte per
+// warp into a two-slot exchange, and a named barrier over the two
+// warpgroups (never the producer) publishes the eight bytes.  Only blocks
+// with a gated half exchange; dense mode and diagonal blocks never wait.
+//
+// Includes what it needs; TR is a TraitsSm90Ws.
+#pragma once
+
+#include "bsfa_gate.cuh"
+#include "bsfa_mask.cuh"
+#include "bsfa_mma_sm90.cuh"
+#include "bsfa_params.cuh"
+#include "bsfa_pipeline_sm90.cuh"
+#include "bsfa_ptx.cuh"
+#include "bsfa_smem_sm90ws.cuh"
+#include "bsfa_softmax.cuh"
+#include "bsfa_wgmma_sm90.cuh"
+
+namespace bsfa {
+
+// Half h (a 64-key tile) of a block's S, in the [1][n8 blocks][4] shape the
+// shared per-tile functions take.
+template <class TR>
+__device__ __forceinline__ float (&key_half(float (&S)[TR::kBlockSNBlocks][4], int h))[1][TR::kSNBlocks][4] {
+    return *reinterpret_cast<float(*)[1][TR::kSNBlocks][4]>(&S[h * TR::kSNBlocks]);
+}
+
+// S = Q K^T for this warpgroup's 64 rows; q_desc points at its rows of Q.
+template <class TR>
+__device__ __forceinline__ void qk_block(float (&S)[TR::kBlockSNBlocks][4], unsigned long long q_desc,
+                                         unsigned long long k_desc) {
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < TR::kDSteps; ++kk) {
+        const unsigned col = (kk % TR::kStepsPerPanel) * TR::kMmaK * TR::kElemBytes;
+        const unsigned pn = kk / TR::kStepsPerPanel;
+        wgmma_ss_n128<TR::kBf16>(flat(S), desc_add(q_desc, pn * TR::kQPanelBytes + col),
+                                 desc_add(k_desc, pn * TR::kKVPanelBytes + col), kk > 0 ? 1 : 0);
+    }
+    wgmma_commit();
+}
+
+// Masks the block's invalid scores, takes each half's lane-local row maxima
+// (mx), and decides which halves are kept: bit h of the result.  Halves past
+// the query tile's last valid key tile (c > c_end) are neither kept nor
+// reported.  keep_row (one writer thread) receives the decisions.
+template <class TR, bool kCausal>
+__device__ __forceinline__ unsigned gate_block(float (&S)[TR::kBlockSNBlocks][4], float (&mx)[TR::kKeyHalves][2],
+                                               const QueryTile<TR, kCausal>& qt, const GatePlan<TR>& plan, int n,
+                                               int row0, int lane, int consumer_warp, const Params& p,
+                                               const SmemWs<TR>& sm, unsigned& vote_slot,
+                                               unsigned char* keep_row) {
+    unsigned valid = 0, forced = 0;
+#pragma unroll
+    for (int h = 0; h < TR::kKeyHalves; ++h) {
+        const int c = n * TR::kKeyHalves + h;
+        float(&Sh)[1][TR::kSNBlocks][4] = key_half<TR>(S, h);
+        if (qt.needs_mask(c)) mask_tile<TR, kCausal>(Sh, c, row0, lane, p.Nq, p.Nk);
+        row_max<TR, false>(Sh, *reinterpret_cast<float(*)[1][2]>(&mx[h]));
+        valid |= (c <= qt.c_end ? 1u : 0u) << h;
+        forced |= (plan.forced(c) ? 1u : 0u) << h;
+    }
+    const unsigned gated = valid & ~forced;
+    unsigned kept = valid & forced;
+    if (gated != 0) {  // uniform over both consumer warpgroups
+        unsigned votes = 0;
+#pragma unroll
+        for (int h = 0; h < TR::kKeyHalves; ++h) {
+            if (((gated >> h) & 1u) && plan.vote(*reinterpret_cast<const float(*)[1][2]>(&mx[h]), p.softmax_scale)) {
+                votes |= 1u << h;
+            }
+        }
+        votes = warp_or(votes);
+        const unsigned slot = sm.votes + vote_slot * TR::kVoteSlotBytes;
+        if (lane == 0) sts8(slot + consumer_warp, votes);
+        named_sync(TR::kBarGate, TR::kConsumerThreads);
+        unsigned lo, hi;
+        lds64(lo, hi, slot);
+        unsigned all = lo | hi;
+        all |= all >> 16;
+        all |= all >> 8;
+        kept |= all & gated;
+        // The slot is rewritten two exchanges on, after the next barrier,
+        // which no thread passes before every thread has read this one.
+        vote_slot ^= 1u;
+    }
+    if (keep_row != nullptr) {
+#pragma unroll
+        for (int h = 0; h < TR::kKeyHalves; ++h) {
+            if ((valid >> h) & 1u) keep_row[n * TR::kKeyHalves + h] = (kept >> h) & 1u;
+        }
+    }
+    return kept;
+}
+
+// Online-softmax update over the kept halves (kept != 0): the row max over
+// both, P = exp2(S * scale_log2 - m_new * scale_log2) packed as the A
+// fragments of P V (k-step kk covers keys 16kk..16kk+15), the row sums
+// rescaled and extended.  alpha = exp2(m_old - m_new) per row; returns
+// whether any row of the warp changed its max (O then needs the rescale).
+template <class TR>
+__device__ __forceinline__ bool softmax_block(const float (&S)[TR::kBlockSNBlocks][4],
+                                              float (&mx)[TR::kKeyHalves][2], unsigned kept, float (&m)[2],
+                                              float (&l)[2], unsigned (&P)[TR::kKeySteps][4], float (&alpha)[2],
+                                              float scale_log2) {
+    quad_max(mx);
+    bool changed = false;
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+        float tm = neg_inf();
+#pragma unroll
+        for (int h = 0; h < TR::kKeyHalves; ++h) {
+            if ((kept >> h) & 1u) tm = fmax2(tm, mx[h][hf]);
+        }
+        const float m_new = fmax2(m[hf], tm);
+        // A row with no valid score yet takes 0 as its reference, so that
+        // exp2(-inf - ref) = 0 rather than NaN.
+        const float ref = m_new == neg_inf() ? 0.f : m_new;
+        alpha[hf] = ex2((m[hf] - ref) * scale_log2);
+        changed |= m_new != m[hf];
+        m[hf] = m_new;
+        const float ref_scaled = ref * scale_log2;
+        float rs = 0.f;
+#pragma unroll
+        for (int h = 0; h < TR::kKeyHalves; ++h) {
+            if ((kept >> h) & 1u) {
+#pragma unroll
+                for (int i = 0; i < TR::kSNBlocks; ++i) {
+                    const int nb = h * TR::kSNBlocks + i;
+                    const float p0 = ex2(ffma(S[nb][2 * hf], scale_log2, -ref_scaled));
+                    const float p1 = ex2(ffma(S[nb][2 * hf + 1], scale_log2, -ref_scaled));
+                    rs += p0 + p1;
+                    P[nb / 2][(nb % 2) * 2 + hf] = pack2<TR::kBf16>(p0, p1);
+                }
+            }
+        }
+        l[hf] = l[hf] * alpha[hf] + rs;
+    }
+    return warp_any(changed);
+}
+
+// O += P V over the halves in KEPT (a compile-time set), one wgmma group.
+template <class TR, unsigned KEPT>
+__device__ __forceinline__ void pv_halves(float (&O)[TR::kONBlocks][4], const unsigned (&P)[TR::kKeySteps][4],
+                                          unsigned long long v_desc) {
+    wgmma_fence();
+#pragma unroll
+    for (int h = 0; h < TR::kKeyHalves; ++h) {
+        if (((KEPT >> h) & 1u) != 0) {  // h is unrolled: a constant
+#pragma unroll
+            for (int i = 0; i < TR::kHalfKeySteps; ++i) {
+                const int kk = h * TR::kHalfKeySteps + i;
+                wgmma_rs<TR::kBf16, TR::kHeadDim>(flat(O), P[kk], desc_add(v_desc, kk * TR::kMmaK * kSwizzleBytes),
+                                                  1);
+            }
+        }
+    }
+    wgmma_commit();
+}
+
+// O += P V over the kept halves (kept != 0).  Each case is one straight
+// wgmma group: a branch between the fence and the commit makes ptxas
+// serialise every wgmma of the kernel (C7515).
+template <class TR>
+__device__ __forceinline__ void pv_block(float (&O)[TR::kONBlocks][4], const unsigned (&P)[TR::kKeySteps][4],
+                                         unsigned long long v_desc, unsigned kept) {
+    static_assert(TR::kKeyHalves == 2, "pv_block spells out the cases of two halves");
+    if (kept == 3u) {
+        pv_halves<TR, 3u>(O, P, v_desc);
+    } else if (kept == 1u) {
+        pv_halves<TR, 1u>(O, P, v_desc);
+    } else {
+        pv_halves<TR, 2u>(O, P, v_desc);
+    }
+}
+
+template <int NB>
+__device__ __forceinline__ void rescale_rows(float (&O)[NB][4], const float (&alpha)[2]) {
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) O[nb][j] *= alpha[j / 2];
+}
+
+}  // namespace bsfa

@@ -1,0 +1,171 @@
+// The consumers of the warp-specialised sm_90a forward: each of the two
+// consumer warpgroups owns 64 rows of the 128-row query tile and walks the
+// tile list with the producer.  Within a work tile the 128-key blocks are
+// software-pipelined across the warpgroup's own wgmma groups: the S of
+// block n is issued, then the P V of block n+1, and the gate and softmax of
+// block n run while that P V is still on the tensor cores; O is rescaled
+// only after it retires.  Every smem slot is released by each consumer warp
+// (one arrival per warp) once its reads are over.
+//
+// Includes what it needs; TR is a TraitsSm90Ws.
+#pragma once
+
+#include "bsfa_block_sm90ws.cuh"
+#include "bsfa_epilogue_sm90ws.cuh"
+#include "bsfa_gate.cuh"
+#include "bsfa_mask.cuh"
+#include "bsfa_params.cuh"
+#include "bsfa_pipeline_sm90.cuh"
+#include "bsfa_smem_sm90ws.cuh"
+#include "bsfa_softmax.cuh"
+#include "bsfa_tile_scheduler_sm90.cuh"
+#include "bsfa_wgmma_sm90.cuh"
+
+namespace bsfa {
+
+// Where one consumer thread sits.
+struct ConsumerThread {
+    int wg;    // consumer warpgroup, 0 or 1: query rows 64 wg ..
+    int tid;   // thread within the warpgroup
+    int lane;
+    int warp;  // warp within the warpgroup
+    __device__ __forceinline__ ConsumerThread(int wg_, int tid_)
+        : wg(wg_), tid(tid_), lane(tid_ & 31), warp(tid_ >> 5) {}
+    // Row of the tile that this thread's accumulator elements 0..1 hold (2..3: +8).
+    __device__ __forceinline__ int row() const { return wg * 64 + warp * 16 + (lane >> 2); }
+    __device__ __forceinline__ int consumer_warp() const { return wg * 4 + warp; }
+};
+
+// The key blocks of one work tile with a key to visit: O, m, l come in
+// initialised and leave unnormalised (per-lane partial row sums in l).
+template <class TR, bool kCausal>
+__device__ __forceinline__ void consumer_tile(const Params& p, const SmemWs<TR>& sm, const ConsumerThread& ct,
+                                              const WorkTile& w, const QueryTile<TR, kCausal>& qt,
+                                              PipeState<TR::kStages>& kv, unsigned& q_phase, unsigned& vote_slot,
+                                              unsigned char* keep_row, float (&O)[TR::kONBlocks][4], float (&m)[2],
+                                              float (&l)[2]) {
+    const GatePlan<TR> plan(qt, p.thresholds, p.thr_scalar, p.thr_mode, p.thr_T, w.h);
+    const float scale_log2 = p.softmax_scale * kLog2e;
+    const int row0 = qt.q0 + ct.row();
+    const bool arrives = ct.lane == 0;
+    // This warpgroup's 64 rows of Q: 64 rows x 128 bytes further into each panel.
+    const unsigned long long q_desc = make_desc(sm.q + ct.wg * TR::kWgmmaM * kSwizzleBytes, 16, kSwizzleAtomBytes);
+    auto k_desc = [&](int s) { return make_desc(sm.k + s * TR::kKVBytes, 16, kSwizzleAtomBytes); };
+    // V is the MN-major B operand: the leading offset steps between panels.
+    auto v_desc = [&](int s) { return make_desc(sm.v + s * TR::kKVBytes, TR::kKVPanelBytes, kSwizzleAtomBytes); };
+
+    mbar_wait(sm.bar(TR::kBarQFull), q_phase);
+    q_phase ^= 1u;
+
+    float S[TR::kBlockSNBlocks][4];
+    float mx[TR::kKeyHalves][2];
+    float alpha[2];
+    unsigned P[TR::kKeySteps][4];
+    int n = qt.c_end / TR::kKeyHalves;
+
+    // The first block: nothing to overlap with yet, and O is still zero.
+    mbar_wait(sm.bar(TR::kBarKFull + kv.stage), kv.phase);
+    qk_block<TR>(S, q_desc, k_desc(kv.stage));
+    wgmma_wait<0>();
+    fence_regs(flat(S));
+    if (arrives) {
+        mbar_arrive(sm.bar(TR::kBarKEmpty + kv.stage));
+        if (n == 0) mbar_arrive(sm.bar(TR::kBarQEmpty));
+    }
+    unsigned kept = gate_block<TR, kCausal>(S, mx, qt, plan, n, row0, ct.lane, ct.consumer_warp(), p, sm, vote_slot,
+                                            keep_row);
+    if (kept != 0) softmax_block<TR>(S, mx, kept, m, l, P, alpha, scale_log2);
+    int prev_stage = kv.stage;
+    unsigned prev_phase = kv.phase;
+    unsigned prev_kept = kept;
+    kv.advance();
+
+#pragma unroll 1
+    for (--n; n >= 0; --n) {
+        mbar_wait(sm.bar(TR::kBarKFull + kv.stage), kv.phase);
+        qk_block<TR>(S, q_desc, k_desc(kv.stage));
+        if (prev_kept != 0) {
+            mbar_wait(sm.bar(TR::kBarVFull + prev_stage), prev_phase);
+            pv_block<TR>(O, P, v_desc(prev_stage), prev_kept);
+        } else {
+            wgmma_commit();  // an empty group: the waits below count the same on both paths
+        }
+        wgmma_wait<1>();  // S is ready; P V may still run
+        fence_regs(flat(S));
+        if (arrives) {
+            mbar_arrive(sm.bar(TR::kBarKEmpty + kv.stage));
+            if (n == 0) mbar_arrive(sm.bar(TR::kBarQEmpty));
+        }
+        kept = gate_block<TR, kCausal>(S, mx, qt, plan, n, row0, ct.lane, ct.consumer_warp(), p, sm, vote_slot,
+                                       keep_row);
+        unsigned Pn[TR::kKeySteps][4];
+        bool rescale = false;
+        if (kept != 0) rescale = softmax_block<TR>(S, mx, kept, m, l, Pn, alpha, scale_log2);
+        // Unconditional, so that ptxas sees O retired on every path (a wait
+        // under the same condition as the issue makes it serialise all wgmma).
+        wgmma_wait<0>();
+        fence_regs(flat(O));
+        fence_regs(P);
+        // Skipped blocks still wait for their (speculative) V: the slot is
+        // only handed back once the copy into it is over.
+        if (prev_kept == 0) mbar_wait(sm.bar(TR::kBarVFull + prev_stage), prev_phase);
+        if (arrives) mbar_arrive(sm.bar(TR::kBarVEmpty + prev_stage));
+        if (rescale) rescale_rows(O, alpha);
+        if (kept != 0) {
+#pragma unroll
+            for (int kk = 0; kk < TR::kKeySteps; ++kk)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) P[kk][j] = Pn[kk][j];
+        }
+        prev_stage = kv.stage;
+        prev_phase = kv.phase;
+        prev_kept = kept;
+        kv.advance();
+    }
+
+    mbar_wait(sm.bar(TR::kBarVFull + prev_stage), prev_phase);
+    if (prev_kept != 0) pv_block<TR>(O, P, v_desc(prev_stage), prev_kept);
+    wgmma_wait<0>();
+    fence_regs(flat(O));
+    fence_regs(P);
+    if (arrives) mbar_arrive(sm.bar(TR::kBarVEmpty + prev_stage));
+}
+
+template <class TR, bool kCausal>
+__device__ __forceinline__ void consumer_loop(const Params& p, const SmemWs<TR>& sm, int wg, int tid) {
+    const ConsumerThread ct(wg, tid);
+    const int nQ = ceil_div(p.Nq, TR::kBlockM);
+    const int nK = ceil_div(p.Nk, TR::kBlockN);
+    const PersistentSchedule<kCausal> sched(nQ, p.Hq, p.B);
+    PipeState<TR::kStages> kv;
+    unsigned q_phase = 0;
+    unsigned vote_slot = 0;
+#pragma unroll 1
+    for (int r = 0; sched.rounds_left(r); ++r) {
+        const int j = sched.index(r);
+        if (j < 0) continue;
+        const WorkTile w = sched.tile(j);
+        const QueryTile<TR, kCausal> qt(w.a, p.Nq, p.Nk);
+        unsigned char* keep_row = nullptr;
+        if (p.keep != nullptr) {
+            unsigned char* row = p.keep + (((long long)w.b * p.Hq + w.h) * nQ + w.a) * nK;
+            if (wg == 0) {
+                for (int c = qt.c_end + 1 + tid; c < nK; c += 128) row[c] = 0;
+            }
+            if (wg == 0 && tid == 0) keep_row = row;
+        }
+        float O[TR::kONBlocks][4];
+        float m[2];
+        float l[2];
+        {
+            float(&O1)[1][TR::kONBlocks][4] = *reinterpret_cast<float(*)[1][TR::kONBlocks][4]>(&O);
+            float(&m1)[1][2] = *reinterpret_cast<float(*)[1][2]>(&m);
+            float(&l1)[1][2] = *reinterpret_cast<float(*)[1][2]>(&l);
+            init_softmax_state(O1, m1, l1);
+        }
+        if (qt.c_end >= 0) consumer_tile<TR, kCausal>(p, sm, ct, w, qt, kv, q_phase, vote_slot, keep_row, O, m, l);
+        epilogue_ws<TR>(p, sm, ct.wg, ct.warp, ct.lane, w, qt.q0, O, m, l);
+    }
+}
+
+}  // namespace bsfa

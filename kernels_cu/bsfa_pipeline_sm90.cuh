@@ -1,0 +1,129 @@
+// What warp specialisation on Hopper (sm_90a) is built from: the tensor
+// memory accelerator (TMA) copy of a tile into shared memory, the mbarriers
+// its completion and the consumers' release are counted on, the pipeline
+// state both sides step through, named barriers between warpgroups, and the
+// register hand-over between them (setmaxnreg).
+//
+// Self-contained.
+#pragma once
+
+namespace bsfa {
+
+// ------------------------------------------------------------- tensor maps
+//
+// A CUtensorMap as the kernel receives it: 128 opaque bytes, encoded on the
+// host by the driver (cuTensorMapEncodeTiled, bsfa_cupy/_tma.py) and passed
+// by value as a __grid_constant__ parameter, so that its address is a
+// parameter-space address the TMA unit reads directly.
+struct alignas(64) TmaDesc {
+    unsigned long long opaque[16];
+};
+
+// Starts the copy of the box at coordinates (c0 innermost .. c3) of a 4-D
+// tensor map into shared memory at dst; its bytes are counted on mbarrier
+// bar (complete_tx).  Rows outside the tensor arrive as zeros.
+__device__ __forceinline__ void tma_load_4d(unsigned dst, const TmaDesc& desc, unsigned bar, int c0, int c1, int c2,
+                                            int c3) {
+    asm volatile(
+        "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], "
+        "[%6];\n" ::"r"(dst),
+        "l"(reinterpret_cast<unsigned long long>(&desc)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
+        : "memory");
+}
+
+__device__ __forceinline__ void tma_prefetch_desc(const TmaDesc& desc) {
+    asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<unsigned long long>(&desc)) : "memory");
+}
+
+// --------------------------------------------------------------- mbarriers
+//
+// Addresses are 32-bit shared-window addresses of 8-byte barrier words.
+
+__device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+
+// Makes the initialised barriers visible to the async proxy (the TMA unit)
+// before any copy signals them; a CTA barrier after it publishes them to the
+// other threads.
+__device__ __forceinline__ void mbar_init_fence() {
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+
+// The producer's arrival, announcing `bytes` more to come from the TMA.
+__device__ __forceinline__ void mbar_arrive_expect_tx(unsigned bar, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive(unsigned bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+
+// Blocks until the phase of parity `parity` has completed.  A fresh barrier
+// is in phase 0, and its "previous" phase (parity 1) counts as completed:
+// that is how a producer's first wait on an empty slot returns at once.
+__device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
+    unsigned done;
+    do {
+        asm volatile(
+            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+            : "=r"(done)
+            : "r"(bar), "r"(parity)
+            : "memory");
+    } while (!done);
+}
+
+// Stage and phase of a ring of kStages slots that a producer fills and the
+// consumers drain in the same order: both sides step one of these through
+// the same sequence of tiles, so no index is ever communicated.
+template <int kStages>
+struct PipeState {
+    int stage = 0;
+    unsigned phase = 0;  // parity of the current pass over the ring
+
+    __device__ __forceinline__ void advance() {
+        if (++stage == kStages) {
+            stage = 0;
+            phase ^= 1u;
+        }
+    }
+};
+
+// ------------------------------------------------------ warpgroup barriers
+
+// Barrier `id` (1..15; 0 is __syncthreads) over `threads` threads, a
+// multiple of 32: warpgroups synchronise among themselves without the
+// producer.
+__device__ __forceinline__ void named_sync(int id, int threads) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+// Register hand-over between warpgroups: the producer gives registers back,
+// the consumers take them.  Both need a register cap at kernel entry
+// (__launch_bounds__(threads, 1)) and one role per branch.
+template <int N>
+__device__ __forceinline__ void setmaxnreg_dec() {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+
+template <int N>
+__device__ __forceinline__ void setmaxnreg_inc() {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+
+// OR of a 32-bit value over the warp (redux.sync, sm_80+).
+__device__ __forceinline__ unsigned warp_or(unsigned v) {
+    unsigned r;
+    asm volatile("redux.sync.or.b32 %0, %1, 0xffffffff;\n" : "=r"(r) : "r"(v));
+    return r;
+}
+
+__device__ __forceinline__ void sts8(unsigned addr, unsigned v) {
+    asm volatile("st.shared.u8 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
+}
+
+__device__ __forceinline__ void lds64(unsigned& lo, unsigned& hi, unsigned addr) {
+    asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];\n" : "=r"(lo), "=r"(hi) : "r"(addr) : "memory");
+}
+
+}  // namespace bsfa

@@ -1,0 +1,92 @@
+// Compile-time shape of the warp-specialised Hopper (sm_90a) forward: one
+// producer warpgroup (TMA), two consumer warpgroups of 64 query rows each,
+// 128-key blocks (two BSFA key tiles) in a two-stage K and V ring, and the
+// shared-memory map, all derived from the head dim and the shared tile shape.
+//
+// The struct doubles as the traits the shared per-tile functions (mask_tile,
+// row_max, GatePlan) see: one BSFA key tile (64 keys) of one consumer
+// warpgroup's rows -- kWarpMBlocks = 1 block of 16 rows per warp, 8 n8
+// blocks -- which is one half of a 128-key block's S accumulator.
+//
+// Includes what it needs.
+#pragma once
+
+#include "bsfa_traits.cuh"
+#include "bsfa_wgmma_sm90.cuh"
+
+namespace bsfa {
+
+template <int kHeadDim_, bool kBf16_>
+struct TraitsSm90Ws : TileShape {
+    static constexpr int kHeadDim = kHeadDim_;
+    static constexpr bool kBf16 = kBf16_;
+
+    // Roles: warpgroup 0 produces, 1 and 2 consume.
+    static constexpr int kConsumerWGs = 2;
+    static constexpr int kNThreads = 128 * (1 + kConsumerWGs);
+    static constexpr int kConsumerThreads = 128 * kConsumerWGs;
+    static constexpr int kConsumerWarps = kConsumerThreads / 32;
+    static constexpr int kProducerRegs = 24;
+    static constexpr int kConsumerRegs = 240;
+    static_assert(kProducerRegs * 128 + kConsumerRegs * kConsumerThreads <= 65536, "register file");
+
+    // Keys per kernel block: two BSFA key tiles, each with its own decision.
+    static constexpr int kBlockKeys = 2 * kBlockN;
+    static constexpr int kKeyHalves = kBlockKeys / kBlockN;
+
+    // The per-tile view (one consumer warpgroup x one BSFA key tile).
+    static constexpr int kWgmmaM = 64;
+    static constexpr int kWarpMBlocks = 1;
+    static constexpr int kMmaM = kWgmmaM;
+    static constexpr int kMmaN = 8;
+    static constexpr int kMmaK = 16;
+    static constexpr int kWarpRows = 16;
+    static constexpr int kSNBlocks = kBlockN / kMmaN;           // n8 blocks of one key tile
+    static constexpr int kBlockSNBlocks = kBlockKeys / kMmaN;   // ... of a 128-key block
+    static constexpr int kONBlocks = kHeadDim / kMmaN;
+    static constexpr int kDSteps = kHeadDim / kMmaK;             // k-steps of S = Q K^T
+    static constexpr int kKeySteps = kBlockKeys / kMmaK;         // k-steps of O += P V
+    static constexpr int kHalfKeySteps = kBlockN / kMmaK;
+    static_assert(kBlockM == kConsumerWGs * kWgmmaM, "each consumer owns one M=64 slice of the query tile");
+
+    // Shared memory: 128-byte swizzled panels of 64 columns, as the TMA
+    // writes them with CU_TENSOR_MAP_SWIZZLE_128B and a 64-column box.
+    static constexpr int kElemBytes = 2;
+    static constexpr int kChunkElems = 16 / kElemBytes;
+    static constexpr int kPanelCols = kSwizzleBytes / kElemBytes;  // 64
+    static constexpr int kPanels = kHeadDim / kPanelCols;
+    static constexpr int kChunksPerPanelRow = kSwizzleBytes / 16;  // 8
+    static constexpr int kStepsPerPanel = kPanelCols / kMmaK;
+    static constexpr int kQPanelBytes = kBlockM * kSwizzleBytes;
+    static constexpr int kKVPanelBytes = kBlockKeys * kSwizzleBytes;
+    static constexpr int kQBytes = kPanels * kQPanelBytes;
+    static constexpr int kKVBytes = kPanels * kKVPanelBytes;
+    static constexpr int kStages = 2;
+    static constexpr int kSmemQ = 0;
+    static constexpr int kSmemK = kSmemQ + kQBytes;
+    static constexpr int kSmemV = kSmemK + kStages * kKVBytes;
+    static constexpr int kSmemO = kSmemV + kStages * kKVBytes;  // output staging, same map as Q
+    static constexpr int kSmemBars = kSmemO + kQBytes;
+    // Barrier words: Q full/empty, then K full, K empty, V full, V empty per stage.
+    static constexpr int kBarQFull = 0;
+    static constexpr int kBarQEmpty = 1;
+    static constexpr int kBarKFull = 2;
+    static constexpr int kBarKEmpty = kBarKFull + kStages;
+    static constexpr int kBarVFull = kBarKEmpty + kStages;
+    static constexpr int kBarVEmpty = kBarVFull + kStages;
+    static constexpr int kNumBars = kBarVEmpty + kStages;
+    // The gate exchange: two slots of one vote byte per consumer warp.
+    static constexpr int kSmemVotes = kSmemBars + 8 * kNumBars;
+    static constexpr int kVoteSlotBytes = kConsumerWarps;
+    // + one atom of slack: the dynamic window is aligned up to 1024 bytes.
+    static constexpr int kSmemBytes = kSmemVotes + 2 * kVoteSlotBytes + kSwizzleAtomBytes;
+
+    // Named barriers (0 is __syncthreads).
+    static constexpr int kBarGate = 1;  // both consumer warpgroups
+
+    static_assert(kHeadDim % kPanelCols == 0, "head dim must be a whole number of 64-column panels");
+    static_assert(kVoteSlotBytes == 8, "the gate reads one slot as a single 8-byte load");
+    static_assert(kSmemBytes <= 227 * 1024, "shared memory per CTA");
+};
+
+}  // namespace bsfa
