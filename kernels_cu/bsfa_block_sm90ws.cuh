@@ -5,10 +5,16 @@
 // halves only.  A skipped half costs no exponential and no tensor-core work.
 //
 // The tile maximum behind a decision spans all 128 query rows, i.e. both
-// consumer warpgroups: each warp ORs its rows' votes, writes one byte per
-// warp into a two-slot exchange, and a named barrier over the two
-// warpgroups (never the producer) publishes the eight bytes.  Only blocks
-// with a gated half exchange; dense mode and diagonal blocks never wait.
+// consumer warpgroups, so a decision is made in two steps that the mainloop
+// keeps a block apart (bsfa_consumer_sm90ws.cuh): gate_post, right after a
+// block's S, ORs each warp's rows' votes, writes one byte per warp into a
+// slot of a ring and arrives at the slot's mbarrier; gate_resolve, a step
+// later, takes the OR of the eight bytes -- waiting for the slot's mbarrier
+// only in a warp whose own rows did not already keep every gated half.
+// Only blocks with a gated half exchange; dense mode and diagonal blocks
+// never do.  Four slots are enough: a warp posts exchange e+4 only for a
+// block whose K slot every warp has released, i.e. once every warp has
+// resolved the exchanges of the blocks three and more before it.
 //
 // Includes what it needs; TR is a TraitsSm90Ws.
 #pragma once
@@ -47,54 +53,81 @@ __device__ __forceinline__ void qk_block(float (&S)[TR::kBlockSNBlocks][4], unsi
     wgmma_commit();
 }
 
-// Masks the block's invalid scores, takes each half's lane-local row maxima
-// (mx), and decides which halves are kept: bit h of the result.  Halves past
-// the query tile's last valid key tile (c > c_end) are neither kept nor
-// reported.  keep_row (one writer thread) receives the decisions.
+// What gate_post leaves for gate_resolve, one register: bits 0-1 the halves
+// with a valid entry (c <= c_end), bits 2-3 those kept without a vote
+// (diagonal, or dense mode), bits 4-5 this warp's votes for the gated ones.
+struct PostedGate {
+    unsigned bits;
+    __device__ __forceinline__ unsigned valid() const { return bits & 3u; }
+    __device__ __forceinline__ unsigned forced() const { return (bits >> 2) & 3u; }
+    __device__ __forceinline__ unsigned votes() const { return (bits >> 4) & 3u; }
+    __device__ __forceinline__ unsigned gated() const { return valid() & ~forced(); }
+};
+
+// Masks the block's invalid scores and posts this warp's votes for its gated
+// halves.  Halves past the query tile's last valid key tile (c > c_end) are
+// neither kept nor reported.
 template <class TR, bool kCausal>
-__device__ __forceinline__ unsigned gate_block(float (&S)[TR::kBlockSNBlocks][4], float (&mx)[TR::kKeyHalves][2],
-                                               const QueryTile<TR, kCausal>& qt, const GatePlan<TR>& plan, int n,
-                                               int row0, int lane, int consumer_warp, const Params& p,
-                                               const SmemWs<TR>& sm, unsigned& vote_slot,
-                                               unsigned char* keep_row) {
-    unsigned valid = 0, forced = 0;
+__device__ __forceinline__ PostedGate gate_post(float (&S)[TR::kBlockSNBlocks][4], const QueryTile<TR, kCausal>& qt,
+                                                const GatePlan<TR>& plan, int n, int row0, int lane,
+                                                int consumer_warp, const Params& p, const SmemWs<TR>& sm,
+                                                unsigned vote_idx) {
+    unsigned valid = 0, forced = 0, votes = 0;
 #pragma unroll
     for (int h = 0; h < TR::kKeyHalves; ++h) {
         const int c = n * TR::kKeyHalves + h;
         float(&Sh)[1][TR::kSNBlocks][4] = key_half<TR>(S, h);
         if (qt.needs_mask(c)) mask_tile<TR, kCausal>(Sh, c, row0, lane, p.Nq, p.Nk);
-        row_max<TR, false>(Sh, *reinterpret_cast<float(*)[1][2]>(&mx[h]));
         valid |= (c <= qt.c_end ? 1u : 0u) << h;
         forced |= (plan.forced(c) ? 1u : 0u) << h;
     }
     const unsigned gated = valid & ~forced;
-    unsigned kept = valid & forced;
     if (gated != 0) {  // uniform over both consumer warpgroups
-        unsigned votes = 0;
 #pragma unroll
         for (int h = 0; h < TR::kKeyHalves; ++h) {
-            if (((gated >> h) & 1u) && plan.vote(*reinterpret_cast<const float(*)[1][2]>(&mx[h]), p.softmax_scale)) {
-                votes |= 1u << h;
+            if ((gated >> h) & 1u) {
+                float mx[1][2];
+                row_max<TR, false>(key_half<TR>(S, h), mx);  // lane-local: the vote needs no more
+                if (plan.vote(mx, p.softmax_scale)) votes |= 1u << h;
             }
         }
         votes = warp_or(votes);
-        const unsigned slot = sm.votes + vote_slot * TR::kVoteSlotBytes;
-        if (lane == 0) sts8(slot + consumer_warp, votes);
-        named_sync(TR::kBarGate, TR::kConsumerThreads);
-        unsigned lo, hi;
-        lds64(lo, hi, slot);
-        unsigned all = lo | hi;
-        all |= all >> 16;
-        all |= all >> 8;
-        kept |= all & gated;
-        // The slot is rewritten two exchanges on, after the next barrier,
-        // which no thread passes before every thread has read this one.
-        vote_slot ^= 1u;
+        const unsigned slot = vote_idx % TR::kVoteSlots;
+        if (lane == 0) {
+            sts8(sm.votes() + slot * TR::kVoteSlotBytes + consumer_warp, votes);
+            mbar_arrive(sm.bar(TR::kBarVote + slot));  // release: the byte is visible to its waiters
+        }
+    }
+    return PostedGate{valid | (forced << 2) | (votes << 4)};
+}
+
+// The decisions of a posted block (bit h: half h kept), written to keep_row
+// (one writer thread) as well.  vote_idx counts exchanges; the same count
+// posts and resolves, since a block is resolved before the next is posted.
+template <class TR>
+__device__ __forceinline__ unsigned gate_resolve(PostedGate g, int n, const SmemWs<TR>& sm, unsigned& vote_idx,
+                                                 unsigned char* keep_row) {
+    const unsigned gated = g.gated();
+    unsigned kept = g.valid() & g.forced();
+    if (gated != 0) {
+        if (g.votes() == gated) {
+            kept |= gated;  // the decision is an OR: this warp's rows settle it
+        } else {
+            const unsigned slot = vote_idx % TR::kVoteSlots;
+            mbar_wait(sm.bar(TR::kBarVote + slot), (vote_idx / TR::kVoteSlots) & 1u);
+            unsigned lo, hi;
+            lds64(lo, hi, sm.votes() + slot * TR::kVoteSlotBytes);
+            unsigned all = lo | hi;
+            all |= all >> 16;
+            all |= all >> 8;
+            kept |= all & gated;
+        }
+        ++vote_idx;
     }
     if (keep_row != nullptr) {
 #pragma unroll
         for (int h = 0; h < TR::kKeyHalves; ++h) {
-            if ((valid >> h) & 1u) keep_row[n * TR::kKeyHalves + h] = (kept >> h) & 1u;
+            if ((g.valid() >> h) & 1u) keep_row[n * TR::kKeyHalves + h] = (kept >> h) & 1u;
         }
     }
     return kept;
@@ -106,10 +139,20 @@ __device__ __forceinline__ unsigned gate_block(float (&S)[TR::kBlockSNBlocks][4]
 // rescaled and extended.  alpha = exp2(m_old - m_new) per row; returns
 // whether any row of the warp changed its max (O then needs the rescale).
 template <class TR>
-__device__ __forceinline__ bool softmax_block(const float (&S)[TR::kBlockSNBlocks][4],
-                                              float (&mx)[TR::kKeyHalves][2], unsigned kept, float (&m)[2],
+__device__ __forceinline__ bool softmax_block(float (&S)[TR::kBlockSNBlocks][4], unsigned kept, float (&m)[2],
                                               float (&l)[2], unsigned (&P)[TR::kKeySteps][4], float (&alpha)[2],
                                               float scale_log2) {
+    // Row maxima of the kept halves, taken here rather than kept live from
+    // the masking a block earlier.
+    float mx[TR::kKeyHalves][2];
+#pragma unroll
+    for (int h = 0; h < TR::kKeyHalves; ++h) {
+        if ((kept >> h) & 1u) {
+            row_max<TR, false>(key_half<TR>(S, h), *reinterpret_cast<float(*)[1][2]>(&mx[h]));
+        } else {
+            mx[h][0] = mx[h][1] = neg_inf();
+        }
+    }
     quad_max(mx);
     bool changed = false;
 #pragma unroll

@@ -7,6 +7,12 @@
 // only after it retires.  Every smem slot is released by each consumer warp
 // (one arrival per warp) once its reads are over.
 //
+// Ping-pong: the two warpgroups take turns to issue their tensor-core work
+// (named barriers kBarTurn + wg), each handing the turn over as soon as its
+// wgmma are issued, so that one warpgroup's softmax can run while the
+// other's GEMMs occupy the tensor cores.  Both take the same turns (the
+// gate's decisions are uniform over the CTA), warpgroup 0 first.
+//
 // Includes what it needs; TR is a TraitsSm90Ws.
 #pragma once
 
@@ -36,71 +42,95 @@ struct ConsumerThread {
     __device__ __forceinline__ int consumer_warp() const { return wg * 4 + warp; }
 };
 
+// What one consumer warpgroup carries through the key blocks of a work tile
+// besides the accumulators.  Thread coordinates are re-derived from
+// threadIdx where used, so that they do not take registers across the loop.
+template <class TR, bool kCausal>
+struct TileLoop {
+    const Params& p;
+    const SmemWs<TR>& sm;
+    const QueryTile<TR, kCausal>& qt;
+    const GatePlan<TR>& plan;
+    float scale_log2;
+    unsigned char* keep_row;
+
+    __device__ __forceinline__ static int tid() { return (int)threadIdx.x; }
+    __device__ __forceinline__ static int lane() { return tid() & 31; }
+    __device__ __forceinline__ static int wg() { return (tid() >> 7) - 1; }
+    __device__ __forceinline__ static int consumer_warp() { return (tid() >> 5) - 4; }
+    // Row of the tile that this thread's accumulator elements 0..1 hold (2..3: +8).
+    __device__ __forceinline__ static int row() { return (tid() - 128) / 32 * 16 + ((tid() & 31) >> 2); }
+    __device__ __forceinline__ unsigned long long q_desc() const {
+        // This warpgroup's 64 rows of Q: 64 rows x 128 bytes further into each panel.
+        return make_desc(sm.q() + wg() * TR::kWgmmaM * kSwizzleBytes, 16, kSwizzleAtomBytes);
+    }
+};
+
+// Hands the K slot of block n (and, after the tile's last block, the Q
+// tile) back, then masks block n's S and posts its votes.
+template <class TR, bool kCausal>
+__device__ __forceinline__ PostedGate finish_qk(const TileLoop<TR, kCausal>& t, float (&S)[TR::kBlockSNBlocks][4],
+                                                int n, const PipeState<TR::kStages>& kv, unsigned vote_idx) {
+    fence_regs(flat(S));
+    if (t.lane() == 0) {
+        mbar_arrive(t.sm.bar(TR::kBarKEmpty + kv.stage));
+        if (n == 0) mbar_arrive(t.sm.bar(TR::kBarQEmpty));
+    }
+    return gate_post<TR, kCausal>(S, t.qt, t.plan, n, t.qt.q0 + t.row(), t.lane(), t.consumer_warp(), t.p, t.sm,
+                                  vote_idx);
+}
+
 // The key blocks of one work tile with a key to visit: O, m, l come in
 // initialised and leave unnormalised (per-lane partial row sums in l).
 template <class TR, bool kCausal>
-__device__ __forceinline__ void consumer_tile(const Params& p, const SmemWs<TR>& sm, const ConsumerThread& ct,
-                                              const WorkTile& w, const QueryTile<TR, kCausal>& qt,
-                                              PipeState<TR::kStages>& kv, unsigned& q_phase, unsigned& vote_slot,
-                                              unsigned char* keep_row, float (&O)[TR::kONBlocks][4], float (&m)[2],
-                                              float (&l)[2]) {
+__device__ __forceinline__ void consumer_tile(const Params& p, const SmemWs<TR>& sm, const WorkTile& w,
+                                              const QueryTile<TR, kCausal>& qt, PipeState<TR::kStages>& kv,
+                                              unsigned& q_phase, unsigned& vote_idx, unsigned char* keep_row,
+                                              float (&O)[TR::kONBlocks][4], float (&m)[2], float (&l)[2]) {
     const GatePlan<TR> plan(qt, p.thresholds, p.thr_scalar, p.thr_mode, p.thr_T, w.h);
-    const float scale_log2 = p.softmax_scale * kLog2e;
-    const int row0 = qt.q0 + ct.row();
-    const bool arrives = ct.lane == 0;
-    // This warpgroup's 64 rows of Q: 64 rows x 128 bytes further into each panel.
-    const unsigned long long q_desc = make_desc(sm.q + ct.wg * TR::kWgmmaM * kSwizzleBytes, 16, kSwizzleAtomBytes);
-    auto k_desc = [&](int s) { return make_desc(sm.k + s * TR::kKVBytes, 16, kSwizzleAtomBytes); };
-    // V is the MN-major B operand: the leading offset steps between panels.
-    auto v_desc = [&](int s) { return make_desc(sm.v + s * TR::kKVBytes, TR::kKVPanelBytes, kSwizzleAtomBytes); };
+    const TileLoop<TR, kCausal> t{p, sm, qt, plan, p.softmax_scale * kLog2e, keep_row};
+    const int my_turn = TR::kBarTurn + t.wg();
+    const int their_turn = TR::kBarTurn + 1 - t.wg();
+    auto k_desc = [&](int s) { return make_desc(sm.k() + s * TR::kKVBytes, 16, kSwizzleAtomBytes); };
+    auto v_desc = [&](int s) { return make_desc(sm.v() + s * TR::kKVBytes, TR::kKVPanelBytes, kSwizzleAtomBytes); };
 
     mbar_wait(sm.bar(TR::kBarQFull), q_phase);
     q_phase ^= 1u;
 
     float S[TR::kBlockSNBlocks][4];
-    float mx[TR::kKeyHalves][2];
     float alpha[2];
     unsigned P[TR::kKeySteps][4];
     int n = qt.c_end / TR::kKeyHalves;
 
     // The first block: nothing to overlap with yet, and O is still zero.
     mbar_wait(sm.bar(TR::kBarKFull + kv.stage), kv.phase);
-    qk_block<TR>(S, q_desc, k_desc(kv.stage));
+    named_sync(my_turn, TR::kConsumerThreads);
+    qk_block<TR>(S, t.q_desc(), k_desc(kv.stage));
+    named_arrive(their_turn, TR::kConsumerThreads);
     wgmma_wait<0>();
-    fence_regs(flat(S));
-    if (arrives) {
-        mbar_arrive(sm.bar(TR::kBarKEmpty + kv.stage));
-        if (n == 0) mbar_arrive(sm.bar(TR::kBarQEmpty));
-    }
-    unsigned kept = gate_block<TR, kCausal>(S, mx, qt, plan, n, row0, ct.lane, ct.consumer_warp(), p, sm, vote_slot,
-                                            keep_row);
-    if (kept != 0) softmax_block<TR>(S, mx, kept, m, l, P, alpha, scale_log2);
-    int prev_stage = kv.stage;
-    unsigned prev_phase = kv.phase;
+    unsigned kept = gate_resolve<TR>(finish_qk<TR, kCausal>(t, S, n, kv, vote_idx), n, sm, vote_idx, keep_row);
+    if (kept != 0) softmax_block<TR>(S, kept, m, l, P, alpha, t.scale_log2);
     unsigned prev_kept = kept;
     kv.advance();
 
 #pragma unroll 1
     for (--n; n >= 0; --n) {
+        const PipeState<TR::kStages> prev = kv.previous();
         mbar_wait(sm.bar(TR::kBarKFull + kv.stage), kv.phase);
-        qk_block<TR>(S, q_desc, k_desc(kv.stage));
+        if (prev_kept != 0) mbar_wait(sm.bar(TR::kBarVFull + prev.stage), prev.phase);
+        named_sync(my_turn, TR::kConsumerThreads);
+        qk_block<TR>(S, t.q_desc(), k_desc(kv.stage));
         if (prev_kept != 0) {
-            mbar_wait(sm.bar(TR::kBarVFull + prev_stage), prev_phase);
-            pv_block<TR>(O, P, v_desc(prev_stage), prev_kept);
+            pv_block<TR>(O, P, v_desc(prev.stage), prev_kept);
         } else {
             wgmma_commit();  // an empty group: the waits below count the same on both paths
         }
+        named_arrive(their_turn, TR::kConsumerThreads);
         wgmma_wait<1>();  // S is ready; P V may still run
-        fence_regs(flat(S));
-        if (arrives) {
-            mbar_arrive(sm.bar(TR::kBarKEmpty + kv.stage));
-            if (n == 0) mbar_arrive(sm.bar(TR::kBarQEmpty));
-        }
-        kept = gate_block<TR, kCausal>(S, mx, qt, plan, n, row0, ct.lane, ct.consumer_warp(), p, sm, vote_slot,
-                                       keep_row);
+        kept = gate_resolve<TR>(finish_qk<TR, kCausal>(t, S, n, kv, vote_idx), n, sm, vote_idx, keep_row);
         unsigned Pn[TR::kKeySteps][4];
         bool rescale = false;
-        if (kept != 0) rescale = softmax_block<TR>(S, mx, kept, m, l, Pn, alpha, scale_log2);
+        if (kept != 0) rescale = softmax_block<TR>(S, kept, m, l, Pn, alpha, t.scale_log2);
         // Unconditional, so that ptxas sees O retired on every path (a wait
         // under the same condition as the issue makes it serialise all wgmma).
         wgmma_wait<0>();
@@ -108,8 +138,8 @@ __device__ __forceinline__ void consumer_tile(const Params& p, const SmemWs<TR>&
         fence_regs(P);
         // Skipped blocks still wait for their (speculative) V: the slot is
         // only handed back once the copy into it is over.
-        if (prev_kept == 0) mbar_wait(sm.bar(TR::kBarVFull + prev_stage), prev_phase);
-        if (arrives) mbar_arrive(sm.bar(TR::kBarVEmpty + prev_stage));
+        if (prev_kept == 0) mbar_wait(sm.bar(TR::kBarVFull + prev.stage), prev.phase);
+        if (t.lane() == 0) mbar_arrive(sm.bar(TR::kBarVEmpty + prev.stage));
         if (rescale) rescale_rows(O, alpha);
         if (kept != 0) {
 #pragma unroll
@@ -117,18 +147,21 @@ __device__ __forceinline__ void consumer_tile(const Params& p, const SmemWs<TR>&
 #pragma unroll
                 for (int j = 0; j < 4; ++j) P[kk][j] = Pn[kk][j];
         }
-        prev_stage = kv.stage;
-        prev_phase = kv.phase;
         prev_kept = kept;
         kv.advance();
     }
 
-    mbar_wait(sm.bar(TR::kBarVFull + prev_stage), prev_phase);
-    if (prev_kept != 0) pv_block<TR>(O, P, v_desc(prev_stage), prev_kept);
+    const PipeState<TR::kStages> prev = kv.previous();
+    mbar_wait(sm.bar(TR::kBarVFull + prev.stage), prev.phase);
+    if (prev_kept != 0) {
+        named_sync(my_turn, TR::kConsumerThreads);
+        pv_block<TR>(O, P, v_desc(prev.stage), prev_kept);
+        named_arrive(their_turn, TR::kConsumerThreads);
+    }
     wgmma_wait<0>();
     fence_regs(flat(O));
     fence_regs(P);
-    if (arrives) mbar_arrive(sm.bar(TR::kBarVEmpty + prev_stage));
+    if (t.lane() == 0) mbar_arrive(sm.bar(TR::kBarVEmpty + prev.stage));
 }
 
 template <class TR, bool kCausal>
@@ -139,7 +172,8 @@ __device__ __forceinline__ void consumer_loop(const Params& p, const SmemWs<TR>&
     const PersistentSchedule<kCausal> sched(nQ, p.Hq, p.B);
     PipeState<TR::kStages> kv;
     unsigned q_phase = 0;
-    unsigned vote_slot = 0;
+    unsigned vote_idx = 0;
+    if (wg == 1) named_arrive(TR::kBarTurn + 0, TR::kConsumerThreads);  // warpgroup 0 takes the first turn
 #pragma unroll 1
     for (int r = 0; sched.rounds_left(r); ++r) {
         const int j = sched.index(r);
@@ -163,8 +197,14 @@ __device__ __forceinline__ void consumer_loop(const Params& p, const SmemWs<TR>&
             float(&l1)[1][2] = *reinterpret_cast<float(*)[1][2]>(&l);
             init_softmax_state(O1, m1, l1);
         }
-        if (qt.c_end >= 0) consumer_tile<TR, kCausal>(p, sm, ct, w, qt, kv, q_phase, vote_slot, keep_row, O, m, l);
-        epilogue_ws<TR>(p, sm, ct.wg, ct.warp, ct.lane, w, qt.q0, O, m, l);
+        if (qt.c_end >= 0) consumer_tile<TR, kCausal>(p, sm, w, qt, kv, q_phase, vote_idx, keep_row, O, m, l);
+        // The tile's coordinates are decoded afresh from j (an opaque copy the
+        // compiler cannot merge with the first decode), so that they are not
+        // kept live across the key loop.
+        int j_fresh = j;
+        asm volatile("" : "+r"(j_fresh));
+        const WorkTile we = sched.tile(j_fresh);
+        epilogue_ws<TR>(p, sm, ct.wg, ct.warp, ct.lane, we, we.a * TR::kBlockM, O, m, l);
     }
 }
 

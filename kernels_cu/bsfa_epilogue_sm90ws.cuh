@@ -22,6 +22,12 @@ template <class TR>
 __device__ __forceinline__ void epilogue_ws(const Params& p, const SmemWs<TR>& sm, int wg, int warp, int lane,
                                             const WorkTile& w, int q0, const float (&O)[TR::kONBlocks][4],
                                             const float (&m)[2], const float (&l)[2]) {
+    // Opaque copies of the staging address and the lane: the per-thread
+    // offsets derived from them would otherwise be hoisted out of the
+    // persistent loop and kept live (spilled) across every key loop.
+    unsigned so = sm.o();
+    asm volatile("" : "+r"(so));
+    asm volatile("" : "+r"(lane));
     const int t = lane & 3;
     const int Nq = p.Nq;
     float* lse_row = p.lse + ((long long)w.b * p.Hq + w.h) * Nq;
@@ -34,7 +40,7 @@ __device__ __forceinline__ void epilogue_ws(const Params& p, const SmemWs<TR>& s
 #pragma unroll
         for (int nb = 0; nb < TR::kONBlocks; ++nb) {
             const unsigned addr =
-                sm.o + (nb / TR::kChunksPerPanelRow) * TR::kQPanelBytes + swizzled(r, nb % TR::kChunksPerPanelRow) + 4 * t;
+                so + (nb / TR::kChunksPerPanelRow) * TR::kQPanelBytes + swizzled(r, nb % TR::kChunksPerPanelRow) + 4 * t;
             sts32(addr, pack2<TR::kBf16>(O[nb][2 * hf] * inv, O[nb][2 * hf + 1] * inv));
         }
         if (t == 0 && q0 + r < Nq) lse_row[q0 + r] = row_lse(lt, m[hf], p.softmax_scale);
@@ -49,7 +55,7 @@ __device__ __forceinline__ void epilogue_ws(const Params& p, const SmemWs<TR>& s
         const int cc = idx % kCpr;
         if (q0 + r < Nq) {
             unsigned vals[4];
-            lds128(vals, sm.o + (cc / TR::kChunksPerPanelRow) * TR::kQPanelBytes + swizzled(r, cc % TR::kChunksPerPanelRow));
+            lds128(vals, so + (cc / TR::kChunksPerPanelRow) * TR::kQPanelBytes + swizzled(r, cc % TR::kChunksPerPanelRow));
             stg128(og + (long long)(q0 + r) * p.o_sn + cc * TR::kChunkElems, vals);
         }
     }

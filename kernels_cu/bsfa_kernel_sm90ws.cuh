@@ -34,6 +34,8 @@ __device__ __forceinline__ void fwd_kernel_sm90ws(const Params& p, const TmaDesc
             mbar_init(sm.bar(TR::kBarVFull + s), 1);
             mbar_init(sm.bar(TR::kBarVEmpty + s), TR::kConsumerWarps);
         }
+#pragma unroll
+        for (int v = 0; v < TR::kVoteSlots; ++v) mbar_init(sm.bar(TR::kBarVote + v), TR::kConsumerWarps);
         mbar_init_fence();
     }
     cta_sync();

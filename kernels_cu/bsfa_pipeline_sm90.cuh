@@ -87,6 +87,14 @@ struct PipeState {
             phase ^= 1u;
         }
     }
+
+    // The state one step back (recomputed rather than kept live).
+    __device__ __forceinline__ PipeState previous() const {
+        PipeState s;
+        s.stage = stage == 0 ? kStages - 1 : stage - 1;
+        s.phase = stage == 0 ? phase ^ 1u : phase;
+        return s;
+    }
 };
 
 // ------------------------------------------------------ warpgroup barriers
@@ -96,6 +104,12 @@ struct PipeState {
 // producer.
 __device__ __forceinline__ void named_sync(int id, int threads) {
     asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+// Arrival at barrier `id` without waiting: the other side of a named_sync.
+// Memory accesses before it are visible to the threads that wait there.
+__device__ __forceinline__ void named_arrive(int id, int threads) {
+    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
 // Register hand-over between warpgroups: the producer gives registers back,

@@ -37,7 +37,7 @@ __device__ __forceinline__ void producer_loop(const Params& p, const TmaDesc& tq
         mbar_arrive_expect_tx(sm.bar(TR::kBarQFull), TR::kQBytes);
 #pragma unroll
         for (int pn = 0; pn < TR::kPanels; ++pn) {
-            tma_load_4d(sm.q + pn * TR::kQPanelBytes, tq, sm.bar(TR::kBarQFull), pn * TR::kPanelCols, qt.q0, w.h,
+            tma_load_4d(sm.q() + pn * TR::kQPanelBytes, tq, sm.bar(TR::kBarQFull), pn * TR::kPanelCols, qt.q0, w.h,
                         w.b);
         }
         q_phase ^= 1u;
@@ -50,14 +50,14 @@ __device__ __forceinline__ void producer_loop(const Params& p, const TmaDesc& tq
             mbar_arrive_expect_tx(sm.bar(TR::kBarKFull + s), TR::kKVBytes);
 #pragma unroll
             for (int pn = 0; pn < TR::kPanels; ++pn) {
-                tma_load_4d(sm.k + s * TR::kKVBytes + pn * TR::kKVPanelBytes, tk, sm.bar(TR::kBarKFull + s),
+                tma_load_4d(sm.k() + s * TR::kKVBytes + pn * TR::kKVPanelBytes, tk, sm.bar(TR::kBarKFull + s),
                             pn * TR::kPanelCols, key0, hkv, w.b);
             }
             mbar_wait(sm.bar(TR::kBarVEmpty + s), kv.phase ^ 1u);
             mbar_arrive_expect_tx(sm.bar(TR::kBarVFull + s), TR::kKVBytes);
 #pragma unroll
             for (int pn = 0; pn < TR::kPanels; ++pn) {
-                tma_load_4d(sm.v + s * TR::kKVBytes + pn * TR::kKVPanelBytes, tv, sm.bar(TR::kBarVFull + s),
+                tma_load_4d(sm.v() + s * TR::kKVBytes + pn * TR::kKVPanelBytes, tv, sm.bar(TR::kBarVFull + s),
                             pn * TR::kPanelCols, key0, hkv, w.b);
             }
             kv.advance();

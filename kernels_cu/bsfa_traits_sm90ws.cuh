@@ -67,22 +67,28 @@ struct TraitsSm90Ws : TileShape {
     static constexpr int kSmemV = kSmemK + kStages * kKVBytes;
     static constexpr int kSmemO = kSmemV + kStages * kKVBytes;  // output staging, same map as Q
     static constexpr int kSmemBars = kSmemO + kQBytes;
-    // Barrier words: Q full/empty, then K full, K empty, V full, V empty per stage.
+    // The gate exchange: a ring of slots of one vote byte per consumer warp,
+    // each slot with an mbarrier counting the warps' postings
+    // (bsfa_block_sm90ws.cuh says why 4 slots suffice).
+    static constexpr int kVoteSlots = 4;
+    // Barrier words: Q full/empty, then K full, K empty, V full, V empty per
+    // stage, then one per vote slot.
     static constexpr int kBarQFull = 0;
     static constexpr int kBarQEmpty = 1;
     static constexpr int kBarKFull = 2;
     static constexpr int kBarKEmpty = kBarKFull + kStages;
     static constexpr int kBarVFull = kBarKEmpty + kStages;
     static constexpr int kBarVEmpty = kBarVFull + kStages;
-    static constexpr int kNumBars = kBarVEmpty + kStages;
-    // The gate exchange: two slots of one vote byte per consumer warp.
+    static constexpr int kBarVote = kBarVEmpty + kStages;
+    static constexpr int kNumBars = kBarVote + kVoteSlots;
     static constexpr int kSmemVotes = kSmemBars + 8 * kNumBars;
     static constexpr int kVoteSlotBytes = kConsumerWarps;
     // + one atom of slack: the dynamic window is aligned up to 1024 bytes.
-    static constexpr int kSmemBytes = kSmemVotes + 2 * kVoteSlotBytes + kSwizzleAtomBytes;
+    static constexpr int kSmemBytes = kSmemVotes + kVoteSlots * kVoteSlotBytes + kSwizzleAtomBytes;
 
-    // Named barriers (0 is __syncthreads).
-    static constexpr int kBarGate = 1;  // both consumer warpgroups
+    // Named barriers (0 is __syncthreads): the two turns of the ping-pong
+    // between the consumer warpgroups.
+    static constexpr int kBarTurn = 1;
 
     static_assert(kHeadDim % kPanelCols == 0, "head dim must be a whole number of 64-column panels");
     static_assert(kVoteSlotBytes == 8, "the gate reads one slot as a single 8-byte load");
