@@ -38,15 +38,16 @@ class Kernel:
     smem: int
     grid_kind: int
     sms: int  # multiprocessors of the device (the persistent grid's width)
-    tma: int = 0  # > 0: takes three tensor maps (q, k, v) after the Params, boxes of this many rows
+    tma: int = 0  # > 0: takes tensor maps (q, k[, v]) after the Params, boxes of this many rows
+    n_maps: int = 0
 
     def grid(self, B: int, Hq: int, nQ: int) -> tuple[int, int, int]:
         return _launch.grid(self.grid_kind, B, Hq, nQ, self.sms)
 
     def launch(self, B: int, Hq: int, nQ: int, params, maps: tuple = ()) -> None:
         """On CuPy's current stream (the caller's, see ``_arrays.on``)."""
-        if len(maps) != (3 if self.tma else 0):
-            raise TypeError(f"kernel expects {3 if self.tma else 0} tensor maps, got {len(maps)}")
+        if len(maps) != self.n_maps:
+            raise TypeError(f"kernel expects {self.n_maps} tensor maps, got {len(maps)}")
         self.fn(self.grid(B, Hq, nQ), (self.threads, 1, 1), (params, *maps), shared_mem=self.smem)
 
 
@@ -79,10 +80,9 @@ def get_module(key: VariantKey, backend: Backend, device_id: int) -> Module:
             )
         grid_kind = _read_int(raw, "BSFA_GRID")
         sms = sm_count(device_id)
-        # Optional globals: a module whose bsfa_block_max decodes another grid than its bsfa_fwd,
-        # and a bsfa_fwd that takes tensor maps.
-        fwd = _kernel(raw, "bsfa_fwd", "BSFA_FWD", grid_kind, sms, tma=_read_int(raw, "BSFA_FWD_TMA", 0))
-        bmax = _kernel(raw, "bsfa_block_max", "BSFA_BLOCK_MAX", _read_int(raw, "BSFA_BLOCK_MAX_GRID", grid_kind), sms)
+        # Optional globals: kernels that take tensor maps (q, k, v for bsfa_fwd; q, k for bsfa_block_max).
+        fwd = _kernel(raw, "bsfa_fwd", "BSFA_FWD", grid_kind, sms, _read_int(raw, "BSFA_FWD_TMA", 0), 3)
+        bmax = _kernel(raw, "bsfa_block_max", "BSFA_BLOCK_MAX", grid_kind, sms, _read_int(raw, "BSFA_BLOCK_MAX_TMA", 0), 2)
     return Module(key, backend.defines, fwd, bmax, raw)
 
 
@@ -100,10 +100,11 @@ def _read_int(raw, symbol: str, default: int | None = None) -> int:
     return int(host[0])
 
 
-def _kernel(raw, fn_name: str, prefix: str, grid_kind: int, sms: int, tma: int = 0) -> Kernel:
+def _kernel(raw, fn_name: str, prefix: str, grid_kind: int, sms: int, tma: int, n_maps: int) -> Kernel:
     cp = cupy()
     fn = raw.get_function(fn_name)
-    k = Kernel(fn, _read_int(raw, prefix + "_THREADS"), _read_int(raw, prefix + "_SMEM_BYTES"), grid_kind, sms, tma)
+    threads, smem = _read_int(raw, prefix + "_THREADS"), _read_int(raw, prefix + "_SMEM_BYTES")
+    k = Kernel(fn, threads, smem, grid_kind, sms, tma, n_maps if tma else 0)
     if k.smem > 48 * 1024:  # above the default window a kernel must opt in
         driver = cp.cuda.driver
         attr = getattr(driver, "CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES", 8)

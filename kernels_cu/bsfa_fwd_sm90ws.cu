@@ -3,16 +3,16 @@
 // warpgroups of 64 query rows, 128-key blocks whose two 64-key halves keep
 // their own BSFA decision, a persistent grid.  Same contract, arguments and
 // results as the other bsfa_fwd kernels; the gate, masking and tile
-// bookkeeping are the shared headers'.  bsfa_block_max is the one-warpgroup
-// sm_90a kernel's (bsfa_kernel_sm90.cuh): the same wgmma S path.
+// bookkeeping are the shared headers'.  bsfa_block_max runs the same S path
+// on the same machinery (bsfa_block_max_sm90ws.cuh).
 //
 // Specialisation macros: BSFA_DTYPE (0 float16, 1 bfloat16), BSFA_HEAD_DIM
 // (64 or 128), BSFA_CAUSAL (0/1, bottom-right aligned).
 //
 // Launch: bsfa_fwd takes the Params and three tensor maps (q, k, v: 4-D
-// (D, N, H, B), 64 x 128 boxes, 128-byte swizzle; bsfa_cupy/_tma.py), grid
-// (min(SMs, tiles), 1, 1) (BSFA_GRID 2); bsfa_block_max as in
-// bsfa_fwd_sm90.cu (BSFA_BLOCK_MAX_GRID 1).
+// (D, N, H, B), 64 x 128 boxes, 128-byte swizzle; bsfa_cupy/_tma.py),
+// bsfa_block_max the Params and two (q, k); both on the grid
+// (min(SMs, tiles), 1, 1) (BSFA_GRID 2).
 
 #if !defined(BSFA_DTYPE) || (BSFA_DTYPE != 0 && BSFA_DTYPE != 1)
 #error "BSFA_DTYPE must be 0 (float16) or 1 (bfloat16)"
@@ -24,16 +24,13 @@
 #error "BSFA_CAUSAL must be 0 or 1"
 #endif
 
-#include "bsfa_kernel_sm90.cuh"
 #include "bsfa_kernel_sm90ws.cuh"
 #include "bsfa_params.cuh"
 #include "bsfa_pipeline_sm90.cuh"
 #include "bsfa_scheduler.cuh"
-#include "bsfa_traits_sm90.cuh"
 #include "bsfa_traits_sm90ws.cuh"
 
 using TR = bsfa::TraitsSm90Ws<BSFA_HEAD_DIM, BSFA_DTYPE == 1>;
-using TRMax = bsfa::TraitsSm90<BSFA_HEAD_DIM, BSFA_DTYPE == 1>;
 static_assert(TR::kBlockM == TR::kBlockKeys, "one box height serves the Q tile and the key blocks");
 constexpr bool kCausal = BSFA_CAUSAL != 0;
 
@@ -42,12 +39,12 @@ extern "C" __constant__ int BSFA_FWD_THREADS = TR::kNThreads;
 extern "C" __constant__ int BSFA_FWD_SMEM_BYTES = TR::kSmemBytes;
 // Rows of the tensor maps' boxes (Q tile and key block alike); non-zero: bsfa_fwd takes them.
 extern "C" __constant__ int BSFA_FWD_TMA = TR::kBlockM;
-extern "C" __constant__ int BSFA_BLOCK_MAX_THREADS = TRMax::kNThreads;
-extern "C" __constant__ int BSFA_BLOCK_MAX_SMEM_BYTES = TRMax::kBlockMaxSmemBytes;
+extern "C" __constant__ int BSFA_BLOCK_MAX_THREADS = TR::kNThreads;
+extern "C" __constant__ int BSFA_BLOCK_MAX_SMEM_BYTES = TR::kSmemBytes;
+extern "C" __constant__ int BSFA_BLOCK_MAX_TMA = TR::kBlockM;
 extern "C" __constant__ int BSFA_BLOCK_M = bsfa::TileShape::kBlockM;
 extern "C" __constant__ int BSFA_BLOCK_N = bsfa::TileShape::kBlockN;
 extern "C" __constant__ int BSFA_GRID = bsfa::kGridPersistent;
-extern "C" __constant__ int BSFA_BLOCK_MAX_GRID = bsfa::kGridChunked;
 
 extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
     bsfa_fwd(const __grid_constant__ bsfa::Params p, const __grid_constant__ bsfa::TmaDesc tq,
@@ -55,7 +52,8 @@ extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
     bsfa::fwd_kernel_sm90ws<TR, kCausal>(p, tq, tk, tv);
 }
 
-extern "C" __global__ void __launch_bounds__(TRMax::kNThreads, 2)
-    bsfa_block_max(const __grid_constant__ bsfa::Params p) {
-    bsfa::block_max_kernel_sm90<TRMax, kCausal>(p);
+extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
+    bsfa_block_max(const __grid_constant__ bsfa::Params p, const __grid_constant__ bsfa::TmaDesc tq,
+                   const __grid_constant__ bsfa::TmaDesc tk) {
+    bsfa::block_max_kernel_sm90ws<TR, kCausal>(p, tq, tk);
 }

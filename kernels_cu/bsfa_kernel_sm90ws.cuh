@@ -1,13 +1,15 @@
-// The body of the warp-specialised sm_90a bsfa_fwd (bsfa_fwd_sm90ws.cu
-// exports it): barrier set-up, then one role per warpgroup.  Warpgroup 0
-// hands most of its registers to the consumers and one of its threads runs
-// the TMA producer (bsfa_producer_sm90ws.cuh); warpgroups 1 and 2 are the
-// consumers (bsfa_consumer_sm90ws.cuh), 64 query rows each.  Persistent:
+// The bodies of the warp-specialised sm_90a bsfa_fwd and bsfa_block_max
+// (bsfa_fwd_sm90ws.cu exports them): barrier set-up, then one role per
+// warpgroup.  Warpgroup 0 hands most of its registers to the consumers and
+// one of its threads runs the TMA producer (bsfa_producer_sm90ws.cuh);
+// warpgroups 1 and 2 are the consumers (bsfa_consumer_sm90ws.cuh, or
+// bsfa_block_max_sm90ws.cuh), 64 query rows each.  Persistent:
 // the grid has at most one CTA per SM (bsfa_tile_scheduler_sm90.cuh).
 //
 // Includes what it needs; TR is a TraitsSm90Ws.
 #pragma once
 
+#include "bsfa_block_max_sm90ws.cuh"
 #include "bsfa_consumer_sm90ws.cuh"
 #include "bsfa_copy_sm90.cuh"
 #include "bsfa_params.cuh"
@@ -18,26 +20,30 @@
 
 namespace bsfa {
 
+// Full barriers: the producer's arrival plus the TMA bytes; empty barriers
+// and the exchange ring: one arrival per consumer warp.  One thread, before
+// the CTA barrier that publishes them.
+template <class TR>
+__device__ __forceinline__ void init_barriers_ws(const SmemWs<TR>& sm) {
+    mbar_init(sm.bar(TR::kBarQFull), 1);
+    mbar_init(sm.bar(TR::kBarQEmpty), TR::kConsumerWarps);
+#pragma unroll
+    for (int s = 0; s < TR::kStages; ++s) {
+        mbar_init(sm.bar(TR::kBarKFull + s), 1);
+        mbar_init(sm.bar(TR::kBarKEmpty + s), TR::kConsumerWarps);
+        mbar_init(sm.bar(TR::kBarVFull + s), 1);
+        mbar_init(sm.bar(TR::kBarVEmpty + s), TR::kConsumerWarps);
+    }
+#pragma unroll
+    for (int v = 0; v < TR::kVoteSlots; ++v) mbar_init(sm.bar(TR::kBarVote + v), TR::kConsumerWarps);
+    mbar_init_fence();
+}
+
 template <class TR, bool kCausal>
 __device__ __forceinline__ void fwd_kernel_sm90ws(const Params& p, const TmaDesc& tq, const TmaDesc& tk,
                                                   const TmaDesc& tv) {
     const SmemWs<TR> sm(aligned_smem_base());
-    if (threadIdx.x == 0) {
-        // Full barriers: the producer's arrival plus the TMA bytes; empty
-        // barriers: one arrival per consumer warp.
-        mbar_init(sm.bar(TR::kBarQFull), 1);
-        mbar_init(sm.bar(TR::kBarQEmpty), TR::kConsumerWarps);
-#pragma unroll
-        for (int s = 0; s < TR::kStages; ++s) {
-            mbar_init(sm.bar(TR::kBarKFull + s), 1);
-            mbar_init(sm.bar(TR::kBarKEmpty + s), TR::kConsumerWarps);
-            mbar_init(sm.bar(TR::kBarVFull + s), 1);
-            mbar_init(sm.bar(TR::kBarVEmpty + s), TR::kConsumerWarps);
-        }
-#pragma unroll
-        for (int v = 0; v < TR::kVoteSlots; ++v) mbar_init(sm.bar(TR::kBarVote + v), TR::kConsumerWarps);
-        mbar_init_fence();
-    }
+    if (threadIdx.x == 0) init_barriers_ws<TR>(sm);
     cta_sync();
     const int wg = threadIdx.x / 128;
     if (wg == 0) {
@@ -51,6 +57,27 @@ __device__ __forceinline__ void fwd_kernel_sm90ws(const Params& p, const TmaDesc
     } else {
         setmaxnreg_inc<TR::kConsumerRegs>();
         consumer_loop<TR, kCausal>(p, sm, wg - 1, threadIdx.x - 128 * wg);
+    }
+}
+
+// The whole bsfa_block_max: barrier set-up, then the producer (Q and K)
+// and the two consumer warpgroups, as in the forward.
+template <class TR, bool kCausal>
+__device__ __forceinline__ void block_max_kernel_sm90ws(const Params& p, const TmaDesc& tq, const TmaDesc& tk) {
+    const SmemWs<TR> sm(aligned_smem_base());
+    if (threadIdx.x == 0) init_barriers_ws<TR>(sm);
+    cta_sync();
+    const int wg = threadIdx.x / 128;
+    if (wg == 0) {
+        setmaxnreg_dec<TR::kProducerRegs>();
+        if (threadIdx.x == 0) {
+            tma_prefetch_desc(tq);
+            tma_prefetch_desc(tk);
+            producer_loop<TR, kCausal, false>(p, tq, tk, tk, sm);
+        }
+    } else {
+        setmaxnreg_inc<TR::kConsumerRegs>();
+        block_max_consumer<TR, kCausal>(p, sm, wg - 1, threadIdx.x - 128 * wg);
     }
 }
 

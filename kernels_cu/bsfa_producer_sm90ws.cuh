@@ -5,6 +5,7 @@
 // two-stage rings.  It waits only for free slots: a slot is refilled once
 // all consumer warps have released it.  V is loaded for every visited block,
 // skipped or not (speculative): the producer never waits for a gate decision.
+// kLoadV = false serves bsfa_block_max (Q and K only).
 //
 // Includes what it needs; TR is a TraitsSm90Ws.
 #pragma once
@@ -17,7 +18,7 @@
 
 namespace bsfa {
 
-template <class TR, bool kCausal>
+template <class TR, bool kCausal, bool kLoadV = true>
 __device__ __forceinline__ void producer_loop(const Params& p, const TmaDesc& tq, const TmaDesc& tk,
                                               const TmaDesc& tv, const SmemWs<TR>& sm) {
     const PersistentSchedule<kCausal> sched(ceil_div(p.Nq, TR::kBlockM), p.Hq, p.B);
@@ -53,12 +54,14 @@ __device__ __forceinline__ void producer_loop(const Params& p, const TmaDesc& tq
                 tma_load_4d(sm.k() + s * TR::kKVBytes + pn * TR::kKVPanelBytes, tk, sm.bar(TR::kBarKFull + s),
                             pn * TR::kPanelCols, key0, hkv, w.b);
             }
-            mbar_wait(sm.bar(TR::kBarVEmpty + s), kv.phase ^ 1u);
-            mbar_arrive_expect_tx(sm.bar(TR::kBarVFull + s), TR::kKVBytes);
+            if constexpr (kLoadV) {
+                mbar_wait(sm.bar(TR::kBarVEmpty + s), kv.phase ^ 1u);
+                mbar_arrive_expect_tx(sm.bar(TR::kBarVFull + s), TR::kKVBytes);
 #pragma unroll
-            for (int pn = 0; pn < TR::kPanels; ++pn) {
-                tma_load_4d(sm.v() + s * TR::kKVBytes + pn * TR::kKVPanelBytes, tv, sm.bar(TR::kBarVFull + s),
-                            pn * TR::kPanelCols, key0, hkv, w.b);
+                for (int pn = 0; pn < TR::kPanels; ++pn) {
+                    tma_load_4d(sm.v() + s * TR::kKVBytes + pn * TR::kKVPanelBytes, tv, sm.bar(TR::kBarVFull + s),
+                                pn * TR::kPanelCols, key0, hkv, w.b);
+                }
             }
             kv.advance();
         }

@@ -83,8 +83,12 @@ struct TraitsSm90Ws : TileShape {
     static constexpr int kNumBars = kBarVote + kVoteSlots;
     static constexpr int kSmemVotes = kSmemBars + 8 * kNumBars;
     static constexpr int kVoteSlotBytes = kConsumerWarps;
+    // bsfa_block_max's exchange: per slot, each consumer warp's maximum of
+    // each key half (float), behind the same ring of mbarriers.
+    static constexpr int kSmemMaxes = kSmemVotes + kVoteSlots * kVoteSlotBytes;
+    static constexpr int kMaxSlotBytes = kConsumerWarps * 2 * 4;
     // + one atom of slack: the dynamic window is aligned up to 1024 bytes.
-    static constexpr int kSmemBytes = kSmemVotes + kVoteSlots * kVoteSlotBytes + kSwizzleAtomBytes;
+    static constexpr int kSmemBytes = kSmemMaxes + kVoteSlots * kMaxSlotBytes + kSwizzleAtomBytes;
 
     // Named barriers (0 is __syncthreads): the two turns of the ping-pong
     // between the consumer warpgroups.

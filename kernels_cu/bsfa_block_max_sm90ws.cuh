@@ -1,0 +1,96 @@
+// bsfa_block_max on the warp-specialised sm_90a machinery: the producer
+// loads Q and K only, and each consumer warpgroup runs the S path of
+// bsfa_fwd (the same wgmma m64n128 S, masks and lane-local row maxima, so
+// the maxima are bit-identical to what the forward's gate compares).  Each
+// warp posts its maximum of each 64-key half to a slot of the ring and
+// arrives at the slot's mbarrier; one thread waits there and writes the two
+// tile maxima.  No warp waits for another otherwise.  The kernel around it
+// is in bsfa_kernel_sm90ws.cuh.
+//
+// Includes what it needs; TR is a TraitsSm90Ws.
+#pragma once
+
+#include "bsfa_block_sm90ws.cuh"
+#include "bsfa_mask.cuh"
+#include "bsfa_params.cuh"
+#include "bsfa_pipeline_sm90.cuh"
+#include "bsfa_ptx.cuh"
+#include "bsfa_smem_sm90ws.cuh"
+#include "bsfa_softmax.cuh"
+#include "bsfa_tile_scheduler_sm90.cuh"
+#include "bsfa_wgmma_sm90.cuh"
+
+namespace bsfa {
+
+template <class TR, bool kCausal>
+__device__ __forceinline__ void block_max_consumer(const Params& p, const SmemWs<TR>& sm, int wg, int tid) {
+    const int lane = tid & 31;
+    const int consumer_warp = wg * 4 + (tid >> 5);
+    const bool writer = wg == 0 && tid == 0;
+    const int nQ = ceil_div(p.Nq, TR::kBlockM);
+    const int nK = ceil_div(p.Nk, TR::kBlockN);
+    const PersistentSchedule<kCausal> sched(nQ, p.Hq, p.B);
+    const unsigned long long q_desc = make_desc(sm.q() + wg * TR::kWgmmaM * kSwizzleBytes, 16, kSwizzleAtomBytes);
+    PipeState<TR::kStages> kv;
+    unsigned q_phase = 0;
+    unsigned post_idx = 0;
+#pragma unroll 1
+    for (int r = 0; sched.rounds_left(r); ++r) {
+        const int j = sched.index(r);
+        if (j < 0) continue;
+        const WorkTile w = sched.tile(j);
+        const QueryTile<TR, kCausal> qt(w.a, p.Nq, p.Nk);
+        float* tm_row = p.tile_max + (((long long)w.b * p.Hq + w.h) * nQ + w.a) * nK;
+        if (wg == 0) {
+            for (int c = qt.c_end + 1 + tid; c < nK; c += 128) tm_row[c] = neg_inf();
+        }
+        if (qt.c_end < 0) continue;
+        const int row0 = qt.q0 + wg * TR::kWgmmaM + (tid >> 5) * TR::kWarpRows + (lane >> 2);
+        mbar_wait(sm.bar(TR::kBarQFull), q_phase);
+        q_phase ^= 1u;
+#pragma unroll 1
+        for (int n = qt.c_end / TR::kKeyHalves; n >= 0; --n) {
+            float S[TR::kBlockSNBlocks][4];
+            mbar_wait(sm.bar(TR::kBarKFull + kv.stage), kv.phase);
+            qk_block<TR>(S, q_desc, make_desc(sm.k() + kv.stage * TR::kKVBytes, 16, kSwizzleAtomBytes));
+            wgmma_wait<0>();
+            fence_regs(flat(S));
+            if (lane == 0) {
+                mbar_arrive(sm.bar(TR::kBarKEmpty + kv.stage));
+                if (n == 0) mbar_arrive(sm.bar(TR::kBarQEmpty));
+            }
+            kv.advance();
+            const unsigned slot = post_idx % TR::kVoteSlots;
+            const unsigned maxes = sm.maxes() + slot * TR::kMaxSlotBytes;
+#pragma unroll
+            for (int h = 0; h < TR::kKeyHalves; ++h) {
+                const int c = n * TR::kKeyHalves + h;
+                float(&Sh)[1][TR::kSNBlocks][4] = key_half<TR>(S, h);
+                if (qt.needs_mask(c)) mask_tile<TR, kCausal>(Sh, c, row0, lane, p.Nq, p.Nk);
+                float mx[1][2];
+                row_max<TR, false>(Sh, mx);
+                float v = fmax2(mx[0][0], mx[0][1]);
+#pragma unroll
+                for (int off = 1; off < 32; off <<= 1) v = fmax2(v, shfl_xor(v, off));
+                if (lane == 0) sts_f32(maxes + (consumer_warp * TR::kKeyHalves + h) * 4, v);
+            }
+            if (lane == 0) mbar_arrive(sm.bar(TR::kBarVote + slot));
+            if (writer) {
+                mbar_wait(sm.bar(TR::kBarVote + slot), (post_idx / TR::kVoteSlots) & 1u);
+#pragma unroll
+                for (int h = 0; h < TR::kKeyHalves; ++h) {
+                    const int c = n * TR::kKeyHalves + h;
+                    float v = lds_f32(maxes + h * 4);
+#pragma unroll
+                    for (int cw = 1; cw < TR::kConsumerWarps; ++cw) {
+                        v = fmax2(v, lds_f32(maxes + (cw * TR::kKeyHalves + h) * 4));
+                    }
+                    if (c <= qt.c_end) tm_row[c] = v * p.softmax_scale;
+                }
+            }
+            ++post_idx;
+        }
+    }
+}
+
+}  // namespace bsfa
