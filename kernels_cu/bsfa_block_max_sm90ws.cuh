@@ -1,10 +1,11 @@
 // bsfa_block_max on the warp-specialised sm_90a machinery: the producer
 // loads Q and K only, and each consumer warpgroup runs the S path of
 // bsfa_fwd (the same wgmma m64n128 S, masks and lane-local row maxima, so
-// the maxima are bit-identical to what the forward's gate compares).  Each
+// the maxima are bit-identical to what the forward's gate compares), one
+// block ahead: block n-1's S is issued before block n's is masked.  Each
 // warp posts its maximum of each 64-key half to a slot of the ring and
-// arrives at the slot's mbarrier; one thread waits there and writes the two
-// tile maxima.  No warp waits for another otherwise.  The kernel around it
+// arrives at the slot's mbarrier; one thread waits there, a block later,
+// and writes the two tile maxima.  No warp waits for another otherwise.  The kernel around it
 // is in bsfa_kernel_sm90ws.cuh.
 //
 // Includes what it needs; TR is a TraitsSm90Ws.
@@ -21,6 +22,77 @@
 #include "bsfa_wgmma_sm90.cuh"
 
 namespace bsfa {
+
+// Masks block n's S (issued earlier), hands its K slot back and posts this
+// warp's maximum of each half to the ring.
+template <class TR, bool kCausal>
+__device__ __forceinline__ void post_block_maxima(const Params& p, const SmemWs<TR>& sm,
+                                                  const QueryTile<TR, kCausal>& qt, float (&S)[TR::kBlockSNBlocks][4],
+                                                  int n, int row0, int lane, int consumer_warp,
+                                                  const PipeState<TR::kStages>& kv, unsigned post_idx) {
+    fence_regs(flat(S));
+    if (lane == 0) {
+        mbar_arrive(sm.bar(TR::kBarKEmpty + kv.stage));
+        if (n == 0) mbar_arrive(sm.bar(TR::kBarQEmpty));
+    }
+    const unsigned slot = post_idx % TR::kVoteSlots;
+    const unsigned maxes = sm.maxes() + slot * TR::kMaxSlotBytes;
+#pragma unroll
+    for (int h = 0; h < TR::kKeyHalves; ++h) {
+        const int c = n * TR::kKeyHalves + h;
+        float(&Sh)[1][TR::kSNBlocks][4] = key_half<TR>(S, h);
+        if (qt.needs_mask(c)) mask_tile<TR, kCausal>(Sh, c, row0, lane, p.Nq, p.Nk);
+        float mx[1][2];
+        row_max<TR, false>(Sh, mx);
+        float v = fmax2(mx[0][0], mx[0][1]);
+#pragma unroll
+        for (int off = 1; off < 32; off <<= 1) v = fmax2(v, shfl_xor(v, off));
+        if (lane == 0) sts_f32(maxes + (consumer_warp * TR::kKeyHalves + h) * 4, v);
+    }
+    if (lane == 0) mbar_arrive(sm.bar(TR::kBarVote + slot));
+}
+
+// The writer thread: the tile maxima of block n from its slot, once every
+// warp has posted there.
+template <class TR, bool kCausal>
+__device__ __forceinline__ void write_block_maxima(const Params& p, const SmemWs<TR>& sm,
+                                                   const QueryTile<TR, kCausal>& qt, float* tm_row, int n,
+                                                   unsigned post_idx) {
+    const unsigned slot = post_idx % TR::kVoteSlots;
+    const unsigned maxes = sm.maxes() + slot * TR::kMaxSlotBytes;
+    mbar_wait(sm.bar(TR::kBarVote + slot), (post_idx / TR::kVoteSlots) & 1u);
+#pragma unroll
+    for (int h = 0; h < TR::kKeyHalves; ++h) {
+        const int c = n * TR::kKeyHalves + h;
+        float v = lds_f32(maxes + h * 4);
+#pragma unroll
+        for (int cw = 1; cw < TR::kConsumerWarps; ++cw) v = fmax2(v, lds_f32(maxes + (cw * TR::kKeyHalves + h) * 4));
+        if (c <= qt.c_end) tm_row[c] = v * p.softmax_scale;
+    }
+}
+
+// One step for block n, whose S is in flight in Sc: issue block n-1's S
+// into Sn (kHasNext: n > 0, a compile-time branch, as in the forward), then
+// retire, mask and post block n, and let the writer thread write block
+// n+1's maxima -- a block late, so that it never waits for the other warps.
+template <class TR, bool kCausal, bool kHasNext>
+__device__ __forceinline__ void block_max_step(const Params& p, const SmemWs<TR>& sm,
+                                               const QueryTile<TR, kCausal>& qt, float* tm_row,
+                                               unsigned long long q_desc, float (&Sc)[TR::kBlockSNBlocks][4],
+                                               float (&Sn)[TR::kBlockSNBlocks][4], int n, int row0, int lane,
+                                               int consumer_warp, bool writer, PipeState<TR::kStages>& kv,
+                                               unsigned& post_idx) {
+    const PipeState<TR::kStages> cur = kv;
+    if constexpr (kHasNext) {
+        kv.advance();
+        mbar_wait(sm.bar(TR::kBarKFull + kv.stage), kv.phase);
+        qk_block<TR>(Sn, q_desc, make_desc(sm.k() + kv.stage * TR::kKVBytes, 16, kSwizzleAtomBytes));
+    }
+    wgmma_wait<kHasNext ? 1 : 0>();
+    post_block_maxima<TR, kCausal>(p, sm, qt, Sc, n, row0, lane, consumer_warp, cur, post_idx);
+    if (writer && n < qt.c_end / TR::kKeyHalves) write_block_maxima<TR, kCausal>(p, sm, qt, tm_row, n + 1, post_idx - 1);
+    ++post_idx;
+}
 
 template <class TR, bool kCausal>
 __device__ __forceinline__ void block_max_consumer(const Params& p, const SmemWs<TR>& sm, int wg, int tid) {
@@ -48,48 +120,34 @@ __device__ __forceinline__ void block_max_consumer(const Params& p, const SmemWs
         const int row0 = qt.q0 + wg * TR::kWgmmaM + (tid >> 5) * TR::kWarpRows + (lane >> 2);
         mbar_wait(sm.bar(TR::kBarQFull), q_phase);
         q_phase ^= 1u;
+
+        float Sa[TR::kBlockSNBlocks][4], Sb[TR::kBlockSNBlocks][4];
+        int n = qt.c_end / TR::kKeyHalves;
+        mbar_wait(sm.bar(TR::kBarKFull + kv.stage), kv.phase);
+        qk_block<TR>(Sa, q_desc, make_desc(sm.k() + kv.stage * TR::kKVBytes, 16, kSwizzleAtomBytes));
+        // Two steps per trip, so that the S buffers trade roles without copies.
+        bool in_a = true;
 #pragma unroll 1
-        for (int n = qt.c_end / TR::kKeyHalves; n >= 0; --n) {
-            float S[TR::kBlockSNBlocks][4];
-            mbar_wait(sm.bar(TR::kBarKFull + kv.stage), kv.phase);
-            qk_block<TR>(S, q_desc, make_desc(sm.k() + kv.stage * TR::kKVBytes, 16, kSwizzleAtomBytes));
-            wgmma_wait<0>();
-            fence_regs(flat(S));
-            if (lane == 0) {
-                mbar_arrive(sm.bar(TR::kBarKEmpty + kv.stage));
-                if (n == 0) mbar_arrive(sm.bar(TR::kBarQEmpty));
+        while (n > 0) {
+            block_max_step<TR, kCausal, true>(p, sm, qt, tm_row, q_desc, Sa, Sb, n, row0, lane, consumer_warp, writer,
+                                              kv, post_idx);
+            if (--n == 0) {
+                in_a = false;
+                break;
             }
-            kv.advance();
-            const unsigned slot = post_idx % TR::kVoteSlots;
-            const unsigned maxes = sm.maxes() + slot * TR::kMaxSlotBytes;
-#pragma unroll
-            for (int h = 0; h < TR::kKeyHalves; ++h) {
-                const int c = n * TR::kKeyHalves + h;
-                float(&Sh)[1][TR::kSNBlocks][4] = key_half<TR>(S, h);
-                if (qt.needs_mask(c)) mask_tile<TR, kCausal>(Sh, c, row0, lane, p.Nq, p.Nk);
-                float mx[1][2];
-                row_max<TR, false>(Sh, mx);
-                float v = fmax2(mx[0][0], mx[0][1]);
-#pragma unroll
-                for (int off = 1; off < 32; off <<= 1) v = fmax2(v, shfl_xor(v, off));
-                if (lane == 0) sts_f32(maxes + (consumer_warp * TR::kKeyHalves + h) * 4, v);
-            }
-            if (lane == 0) mbar_arrive(sm.bar(TR::kBarVote + slot));
-            if (writer) {
-                mbar_wait(sm.bar(TR::kBarVote + slot), (post_idx / TR::kVoteSlots) & 1u);
-#pragma unroll
-                for (int h = 0; h < TR::kKeyHalves; ++h) {
-                    const int c = n * TR::kKeyHalves + h;
-                    float v = lds_f32(maxes + h * 4);
-#pragma unroll
-                    for (int cw = 1; cw < TR::kConsumerWarps; ++cw) {
-                        v = fmax2(v, lds_f32(maxes + (cw * TR::kKeyHalves + h) * 4));
-                    }
-                    if (c <= qt.c_end) tm_row[c] = v * p.softmax_scale;
-                }
-            }
-            ++post_idx;
+            block_max_step<TR, kCausal, true>(p, sm, qt, tm_row, q_desc, Sb, Sa, n, row0, lane, consumer_warp, writer,
+                                              kv, post_idx);
+            --n;
         }
+        if (in_a) {
+            block_max_step<TR, kCausal, false>(p, sm, qt, tm_row, q_desc, Sa, Sb, 0, row0, lane, consumer_warp,
+                                               writer, kv, post_idx);
+        } else {
+            block_max_step<TR, kCausal, false>(p, sm, qt, tm_row, q_desc, Sb, Sa, 0, row0, lane, consumer_warp,
+                                               writer, kv, post_idx);
+        }
+        kv.advance();
+        if (writer) write_block_maxima<TR, kCausal>(p, sm, qt, tm_row, 0, post_idx - 1);
     }
 }
 
