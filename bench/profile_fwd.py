@@ -9,8 +9,8 @@ p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 p.add_argument("--n", type=int, default=8192)
 p.add_argument("--d", type=int, default=128)
 p.add_argument("--rho", type=float, default=0.25)
-p.add_argument("--backend", choices=("auto", "sm80", "sm90"), default="auto",
-               help="kernel: sm80 (mma.sync), sm90 (wgmma, Hopper) or auto (default)")
+p.add_argument("--backend", choices=("auto", "sm80", "sm90", "sm90ws"), default="auto",
+               help="kernel: sm80 (mma.sync), sm90 (wgmma), sm90ws (warp-specialised) or auto (default)")
 args = p.parse_args()
 
 import cupy as cp  # noqa: E402  (after argparse: --help works without a GPU)

@@ -99,14 +99,23 @@ def as_backend(backend) -> Backend:
     )
 
 
-def select(backend: Backend, dtype: str, head_dim: int, causal: bool, compute_capability: str) -> VariantKey:
-    """The key a call runs: ``auto`` takes sm90 on compute capability 9.0 where it has the head dim."""
+def select(backend: Backend, dtype: str, head_dim: int, causal: bool, compute_capability: str,
+           tma: bool = True) -> VariantKey:
+    """The key a call runs.
+
+    ``auto`` on compute capability 9.0, for the head dims it has: the warp-specialised sm90ws where
+    its tensor maps can be made (``tma``: NVIDIA's cuda-bindings imports), else the one-warpgroup
+    sm90; the mma.sync sm80 everywhere else.
+    """
     cc = str(compute_capability)
     if int(cc) < 80:
         raise ValueError(f"bsfa_cupy needs a GPU of compute capability >= 8.0, got {cc[:-1]}.{cc[-1]}")
     arch = backend.arch
     if arch == "auto":
-        arch = "sm90" if cc == "90" and head_dim in ARCH_HEAD_DIMS["sm90"] else "sm80"
+        if cc == "90" and head_dim in ARCH_HEAD_DIMS["sm90ws"] and tma:
+            arch = "sm90ws"
+        else:
+            arch = "sm90" if cc == "90" and head_dim in ARCH_HEAD_DIMS["sm90"] else "sm80"
     elif arch in HOPPER_ARCHS and cc != "90":
         raise ValueError(f"backend {arch!r}: the wgmma kernel needs compute capability 9.0 (Hopper), got {cc[:-1]}.{cc[-1]}")
     if head_dim not in ARCH_HEAD_DIMS[arch]:

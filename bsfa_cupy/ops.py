@@ -101,9 +101,11 @@ def attention(q, k, v, thresholds=None, *, causal=True, softmax_scale=None, retu
             array is checked for NaN with one small reduction, which waits for the stream; a
             :class:`DeviceThresholds`, validated once when built, skips that check (per-layer loops).
         out: optional preallocated (B, Nq, Hq, D) output of the inputs' framework and dtype.
-        backend: "auto" (the wgmma kernel on compute capability 9.0 for head dims 64 and 128, else
-            the mma.sync one), "sm80" (mma.sync, any GPU of compute capability >= 8.0), "sm90"
-            (wgmma; an error elsewhere), or a :class:`Backend` carrying extra compile-time defines.
+        backend: "auto" (on compute capability 9.0 for head dims 64 and 128 the warp-specialised
+            TMA/wgmma kernel, or the one-warpgroup wgmma kernel where NVIDIA's cuda-bindings is
+            missing; else the mma.sync one), "sm80" (mma.sync, any GPU of compute capability >= 8.0),
+            "sm90" / "sm90ws" (the two wgmma kernels; an error elsewhere), or a :class:`Backend`
+            carrying extra compile-time defines.
 
     Returns:
         out (input dtype), then lse (B, Hq, Nq) float32 if ``return_lse``, then keep
@@ -197,7 +199,7 @@ def _positive_scale(softmax_scale, D):
 
 
 def _module(backend, dtype, D, causal, device_id):
-    key = select(backend, dtype, D, causal, compute_capability(device_id))
+    key = select(backend, dtype, D, causal, compute_capability(device_id), tma=_tma.available())
     return get_module(key, backend, device_id)
 
 

@@ -29,11 +29,11 @@ def _is_hopper() -> bool:
     return cp is not None and str(cp.cuda.Device().compute_capability) == "90"
 
 
-@pytest.fixture(params=["auto", "sm80", "sm90ws"])
+@pytest.fixture(params=["auto", "sm80", "sm90"])
 def backend(request):
-    """Every test runs on every forward kernel: "auto" (on Hopper the sm_90a wgmma kernel for head
-    dims 64 / 128, mma.sync for the others), "sm80" (mma.sync everywhere) and, on Hopper,
-    "sm90ws" (the warp-specialised TMA kernel; other head dims fall back to "sm80" in these tests)."""
+    """Every test runs on every forward kernel: "auto" (on Hopper the warp-specialised sm90ws for
+    head dims 64 / 128, mma.sync for the others), "sm80" (mma.sync everywhere) and, on Hopper, "sm90"
+    (the one-warpgroup wgmma kernel; other head dims fall back to "sm80" in these tests)."""
     if request.param != "sm80" and not _is_hopper():
         pytest.skip(f"off Hopper, {request.param!r} is not run ('auto' is the mma.sync kernel 'sm80' tests)")
     return request.param
@@ -43,12 +43,15 @@ def backend(request):
 def test_backend_picks_the_kernel(backend, D):
     from bsfa_cupy import _kernels, ops
 
-    if backend == "sm90ws" and D not in (64, 128):
-        with pytest.raises(ValueError, match=r"backend 'sm90ws': expected head_dim in \(64, 128\)"):
+    if backend == "sm90" and D not in (64, 128):
+        with pytest.raises(ValueError, match=r"backend 'sm90': expected head_dim in \(64, 128\)"):
             ops._module(bsfa_cupy_backend(backend), "float16", D, True, cp.cuda.Device().id)
         return
     mod = ops._module(bsfa_cupy_backend(backend), "float16", D, True, cp.cuda.Device().id)
-    want = backend if backend == "sm90ws" else "sm90" if backend == "auto" and D in (64, 128) else "sm80"
+    from bsfa_cupy import _tma
+
+    hopper_auto = "sm90ws" if _tma.available() else "sm90"
+    want = backend if backend == "sm90" else hopper_auto if backend == "auto" and D in (64, 128) else "sm80"
     assert mod.key.arch == want, f"backend {backend!r}, head dim {D}: ran {mod.key.name()}"
     assert isinstance(mod, _kernels.Module) and mod.fwd.threads > 0 and mod.block_max.threads > 0
 
@@ -78,8 +81,8 @@ def problems(draw):
 
 
 def kernel_backend(backend, D):
-    """sm90ws serves head dims 64 and 128 only; the other head dims run on the mma.sync kernel."""
-    return "sm80" if backend == "sm90ws" and D not in (64, 128) else backend
+    """The wgmma kernels serve head dims 64 and 128 only; the other head dims run on mma.sync."""
+    return "sm80" if backend in ("sm90", "sm90ws") and D not in (64, 128) else backend
 
 
 def run_case(p, monkeypatch, backend):

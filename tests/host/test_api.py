@@ -72,8 +72,11 @@ def test_auto_backend_uses_the_wgmma_kernel_only_on_hopper_head_dims_64_128(cc):
     from bsfa_cupy._variants import HEAD_DIMS, Backend, select
 
     for d in HEAD_DIMS:
+        hopper = cc == "90" and d in (64, 128)
         key = select(Backend(), "bfloat16", d, True, cc)
-        assert (key.arch == "sm90") == (cc == "90" and d in (64, 128)), f"cc {cc}, head dim {d}: {key.name()}"
+        assert (key.arch == "sm90ws") == hopper, f"cc {cc}, head dim {d}: {key.name()}"
+        # Without cuda-bindings (no tensor maps) auto takes the one-warpgroup wgmma kernel.
+        assert (select(Backend(), "bfloat16", d, True, cc, tma=False).arch == "sm90") == hopper
         assert select(Backend("sm80"), "bfloat16", d, True, cc).arch == "sm80"
 
 
