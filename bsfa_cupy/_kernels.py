@@ -46,6 +46,7 @@ class Module:
     key: VariantKey
     defines: tuple
     fwd: Kernel
+    fwd_varlen: Kernel  # packed batches: B is the number of sequences, nQ the longest one's
     block_max: Kernel
     raw: object  # keeps the CUDA module loaded
 
@@ -70,8 +71,9 @@ def get_module(key: VariantKey, backend: Backend, device_id: int) -> Module:
             )
         grid_kind = _read_int(raw, "BSFA_GRID")
         fwd = _kernel(raw, "bsfa_fwd", "BSFA_FWD", grid_kind)
+        fwd_varlen = _kernel(raw, "bsfa_fwd_varlen", "BSFA_FWD", grid_kind)
         bmax = _kernel(raw, "bsfa_block_max", "BSFA_BLOCK_MAX", grid_kind)
-    return Module(key, backend.defines, fwd, bmax, raw)
+    return Module(key, backend.defines, fwd, fwd_varlen, bmax, raw)
 
 
 def _read_int(raw, symbol: str) -> int:

@@ -7,8 +7,8 @@ runtime hands to NVRTC (``bsfa_cupy._source.kernel_source``, headers folded in):
 * ``bsfa_fwd_sm90.cu`` (wgmma) for sm_90a: dtype x head dim 64/128 x causal, with ``-ftz=true``
   as the runtime compiles it.
 
-For each, ptxas must report both entry points with no stack frame and zero spill bytes (a spill in
-these kernels is local-memory traffic in the inner loop: a large slowdown no CPU test sees), the
+For each, ptxas must report every entry point (bsfa_fwd, bsfa_fwd_varlen, bsfa_block_max) with
+no stack frame and zero spill bytes (a spill in these kernels is local-memory traffic in the inner loop: a large slowdown no CPU test sees), the
 compiler must print no warning (a dependent template call written without ``template`` parses as
 a comparison and is silently dropped, with only a warning to show for it), the sm_90a build must
 carry no ptxas report of serialised wgmma (C7515), and the cubin must export the launch globals.
@@ -38,7 +38,7 @@ KERNELS_DIR = Path(__file__).resolve().parents[2] / "kernels_cu"
 SM80_SOURCE = "bsfa_fwd_sm80.cu"
 SM90_SOURCE = "bsfa_fwd_sm90.cu"
 SOURCES = (SM80_SOURCE, SM90_SOURCE)
-KERNELS = ("bsfa_fwd", "bsfa_block_max")
+KERNELS = ("bsfa_fwd", "bsfa_fwd_varlen", "bsfa_block_max")
 GLOBALS = (
     "BSFA_FWD_THREADS",
     "BSFA_FWD_SMEM_BYTES",
