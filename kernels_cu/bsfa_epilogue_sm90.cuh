@@ -17,8 +17,8 @@ namespace bsfa {
 // then stages its own normalised rows in those rows of the Q tile (swizzled:
 // conflict-free fragment stores) and writes them out as 16-byte chunks.  The
 // head, batch and problem (bsfa_problem.cuh) are rebuilt afresh rather than
-// kept live across the key loop.  A row without a valid key (l = 0) is written as zeros with lse
-// -inf; a row with a NaN l has NaN in O as well (the same NaN P fed both) and
+// kept live across the key loop.  A row without a valid key (l = 0) is
+// written as zeros with lse -inf; a row with a NaN l has NaN in O as well (the same NaN P fed both) and
 // is written as NaN, lse NaN.
 template <class TR, bool kVarlen>
 __device__ __forceinline__ void fwd_epilogue(const FwdArgs& args, int q0, int tid, int row_in_tile, unsigned sQ,

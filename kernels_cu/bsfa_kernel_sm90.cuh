@@ -65,7 +65,9 @@ __device__ __forceinline__ void fwd_kernel_sm90(const Params& p, const FwdArgs& 
     float l[TR::kHalves][2];
     init_softmax_state(O, m, l);
 
-    if (qt.c_end >= 0) fwd_mainloop<TR, kCausal, kVarlen>(p, args, pr, qt, h, tid, row_in_tile, keep_row, sQ, sK, sV, O, m, l);
+    if (qt.c_end >= 0) {
+        fwd_mainloop<TR, kCausal, kVarlen>(args, pr, qt, h, tid, row_in_tile, keep_row, sQ, sK, sV, O, m, l);
+    }
     fwd_epilogue<TR, kVarlen>(args, qt.q0, tid, row_in_tile, sQ, O, m, l);
 }
 

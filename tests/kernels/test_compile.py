@@ -8,8 +8,8 @@ runtime hands to NVRTC (``bsfa_cupy._source.kernel_source``, headers folded in):
   as the runtime compiles it.
 
 For each, ptxas must report every entry point (bsfa_fwd, bsfa_fwd_varlen, bsfa_block_max) with
-no stack frame and zero spill bytes (a spill in these kernels is local-memory traffic in the inner loop: a large slowdown no CPU test sees), the
-compiler must print no warning (a dependent template call written without ``template`` parses as
+no stack frame and zero spill bytes (a spill in these kernels is local-memory traffic in the
+inner loop: a large slowdown no CPU test sees), the compiler must print no warning (a dependent template call written without ``template`` parses as
 a comparison and is silently dropped, with only a warning to show for it), the sm_90a build must
 carry no ptxas report of serialised wgmma (C7515), and the cubin must export the launch globals.
 
