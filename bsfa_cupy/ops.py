@@ -108,9 +108,10 @@ def attention(q, k, v, thresholds=None, *, causal=True, softmax_scale=None, retu
         thresholds: None (dense), a scalar, or an (Hq, T) array — host NumPy (copied, cast to
             float32) or a float32 device array of any of the three frameworks. Query tile a of head h
             uses thresholds[h, clamp(p(a), 0, T - 1)], p(a) = (q_start + 128a) // 128 (by default
-            (128a + Nk - Nq) // 128). A device
-            array is checked for NaN with one small reduction, which waits for the stream; a
-            :class:`DeviceThresholds`, validated once when built, skips that check (per-layer loops).
+            (128a + Nk - Nq) // 128). A device array is checked for NaN with one small reduction,
+            which waits for the stream; a :class:`DeviceThresholds`, validated once when built,
+            skips that check (per-layer loops).
+        q_start, k_start: the absolute positions of query row 0 and key 0 (see above).
         out: optional preallocated (B, Nq, Hq, D) output of the inputs' framework and dtype.
         backend: "auto" (the wgmma kernel on compute capability 9.0 for head dims 64 and 128, else
             the mma.sync one), "sm80" (mma.sync, any GPU of compute capability >= 8.0), "sm90"
