@@ -66,7 +66,7 @@ __device__ __forceinline__ void fwd_kernel_sm90(const Params& p, const FwdArgs& 
     init_softmax_state(O, m, l);
 
     if (qt.c_end >= 0) {
-        fwd_mainloop<TR, kCausal, kVarlen>(args, pr, qt, h, tid, row_in_tile, keep_row, sQ, sK, sV, O, m, l);
+        fwd_mainloop<TR, kCausal, kVarlen>(p, args, pr, qt, h, tid, row_in_tile, keep_row, sQ, sK, sV, O, m, l);
     }
     fwd_epilogue<TR, kVarlen>(args, qt.q0, tid, row_in_tile, sQ, O, m, l);
 }
@@ -130,7 +130,7 @@ __device__ __forceinline__ void block_max_kernel_sm90(const Params& p) {
         float S[MB][TR::kSNBlocks][4];
         float tile_mx[MB][2];
         qk_row_maxima<TR>(S, tile_mx, q_desc, make_desc(sK + ks * TR::kKVBytes, 16, kSwizzleAtomBytes), qt, c,
-                          row_in_tile, lane, [&]() { return pr; });
+                          row_in_tile, lane, [&]() { return cta_problem<false>(p, 0); });
         float mx = fmax2(fmax2(tile_mx[0][0], tile_mx[0][1]), fmax2(tile_mx[1][0], tile_mx[1][1]));
 #pragma unroll
         for (int off = 1; off < 32; off <<= 1) mx = fmax2(mx, shfl_xor(mx, off));

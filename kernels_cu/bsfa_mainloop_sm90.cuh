@@ -56,18 +56,19 @@ __device__ __forceinline__ void softmax_update(const float (&S)[TR::kHalves][TR:
 
 // Everything the sm_90a bsfa_fwd does for a query tile with at least one key
 // tile to visit (qt.c_end >= 0): O, m, l come in initialised and leave holding
-// the unnormalised output, row max and per-lane partial row sums.  Lengths
-// and positions come from pr, built from the Params itself for a fixed-length
-// launch, where they are constant-bank operands: taken from args (registers),
-// the hdim-128 causal kernel spills 4 bytes.  kVarlen (b a packed sequence): the
-// sequence's lengths are re-read on masked tiles (cta_problem<true, true>)
-// rather than kept live across the loop, where the hdim-128 kernel spills.
+// the unnormalised output, row max and per-lane partial row sums.  The mask
+// re-reads the problem's lengths and positions where it needs them rather
+// than keeping them live across the loop: a fixed-length launch from p
+// itself, where they are constant-bank operands (taken from args or pr,
+// registers, the hdim-128 kernels take more registers or spill), a packed
+// sequence (kVarlen) from its offsets (cta_problem<true, true>).
 //
 // About 100 lines on purpose: the copy lambdas are shared by the prologue
 // and the loop, and the loop body needs most of this function's locals.
 template <class TR, bool kCausal, bool kVarlen>
-__device__ __forceinline__ void fwd_mainloop(const FwdArgs& args, const Problem& pr, const QueryTile<TR, kCausal>& qt,
-                                             int h, int tid, int row_in_tile, unsigned char* keep_row,
+__device__ __forceinline__ void fwd_mainloop(const Params& p, const FwdArgs& args, const Problem& pr,
+                                             const QueryTile<TR, kCausal>& qt, int h, int tid, int row_in_tile,
+                                             unsigned char* keep_row,
                                              unsigned sQ, unsigned sK, unsigned sV,
                                              float (&O)[TR::kHalves][TR::kONBlocks][4], float (&m)[TR::kHalves][2],
                                              float (&l)[TR::kHalves][2]) {
@@ -84,7 +85,7 @@ __device__ __forceinline__ void fwd_mainloop(const FwdArgs& args, const Problem&
         if constexpr (kVarlen) {
             return cta_problem<true, true>(args, chunked_head<true>(args.Hq).b);
         } else {
-            return pr;
+            return cta_problem<false>(p, 0);  // lengths and positions only: b is not read
         }
     };
 
