@@ -1,9 +1,12 @@
 """A small case matrix for compute-sanitizer (memcheck, racecheck, synccheck): every kernel, ragged shapes.
 
 Runs `attention` and `block_max_scores` on each kernel the GPU has: backend "sm80" (mma.sync, any GPU)
-and, on compute capability 9.0, "sm90" (wgmma) and "sm90ws" (warp-specialised TMA + wgmma). Per kernel: float16 and bfloat16, head dims 64 and
-128, causal and not, ragged sequence lengths, dense and with thresholds, returning lse and keep masks.
-Last, one case per kernel and mask with a NaN in q, k and v: every output row that sees a NaN must
+and, on compute capability 9.0, "sm90" (wgmma) and "sm90ws" (warp-specialised TMA + wgmma). Per kernel:
+float16 and bfloat16, head dims 64 and 128, causal and not, ragged sequence lengths, dense and with
+thresholds, returning lse and keep masks; explicit offsets (q_start / k_start, keys after every query
+included) and a packed batch (`attention_varlen`: empty sequences, lengths at the tile edges, a wider
+max_seqlen_q; on the kernels that have a packed-batch entry). Last, one case per kernel and mask with a
+NaN in q, k and v: every output row that sees a NaN must
 be NaN (checked here), with no access out of bounds (checked by the sanitizer).
 
 Usage: compute-sanitizer --tool memcheck --error-exitcode 9 python3 bench/sanitize_cases.py
@@ -46,6 +49,23 @@ for backend in backends:
                         bsfa_cupy.attention(q, k, v, t, causal=causal, return_lse=True, return_keep=True,
                                             backend=backend)
                     n_calls += 3
+                    for q0, k0 in ((0, 192), (256, 0), (0, 512)):
+                        bsfa_cupy.block_max_scores(q, k, causal=causal, backend=backend, q_start=q0, k_start=k0)
+                        bsfa_cupy.attention(q, k, v, thr, causal=causal, return_lse=True, return_keep=True,
+                                            backend=backend, q_start=q0, k_start=k0)
+                        n_calls += 2
+            # packed: empty sequences first, in the middle and last, tile-edge lengths
+            len_q, len_k = [0, 1, 129, 0, 128, 200, 0], [3, 1, 129, 0, 64, 130, 0]
+            cu_q = cp.asarray(np.concatenate([[0], np.cumsum(len_q)]).astype(np.int32))
+            cu_k = cp.asarray(np.concatenate([[0], np.cumsum(len_k)]).astype(np.int32))
+            q = cp.asarray(rng.standard_normal((sum(len_q), 2, d), dtype=np.float32)).astype(dtype)
+            k = cp.asarray(rng.standard_normal((sum(len_k), 1, d), dtype=np.float32)).astype(dtype)
+            v = cp.asarray(rng.standard_normal((sum(len_k), 1, d), dtype=np.float32)).astype(dtype)
+            for causal in (True, False):
+                for t in (None, 0.0):
+                    bsfa_cupy.attention_varlen(q, k, v, cu_q, cu_k, t, causal=causal, max_seqlen_q=300,
+                                               return_lse=True, return_keep=True, backend=backend)
+                    n_calls += 1
 
 # NaN in q (row iq, head 0), v (key jv, one element) and k (key jk): one case per kernel and mask. With
 # the causal mask (bottom-right aligned) query row i sees keys j <= i + nk - nq, so each NaN reaches

@@ -13,6 +13,7 @@ from .calibration import Calibrator
 from .device_thresholds import DeviceThresholds
 from .ops import attention, block_max_scores
 from .thresholds import Thresholds
+from .varlen import attention_varlen
 
 __version__ = "0.1.0"
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "KernelCompileError",
     "Thresholds",
     "attention",
+    "attention_varlen",
     "block_max_scores",
     "has_gpu",
 ]

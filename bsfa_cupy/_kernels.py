@@ -56,6 +56,7 @@ class Module:
     key: VariantKey
     defines: tuple
     fwd: Kernel
+    fwd_varlen: Kernel | None  # packed batches: B is the number of sequences, nQ the longest one's
     block_max: Kernel
     raw: object  # keeps the CUDA module loaded
 
@@ -82,8 +83,12 @@ def get_module(key: VariantKey, backend: Backend, device_id: int) -> Module:
         sms = sm_count(device_id)
         # Optional globals: kernels that take tensor maps (q, k, v for bsfa_fwd; q, k for bsfa_block_max).
         fwd = _kernel(raw, "bsfa_fwd", "BSFA_FWD", grid_kind, sms, _read_int(raw, "BSFA_FWD_TMA", 0), 3)
+        # The packed-batch entry, where the module has one (the warp-specialised kernel has none yet).
+        fwd_varlen = None
+        if _read_int(raw, "BSFA_FWD_VARLEN", 1):
+            fwd_varlen = _kernel(raw, "bsfa_fwd_varlen", "BSFA_FWD", grid_kind, sms, 0, 0)
         bmax = _kernel(raw, "bsfa_block_max", "BSFA_BLOCK_MAX", grid_kind, sms, _read_int(raw, "BSFA_BLOCK_MAX_TMA", 0), 2)
-    return Module(key, backend.defines, fwd, bmax, raw)
+    return Module(key, backend.defines, fwd, fwd_varlen, bmax, raw)
 
 
 def _read_int(raw, symbol: str, default: int | None = None) -> int:

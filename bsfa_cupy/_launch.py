@@ -15,9 +15,11 @@ _STRIDES = tuple(f"{t}_{d}" for t in "qkvo" for d in ("sb", "sn", "sh"))
 
 #: ``bsfa::Params``: same names, order and C layout (``align=True``).
 PARAMS = np.dtype(
-    [(name, _PTR) for name in ("q", "k", "v", "out", "lse", "keep", "thresholds", "tile_max")]
+    [(name, _PTR) for name in ("q", "k", "v", "out", "lse", "keep", "thresholds", "tile_max",
+                                        "cu_seqlens_q", "cu_seqlens_k")]
     + [(name, _I64) for name in _STRIDES]
-    + [(name, _I32) for name in ("Nq", "Nk", "Hq", "Hkv", "thr_mode", "thr_T", "B")]
+    + [(name, _I32) for name in ("Nq", "Nk", "Hq", "Hkv", "thr_mode", "thr_T", "k_start", "qk_shift",
+                                        "total_q", "B")]
     + [(name, _F32) for name in ("thr_scalar", "softmax_scale")],
     align=True,
 )

@@ -39,8 +39,8 @@ see :func:`stats`):
   on the first q_len keys, "bsfa"
 * a bool (B, 1, q_len, kv_len) mask that is exactly "causal, bottom-right, over the real keys of
   each row" (left or right padding, with or without a cache): without padding one batched BSFA
-  call ("bsfa"; chunked prefill on top of a cache), with padding BSFA per row on its real
-  queries and keys, padded query positions' outputs zero ("bsfa_padded")
+  call ("bsfa"; chunked prefill on top of a cache), with padding one packed (varlen) BSFA call on
+  every row's real queries and keys, padded query positions' outputs zero ("bsfa_padded")
 * any other mask: SDPA, "sdpa_mask"
 """
 from __future__ import annotations
@@ -283,14 +283,7 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
         out = _bsfa(query, key, value, thr, scaling, tally)
         _count(module, "bsfa")
         return out, None
-    B, Hq, _, D = query.shape
-    out = query.new_zeros((B, Nq, Hq, D))
-    for b in range(B):
-        qi, ki = q_valid[b].nonzero()[:, 0], kv_valid[b].nonzero()[:, 0]
-        if qi.numel() == 0:
-            continue
-        out[b, qi] = _bsfa(query[b:b + 1, :, qi], key[b:b + 1, :, ki], value[b:b + 1, :, ki], thr, scaling,
-                           tally)[0]
+    out = _bsfa_packed(query, key, value, q_valid, kv_valid, thr, scaling, tally)
     _count(module, "bsfa_padded")
     return out, None
 
@@ -377,10 +370,44 @@ def _bsfa(query, key, value, thr, scaling, tally=None):
                                        return_keep=want_keep)
     out, keep = res if want_keep else (res, None)
     if want_keep:
-        _count_tiles(tally, keep, *query.shape[:3], key.shape[2])
+        B, Hq, Nq = query.shape[:3]
+        _count_tiles(tally, keep, Hq, [(Nq, key.shape[2])] * B)
     if query.device.type == "cuda":
         return out
     return torch.from_numpy(out).to(query.dtype)
+
+
+def _bsfa_packed(query, key, value, q_valid, kv_valid, thr, scaling, tally=None):
+    """BSFA on each batch row's real queries and keys (masks (B, Nq), (B, Nk)), as one varlen call.
+
+    The real rows are gathered into packed (total, H, D) arrays (unpad), attended as sequences of
+    their own (bottom-right, like the mask :func:`_causal_rows` accepted), and scattered back into a
+    (B, Nq, Hq, D) output whose padded query positions are zero.
+    """
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (B, N, H, D)
+    q_p, k_p, v_p = q[q_valid], k[kv_valid], v[kv_valid]  # row-major gather: sequence by sequence
+    len_q, len_k = q_valid.sum(dim=1, dtype=torch.int32), kv_valid.sum(dim=1, dtype=torch.int32)
+    want_keep = tally is not None
+    if query.device.type == "cuda":
+        from .varlen import attention_varlen
+
+        cu_q = torch.nn.functional.pad(torch.cumsum(len_q, 0, dtype=torch.int32), (1, 0))
+        cu_k = torch.nn.functional.pad(torch.cumsum(len_k, 0, dtype=torch.int32), (1, 0))
+        res = attention_varlen(q_p, k_p, v_p, cu_q, cu_k, thr, causal=True, softmax_scale=scaling,
+                               return_keep=want_keep)
+    else:
+        cu_q = np.concatenate([[0], np.cumsum(len_q.numpy())]).astype(np.int32)
+        cu_k = np.concatenate([[0], np.cumsum(len_k.numpy())]).astype(np.int32)
+        res = bsfa_reference.attention_varlen(_host(q_p), _host(k_p), _host(v_p), cu_q, cu_k, thr, causal=True,
+                                              softmax_scale=scaling, return_keep=want_keep)
+    out_p, keep = res if want_keep else (res, None)
+    if query.device.type != "cuda":
+        out_p = torch.from_numpy(out_p).to(query.dtype)
+    if want_keep:
+        _count_tiles(tally, keep, q.shape[2], list(zip(len_q.tolist(), len_k.tolist())))
+    out = query.new_zeros(q.shape)
+    out[q_valid] = out_p
+    return out
 
 
 @functools.lru_cache(maxsize=64)
@@ -394,15 +421,17 @@ def _candidate_tiles(Nq: int, Nk: int) -> tuple[int, int]:
     return int(cand.sum()), int((cand & diag).sum())
 
 
-def _count_tiles(module, keep, B: int, Hq: int, Nq: int, Nk: int) -> None:
+def _count_tiles(module, keep, Hq: int, shapes) -> None:
+    """Adds a call's tiles to the module's counters; ``shapes``: (Nq, Nk) of each batch row or sequence."""
     # keep holds exactly the kept candidates, every diagonal one among them: its sum alone
     # (one reduction) splits into the three counts
-    cand, diag = _candidate_tiles(Nq, Nk)
+    counts = [_candidate_tiles(Nq, Nk) for Nq, Nk in shapes if Nq > 0 and Nk > 0]
+    cand, diag = sum(c for c, _ in counts), sum(d for _, d in counts)
     kept = int(keep.sum())
-    n_diag = B * Hq * diag
+    n_diag = Hq * diag
     tiles = getattr(module, "_bsfa_tiles", None) or [0, 0, 0]
     tiles[0] += kept - n_diag
-    tiles[1] += B * Hq * cand - kept
+    tiles[1] += Hq * cand - kept
     tiles[2] += n_diag
     module._bsfa_tiles = tiles
 

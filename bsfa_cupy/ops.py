@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bsfa_reference._validate import check_qk, check_v, softmax_scale_or_default
+from bsfa_reference._validate import check_offsets, check_qk, check_v, softmax_scale_or_default
 
 from bsfa_reference.tiles import BLOCK_M, BLOCK_N
 
@@ -16,6 +16,7 @@ from .device_thresholds import kernel_thresholds
 __all__ = ["Backend", "attention", "block_max_scores"]
 
 _ALIGN = 16  # cp.async moves 16-byte rows
+_INT32_MAX = 2**31 - 1  # the kernels hold positions in int32
 
 
 def _dtype_name(x, name):
@@ -61,14 +62,14 @@ def _same_device(views, names):
         raise ValueError(f"all arrays must be on one GPU, got {got}")
 
 
-def _check_out(out, frame, shape, dtype, device_id):
+def _check_out(out, frame, shape, dtype, device_id, layout="(B, Nq, Hq, D)"):
     if framework_of(out) != framework_of_frame(frame):
         raise TypeError(f"out: expected a {frame.kind} array like the inputs, got {type(out).__name__}")
     if frame.kind == "jax":
         raise TypeError("out: JAX arrays are immutable; call without out= and use the returned array")
     view = to_cupy(out, "out", frame)
     if tuple(view.shape) != shape:
-        raise ValueError(f"out: expected shape {shape} (B, Nq, Hq, D), got {tuple(view.shape)}")
+        raise ValueError(f"out: expected shape {shape} {layout}, got {tuple(view.shape)}")
     if str(view.dtype) != dtype:
         raise TypeError(f"out: expected dtype {dtype} (the inputs' dtype), got {view.dtype}")
     if view.device.id != device_id:
@@ -81,7 +82,7 @@ def framework_of_frame(frame):
 
 
 def attention(q, k, v, thresholds=None, *, causal=True, softmax_scale=None, return_lse=False,
-              return_keep=False, out=None, backend="auto"):
+              return_keep=False, out=None, backend="auto", q_start=None, k_start=0):
     """Block-sparse FlashAttention forward on the GPU (semantics of ``bsfa_reference.attention``).
 
     q: (B, Nq, Hq, D), k and v: (B, Nk, Hkv, D), float16 or bfloat16, D in {64, 128}, on one GPU,
@@ -94,12 +95,23 @@ def attention(q, k, v, thresholds=None, *, causal=True, softmax_scale=None, retu
     FlashAttention >= 2.1 — see :func:`bsfa_reference.attention` for the mask drawn for Nq != Nk.
     Tiles are fixed at 128 queries x 64 keys.
 
+    ``q_start`` / ``k_start`` place the call in a longer sequence (split calls: context
+    parallelism, split-KV, chunked prefill), exactly as in :func:`bsfa_reference.attention`: query
+    row i sits at absolute position q_start + i and key j at k_start + j; the causal mask, the
+    diagonal tiles and the threshold positions follow from those positions, so a full call cut at
+    multiples of 128 queries and 64 keys gives, merged with :func:`bsfa_reference.merge_partials`,
+    the full call's output and keep blocks. An explicit ``q_start`` must be a multiple of 128 and
+    ``k_start`` of 64 (ints >= 0); ``q_start=None`` is bottom-right (k_start + Nk - Nq), the
+    default behaviour.
+
     Args:
         thresholds: None (dense), a scalar, or an (Hq, T) array — host NumPy (copied, cast to
             float32) or a float32 device array of any of the three frameworks. Query tile a of head h
-            uses thresholds[h, clamp(p(a), 0, T - 1)], p(a) = (128a + Nk - Nq) // 128. A device
-            array is checked for NaN with one small reduction, which waits for the stream; a
-            :class:`DeviceThresholds`, validated once when built, skips that check (per-layer loops).
+            uses thresholds[h, clamp(p(a), 0, T - 1)], p(a) = (q_start + 128a) // 128 (by default
+            (128a + Nk - Nq) // 128). A device array is checked for NaN with one small reduction,
+            which waits for the stream; a :class:`DeviceThresholds`, validated once when built,
+            skips that check (per-layer loops).
+        q_start, k_start: the absolute positions of query row 0 and key 0 (see above).
         out: optional preallocated (B, Nq, Hq, D) output of the inputs' framework and dtype.
         backend: "auto" (on compute capability 9.0 for head dims 64 and 128 the warp-specialised
             TMA/wgmma kernel, or the one-warpgroup wgmma kernel where NVIDIA's cuda-bindings is
@@ -112,10 +124,12 @@ def attention(q, k, v, thresholds=None, *, causal=True, softmax_scale=None, retu
         (B, Hq, nQ, nK) bool if ``return_keep``. Rows with no kept valid key give 0 and -inf.
     """
     _check_grad([("q", q), ("k", k), ("v", v)])
+    _check_offset_args(q_start, k_start)
     frame = frame_for(q)
     with on(frame) as stream:
         qv, kv, vv = to_cupy(q, "q", frame), to_cupy(k, "k", frame), to_cupy(v, "v", frame)
         B, Nq, Nk, Hq, Hkv, D, dtype = _check_qkv(qv, kv, vv)
+        k0, shift = positions(q_start, k_start, Nq, Nk)
         nQ, nK = -(-Nq // BLOCK_M), -(-Nk // BLOCK_N)
         _launch.check_grid(B, Hq, nQ, BLOCK_M)
         _same_device([qv, kv, vv], ["q", "k", "v"])
@@ -136,7 +150,7 @@ def attention(q, k, v, thresholds=None, *, causal=True, softmax_scale=None, retu
         params = _launch.pack(
             q=qv, k=kv, v=vv, out=out_view, lse=lse_view, keep=keep_view, thresholds=thr_arr,
             **_stride_fields("qkvo", strides + o_strides), Nq=Nq, Nk=Nk, Hq=Hq, Hkv=Hkv, B=B,
-            thr_mode=mode, thr_T=T, thr_scalar=thr_scalar, softmax_scale=scale,
+            thr_mode=mode, thr_T=T, thr_scalar=thr_scalar, softmax_scale=scale, k_start=k0, qk_shift=shift,
         )
         maps = tuple(_tma.tensor_map(x, kern.tma) for x in (qv, kv, vv)) if kern.tma else ()
         kern.launch(B, Hq, nQ, params, maps)
@@ -150,21 +164,23 @@ def attention(q, k, v, thresholds=None, *, causal=True, softmax_scale=None, retu
     return result[0] if len(result) == 1 else result
 
 
-def block_max_scores(q, k, *, causal=True, softmax_scale=None, backend="auto"):
+def block_max_scores(q, k, *, causal=True, softmax_scale=None, backend="auto", q_start=None, k_start=0):
     """Per-tile maxima of the scaled scores on the GPU, without materialising the N x N scores.
 
     q: (B, Nq, Hq, D), k: (B, Nk, Hkv, D) as in :func:`attention`. Returns (B, Hq, nQ, nK) float32
     in the caller's array type: the maximum of ``softmax_scale * <q_i, k_j>`` over each
     (128-query x 64-key) tile's valid entries, -inf where a tile has none (the reference's
     ``bsfa_reference.block_max_scores`` rounded to float32). ``causal=True`` is the default;
-    ``backend`` as in :func:`attention`.
+    ``backend``, ``q_start`` and ``k_start`` as in :func:`attention`.
     """
     _check_grad([("q", q), ("k", k)])
+    _check_offset_args(q_start, k_start)
     frame = frame_for(q)
     with on(frame) as stream:
         qv, kv = to_cupy(q, "q", frame), to_cupy(k, "k", frame)
         B, Nq, Nk, Hq, Hkv, D = check_qk(qv, kv)
         dtype = _check_dtypes([("q", qv), ("k", kv)], D)
+        k0, shift = positions(q_start, k_start, Nq, Nk)
         _same_device([qv, kv], ["q", "k"])
         strides = _strides(qv, "q") + _strides(kv, "k")
         scale = _positive_scale(softmax_scale, D)
@@ -174,11 +190,31 @@ def block_max_scores(q, k, *, causal=True, softmax_scale=None, backend="auto"):
         tm_native, tm_view = frame.empty((B, Hq, nQ, nK), "float32")
         kern = _module(backend, dtype, D, causal, frame.device_id).block_max
         params = _launch.pack(q=qv, k=kv, tile_max=tm_view, **_stride_fields("qk", strides), Nq=Nq, Nk=Nk, Hq=Hq,
-                              Hkv=Hkv, B=B, softmax_scale=scale)
+                              Hkv=Hkv, B=B, softmax_scale=scale, k_start=k0, qk_shift=shift)
         maps = tuple(_tma.tensor_map(x, kern.tma) for x in (qv, kv)) if kern.tma else ()
         kern.launch(B, Hq, nQ, params, maps)
         frame.finish(stream)
     return frame.wrap(tm_native, tm_view)
+
+
+def _check_offset_args(q_start, k_start):
+    """The reference's type and tile-alignment checks of q_start / k_start, before any array is touched."""
+    check_offsets(q_start, k_start, 0, 0, BLOCK_M, BLOCK_N)
+
+
+def positions(q_start, k_start, Nq, Nk):
+    """(k_start, q0 - k_start) of a call, the kernels' Params.k_start and qk_shift (bsfa_problem.cuh).
+
+    q0 = q_start, or k_start + Nk - Nq by default (bottom-right), as bsfa_reference.attention; every
+    absolute position of the call must fit the kernels' int32.
+    """
+    q0, k0 = check_offsets(q_start, k_start, Nq, Nk, BLOCK_M, BLOCK_N)
+    if max(q0 + Nq, k0 + Nk) > _INT32_MAX:
+        raise ValueError(
+            f"q_start / k_start: the call's absolute positions must stay below 2**31 (the kernels' int32), got "
+            f"queries at [{q0}, {q0 + Nq}) and keys at [{k0}, {k0 + Nk})"
+        )
+    return k0, q0 - k0
 
 
 def _check_dtypes(named, D):
@@ -198,8 +234,9 @@ def _positive_scale(softmax_scale, D):
     return scale
 
 
-def _module(backend, dtype, D, causal, device_id):
-    key = select(backend, dtype, D, causal, compute_capability(device_id), tma=_tma.available())
+def _module(backend, dtype, D, causal, device_id, tma=None):
+    tma = _tma.available() if tma is None else tma
+    key = select(backend, dtype, D, causal, compute_capability(device_id), tma=tma)
     return get_module(key, backend, device_id)
 
 

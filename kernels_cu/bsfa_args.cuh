@@ -35,7 +35,8 @@ __device__ __forceinline__ T read_field(const T& field) {
     }
 }
 
-// The fields of Params that bsfa_fwd reads (all but tile_max), in its order.
+// The fields of Params that bsfa_fwd and bsfa_fwd_varlen read (all but
+// tile_max), in its order.
 // The pointers keep the no-alias promise that the launcher makes for them.
 struct FwdArgs {
     const unsigned short* __restrict__ q;
@@ -45,6 +46,8 @@ struct FwdArgs {
     float* __restrict__ lse;
     unsigned char* __restrict__ keep;
     const float* __restrict__ thresholds;
+    const int* __restrict__ cu_seqlens_q;
+    const int* __restrict__ cu_seqlens_k;
     long long q_sb, q_sn, q_sh;
     long long k_sb, k_sn, k_sh;
     long long v_sb, v_sn, v_sh;
@@ -52,6 +55,8 @@ struct FwdArgs {
     int Nq, Nk, Hq, Hkv;
     int thr_mode;
     int thr_T;
+    int k_start, qk_shift;
+    int total_q;
     float thr_scalar;
     float softmax_scale;
 };
@@ -68,6 +73,8 @@ __device__ __forceinline__ FwdArgs fwd_args(const Params& p) {
     a.lse = read_field<kOneByOne>(p.lse);
     a.keep = read_field<kOneByOne>(p.keep);
     a.thresholds = read_field<kOneByOne>(p.thresholds);
+    a.cu_seqlens_q = read_field<kOneByOne>(p.cu_seqlens_q);
+    a.cu_seqlens_k = read_field<kOneByOne>(p.cu_seqlens_k);
     a.q_sb = read_field<kOneByOne>(p.q_sb);
     a.q_sn = read_field<kOneByOne>(p.q_sn);
     a.q_sh = read_field<kOneByOne>(p.q_sh);
@@ -86,6 +93,9 @@ __device__ __forceinline__ FwdArgs fwd_args(const Params& p) {
     a.Hkv = read_field<kOneByOne>(p.Hkv);
     a.thr_mode = read_field<kOneByOne>(p.thr_mode);
     a.thr_T = read_field<kOneByOne>(p.thr_T);
+    a.k_start = read_field<kOneByOne>(p.k_start);
+    a.qk_shift = read_field<kOneByOne>(p.qk_shift);
+    a.total_q = read_field<kOneByOne>(p.total_q);
     a.thr_scalar = read_field<kOneByOne>(p.thr_scalar);
     a.softmax_scale = read_field<kOneByOne>(p.softmax_scale);
     return a;

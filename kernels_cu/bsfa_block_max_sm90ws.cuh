@@ -14,6 +14,7 @@
 #include "bsfa_block_sm90ws.cuh"
 #include "bsfa_mask.cuh"
 #include "bsfa_params.cuh"
+#include "bsfa_problem.cuh"
 #include "bsfa_pipeline_sm90.cuh"
 #include "bsfa_ptx.cuh"
 #include "bsfa_smem_sm90ws.cuh"
@@ -41,7 +42,7 @@ __device__ __forceinline__ void post_block_maxima(const Params& p, const SmemWs<
     for (int h = 0; h < TR::kKeyHalves; ++h) {
         const int c = n * TR::kKeyHalves + h;
         float(&Sh)[1][TR::kSNBlocks][4] = key_half<TR>(S, h);
-        if (qt.needs_mask(c)) mask_tile<TR, kCausal>(Sh, c, row0, lane, p.Nq, p.Nk);
+        if (qt.needs_mask(c)) mask_tile<TR, kCausal>(Sh, c, row0, lane, p.Nq, p.Nk, p.qk_shift);
         float mx[1][2];
         row_max<TR, false>(Sh, mx);
         float v = fmax2(mx[0][0], mx[0][1]);
@@ -111,7 +112,7 @@ __device__ __forceinline__ void block_max_consumer(const Params& p, const SmemWs
         const int j = sched.index(r);
         if (j < 0) continue;
         const WorkTile w = sched.tile(j);
-        const QueryTile<TR, kCausal> qt(w.a, p.Nq, p.Nk);
+        const QueryTile<TR, kCausal> qt(w.a, cta_problem<false>(p, w.b));
         float* tm_row = p.tile_max + (((long long)w.b * p.Hq + w.h) * nQ + w.a) * nK;
         if (wg == 0) {
             for (int c = qt.c_end + 1 + tid; c < nK; c += 128) tm_row[c] = neg_inf();

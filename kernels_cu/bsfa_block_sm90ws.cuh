@@ -77,7 +77,7 @@ __device__ __forceinline__ PostedGate gate_post(float (&S)[TR::kBlockSNBlocks][4
     for (int h = 0; h < TR::kKeyHalves; ++h) {
         const int c = n * TR::kKeyHalves + h;
         float(&Sh)[1][TR::kSNBlocks][4] = key_half<TR>(S, h);
-        if (qt.needs_mask(c)) mask_tile<TR, kCausal>(Sh, c, row0, lane, p.Nq, p.Nk);
+        if (qt.needs_mask(c)) mask_tile<TR, kCausal>(Sh, c, row0, lane, p.Nq, p.Nk, p.qk_shift);
         valid |= (c <= qt.c_end ? 1u : 0u) << h;
         forced |= (plan.forced(c) ? 1u : 0u) << h;
     }

@@ -21,6 +21,7 @@
 #include "bsfa_gate.cuh"
 #include "bsfa_mask.cuh"
 #include "bsfa_params.cuh"
+#include "bsfa_problem.cuh"
 #include "bsfa_pipeline_sm90.cuh"
 #include "bsfa_smem_sm90ws.cuh"
 #include "bsfa_softmax.cuh"
@@ -179,7 +180,7 @@ __device__ __forceinline__ void consumer_loop(const Params& p, const SmemWs<TR>&
         const int j = sched.index(r);
         if (j < 0) continue;
         const WorkTile w = sched.tile(j);
-        const QueryTile<TR, kCausal> qt(w.a, p.Nq, p.Nk);
+        const QueryTile<TR, kCausal> qt(w.a, cta_problem<false>(p, w.b));
         unsigned char* keep_row = nullptr;
         if (p.keep != nullptr) {
             unsigned char* row = p.keep + (((long long)w.b * p.Hq + w.h) * nQ + w.a) * nK;

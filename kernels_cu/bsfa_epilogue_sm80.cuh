@@ -5,6 +5,7 @@
 #pragma once
 
 #include "bsfa_args.cuh"
+#include "bsfa_problem.cuh"
 #include "bsfa_ptx.cuh"
 #include "bsfa_softmax.cuh"
 
@@ -14,7 +15,9 @@ namespace bsfa {
 // this warp ever read them), then writes 16-byte chunks.  A row without a
 // valid key (l = 0) is written as zeros with lse -inf; a row with a NaN l has
 // NaN in O as well (the same NaN P fed both) and is written as NaN, lse NaN.
-template <class TR>
+// The problem (bsfa_problem.cuh) is rebuilt here rather than kept live
+// across the key loop.
+template <class TR, bool kVarlen>
 __device__ __forceinline__ void fwd_epilogue(const FwdArgs& args, int q0, int h, long long b, unsigned sQ,
                                              const float (&O)[TR::kWarpMBlocks][TR::kONBlocks][4],
                                              const float (&m)[TR::kWarpMBlocks][2],
@@ -25,7 +28,8 @@ __device__ __forceinline__ void fwd_epilogue(const FwdArgs& args, int q0, int h,
     warp_sync();
     const int g = lane >> 2;
     const int t = lane & 3;
-    float* lse_row = args.lse + (b * args.Hq + h) * args.Nq;
+    const Problem pe = cta_problem<kVarlen, true>(args, b);
+    float* lse_row = args.lse + pe.lse_off + (long long)h * pe.lse_sh;
 #pragma unroll
     for (int mb = 0; mb < TR::kWarpMBlocks; ++mb) {
 #pragma unroll
@@ -39,20 +43,20 @@ __device__ __forceinline__ void fwd_epilogue(const FwdArgs& args, int q0, int h,
                 sts32(sQ + r * TR::kRowBytes + (nb * TR::kMmaN + 2 * t) * TR::kElemBytes,
                       pack2<TR::kBf16>(O[mb][nb][2 * hf] * inv, O[mb][nb][2 * hf + 1] * inv));
             }
-            if (t == 0 && q0 + r < args.Nq) {
+            if (t == 0 && q0 + r < pe.Nq) {
                 lse_row[q0 + r] = row_lse(lt, m[mb][hf], args.softmax_scale);
             }
         }
     }
     warp_sync();
-    unsigned short* og = args.out + b * args.o_sb + h * args.o_sh;
+    unsigned short* og = args.out + pe.o_off + h * args.o_sh;
     constexpr int kCpr = TR::kChunksPerRow;
 #pragma unroll
     for (int i = 0; i < TR::kWarpRows * kCpr / 32; ++i) {
         const int idx = lane + i * 32;
         const int r = warp * TR::kWarpRows + idx / kCpr;
         const int cc = idx % kCpr;
-        if (q0 + r < args.Nq) {
+        if (q0 + r < pe.Nq) {
             unsigned vals[4];
             lds128(vals, sQ + r * TR::kRowBytes + cc * 16);
             stg128(og + (long long)(q0 + r) * args.o_sn + cc * TR::kChunkElems, vals);

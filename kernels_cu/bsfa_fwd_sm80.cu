@@ -1,4 +1,5 @@
-// Block-Sparse FlashAttention forward (bsfa_fwd) and the tile-max kernel
+// Block-Sparse FlashAttention forward (bsfa_fwd; bsfa_fwd_varlen for packed
+// variable-length batches) and the tile-max kernel
 // (bsfa_block_max), FlashAttention-2 style on mma.sync tensor cores: any GPU
 // from sm_80 on, Hopper included (the launcher's fallback there for head dims
 // 32 and 96).  The kernel bodies are in bsfa_kernel_sm80.cuh.
@@ -11,7 +12,8 @@
 // git history has the variants it was measured against).
 //
 // Launch: grid (nQ, Hq, B) (bsfa_scheduler.cuh, BSFA_GRID 0), one argument,
-// a bsfa::Params.  q, k, v and out must be 16-byte aligned with every
+// a bsfa::Params; bsfa_fwd_varlen (a packed batch) takes B = num_seqs and nQ
+// of the longest sequence (bsfa_problem.cuh).  q, k, v and out must be 16-byte aligned with every
 // batch/seq/head stride a multiple of 8 elements (cp.async and the 16-byte
 // output stores rely on it); softmax_scale must be > 0 (max(s) * scale is
 // used as the max of scaled s).
@@ -45,7 +47,13 @@ extern "C" __constant__ int BSFA_BLOCK_N = bsfa::TileShape::kBlockN;
 extern "C" __constant__ int BSFA_GRID = bsfa::kGridPerHead;
 
 extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1) bsfa_fwd(const __grid_constant__ bsfa::Params p) {
-    bsfa::fwd_kernel_sm80<TR, kCausal>(bsfa::fwd_args<true>(p));
+    bsfa::fwd_kernel_sm80<TR, kCausal, false>(bsfa::fwd_args<true>(p));
+}
+
+// A packed batch (bsfa_problem.cuh): grid (max nQ, Hq, num_seqs).
+extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
+    bsfa_fwd_varlen(const __grid_constant__ bsfa::Params p) {
+    bsfa::fwd_kernel_sm80<TR, kCausal, true>(bsfa::fwd_args<true>(p));
 }
 
 extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)

@@ -1,4 +1,5 @@
-// Block-Sparse FlashAttention forward (bsfa_fwd) and the tile-max kernel
+// Block-Sparse FlashAttention forward (bsfa_fwd; bsfa_fwd_varlen for packed
+// variable-length batches) and the tile-max kernel
 // (bsfa_block_max) for Hopper (sm_90a): warpgroup MMA.  Same contract,
 // arguments and results as the mma.sync kernels of bsfa_fwd_sm80.cu (the
 // launcher picks these on compute capability 9.0 for head dims 64 and 128);
@@ -11,6 +12,7 @@
 //
 // Launch: grid (w, nQ, B*Hq/w) (bsfa_scheduler.cuh, BSFA_GRID 1), one
 // argument, a bsfa::Params; alignment as for the mma.sync kernels.
+// bsfa_fwd_varlen takes B = num_seqs and nQ of the longest sequence.
 
 #if !defined(BSFA_DTYPE) || (BSFA_DTYPE != 0 && BSFA_DTYPE != 1)
 #error "BSFA_DTYPE must be 0 (float16) or 1 (bfloat16)"
@@ -41,7 +43,13 @@ extern "C" __constant__ int BSFA_BLOCK_N = bsfa::TileShape::kBlockN;
 extern "C" __constant__ int BSFA_GRID = bsfa::kGridChunked;
 
 extern "C" __global__ void __launch_bounds__(TR::kNThreads, 2) bsfa_fwd(const __grid_constant__ bsfa::Params p) {
-    bsfa::fwd_kernel_sm90<TR, kCausal>(p, bsfa::fwd_args<false>(p));
+    bsfa::fwd_kernel_sm90<TR, kCausal, false>(p, bsfa::fwd_args<false>(p));
+}
+
+// A packed batch (bsfa_problem.cuh): grid (w, max nQ, num_seqs*Hq/w).
+extern "C" __global__ void __launch_bounds__(TR::kNThreads, 2)
+    bsfa_fwd_varlen(const __grid_constant__ bsfa::Params p) {
+    bsfa::fwd_kernel_sm90<TR, kCausal, true>(p, bsfa::fwd_args<false>(p));
 }
 
 extern "C" __global__ void __launch_bounds__(TR::kNThreads, 2)

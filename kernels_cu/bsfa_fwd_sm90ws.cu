@@ -39,6 +39,9 @@ extern "C" __constant__ int BSFA_FWD_THREADS = TR::kNThreads;
 extern "C" __constant__ int BSFA_FWD_SMEM_BYTES = TR::kSmemBytes;
 // Rows of the tensor maps' boxes (Q tile and key block alike); non-zero: bsfa_fwd takes them.
 extern "C" __constant__ int BSFA_FWD_TMA = TR::kBlockM;
+// No packed-batch entry (bsfa_fwd_varlen) yet: the launcher runs packed
+// batches on the one-warpgroup sm_90a kernel.
+extern "C" __constant__ int BSFA_FWD_VARLEN = 0;
 extern "C" __constant__ int BSFA_BLOCK_MAX_THREADS = TR::kNThreads;
 extern "C" __constant__ int BSFA_BLOCK_MAX_SMEM_BYTES = TR::kSmemBytes;
 extern "C" __constant__ int BSFA_BLOCK_MAX_TMA = TR::kBlockM;

@@ -7,30 +7,36 @@
 #pragma once
 
 #include "bsfa_mask.cuh"
+#include "bsfa_problem.cuh"
 #include "bsfa_ptx.cuh"
 #include "bsfa_traits.cuh"
 
 namespace bsfa {
 
-// Threshold of query tile a (thr_mode 1: one scalar; 2: per head and query
-// tile position p = floor((a*128 + Nk - Nq) / 128), clamped into [0, T)).
+// Threshold of a query tile (thr_mode 1: one scalar; 2: per head and query
+// tile position p = floor(tile_pos / 128), clamped into [0, T), where
+// tile_pos = q_pos + a*128 is the absolute position of its first row;
+// bottom-right by default, q_pos = Nk - Nq).
 template <class TR>
 __device__ __forceinline__ float tile_threshold(const float* __restrict__ thresholds, float thr_scalar, int thr_mode,
-                                                int thr_T, int h, int diag_off) {
+                                                int thr_T, int h, int tile_pos) {
     if (thr_mode == 1) return thr_scalar;
-    const int p = imax(imin(imax(diag_off, 0) / TR::kBlockM, thr_T - 1), 0);
+    const int p = imax(imin(imax(tile_pos, 0) / TR::kBlockM, thr_T - 1), 0);
     return ldg_nc_f32(thresholds + (long long)h * thr_T + p);
 }
 
 // The keep-mask row of (b, h, a), or nullptr when no mask was asked for.
-// Entries past c_end (tiles without a valid entry) are cleared here; the key
-// loop writes every visited tile.
-template <class TR, bool kCausal>
-__device__ __forceinline__ unsigned char* keep_row_for(unsigned char* keep, long long b, int h, int Hq, int a, int Nq,
-                                                       int nK, const QueryTile<TR, kCausal>& qt, int tid) {
-    unsigned char* row = keep == nullptr ? nullptr : keep + ((b * Hq + h) * ceil_div(Nq, TR::kBlockM) + a) * nK;
+// Entries past c_end (tiles without a valid entry, and those past a packed
+// sequence's own key tiles) are cleared here by the CTA's n_threads threads;
+// the key loop writes every visited tile.  c_end = -1 clears the whole row
+// (a query tile with no valid entry, or past its sequence's end).
+template <class TR, class A>
+__device__ __forceinline__ unsigned char* keep_row_for(const A& p, long long b, int h, int a, int c_end, int tid,
+                                                       int n_threads) {
+    unsigned char* row = p.keep == nullptr ? nullptr : p.keep + tile_row<TR>(p, b, h, a);
     if (row != nullptr) {
-        for (int c = qt.c_end + 1 + tid; c < nK; c += TR::kNThreads) row[c] = 0;
+        const int len = tile_row_len<TR>(p);
+        for (int c = c_end + 1 + tid; c < len; c += n_threads) row[c] = 0;
     }
     return row;
 }
@@ -50,7 +56,7 @@ struct GatePlan {
         const bool gated = thr_mode != 0;
         forced_lo = gated ? qt.diag_lo : 0;
         forced_hi = gated ? qt.diag_hi : qt.c_end;
-        thr = gated ? tile_threshold<TR>(thresholds, thr_scalar, thr_mode, thr_T, h, qt.diag_off) : 0.f;
+        thr = gated ? tile_threshold<TR>(thresholds, thr_scalar, thr_mode, thr_T, h, qt.tile_pos) : 0.f;
     }
     __device__ __forceinline__ bool forced(int c) const { return c >= forced_lo && c <= forced_hi; }
 

@@ -1,6 +1,6 @@
-// The bodies of the two mma.sync kernels (bsfa_fwd_sm80.cu exports them):
-// bsfa_fwd (CTA setup, then the mainloop and the epilogue) and
-// bsfa_block_max (the S path of bsfa_fwd alone).
+// The bodies of the mma.sync kernels (bsfa_fwd_sm80.cu exports them):
+// bsfa_fwd and bsfa_fwd_varlen (CTA setup, then the mainloop and the
+// epilogue) and bsfa_block_max (the S path of bsfa_fwd alone).
 //
 // Includes what it needs; TR is a TraitsSm80.
 #pragma once
@@ -13,22 +13,30 @@
 #include "bsfa_mask.cuh"
 #include "bsfa_mma_sm80.cuh"
 #include "bsfa_params.cuh"
+#include "bsfa_problem.cuh"
 #include "bsfa_ptx.cuh"
 #include "bsfa_scheduler.cuh"
 #include "bsfa_softmax.cuh"
 
 namespace bsfa {
 
-template <class TR, bool kCausal>
+// kVarlen: bsfa_fwd_varlen, b is a packed sequence (bsfa_problem.cuh).
+template <class TR, bool kCausal, bool kVarlen>
 __device__ __forceinline__ void fwd_kernel_sm80(const FwdArgs& args) {
     const int tid = threadIdx.x;
     const int h = blockIdx.y;
     const long long b = blockIdx.z;
     const int a = query_tile_index<TR, kCausal>(args.Nq);
-    const QueryTile<TR, kCausal> qt(a, args.Nq, args.Nk);
-    const int nK = ceil_div(args.Nk, TR::kBlockN);
+    const Problem pr = cta_problem<kVarlen>(args, b);
+    if constexpr (kVarlen) {
+        if (a * TR::kBlockM >= pr.Nq) {  // past this sequence's end
+            keep_row_for<TR>(args, b, h, a, -1, tid, TR::kNThreads);
+            return;
+        }
+    }
+    const QueryTile<TR, kCausal> qt(a, pr);
 
-    unsigned char* keep_row = keep_row_for(args.keep, b, h, args.Hq, a, args.Nq, nK, qt, tid);
+    unsigned char* keep_row = keep_row_for<TR>(args, b, h, a, qt.c_end, tid, TR::kNThreads);
 
     const FwdSmemSm80<TR> sm;
 
@@ -37,8 +45,8 @@ __device__ __forceinline__ void fwd_kernel_sm80(const FwdArgs& args) {
     float l[TR::kWarpMBlocks][2];
     init_softmax_state(O, m, l);
 
-    if (qt.c_end >= 0) fwd_mainloop<TR, kCausal>(args, qt, h, b, keep_row, sm, O, m, l);
-    fwd_epilogue<TR>(args, qt.q0, h, b, sm.sQ, O, m, l);
+    if (qt.c_end >= 0) fwd_mainloop<TR, kCausal, kVarlen>(args, pr, qt, h, b, keep_row, sm, O, m, l);
+    fwd_epilogue<TR, kVarlen>(args, qt.q0, h, b, sm.sQ, O, m, l);
 }
 
 // tile_max[b, h, a, c] = softmax_scale * max of the valid scores of tile
@@ -51,20 +59,22 @@ __device__ __forceinline__ void block_max_kernel_sm80(const Params& p) {
     const unsigned short* __restrict__ q = p.q;
     const unsigned short* __restrict__ k = p.k;
     float* __restrict__ tile_max = p.tile_max;
-    const long long q_sb = p.q_sb, q_sn = p.q_sn, q_sh = p.q_sh;
-    const long long k_sb = p.k_sb, k_sn = p.k_sn, k_sh = p.k_sh;
-    const int Nq = p.Nq, Nk = p.Nk, Hq = p.Hq, Hkv = p.Hkv;
+    const long long q_sn = p.q_sn, q_sh = p.q_sh;
+    const long long k_sn = p.k_sn, k_sh = p.k_sh;
+    const int Hq = p.Hq, Hkv = p.Hkv;
     const float softmax_scale = p.softmax_scale;
     const int tid = threadIdx.x;
     const int lane = tid & 31;
     const int warp = tid >> 5;
     const int h = blockIdx.y;
     const long long b = blockIdx.z;
-    const int a = query_tile_index<TR, kCausal>(Nq);
-    const QueryTile<TR, kCausal> qt(a, Nq, Nk);
-    const int nK = ceil_div(Nk, TR::kBlockN);
+    const int a = query_tile_index<TR, kCausal>(p.Nq);
+    const Problem pr = cta_problem<false>(p, b);
+    const int Nq = pr.Nq, Nk = pr.Nk;
+    const QueryTile<TR, kCausal> qt(a, pr);
+    const int nK = tile_row_len<TR>(p);
 
-    float* tm_row = tile_max + ((b * Hq + h) * ceil_div(Nq, TR::kBlockM) + a) * nK;
+    float* tm_row = tile_max + tile_row<TR>(p, b, h, a);
     for (int c = qt.c_end + 1 + tid; c < nK; c += TR::kNThreads) tm_row[c] = neg_inf();
     if (qt.c_end < 0) return;
 
@@ -74,7 +84,7 @@ __device__ __forceinline__ void block_max_kernel_sm80(const Params& p) {
     const unsigned q_lane = sQ + warp * TR::kWarpRows * TR::kRowBytes + lane_off_a<TR>(lane);
     const unsigned k_lane = smem + TR::kSmemK + lane_off_k<TR>(lane);
     using Copy = TileCopy<TR>;
-    const unsigned short* kg = k + b * k_sb + (long long)(h / (Hq / Hkv)) * k_sh + Copy::thread_offset(tid, k_sn);
+    const unsigned short* kg = k + pr.k_off + (long long)(h / (Hq / Hkv)) * k_sh + Copy::thread_offset(tid, k_sn);
     const int row0 = qt.q0 + warp * TR::kWarpRows + (lane >> 2);
 
     auto load_k = [&](int c, int slot) {
@@ -91,7 +101,7 @@ __device__ __forceinline__ void block_max_kernel_sm80(const Params& p) {
         }
     };
 
-    Copy::template load<TR::kBlockM>(sQ, q + b * q_sb + h * q_sh + qt.q0 * q_sn + Copy::thread_offset(tid, q_sn),
+    Copy::template load<TR::kBlockM>(sQ, q + pr.q_off + h * q_sh + qt.q0 * q_sn + Copy::thread_offset(tid, q_sn),
                                      q_sn, Nq - qt.q0, tid, q);
     cp_async_commit();
     load_k(qt.c_end, 0);
@@ -116,7 +126,7 @@ __device__ __forceinline__ void block_max_kernel_sm80(const Params& p) {
 
         float S[MB][TR::kSNBlocks][4];
         qk_tile<TR>(S, qf, q_lane, k_lane + slot * TR::kKVTileBytes);
-        if (qt.needs_mask(c)) mask_tile<TR, kCausal>(S, c, row0, lane, Nq, Nk);
+        if (qt.needs_mask(c)) mask_tile<TR, kCausal>(S, c, row0, lane, Nq, Nk, pr.shift);
         float row_mx[MB][2];
         row_max<TR>(S, row_mx);
         float mx = row_mx[0][0];

@@ -14,6 +14,7 @@
 #include "bsfa_gate.cuh"
 #include "bsfa_mask.cuh"
 #include "bsfa_mma_sm80.cuh"
+#include "bsfa_problem.cuh"
 #include "bsfa_ptx.cuh"
 #include "bsfa_softmax.cuh"
 
@@ -71,7 +72,8 @@ __device__ __forceinline__ void softmax_update(const float (&S)[TR::kWarpMBlocks
 // c_end = 0), and, with Q in registers, the Q fragments once Q has landed.
 // load_k(c, slot) copies key tile c into K ring slot `slot`.
 template <class TR, bool kCausal, class LoadK>
-__device__ __forceinline__ void fwd_prologue(const FwdArgs& args, const QueryTile<TR, kCausal>& qt, int h, long long b,
+__device__ __forceinline__ void fwd_prologue(const FwdArgs& args, const Problem& pr, const QueryTile<TR, kCausal>& qt,
+                                             int h,
                                              unsigned sQ, unsigned q_lane, LoadK&& load_k,
                                              unsigned (&qf)[TR::kQFragRegs]) {
     using Copy = TileCopy<TR>;
@@ -79,15 +81,15 @@ __device__ __forceinline__ void fwd_prologue(const FwdArgs& args, const QueryTil
     {
         // Q without per-row checks when the whole tile lies inside Nq.
         const unsigned short* qg =
-            args.q + b * args.q_sb + h * args.q_sh + qt.q0 * args.q_sn + Copy::thread_offset(tid, args.q_sn);
+            args.q + pr.q_off + h * args.q_sh + qt.q0 * args.q_sn + Copy::thread_offset(tid, args.q_sn);
         if constexpr (Copy::kFixedColumn) {
-            if (qt.q0 + TR::kBlockM <= args.Nq) {
+            if (qt.q0 + TR::kBlockM <= pr.Nq) {
                 Copy::template load_full<TR::kBlockM>(sQ, qg, args.q_sn, tid);
             } else {
-                Copy::template load<TR::kBlockM>(sQ, qg, args.q_sn, args.Nq - qt.q0, tid, args.q);
+                Copy::template load<TR::kBlockM>(sQ, qg, args.q_sn, pr.Nq - qt.q0, tid, args.q);
             }
         } else {
-            Copy::template load<TR::kBlockM>(sQ, qg, args.q_sn, args.Nq - qt.q0, tid, args.q);
+            Copy::template load<TR::kBlockM>(sQ, qg, args.q_sn, pr.Nq - qt.q0, tid, args.q);
         }
     }
     cp_async_commit();
@@ -111,9 +113,14 @@ __device__ __forceinline__ void fwd_prologue(const FwdArgs& args, const QueryTil
 // prologue and the loop and capture this function's locals by reference, and
 // the per-tile body needs most of those locals; cut apart, every piece would
 // take a dozen of them as arguments.
-template <class TR, bool kCausal>
-__device__ __forceinline__ void fwd_mainloop(const FwdArgs& args, const QueryTile<TR, kCausal>& qt, int h, long long b,
-                                             unsigned char* keep_row, const FwdSmemSm80<TR>& sm,
+//
+// kVarlen (b a packed sequence): the sequence's lengths are not kept live
+// across the loop but re-read (cta_problem<true, true>) where the loop needs
+// them, on masked tiles and ragged key tiles only; kept live, the hdim-128
+// kernel spills.
+template <class TR, bool kCausal, bool kVarlen>
+__device__ __forceinline__ void fwd_mainloop(const FwdArgs& args, const Problem& pr, const QueryTile<TR, kCausal>& qt,
+                                             int h, long long b, unsigned char* keep_row, const FwdSmemSm80<TR>& sm,
                                              float (&O)[TR::kWarpMBlocks][TR::kONBlocks][4],
                                              float (&m)[TR::kWarpMBlocks][2], float (&l)[TR::kWarpMBlocks][2]) {
     constexpr int MB = TR::kWarpMBlocks;
@@ -131,22 +138,23 @@ __device__ __forceinline__ void fwd_mainloop(const FwdArgs& args, const QueryTil
 
     const int hkv = h / (args.Hq / args.Hkv);
     // This thread's first chunk of key tile 0 (see TileCopy).
-    const unsigned short* kg = args.k + b * args.k_sb + hkv * args.k_sh + Copy::thread_offset(tid, args.k_sn);
-    const unsigned short* vg = args.v + b * args.v_sb + hkv * args.v_sh + Copy::thread_offset(tid, args.v_sn);
+    const unsigned short* kg = args.k + pr.k_off + hkv * args.k_sh + Copy::thread_offset(tid, args.k_sn);
+    const unsigned short* vg = args.v + pr.v_off + hkv * args.v_sh + Copy::thread_offset(tid, args.v_sn);
     const float scale_log2 = args.softmax_scale * kLog2e;
     const GatePlan<TR> plan(qt, args.thresholds, args.thr_scalar, args.thr_mode, args.thr_T, h);
+    auto lengths = [&]() { return kVarlen ? cta_problem<kVarlen, true>(args, b) : pr; };
 
     auto load_k = [&](int c, int slot) {
         Copy::template load<TR::kBlockN>(smem + TR::kSmemK + slot * TR::kKVTileBytes,
                                          kg + (long long)c * TR::kBlockN * args.k_sn, args.k_sn,
-                                         args.Nk - c * TR::kBlockN, tid, args.k);
+                                         lengths().Nk - c * TR::kBlockN, tid, args.k);
     };
     auto load_v = [&](int c, int slot) {
         Copy::template load<TR::kBlockN>(smem + TR::kSmemV + slot * TR::kKVTileBytes,
                                          vg + (long long)c * TR::kBlockN * args.v_sn, args.v_sn,
-                                         args.Nk - c * TR::kBlockN, tid, args.v);
+                                         lengths().Nk - c * TR::kBlockN, tid, args.v);
     };
-    const int n_full = args.Nk / TR::kBlockN;
+    const int n_full = pr.Nk / TR::kBlockN;
     const long long k_tile_step = (long long)TR::kBlockN * args.k_sn;
     const long long v_tile_step = (long long)TR::kBlockN * args.v_sn;
     long long k_off = (long long)(qt.c_end - (TR::kKStages - 1)) * k_tile_step;
@@ -186,7 +194,7 @@ __device__ __forceinline__ void fwd_mainloop(const FwdArgs& args, const QueryTil
     // pending besides the one holding K c is G_{c+1} (K c was in G_{c+2}, or
     // the prologue): wait_group KS-2.
     unsigned qf[TR::kQFragRegs];
-    fwd_prologue<TR>(args, qt, h, b, sm.sQ, sm.q_lane, load_k, qf);
+    fwd_prologue<TR>(args, pr, qt, h, sm.sQ, sm.q_lane, load_k, qf);
 
     // ks: K ring slot of tile c = (c_end - c) % KS.  V has one buffer.
     int ks = 0;
@@ -207,7 +215,8 @@ __device__ __forceinline__ void fwd_mainloop(const FwdArgs& args, const QueryTil
         float S[MB][TR::kSNBlocks][4];
         qk_tile<TR>(S, qf, sm.q_lane, sm.k_lane + ks * TR::kKVTileBytes);
         if (qt.needs_mask(c)) {
-            mask_tile<TR, kCausal>(S, c, qt.q0 + warp * TR::kWarpRows + (lane >> 2), lane, args.Nq, args.Nk);
+            const Problem sp = lengths();
+            mask_tile<TR, kCausal>(S, c, qt.q0 + warp * TR::kWarpRows + (lane >> 2), lane, sp.Nq, sp.Nk, sp.shift);
         }
         float tile_mx[MB][2];
         row_max<TR>(S, tile_mx);

@@ -15,7 +15,9 @@
 #include "bsfa_mask.cuh"
 #include "bsfa_mma_sm90.cuh"
 #include "bsfa_params.cuh"
+#include "bsfa_problem.cuh"
 #include "bsfa_ptx.cuh"
+#include "bsfa_scheduler.cuh"
 #include "bsfa_softmax.cuh"
 #include "bsfa_wgmma_sm90.cuh"
 
@@ -55,14 +57,18 @@ __device__ __forceinline__ void softmax_update(const float (&S)[TR::kHalves][TR:
 // Everything the sm_90a bsfa_fwd does for a query tile with at least one key
 // tile to visit (qt.c_end >= 0): O, m, l come in initialised and leave holding
 // the unnormalised output, row max and per-lane partial row sums.  The mask
-// takes Nq, Nk from p itself, where they are constant-bank operands: taken
-// from args (registers), the hdim-128 causal kernel spills 4 bytes.
+// re-reads the problem's lengths and positions where it needs them rather
+// than keeping them live across the loop: a fixed-length launch from p
+// itself, where they are constant-bank operands (taken from args or pr,
+// registers, the hdim-128 kernels take more registers or spill), a packed
+// sequence (kVarlen) from its offsets (cta_problem<true, true>).
 //
 // About 100 lines on purpose: the copy lambdas are shared by the prologue
 // and the loop, and the loop body needs most of this function's locals.
-template <class TR, bool kCausal>
-__device__ __forceinline__ void fwd_mainloop(const Params& p, const FwdArgs& args, const QueryTile<TR, kCausal>& qt,
-                                             int h, long long b, int tid, int row_in_tile, unsigned char* keep_row,
+template <class TR, bool kCausal, bool kVarlen>
+__device__ __forceinline__ void fwd_mainloop(const Params& p, const FwdArgs& args, const Problem& pr,
+                                             const QueryTile<TR, kCausal>& qt, int h, int tid, int row_in_tile,
+                                             unsigned char* keep_row,
                                              unsigned sQ, unsigned sK, unsigned sV,
                                              float (&O)[TR::kHalves][TR::kONBlocks][4], float (&m)[TR::kHalves][2],
                                              float (&l)[TR::kHalves][2]) {
@@ -70,19 +76,26 @@ __device__ __forceinline__ void fwd_mainloop(const Params& p, const FwdArgs& arg
     constexpr int KS = TR::kKStages;
     const int lane = tid & 31;
     const int hkv = h / (args.Hq / args.Hkv);
-    const unsigned short* kg = args.k + b * args.k_sb + hkv * args.k_sh;
-    const unsigned short* vg = args.v + b * args.v_sb + hkv * args.v_sh;
+    const unsigned short* kg = args.k + pr.k_off + hkv * args.k_sh;
+    const unsigned short* vg = args.v + pr.v_off + hkv * args.v_sh;
     const float scale_log2 = args.softmax_scale * kLog2e;
     const GatePlan<TR> plan(qt, args.thresholds, args.thr_scalar, args.thr_mode, args.thr_T, h);
     auto forced = [&](int c) { return plan.forced(c); };
+    auto lengths = [&]() {
+        if constexpr (kVarlen) {
+            return cta_problem<true, true>(args, chunked_head<true>(args.Hq).b);
+        } else {
+            return cta_problem<false>(p, 0);  // lengths and positions only: b is not read
+        }
+    };
 
     auto load_k = [&](int c, int slot) {
         load_tile<TR, TR::kBlockN>(sK + slot * TR::kKVBytes, kg + (long long)c * TR::kBlockN * args.k_sn, args.k_sn,
-                                   args.Nk - c * TR::kBlockN, tid, args.k);
+                                   pr.Nk - c * TR::kBlockN, tid, args.k);
     };
     auto load_v = [&](int c) {
         load_tile<TR, TR::kBlockN>(sV, vg + (long long)c * TR::kBlockN * args.v_sn, args.v_sn,
-                                   args.Nk - c * TR::kBlockN, tid, args.v);
+                                   pr.Nk - c * TR::kBlockN, tid, args.v);
     };
 
     // cp.async groups: prologue [Q + K c_end], [K c_end-1]; each visited
@@ -90,8 +103,8 @@ __device__ __forceinline__ void fwd_mainloop(const Params& p, const FwdArgs& arg
     // be empty) and a kept tile waits for everything before its P V, so
     // the group holding K c-1 is complete once at most one (tile c's K)
     // is pending.
-    load_q_and_first_keys<TR>(sQ, args.q + b * args.q_sb + h * args.q_sh + (long long)qt.q0 * args.q_sn, args.q_sn,
-                              args.Nq - qt.q0, tid, args.q, qt.c_end, load_k);
+    load_q_and_first_keys<TR>(sQ, args.q + pr.q_off + h * args.q_sh + (long long)qt.q0 * args.q_sn, args.q_sn,
+                              pr.Nq - qt.q0, tid, args.q, qt.c_end, load_k);
 
     const unsigned long long q_desc = make_desc(sQ, 16, kSwizzleAtomBytes);
     // V is the MN-major B operand: the leading offset steps between
@@ -125,7 +138,7 @@ __device__ __forceinline__ void fwd_mainloop(const Params& p, const FwdArgs& arg
         float S[MB][TR::kSNBlocks][4];
         float tile_mx[MB][2];
         qk_row_maxima<TR>(S, tile_mx, q_desc, make_desc(sK + ks * TR::kKVBytes, 16, kSwizzleAtomBytes), qt, c,
-                          row_in_tile, lane, p.Nq, p.Nk);
+                          row_in_tile, lane, lengths);
 
         // The gate (GatePlan::vote on lane-local maxima, ORed over the CTA):
         // uniform per CTA.

@@ -40,19 +40,22 @@ __device__ __forceinline__ void issue_qk(float (&S)[TR::kHalves][TR::kSNBlocks][
 }
 
 // S = Q K_c^T and its lane-local row maxima over the valid entries (masked
-// to -inf), half 0's taken while half 1 is still computed.
-template <class TR, bool kCausal>
+// to -inf), half 0's taken while half 1 is still computed.  lengths() gives
+// the Problem whose Nq, Nk and shift the mask takes; it is called on masked
+// tiles only (a kernel may re-read them there rather than keep them live).
+template <class TR, bool kCausal, class Lengths>
 __device__ __forceinline__ void qk_row_maxima(float (&S)[TR::kHalves][TR::kSNBlocks][4],
                                               float (&tile_mx)[TR::kHalves][2], unsigned long long q_desc,
                                               unsigned long long k_desc, const QueryTile<TR, kCausal>& qt, int c,
-                                              int row_in_tile, int lane, int Nq, int Nk) {
+                                              int row_in_tile, int lane, Lengths&& lengths) {
     using HalfTR = HalfTraitsSm90<TR>;
     issue_qk<TR>(S, q_desc, k_desc);
     auto half_max = [&](int hm) {
         float(&Sh)[1][TR::kSNBlocks][4] = *reinterpret_cast<float(*)[1][TR::kSNBlocks][4]>(&S[hm]);
         float(&mh)[1][2] = *reinterpret_cast<float(*)[1][2]>(&tile_mx[hm]);
         if (qt.needs_mask(c)) {
-            mask_tile<HalfTR, kCausal>(Sh, c, qt.q0 + hm * TR::kWgmmaM + row_in_tile, lane, Nq, Nk);
+            const Problem pr = lengths();
+            mask_tile<HalfTR, kCausal>(Sh, c, qt.q0 + hm * TR::kWgmmaM + row_in_tile, lane, pr.Nq, pr.Nk, pr.shift);
         }
         row_max<HalfTR, false>(Sh, mh);  // lane-local: the gate needs no more
     };

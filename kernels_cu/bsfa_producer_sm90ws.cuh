@@ -12,6 +12,7 @@
 
 #include "bsfa_mask.cuh"
 #include "bsfa_params.cuh"
+#include "bsfa_problem.cuh"
 #include "bsfa_pipeline_sm90.cuh"
 #include "bsfa_smem_sm90ws.cuh"
 #include "bsfa_tile_scheduler_sm90.cuh"
@@ -30,7 +31,7 @@ __device__ __forceinline__ void producer_loop(const Params& p, const TmaDesc& tq
         const int j = sched.index(r);
         if (j < 0) continue;
         const WorkTile w = sched.tile(j);
-        const QueryTile<TR, kCausal> qt(w.a, p.Nq, p.Nk);
+        const QueryTile<TR, kCausal> qt(w.a, cta_problem<false>(p, w.b));
         if (qt.c_end < 0) continue;  // no key to visit: the consumers write zeros without Q
         const int hkv = w.h / group;
 

@@ -1,4 +1,5 @@
-// Grid decode: which (query tile, head, batch) a CTA works on.  The host side
+// Grid decode: which (query tile, head, batch) a CTA works on (the batch
+// index is a packed sequence's for bsfa_fwd_varlen, bsfa_problem.cuh).  The host side
 // of both rules lives in bsfa_cupy/_launch.py, which reads the module's
 // BSFA_GRID to pick one:
 //

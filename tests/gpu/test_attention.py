@@ -9,34 +9,16 @@ from hypothesis import strategies as st
 import bsfa_reference as ref
 from tests.support.gpu import (
     EPS,
-    MAX_EXEMPT_SHARE,
-    check_against_reference,
     cp,
     device_array,
-    gate_exemptions,
     poison_outputs,
     random_inputs,
     requires_gpu,
-    rounding_margin,
-    scalar_threshold,
+    run_case,
     thresholds_from_maxima,
 )
 
 pytestmark = [pytest.mark.gpu, requires_gpu]
-
-
-def _is_hopper() -> bool:
-    return cp is not None and str(cp.cuda.Device().compute_capability) == "90"
-
-
-@pytest.fixture(params=["auto", "sm80", "sm90"])
-def backend(request):
-    """Every test runs on every forward kernel: "auto" (on Hopper the warp-specialised sm90ws for
-    head dims 64 / 128, mma.sync for the others), "sm80" (mma.sync everywhere) and, on Hopper, "sm90"
-    (the one-warpgroup wgmma kernel; other head dims fall back to "sm80" in these tests)."""
-    if request.param != "sm80" and not _is_hopper():
-        pytest.skip(f"off Hopper, {request.param!r} is not run ('auto' is the mma.sync kernel 'sm80' tests)")
-    return request.param
 
 
 @pytest.mark.parametrize("D", [32, 64, 96, 128])
@@ -78,60 +60,6 @@ def problems(draw):
     seed = draw(st.integers(0, 2**31 - 1))
     return dict(dtype=dtype, D=D, causal=causal, B=B, Hkv=Hkv, Hq=Hkv * group, Nq=Nq, Nk=Nk, mode=mode,
                 layouts=layouts, spread=spread, seed=seed)
-
-
-def kernel_backend(backend, D):
-    """The wgmma kernels serve head dims 64 and 128 only; the other head dims run on mma.sync."""
-    return "sm80" if backend in ("sm90", "sm90ws") and D not in (64, 128) else backend
-
-
-def run_case(p, monkeypatch, backend):
-    import bsfa_cupy
-
-    backend = kernel_backend(backend, p["D"])
-
-    rng = np.random.default_rng(p["seed"])
-    q, k, v = random_inputs(rng, p["B"], p["Nq"], p["Nk"], p["Hq"], p["Hkv"], p["D"], p["dtype"], p["spread"])
-    scale = 1.0 / np.sqrt(p["D"])
-    causal = p["causal"]
-    tile_max = ref.block_max_scores(q, k, causal=causal)
-    margin = rounding_margin(q, k, causal, p["D"])
-    if p["mode"] == "none":
-        thr = None
-    elif p["mode"] == "scalar":
-        thr = scalar_threshold(tile_max, margin)
-    else:
-        thr = thresholds_from_maxima(tile_max, p["Nq"], p["Nk"], margin=margin)
-        if p["mode"] == "short":
-            thr = thr[:, : max(1, thr.shape[1] // 2)]  # positions past T clamp to T - 1
-
-    qd, kd, vd = (device_array(x, lay) for x, lay in zip((q, k, v), p["layouts"]))
-    poison_outputs(monkeypatch)
-    out = cp.full(q.shape, np.nan, dtype=q.dtype)
-    res_out, lse, keep = bsfa_cupy.attention(qd, kd, vd, thr, causal=causal, out=out, return_lse=True,
-                                             return_keep=True, backend=backend)
-    cp.cuda.get_current_stream().synchronize()
-    assert res_out is out, "out= was not returned as the output array"
-    keep_u8 = cp.asnumpy(keep.view(cp.uint8))
-    assert set(np.unique(keep_u8)) <= {0, 1}, f"keep has unwritten entries: values {np.unique(keep_u8)}"
-    kernel_keep = keep_u8.astype(bool)
-
-    # The gate: same decisions as the reference, except tiles within fp32 rounding of the threshold.
-    _, ref_keep = ref.attention(q, k, v, thr, causal=causal, return_keep=True)
-    abs_max = ref.block_max_scores(np.abs(q.astype(np.float64)), np.abs(k.astype(np.float64)), causal=causal)
-    exempt = gate_exemptions(tile_max, abs_max, None if thr is None else np.asarray(thr, np.float32),
-                             p["Nq"], p["Nk"], p["D"])
-    differ = (kernel_keep != ref_keep) & ~exempt
-    assert not differ.any(), (
-        f"keep differs from the reference at {int(differ.sum())} tiles (first {np.argwhere(differ)[:5].tolist()})"
-    )
-    gated = int((tile_max > -np.inf).sum())
-    info = f"exempt tiles: {int(exempt.sum())} of {gated}; kept {int(kernel_keep.sum())}"
-    assert exempt.sum() <= MAX_EXEMPT_SHARE * max(gated, 1) + 1, f"{int(exempt.sum())} exempt tiles of {gated}"
-
-    errs = check_against_reference(cp.asnumpy(out), cp.asnumpy(lse), q, k, v, kernel_keep, causal, scale,
-                                   p["dtype"], what=str(p))
-    return info, errs
 
 
 @given(problems())

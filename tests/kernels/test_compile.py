@@ -7,9 +7,9 @@ runtime hands to NVRTC (``bsfa_cupy._source.kernel_source``, headers folded in):
 * ``bsfa_fwd_sm90.cu`` (wgmma) and ``bsfa_fwd_sm90ws.cu`` (warp-specialised TMA + wgmma) for
   sm_90a: dtype x head dim 64/128 x causal, with ``-ftz=true`` as the runtime compiles them.
 
-For each, ptxas must report both entry points with no stack frame and zero spill bytes (a spill in
-these kernels is local-memory traffic in the inner loop: a large slowdown no CPU test sees), the
-compiler must print no warning (a dependent template call written without ``template`` parses as
+For each, ptxas must report every entry point (bsfa_fwd, bsfa_fwd_varlen, bsfa_block_max) with
+no stack frame and zero spill bytes (a spill in these kernels is local-memory traffic in the
+inner loop: a large slowdown no CPU test sees), the compiler must print no warning (a dependent template call written without ``template`` parses as
 a comparison and is silently dropped, with only a warning to show for it), the sm_90a build must
 carry no ptxas report of serialised wgmma (C7514/C7515) or of an ignored setmaxnreg (C7508), and the cubin must export the launch globals.
 
@@ -39,7 +39,9 @@ SM80_SOURCE = "bsfa_fwd_sm80.cu"
 SM90_SOURCE = "bsfa_fwd_sm90.cu"
 SM90WS_SOURCE = "bsfa_fwd_sm90ws.cu"
 SOURCES = (SM80_SOURCE, SM90_SOURCE, SM90WS_SOURCE)
-KERNELS = ("bsfa_fwd", "bsfa_block_max")
+KERNELS = ("bsfa_fwd", "bsfa_fwd_varlen", "bsfa_block_max")
+#: Entry points a source does not have (yet).
+MISSING_KERNELS = {SM90WS_SOURCE: ("bsfa_fwd_varlen",)}
 GLOBALS = (
     "BSFA_FWD_THREADS",
     "BSFA_FWD_SMEM_BYTES",
@@ -244,6 +246,9 @@ def test_compiles_without_spills(compiled, variant):
     assert not warnings, f"{name}: compiler warnings:\n" + "\n".join(warnings)
     frames = parse_frames(log)
     for kernel in KERNELS:
+        if kernel in MISSING_KERNELS.get(variant[0], ()):
+            assert kernel not in frames, f"{name}: exports {kernel}: drop it from MISSING_KERNELS"
+            continue
         assert kernel in frames, f"{name}: no ptxas report for {kernel} (is it exported extern \"C\"?):\n{log[-4000:]}"
         stack, stores, loads, line = frames[kernel]
         assert (stack, stores, loads) == (0, 0, 0), f"{name}: {kernel} uses a stack frame or spills: {line}"
@@ -253,6 +258,8 @@ def test_compiles_without_spills(compiled, variant):
         assert not serialised, f"{name}: ptxas serialises the wgmma pipeline: {serialised}"
     image = cubin.read_bytes()
     for symbol in (*KERNELS, *GLOBALS):
+        if symbol in MISSING_KERNELS.get(variant[0], ()):
+            continue
         assert symbol.encode() + b"\0" in image, f"{name}: the cubin exports no {symbol}"
 
 

@@ -91,17 +91,19 @@ def scalar_threshold(tile_max, margin):
     return float(0.5 * (vals[i - 1] + vals[i]))
 
 
-def thresholds_from_maxima(tile_max, Nq, Nk, quantile=0.5, margin=None):
+def thresholds_from_maxima(tile_max, Nq, Nk, quantile=0.5, margin=None, q_start=None, k_start=0):
     """(Hq, T) float32: per head and query-tile position, a threshold midway between two
     neighbouring gated tile maxima near the given quantile of that tile row.
 
     Applied to the same inputs this skips about ``quantile`` of the gated (off-diagonal) tiles.
     ``margin`` (B, Hq, nQ, nK), optional: a rounding bound per tile; neighbours closer than twice it
     are not split, so no tile lands within fp32 rounding of its threshold unless nothing else fits.
+    ``q_start`` / ``k_start``: the call's offsets (see bsfa_reference.attention).
     """
     B, Hq, nQ, nK = tile_max.shape
-    gated = (tile_max > -np.inf) & ~diagonal_tiles(Nq, Nk, ref.BLOCK_M, ref.BLOCK_N)[None, None]
-    pos = np.maximum(tile_positions(Nq, Nk, ref.BLOCK_M), 0)
+    at = dict(q_start=q_start, k_start=k_start)
+    gated = (tile_max > -np.inf) & ~diagonal_tiles(Nq, Nk, ref.BLOCK_M, ref.BLOCK_N, **at)[None, None]
+    pos = np.maximum(tile_positions(Nq, Nk, ref.BLOCK_M, **at), 0)
     thr = np.full((Hq, int(pos.max()) + 1), -np.inf, dtype=np.float32)
     for h in range(Hq):
         for a in range(nQ):
@@ -123,13 +125,14 @@ def thresholds_from_maxima(tile_max, Nq, Nk, quantile=0.5, margin=None):
     return thr
 
 
-def rounding_margin(q, k, causal, D):
+def rounding_margin(q, k, causal, D, q_start=None, k_start=0):
     """Per tile, a bound on |fp32 tile max - float64 tile max| (see gate_exemptions)."""
-    abs_max = ref.block_max_scores(np.abs(q.astype(np.float64)), np.abs(k.astype(np.float64)), causal=causal)
+    abs_max = ref.block_max_scores(np.abs(q.astype(np.float64)), np.abs(k.astype(np.float64)), causal=causal,
+                                   q_start=q_start, k_start=k_start)
     return abs_max * D * 2.0**-22 + 1e-30
 
 
-def gate_exemptions(tile_max, abs_max, thresholds, Nq, Nk, D):
+def gate_exemptions(tile_max, abs_max, thresholds, Nq, Nk, D, q_start=None, k_start=0):
     """Tiles whose keep decision may legitimately flip between fp32 and float64 tile maxima.
 
     A float32 dot product of length D differs from float64 by at most about D * 2^-24 * sum|q||k|;
@@ -143,14 +146,15 @@ def gate_exemptions(tile_max, abs_max, thresholds, Nq, Nk, D):
         thr = np.full(tile_max.shape[1:3], float(thresholds))
     else:
         T = thresholds.shape[1]
-        thr = np.asarray(thresholds, np.float64)[:, np.clip(tile_positions(Nq, Nk, ref.BLOCK_M), 0, T - 1)]
+        pos = tile_positions(Nq, Nk, ref.BLOCK_M, q_start=q_start, k_start=k_start)
+        thr = np.asarray(thresholds, np.float64)[:, np.clip(pos, 0, T - 1)]
     with np.errstate(invalid="ignore"):  # -inf - -inf where neither counts
         near = np.abs(tile_max - thr[None, :, :, None]) <= bound
-    diag = diagonal_tiles(Nq, Nk, ref.BLOCK_M, ref.BLOCK_N)[None, None]
+    diag = diagonal_tiles(Nq, Nk, ref.BLOCK_M, ref.BLOCK_N, q_start=q_start, k_start=k_start)[None, None]
     return near & ~diag & (tile_max > -np.inf)
 
 
-def lowp_attention(q, k, v, keep, causal, scale, dtype):
+def lowp_attention(q, k, v, keep, causal, scale, dtype, q_start=None, k_start=0):
     """A plain low-precision attention (fp32 scores and softmax, P and the output rounded to
     ``dtype``) over the same kept tiles: the baseline error the kernel is measured against."""
     ht = HOST_DTYPES[dtype]
@@ -161,7 +165,7 @@ def lowp_attention(q, k, v, keep, causal, scale, dtype):
     k32 = np.repeat(k.astype(np.float32), g, axis=2)
     v32 = np.repeat(v.astype(np.float32), g, axis=2)
     s = np.einsum("bihd,bjhd->bhij", q32, k32).astype(np.float32) * np.float32(scale)
-    mask = valid_mask(Nq, Nk, causal)[None, None] & expand_tiles(keep, Nq, Nk, ref.BLOCK_M, ref.BLOCK_N)
+    mask = valid_mask(Nq, Nk, causal, q_start=q_start, k_start=k_start)[None, None] & expand_tiles(keep, Nq, Nk, ref.BLOCK_M, ref.BLOCK_N)
     s = np.where(mask, s, -np.inf).astype(np.float32)
     m = s.max(axis=-1, keepdims=True)
     m = np.where(np.isfinite(m), m, 0).astype(np.float32)
@@ -172,12 +176,14 @@ def lowp_attention(q, k, v, keep, causal, scale, dtype):
     return o.astype(ht).astype(np.float64)
 
 
-def check_against_reference(out, lse, q, k, v, keep, causal, scale, dtype, what=""):
+def check_against_reference(out, lse, q, k, v, keep, causal, scale, dtype, what="", q_start=None, k_start=0):
     """out (B, Nq, Hq, D) and lse (B, Hq, Nq) from the kernel vs the float64 reference replaying
-    the kernel's own keep mask; errors bounded relative to the low-precision baseline."""
+    the kernel's own keep mask; errors bounded relative to the low-precision baseline.
+    ``q_start`` / ``k_start``: the call's offsets."""
     out = np.asarray(out).astype(np.float64)
     lse = np.asarray(lse).astype(np.float64)
-    ref_out, ref_lse = ref.attention(q, k, v, causal=causal, softmax_scale=scale, keep=keep, return_lse=True)
+    at = dict(q_start=q_start, k_start=k_start)
+    ref_out, ref_lse = ref.attention(q, k, v, causal=causal, softmax_scale=scale, keep=keep, return_lse=True, **at)
     assert not np.isnan(out).any(), f"{what}: {int(np.isnan(out).sum())} NaN in out"
     assert not np.isnan(lse).any(), f"{what}: {int(np.isnan(lse).sum())} NaN in lse"
 
@@ -186,7 +192,7 @@ def check_against_reference(out, lse, q, k, v, keep, causal, scale, dtype, what=
     dead_rows = dead.transpose(0, 2, 1)  # (B, Nq, Hq)
     assert not out[dead_rows].any(), f"{what}: out of empty rows not zero (max {np.abs(out[dead_rows]).max()})"
 
-    base = lowp_attention(q, k, v, keep, causal, scale, dtype)
+    base = lowp_attention(q, k, v, keep, causal, scale, dtype, **at)
     base_err = np.abs(base - ref_out).max()
     floor = EPS[dtype] * max(1.0, float(np.abs(ref_out).max()))
     bound = ERR_FACTOR * base_err + floor
@@ -204,3 +210,63 @@ def check_against_reference(out, lse, q, k, v, keep, causal, scale, dtype, what=
         f"{what}: lse error {lerr.max():.3e} above 1e-4 + 2e-6|lse|; {int(lbad.sum())}/{lerr.size} mismatches"
     )
     return float(err.max()), float(base_err)
+
+
+def kernel_backend(backend, D):
+    """The wgmma kernels serve head dims 64 and 128 only; the other head dims run on mma.sync."""
+    return "sm80" if backend in ("sm90", "sm90ws") and D not in (64, 128) else backend
+
+
+def run_case(p, monkeypatch, backend):
+    """One bsfa_cupy.attention call against the reference: keep (up to fp32 rounding at the threshold),
+    out and lse (baseline-relative); returns (note, (out error, baseline error)).
+
+    p: dtype, D, causal, B, Hkv, Hq, Nq, Nk, mode ("none", "scalar", "maxima", "short"), layouts,
+    spread, seed, and optionally q_start / k_start (the call's offsets, default bottom-right).
+    """
+    backend = kernel_backend(backend, p["D"])
+    import bsfa_cupy
+
+    rng = np.random.default_rng(p["seed"])
+    q, k, v = random_inputs(rng, p["B"], p["Nq"], p["Nk"], p["Hq"], p["Hkv"], p["D"], p["dtype"], p["spread"])
+    scale = 1.0 / np.sqrt(p["D"])
+    causal = p["causal"]
+    at = dict(q_start=p.get("q_start"), k_start=p.get("k_start", 0))
+    tile_max = ref.block_max_scores(q, k, causal=causal, **at)
+    margin = rounding_margin(q, k, causal, p["D"], **at)
+    if p["mode"] == "none":
+        thr = None
+    elif p["mode"] == "scalar":
+        thr = scalar_threshold(tile_max, margin)
+    else:
+        thr = thresholds_from_maxima(tile_max, p["Nq"], p["Nk"], margin=margin, **at)
+        if p["mode"] == "short":
+            thr = thr[:, : max(1, thr.shape[1] // 2)]  # positions past T clamp to T - 1
+
+    qd, kd, vd = (device_array(x, lay) for x, lay in zip((q, k, v), p["layouts"]))
+    poison_outputs(monkeypatch)
+    out = cp.full(q.shape, np.nan, dtype=q.dtype)
+    res_out, lse, keep = bsfa_cupy.attention(qd, kd, vd, thr, causal=causal, out=out, return_lse=True,
+                                             return_keep=True, backend=backend, **at)
+    cp.cuda.get_current_stream().synchronize()
+    assert res_out is out, "out= was not returned as the output array"
+    keep_u8 = cp.asnumpy(keep.view(cp.uint8))
+    assert set(np.unique(keep_u8)) <= {0, 1}, f"keep has unwritten entries: values {np.unique(keep_u8)}"
+    kernel_keep = keep_u8.astype(bool)
+
+    # The gate: same decisions as the reference, except tiles within fp32 rounding of the threshold.
+    _, ref_keep = ref.attention(q, k, v, thr, causal=causal, return_keep=True, **at)
+    abs_max = ref.block_max_scores(np.abs(q.astype(np.float64)), np.abs(k.astype(np.float64)), causal=causal, **at)
+    exempt = gate_exemptions(tile_max, abs_max, None if thr is None else np.asarray(thr, np.float32),
+                             p["Nq"], p["Nk"], p["D"], **at)
+    differ = (kernel_keep != ref_keep) & ~exempt
+    assert not differ.any(), (
+        f"keep differs from the reference at {int(differ.sum())} tiles (first {np.argwhere(differ)[:5].tolist()})"
+    )
+    gated = int((tile_max > -np.inf).sum())
+    info = f"exempt tiles: {int(exempt.sum())} of {gated}; kept {int(kernel_keep.sum())}"
+    assert exempt.sum() <= MAX_EXEMPT_SHARE * max(gated, 1) + 1, f"{int(exempt.sum())} exempt tiles of {gated}"
+
+    errs = check_against_reference(cp.asnumpy(out), cp.asnumpy(lse), q, k, v, kernel_keep, causal, scale,
+                                   p["dtype"], what=str(p), **at)
+    return info, errs

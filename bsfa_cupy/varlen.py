@@ -1,0 +1,152 @@
+"""Packed variable-length batches on the GPU: FlashAttention's varlen call, in one kernel launch."""
+from __future__ import annotations
+
+from bsfa_reference._validate import check_cu_seqlens_pair, check_max_seqlen
+from bsfa_reference.tiles import BLOCK_M, BLOCK_N
+
+from . import _launch
+from ._arrays import frame_for, on, to_cupy
+from .device_thresholds import kernel_thresholds
+from .ops import _check_dtypes, _check_grad, _check_out, _module, _positive_scale, _same_device, _strides
+from ._variants import as_backend
+
+__all__ = ["attention_varlen"]
+
+_INT32_MAX = 2**31 - 1
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, thresholds=None, *, max_seqlen_q=None, max_seqlen_k=None,
+                     causal=True, softmax_scale=None, return_lse=False, return_keep=False, out=None,
+                     backend="auto"):
+    """Block-sparse attention over a packed batch of variable-length sequences, in one launch.
+
+    The layout of ``flash_attn_varlen_func``: q (total_q, Hq, D), k and v (total_k, Hkv, D) on one
+    GPU (any strides with a contiguous last dimension, rows 16-byte aligned); sequence s is rows
+    [cu_seqlens_q[s], cu_seqlens_q[s+1]) of q and [cu_seqlens_k[s], cu_seqlens_k[s+1]) of k and v.
+    ``cu_seqlens_q`` / ``cu_seqlens_k``: 1-D int32 arrays of num_seqs + 1 offsets on the inputs'
+    GPU (0 first, non-decreasing, the packed length last). Semantics are exactly those of
+    :func:`bsfa_reference.attention_varlen`: every sequence is :func:`attention` of that sequence
+    alone (bottom-right causal alignment, tiles, diagonal rule and threshold positions restart at
+    its first row and key; ``thresholds`` is shared by all); empty sequences are allowed, and a
+    sequence with queries but no keys gives them out 0, lse -inf.
+
+    One launch covers the batch without padding copies: a CTA per (query tile of the longest
+    sequence, head, sequence) reads its sequence's offsets and exits at once past its end.
+
+    The offsets are validated on the host (``bsfa_reference``'s check) from a device-to-host copy
+    of both arrays (2 * (num_seqs + 1) int32): the call waits for the stream once, before the launch.
+    The copy also gives the longest sequences, which size the grid; ``max_seqlen_q`` /
+    ``max_seqlen_k`` (default: the longest) only widen the keep layout and must not be smaller than
+    a real length, so giving them does not skip the copy.
+
+    Args:
+        thresholds, softmax_scale, backend: as in :func:`attention`.
+        out: optional preallocated (total_q, Hq, D) output of the inputs' framework and dtype.
+
+    Returns:
+        out (total_q, Hq, D) in the input dtype, then lse (Hq, total_q) float32 if ``return_lse``,
+        then keep (num_seqs, Hq, nQ, nK) bool if ``return_keep``, nQ = ceil(max_seqlen_q / 128),
+        nK = ceil(max_seqlen_k / 64), False outside each sequence's own tiles.
+    """
+    _check_grad([("q", q), ("k", k), ("v", v)])
+    frame = frame_for(q)
+    with on(frame) as stream:
+        qv, kv, vv = to_cupy(q, "q", frame), to_cupy(k, "k", frame), to_cupy(v, "v", frame)
+        Hq, Hkv, D, dtype = _check_packed(qv, kv, vv)
+        total_q, total_k = qv.shape[0], kv.shape[0]
+        cu_q = to_cupy(cu_seqlens_q, "cu_seqlens_q", frame)
+        cu_k = to_cupy(cu_seqlens_k, "cu_seqlens_k", frame)
+        _same_device([qv, kv, vv, cu_q, cu_k], ["q", "k", "v", "cu_seqlens_q", "cu_seqlens_k"])
+        S, max_q, max_k = plan(cu_q.get(), cu_k.get(), total_q, total_k, max_seqlen_q, max_seqlen_k)
+        nQ, nK = -(-max_q // BLOCK_M), -(-max_k // BLOCK_N)
+        _launch.check_grid(max(S, 1), Hq, nQ, BLOCK_M)
+        backend = as_backend(backend)
+        strides = _strides(qv, "q") + _strides(kv, "k") + _strides(vv, "v")
+        scale = _positive_scale(softmax_scale, D)
+        mode, thr_scalar, thr_arr, T = kernel_thresholds(thresholds, Hq, frame.device_id)
+        shape = (total_q, Hq, D)
+        if out is None:
+            out_native, out_view = frame.empty(shape, dtype)
+        else:
+            out_native, out_view = out, _check_out(out, frame, shape, dtype, frame.device_id,
+                                                        "(total_q, Hq, D)")
+        o_strides = _strides(out_view, "out")
+        lse_native, lse_view = frame.empty((Hq, total_q), "float32")
+        keep_native, keep_view = frame.empty((S, Hq, nQ, nK), "bool") if return_keep else (None, None)
+
+        mod = _module(backend, dtype, D, causal, frame.device_id)
+        if mod.fwd_varlen is None:  # the warp-specialised Hopper kernel has no packed-batch entry yet
+            if backend.arch != "auto":
+                raise ValueError(
+                    f"backend {backend.arch!r}: expected a kernel with a packed-batch entry ('auto', 'sm80' or "
+                    f"'sm90'), got {backend.arch!r}, which has none yet"
+                )
+            mod = _module(backend, dtype, D, causal, frame.device_id, tma=False)  # the one-warpgroup wgmma kernel
+        kern = mod.fwd_varlen
+        if S and nQ:
+            # the kernel indexes the offsets as a dense int32 vector
+            cu_q, cu_k = _dense(cu_q), _dense(cu_k)
+            params = _launch.pack(
+                q=qv, k=kv, v=vv, out=out_view, lse=lse_view, keep=keep_view, thresholds=thr_arr,
+                cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, **_row_stride_fields(strides + o_strides),
+                Nq=max_q, Nk=max_k, Hq=Hq, Hkv=Hkv, thr_mode=mode, thr_T=T, thr_scalar=thr_scalar,
+                softmax_scale=scale, total_q=total_q, B=S,
+            )
+            kern.launch(S, Hq, nQ, params)
+        frame.finish(stream)
+
+    result = (frame.wrap(out_native, out_view),)
+    if return_lse:
+        result += (frame.wrap(lse_native, lse_view),)
+    if return_keep:
+        result += (frame.wrap(keep_native, keep_view),)
+    return result[0] if len(result) == 1 else result
+
+
+def _check_packed(qv, kv, vv):
+    """Shapes of q (total_q, Hq, D), k and v (total_k, Hkv, D), as bsfa_reference.attention_varlen."""
+    if qv.ndim != 3:
+        raise ValueError(f"q: expected rank 3 (total_q, heads_q, head_dim), got shape {tuple(qv.shape)}")
+    if kv.ndim != 3:
+        raise ValueError(f"k: expected rank 3 (total_k, heads_kv, head_dim), got shape {tuple(kv.shape)}")
+    _, Hq, D = qv.shape
+    _, Hkv, Dk = kv.shape
+    if min(Hq, D, Hkv, Dk) < 1:
+        raise ValueError(f"q and k: expected heads and head_dim >= 1, got q {tuple(qv.shape)}, k {tuple(kv.shape)}")
+    if Dk != D:
+        raise ValueError(f"k: expected head_dim {D} (from q {tuple(qv.shape)}), got k {tuple(kv.shape)}")
+    if Hq % Hkv != 0:
+        raise ValueError(f"heads: q heads ({Hq}) must be a multiple of k/v heads ({Hkv}); got q {tuple(qv.shape)}, "
+                         f"k {tuple(kv.shape)}")
+    if tuple(vv.shape) != tuple(kv.shape):
+        raise ValueError(f"v: expected shape {tuple(kv.shape)} (same as k), got {tuple(vv.shape)}")
+    dtype = _check_dtypes([("q", qv), ("k", kv), ("v", vv)], D)
+    return Hq, Hkv, D, dtype
+
+
+def _dense(cu):
+    from ._backend import cupy
+
+    return cupy().ascontiguousarray(cu)
+
+
+def _row_stride_fields(strides):
+    """The (sequence, head) strides of q, k, v, out as Params fields; packed arrays have no batch stride."""
+    names = [f"{t}_{d}" for t in "qkvo" for d in ("sn", "sh")]
+    return dict(zip(names, strides))
+
+
+def plan(cu_q, cu_k, total_q: int, total_k: int, max_seqlen_q=None, max_seqlen_k=None) -> tuple[int, int, int]:
+    """(num_seqs, max_seqlen_q, max_seqlen_k) of a packed batch from host copies of its offsets.
+
+    Every check :func:`attention_varlen` makes of the offsets before its launch: the reference's
+    (``check_cu_seqlens``: int32, 1-D, 0 first, non-decreasing, the packed length last, one length
+    for both), ``max_seqlen_*`` not below a real length, and every length within the kernels' int32.
+    """
+    len_q, len_k = check_cu_seqlens_pair(cu_q, cu_k, total_q, total_k)
+    max_q = check_max_seqlen(max_seqlen_q, int(len_q.max(initial=0)), "max_seqlen_q", "query sequence")
+    max_k = check_max_seqlen(max_seqlen_k, int(len_k.max(initial=0)), "max_seqlen_k", "key sequence")
+    if max(max_q, max_k, total_q, total_k) > _INT32_MAX:
+        raise ValueError(f"attention_varlen: lengths must stay below 2**31 (the kernels' int32), got "
+                         f"total_q={total_q}, total_k={total_k}, max_seqlen_q={max_q}, max_seqlen_k={max_k}")
+    return len_q.size, max_q, max_k

@@ -1,0 +1,260 @@
+"""bsfa_cupy.attention_varlen (one launch over a packed batch) on both kernels against
+bsfa_reference.attention_varlen, and its refusal of bad offsets before any launch."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, note, settings
+from hypothesis import strategies as st
+
+import bsfa_reference as ref
+from tests.support.gpu import (
+    kernel_backend,
+    HOST_DTYPES,
+    check_against_reference,
+    cp,
+    gate_exemptions,
+    poison_outputs,
+    requires_gpu,
+    rounding_margin,
+    scalar_threshold,
+    thresholds_from_maxima,
+)
+
+pytestmark = [pytest.mark.gpu, requires_gpu]
+
+BM, BN = ref.BLOCK_M, ref.BLOCK_N
+#: lengths at the tile edges, and empty sequences
+EDGE_LENGTHS = [0, 1, 127, 128, 129, 577]
+
+
+def _torch_cuda():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch if torch.cuda.is_available() else None
+
+
+def packed_inputs(rng, len_q, len_k, Hq, Hkv, D, dtype):
+    """Host q (total_q, Hq, D), k, v (total_k, Hkv, D) and int32 cu_seqlens for the given lengths."""
+    ht = HOST_DTYPES[dtype]
+    cu_q = np.concatenate([[0], np.cumsum(len_q)]).astype(np.int32)
+    cu_k = np.concatenate([[0], np.cumsum(len_k)]).astype(np.int32)
+    q = rng.standard_normal((int(cu_q[-1]), Hq, D)).astype(ht)
+    k = rng.standard_normal((int(cu_k[-1]), Hkv, D)).astype(ht)
+    v = rng.standard_normal((int(cu_k[-1]), Hkv, D)).astype(ht)
+    return q, k, v, cu_q, cu_k
+
+
+def shared_thresholds(q, k, cu_q, cu_k, causal, mode, D):
+    """Thresholds for the whole batch from its longest sequence's tile maxima (None / scalar / (Hq, T))."""
+    if mode == "none":
+        return None
+    lq = np.diff(cu_q)
+    s = int(np.argmax(lq))
+    if lq[s] == 0 or cu_k[s + 1] == cu_k[s]:
+        return 0.0
+    qs, ks = q[cu_q[s]:cu_q[s + 1]][None], k[cu_k[s]:cu_k[s + 1]][None]
+    tile_max = ref.block_max_scores(qs, ks, causal=causal)
+    margin = rounding_margin(qs, ks, causal, D)
+    if mode == "scalar":
+        return scalar_threshold(tile_max, margin)
+    return thresholds_from_maxima(tile_max, qs.shape[1], ks.shape[1], margin=margin)
+
+
+def to_device(x, kind):
+    if kind == "torch":
+        torch = _torch_cuda()
+        if x.dtype == HOST_DTYPES["bfloat16"]:
+            return torch.from_numpy(x.view(np.int16)).cuda().view(torch.bfloat16)
+        return torch.from_numpy(x).cuda()
+    return cp.asarray(x)
+
+
+def to_host(x, dtype=None):
+    if type(x).__module__.split(".")[0] == "torch":
+        import torch
+
+        if x.dtype == torch.bfloat16:
+            return x.view(torch.int16).cpu().numpy().view(HOST_DTYPES["bfloat16"])
+        return x.cpu().numpy()
+    return cp.asnumpy(x)
+
+
+def run_varlen(p, monkeypatch, backend):
+    """One attention_varlen call against the reference; every sequence checked as its own attention."""
+    import bsfa_cupy
+
+    backend = kernel_backend(backend, p["D"])
+    rng = np.random.default_rng(p["seed"])
+    D, dtype, causal = p["D"], p["dtype"], p["causal"]
+    q, k, v, cu_q, cu_k = packed_inputs(rng, p["len_q"], p["len_k"], p["Hq"], p["Hkv"], D, dtype)
+    thr = shared_thresholds(q, k, cu_q, cu_k, causal, p["mode"], D)
+    if p["kind"] == "torch" and _torch_cuda() is None:
+        pytest.skip("needs torch with CUDA")
+    dev = [to_device(x, p["kind"]) for x in (q, k, v, cu_q, cu_k)]
+    poison_outputs(monkeypatch)
+    out, lse, keep = bsfa_cupy.attention_varlen(*dev, thr, causal=causal, return_lse=True, return_keep=True,
+                                                max_seqlen_q=p.get("max_seqlen_q"), backend=backend)
+    assert type(out).__module__.split(".")[0] == ("torch" if p["kind"] == "torch" else "cupy")
+    out, lse = to_host(out).astype(np.float64), to_host(lse).astype(np.float64)
+    keep_u8 = to_host(keep).view(np.uint8)
+    assert set(np.unique(keep_u8)) <= {0, 1}, f"keep has unwritten entries: values {np.unique(keep_u8)}"
+    kernel_keep = keep_u8.astype(bool)
+
+    _, ref_lse, ref_keep = ref.attention_varlen(q, k, v, cu_q, cu_k, thr, causal=causal, return_lse=True,
+                                                return_keep=True, max_seqlen_q=p.get("max_seqlen_q"))
+    assert out.shape == q.shape[:2] + (D,) and lse.shape == ref_lse.shape and keep_u8.shape == ref_keep.shape, (
+        f"shapes: out {out.shape}, lse {lse.shape} (want {ref_lse.shape}), keep {keep_u8.shape} (want {ref_keep.shape})"
+    )
+    scale = 1.0 / np.sqrt(D)
+    exempt = np.zeros_like(ref_keep)
+    worst = (0.0, 0.0)
+    for s in range(len(p["len_q"])):
+        q0, q1, k0, k1 = int(cu_q[s]), int(cu_q[s + 1]), int(cu_k[s]), int(cu_k[s + 1])
+        sq, sk = -(-(q1 - q0) // BM), -(-(k1 - k0) // BN)
+        if q1 == q0:
+            continue
+        if k1 == k0:  # rows without keys: out 0, lse -inf
+            assert not out[q0:q1].any(), f"sequence {s}: rows without keys must give out 0"
+            assert (lse[:, q0:q1] == -np.inf).all(), f"sequence {s}: rows without keys must give lse -inf"
+            continue
+        qs, ks, vs = q[q0:q1][None], k[k0:k1][None], v[k0:k1][None]
+        if thr is not None:
+            tm = ref.block_max_scores(qs, ks, causal=causal)
+            am = ref.block_max_scores(np.abs(qs.astype(np.float64)), np.abs(ks.astype(np.float64)), causal=causal)
+            exempt[s:s + 1, :, :sq, :sk] = gate_exemptions(tm, am, np.asarray(thr, np.float32), q1 - q0, k1 - k0, D)
+        errs = check_against_reference(out[q0:q1][None], lse[:, q0:q1][None], qs, ks, vs,
+                                       kernel_keep[s:s + 1, :, :sq, :sk], causal, scale, dtype,
+                                       what=f"sequence {s} of {p}")
+        worst = max(worst, errs)
+    differ = (kernel_keep != ref_keep) & ~exempt
+    assert not differ.any(), (
+        f"keep differs from the reference at {int(differ.sum())} tiles (first {np.argwhere(differ)[:5].tolist()})"
+    )
+    return f"exempt tiles {int(exempt.sum())}, kept {int(kernel_keep.sum())}", worst
+
+
+@st.composite
+def varlen_problems(draw):
+    n = draw(st.integers(1, 4))
+    length = st.one_of(st.sampled_from(EDGE_LENGTHS), st.integers(1, 300))
+    len_q = draw(st.lists(length, min_size=n, max_size=n))
+    self_attn = draw(st.booleans())
+    len_k = len_q if self_attn else draw(st.lists(length, min_size=n, max_size=n))
+    Hkv = draw(st.integers(1, 2))
+    return dict(
+        len_q=len_q, len_k=len_k, Hkv=Hkv, Hq=Hkv * draw(st.sampled_from([1, 2, 4])),
+        D=draw(st.sampled_from([64, 128, 64, 128, 32, 96])),
+        dtype=draw(st.sampled_from(["float16", "bfloat16"])),
+        causal=draw(st.booleans()),
+        mode=draw(st.sampled_from(["none", "scalar", "maxima", "maxima"])),
+        # torch inputs only where torch has CUDA (a skip inside a hypothesis example would skip the test)
+        kind=draw(st.sampled_from(["cupy", "cupy", "torch"] if _torch_cuda() is not None else ["cupy"])),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+@given(varlen_problems())
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # examples: profile
+def test_varlen_matches_reference(monkeypatch, backend, p):
+    with monkeypatch.context() as m:
+        info, (err, base_err) = run_varlen(p, m, backend)
+    note(f"{info}; out error {err:.2e} vs low-precision baseline {base_err:.2e}")
+
+
+@pytest.mark.parametrize("kind", ["cupy", "torch"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("D", [64, 128])
+def test_varlen_edge_lengths(monkeypatch, backend, kind, causal, D):
+    """Every edge length in one batch (empty sequences first, in the middle and last), queries and keys of
+    different lengths, and a max_seqlen_q wider than the longest sequence."""
+    p = dict(len_q=[0, 1, 127, 0, 128, 129, 577, 0], len_k=[5, 1, 200, 0, 128, 64, 577, 3], Hkv=2, Hq=4, D=D,
+             dtype="bfloat16", causal=causal, mode="maxima", kind=kind, seed=D + causal, max_seqlen_q=700)
+    run_varlen(p, monkeypatch, backend)
+
+
+def test_varlen_equals_separate_calls_bitwise(backend):
+    """Each sequence of a packed call is bit for bit the fixed-length call on that sequence alone."""
+    import bsfa_cupy
+
+    rng = np.random.default_rng(3)
+    len_q = len_k = [300, 129, 640]
+    q, k, v, cu_q, cu_k = packed_inputs(rng, len_q, len_k, 4, 2, 128, "float16")
+    dev = [cp.asarray(x) for x in (q, k, v, cu_q, cu_k)]
+    out, lse, keep = bsfa_cupy.attention_varlen(*dev, 1.0, return_lse=True, return_keep=True, backend=backend)
+    # On Hopper, auto runs packed batches on the one-warpgroup wgmma kernel (the warp-specialised one
+    # has no packed-batch entry yet): compare with that kernel's fixed-length calls.
+    if backend == "auto" and str(cp.cuda.Device().compute_capability) == "90":
+        backend = "sm90"
+    for s in range(3):
+        q0, q1, k0, k1 = cu_q[s], cu_q[s + 1], cu_k[s], cu_k[s + 1]
+        o, l, kp = bsfa_cupy.attention(dev[0][None, q0:q1], dev[1][None, k0:k1], dev[2][None, k0:k1], 1.0,
+                                       return_lse=True, return_keep=True, backend=backend)
+        assert cp.array_equal(out[q0:q1], o[0]), f"sequence {s}: out differs from its own call"
+        assert cp.array_equal(lse[:, q0:q1], l[0]), f"sequence {s}: lse differs from its own call"
+        assert cp.array_equal(keep[s, :, :kp.shape[2], :kp.shape[3]], kp[0]), f"sequence {s}: keep differs"
+        assert not keep[s, :, kp.shape[2]:].any() and not keep[s, :, :, kp.shape[3]:].any()
+
+
+def test_varlen_without_rows(backend):
+    """No sequence, and only empty sequences: empty results of the documented shapes, nothing launched."""
+    import bsfa_cupy
+
+    for cu in ([0], [0, 0, 0]):
+        cu_d = cp.asarray(np.array(cu, np.int32))
+        q = cp.zeros((0, 2, 64), cp.float16)
+        out, lse, keep = bsfa_cupy.attention_varlen(q, q, q, cu_d, cu_d, return_lse=True, return_keep=True,
+                                                    backend=backend)
+        assert out.shape == (0, 2, 64) and lse.shape == (2, 0) and keep.shape == (len(cu) - 1, 2, 0, 0)
+
+
+def _bad_offset_cases():
+    good = np.array([0, 100, 100, 300], np.int32)
+    return [
+        ("dtype", dict(cu_q=good.astype(np.int64)), TypeError, r"cu_seqlens_q: expected dtype int32, got int64"),
+        ("decreasing", dict(cu_q=np.array([0, 200, 100, 300], np.int32)), ValueError,
+         r"cu_seqlens_q: expected non-decreasing offsets, got cu_seqlens_q\[2\] = 100 < cu_seqlens_q\[1\] = 200"),
+        ("first", dict(cu_k=np.array([1, 100, 100, 300], np.int32)), ValueError, r"cu_seqlens_k\[0\] == 0, got 1"),
+        ("last", dict(cu_q=np.array([0, 100, 100, 299], np.int32)), ValueError,
+         r"cu_seqlens_q: expected last entry 300 \(the packed length\), got 299"),
+        ("count", dict(cu_k=np.array([0, 300], np.int32)), ValueError,
+         r"cu_seqlens_k: expected length 4 \(the same number of sequences as cu_seqlens_q\), got 2"),
+        ("rank", dict(cu_q=good[None]), ValueError, r"cu_seqlens_q: expected a 1-D array"),
+        ("max_q", dict(max_seqlen_q=199), ValueError, r"max_seqlen_q: expected an int >= 200"),
+        ("max_k", dict(max_seqlen_k=1.5), TypeError, r"max_seqlen_k: expected an int or None, got float"),
+    ]
+
+
+@pytest.mark.parametrize("name,kw,error,message", _bad_offset_cases(), ids=[c[0] for c in _bad_offset_cases()])
+def test_bad_cu_seqlens_are_refused_before_launch(backend, name, kw, error, message):
+    import bsfa_cupy
+
+    good = np.array([0, 100, 100, 300], np.int32)
+    q = cp.ones((300, 2, 64), cp.float16)
+    out = cp.full(q.shape, np.nan, cp.float16)
+    kw = dict(kw)  # shared by both backends' runs
+    cu_q, cu_k = cp.asarray(kw.pop("cu_q", good)), cp.asarray(kw.pop("cu_k", good))
+    with pytest.raises(error, match=message):
+        bsfa_cupy.attention_varlen(q, q, q, cu_q, cu_k, out=out, backend=backend, **kw)
+    cp.cuda.get_current_stream().synchronize()
+    assert cp.isnan(out).all(), "the kernel ran although the offsets were refused"
+
+
+def test_host_or_foreign_cu_seqlens_are_refused(backend):
+    import bsfa_cupy
+
+    good = np.array([0, 100, 300], np.int32)
+    q = cp.ones((300, 2, 64), cp.float16)
+    with pytest.raises(TypeError, match=r"cu_seqlens_q: got a host numpy.ndarray"):
+        bsfa_cupy.attention_varlen(q, q, q, good, cp.asarray(good), backend=backend)
+    torch = _torch_cuda()
+    if torch is not None:
+        with pytest.raises(TypeError, match=r"cu_seqlens_k: got a torch tensor on cpu"):
+            bsfa_cupy.attention_varlen(q, q, q, cp.asarray(good), torch.from_numpy(good), backend=backend)
+    if cp.cuda.runtime.getDeviceCount() > 1:
+        with cp.cuda.Device(1):
+            other = cp.asarray(good)
+        with pytest.raises(ValueError, match=r"all arrays must be on one GPU, got .*cu_seqlens_q on cuda:1"):
+            bsfa_cupy.attention_varlen(q, q, q, other, cp.asarray(good), backend=backend)
