@@ -6,15 +6,16 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
-import bsfa_reference as R
-from bsfa_cupy._ring_step import RankAttention, fully_masked, merge_into, reference_call
-from bsfa_cupy._sequence_layout import spans
-from bsfa_cupy.distributed import shard, unshard
-from tests.distributed.support import (ATOL32, ATOL64, RTOL32, RTOL64, problem, scalar_that_skips,
+torch = pytest.importorskip("torch")
+
+import bsfa_reference as R  # noqa: E402
+from bsfa_cupy._ring_step import RankAttention, fully_masked, merge_into, reference_call  # noqa: E402
+from bsfa_cupy._sequence_layout import spans  # noqa: E402
+from bsfa_cupy.distributed import shard, unshard  # noqa: E402
+from tests.distributed.support import (ATOL32, ATOL64, RTOL32, RTOL64, problem, scalar_that_skips,  # noqa: E402
                                        thresholds_that_skip, whole_call)
-from tests.support.reference_helpers import assert_close, assert_same_mask
+from tests.support.reference_helpers import assert_close, assert_same_mask  # noqa: E402
 
 
 def simulate(q, k, v, thresholds, *, world, layout, causal=True):

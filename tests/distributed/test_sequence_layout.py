@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
-from bsfa_cupy.distributed import shard, unshard
-from bsfa_cupy._sequence_layout import Span, spans
+torch = pytest.importorskip("torch")
+
+
+from bsfa_cupy.distributed import shard, unshard  # noqa: E402
+from bsfa_cupy._sequence_layout import Span, spans  # noqa: E402
 
 
 def test_zigzag_gives_each_rank_one_early_and_one_late_chunk():
