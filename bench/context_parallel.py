@@ -13,7 +13,8 @@ gathered result with the one-GPU call:
 * keep must be identical (every tile decision);
 * out within 2 · eps · max(1, max |out|) of the one-GPU out (eps 2^-10 for float16, 2^-7 for
   bfloat16: the GPU suite's rounding floor once for each of the two computations);
-* lse within 1e-3 (natural log) of the one-GPU lse.
+* lse within 2 · (1e-4 + 2e-6 · |lse|) of the one-GPU lse (the GPU suite's lse bound against float64,
+  once for each computation); rows without a kept key must be -inf in both.
 
 Times: one warm-up call, then the median of ``--repeats`` calls timed with CUDA events; for the
 context-parallel call each repeat starts after a barrier and counts its slowest rank. The bar of
@@ -30,7 +31,7 @@ import os
 import sys
 
 EPS = {"float16": 2.0**-10, "bfloat16": 2.0**-7}
-LSE_ATOL = 1e-3
+LSE_ATOL, LSE_RTOL = 2e-4, 4e-6
 BAR = {2: 1.8, 4: 3.4}  # the speed-up asked for at N = 128K
 
 
@@ -163,9 +164,10 @@ def compare(one, gathered, dtype, torch, rows_per_slice=16384):
         out_nan += int(torch.isnan(b).sum())
     live = torch.isfinite(l1)
     lse_err = torch.where(live, (l2 - l1).abs(), torch.zeros_like(l1))
+    lse_over = lse_err > LSE_ATOL + LSE_RTOL * torch.where(live, l1.abs(), torch.zeros_like(l1))
     res = dict(
         out_err=out_err, out_tol=out_tol, out_bad=out_bad, out_nan=out_nan, out_row_rel=row_rel,
-        lse_err=float(lse_err.max()), lse_tol=LSE_ATOL, lse_bad=int((lse_err > LSE_ATOL).sum()),
+        lse_err=float(lse_err.max()), lse_bad=int(lse_over.sum()),
         lse_empty_differ=int((~live & (l2 != l1)).sum()),
         keep_differ=int((k1 != k2).sum()), keep_tiles=int(k1.numel()),
     )
@@ -220,18 +222,21 @@ def markdown(result) -> str:
              f"B={result['rows'][0]['b']}, Hq={result['rows'][0]['hq']}, Hkv={result['rows'][0]['hkv']}, "
              f"D={result['rows'][0]['d']}, {result['rows'][0]['dtype']}, causal, layout {result['layout']}. "
              "Times are medians of CUDA-event timings after one warm-up (context parallel: the slowest rank). "
-             f"Exact: keep identical to the one-GPU call, out within 2·eps·max(1, max|out|), lse within {LSE_ATOL}. "
+             f"Exact: keep identical to the one-GPU call, out within 2·eps·max(1, max|out|), lse within "
+             f"{LSE_ATOL:g} + {LSE_RTOL:g}·|lse|. "
              + (f"Bar at N=128K: ≥ {BAR[w]}×." if w in BAR else ""), "",
-             "`row rel` is the largest error of a (row, head) over that row's largest |out| (not a pass criterion).",
+             "`row rel` is the largest error of a (row, head) over that row's largest |out| (not a pass "
+             "criterion).",
              "",
-             "| N | mode | ρ | 1 GPU ms | CP ms | speed-up | out err (tol) | row rel | lse err | keep differs | exact |",
+             "| N | mode | ρ | 1 GPU ms | CP ms | speed-up | out err (tol) | row rel | lse err | keep differs "
+             "| exact |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         mode = "dense" if r["rho_target"] is None else f"ρ≈{r['rho_target']}"
         rho = "" if r["rho"] is None else f"{r['rho']:.3f}"
         lines.append(f"| {r['n']} | {mode} | {rho} | {r['ms_1gpu']:.2f} | {r['ms_cp']:.2f} | {r['speedup']:.2f}× | "
-                     f"{r['out_err']:.2e} ({r['out_tol']:.1e}) | {r['out_row_rel']:.1e} | {r['lse_err']:.1e} | {r['keep_differ']} | "
-                     f"{'yes' if r['exact'] else 'NO'} |")
+                     f"{r['out_err']:.2e} ({r['out_tol']:.1e}) | {r['out_row_rel']:.1e} | {r['lse_err']:.1e} | "
+                     f"{r['keep_differ']} | {'yes' if r['exact'] else 'NO'} |")
     return "\n".join(lines) + "\n"
 
 
