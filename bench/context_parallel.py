@@ -63,7 +63,10 @@ def main(argv=None) -> int:
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+    try:  # binding the device up front (torch >= 2.3) makes NCCL set up its communicator eagerly
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+    except TypeError:
+        dist.init_process_group("nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
     tag = check_tag(args.tag or f"cp{world}")
     check_out_dir(args.out)  # on every rank: a rank that stopped alone would leave the others waiting

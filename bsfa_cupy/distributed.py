@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from bsfa_reference._validate import check_thresholds
 from bsfa_reference.tiles import BLOCK_M
 
 from ._ring_step import RankAttention, kernel_call, reference_call
@@ -49,11 +50,13 @@ def context_parallel_attention(q_local, k_local, v_local, thresholds=None, *, gr
     Before the ring starts the ranks exchange their shapes (one small all_gather, which waits for
     it on the host), so that a rank with bad inputs makes every rank raise instead of hanging.
     """
-    group = dist.group.WORLD if group is None else group
     if not dist.is_initialized():
         raise RuntimeError("context_parallel_attention: torch.distributed is not initialised; call "
                            "torch.distributed.init_process_group first")
+    group = dist.group.WORLD if group is None else group
     rank, world = dist.get_rank(group), dist.get_world_size(group)
+    if rank < 0:
+        raise ValueError("group: this process is not a member of it")
     layout = check_layout(layout)
     for name, x in (("q_local", q_local), ("k_local", k_local), ("v_local", v_local)):
         if not isinstance(x, torch.Tensor):
@@ -64,7 +67,7 @@ def context_parallel_attention(q_local, k_local, v_local, thresholds=None, *, gr
     _agree_on_shapes(q_local, k_local, v_local, layout, world, group)
 
     cuda = q_local.is_cuda
-    thresholds = _thresholds_for(thresholds, q_local)
+    thresholds = _check_thresholds(_thresholds_for(thresholds, q_local), q_local)
     with torch.no_grad():  # forward only; the kernel refuses tensors that record gradients
         state = RankAttention(q_local, thresholds, rank=rank, world=world, layout=layout, causal=bool(causal),
                               softmax_scale=softmax_scale, want_keep=bool(return_keep),
@@ -207,3 +210,17 @@ def _thresholds_for(thresholds, q):
     if isinstance(thresholds, torch.Tensor):
         return DeviceThresholds(thresholds.to(device=q.device, dtype=torch.float32))
     return DeviceThresholds(thresholds, device=q.device.index)
+
+
+def _check_thresholds(thresholds, q):
+    """Refuse bad thresholds before the ring starts (every rank passes the same ones, so all refuse)."""
+    Hq = q.shape[2]
+    if q.is_cuda:
+        from .device_thresholds import DeviceThresholds
+
+        if isinstance(thresholds, DeviceThresholds) and thresholds.heads != Hq:
+            raise ValueError(f"thresholds: expected {Hq} heads (q_local's Hq), got a DeviceThresholds of "
+                             f"{thresholds.heads}")
+    else:
+        check_thresholds(thresholds, Hq)
+    return thresholds

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import pickle
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -58,6 +59,8 @@ def run(rank, world, init_file, out_dir):
         qk = torch.from_numpy(problem(256, seed=0)[0])
         bad = qk[:, :128] if rank == 0 else qk  # only rank 0's k is too short
         errors["one_rank_bad"] = _error(lambda: context_parallel_attention(qk, bad, bad))
+        q, k, v = (torch.from_numpy(x) for x in problem(256 * world, seed=0))
+        errors["thresholds"] = _error(lambda: context_parallel_attention(q, k, v, np.zeros((3, 4), np.float32)))
         with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
             pickle.dump((results, errors), f)
     finally:

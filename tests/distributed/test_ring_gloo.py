@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 
 import torch.multiprocessing as mp  # noqa: E402
 
-from bsfa_cupy.distributed import shard  # noqa: E402
+from bsfa_cupy.distributed import context_parallel_attention, shard  # noqa: E402
 from tests.distributed import gloo_worker  # noqa: E402
 from tests.distributed.support import ATOL32, RTOL32, whole_call  # noqa: E402
 from tests.support.reference_helpers import assert_close, assert_same_mask  # noqa: E402
@@ -69,6 +69,8 @@ def test_every_rank_refuses_what_one_rank_refuses(runs, monkeypatch, world):
         assert f"pad the sequence to a multiple of {256 * world}" in message, message
         kind, message = errors["unequal"]
         assert kind == "ValueError" and "every rank must hold an equal shard of one problem" in message, (r, message)
+        assert errors["thresholds"] == ("ValueError", "thresholds: expected shape (4, T) with T >= 1 (or a scalar), "
+                                                      "got (3, 4)"), errors["thresholds"]
         kind, message = errors["one_rank_bad"]
         if r == 0:
             want = "k_local: expected (B, n, Hkv, D) = (1, 256, Hkv, 16)"
@@ -76,3 +78,10 @@ def test_every_rank_refuses_what_one_rank_refuses(runs, monkeypatch, world):
         else:
             assert (kind, message) == ("ValueError", "context_parallel_attention: rank(s) [0] of the group refused "
                                                      "their inputs (their errors say why)")
+
+
+def test_the_ring_needs_an_initialised_process_group():
+    x = torch.zeros(1, 256, 1, 16)
+    with pytest.raises(RuntimeError, match="torch.distributed is not initialised; call "
+                                           "torch.distributed.init_process_group first"):
+        context_parallel_attention(x, x, x)

@@ -61,3 +61,4 @@ def test_shard_takes_negative_dims():
 def test_bad_arguments_are_refused(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
