@@ -34,8 +34,11 @@ def _bench(args) -> int:
     cfg = Config(ns=tuple(args.n), ds=tuple(args.d), hkvs=tuple(args.hkv), dtypes=tuple(args.dtype),
                  causal=(True, False) if args.noncausal else (True,), peers=tuple(args.peers),
                  calibrated=not args.no_calibrated, repeats=args.repeats, ours=not args.peers_only,
-                 backend=args.backend)
-    if min(cfg.ns) < MIN_N:
+                 backend=args.backend, b=args.b, rhos=tuple(args.rhos), blockmax=not args.no_blockmax)
+    bad_rho = [r for r in cfg.rhos if not 0 < r <= 1]
+    if bad_rho:
+        raise CliError(f"--rhos {bad_rho[0]}: expected keep fractions in (0, 1]")
+    if cfg.calibrated and min(cfg.ns) < MIN_N:
         raise CliError(f"--n {min(cfg.ns)}: expected sequence lengths of at least {MIN_N} (the calibrated row's "
                        f"synthetic samples start with {MIN_N - 1} attention-sink keys)")
     bad = [h for h in cfg.hkvs if cfg.hq % h]
@@ -183,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=_demo)
 
-    from .benchmark import IMPLS
+    from .benchmark import IMPLS, RHOS
 
     b = sub.add_parser("bench", help="time our kernel (dense, sparse, calibrated) against torch SDPA and FlexAttention")
     b.add_argument("--n", type=_positive, nargs="+", default=[4096, 8192, 16384, 32768, 65536, 131072])
@@ -196,6 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-calibrated", action="store_true", help="skip the calibrated-thresholds row")
     b.add_argument("--peers-only", action="store_true", help="time only the peers (e.g. FlexAttention on a few shapes)")
     b.add_argument("--repeats", type=_positive, default=7)
+    b.add_argument("--b", type=_positive, default=1, help="batch size (default 1)")
+    b.add_argument("--rhos", type=float, nargs="+", default=list(RHOS),
+                   help="keep fractions of the gated tiles for the sparse rows (default: %(default)s)")
+    b.add_argument("--no-blockmax", action="store_true", help="skip the block_max_scores row")
     b.add_argument("--backend", choices=("auto", "sm80", "sm90", "sm90ws"), default="auto",
                    help="our kernel (default: auto, the one bsfa_cupy.attention picks)")
     b.add_argument("--out", default=".", help="folder for the JSON/markdown/PNG results, created if missing "
