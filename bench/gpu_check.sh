@@ -74,7 +74,10 @@ for stage in "${stages[@]}"; do
       status[tests]+="; $last"
       ;;
     memcheck | racecheck | synccheck)
-      run "$stage" "$OUT/sanitize_$stage.log" "$sanitizer" --tool "$stage" --error-exitcode 9 \
+      # --report-api-errors no: NVIDIA's cuda-bindings (the TMA kernel's tensor maps) probes driver entry
+      # points with cuGetProcAddress at import, and the misses would count as errors; the kernels' own
+      # CUDA calls are checked by CuPy, which raises on any failure.
+      run "$stage" "$OUT/sanitize_$stage.log" "$sanitizer" --tool "$stage" --report-api-errors no --error-exitcode 9 \
         python3 bench/sanitize_cases.py
       status[$stage]+="; $(grep -hE '(ERROR|RACECHECK) SUMMARY' "$OUT/sanitize_$stage.log" 2>/dev/null | tail -n 1 | sed 's/^=* *//')"
       status[$stage]+="; $(grep -hE '^(sanitize cases ran|NaN |[A-Za-z.]*(Error|Exception)\b)' "$OUT/sanitize_$stage.log" \

@@ -61,7 +61,7 @@ for backend in backends:
             q = cp.asarray(rng.standard_normal((sum(len_q), 2, d), dtype=np.float32)).astype(dtype)
             k = cp.asarray(rng.standard_normal((sum(len_k), 1, d), dtype=np.float32)).astype(dtype)
             v = cp.asarray(rng.standard_normal((sum(len_k), 1, d), dtype=np.float32)).astype(dtype)
-            for causal in (True, False):
+            for causal in (True, False) if backend != "sm90ws" else ():  # sm90ws has no packed entry yet
                 for t in (None, 0.0):
                     bsfa_cupy.attention_varlen(q, k, v, cu_q, cu_k, t, causal=causal, max_seqlen_q=300,
                                                return_lse=True, return_keep=True, backend=backend)

@@ -81,24 +81,21 @@ def get_module(key: VariantKey, backend: Backend, device_id: int) -> Module:
             )
         grid_kind = _read_int(raw, "BSFA_GRID")
         sms = sm_count(device_id)
-        # Optional globals: kernels that take tensor maps (q, k, v for bsfa_fwd; q, k for bsfa_block_max).
-        fwd = _kernel(raw, "bsfa_fwd", "BSFA_FWD", grid_kind, sms, _read_int(raw, "BSFA_FWD_TMA", 0), 3)
+        # Kernels that take tensor maps (q, k, v for bsfa_fwd; q, k for bsfa_block_max) say so; every
+        # module exports these globals, so that no lookup fails (a failed one is an API error that
+        # compute-sanitizer reports).
+        fwd = _kernel(raw, "bsfa_fwd", "BSFA_FWD", grid_kind, sms, _read_int(raw, "BSFA_FWD_TMA"), 3)
         # The packed-batch entry, where the module has one (the warp-specialised kernel has none yet).
         fwd_varlen = None
-        if _read_int(raw, "BSFA_FWD_VARLEN", 1):
+        if _read_int(raw, "BSFA_FWD_VARLEN"):
             fwd_varlen = _kernel(raw, "bsfa_fwd_varlen", "BSFA_FWD", grid_kind, sms, 0, 0)
-        bmax = _kernel(raw, "bsfa_block_max", "BSFA_BLOCK_MAX", grid_kind, sms, _read_int(raw, "BSFA_BLOCK_MAX_TMA", 0), 2)
+        bmax = _kernel(raw, "bsfa_block_max", "BSFA_BLOCK_MAX", grid_kind, sms, _read_int(raw, "BSFA_BLOCK_MAX_TMA"), 2)
     return Module(key, backend.defines, fwd, fwd_varlen, bmax, raw)
 
 
-def _read_int(raw, symbol: str, default: int | None = None) -> int:
+def _read_int(raw, symbol: str) -> int:
     cp = cupy()
-    try:
-        ptr = raw.get_global_var(symbol)
-    except cp.cuda.driver.CUDADriverError:
-        if default is None:
-            raise
-        return default
+    ptr = raw.get_global_var(symbol)
     ptr = ptr[0] if isinstance(ptr, tuple) else ptr
     host = np.zeros(1, np.int32)
     cp.cuda.runtime.memcpy(host.ctypes.data, int(ptr), 4, cp.cuda.runtime.memcpyDeviceToHost)

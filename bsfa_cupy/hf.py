@@ -391,8 +391,9 @@ def _bsfa_packed(query, key, value, q_valid, kv_valid, thr, scaling, tally=None)
     if query.device.type == "cuda":
         from .varlen import attention_varlen
 
-        cu_q = torch.nn.functional.pad(torch.cumsum(len_q, 0, dtype=torch.int32), (1, 0))
-        cu_k = torch.nn.functional.pad(torch.cumsum(len_k, 0, dtype=torch.int32), (1, 0))
+        # The masks may live on the host: the offsets go to the inputs' GPU (a few bytes).
+        cu_q = torch.nn.functional.pad(torch.cumsum(len_q, 0, dtype=torch.int32), (1, 0)).to(query.device)
+        cu_k = torch.nn.functional.pad(torch.cumsum(len_k, 0, dtype=torch.int32), (1, 0)).to(query.device)
         res = attention_varlen(q_p, k_p, v_p, cu_q, cu_k, thr, causal=True, softmax_scale=scaling,
                                return_keep=want_keep)
     else:

@@ -41,6 +41,8 @@ def _check_grad(arrays):
 def _strides(x, name):
     """Element strides of a 4-D view whose last dim is contiguous and rows 16-byte aligned."""
     item = x.dtype.itemsize
+    if x.size == 0:  # nothing is read or written: any strides (CuPy gives empty arrays zero strides)
+        return [0] * (x.ndim - 1)
     if x.strides[-1] != item and x.shape[-1] != 1:
         raise ValueError(
             f"{name}: expected a contiguous last dimension (stride {item} bytes), got strides {x.strides} "

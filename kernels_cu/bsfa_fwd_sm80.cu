@@ -45,6 +45,10 @@ extern "C" __constant__ int BSFA_BLOCK_MAX_SMEM_BYTES = TR::kBlockMaxSmemBytes;
 extern "C" __constant__ int BSFA_BLOCK_M = bsfa::TileShape::kBlockM;
 extern "C" __constant__ int BSFA_BLOCK_N = bsfa::TileShape::kBlockN;
 extern "C" __constant__ int BSFA_GRID = bsfa::kGridPerHead;
+// No tensor maps (the TMA kernel's launch takes them after the Params); a packed-batch entry.
+extern "C" __constant__ int BSFA_FWD_TMA = 0;
+extern "C" __constant__ int BSFA_BLOCK_MAX_TMA = 0;
+extern "C" __constant__ int BSFA_FWD_VARLEN = 1;
 
 extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1) bsfa_fwd(const __grid_constant__ bsfa::Params p) {
     bsfa::fwd_kernel_sm80<TR, kCausal, false>(bsfa::fwd_args<true>(p));

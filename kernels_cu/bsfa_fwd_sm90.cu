@@ -41,6 +41,10 @@ extern "C" __constant__ int BSFA_BLOCK_MAX_SMEM_BYTES = TR::kBlockMaxSmemBytes;
 extern "C" __constant__ int BSFA_BLOCK_M = bsfa::TileShape::kBlockM;
 extern "C" __constant__ int BSFA_BLOCK_N = bsfa::TileShape::kBlockN;
 extern "C" __constant__ int BSFA_GRID = bsfa::kGridChunked;
+// No tensor maps (the TMA kernel's launch takes them after the Params); a packed-batch entry.
+extern "C" __constant__ int BSFA_FWD_TMA = 0;
+extern "C" __constant__ int BSFA_BLOCK_MAX_TMA = 0;
+extern "C" __constant__ int BSFA_FWD_VARLEN = 1;
 
 extern "C" __global__ void __launch_bounds__(TR::kNThreads, 2) bsfa_fwd(const __grid_constant__ bsfa::Params p) {
     bsfa::fwd_kernel_sm90<TR, kCausal, false>(p, bsfa::fwd_args<false>(p));
