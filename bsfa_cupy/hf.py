@@ -448,7 +448,7 @@ def _count_heads(module, out, lse, dense_out, dense_lse, cuda: bool) -> None:
         out, dense_out = torch.from_numpy(out), torch.from_numpy(dense_out)
     has_key = dense_lse > -math.inf  # (B, Hq, Nq)
     gap = torch.where(has_key, lse - torch.where(has_key, dense_lse, 0.0), 0.0).clamp(max=0.0)
-    mass = torch.where(has_key, -torch.expm1(gap), 0.0)  # a row with no kept key: lse -inf, mass 1
+    mass = torch.where(has_key, -torch.expm1(gap), 0.0) + 0.0  # no kept key: lse -inf, mass 1; + 0.0: no -0.0
     sums = {
         "rows": torch.full((mass.shape[1],), float(mass.shape[0] * mass.shape[2]), dtype=torch.float64),
         "mass": mass.sum(dim=(0, 2)).cpu(),

@@ -41,8 +41,8 @@ def _ids(seed, n=N):
 
 @pytest.fixture(scope="module")
 def measured(tiny):
-    rows, texts = quality.measure(tiny, [_ids(1), _ids(2)], [("a", _ids(3)), ("b", _ids(4))], (1, 2, 16),
-                                  progress=False)
+    rows, texts, _, _ = quality.measure(tiny, [_ids(1), _ids(2)], [("a", _ids(3)), ("b", _ids(4))], (1, 2, 16),
+                                        progress=False, head_stats=True)
     return {r["k"]: r for r in rows}, texts
 
 
@@ -80,6 +80,10 @@ def test_small_k_skips_tiles_and_counts_add_up(measured):
         assert len(r["layer_skipped_gated"]) == LAYERS and all(0.0 <= x <= 1.0 for x in r["layer_skipped_gated"])
         assert np.isclose(r["ppl"], np.exp(r["nll"])) and np.isclose(r["ppl_dense"], np.exp(r["nll_dense"]))
     assert rows[1]["skipped_gated"] > 0.2 and rows[1]["max_rel_logit_diff"] > 1e-4
+    # head statistics: nothing dropped where nothing is skipped, something where tiles are
+    assert rows[16]["mass_mean"] == 0.0 and max(map(max, rows[16]["head_rel_err"])) == 0.0
+    assert 0.0 < rows[1]["mass_mean"] < 1.0 and np.shape(rows[1]["head_mass"]) == (LAYERS, HQ)
+    assert rows[1]["mass_mean"] >= rows[2]["mass_mean"]
     assert rows[1]["skipped_gated"] >= rows[2]["skipped_gated"]
     assert len(texts) == 2 * len(rows) and {t["text"] for t in texts} == {"a", "b"}
 
@@ -115,7 +119,9 @@ def test_results_are_written(tmp_path, measured, capsys):
     assert names[:2] == ["cpu-reference_2026-01-02_t1.json", "cpu-reference_2026-01-02_t1.md"]
     assert json.loads(paths[0].read_text())["runs"][0]["n"] == N
     md = paths[1].read_text()
-    assert md.count(f"| {N} |") == len(rows)
+    table = [line for line in md.splitlines() if line.startswith(f"| {N} |") and "≤" not in line]
+    assert len(table) == len(rows), table
+    assert md.count(f"| {N} | paper | ≤") == 2  # the best row within 1 % and 0.1 %
     assert len(paths) == 3 or "PNG skipped" in md  # the PNG needs matplotlib
 
 
@@ -158,3 +164,96 @@ def test_padded_rows_count_their_own_tiles(tiny):
     want = HQ * sum(hf._candidate_tiles(n, n)[0] for n in lengths)
     assert all(sum(v) == want for v in hf.tile_stats(tiny).values())
     tiny.set_attn_implementation("sdpa")
+
+
+def test_head_stats_mass_is_the_reference_dropped_mass(tiny):
+    # one layer's call seen by the backend against bsfa_reference.dropped_mass on the same q and k
+    import bsfa_reference as R
+
+    thr = hf.calibrate(tiny, [_ids(1)], [1], progress=False)
+    seen = {}
+    layer0 = hf._attention_modules(tiny)[0]
+    orig = hf._bsfa
+
+    def spy(query, key, value, t, scaling, tally=None, block=(BLOCK_M, BLOCK_N)):
+        if tally is not None and tally.module is layer0:
+            seen.update(q=query.transpose(1, 2).numpy().copy(), k=key.transpose(1, 2).numpy().copy(), t=t,
+                        scale=scaling)
+        return orig(query, key, value, t, scaling, tally, block)
+
+    hf._bsfa = spy
+    try:
+        hf.enable(tiny, thr, k=1, head_stats=True)
+        hf.reset_stats(tiny)
+        with torch.no_grad():
+            tiny(_ids(7))
+    finally:
+        hf._bsfa = orig
+        tiny.set_attn_implementation("sdpa")
+    got = hf.head_stats(tiny)[0]
+    want = R.dropped_mass(seen["q"], seen["k"], [seen["t"]], softmax_scale=seen["scale"])[0]  # (1, HQ, N)
+    assert np.all(got["rows"] == N)
+    np.testing.assert_allclose(got["mass"], want.sum(axis=(0, 2)), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(got["mass_max"], want.max(axis=(0, 2)), rtol=1e-9, atol=1e-12)
+
+
+def test_per_layer_k_and_finer_tiles(tiny):
+    thr = hf.calibrate(tiny, [_ids(1)], [1, 2], progress=False, block_m=64, reduce="median")
+    assert (thr.block_m, thr.block_n) == (64, BLOCK_N)
+    hf.enable(tiny, thr, k=[1, None], tile_stats=True)
+    hf.reset_stats(tiny)
+    with torch.no_grad():
+        tiny(_ids(5))
+    t = hf.tile_stats(tiny)
+    cand, diag = hf._candidate_tiles(N, N, (64, BLOCK_N))
+    assert all(sum(v) == HQ * cand and v[2] == HQ * diag for v in t.values())
+    assert t[0][1] > 0 and t[1][1] == 0, f"layer 0 gated at k=1, layer 1 dense: got {t}"
+    with pytest.raises(ValueError, match="one entry per layer"):
+        hf.enable(tiny, thr, k=[1])
+    with pytest.raises(ValueError, match=r"k\[1\]: expected one of the k values"):
+        hf.enable(tiny, thr, k=[1, 3])
+    with pytest.raises(TypeError, match="k: expected an int"):
+        hf.enable(tiny, thr, k=None)
+    with pytest.raises(ValueError, match="reduce"):
+        hf.calibrate(tiny, [_ids(1)], [1], progress=False, reduce="max")
+    tiny.set_attn_implementation("sdpa")
+
+
+def test_rules_and_layer_k_rows(tiny):
+    with pytest.raises(ValueError, match="--rules nope"):
+        quality.parse_rule("nope")
+    with pytest.raises(ValueError, match="@TOKENS"):
+        quality.parse_rule("paper@12")
+    assert quality.parse_rule("median@2048") == quality.Rule("median@2048", reduce="median", calib_n=2048)
+    rows, _, _, extra = quality.measure(tiny, [_ids(1)], [("a", _ids(3))], (1, 2, 16),
+                                        rule=quality.RULES["layer-k"], mass_targets=(0.0, 1.0), progress=False)
+    mass = np.asarray(extra["calibration_mass"])
+    assert mass.shape == (LAYERS, 3) and (mass[:, 2] == 0).all() and (mass[:, 0] >= mass[:, 1]).all()
+    by_target = {r["k"]: r for r in rows}
+    assert by_target[1.0]["layer_k"] == [1] * LAYERS  # any mass allowed: the smallest k everywhere
+    assert all(k in (16, None) or mass[i, [1, 2, 16].index(k)] == 0 for i, k in enumerate(by_target[0.0]["layer_k"]))
+    assert by_target[1.0]["skipped_all"] >= by_target[0.0]["skipped_all"]
+
+
+def test_needle_trials_are_exactly_n_tokens():
+    from bsfa_cupy.tools import needle
+
+    class Tok:  # one token per character: positions are easy to check
+        def __call__(self, text, add_special_tokens=False):
+            return type("Enc", (), {"input_ids": [ord(c) % 256 for c in text]})()
+
+    hay = torch.arange(2000) % 200
+    trials = needle.trials(Tok(), hay, 400, per_depth=1)
+    assert len(trials) == len(needle.DEPTHS)
+    for tr in trials:
+        ids = tr["ids"][0]
+        assert ids.shape == (400,) and tr["answer"] == list(range(400 - 8, 400))  # " " + 7 digits
+        assert "".join(chr(int(c)) for c in ids[tr["answer"]]) == " " + tr["number"]
+        logits = torch.zeros((1, 400, 256))
+        logits[0, torch.arange(399), ids[1:]] = 1.0  # predicts every next token
+        assert needle.retrieved(logits, tr)
+        logits[0, tr["answer"][-1] - 1] = 0.0
+        logits[0, tr["answer"][-1] - 1, 0] = 1.0
+        assert not needle.retrieved(logits, tr)
+    with pytest.raises(ValueError, match="expected a haystack"):
+        needle.trials(Tok(), hay[:10], 400)
