@@ -422,8 +422,9 @@ def torch_cat(parts):
 # ---------------------------------------------------------------------- reports
 def write_results(result: dict, out_dir=".", tag="") -> list:
     """JSON + markdown (+ PNG when matplotlib is there) named after the device, date and tag."""
-    from .quality_report import markdown, plot
+    from .quality_report import markdown, plot, summary
 
+    result["summary"] = summary(result)
     stem = result_stem(slug(result["device"]), result["date"], tag=tag)
     return write_result_files(out_dir, stem, result, markdown(result),
                               lambda s: [plot(result, s.with_name(s.name + ".png"))])

@@ -258,6 +258,17 @@ def test_rules_and_layer_k_rows(tiny):
     assert by_target[1.0]["skipped_all"] >= by_target[0.0]["skipped_all"]
 
 
+def test_skipped_pv_is_measured_against_the_kernel_grid():
+    from bsfa_cupy.tools.quality_report import skipped_pv
+
+    # N = 256: the 128 x 64 grid has 2 + 4 = 6 candidate tiles (6 x 8192 of area); the 16 x 64 grid has
+    # 4 x (1 + 2 + 3 + 4) = 40. 8 skipped 16-row tiles of one call: 8 x 1024 / 49152 = 1/6.
+    fine = {"rule": "bm16", "tiles": {"kept_gated": 12, "skipped_gated": 8, "diagonal": 20}}
+    assert skipped_pv(fine, 256) == pytest.approx(1 / 6, rel=1e-12)
+    paper = {"rule": "paper@512", "tiles": {"kept_gated": 3, "skipped_gated": 5, "diagonal": 4}}  # 2 calls
+    assert skipped_pv(paper, 256) == pytest.approx(5 / 12, rel=1e-12)
+
+
 def test_needle_trials_are_exactly_n_tokens():
     from bsfa_cupy.tools import needle
 
