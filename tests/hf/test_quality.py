@@ -291,3 +291,25 @@ def test_needle_trials_are_exactly_n_tokens():
         assert not needle.retrieved(logits, tr)
     with pytest.raises(ValueError, match="expected a haystack"):
         needle.trials(Tok(), hay[:10], 400)
+
+
+def test_merge_quality_joins_runs_of_the_same_texts(measured):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "merge_quality.py"
+    spec = importlib.util.spec_from_file_location("merge_quality", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows, texts = measured
+    rows = [{**r, "rule": "paper"} for r in rows.values()]
+
+    def result(sel, evals=("a", "b")):
+        return {"device": "cpu-reference", "date": "2026-01-02", "model": "/m/tiny", "dtype": "float32",
+                "config": {}, "runs": [{"n": N, "calib_texts": ["c"], "eval_texts": list(evals), "rows": sel,
+                                        "texts": []}]}
+
+    merged = mod.merge([result(rows[2:]), result(rows[:2])])
+    assert [r["k"] for r in merged["runs"][0]["rows"]] == sorted(r["k"] for r in rows)
+    with pytest.raises(ValueError, match="same calibration and evaluation texts"):
+        mod.merge([result(rows[2:]), result(rows[:2], evals=("x",))])
