@@ -376,6 +376,10 @@ def run(cfg: Config, *, device="cpu", progress=True, out_dir=".", tag=""):
 
     root, gguf_path = check(cfg)
     rules = [parse_rule(r) for r in cfg.rules]
+    foreign = [r.name for r in rules if r.block_m != 128]
+    if device == "cuda" and foreign:
+        raise QualityInputError(f"--rules {' '.join(foreign)}: expected rules with the kernel's 128 query rows on the "
+                                "GPU; finer query tiles run on the CPU reference only (--device cpu)")
     tok, model = load(root, gguf_path, device)
     paths = essay_paths()
     result = {"device": device_name(device), "date": _dt.date.today().isoformat(), "config": asdict(cfg),

