@@ -317,7 +317,7 @@ def measure(model, calib_ids, eval_items, ks, *, rule: Rule = RULES["paper"], ma
         if head_stats:
             row.update(_head_summary(heads[label], layers))
         rows.append(row)
-    extra = {} if mass is None else {"calibration_mass": mass.tolist()}
+    extra = {} if mass is None else {"calibration_mass": mass.tolist(), "k_values": list(ks)}
     return rows, texts, thr, extra
 
 

@@ -97,6 +97,15 @@ def markdown(result: dict) -> str:
                 lines.append("  - worst head err " + " ".join(f"{max(h):.3f}" for h in r["head_rel_err"]))
             if "layer_k" in r:
                 lines.append("  - k per layer " + " ".join("–" if k is None else str(k) for k in r["layer_k"]))
+    for run in result["runs"]:
+        for rule, cal in run.get("calibration", {}).items():
+            mass = cal.get("calibration_mass")
+            if not mass:
+                continue
+            ks = cal.get("k_values") or result["config"]["ks"]
+            lines += ["", f"N={run['n']} {rule}: mean dropped mass per layer on the calibration texts (×1e3), "
+                      "every layer at k:", ""]
+            lines += [f"- k={k}: " + " ".join(f"{1e3 * row[j]:.1f}" for row in mass) for j, k in enumerate(ks)]
     if result.get("needle"):
         lines += ["", "Needle retrieval (share of trials whose answer tokens are all top-1; depths "
                   f"{result['needle'][0]['depths']}):", "", "| N | trials | dense | BSFA (rule, k: share) |",
