@@ -158,12 +158,8 @@ def attention(q, k, v, thresholds=None, *, causal=True, softmax_scale=None, retu
         kern.launch(B, Hq, nQ, params, maps)
         frame.finish(stream)
 
-    result = (frame.wrap(out_native, out_view),)
-    if return_lse:
-        result += (frame.wrap(lse_native, lse_view),)
-    if return_keep:
-        result += (frame.wrap(keep_native, keep_view),)
-    return result[0] if len(result) == 1 else result
+    return _results(frame, (out_native, out_view), (lse_native, lse_view) if return_lse else None,
+                    (keep_native, keep_view) if return_keep else None)
 
 
 def block_max_scores(q, k, *, causal=True, softmax_scale=None, backend="auto", q_start=None, k_start=0):
@@ -217,6 +213,12 @@ def positions(q_start, k_start, Nq, Nk):
             f"queries at [{q0}, {q0 + Nq}) and keys at [{k0}, {k0 + Nk})"
         )
     return k0, q0 - k0
+
+
+def _results(frame, out, lse=None, keep=None):
+    """out, then lse and keep where asked for ((native, view) pairs), in the caller's array type."""
+    result = tuple(frame.wrap(*pair) for pair in (out, lse, keep) if pair is not None)
+    return result[0] if len(result) == 1 else result
 
 
 def _check_dtypes(named, D):

@@ -7,7 +7,7 @@ from bsfa_reference.tiles import BLOCK_M, BLOCK_N
 from . import _launch
 from ._arrays import frame_for, on, to_cupy
 from .device_thresholds import kernel_thresholds
-from .ops import _check_dtypes, _check_grad, _check_out, _module, _positive_scale, _same_device, _strides
+from .ops import _check_dtypes, _check_grad, _check_out, _module, _positive_scale, _results, _same_device, _strides
 from ._variants import as_backend
 
 __all__ = ["attention_varlen"]
@@ -95,12 +95,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, thresholds=None, *, ma
             kern.launch(S, Hq, nQ, params)
         frame.finish(stream)
 
-    result = (frame.wrap(out_native, out_view),)
-    if return_lse:
-        result += (frame.wrap(lse_native, lse_view),)
-    if return_keep:
-        result += (frame.wrap(keep_native, keep_view),)
-    return result[0] if len(result) == 1 else result
+    return _results(frame, (out_native, out_view), (lse_native, lse_view) if return_lse else None,
+                    (keep_native, keep_view) if return_keep else None)
 
 
 def _check_packed(qv, kv, vv):

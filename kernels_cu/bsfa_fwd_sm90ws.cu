@@ -52,11 +52,11 @@ extern "C" __constant__ int BSFA_GRID = bsfa::kGridPersistent;
 extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
     bsfa_fwd(const __grid_constant__ bsfa::Params p, const __grid_constant__ bsfa::TmaDesc tq,
              const __grid_constant__ bsfa::TmaDesc tk, const __grid_constant__ bsfa::TmaDesc tv) {
-    bsfa::fwd_kernel_sm90ws<TR, kCausal>(p, tq, tk, tv);
+    bsfa::kernel_sm90ws<TR, kCausal, true>(p, tq, tk, tv);
 }
 
 extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
     bsfa_block_max(const __grid_constant__ bsfa::Params p, const __grid_constant__ bsfa::TmaDesc tq,
                    const __grid_constant__ bsfa::TmaDesc tk) {
-    bsfa::block_max_kernel_sm90ws<TR, kCausal>(p, tq, tk);
+    bsfa::kernel_sm90ws<TR, kCausal, false>(p, tq, tk, tk);
 }

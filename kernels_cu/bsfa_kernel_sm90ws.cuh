@@ -39,9 +39,11 @@ __device__ __forceinline__ void init_barriers_ws(const SmemWs<TR>& sm) {
     mbar_init_fence();
 }
 
-template <class TR, bool kCausal>
-__device__ __forceinline__ void fwd_kernel_sm90ws(const Params& p, const TmaDesc& tq, const TmaDesc& tk,
-                                                  const TmaDesc& tv) {
+// Either kernel (kFwd: bsfa_fwd, else bsfa_block_max, which loads no V and
+// takes tk in place of tv): barrier set-up, then one role per warpgroup.
+template <class TR, bool kCausal, bool kFwd>
+__device__ __forceinline__ void kernel_sm90ws(const Params& p, const TmaDesc& tq, const TmaDesc& tk,
+                                              const TmaDesc& tv) {
     const SmemWs<TR> sm(aligned_smem_base());
     if (threadIdx.x == 0) init_barriers_ws<TR>(sm);
     cta_sync();
@@ -51,33 +53,16 @@ __device__ __forceinline__ void fwd_kernel_sm90ws(const Params& p, const TmaDesc
         if (threadIdx.x == 0) {
             tma_prefetch_desc(tq);
             tma_prefetch_desc(tk);
-            tma_prefetch_desc(tv);
-            producer_loop<TR, kCausal>(p, tq, tk, tv, sm);
+            if constexpr (kFwd) tma_prefetch_desc(tv);
+            producer_loop<TR, kCausal, kFwd>(p, tq, tk, tv, sm);
         }
     } else {
         setmaxnreg_inc<TR::kConsumerRegs>();
-        consumer_loop<TR, kCausal>(p, sm, wg - 1, threadIdx.x - 128 * wg);
-    }
-}
-
-// The whole bsfa_block_max: barrier set-up, then the producer (Q and K)
-// and the two consumer warpgroups, as in the forward.
-template <class TR, bool kCausal>
-__device__ __forceinline__ void block_max_kernel_sm90ws(const Params& p, const TmaDesc& tq, const TmaDesc& tk) {
-    const SmemWs<TR> sm(aligned_smem_base());
-    if (threadIdx.x == 0) init_barriers_ws<TR>(sm);
-    cta_sync();
-    const int wg = threadIdx.x / 128;
-    if (wg == 0) {
-        setmaxnreg_dec<TR::kProducerRegs>();
-        if (threadIdx.x == 0) {
-            tma_prefetch_desc(tq);
-            tma_prefetch_desc(tk);
-            producer_loop<TR, kCausal, false>(p, tq, tk, tk, sm);
+        if constexpr (kFwd) {
+            consumer_loop<TR, kCausal>(p, sm, wg - 1, threadIdx.x - 128 * wg);
+        } else {
+            block_max_consumer<TR, kCausal>(p, sm, wg - 1, threadIdx.x - 128 * wg);
         }
-    } else {
-        setmaxnreg_inc<TR::kConsumerRegs>();
-        block_max_consumer<TR, kCausal>(p, sm, wg - 1, threadIdx.x - 128 * wg);
     }
 }
 

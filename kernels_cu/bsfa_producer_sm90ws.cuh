@@ -19,6 +19,20 @@
 
 namespace bsfa {
 
+// One ring slot (or the Q buffer): waits until it is free (parity of the
+// slot's previous use), announces its bytes on `full`, and copies the
+// 64-column panels of the box at rows row0.. of head h, batch b into dst.
+template <class TR, int kPanelStride>
+__device__ __forceinline__ void fill_slot(unsigned dst, const TmaDesc& desc, unsigned empty, unsigned full,
+                                          unsigned parity, int row0, int h, int b) {
+    mbar_wait(empty, parity);
+    mbar_arrive_expect_tx(full, TR::kPanels * kPanelStride);
+#pragma unroll
+    for (int pn = 0; pn < TR::kPanels; ++pn) {
+        tma_load_4d(dst + pn * kPanelStride, desc, full, pn * TR::kPanelCols, row0, h, b);
+    }
+}
+
 template <class TR, bool kCausal, bool kLoadV = true>
 __device__ __forceinline__ void producer_loop(const Params& p, const TmaDesc& tq, const TmaDesc& tk,
                                               const TmaDesc& tv, const SmemWs<TR>& sm) {
@@ -35,34 +49,19 @@ __device__ __forceinline__ void producer_loop(const Params& p, const TmaDesc& tq
         if (qt.c_end < 0) continue;  // no key to visit: the consumers write zeros without Q
         const int hkv = w.h / group;
 
-        mbar_wait(sm.bar(TR::kBarQEmpty), q_phase ^ 1u);
-        mbar_arrive_expect_tx(sm.bar(TR::kBarQFull), TR::kQBytes);
-#pragma unroll
-        for (int pn = 0; pn < TR::kPanels; ++pn) {
-            tma_load_4d(sm.q() + pn * TR::kQPanelBytes, tq, sm.bar(TR::kBarQFull), pn * TR::kPanelCols, qt.q0, w.h,
-                        w.b);
-        }
+        fill_slot<TR, TR::kQPanelBytes>(sm.q(), tq, sm.bar(TR::kBarQEmpty), sm.bar(TR::kBarQFull), q_phase ^ 1u,
+                                         qt.q0, w.h, w.b);
         q_phase ^= 1u;
 
 #pragma unroll 1
         for (int n = qt.c_end / TR::kKeyHalves; n >= 0; --n) {
             const int s = kv.stage;
             const int key0 = n * TR::kBlockKeys;
-            mbar_wait(sm.bar(TR::kBarKEmpty + s), kv.phase ^ 1u);
-            mbar_arrive_expect_tx(sm.bar(TR::kBarKFull + s), TR::kKVBytes);
-#pragma unroll
-            for (int pn = 0; pn < TR::kPanels; ++pn) {
-                tma_load_4d(sm.k() + s * TR::kKVBytes + pn * TR::kKVPanelBytes, tk, sm.bar(TR::kBarKFull + s),
-                            pn * TR::kPanelCols, key0, hkv, w.b);
-            }
+            fill_slot<TR, TR::kKVPanelBytes>(sm.k() + s * TR::kKVBytes, tk, sm.bar(TR::kBarKEmpty + s),
+                                             sm.bar(TR::kBarKFull + s), kv.phase ^ 1u, key0, hkv, w.b);
             if constexpr (kLoadV) {
-                mbar_wait(sm.bar(TR::kBarVEmpty + s), kv.phase ^ 1u);
-                mbar_arrive_expect_tx(sm.bar(TR::kBarVFull + s), TR::kKVBytes);
-#pragma unroll
-                for (int pn = 0; pn < TR::kPanels; ++pn) {
-                    tma_load_4d(sm.v() + s * TR::kKVBytes + pn * TR::kKVPanelBytes, tv, sm.bar(TR::kBarVFull + s),
-                                pn * TR::kPanelCols, key0, hkv, w.b);
-                }
+                fill_slot<TR, TR::kKVPanelBytes>(sm.v() + s * TR::kKVBytes, tv, sm.bar(TR::kBarVEmpty + s),
+                                                 sm.bar(TR::kBarVFull + s), kv.phase ^ 1u, key0, hkv, w.b);
             }
             kv.advance();
         }
