@@ -5,16 +5,16 @@
 // halves only.  A skipped half costs no exponential and no tensor-core work.
 //
 // The tile maximum behind a decision spans all 128 query rows, i.e. both
-// consumer warpgroups, so a decision is made in two steps that the mainloop
-// keeps a block apart (bsfa_consumer_sm90ws.cuh): gate_post, right after a
-// block's S, ORs each warp's rows' votes, writes one byte per warp into a
-// slot of a ring and arrives at the slot's mbarrier; gate_resolve, a step
-// later, takes the OR of the eight bytes -- waiting for the slot's mbarrier
-// only in a warp whose own rows did not already keep every gated half.
-// Only blocks with a gated half exchange; dense mode and diagonal blocks
-// never do.  Four slots are enough: a warp posts exchange e+4 only for a
-// block whose K slot every warp has released, i.e. once every warp has
-// resolved the exchanges of the blocks three and more before it.
+// consumer warpgroups, so a decision takes two steps: gate_post, right
+// after a block's S, ORs each warp's rows' votes, writes one byte per warp
+// into a slot of a ring and arrives at the slot's mbarrier; gate_resolve
+// takes the OR of the eight bytes -- waiting for the slot's mbarrier only in
+// a warp whose own rows did not already keep every gated half.  The
+// mainloop resolves right after posting (a later resolve needs the block's
+// S kept meanwhile: bench/NOTES.md, v11).  Only blocks with a gated half
+// exchange; dense mode and diagonal blocks never do.  Four slots are more
+// than enough: a warp posts exchange e+3 only for a block whose K slot every
+// warp has released, i.e. once every warp has resolved exchange e.
 //
 // Includes what it needs; TR is a TraitsSm90Ws.
 #pragma once
