@@ -43,7 +43,9 @@ class _View:
 def driver(monkeypatch):
     fake = _FakeDriver()
     monkeypatch.setattr(_tma, "_driver", lambda: fake)
-    return fake
+    _tma._encode.cache_clear()
+    yield fake
+    _tma._encode.cache_clear()
 
 
 def test_maps_are_the_4d_tensor_d_n_h_b_with_its_own_byte_strides(driver):
@@ -59,6 +61,11 @@ def test_maps_are_the_4d_tensor_d_n_h_b_with_its_own_byte_strides(driver):
     assert (inter, swz, l2, oob) == ("none", "sw128", "l2_256", "zeros")
     assert rec.dtype == _tma.TMA_DESC and rec.dtype.itemsize == 128
     assert list(rec["opaque"]) == list(range(100, 116))
+    # The same array again (a per-layer loop): the map comes from the cache, not from the driver.
+    again = _tma.tensor_map(view, 128)
+    assert len(driver.calls) == 1 and list(again["opaque"]) == list(rec["opaque"])
+    _tma.tensor_map(view, 64)  # another box is another map
+    assert len(driver.calls) == 2
 
 
 def test_size_one_dims_get_a_legal_stride_whatever_the_framework_reports(driver):
@@ -87,7 +94,9 @@ def test_misaligned_strides_and_driver_errors_are_clear(driver):
         _tma.tensor_map(_View(np.zeros((1, 8, 2, 64), np.float16)), 128)
 
 
-def test_missing_bindings_name_the_extra(monkeypatch):
+def test_missing_bindings_name_the_extra(monkeypatch, driver):
+    _tma.tensor_map(_View(np.zeros((1, 8, 1, 64), np.float16)), 128)  # cached: the hint must still come
+
     def missing():
         raise ImportError(_tma.MISSING_BINDINGS)
 
