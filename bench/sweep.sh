@@ -7,7 +7,12 @@
 #   main-fp16 main-bf16          D=128, Hkv=8, N=8K..64K, ours + SDPA flash/cuDNN
 #   d64 hkv32 hkv32-bf16         D=64 (fp16, N=8K..32K); Hkv=32 (N=8K..64K)
 #   4k noncausal n128k flex      4K both dtypes, a non-causal row (16K), N=128K, FlexAttention at 16K/32K
-#   groups: main = main-fp16 main-bf16; shapes = d64 hkv32 hkv32-bf16; extra = 4k noncausal n128k flex
+#   bar-dense                    the Hopper bar's dense points: D=128, fp16/bf16, Hkv 8/32, N=8K..128K, cuDNN
+#                                (one sparse row, rho 0.25, each)
+#   bar-sparse                   fp16, Hkv=8, N=16K..64K at rho 0.5/0.25/0.1, block_max, cuDNN
+#   bar-shapes                   non-causal 16K, D=64 32K, B=8 N=2K, B=32 N=1K, cuDNN
+#   groups: main = main-fp16 main-bf16; shapes = d64 hkv32 hkv32-bf16; extra = 4k noncausal n128k flex;
+#           bar = bar-dense bar-sparse bar-shapes
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 OUT=${OUT:-/tmp/bsfa_bench}
@@ -22,6 +27,7 @@ for p in "$@"; do
     main) parts+=(main-fp16 main-bf16) ;;
     shapes) parts+=(d64 hkv32 hkv32-bf16) ;;
     extra) parts+=(4k noncausal n128k flex) ;;
+    bar) parts+=(bar-dense bar-sparse bar-shapes) ;;
     *) parts+=("$p") ;;
   esac
 done
@@ -40,6 +46,18 @@ for part in "${parts[@]}"; do
                  "${peers[@]}" ;;
     n128k) bench --tag "$T"-n128k --n 131072 --d 128 --hkv 8 --dtype float16 --repeats 3 --no-calibrated "${peers[@]}" ;;
     flex) bench --tag "$T"-flex --n 16384 32768 --d 128 --hkv 8 --dtype float16 --peers-only --peers flex ;;
+    bar-dense) bench --tag "$T"-bar-dense --n 8192 16384 32768 65536 131072 --d 128 --hkv 8 32 \
+                 --dtype float16 bfloat16 --peers sdpa-cudnn --no-calibrated --no-blockmax --rhos 0.25 --repeats 5 ;;
+    bar-sparse) bench --tag "$T"-bar-sparse --n 16384 32768 65536 --d 128 --hkv 8 --dtype float16 \
+                  --peers sdpa-cudnn --no-calibrated --rhos 0.5 0.25 0.1 ;;
+    bar-shapes) bench --tag "$T"-bar-nc16k --n 16384 --d 128 --hkv 8 --dtype float16 --noncausal --no-calibrated \
+                  --no-blockmax --rhos 0.25 --peers sdpa-cudnn
+                bench --tag "$T"-bar-d64 --n 32768 --d 64 --hkv 8 --dtype float16 --no-calibrated --no-blockmax \
+                  --rhos 0.25 --peers sdpa-cudnn
+                bench --tag "$T"-bar-b8 --b 8 --n 2048 --d 128 --hkv 8 --dtype float16 --no-calibrated --no-blockmax \
+                  --rhos 0.25 --peers sdpa-cudnn
+                bench --tag "$T"-bar-b32 --b 32 --n 1024 --d 128 --hkv 8 --dtype float16 --no-calibrated \
+                  --no-blockmax --rhos 0.25 --peers sdpa-cudnn ;;
     *) echo "unknown part $part"; exit 2 ;;
   esac
 done
