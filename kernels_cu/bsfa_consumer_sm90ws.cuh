@@ -28,12 +28,6 @@
 #include "bsfa_tile_scheduler_sm90.cuh"
 #include "bsfa_wgmma_sm90.cuh"
 
-// 0: one turn per block (QK^T and P V issued together); 1: split turns for
-// sparse calls (consumer_tile); 2: split turns always (an A/B of dense).
-#ifndef BSFA_SPLIT_TURNS
-#define BSFA_SPLIT_TURNS 0
-#endif
-
 namespace bsfa {
 
 // Where one consumer thread sits.
@@ -120,25 +114,13 @@ __device__ __forceinline__ void consumer_tile(const Params& p, const SmemWs<TR>&
     unsigned prev_kept = kept;
     kv.advance();
 
-    // Split turns (sparse calls): both warpgroups' S of a block are issued
-    // before either one's P V, so that the gate's exchange -- which waits
-    // for the partner's S -- leaves both P V groups on the tensor cores
-    // under the two softmaxes, instead of the partner's alone.  Uniform over
-    // the CTA, like the turns themselves.
-    const bool split_turns = BSFA_SPLIT_TURNS == 2 || (BSFA_SPLIT_TURNS == 1 && p.thr_mode != 0);
-
 #pragma unroll 1
     for (--n; n >= 0; --n) {
         const PipeState<TR::kStages> prev = kv.previous();
         mbar_wait(sm.bar(TR::kBarKFull + kv.stage), kv.phase);
-        if (!split_turns && prev_kept != 0) mbar_wait(sm.bar(TR::kBarVFull + prev.stage), prev.phase);
+        if (prev_kept != 0) mbar_wait(sm.bar(TR::kBarVFull + prev.stage), prev.phase);
         named_sync(my_turn, TR::kConsumerThreads);
         qk_block<TR>(S, t.q_desc(), k_desc(kv.stage));
-        if (split_turns) {
-            named_arrive(their_turn, TR::kConsumerThreads);
-            if (prev_kept != 0) mbar_wait(sm.bar(TR::kBarVFull + prev.stage), prev.phase);
-            named_sync(my_turn, TR::kConsumerThreads);
-        }
         if (prev_kept != 0) {
             pv_block<TR>(O, P, v_desc(prev.stage), prev_kept);
         } else {
