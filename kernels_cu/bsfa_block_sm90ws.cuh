@@ -29,6 +29,12 @@
 #include "bsfa_softmax.cuh"
 #include "bsfa_wgmma_sm90.cuh"
 
+// 1: the softmax reuses the lane-local row maxima the gate took for its vote
+// (0: takes them again; an A/B knob).
+#ifndef BSFA_VOTE_MAX_REUSE
+#define BSFA_VOTE_MAX_REUSE 1
+#endif
+
 namespace bsfa {
 
 // Half h (a 64-key tile) of a block's S, in the [1][n8 blocks][4] shape the
@@ -66,12 +72,14 @@ struct PostedGate {
 
 // Masks the block's invalid scores and posts this warp's votes for its gated
 // halves.  Halves past the query tile's last valid key tile (c > c_end) are
-// neither kept nor reported.
+// neither kept nor reported.  The gated halves' lane-local row maxima are
+// left in vmx for the softmax (BSFA_VOTE_MAX_REUSE), which otherwise takes
+// them a second time.
 template <class TR, bool kCausal>
 __device__ __forceinline__ PostedGate gate_post(float (&S)[TR::kBlockSNBlocks][4], const QueryTile<TR, kCausal>& qt,
                                                 const GatePlan<TR>& plan, int n, int row0, int lane,
                                                 int consumer_warp, const Params& p, const SmemWs<TR>& sm,
-                                                unsigned vote_idx) {
+                                                unsigned vote_idx, float (&vmx)[TR::kKeyHalves][2]) {
     unsigned valid = 0, forced = 0, votes = 0;
 #pragma unroll
     for (int h = 0; h < TR::kKeyHalves; ++h) {
@@ -86,7 +94,7 @@ __device__ __forceinline__ PostedGate gate_post(float (&S)[TR::kBlockSNBlocks][4
 #pragma unroll
         for (int h = 0; h < TR::kKeyHalves; ++h) {
             if ((gated >> h) & 1u) {
-                float mx[1][2];
+                float(&mx)[1][2] = *reinterpret_cast<float(*)[1][2]>(&vmx[h]);
                 row_max<TR, false>(key_half<TR>(S, h), mx);  // lane-local: the vote needs no more
                 if (plan.vote(mx, p.softmax_scale)) votes |= 1u << h;
             }
@@ -141,13 +149,17 @@ __device__ __forceinline__ unsigned gate_resolve(PostedGate g, int n, const Smem
 template <class TR>
 __device__ __forceinline__ bool softmax_block(float (&S)[TR::kBlockSNBlocks][4], unsigned kept, float (&m)[2],
                                               float (&l)[2], unsigned (&P)[TR::kKeySteps][4], float (&alpha)[2],
-                                              float scale_log2) {
-    // Row maxima of the kept halves, taken here rather than kept live from
-    // the masking a block earlier.
+                                              float scale_log2, unsigned have_vmx,
+                                              const float (&vmx)[TR::kKeyHalves][2]) {
+    // Row maxima of the kept halves: the gate's where it took them (bit h of
+    // have_vmx), else taken here rather than kept live from a block earlier.
     float mx[TR::kKeyHalves][2];
 #pragma unroll
     for (int h = 0; h < TR::kKeyHalves; ++h) {
-        if ((kept >> h) & 1u) {
+        if (BSFA_VOTE_MAX_REUSE && ((kept & have_vmx) >> h) & 1u) {
+            mx[h][0] = vmx[h][0];
+            mx[h][1] = vmx[h][1];
+        } else if ((kept >> h) & 1u) {
             row_max<TR, false>(key_half<TR>(S, h), *reinterpret_cast<float(*)[1][2]>(&mx[h]));
         } else {
             mx[h][0] = mx[h][1] = neg_inf();

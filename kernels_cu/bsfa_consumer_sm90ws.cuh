@@ -71,14 +71,15 @@ struct TileLoop {
 // tile) back, then masks block n's S and posts its votes.
 template <class TR, bool kCausal>
 __device__ __forceinline__ PostedGate finish_qk(const TileLoop<TR, kCausal>& t, float (&S)[TR::kBlockSNBlocks][4],
-                                                int n, const PipeState<TR::kStages>& kv, unsigned vote_idx) {
+                                                int n, const PipeState<TR::kStages>& kv, unsigned vote_idx,
+                                                float (&vmx)[TR::kKeyHalves][2]) {
     fence_regs(flat(S));
     if (t.lane() == 0) {
         mbar_arrive(t.sm.bar(TR::kBarKEmpty + kv.stage));
         if (n == 0) mbar_arrive(t.sm.bar(TR::kBarQEmpty));
     }
     return gate_post<TR, kCausal>(S, t.qt, t.plan, n, t.qt.q0 + t.row(), t.lane(), t.consumer_warp(), t.p, t.sm,
-                                  vote_idx);
+                                  vote_idx, vmx);
 }
 
 // The key blocks of one work tile with a key to visit: O, m, l come in
@@ -109,8 +110,10 @@ __device__ __forceinline__ void consumer_tile(const Params& p, const SmemWs<TR>&
     qk_block<TR>(S, t.q_desc(), k_desc(kv.stage));
     named_arrive(their_turn, TR::kConsumerThreads);
     wgmma_wait<0>();
-    unsigned kept = gate_resolve<TR>(finish_qk<TR, kCausal>(t, S, n, kv, vote_idx), n, sm, vote_idx, keep_row);
-    if (kept != 0) softmax_block<TR>(S, kept, m, l, P, alpha, t.scale_log2);
+    float vmx[TR::kKeyHalves][2];
+    PostedGate g = finish_qk<TR, kCausal>(t, S, n, kv, vote_idx, vmx);
+    unsigned kept = gate_resolve<TR>(g, n, sm, vote_idx, keep_row);
+    if (kept != 0) softmax_block<TR>(S, kept, m, l, P, alpha, t.scale_log2, g.gated(), vmx);
     unsigned prev_kept = kept;
     kv.advance();
 
@@ -128,10 +131,11 @@ __device__ __forceinline__ void consumer_tile(const Params& p, const SmemWs<TR>&
         }
         named_arrive(their_turn, TR::kConsumerThreads);
         wgmma_wait<1>();  // S is ready; P V may still run
-        kept = gate_resolve<TR>(finish_qk<TR, kCausal>(t, S, n, kv, vote_idx), n, sm, vote_idx, keep_row);
+        g = finish_qk<TR, kCausal>(t, S, n, kv, vote_idx, vmx);
+        kept = gate_resolve<TR>(g, n, sm, vote_idx, keep_row);
         unsigned Pn[TR::kKeySteps][4];
         bool rescale = false;
-        if (kept != 0) rescale = softmax_block<TR>(S, kept, m, l, Pn, alpha, t.scale_log2);
+        if (kept != 0) rescale = softmax_block<TR>(S, kept, m, l, Pn, alpha, t.scale_log2, g.gated(), vmx);
         // Unconditional, so that ptxas sees O retired on every path (a wait
         // under the same condition as the issue makes it serialise all wgmma).
         wgmma_wait<0>();
