@@ -5,7 +5,7 @@ and, on compute capability 9.0, "sm90" (wgmma) and "sm90ws" (warp-specialised TM
 float16 and bfloat16, head dims 64 and 128, causal and not, ragged sequence lengths, dense and with
 thresholds, returning lse and keep masks; explicit offsets (q_start / k_start, keys after every query
 included) and a packed batch (`attention_varlen`: empty sequences, lengths at the tile edges, a wider
-max_seqlen_q; on the kernels that have a packed-batch entry). Last, one case per kernel and mask with a
+max_seqlen_q). Last, one case per kernel and mask with a
 NaN in q, k and v: every output row that sees a NaN must
 be NaN (checked here), with no access out of bounds (checked by the sanitizer).
 
@@ -61,7 +61,7 @@ for backend in backends:
             q = cp.asarray(rng.standard_normal((sum(len_q), 2, d), dtype=np.float32)).astype(dtype)
             k = cp.asarray(rng.standard_normal((sum(len_k), 1, d), dtype=np.float32)).astype(dtype)
             v = cp.asarray(rng.standard_normal((sum(len_k), 1, d), dtype=np.float32)).astype(dtype)
-            for causal in (True, False) if backend != "sm90ws" else ():  # sm90ws has no packed entry yet
+            for causal in (True, False):
                 for t in (None, 0.0):
                     bsfa_cupy.attention_varlen(q, k, v, cu_q, cu_k, t, causal=causal, max_seqlen_q=300,
                                                return_lse=True, return_keep=True, backend=backend)

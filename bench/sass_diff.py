@@ -6,15 +6,18 @@
 
 Each side is a git revision (its kernels_cu/ is exported to a temporary directory) or a directory
 of kernel sources.  Both are compiled as the compile test does (nvcc -cubin, -std=c++17; the
-mma.sync file for sm_80 and sm_90, dtype x head dim 32/64/96/128 x causal; the sm_90a file with
--ftz=true, head dim 64/128), disassembled with nvdisasm, and compared kernel by kernel with
-addresses dropped and branch labels renumbered.  --params also replaces every c[0x0][...] operand
-(kernel parameters) by one placeholder, for comparing across a change of the parameter layout.
+mma.sync file for sm_80 and sm_90, dtype x head dim 32/64/96/128 x causal; the two sm_90a files,
+one-warpgroup and warp-specialised, with -ftz=true, head dim 64/128), disassembled with nvdisasm,
+and compared kernel by kernel with addresses dropped, branch labels renumbered and the compiler's
+numbering of its internal helpers (which counts the kernels that call them) dropped.  --params
+also replaces every c[0x0][...] operand (kernel parameters) by one placeholder, for comparing
+across a change of the parameter layout.
 
 Prints per variant and kernel: registers, stack frame / spill bytes, instruction count, and the
 number of differing SASS lines, as is and with register names ignored.  Exits 1 if any kernel
-differs.  Needs nvcc and nvdisasm (CUDA toolkit; pip package nvidia-cuda-nvdisasm otherwise,
-pointed to with --nvdisasm).  Not a test: pytest does not collect it.
+present on both sides differs (a kernel on one side only is listed as new or gone).  Needs nvcc
+and nvdisasm (CUDA toolkit; pip package nvidia-cuda-nvdisasm otherwise, pointed to with
+--nvdisasm).  Not a test: pytest does not collect it.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 # The mma.sync file under its current and its earlier name.
 SM80_NAMES = ("bsfa_fwd_sm80.cu", "bsfa_fwd.cu")
 SM90_NAME = "bsfa_fwd_sm90.cu"
+SM90WS_NAME = "bsfa_fwd_sm90ws.cu"
 DTYPES = (0, 1)
 CAUSAL = (0, 1)
 
@@ -43,10 +47,11 @@ def variants():
             for hd in (32, 64, 96, 128):
                 for c in CAUSAL:
                     yield ("sm80", target, (f"-arch={target}",), dt, hd, c)
-    for dt in DTYPES:
-        for hd in (64, 128):
-            for c in CAUSAL:
-                yield ("sm90", "sm_90a", ("-gencode=arch=compute_90a,code=sm_90a", "-ftz=true"), dt, hd, c)
+    for kind in ("sm90", "sm90ws"):
+        for dt in DTYPES:
+            for hd in (64, 128):
+                for c in CAUSAL:
+                    yield (kind, "sm_90a", ("-gencode=arch=compute_90a,code=sm_90a", "-ftz=true"), dt, hd, c)
 
 
 def materialise(spec: str, tmp: Path) -> Path:
@@ -67,10 +72,11 @@ def materialise(spec: str, tmp: Path) -> Path:
 
 def build(src: Path, out: Path, variant, nvdisasm: str):
     kind, target, flags, dt, hd, c = variant
-    name = next((n for n in SM80_NAMES if (src / n).is_file()), None) if kind == "sm80" else SM90_NAME
-    if name is None or not (src / name).is_file():
-        raise FileNotFoundError(f"{src}: no {'/'.join(SM80_NAMES) if kind == 'sm80' else SM90_NAME}")
-    stem = f"{target}-{('f16', 'bf16')[dt]}-d{hd}-causal{c}"
+    wanted = {"sm80": SM80_NAMES, "sm90": (SM90_NAME,), "sm90ws": (SM90WS_NAME,)}[kind]
+    name = next((n for n in wanted if (src / n).is_file()), None)
+    if name is None:
+        raise FileNotFoundError(f"{src}: no {'/'.join(wanted)}")
+    stem = f"{target}{'-ws' if kind == 'sm90ws' else ''}-{('f16', 'bf16')[dt]}-d{hd}-causal{c}"
     cubin = out / f"{stem}.cubin"
     cmd = ["nvcc", "-std=c++17", "-Xptxas", "-v", *flags, "-cubin", f"-DBSFA_DTYPE={dt}", f"-DBSFA_HEAD_DIM={hd}",
            f"-DBSFA_CAUSAL={c}", f"-I{src}", str(src / name), "-o", str(cubin)]
@@ -109,6 +115,7 @@ def kernels(sass: str, params: bool, noregs: bool) -> dict[str, list[str]]:
             continue
         ins = re.sub(r"\.L_x_\d+", lambda x: labels.setdefault(x.group(0), f"L{len(labels)}"), m.group(1))
         ins = re.sub(r"MOV (R\d+), 0x[0-9a-f]+$", r"MOV \1, RETURN_ADDRESS", ins)  # call return addresses
+        ins = re.sub(r"\$__internal_\d+_\$", "$__internal_$", ins)  # helper numbering: a count of their callers
         if params:
             ins = re.sub(r"c\[0x0\]\[0x[0-9a-f]+\]", "c[0x0][PARAM]", ins)
         if noregs:
@@ -147,12 +154,14 @@ def main() -> int:
         na, nb = kernels(sa, args.params, True), kernels(sb, args.params, True)
         for fn in sorted(set(fa) | set(fb)):
             d, dn = ndiff(fa.get(fn, []), fb.get(fn, [])), ndiff(na.get(fn, []), nb.get(fn, []))
-            differing += d > 0
+            both = fn in fa and fn in fb
+            differing += both and d > 0
             regs = f"{ra.get(fn, {}).get('regs')}->{rb.get(fn, {}).get('regs')}"
             frame = f"{ra.get(fn, {}).get('frame')}->{rb.get(fn, {}).get('frame')}"
             count = f"{len(fa.get(fn, []))}->{len(fb.get(fn, []))}"
-            print(f"{stem:24s} {fn:15s} {regs:>10s} {frame:>18s} {count:>13s}  "
-                  + ("identical" if d == 0 else f"{d} lines ({dn})"))
+            verdict = "identical" if not d else f"{d} lines ({dn})"
+            verdict = "new" if fn not in fa else "gone" if fn not in fb else verdict
+            print(f"{stem:24s} {fn:15s} {regs:>10s} {frame:>18s} {count:>13s}  {verdict}")
     print(f"{differing} kernels differ")
     return 1 if differing else 0
 

@@ -85,10 +85,11 @@ def get_module(key: VariantKey, backend: Backend, device_id: int) -> Module:
         # module exports these globals, so that no lookup fails (a failed one is an API error that
         # compute-sanitizer reports).
         fwd = _kernel(raw, "bsfa_fwd", "BSFA_FWD", grid_kind, sms, _read_int(raw, "BSFA_FWD_TMA"), 3)
-        # The packed-batch entry, where the module has one (the warp-specialised kernel has none yet).
+        # The packed-batch entry, where the module has one (every source has one today); it takes what
+        # bsfa_fwd takes, tensor maps included.
         fwd_varlen = None
         if _read_int(raw, "BSFA_FWD_VARLEN"):
-            fwd_varlen = _kernel(raw, "bsfa_fwd_varlen", "BSFA_FWD", grid_kind, sms, 0, 0)
+            fwd_varlen = _kernel(raw, "bsfa_fwd_varlen", "BSFA_FWD", grid_kind, sms, fwd.tma, 3)
         bmax = _kernel(raw, "bsfa_block_max", "BSFA_BLOCK_MAX", grid_kind, sms, _read_int(raw, "BSFA_BLOCK_MAX_TMA"), 2)
     return Module(key, backend.defines, fwd, fwd_varlen, bmax, raw)
 

@@ -238,9 +238,8 @@ def _positive_scale(softmax_scale, D):
     return scale
 
 
-def _module(backend, dtype, D, causal, device_id, tma=None):
-    tma = _tma.available() if tma is None else tma
-    key = select(backend, dtype, D, causal, compute_capability(device_id), tma=tma)
+def _module(backend, dtype, D, causal, device_id):
+    key = select(backend, dtype, D, causal, compute_capability(device_id), tma=_tma.available())
     return get_module(key, backend, device_id)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from bsfa_reference._validate import check_cu_seqlens_pair, check_max_seqlen
 from bsfa_reference.tiles import BLOCK_M, BLOCK_N
 
-from . import _launch
+from . import _launch, _tma
 from ._arrays import frame_for, on, to_cupy
 from .device_thresholds import kernel_thresholds
 from .ops import _check_dtypes, _check_grad, _check_out, _module, _positive_scale, _results, _same_device, _strides
@@ -30,8 +30,10 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, thresholds=None, *, ma
     its first row and key; ``thresholds`` is shared by all); empty sequences are allowed, and a
     sequence with queries but no keys gives them out 0, lse -inf.
 
-    One launch covers the batch without padding copies: a CTA per (query tile of the longest
-    sequence, head, sequence) reads its sequence's offsets and exits at once past its end.
+    One launch covers the batch without padding copies: a work tile per (query tile of the longest
+    sequence, head, sequence) reads its sequence's offsets and ends at once past its end (a CTA of
+    its own, or one step of the persistent warp-specialised kernel, which ``auto`` picks on Hopper
+    as for :func:`attention`).
 
     The offsets are validated on the host (``bsfa_reference``'s check) from a device-to-host copy
     of both arrays (2 * (num_seqs + 1) int32): the call waits for the stream once, before the launch.
@@ -75,14 +77,10 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, thresholds=None, *, ma
         keep_native, keep_view = frame.empty((S, Hq, nQ, nK), "bool") if return_keep else (None, None)
 
         mod = _module(backend, dtype, D, causal, frame.device_id)
-        if mod.fwd_varlen is None:  # the warp-specialised Hopper kernel has no packed-batch entry yet
-            if backend.arch != "auto":
-                raise ValueError(
-                    f"backend {backend.arch!r}: expected a kernel with a packed-batch entry ('auto', 'sm80' or "
-                    f"'sm90'), got {backend.arch!r}, which has none yet"
-                )
-            mod = _module(backend, dtype, D, causal, frame.device_id, tma=False)  # the one-warpgroup wgmma kernel
         kern = mod.fwd_varlen
+        if kern is None:
+            raise ValueError(f"backend {backend.arch!r}: expected a kernel with a packed-batch entry, got "
+                             f"{mod.key.name()}, which has none")
         if S and nQ:
             # the kernel indexes the offsets as a dense int32 vector
             cu_q, cu_k = _dense(cu_q), _dense(cu_k)
@@ -92,7 +90,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, thresholds=None, *, ma
                 Nq=max_q, Nk=max_k, Hq=Hq, Hkv=Hkv, thr_mode=mode, thr_T=T, thr_scalar=thr_scalar,
                 softmax_scale=scale, total_q=total_q, B=S,
             )
-            kern.launch(S, Hq, nQ, params)
+            kern.launch(S, Hq, nQ, params, _packed_maps(kern, qv, kv, vv))
         frame.finish(stream)
 
     return _results(frame, (out_native, out_view), (lse_native, lse_view) if return_lse else None,
@@ -118,6 +116,22 @@ def _check_packed(qv, kv, vv):
         raise ValueError(f"v: expected shape {tuple(kv.shape)} (same as k), got {tuple(vv.shape)}")
     dtype = _check_dtypes([("q", qv), ("k", kv), ("v", vv)], D)
     return Hq, Hkv, D, dtype
+
+
+def _packed_maps(kern, qv, kv, vv) -> tuple:
+    """The tensor maps of a TMA kernel: each packed (total, H, D) array as one batch element.
+
+    A box starts at its sequence's first row and may run into the next sequence (the kernel masks,
+    zeroes or never stores those rows: kernels_cu/bsfa_consumer_sm90ws.cuh); past the packed length
+    the TMA reads zeros. With no key at all (total_k = 0) every sequence has Nk = 0 and no key box
+    is ever loaded, but a map of zero rows cannot be encoded: q's map stands in for k and v.
+    """
+    if not kern.tma:
+        return ()
+    q_map = _tma.tensor_map(qv[None], kern.tma)
+    if kv.shape[0] == 0:
+        return q_map, q_map, q_map
+    return q_map, _tma.tensor_map(kv[None], kern.tma), _tma.tensor_map(vv[None], kern.tma)
 
 
 def _dense(cu):

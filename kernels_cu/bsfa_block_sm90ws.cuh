@@ -72,20 +72,21 @@ struct PostedGate {
 
 // Masks the block's invalid scores and posts this warp's votes for its gated
 // halves.  Halves past the query tile's last valid key tile (c > c_end) are
-// neither kept nor reported.  The gated halves' lane-local row maxima are
-// left in vmx for the softmax (BSFA_VOTE_MAX_REUSE), which otherwise takes
-// them a second time.
+// neither kept nor reported.  Nq, Nk, shift: the problem's (bsfa_problem.cuh).
+// The gated halves' lane-local row maxima are left in vmx for the softmax
+// (BSFA_VOTE_MAX_REUSE), which otherwise takes them a second time.
 template <class TR, bool kCausal>
 __device__ __forceinline__ PostedGate gate_post(float (&S)[TR::kBlockSNBlocks][4], const QueryTile<TR, kCausal>& qt,
                                                 const GatePlan<TR>& plan, int n, int row0, int lane,
                                                 int consumer_warp, const Params& p, const SmemWs<TR>& sm,
-                                                unsigned vote_idx, float (&vmx)[TR::kKeyHalves][2]) {
+                                                unsigned vote_idx, int Nq, int Nk, int shift,
+                                                float (&vmx)[TR::kKeyHalves][2]) {
     unsigned valid = 0, forced = 0, votes = 0;
 #pragma unroll
     for (int h = 0; h < TR::kKeyHalves; ++h) {
         const int c = n * TR::kKeyHalves + h;
         float(&Sh)[1][TR::kSNBlocks][4] = key_half<TR>(S, h);
-        if (qt.needs_mask(c)) mask_tile<TR, kCausal>(Sh, c, row0, lane, p.Nq, p.Nk, p.qk_shift);
+        if (qt.needs_mask(c)) mask_tile<TR, kCausal>(Sh, c, row0, lane, Nq, Nk, shift);
         valid |= (c <= qt.c_end ? 1u : 0u) << h;
         forced |= (plan.forced(c) ? 1u : 0u) << h;
     }

@@ -13,6 +13,15 @@
 // other's GEMMs occupy the tensor cores.  Both take the same turns (the
 // gate's decisions are uniform over the CTA), warpgroup 0 first.
 //
+// kVarlen (bsfa_fwd_varlen): the work tile's problem is a packed sequence
+// (bsfa_problem.cuh), whose lengths the masks take from registers instead of
+// the Params.  A query tile past the sequence's end only clears its keep
+// row.  The boxes of a sequence's last, ragged key block hold the next
+// sequence's keys and values past its end (bsfa_producer_sm90ws.cuh): the
+// masks set their scores to -inf, but a zero P times a non-finite V is NaN in
+// P V, so the consumers zero those V rows in shared memory first
+// (zero_v_tail).
+//
 // Includes what it needs; TR is a TraitsSm90Ws.
 #pragma once
 
@@ -43,10 +52,15 @@ struct ConsumerThread {
     __device__ __forceinline__ int consumer_warp() const { return wg * 4 + warp; }
 };
 
+// A problem's extent as the masks take it (bsfa_problem.cuh).
+struct MaskBounds {
+    int Nq, Nk, shift;
+};
+
 // What one consumer warpgroup carries through the key blocks of a work tile
 // besides the accumulators.  Thread coordinates are re-derived from
 // threadIdx where used, so that they do not take registers across the loop.
-template <class TR, bool kCausal>
+template <class TR, bool kCausal, bool kVarlen>
 struct TileLoop {
     const Params& p;
     const SmemWs<TR>& sm;
@@ -54,6 +68,16 @@ struct TileLoop {
     const GatePlan<TR>& plan;
     float scale_log2;
     unsigned char* keep_row;
+    MaskBounds seq;  // kVarlen: the packed sequence's; unused otherwise
+
+    // A fixed-length launch reads them from the Params (constant-bank operands, no registers).
+    __device__ __forceinline__ MaskBounds bounds() const {
+        if constexpr (kVarlen) {
+            return seq;
+        } else {
+            return MaskBounds{p.Nq, p.Nk, p.qk_shift};
+        }
+    }
 
     __device__ __forceinline__ static int tid() { return (int)threadIdx.x; }
     __device__ __forceinline__ static int lane() { return tid() & 31; }
@@ -69,33 +93,65 @@ struct TileLoop {
 
 // Hands the K slot of block n (and, after the tile's last block, the Q
 // tile) back, then masks block n's S and posts its votes.
-template <class TR, bool kCausal>
-__device__ __forceinline__ PostedGate finish_qk(const TileLoop<TR, kCausal>& t, float (&S)[TR::kBlockSNBlocks][4],
-                                                int n, const PipeState<TR::kStages>& kv, unsigned vote_idx,
+template <class TR, bool kCausal, bool kVarlen>
+__device__ __forceinline__ PostedGate finish_qk(const TileLoop<TR, kCausal, kVarlen>& t,
+                                                float (&S)[TR::kBlockSNBlocks][4], int n,
+                                                const PipeState<TR::kStages>& kv, unsigned vote_idx,
                                                 float (&vmx)[TR::kKeyHalves][2]) {
     fence_regs(flat(S));
     if (t.lane() == 0) {
         mbar_arrive(t.sm.bar(TR::kBarKEmpty + kv.stage));
         if (n == 0) mbar_arrive(t.sm.bar(TR::kBarQEmpty));
     }
+    const MaskBounds mb = t.bounds();
     return gate_post<TR, kCausal>(S, t.qt, t.plan, n, t.qt.q0 + t.row(), t.lane(), t.consumer_warp(), t.p, t.sm,
-                                  vote_idx, vmx);
+                                  vote_idx, mb.Nq, mb.Nk, mb.shift, vmx);
+}
+
+// Zeroes rows row0.. (row0 > 0) of every panel of V slot kv.stage, once its
+// copy has landed: in a 128-byte swizzled panel the swizzle only permutes
+// the 16-byte chunks within a row, so those rows are the panel's tail bytes.
+// Both consumer warpgroups share the work, then fence their generic-proxy
+// stores against the wgmma (async-proxy) reads and meet at a barrier of
+// their own, before either issues a P V on the slot.  Uniform over both
+// warpgroups (the same work tile), and before any turn of this tile: it
+// cannot deadlock against the ping-pong.
+template <class TR>
+__device__ __forceinline__ void zero_v_tail(const SmemWs<TR>& sm, const PipeState<TR::kStages>& kv, int row0) {
+    mbar_wait(sm.bar(TR::kBarVFull + kv.stage), kv.phase);
+    const unsigned slot = sm.v() + kv.stage * TR::kKVBytes;
+    const int first = row0 * kSwizzleBytes + ((int)threadIdx.x - 128) * 16;
+#pragma unroll
+    for (int pn = 0; pn < TR::kPanels; ++pn) {
+#pragma unroll 1
+        for (int off = first; off < TR::kKVPanelBytes; off += TR::kConsumerThreads * 16) {
+            sts128_zero(slot + pn * TR::kKVPanelBytes + off);
+        }
+    }
+    fence_proxy_async();
+    named_sync(TR::kBarVZero, TR::kConsumerThreads);
 }
 
 // The key blocks of one work tile with a key to visit: O, m, l come in
 // initialised and leave unnormalised (per-lane partial row sums in l).
-template <class TR, bool kCausal>
+// kVarlen: seq is the packed sequence's extent, and rows v_zero_row.. of the
+// first block's V are zeroed (none when v_zero_row is kBlockKeys).
+template <class TR, bool kCausal, bool kVarlen>
 __device__ __forceinline__ void consumer_tile(const Params& p, const SmemWs<TR>& sm, const WorkTile& w,
                                               const QueryTile<TR, kCausal>& qt, PipeState<TR::kStages>& kv,
                                               unsigned& q_phase, unsigned& vote_idx, unsigned char* keep_row,
-                                              float (&O)[TR::kONBlocks][4], float (&m)[2], float (&l)[2]) {
+                                              float (&O)[TR::kONBlocks][4], float (&m)[2], float (&l)[2],
+                                              const MaskBounds& seq, int v_zero_row) {
     const GatePlan<TR> plan(qt, p.thresholds, p.thr_scalar, p.thr_mode, p.thr_T, w.h);
-    const TileLoop<TR, kCausal> t{p, sm, qt, plan, p.softmax_scale * kLog2e, keep_row};
+    const TileLoop<TR, kCausal, kVarlen> t{p, sm, qt, plan, p.softmax_scale * kLog2e, keep_row, seq};
     const int my_turn = TR::kBarTurn + t.wg();
     const int their_turn = TR::kBarTurn + 1 - t.wg();
     auto k_desc = [&](int s) { return make_desc(sm.k() + s * TR::kKVBytes, 16, kSwizzleAtomBytes); };
     auto v_desc = [&](int s) { return make_desc(sm.v() + s * TR::kKVBytes, TR::kKVPanelBytes, kSwizzleAtomBytes); };
 
+    if constexpr (kVarlen) {
+        if (v_zero_row < TR::kBlockKeys) zero_v_tail<TR>(sm, kv, v_zero_row);
+    }
     mbar_wait(sm.bar(TR::kBarQFull), q_phase);
     q_phase ^= 1u;
 
@@ -111,7 +167,7 @@ __device__ __forceinline__ void consumer_tile(const Params& p, const SmemWs<TR>&
     named_arrive(their_turn, TR::kConsumerThreads);
     wgmma_wait<0>();
     float vmx[TR::kKeyHalves][2];
-    PostedGate g = finish_qk<TR, kCausal>(t, S, n, kv, vote_idx, vmx);
+    PostedGate g = finish_qk<TR, kCausal, kVarlen>(t, S, n, kv, vote_idx, vmx);
     unsigned kept = gate_resolve<TR>(g, n, sm, vote_idx, keep_row);
     if (kept != 0) softmax_block<TR>(S, kept, m, l, P, alpha, t.scale_log2, g.gated(), vmx);
     unsigned prev_kept = kept;
@@ -131,7 +187,7 @@ __device__ __forceinline__ void consumer_tile(const Params& p, const SmemWs<TR>&
         }
         named_arrive(their_turn, TR::kConsumerThreads);
         wgmma_wait<1>();  // S is ready; P V may still run
-        g = finish_qk<TR, kCausal>(t, S, n, kv, vote_idx, vmx);
+        g = finish_qk<TR, kCausal, kVarlen>(t, S, n, kv, vote_idx, vmx);
         kept = gate_resolve<TR>(g, n, sm, vote_idx, keep_row);
         unsigned Pn[TR::kKeySteps][4];
         bool rescale = false;
@@ -169,7 +225,7 @@ __device__ __forceinline__ void consumer_tile(const Params& p, const SmemWs<TR>&
     if (t.lane() == 0) mbar_arrive(sm.bar(TR::kBarVEmpty + prev.stage));
 }
 
-template <class TR, bool kCausal>
+template <class TR, bool kCausal, bool kVarlen = false>
 __device__ __forceinline__ void consumer_loop(const Params& p, const SmemWs<TR>& sm, int wg, int tid) {
     const ConsumerThread ct(wg, tid);
     const int nQ = ceil_div(p.Nq, TR::kBlockM);
@@ -184,7 +240,18 @@ __device__ __forceinline__ void consumer_loop(const Params& p, const SmemWs<TR>&
         const int j = sched.index(r);
         if (j < 0) continue;
         const WorkTile w = sched.tile(j);
-        const QueryTile<TR, kCausal> qt(w.a, cta_problem<false>(p, w.b));
+        if constexpr (kVarlen) {
+            const Problem pr = cta_problem<true>(p, w.b);
+            if (w.a * TR::kBlockM >= pr.Nq) {  // past the sequence's end: no rows, no decisions
+                if (p.keep != nullptr && wg == 0) {
+                    unsigned char* row = p.keep + (((long long)w.b * p.Hq + w.h) * nQ + w.a) * nK;
+                    for (int c = tid; c < nK; c += 128) row[c] = 0;
+                }
+                continue;
+            }
+        }
+        const Problem pr = cta_problem<kVarlen>(p, w.b);
+        const QueryTile<TR, kCausal> qt(w.a, pr);
         unsigned char* keep_row = nullptr;
         if (p.keep != nullptr) {
             unsigned char* row = p.keep + (((long long)w.b * p.Hq + w.h) * nQ + w.a) * nK;
@@ -202,14 +269,26 @@ __device__ __forceinline__ void consumer_loop(const Params& p, const SmemWs<TR>&
             float(&l1)[1][2] = *reinterpret_cast<float(*)[1][2]>(&l);
             init_softmax_state(O1, m1, l1);
         }
-        if (qt.c_end >= 0) consumer_tile<TR, kCausal>(p, sm, w, qt, kv, q_phase, vote_idx, keep_row, O, m, l);
+        if (qt.c_end >= 0) {
+            MaskBounds seq{0, 0, 0};
+            int v_zero_row = TR::kBlockKeys;
+            if constexpr (kVarlen) {
+                seq = MaskBounds{pr.Nq, pr.Nk, pr.shift};
+                // The first block visited is the sequence's last one iff c_end
+                // lies in it; it is ragged iff Nk is no multiple of its keys.
+                const int last = (pr.Nk - 1) / TR::kBlockKeys;
+                if (qt.c_end / TR::kKeyHalves == last) v_zero_row = pr.Nk - last * TR::kBlockKeys;
+            }
+            consumer_tile<TR, kCausal, kVarlen>(p, sm, w, qt, kv, q_phase, vote_idx, keep_row, O, m, l, seq,
+                                                v_zero_row);
+        }
         // The tile's coordinates are decoded afresh from j (an opaque copy the
         // compiler cannot merge with the first decode), so that they are not
         // kept live across the key loop.
         int j_fresh = j;
         asm volatile("" : "+r"(j_fresh));
         const WorkTile we = sched.tile(j_fresh);
-        epilogue_ws<TR>(p, sm, ct.wg, ct.warp, ct.lane, we, we.a * TR::kBlockM, O, m, l);
+        epilogue_ws<TR, kVarlen>(p, sm, ct.wg, ct.warp, ct.lane, we, we.a * TR::kBlockM, O, m, l);
     }
 }
 

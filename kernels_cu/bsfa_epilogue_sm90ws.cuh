@@ -4,12 +4,15 @@
 // 16-byte chunks, with the rows' log-sum-exp.  Warp-local throughout: no
 // barrier with the other warps, so a warpgroup that finishes a tile moves on.
 // Rows without a valid key give zeros and lse -inf; a NaN row sum gives NaN
-// (bsfa_softmax.cuh, row_lse).
+// (bsfa_softmax.cuh, row_lse).  Every row is stored on its own, and only
+// rows of the problem (q0 + r < Nq): a packed sequence's (kVarlen) last tile
+// never writes into the next sequence's rows.
 //
 // Includes what it needs; TR is a TraitsSm90Ws.
 #pragma once
 
 #include "bsfa_params.cuh"
+#include "bsfa_problem.cuh"
 #include "bsfa_ptx.cuh"
 #include "bsfa_smem_sm90ws.cuh"
 #include "bsfa_softmax.cuh"
@@ -18,7 +21,9 @@
 
 namespace bsfa {
 
-template <class TR>
+// kVarlen: w.b is a packed sequence, whose offsets are read afresh here
+// (bsfa_problem.cuh) rather than kept live across the key loop.
+template <class TR, bool kVarlen = false>
 __device__ __forceinline__ void epilogue_ws(const Params& p, const SmemWs<TR>& sm, int wg, int warp, int lane,
                                             const WorkTile& w, int q0, const float (&O)[TR::kONBlocks][4],
                                             const float (&m)[2], const float (&l)[2]) {
@@ -29,8 +34,18 @@ __device__ __forceinline__ void epilogue_ws(const Params& p, const SmemWs<TR>& s
     asm volatile("" : "+r"(so));
     asm volatile("" : "+r"(lane));
     const int t = lane & 3;
-    const int Nq = p.Nq;
-    float* lse_row = p.lse + ((long long)w.b * p.Hq + w.h) * Nq;
+    int Nq;
+    float* lse_row;
+    unsigned short* og;
+    if constexpr (kVarlen) {
+        const Problem pr = cta_problem<true, true>(p, w.b);
+        Nq = pr.Nq;
+        lse_row = p.lse + pr.lse_off + (long long)w.h * pr.lse_sh;
+        og = p.out + pr.o_off + (long long)w.h * p.o_sh;
+    } else {
+        Nq = p.Nq;
+        lse_row = p.lse + ((long long)w.b * p.Hq + w.h) * Nq;
+    }
     const int warp_row0 = wg * TR::kWgmmaM + warp * TR::kWarpRows;
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
@@ -46,7 +61,7 @@ __device__ __forceinline__ void epilogue_ws(const Params& p, const SmemWs<TR>& s
         if (t == 0 && q0 + r < Nq) lse_row[q0 + r] = row_lse(lt, m[hf], p.softmax_scale);
     }
     warp_sync();
-    unsigned short* og = p.out + (long long)w.b * p.o_sb + (long long)w.h * p.o_sh;
+    if constexpr (!kVarlen) og = p.out + (long long)w.b * p.o_sb + (long long)w.h * p.o_sh;
     constexpr int kCpr = TR::kHeadDim / TR::kChunkElems;
 #pragma unroll
     for (int i = 0; i < TR::kWarpRows * kCpr / 32; ++i) {

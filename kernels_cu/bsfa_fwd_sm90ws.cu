@@ -12,7 +12,10 @@
 // Launch: bsfa_fwd takes the Params and three tensor maps (q, k, v: 4-D
 // (D, N, H, B), 64 x 128 boxes, 128-byte swizzle; bsfa_cupy/_tma.py),
 // bsfa_block_max the Params and two (q, k); both on the grid
-// (min(SMs, tiles), 1, 1) (BSFA_GRID 2).
+// (min(SMs, tiles), 1, 1) (BSFA_GRID 2).  bsfa_fwd_varlen, a packed batch
+// (bsfa_problem.cuh), takes what bsfa_fwd takes, with B = num_seqs, the tiles
+// of the longest sequence, and maps of the packed (total, H, D) tensors as
+// one batch element ((D, total, H, 1)).
 
 #if !defined(BSFA_DTYPE) || (BSFA_DTYPE != 0 && BSFA_DTYPE != 1)
 #error "BSFA_DTYPE must be 0 (float16) or 1 (bfloat16)"
@@ -39,9 +42,8 @@ extern "C" __constant__ int BSFA_FWD_THREADS = TR::kNThreads;
 extern "C" __constant__ int BSFA_FWD_SMEM_BYTES = TR::kSmemBytes;
 // Rows of the tensor maps' boxes (Q tile and key block alike); non-zero: bsfa_fwd takes them.
 extern "C" __constant__ int BSFA_FWD_TMA = TR::kBlockM;
-// No packed-batch entry (bsfa_fwd_varlen) yet: the launcher runs packed
-// batches on the one-warpgroup sm_90a kernel.
-extern "C" __constant__ int BSFA_FWD_VARLEN = 0;
+// A packed-batch entry (bsfa_fwd_varlen), launched as bsfa_fwd (threads, smem, maps).
+extern "C" __constant__ int BSFA_FWD_VARLEN = 1;
 extern "C" __constant__ int BSFA_BLOCK_MAX_THREADS = TR::kNThreads;
 extern "C" __constant__ int BSFA_BLOCK_MAX_SMEM_BYTES = TR::kSmemBytes;
 extern "C" __constant__ int BSFA_BLOCK_MAX_TMA = TR::kBlockM;
@@ -53,6 +55,12 @@ extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
     bsfa_fwd(const __grid_constant__ bsfa::Params p, const __grid_constant__ bsfa::TmaDesc tq,
              const __grid_constant__ bsfa::TmaDesc tk, const __grid_constant__ bsfa::TmaDesc tv) {
     bsfa::kernel_sm90ws<TR, kCausal, true>(p, tq, tk, tv);
+}
+
+extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
+    bsfa_fwd_varlen(const __grid_constant__ bsfa::Params p, const __grid_constant__ bsfa::TmaDesc tq,
+                    const __grid_constant__ bsfa::TmaDesc tk, const __grid_constant__ bsfa::TmaDesc tv) {
+    bsfa::kernel_sm90ws<TR, kCausal, true, true>(p, tq, tk, tv);
 }
 
 extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)

@@ -136,6 +136,10 @@ __device__ __forceinline__ void sts8(unsigned addr, unsigned v) {
     asm volatile("st.shared.u8 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
 }
 
+__device__ __forceinline__ void sts128_zero(unsigned addr) {
+    asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(addr), "r"(0) : "memory");
+}
+
 __device__ __forceinline__ void lds64(unsigned& lo, unsigned& hi, unsigned addr) {
     asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];\n" : "=r"(lo), "=r"(hi) : "r"(addr) : "memory");
 }

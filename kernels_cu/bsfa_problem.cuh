@@ -50,6 +50,11 @@ struct Problem {
     // as one constant-bank operand, and the hdim-128 sm_90a kernel has no
     // register for a difference.
     int shift;
+    // First row of the problem in the packed (total, H, D) tensors (kVarlen):
+    // the row coordinate of the warp-specialised kernel's tensor-map boxes,
+    // which address rows, not elements.  0 for a batch element, whose boxes
+    // take b as their batch coordinate instead.
+    int q_row, k_row;
 
     __device__ __forceinline__ int q_pos() const { return k_pos + shift; }
 };
@@ -83,6 +88,8 @@ __device__ __forceinline__ Problem cta_problem(const A& p, long long b) {
         pr.Nk = k_end - k_begin;
         pr.k_pos = 0;
         pr.shift = pr.Nk - pr.Nq;
+        pr.q_row = q_begin;
+        pr.k_row = k_begin;
     } else {
         pr.q_off = b * p.q_sb;
         pr.k_off = b * p.k_sb;
@@ -94,6 +101,8 @@ __device__ __forceinline__ Problem cta_problem(const A& p, long long b) {
         pr.Nk = p.Nk;
         pr.k_pos = p.k_start;
         pr.shift = p.qk_shift;
+        pr.q_row = 0;
+        pr.k_row = 0;
     }
     return pr;
 }

@@ -7,6 +7,14 @@
 // skipped or not (speculative): the producer never waits for a gate decision.
 // kLoadV = false serves bsfa_block_max (Q and K only).
 //
+// kVarlen (bsfa_fwd_varlen): the maps describe the packed (total, H, D)
+// tensors as one batch element, and a sequence's boxes start at its first
+// row.  A box reaching past the sequence's end reads the next sequence's
+// rows (zeros past the packed tensor's end): its queries are masked out and
+// never stored, its keys masked, and its values zeroed by the consumers
+// before any P V reads them (bsfa_consumer_sm90ws.cuh).  Query tiles past
+// the sequence's end load nothing.
+//
 // Includes what it needs; TR is a TraitsSm90Ws.
 #pragma once
 
@@ -33,7 +41,7 @@ __device__ __forceinline__ void fill_slot(unsigned dst, const TmaDesc& desc, uns
     }
 }
 
-template <class TR, bool kCausal, bool kLoadV = true>
+template <class TR, bool kCausal, bool kLoadV = true, bool kVarlen = false>
 __device__ __forceinline__ void producer_loop(const Params& p, const TmaDesc& tq, const TmaDesc& tk,
                                               const TmaDesc& tv, const SmemWs<TR>& sm) {
     const PersistentSchedule<kCausal> sched(ceil_div(p.Nq, TR::kBlockM), p.Hq, p.B);
@@ -45,23 +53,29 @@ __device__ __forceinline__ void producer_loop(const Params& p, const TmaDesc& tq
         const int j = sched.index(r);
         if (j < 0) continue;
         const WorkTile w = sched.tile(j);
-        const QueryTile<TR, kCausal> qt(w.a, cta_problem<false>(p, w.b));
+        const Problem pr = cta_problem<kVarlen>(p, w.b);
+        if constexpr (kVarlen) {
+            if (w.a * TR::kBlockM >= pr.Nq) continue;  // past the sequence's end: nothing to load
+        }
+        const QueryTile<TR, kCausal> qt(w.a, pr);
         if (qt.c_end < 0) continue;  // no key to visit: the consumers write zeros without Q
         const int hkv = w.h / group;
+        // The box's batch coordinate: the packed tensors are one batch element.
+        const int bc = kVarlen ? 0 : w.b;
 
         fill_slot<TR, TR::kQPanelBytes>(sm.q(), tq, sm.bar(TR::kBarQEmpty), sm.bar(TR::kBarQFull), q_phase ^ 1u,
-                                         qt.q0, w.h, w.b);
+                                         pr.q_row + qt.q0, w.h, bc);
         q_phase ^= 1u;
 
 #pragma unroll 1
         for (int n = qt.c_end / TR::kKeyHalves; n >= 0; --n) {
             const int s = kv.stage;
-            const int key0 = n * TR::kBlockKeys;
+            const int key0 = pr.k_row + n * TR::kBlockKeys;
             fill_slot<TR, TR::kKVPanelBytes>(sm.k() + s * TR::kKVBytes, tk, sm.bar(TR::kBarKEmpty + s),
-                                             sm.bar(TR::kBarKFull + s), kv.phase ^ 1u, key0, hkv, w.b);
+                                             sm.bar(TR::kBarKFull + s), kv.phase ^ 1u, key0, hkv, bc);
             if constexpr (kLoadV) {
                 fill_slot<TR, TR::kKVPanelBytes>(sm.v() + s * TR::kKVBytes, tv, sm.bar(TR::kBarVEmpty + s),
-                                                 sm.bar(TR::kBarVFull + s), kv.phase ^ 1u, key0, hkv, w.b);
+                                                 sm.bar(TR::kBarVFull + s), kv.phase ^ 1u, key0, hkv, bc);
             }
             kv.advance();
         }

@@ -91,8 +91,10 @@ struct TraitsSm90Ws : TileShape {
     static constexpr int kSmemBytes = kSmemMaxes + kVoteSlots * kMaxSlotBytes + kSwizzleAtomBytes;
 
     // Named barriers (0 is __syncthreads): the two turns of the ping-pong
-    // between the consumer warpgroups.
+    // between the consumer warpgroups, then the one that publishes the
+    // consumers' zeroing of a packed sequence's ragged V block.
     static constexpr int kBarTurn = 1;
+    static constexpr int kBarVZero = kBarTurn + kConsumerWGs;
 
     static_assert(kHeadDim % kPanelCols == 0, "head dim must be a whole number of 64-column panels");
     static_assert(kVoteSlotBytes == 8, "the gate reads one slot as a single 8-byte load");

@@ -9,17 +9,21 @@ Hypothesis profiles:
 
 ``HYPOTHESIS_PROFILE=<name>`` overrides the choice.
 
-BLAS threads: the CPU tests multiply many small matrices; a multi-threaded OpenBLAS on a loaded
-2-core runner spins and slows them down several-fold, so one BLAS thread is the default here
-(set OPENBLAS_NUM_THREADS / OMP_NUM_THREADS / MKL_NUM_THREADS yourself to override). This only
-works because NumPy is not imported before this file.
+BLAS threads: the tests multiply many small matrices (the float64 reference the GPU tests check
+against included); a multi-threaded OpenBLAS spins on them and slows them down several-fold, on a
+loaded 2-core runner and on a many-core GPU host alike (tests/gpu/test_varlen.py: 1.5-4 s per case
+against 0.2-0.5 s on one thread), so NumPy's OpenBLAS gets one thread by default
+(OPENBLAS_NUM_THREADS; on CI also OMP_NUM_THREADS / MKL_NUM_THREADS, which outside CI are left to
+torch's CPU tests; set any of them yourself to override). This only works because NumPy is not
+imported before this file.
 """
 from __future__ import annotations
 
 import os
 
-if os.environ.get("CI"):  # a 2-core runner: BLAS threads only fight each other there
-    for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # small matrices: BLAS threads only fight each other
+if os.environ.get("CI"):  # a 2-core runner: every thread pool fights the others there
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(_var, "1")
 
 from hypothesis import HealthCheck, settings  # noqa: E402

@@ -1,6 +1,14 @@
-"""bsfa_cupy.attention_varlen (one launch over a packed batch) on both kernels against
-bsfa_reference.attention_varlen, and its refusal of bad offsets before any launch."""
+"""bsfa_cupy.attention_varlen (one launch over a packed batch) on every kernel's packed entry against
+bsfa_reference.attention_varlen, and its refusal of bad offsets before any launch.
+
+Cost: the float64 reference of a problem is computed once and shared by the kernels' runs
+(expected_for): the derandomized hypothesis profiles draw the same problems for each backend, and
+the edge-length cases differ between backends and array kinds only on the GPU side.
+"""
 from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
@@ -15,6 +23,7 @@ from tests.support.gpu import (
     cp,
     gate_exemptions,
     poison_outputs,
+    reference_outputs,
     requires_gpu,
     rounding_margin,
     scalar_threshold,
@@ -26,6 +35,26 @@ pytestmark = [pytest.mark.gpu, requires_gpu]
 BM, BN = ref.BLOCK_M, ref.BLOCK_N
 #: lengths at the tile edges, and empty sequences
 EDGE_LENGTHS = [0, 1, 127, 128, 129, 577]
+
+
+def _is_hopper() -> bool:
+    return cp is not None and str(cp.cuda.Device().compute_capability) == "90"
+
+
+@pytest.fixture(params=["sm80", "sm90", "sm90ws"])
+def backend(request):
+    """Every packed-batch entry, named explicitly: "sm80" (mma.sync) everywhere, and on Hopper "sm90" (one
+    warpgroup) and "sm90ws" (warp-specialised, TMA; it needs cuda-bindings), which "auto" runs there
+    (test_varlen_equals_separate_calls_bitwise checks that). Tests map head dims other than 64 / 128 to
+    "sm80" (kernel_backend)."""
+    if request.param != "sm80" and not _is_hopper():
+        pytest.skip(f"off Hopper, {request.param!r} does not run")
+    if request.param == "sm90ws":
+        from bsfa_cupy import _tma
+
+        if not _tma.available():
+            pytest.skip("sm90ws needs cuda-bindings for its tensor maps")
+    return request.param
 
 
 def _torch_cuda():
@@ -82,20 +111,72 @@ def to_host(x, dtype=None):
     return cp.asnumpy(x)
 
 
+@dataclass
+class Expected:
+    """One problem's host inputs and what the reference says of them, shared by every kernel's run."""
+
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+    cu_q: np.ndarray
+    cu_k: np.ndarray
+    thr: object
+    ref_lse: np.ndarray
+    ref_keep: np.ndarray
+    exempt: np.ndarray  # keep tiles whose decision may flip with fp32 rounding (gate_exemptions)
+    outputs: dict = field(default_factory=dict)  # (sequence, its keep as bytes) -> reference_outputs
+
+    def sequence_outputs(self, s, keep, causal, scale, dtype):
+        """reference_outputs of sequence s replaying ``keep`` (a kernel's; almost always the reference's)."""
+        key = (s, keep.shape, keep.tobytes())
+        if key not in self.outputs:
+            q0, q1, k0, k1 = (int(x) for x in (self.cu_q[s], self.cu_q[s + 1], self.cu_k[s], self.cu_k[s + 1]))
+            self.outputs[key] = reference_outputs(self.q[q0:q1][None], self.k[k0:k1][None], self.v[k0:k1][None],
+                                                  keep, causal, scale, dtype)
+        return self.outputs[key]
+
+
+def problem_key(p) -> tuple:
+    """p as a hashable key, without what only the GPU side depends on (the array kind)."""
+    return tuple(sorted((name, tuple(x) if isinstance(x, list) else x) for name, x in p.items() if name != "kind"))
+
+
+@functools.lru_cache(maxsize=64)
+def expected_for(key) -> Expected:
+    p = dict(key)
+    rng = np.random.default_rng(p["seed"])
+    D, dtype, causal = p["D"], p["dtype"], p["causal"]
+    q, k, v, cu_q, cu_k = packed_inputs(rng, p["len_q"], p["len_k"], p["Hq"], p["Hkv"], D, dtype)
+    thr = shared_thresholds(q, k, cu_q, cu_k, causal, p["mode"], D)
+    _, ref_lse, ref_keep = ref.attention_varlen(q, k, v, cu_q, cu_k, thr, causal=causal, return_lse=True,
+                                                return_keep=True, max_seqlen_q=p.get("max_seqlen_q"))
+    exempt = np.zeros_like(ref_keep)
+    if thr is not None:
+        for s in range(len(p["len_q"])):
+            q0, q1, k0, k1 = int(cu_q[s]), int(cu_q[s + 1]), int(cu_k[s]), int(cu_k[s + 1])
+            if q1 == q0 or k1 == k0:
+                continue
+            qs, ks = q[q0:q1][None], k[k0:k1][None]
+            tm = ref.block_max_scores(qs, ks, causal=causal)
+            am = ref.block_max_scores(np.abs(qs.astype(np.float64)), np.abs(ks.astype(np.float64)), causal=causal)
+            sq, sk = -(-(q1 - q0) // BM), -(-(k1 - k0) // BN)
+            exempt[s:s + 1, :, :sq, :sk] = gate_exemptions(tm, am, np.asarray(thr, np.float32), q1 - q0, k1 - k0, D)
+    return Expected(q, k, v, cu_q, cu_k, thr, ref_lse, ref_keep, exempt)
+
+
 def run_varlen(p, monkeypatch, backend):
     """One attention_varlen call against the reference; every sequence checked as its own attention."""
     import bsfa_cupy
 
     backend = kernel_backend(backend, p["D"])
-    rng = np.random.default_rng(p["seed"])
     D, dtype, causal = p["D"], p["dtype"], p["causal"]
-    q, k, v, cu_q, cu_k = packed_inputs(rng, p["len_q"], p["len_k"], p["Hq"], p["Hkv"], D, dtype)
-    thr = shared_thresholds(q, k, cu_q, cu_k, causal, p["mode"], D)
     if p["kind"] == "torch" and _torch_cuda() is None:
         pytest.skip("needs torch with CUDA")
-    dev = [to_device(x, p["kind"]) for x in (q, k, v, cu_q, cu_k)]
+    e = expected_for(problem_key(p))
+    q, cu_q, cu_k = e.q, e.cu_q, e.cu_k
+    dev = [to_device(x, p["kind"]) for x in (q, e.k, e.v, cu_q, cu_k)]
     poison_outputs(monkeypatch)
-    out, lse, keep = bsfa_cupy.attention_varlen(*dev, thr, causal=causal, return_lse=True, return_keep=True,
+    out, lse, keep = bsfa_cupy.attention_varlen(*dev, e.thr, causal=causal, return_lse=True, return_keep=True,
                                                 max_seqlen_q=p.get("max_seqlen_q"), backend=backend)
     assert type(out).__module__.split(".")[0] == ("torch" if p["kind"] == "torch" else "cupy")
     out, lse = to_host(out).astype(np.float64), to_host(lse).astype(np.float64)
@@ -103,13 +184,11 @@ def run_varlen(p, monkeypatch, backend):
     assert set(np.unique(keep_u8)) <= {0, 1}, f"keep has unwritten entries: values {np.unique(keep_u8)}"
     kernel_keep = keep_u8.astype(bool)
 
-    _, ref_lse, ref_keep = ref.attention_varlen(q, k, v, cu_q, cu_k, thr, causal=causal, return_lse=True,
-                                                return_keep=True, max_seqlen_q=p.get("max_seqlen_q"))
+    ref_lse, ref_keep = e.ref_lse, e.ref_keep
     assert out.shape == q.shape[:2] + (D,) and lse.shape == ref_lse.shape and keep_u8.shape == ref_keep.shape, (
         f"shapes: out {out.shape}, lse {lse.shape} (want {ref_lse.shape}), keep {keep_u8.shape} (want {ref_keep.shape})"
     )
     scale = 1.0 / np.sqrt(D)
-    exempt = np.zeros_like(ref_keep)
     worst = (0.0, 0.0)
     for s in range(len(p["len_q"])):
         q0, q1, k0, k1 = int(cu_q[s]), int(cu_q[s + 1]), int(cu_k[s]), int(cu_k[s + 1])
@@ -120,20 +199,18 @@ def run_varlen(p, monkeypatch, backend):
             assert not out[q0:q1].any(), f"sequence {s}: rows without keys must give out 0"
             assert (lse[:, q0:q1] == -np.inf).all(), f"sequence {s}: rows without keys must give lse -inf"
             continue
-        qs, ks, vs = q[q0:q1][None], k[k0:k1][None], v[k0:k1][None]
-        if thr is not None:
-            tm = ref.block_max_scores(qs, ks, causal=causal)
-            am = ref.block_max_scores(np.abs(qs.astype(np.float64)), np.abs(ks.astype(np.float64)), causal=causal)
-            exempt[s:s + 1, :, :sq, :sk] = gate_exemptions(tm, am, np.asarray(thr, np.float32), q1 - q0, k1 - k0, D)
-        errs = check_against_reference(out[q0:q1][None], lse[:, q0:q1][None], qs, ks, vs,
-                                       kernel_keep[s:s + 1, :, :sq, :sk], causal, scale, dtype,
-                                       what=f"sequence {s} of {p}")
+        keep_s = kernel_keep[s:s + 1, :, :sq, :sk]
+        errs = check_against_reference(out[q0:q1][None], lse[:, q0:q1][None], q[q0:q1][None], e.k[k0:k1][None],
+                                       e.v[k0:k1][None], keep_s, causal, scale, dtype,
+                                       what=f"{backend}: sequence {s} of {p}",
+                                       expected=e.sequence_outputs(s, keep_s, causal, scale, dtype))
         worst = max(worst, errs)
-    differ = (kernel_keep != ref_keep) & ~exempt
+    differ = (kernel_keep != ref_keep) & ~e.exempt
     assert not differ.any(), (
-        f"keep differs from the reference at {int(differ.sum())} tiles (first {np.argwhere(differ)[:5].tolist()})"
+        f"{backend}: keep differs from the reference at {int(differ.sum())} tiles "
+        f"(first {np.argwhere(differ)[:5].tolist()})"
     )
-    return f"exempt tiles {int(exempt.sum())}, kept {int(kernel_keep.sum())}", worst
+    return f"exempt tiles {int(e.exempt.sum())}, kept {int(kernel_keep.sum())}", worst
 
 
 @st.composite
@@ -184,10 +261,10 @@ def test_varlen_equals_separate_calls_bitwise(backend):
     q, k, v, cu_q, cu_k = packed_inputs(rng, len_q, len_k, 4, 2, 128, "float16")
     dev = [cp.asarray(x) for x in (q, k, v, cu_q, cu_k)]
     out, lse, keep = bsfa_cupy.attention_varlen(*dev, 1.0, return_lse=True, return_keep=True, backend=backend)
-    # On Hopper, auto runs packed batches on the one-warpgroup wgmma kernel (the warp-specialised one
-    # has no packed-batch entry yet): compare with that kernel's fixed-length calls.
-    if backend == "auto" and str(cp.cuda.Device().compute_capability) == "90":
-        backend = "sm90"
+    if backend == "sm90ws":  # what "auto" runs on Hopper, where cuda-bindings is there
+        auto = bsfa_cupy.attention_varlen(*dev, 1.0, return_lse=True, return_keep=True)
+        for name, a, b in zip(("out", "lse", "keep"), auto, (out, lse, keep)):
+            assert cp.array_equal(a, b), f"auto: {name} differs from sm90ws's"
     for s in range(3):
         q0, q1, k0, k1 = cu_q[s], cu_q[s + 1], cu_k[s], cu_k[s + 1]
         o, l, kp = bsfa_cupy.attention(dev[0][None, q0:q1], dev[1][None, k0:k1], dev[2][None, k0:k1], 1.0,
@@ -196,6 +273,31 @@ def test_varlen_equals_separate_calls_bitwise(backend):
         assert cp.array_equal(lse[:, q0:q1], l[0]), f"sequence {s}: lse differs from its own call"
         assert cp.array_equal(keep[s, :, :kp.shape[2], :kp.shape[3]], kp[0]), f"sequence {s}: keep differs"
         assert not keep[s, :, kp.shape[2]:].any() and not keep[s, :, :, kp.shape[3]:].any()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("D,dtype", [(64, "bfloat16"), (128, "float16")])
+def test_non_finite_rows_stay_in_their_sequence(backend, causal, D, dtype):
+    """NaN / inf in a sequence's first rows of q, k and v, right where the boxes of the sequence before it
+    (ragged: 200 queries and keys) run past its end, poison no other sequence: every clean sequence is
+    finite and bit for bit its own fixed-length call (P = 0 times a non-finite V would be NaN)."""
+    import bsfa_cupy
+
+    rng = np.random.default_rng(5)
+    len_q, len_k = [200, 129, 64], [200, 70, 300]
+    q, k, v, cu_q, cu_k = packed_inputs(rng, len_q, len_k, 2, 1, D, dtype)
+    q[200, 0, :4], k[201, 0, :4], v[200, 0, 0], v[202, 0, 1] = np.nan, np.inf, np.nan, -np.inf
+    dev = [cp.asarray(x) for x in (q, k, v, cu_q, cu_k)]
+    backend = kernel_backend(backend, D)
+    for thr in (None, 1.0):
+        out, lse = bsfa_cupy.attention_varlen(*dev, thr, causal=causal, return_lse=True, backend=backend)
+        for s in (0, 2):  # sequence 1 holds the non-finite rows
+            q0, q1, k0, k1 = cu_q[s], cu_q[s + 1], cu_k[s], cu_k[s + 1]
+            o, l = bsfa_cupy.attention(dev[0][None, q0:q1], dev[1][None, k0:k1], dev[2][None, k0:k1], thr,
+                                       causal=causal, return_lse=True, backend=backend)
+            assert cp.isfinite(out[q0:q1]).all(), f"sequence {s} (thresholds {thr}): non-finite out"
+            assert cp.array_equal(out[q0:q1], o[0]), f"sequence {s} (thresholds {thr}): out differs from its own call"
+            assert cp.array_equal(lse[:, q0:q1], l[0]), f"sequence {s} (thresholds {thr}): lse differs"
 
 
 def test_varlen_without_rows(backend):

@@ -176,14 +176,25 @@ def lowp_attention(q, k, v, keep, causal, scale, dtype, q_start=None, k_start=0)
     return o.astype(ht).astype(np.float64)
 
 
-def check_against_reference(out, lse, q, k, v, keep, causal, scale, dtype, what="", q_start=None, k_start=0):
-    """out (B, Nq, Hq, D) and lse (B, Hq, Nq) from the kernel vs the float64 reference replaying
-    the kernel's own keep mask; errors bounded relative to the low-precision baseline.
-    ``q_start`` / ``k_start``: the call's offsets."""
-    out = np.asarray(out).astype(np.float64)
-    lse = np.asarray(lse).astype(np.float64)
+def reference_outputs(q, k, v, keep, causal, scale, dtype, q_start=None, k_start=0):
+    """What check_against_reference compares with, computed once: the float64 reference's out and lse
+    replaying ``keep`` and the low-precision baseline over the same tiles (all host arrays; see there)."""
     at = dict(q_start=q_start, k_start=k_start)
     ref_out, ref_lse = ref.attention(q, k, v, causal=causal, softmax_scale=scale, keep=keep, return_lse=True, **at)
+    return ref_out, ref_lse, lowp_attention(q, k, v, keep, causal, scale, dtype, **at)
+
+
+def check_against_reference(out, lse, q, k, v, keep, causal, scale, dtype, what="", q_start=None, k_start=0,
+                            expected=None):
+    """out (B, Nq, Hq, D) and lse (B, Hq, Nq) from the kernel vs the float64 reference replaying
+    the kernel's own keep mask; errors bounded relative to the low-precision baseline.
+    ``q_start`` / ``k_start``: the call's offsets. ``expected``: reference_outputs of the same
+    arguments, where the caller has them already (several kernels checked against one reference)."""
+    out = np.asarray(out).astype(np.float64)
+    lse = np.asarray(lse).astype(np.float64)
+    if expected is None:
+        expected = reference_outputs(q, k, v, keep, causal, scale, dtype, q_start=q_start, k_start=k_start)
+    ref_out, ref_lse, base = expected
     assert not np.isnan(out).any(), f"{what}: {int(np.isnan(out).sum())} NaN in out"
     assert not np.isnan(lse).any(), f"{what}: {int(np.isnan(lse).sum())} NaN in lse"
 
@@ -192,7 +203,6 @@ def check_against_reference(out, lse, q, k, v, keep, causal, scale, dtype, what=
     dead_rows = dead.transpose(0, 2, 1)  # (B, Nq, Hq)
     assert not out[dead_rows].any(), f"{what}: out of empty rows not zero (max {np.abs(out[dead_rows]).max()})"
 
-    base = lowp_attention(q, k, v, keep, causal, scale, dtype, **at)
     base_err = np.abs(base - ref_out).max()
     floor = EPS[dtype] * max(1.0, float(np.abs(ref_out).max()))
     bound = ERR_FACTOR * base_err + floor
