@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import math
 import sys
 from pathlib import Path
 
@@ -271,7 +270,7 @@ def run_gpu(args) -> dict:
                     add(peer, ms=timer(lambda i: fn(), 1))
                 except Exception as exc:
                     add(peer, error=f"{type(exc).__name__}: {exc}".splitlines()[0][:160])
-        del q, k, v
+        q = k = v = None  # free the inputs before the next shape's
         torch.cuda.empty_cache()
         cp.get_default_memory_pool().free_all_blocks()
     return dict(gpu=gpu_name(), rows=rows, sms=sms)

@@ -56,6 +56,50 @@ __device__ __forceinline__ PackedRow packed_row(int r, int R, int q0, int Nq, in
     return pr;
 }
 
+// Whether this thread's share of a V tile in shared memory holds an inf or
+// NaN (exponent bits all ones); the caller ORs it over the CTA.  Rows past Nk
+// were zero-filled.
+template <class TR>
+__device__ __forceinline__ bool v_tile_non_finite(unsigned v_tile) {
+    constexpr unsigned kExp = TR::kBf16 ? 0x7f807f80u : 0x7c007c00u;
+    constexpr int kChunks = TR::kBlockN * TR::kChunksPerRow;
+    bool bad = false;
+    for (int idx = threadIdx.x; idx < kChunks; idx += TR::kNThreads) {
+        unsigned w[4];
+        lds128(w, v_tile + (idx / TR::kChunksPerRow) * TR::kRowBytes + (idx % TR::kChunksPerRow) * 16);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            bad |= (w[j] & (kExp & 0xffffu)) == (kExp & 0xffffu);
+            bad |= (w[j] & (kExp & 0xffff0000u)) == (kExp & 0xffff0000u);
+        }
+    }
+    return bad;
+}
+
+// Stores (save) or reloads the O values of this thread's rows whose head
+// skips the tile (row_bit not in kept) to / from their partial-out rows
+// (out0, out1; the thread's own columns, so no barrier is needed).
+template <class TR>
+__device__ __forceinline__ void park_o(float (&O)[1][TR::kONBlocks][4], const unsigned (&row_bit)[2], unsigned kept,
+                                       float* out0, float* out1, int lane, bool save) {
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+        if (row_bit[hf] == 0 || (kept & row_bit[hf])) continue;
+        float* og = (hf == 0 ? out0 : out1) + 2 * (lane & 3);
+#pragma unroll
+        for (int nb = 0; nb < TR::kONBlocks; ++nb) {
+            float2* at = reinterpret_cast<float2*>(og + nb * TR::kMmaN);
+            if (save) {
+                *at = make_float2(O[0][nb][2 * hf], O[0][nb][2 * hf + 1]);
+            } else {
+                const float2 v2 = *at;
+                O[0][nb][2 * hf] = v2.x;
+                O[0][nb][2 * hf + 1] = v2.y;
+            }
+        }
+    }
+}
+
 template <class TR, bool kCausal>
 __device__ __forceinline__ void fwd_splitkv_kernel(const Params& p) {
     constexpr int KS = TR::kKStages;
@@ -144,7 +188,8 @@ __device__ __forceinline__ void fwd_splitkv_kernel(const Params& p) {
         }
     };
     auto load_k = [&](int c, int slot) { load_kv(kg, p.k_sn, p.k, smem + TR::kSmemK + slot * TR::kKVTileBytes, c); };
-    auto load_v = [&](int c) { load_kv(vg, p.v_sn, p.v, smem + TR::kSmemV, c); };
+    // V tile c goes to buffer c & 1 (see the cp.async groups below).
+    auto load_v = [&](int c) { load_kv(vg, p.v_sn, p.v, smem + TR::kSmemV + (c & 1) * TR::kKVTileBytes, c); };
 
     // Per head slot: the gate's threshold; dense mode keeps every tile.
     const bool gated = p.thr_mode != 0;
@@ -168,6 +213,13 @@ __device__ __forceinline__ void fwd_splitkv_kernel(const Params& p) {
         mask_from = imin(mask_from, imax(first, 0));
     }
 
+    // Row hf's fp32 partial-out row of this split (bsfa_combine reads it).
+    const long long rows_per_split = (long long)p.B * Hq * Nq;
+    auto row_out = [&](int hf) {
+        const long long prow = s * rows_per_split + (b * Hq + h0 + row[hf].slot) * (long long)Nq + row[hf].i;
+        return p.o_part + prow * TR::kHeadDim;
+    };
+
     float O[1][TR::kONBlocks][4];
     float m[1][2];
     float l[1][2];
@@ -177,6 +229,7 @@ __device__ __forceinline__ void fwd_splitkv_kernel(const Params& p) {
 
     if (lo <= hi) {
         load_k(hi, 0);
+        if (hi >= forced_lo && hi <= forced_hi) load_v(hi);
         cp_async_commit();
         if (hi - 1 >= lo) load_k(hi - 1, 1);
         cp_async_commit();
@@ -188,14 +241,23 @@ __device__ __forceinline__ void fwd_splitkv_kernel(const Params& p) {
         int ks = 0;
 #pragma unroll 1
         for (int c = hi; c >= lo; --c, ks = ks + 1 == KS ? 0 : ks + 1) {
-            // cp.async groups as in fwd_mainloop (bsfa_mainloop_sm80.cuh).
+            // cp.async groups.  Prologue: [Q], [K hi + V hi if forced], [K hi-1].
+            // Each tile c commits at its top G_c = [K c-2, V c-1 if tile c-1 is
+            // forced] (even when empty), and a kept gated tile adds [V c]
+            // after its vote.  V of a forced tile is thus one tile ahead, like
+            // K two: decode is memory bound and a V fetched only at its own
+            // tile would expose the full memory latency every tile.  V tiles
+            // alternate between two buffers by parity; tile c-1's buffer is
+            // the one tile c+1 used, free after this barrier.  At the top of
+            // tile c only G_{c+1} may still be pending besides G_c's
+            // predecessors' (K c was in G_{c+2}): wait_group KS-2.
             cp_async_wait<KS - 2>();
             cta_sync();
             const bool is_forced = c >= forced_lo && c <= forced_hi;
             {
                 const int cn = c - (KS - 1);
                 if (cn >= lo) load_k(cn, ks == 0 ? KS - 1 : ks - 1);
-                if (is_forced) load_v(c);
+                if (c - 1 >= lo && c - 1 >= forced_lo && c - 1 <= forced_hi) load_v(c - 1);
             }
             cp_async_commit();
 
@@ -264,9 +326,30 @@ __device__ __forceinline__ void fwd_splitkv_kernel(const Params& p) {
                     O[0][nb][2 * hf + 1] *= alpha;
                 }
             }
-            cp_async_wait<0>();
+            // V c: in G_{c+1} (or the prologue) for a forced tile, so G_c may
+            // stay in flight; in the newest group for a gated one.
+            if (is_forced) {
+                cp_async_wait<1>();
+            } else {
+                cp_async_wait<0>();
+            }
             cta_sync();
-            pv_tile<TR>(O, P, v_lane);
+            const unsigned v_tile = smem + TR::kSmemV + (c & 1) * TR::kKVTileBytes;
+            // A head that skips the tile has P = 0 there, but 0 * (NaN or inf)
+            // in V would still reach its O through the shared P V product,
+            // where the reference (the tile does not exist for that head)
+            // gives no NaN.  So when some head skips a tile that others keep,
+            // the CTA checks V for non-finite values, and in that (rare) case
+            // the skipping rows' O is parked in this split's own partial-out
+            // rows (written at the end anyway) across the product.
+            bool park = false;
+            if ((kept & all_slots) != all_slots) {
+                park = cta_sync_or(v_tile_non_finite<TR>(v_tile));
+                park = park && row_bit[0] + row_bit[1] != 0;  // this thread has a real row
+            }
+            if (park) park_o<TR>(O, row_bit, kept, row_out(0), row_out(1), lane, true);
+            pv_tile<TR>(O, P, v_lane + (c & 1) * TR::kKVTileBytes);
+            if (park) park_o<TR>(O, row_bit, kept, row_out(0), row_out(1), lane, false);
         }
     }
 
@@ -275,14 +358,13 @@ __device__ __forceinline__ void fwd_splitkv_kernel(const Params& p) {
     // The partial of this split: out normalised in fp32, lse; an empty range
     // (more splits than tiles) or a row without a kept key gives 0 and -inf,
     // which the merge weighs 0.
-    const long long rows_per_split = (long long)p.B * Hq * Nq;
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
         const float lt = quad_sum(l[0][hf]);
         if (!row[hf].valid) continue;
         const float inv = lt > 0.f ? 1.f / lt : 0.f;
         const long long prow = s * rows_per_split + (b * Hq + h0 + row[hf].slot) * (long long)Nq + row[hf].i;
-        float* og = p.o_part + prow * TR::kHeadDim + 2 * (lane & 3);
+        float* og = row_out(hf) + 2 * (lane & 3);
 #pragma unroll
         for (int nb = 0; nb < TR::kONBlocks; ++nb) {
             float2 v2;

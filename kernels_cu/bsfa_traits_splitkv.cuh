@@ -34,6 +34,7 @@ struct TraitsSplitKv : TileShape {
     static constexpr bool kQInRegs = true;
 
     static constexpr int kKStages = 3;
+    static constexpr int kVStages = 2;
 
     static constexpr int kElemBytes = 2;
     static constexpr int kChunkElems = 16 / kElemBytes;
@@ -49,12 +50,13 @@ struct TraitsSplitKv : TileShape {
     static constexpr int kONBlocks = kHeadDim / kMmaN;
     static constexpr int kQFragRegs = kWarpMBlocks * kDSteps * 4;
 
-    // Q, the K ring, one V buffer, and the per-warp head votes of the gate
-    // (two slots, by key-tile parity, so one barrier per gated tile).
+    // Q, the K ring, two V buffers (V of forced tiles is prefetched one tile
+    // ahead: bsfa_kernel_splitkv.cuh), and the per-warp head votes of the
+    // gate (two slots, by key-tile parity, so one barrier per gated tile).
     static constexpr int kSmemQ = 0;
     static constexpr int kSmemK = kSmemQ + kQTileBytes;
     static constexpr int kSmemV = kSmemK + kKStages * kKVTileBytes;
-    static constexpr int kSmemVote = kSmemV + kKVTileBytes;
+    static constexpr int kSmemVote = kSmemV + kVStages * kKVTileBytes;
     static constexpr int kFwdSmemBytes = kSmemVote + 2 * kNWarps * 4;
 
     static_assert(kRows % kWarpRows == 0, "warps must tile the packed rows");

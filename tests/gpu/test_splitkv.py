@@ -15,7 +15,6 @@ import bsfa_reference as ref
 from tests.support.gpu import (
     EPS,
     cp,
-    device_array,
     poison_outputs,
     random_inputs,
     requires_gpu,
@@ -151,18 +150,19 @@ def test_num_splits_and_backend_errors():
         bsfa_cupy.attention(q, k, k, num_splits=2, backend="sm80")
     with pytest.raises(ValueError, match="splitkv"):
         bsfa_cupy.block_max_scores(q, k, backend="splitkv")
-    with pytest.raises(ValueError, match=r"the splitkv kernel takes \(64, 128\), got 32|expected head_dim in \(64, 128\), got 32"):
+    with pytest.raises(ValueError, match=r"backend 'splitkv': expected head_dim in \(64, 128\), got 32"):
         q32 = cp.zeros((1, 1, 4, 32), cp.float16)
         k32 = cp.zeros((1, 64, 1, 32), cp.float16)
         bsfa_cupy.attention(q32, k32, k32, num_splits=2)
 
 
 def test_empty_and_degenerate_shapes(monkeypatch):
-    """No keys (every row empty), queries entirely before the keys (bottom-right, Nq > Nk), one key."""
+    """Fewer keys than one tile, queries mostly before the keys (bottom-right, Nq > Nk: rows without a
+    key), one key."""
     import bsfa_cupy
 
     poison_outputs(monkeypatch)
-    for Nq, Nk in ((5, 0), (300, 64), (1, 1)):
+    for Nq, Nk in ((5, 63), (300, 64), (1, 1)):
         rng = np.random.default_rng(Nq)
         q, k, v = random_inputs(rng, 1, Nq, Nk, 4, 1, 64, "float16")
         out, lse, keep = bsfa_cupy.attention(cp.asarray(q), cp.asarray(k), cp.asarray(v), 0.0, return_lse=True,
@@ -173,3 +173,72 @@ def test_empty_and_degenerate_shapes(monkeypatch):
         assert np.array_equal(cp.asnumpy(lse)[dead], r_lse[dead])
         assert not cp.asnumpy(out)[dead.transpose(0, 2, 1)].any()
         assert np.allclose(cp.asnumpy(lse)[~dead], r_lse[~dead], atol=1e-4)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_v_reaches_only_the_heads_keeping_its_tile(monkeypatch, num_splits, bad):
+    """Packed heads disagree on a tile whose V holds a NaN / inf: the heads that keep it get NaN in that
+    column (as the reference's P @ V), the heads that skip it must not (the tile does not exist for
+    them), although they share the CTA and its P V product."""
+    import bsfa_cupy
+
+    rng = np.random.default_rng(7)
+    Nq, Nk, G, D = 1, 577, 4, 64
+    q, k, v = random_inputs(rng, 1, Nq, Nk, G, 1, D, "float16")
+    v[0, 100, 0, 5] = bad  # key tile 1, a gated tile (the diagonal one is the last)
+    thr = np.full((G, Nk // BM + 1), np.inf, np.float32)
+    thr[0] = -np.inf  # head 0 keeps every tile, heads 1..3 only the diagonal one
+    qd, kd, vd = (cp.asarray(x) for x in (q, k, v))
+    poison_outputs(monkeypatch)
+    out, lse, keep = bsfa_cupy.attention(qd, kd, vd, thr, return_lse=True, return_keep=True, backend="splitkv",
+                                         num_splits=num_splits)
+    r_out, r_lse, r_keep = ref.attention(q, k, v, thr, return_lse=True, return_keep=True)
+    out = cp.asnumpy(out).astype(np.float64)
+    assert np.array_equal(cp.asnumpy(keep), r_keep)
+    assert r_keep[0, 0, 0, 1] and not r_keep[0, 1:, 0, 1]
+    got_bad, want_bad = ~np.isfinite(out), ~np.isfinite(r_out)
+    assert want_bad[0, 0, 0, 5] and want_bad.sum() == 1
+    assert np.array_equal(got_bad, want_bad), (np.argwhere(got_bad), np.argwhere(want_bad))
+    fin = ~want_bad
+    assert np.abs(out[fin] - r_out[fin]).max() <= 4 * EPS["float16"] * max(1.0, np.abs(r_out[fin]).max())
+    assert np.allclose(cp.asnumpy(lse), r_lse, atol=1e-4)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("causal", [True, False])
+def test_nonfinite_inputs_reach_exactly_the_reference_rows(monkeypatch, gated, causal):
+    """As tests/gpu/test_attention.py's test of the same name, on packed heads and three splits: NaN / inf
+    in q, k and v reach the reference's outputs (non-finite) and lse (NaN) exactly; the merge poisons a
+    row with a NaN part."""
+    import bsfa_cupy
+
+    rng = np.random.default_rng(2 * gated + causal)
+    B, Nq, Nk, Hq, Hkv, D = 1, 40, 700, 8, 2, 64
+    q, k, v = random_inputs(rng, B, Nq, Nk, Hq, Hkv, D, "float16")
+    thr = thresholds_from_maxima(ref.block_max_scores(q, k, causal=causal), Nq, Nk) if gated else None
+    q[0, 20, 1, 5] = np.nan
+    q[0, 17, 3, 0] = np.inf
+    k[0, 150, 0, 3] = np.nan
+    k[0, 690, 1, 7] = -np.inf
+    v[0, 70, 1, 2] = np.nan
+    v[0, 300, 0, 0] = np.inf
+    poison_outputs(monkeypatch)
+    out, lse, keep = bsfa_cupy.attention(*map(cp.asarray, (q, k, v)), thr, causal=causal, return_lse=True,
+                                         return_keep=True, backend="splitkv", num_splits=3)
+    out, lse, keep = cp.asnumpy(out), cp.asnumpy(lse), cp.asnumpy(keep)
+    want_out, want_lse = ref.attention(q, k, v, causal=causal, keep=keep, return_lse=True)
+    got_bad, want_bad = ~np.isfinite(out), ~np.isfinite(want_out)
+    assert want_bad.any(), "the planted values reached no output: the test checks nothing"
+    assert np.array_equal(got_bad, want_bad), (
+        f"non-finite outputs differ at {int((got_bad != want_bad).sum())} entries "
+        f"(first {np.argwhere(got_bad != want_bad)[:5].tolist()})"
+    )
+    assert np.array_equal(np.isnan(lse), np.isnan(want_lse))
+    assert np.array_equal(lse == -np.inf, want_lse == -np.inf)
+    ok = ~want_bad
+    err = np.abs(out[ok].astype(np.float64) - want_out[ok])
+    tol = 16 * EPS["float16"] * np.abs(v[np.isfinite(v)]).max()
+    assert err.max() <= tol
+    fin = np.isfinite(want_lse)
+    assert np.abs(lse[fin] - want_lse[fin]).max() <= 1e-2
