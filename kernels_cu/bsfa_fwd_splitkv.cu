@@ -42,12 +42,13 @@ extern "C" __constant__ int BSFA_COMBINE_WARPS = bsfa::kCombineWarps;
 extern "C" __constant__ int BSFA_BLOCK_M = bsfa::TileShape::kBlockM;
 extern "C" __constant__ int BSFA_BLOCK_N = bsfa::TileShape::kBlockN;
 
-extern "C" __global__ void __launch_bounds__(TR64::kNThreads)
+// Two 64-row CTAs per SM (bsfa_cupy/_splitkv.py's CTAS_PER_SM), one 128-row CTA.
+extern "C" __global__ void __launch_bounds__(TR64::kNThreads, 2)
     bsfa_fwd_split64(const __grid_constant__ bsfa::Params p) {
     bsfa::fwd_splitkv_kernel<TR64, kCausal>(p);
 }
 
-extern "C" __global__ void __launch_bounds__(TR128::kNThreads)
+extern "C" __global__ void __launch_bounds__(TR128::kNThreads, 1)
     bsfa_fwd_split128(const __grid_constant__ bsfa::Params p) {
     bsfa::fwd_splitkv_kernel<TR128, kCausal>(p);
 }
