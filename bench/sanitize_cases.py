@@ -48,11 +48,10 @@ for dtype in ("float16", "bfloat16") if "splitkv" in backends else ():
                 v = cp.asarray(rng.standard_normal((1, nk, 1, d), dtype=np.float32)).astype(dtype)
                 tm = bsfa_cupy.block_max_scores(q, k, causal=causal, backend="sm80")
                 thr = float(cp.median(tm[cp.isfinite(tm)]))
-                for t in (None, thr):
-                    for s in (1, 3, 64):
-                        bsfa_cupy.attention(q, k, v, t, causal=causal, return_lse=True, return_keep=True,
-                                            backend="splitkv", num_splits=s)
-                        n_calls += 1
+                for t, s in ((None, 3), (thr, 1), (thr, 64)):
+                    bsfa_cupy.attention(q, k, v, t, causal=causal, return_lse=True, return_keep=True,
+                                        backend="splitkv", num_splits=s)
+                    n_calls += 1
                 bsfa_cupy.attention(q, k, v, thr, causal=causal, return_lse=True, return_keep=True,
                                     backend="splitkv", q_start=256, k_start=64)
                 n_calls += 1
