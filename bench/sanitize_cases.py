@@ -1,7 +1,8 @@
 """A small case matrix for compute-sanitizer (memcheck, racecheck, synccheck): every kernel, ragged shapes.
 
 Runs `attention` and `block_max_scores` on each kernel the GPU has: backend "sm80" (mma.sync, any GPU)
-and, on compute capability 9.0, "sm90" (wgmma) and "sm90ws" (warp-specialised TMA + wgmma). Per kernel:
+and, on compute capability 9.0, "sm90" (wgmma) and "sm90ws" (warp-specialised TMA + wgmma), and the
+split-KV kernel "splitkv" (attention only: packed GQA rows, 1 / 3 / 64 splits, then the merge). Per kernel:
 float16 and bfloat16, head dims 64 and 128, causal and not, ragged sequence lengths, dense and with
 thresholds, returning lse and keep masks; explicit offsets (q_start / k_start, keys after every query
 included) and a packed batch (`attention_varlen`: empty sequences, lengths at the tile edges, a wider
@@ -16,7 +17,7 @@ import argparse
 import numpy as np
 
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-p.add_argument("--backend", choices=("sm80", "sm90", "sm90ws"), action="append",
+p.add_argument("--backend", choices=("sm80", "sm90", "sm90ws", "splitkv"), action="append",
                help="run only this kernel (repeatable; default: every kernel the GPU has)")
 args = p.parse_args()
 
@@ -26,7 +27,7 @@ import bsfa_cupy  # noqa: E402
 
 rng = np.random.default_rng(0)
 hopper = str(cp.cuda.Device().compute_capability) == "90"
-backends = args.backend or (["sm80", "sm90", "sm90ws"] if hopper else ["sm80"])
+backends = args.backend or (["sm80", "sm90", "sm90ws", "splitkv"] if hopper else ["sm80", "splitkv"])
 
 
 def inputs(nq, nk, d, dtype):
@@ -37,7 +38,24 @@ def inputs(nq, nk, d, dtype):
 
 
 n_calls = 0
-for backend in backends:
+# split-KV: decode and short chunks (GQA 4 and 8 packed), more splits than key tiles, several query tiles
+for dtype in ("float16", "bfloat16") if "splitkv" in backends else ():
+    for d in (64, 128):
+        for causal in (True, False):
+            for nq, nk, hq in ((1, 577, 8), (3, 200, 8), (16, 577, 4), (200, 130, 2), (130, 200, 2)):
+                q = cp.asarray(rng.standard_normal((1, nq, hq, d), dtype=np.float32)).astype(dtype)
+                k = cp.asarray(rng.standard_normal((1, nk, 1, d), dtype=np.float32)).astype(dtype)
+                v = cp.asarray(rng.standard_normal((1, nk, 1, d), dtype=np.float32)).astype(dtype)
+                tm = bsfa_cupy.block_max_scores(q, k, causal=causal, backend="sm80")
+                thr = float(cp.median(tm[cp.isfinite(tm)]))
+                for t, s in ((None, 3), (thr, 1), (thr, 64)):
+                    bsfa_cupy.attention(q, k, v, t, causal=causal, return_lse=True, return_keep=True,
+                                        backend="splitkv", num_splits=s)
+                    n_calls += 1
+                bsfa_cupy.attention(q, k, v, thr, causal=causal, return_lse=True, return_keep=True,
+                                    backend="splitkv", q_start=256, k_start=64)
+                n_calls += 1
+for backend in (b for b in backends if b != "splitkv"):
     for dtype in ("float16", "bfloat16"):
         for d in (64, 128):
             for causal in (True, False):
@@ -82,7 +100,7 @@ for backend in backends:
         q[0, iq, 0, 3] = cp.nan
         k[0, jk, 0, 5] = cp.nan
         v[0, jv, 0, 7] = cp.nan
-        bsfa_cupy.block_max_scores(q, k, causal=causal, backend=backend)
+        bsfa_cupy.block_max_scores(q, k, causal=causal, backend="sm80" if backend == "splitkv" else backend)
         bsfa_cupy.attention(q, k, v, 0.0, causal=causal, return_lse=True, return_keep=True, backend=backend)
         out = bsfa_cupy.attention(q, k, v, causal=causal, backend=backend)
         n_calls += 3

@@ -3,7 +3,7 @@
 A variant that fails to compile shows as one line here, before the GPU tests (which would otherwise
 fail wherever they first need it); the whole set takes ~13 s cold on one process, ~5 s on eight (H200).
 Variants: backend "sm80" for float16/bfloat16, head dims 32/64/96/128, causal and not; on compute
-capability 9.0 also "sm90" and "sm90ws" for head dims 64/128. Each process compiles one variant through the public
+capability 9.0 also "sm90" and "sm90ws" for head dims 64/128; "splitkv" (split-KV, any GPU) for head dims 64/128. Each process compiles one variant through the public
 API (one tiny `attention` call loads the module holding both kernels); prints seconds per variant.
 Usage: python bench/warm_cache.py [--jobs 8]
 """
@@ -36,7 +36,7 @@ def main():
     import cupy as cp
 
     hopper = str(cp.cuda.Device().compute_capability) == "90"
-    variants = [(arch, dt, d, c) for arch, dims in ARCH_HEAD_DIMS.items() if arch == "sm80" or hopper
+    variants = [(arch, dt, d, c) for arch, dims in ARCH_HEAD_DIMS.items() if arch in ("sm80", "splitkv") or hopper
                 for dt in ("float16", "bfloat16") for d in dims for c in (True, False)]
     t0, failed = time.perf_counter(), 0
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:

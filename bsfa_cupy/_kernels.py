@@ -61,24 +61,65 @@ class Module:
     raw: object  # keeps the CUDA module loaded
 
 
+@dataclass
+class SplitKvModule:
+    """The split-KV family (kernels_cu/bsfa_fwd_splitkv.cu): two row-tile sizes and the merge."""
+
+    key: VariantKey
+    defines: tuple
+    split: dict  # packed rows per CTA (64, 128) -> (function, threads, dynamic smem bytes)
+    combine: object
+    combine_warps: int
+    raw: object
+
+
+def _load(key: VariantKey, backend: Backend, device_id: int):
+    """(raw module, name) of one variant, compiled or from the cache, tile shape checked."""
+    cp = cupy()
+    arch_flag, is_cubin = target(key.arch, compute_capability(device_id))
+    options = options_for(key.arch, arch_flag) + key.defines() + backend.options()
+    name = key.name()
+    if backend.defines:
+        name += "+" + hashlib.sha256(repr(backend.defines).encode()).hexdigest()[:8]
+    binary = cached_binary(kernel_source(key.source), name, options, is_cubin)
+    raw = cp.cuda.function.Module()
+    raw.load(binary)
+    tile = (_read_int(raw, "BSFA_BLOCK_M"), _read_int(raw, "BSFA_BLOCK_N"))
+    if tile != (BLOCK_M, BLOCK_N):
+        raise KernelCompileError(
+            f"bsfa_cupy: {name} was built with {tile[0]}x{tile[1]} tiles, expected the reference's {BLOCK_M}x{BLOCK_N}"
+        )
+    return raw, name
+
+
+@functools.cache
+def get_splitkv_module(key: VariantKey, backend: Backend, device_id: int) -> SplitKvModule:
+    """Compile (first use, or a cache miss) and load one split-KV variant on one device."""
+    if key.arch != "splitkv":
+        raise ValueError(f"get_splitkv_module: expected a splitkv key, got {key.name()}")
+    cp = cupy()
+    with cp.cuda.Device(device_id):
+        raw, _ = _load(key, backend, device_id)
+        split = {}
+        for rows in (64, 128):
+            fn = raw.get_function(f"bsfa_fwd_split{rows}")
+            threads = _read_int(raw, f"BSFA_SPLIT{rows}_THREADS")
+            smem = _read_int(raw, f"BSFA_SPLIT{rows}_SMEM_BYTES")
+            _opt_in_smem(fn, smem)
+            split[rows] = (fn, threads, smem)
+        combine = raw.get_function("bsfa_combine")
+        warps = _read_int(raw, "BSFA_COMBINE_WARPS")
+    return SplitKvModule(key, backend.defines, split, combine, warps, raw)
+
+
 @functools.cache
 def get_module(key: VariantKey, backend: Backend, device_id: int) -> Module:
     """Compile (first use, or a cache miss) and load one variant on one device."""
+    if key.arch == "splitkv":
+        raise ValueError("backend 'splitkv': the split-KV kernel serves bsfa_cupy.attention only")
     cp = cupy()
     with cp.cuda.Device(device_id):
-        arch_flag, is_cubin = target(key.arch, compute_capability(device_id))
-        options = options_for(key.arch, arch_flag) + key.defines() + backend.options()
-        name = key.name()
-        if backend.defines:
-            name += "+" + hashlib.sha256(repr(backend.defines).encode()).hexdigest()[:8]
-        binary = cached_binary(kernel_source(key.source), name, options, is_cubin)
-        raw = cp.cuda.function.Module()
-        raw.load(binary)
-        tile = (_read_int(raw, "BSFA_BLOCK_M"), _read_int(raw, "BSFA_BLOCK_N"))
-        if tile != (BLOCK_M, BLOCK_N):
-            raise KernelCompileError(
-                f"bsfa_cupy: {name} was built with {tile[0]}x{tile[1]} tiles, expected the reference's {BLOCK_M}x{BLOCK_N}"
-            )
+        raw, _ = _load(key, backend, device_id)
         grid_kind = _read_int(raw, "BSFA_GRID")
         sms = sm_count(device_id)
         # Kernels that take tensor maps (q, k, v for bsfa_fwd; q, k for bsfa_block_max) say so; every
@@ -104,12 +145,15 @@ def _read_int(raw, symbol: str) -> int:
 
 
 def _kernel(raw, fn_name: str, prefix: str, grid_kind: int, sms: int, tma: int, n_maps: int) -> Kernel:
-    cp = cupy()
     fn = raw.get_function(fn_name)
     threads, smem = _read_int(raw, prefix + "_THREADS"), _read_int(raw, prefix + "_SMEM_BYTES")
     k = Kernel(fn, threads, smem, grid_kind, sms, tma, n_maps if tma else 0)
-    if k.smem > 48 * 1024:  # above the default window a kernel must opt in
-        driver = cp.cuda.driver
-        attr = getattr(driver, "CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES", 8)
-        driver.funcSetAttribute(fn.ptr, attr, k.smem)
+    _opt_in_smem(fn, k.smem)
     return k
+
+
+def _opt_in_smem(fn, smem: int) -> None:
+    if smem > 48 * 1024:  # above the default window a kernel must opt in
+        driver = cupy().cuda.driver
+        attr = getattr(driver, "CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES", 8)
+        driver.funcSetAttribute(fn.ptr, attr, smem)

@@ -3,7 +3,9 @@
 A key names semantics and target only: dtype, head dim, causal, and the kernel architecture
 (``sm80``: the mma.sync kernels of ``bsfa_fwd_sm80.cu``, any GPU of compute capability >= 8.0;
 ``sm90``: the one-warpgroup wgmma kernels of ``bsfa_fwd_sm90.cu``; ``sm90ws``: the warp-specialised
-TMA/wgmma forward of ``bsfa_fwd_sm90ws.cu``; both compute capability 9.0 only). Everything
+TMA/wgmma forward of ``bsfa_fwd_sm90ws.cu``; both compute capability 9.0 only; ``splitkv``: the
+split-KV mma.sync forward of ``bsfa_fwd_splitkv.cu`` for few query rows against long K/V, any GPU
+of compute capability >= 8.0, which ``attention`` routes short queries to, see ``bsfa_cupy/_splitkv.py``). Everything
 else compiled into a module (extra defines for an A/B experiment) comes from an explicit
 :class:`Backend` argument, never from process state.
 """
@@ -14,8 +16,11 @@ from dataclasses import dataclass
 from typing import Mapping
 
 DTYPES = {"float16": 0, "bfloat16": 1}
-SOURCES = {"sm80": "bsfa_fwd_sm80.cu", "sm90": "bsfa_fwd_sm90.cu", "sm90ws": "bsfa_fwd_sm90ws.cu"}
-ARCH_HEAD_DIMS = {"sm80": (32, 64, 96, 128), "sm90": (64, 128), "sm90ws": (64, 128)}
+SOURCES = {"sm80": "bsfa_fwd_sm80.cu", "sm90": "bsfa_fwd_sm90.cu", "sm90ws": "bsfa_fwd_sm90ws.cu",
+           "splitkv": "bsfa_fwd_splitkv.cu"}
+ARCH_HEAD_DIMS = {"sm80": (32, 64, 96, 128), "sm90": (64, 128), "sm90ws": (64, 128), "splitkv": (64, 128)}
+#: The split-KV family (few query rows, long K/V: bsfa_fwd_splitkv.cu): attention() only, any GPU from sm_80.
+SPLITKV_ARCH = "splitkv"
 #: Kernel families that need compute capability 9.0 (wgmma, sm_90a).
 HOPPER_ARCHS = ("sm90", "sm90ws")
 #: Head dims some kernel serves.
@@ -33,7 +38,7 @@ class VariantKey:
     dtype: str  # "float16" | "bfloat16"
     head_dim: int
     causal: bool
-    arch: str  # "sm80" | "sm90" | "sm90ws"
+    arch: str  # "sm80" | "sm90" | "sm90ws" | "splitkv"
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -60,7 +65,7 @@ class VariantKey:
 
 @dataclass(frozen=True)
 class Backend:
-    """An explicit kernel choice: ``arch`` ("auto", "sm80", "sm90" or "sm90ws") and extra preprocessor defines.
+    """An explicit kernel choice: ``arch`` ("auto", "sm80", "sm90", "sm90ws" or "splitkv") and extra preprocessor defines.
 
     ``defines`` are for benchmarks that compare variants of a kernel (``{"BSFA_SOME_MACRO": 1}``);
     each distinct set compiles and caches its own module. The library itself always runs the
@@ -72,7 +77,7 @@ class Backend:
 
     def __init__(self, arch: str = "auto", defines: Mapping[str, object] | tuple = ()):
         if arch not in ("auto", *SOURCES):
-            raise ValueError(f"backend: expected 'auto', 'sm80', 'sm90' or 'sm90ws', got {arch!r}")
+            raise ValueError(f"backend: expected 'auto', 'sm80', 'sm90', 'sm90ws' or 'splitkv', got {arch!r}")
         items = defines.items() if isinstance(defines, Mapping) else defines
         norm = []
         for name, value in items:
@@ -95,7 +100,8 @@ def as_backend(backend) -> Backend:
     if isinstance(backend, str):
         return Backend(backend)
     raise TypeError(
-        f"backend: expected 'auto', 'sm80', 'sm90', 'sm90ws' or a bsfa_cupy.Backend, got {type(backend).__name__}"
+        f"backend: expected 'auto', 'sm80', 'sm90', 'sm90ws', 'splitkv' or a bsfa_cupy.Backend, got "
+        f"{type(backend).__name__}"
     )
 
 

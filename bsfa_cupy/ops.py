@@ -7,9 +7,9 @@ from bsfa_reference._validate import check_offsets, check_qk, check_v, softmax_s
 
 from bsfa_reference.tiles import BLOCK_M, BLOCK_N
 
-from . import _launch, _tma
+from . import _launch, _splitkv, _tma
 from ._arrays import frame_for, framework_of, on, to_cupy
-from ._kernels import compute_capability, get_module
+from ._kernels import compute_capability, get_module, get_splitkv_module, sm_count
 from ._variants import DTYPES, HEAD_DIMS, Backend, as_backend, select
 from .device_thresholds import kernel_thresholds
 
@@ -84,7 +84,7 @@ def framework_of_frame(frame):
 
 
 def attention(q, k, v, thresholds=None, *, causal=True, softmax_scale=None, return_lse=False,
-              return_keep=False, out=None, backend="auto", q_start=None, k_start=0):
+              return_keep=False, out=None, backend="auto", q_start=None, k_start=0, num_splits=None):
     """Block-sparse FlashAttention forward on the GPU (semantics of ``bsfa_reference.attention``).
 
     q: (B, Nq, Hq, D), k and v: (B, Nk, Hkv, D), float16 or bfloat16, D in {64, 128}, on one GPU,
@@ -117,9 +117,30 @@ def attention(q, k, v, thresholds=None, *, causal=True, softmax_scale=None, retu
         out: optional preallocated (B, Nq, Hq, D) output of the inputs' framework and dtype.
         backend: "auto" (on compute capability 9.0 for head dims 64 and 128 the warp-specialised
             TMA/wgmma kernel, or the one-warpgroup wgmma kernel where NVIDIA's cuda-bindings is
-            missing; else the mma.sync one), "sm80" (mma.sync, any GPU of compute capability >= 8.0),
-            "sm90" / "sm90ws" (the two wgmma kernels; an error elsewhere), or a :class:`Backend`
-            carrying extra compile-time defines.
+            missing; else the mma.sync one; few query rows against long keys take the split-KV
+            kernel, see below), "sm80" (mma.sync, any GPU of compute capability >= 8.0),
+            "sm90" / "sm90ws" (the two wgmma kernels; an error elsewhere), "splitkv" (the split-KV
+            kernel, any GPU of compute capability >= 8.0, head dims 64 and 128), or a
+            :class:`Backend` carrying extra compile-time defines.
+        num_splits: None (a heuristic from the SM count) or an int >= 1: how many CTAs share the
+            key tiles of one query tile in the split-KV kernel. Giving it selects that kernel
+            (``backend`` must be "auto" or "splitkv"); for tests and benchmarks.
+
+    Split-KV (decode, chunked prefill): with ``backend="auto"``, head dims 64 and 128 and
+    Nk >= 2048, calls with Nq <= 64, or whose B * Hq * ceil(Nq / 128) query tiles would not fill
+    the GPU, run a kernel that packs the query heads of a GQA group into one CTA and splits the
+    key tiles of each query tile over several CTAs, merging their fp32 partials by the rule of
+    :func:`bsfa_reference.merge_partials`. Semantics are unchanged: the gate is still decided per
+    (head, 128-row query tile, 64-key tile); out and lse depend on the split count only through
+    fp32 rounding of the merge, keep not at all.
+
+    Calibration and decode: the threshold of a query tile is that of its absolute position
+    (q_start + 128a) // 128, so a decode step (one row at position P) uses the threshold of
+    prefill tile P // 128. Thresholds calibrated on prefill compare against the maximum over 128
+    query rows of a tile, while a decode tile's maximum runs over the few rows of the call (one,
+    for plain decode), which is lower: fewer gated tiles pass the same threshold, i.e. decode skips
+    more than the prefill it was calibrated on. Check quality at decode before relying on prefill
+    thresholds there (or calibrate thresholds for decode separately).
 
     Returns:
         out (input dtype), then lse (B, Hq, Nq) float32 if ``return_lse``, then keep
@@ -127,6 +148,12 @@ def attention(q, k, v, thresholds=None, *, causal=True, softmax_scale=None, retu
     """
     _check_grad([("q", q), ("k", k), ("v", v)])
     _check_offset_args(q_start, k_start)
+    num_splits = _splitkv.check_num_splits(num_splits)
+    backend = as_backend(backend)
+    if num_splits is not None and backend.arch not in ("auto", "splitkv"):
+        raise ValueError(
+            f"num_splits: applies to the split-KV kernel (backend 'auto' or 'splitkv'), got backend {backend.arch!r}"
+        )
     frame = frame_for(q)
     with on(frame) as stream:
         qv, kv, vv = to_cupy(q, "q", frame), to_cupy(k, "k", frame), to_cupy(v, "v", frame)
@@ -135,7 +162,7 @@ def attention(q, k, v, thresholds=None, *, causal=True, softmax_scale=None, retu
         nQ, nK = -(-Nq // BLOCK_M), -(-Nk // BLOCK_N)
         _launch.check_grid(B, Hq, nQ, BLOCK_M)
         _same_device([qv, kv, vv], ["q", "k", "v"])
-        backend = as_backend(backend)
+        split = _splitkv.wanted(backend.arch, num_splits, B, Nq, Nk, Hq, D, sm_count(frame.device_id))
         strides = _strides(qv, "q") + _strides(kv, "k") + _strides(vv, "v")
         scale = _positive_scale(softmax_scale, D)
         mode, thr_scalar, thr_arr, T = kernel_thresholds(thresholds, Hq, frame.device_id)
@@ -148,14 +175,22 @@ def attention(q, k, v, thresholds=None, *, causal=True, softmax_scale=None, retu
         lse_native, lse_view = frame.empty((B, Hq, Nq), "float32")
         keep_native, keep_view = frame.empty((B, Hq, nQ, nK), "bool") if return_keep else (None, None)
 
-        kern = _module(backend, dtype, D, causal, frame.device_id).fwd
-        params = _launch.pack(
+        fields = dict(
             q=qv, k=kv, v=vv, out=out_view, lse=lse_view, keep=keep_view, thresholds=thr_arr,
             **_stride_fields("qkvo", strides + o_strides), Nq=Nq, Nk=Nk, Hq=Hq, Hkv=Hkv, B=B,
             thr_mode=mode, thr_T=T, thr_scalar=thr_scalar, softmax_scale=scale, k_start=k0, qk_shift=shift,
         )
-        maps = tuple(_tma.tensor_map(x, kern.tma) for x in (qv, kv, vv)) if kern.tma else ()
-        kern.launch(B, Hq, nQ, params, maps)
+        if split:
+            key = select(_splitkv_backend(backend), dtype, D, causal, compute_capability(frame.device_id))
+            if B * Hq * Nq > 0:
+                mod = get_splitkv_module(key, _splitkv_backend(backend), frame.device_id)
+                plan = _splitkv.plan(B, Nq, Nk, Hq, Hkv, sm_count(frame.device_id), num_splits)
+                _splitkv.launch(mod, frame, fields, plan, B, Nq, Hq, Hkv, D, _launch.pack)
+        else:
+            kern = _module(backend, dtype, D, causal, frame.device_id).fwd
+            params = _launch.pack(**fields)
+            maps = tuple(_tma.tensor_map(x, kern.tma) for x in (qv, kv, vv)) if kern.tma else ()
+            kern.launch(B, Hq, nQ, params, maps)
         frame.finish(stream)
 
     return _results(frame, (out_native, out_view), (lse_native, lse_view) if return_lse else None,
@@ -193,6 +228,11 @@ def block_max_scores(q, k, *, causal=True, softmax_scale=None, backend="auto", q
         kern.launch(B, Hq, nQ, params, maps)
         frame.finish(stream)
     return frame.wrap(tm_native, tm_view)
+
+
+def _splitkv_backend(backend):
+    """The split-KV variant of a call's backend ('auto' or 'splitkv'), its extra defines kept."""
+    return Backend("splitkv", backend.defines)
 
 
 def _check_offset_args(q_start, k_start):
@@ -239,6 +279,8 @@ def _positive_scale(softmax_scale, D):
 
 
 def _module(backend, dtype, D, causal, device_id):
+    if backend.arch == "splitkv":
+        raise ValueError("backend 'splitkv': the split-KV kernel serves bsfa_cupy.attention only")
     key = select(backend, dtype, D, causal, compute_capability(device_id), tma=_tma.available())
     return get_module(key, backend, device_id)
 

@@ -23,6 +23,10 @@ struct Params {
     // int32 row offsets of each sequence in q / out / lse and in k / v.
     const int* cu_seqlens_q;
     const int* cu_seqlens_k;
+    // bsfa_fwd_splitkv only: per-split partials, out (S, B, Hq, Nq, D) and
+    // lse (S, B, Hq, Nq), fp32, merged by bsfa_combine.
+    float* o_part;
+    float* lse_part;
     // Element strides of the batch, sequence and head dimensions (the last
     // dimension is contiguous); the batch strides are unused by
     // bsfa_fwd_varlen, whose q, k, v, out are (total, H, D).
@@ -41,6 +45,10 @@ struct Params {
     int k_start, qk_shift;
     int total_q;  // bsfa_fwd_varlen: rows of the packed q (lse is (Hq, total_q))
     int B;         // batch size (the persistent kernel derives its tile list from it)
+    // bsfa_fwd_splitkv: key-tile splits per query tile, and query heads of a
+    // GQA group packed into one CTA.
+    int num_splits;
+    int pack_heads;
     float thr_scalar;
     float softmax_scale;  // > 0: max(scale * s) is taken as scale * max(s)
 };

@@ -60,7 +60,8 @@ def test_specialisation_keys_are_distinct():
     from bsfa_cupy._variants import VariantKey, all_variants
 
     keys = all_variants()
-    assert len({k.name() for k in keys}) == len(keys) == 32  # 16 mma.sync + 8 wgmma + 8 warp-specialised
+    # 16 mma.sync + 8 wgmma + 8 warp-specialised + 8 split-KV
+    assert len({k.name() for k in keys}) == len(keys) == 40
     assert len({(k.source, k.defines()) for k in keys}) == len(keys)
     assert "-DBSFA_HEAD_DIM=128" in VariantKey("bfloat16", 128, True, "sm90").defines()
     with pytest.raises(ValueError, match=r"the sm90 kernel takes \(64, 128\), got 96"):
@@ -92,14 +93,14 @@ def test_explicit_backends_refuse_what_they_cannot_run():
     assert select(Backend("sm90ws"), "float16", 64, False, "90").source == "bsfa_fwd_sm90ws.cu"
     with pytest.raises(ValueError, match=r"compute capability >= 8.0, got 7.5"):
         select(Backend(), "float16", 64, True, "75")
-    with pytest.raises(ValueError, match=r"expected 'auto', 'sm80', 'sm90' or 'sm90ws', got 'fa3'"):
+    with pytest.raises(ValueError, match=r"expected 'auto', 'sm80', 'sm90', 'sm90ws' or 'splitkv', got 'fa3'"):
         Backend("fa3")
     with pytest.raises(ValueError, match=r"macro names other than .* got 'BSFA_HEAD_DIM'"):
         Backend("sm90", {"BSFA_HEAD_DIM": 64})
     with pytest.raises(ValueError, match=r"BSFA_X: expected a number or identifier, got '1; rm'"):
         Backend("sm90", {"BSFA_X": "1; rm"})
     assert Backend("sm90", {"B": 1, "A": True}).options() == ("-DA=1", "-DB=1")
-    with pytest.raises(TypeError, match="backend: expected 'auto', 'sm80', 'sm90', 'sm90ws' or a bsfa_cupy.Backend, got int"):
+    with pytest.raises(TypeError, match="backend: expected 'auto', 'sm80', 'sm90', 'sm90ws', 'splitkv' or a bsfa_cupy.Backend, got int"):
         as_backend(90)
 
 

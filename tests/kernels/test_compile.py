@@ -5,7 +5,9 @@ runtime hands to NVRTC (``bsfa_cupy._source.kernel_source``, headers folded in):
 
 * ``bsfa_fwd_sm80.cu`` (mma.sync) for sm_80 and sm_90: dtype x head dim 32/64/96/128 x causal;
 * ``bsfa_fwd_sm90.cu`` (wgmma) and ``bsfa_fwd_sm90ws.cu`` (warp-specialised TMA + wgmma) for
-  sm_90a: dtype x head dim 64/128 x causal, with ``-ftz=true`` as the runtime compiles them.
+  sm_90a: dtype x head dim 64/128 x causal, with ``-ftz=true`` as the runtime compiles them;
+* ``bsfa_fwd_splitkv.cu`` (split-KV mma.sync: bsfa_fwd_split64, bsfa_fwd_split128, bsfa_combine)
+  for sm_80 and sm_90: dtype x head dim 64/128 x causal.
 
 For each, ptxas must report every entry point (bsfa_fwd, bsfa_fwd_varlen, bsfa_block_max) with
 no stack frame and zero spill bytes (a spill in these kernels is local-memory traffic in the
@@ -38,8 +40,15 @@ KERNELS_DIR = Path(__file__).resolve().parents[2] / "kernels_cu"
 SM80_SOURCE = "bsfa_fwd_sm80.cu"
 SM90_SOURCE = "bsfa_fwd_sm90.cu"
 SM90WS_SOURCE = "bsfa_fwd_sm90ws.cu"
-SOURCES = (SM80_SOURCE, SM90_SOURCE, SM90WS_SOURCE)
+SPLITKV_SOURCE = "bsfa_fwd_splitkv.cu"
+SOURCES = (SM80_SOURCE, SM90_SOURCE, SM90WS_SOURCE, SPLITKV_SOURCE)
 KERNELS = ("bsfa_fwd", "bsfa_fwd_varlen", "bsfa_block_max")
+#: Sources with entry points and launch globals of their own (not those of KERNELS / GLOBALS).
+SOURCE_KERNELS = {SPLITKV_SOURCE: ("bsfa_fwd_split64", "bsfa_fwd_split128", "bsfa_combine")}
+SOURCE_GLOBALS = {
+    SPLITKV_SOURCE: ("BSFA_SPLIT64_THREADS", "BSFA_SPLIT64_SMEM_BYTES", "BSFA_SPLIT128_THREADS",
+                     "BSFA_SPLIT128_SMEM_BYTES", "BSFA_COMBINE_WARPS", "BSFA_BLOCK_M", "BSFA_BLOCK_N"),
+}
 #: Entry points a source does not have (none today: every source exports all three).
 MISSING_KERNELS: dict[str, tuple[str, ...]] = {}
 GLOBALS = (
@@ -64,6 +73,8 @@ TARGETS = (
     (SM80_SOURCE, "sm_90", ("-arch=sm_90",), (32, 64, 96, 128)),
     (SM90_SOURCE, "sm_90a", ("-gencode=arch=compute_90a,code=sm_90a", "-ftz=true"), (64, 128)),
     (SM90WS_SOURCE, "sm_90a-ws", ("-gencode=arch=compute_90a,code=sm_90a", "-ftz=true"), (64, 128)),
+    (SPLITKV_SOURCE, "sm_80-splitkv", ("-arch=sm_80",), (64, 128)),
+    (SPLITKV_SOURCE, "sm_90-splitkv", ("-arch=sm_90",), (64, 128)),
 )
 VARIANTS = [
     (source, target, dtype, head_dim, causal)
@@ -248,7 +259,7 @@ def test_compiles_without_spills(compiled, variant):
     warnings = [line for line in log.splitlines() if "warning" in line.lower() and "#pragma once in main file" not in line]
     assert not warnings, f"{name}: compiler warnings:\n" + "\n".join(warnings)
     frames = parse_frames(log)
-    for kernel in KERNELS:
+    for kernel in SOURCE_KERNELS.get(variant[0], KERNELS):
         if kernel in MISSING_KERNELS.get(variant[0], ()):
             assert kernel not in frames, f"{name}: exports {kernel}: drop it from MISSING_KERNELS"
             continue
@@ -260,7 +271,7 @@ def test_compiles_without_spills(compiled, variant):
                       if any(code in line for code in ("C7514", "C7515", "C7508")) or "serialized" in line]
         assert not serialised, f"{name}: ptxas serialises the wgmma pipeline: {serialised}"
     image = cubin.read_bytes()
-    for symbol in (*KERNELS, *GLOBALS):
+    for symbol in (*SOURCE_KERNELS.get(variant[0], KERNELS), *SOURCE_GLOBALS.get(variant[0], GLOBALS)):
         if symbol in MISSING_KERNELS.get(variant[0], ()):
             continue
         assert symbol.encode() + b"\0" in image, f"{name}: the cubin exports no {symbol}"

@@ -227,9 +227,10 @@ def kernel_backend(backend, D):
     return "sm80" if backend in ("sm90", "sm90ws") and D not in (64, 128) else backend
 
 
-def run_case(p, monkeypatch, backend):
+def run_case(p, monkeypatch, backend, **call):
     """One bsfa_cupy.attention call against the reference: keep (up to fp32 rounding at the threshold),
     out and lse (baseline-relative); returns (note, (out error, baseline error)).
+    ``call``: further keyword arguments of the attention call (e.g. num_splits).
 
     p: dtype, D, causal, B, Hkv, Hq, Nq, Nk, mode ("none", "scalar", "maxima", "short"), layouts,
     spread, seed, and optionally q_start / k_start (the call's offsets, default bottom-right).
@@ -257,7 +258,7 @@ def run_case(p, monkeypatch, backend):
     poison_outputs(monkeypatch)
     out = cp.full(q.shape, np.nan, dtype=q.dtype)
     res_out, lse, keep = bsfa_cupy.attention(qd, kd, vd, thr, causal=causal, out=out, return_lse=True,
-                                             return_keep=True, backend=backend, **at)
+                                             return_keep=True, backend=backend, **at, **call)
     cp.cuda.get_current_stream().synchronize()
     assert res_out is out, "out= was not returned as the output array"
     keep_u8 = cp.asnumpy(keep.view(cp.uint8))

@@ -1,0 +1,343 @@
+"""Decode and short chunks against a long K/V cache: split-KV bsfa vs SDPA, and the memory floor.
+
+Usage: python bench/decode.py --out DIR [--shapes 1x32768 1x131072 16x131072 128x131072 1024x131072]
+           [--rho 0.25] [--flex] [--tag decode] [--dry-run]
+B=1, Hq=32, Hkv=8, D=128, float16 by default. Per Nq x Nk shape (queries at the end of the keys: bottom-right
+causal, which for Nq=1 is no mask at all):
+  bsfa-auto         bsfa_cupy.attention, backend="auto" (the split-KV kernel where it routes there), dense
+  bsfa-splitkv      backend="splitkv" (forced split-KV, heuristic splits), dense
+  bsfa-unsplit      today's kernel (backend "sm90ws" on Hopper, else "sm80"), dense
+  bsfa-sparse       backend="auto" with thresholds keeping about --rho of the gated (off-diagonal) tiles,
+                    per head and query tile, from bsfa_cupy.block_max_scores of the same inputs
+  sdpa-flash        SDPA's flash backend (Nq>1: torch.nn.attention.bias.causal_lower_right)
+  sdpa-cudnn        SDPA's cuDNN backend (Nq>1: an explicit boolean bottom-right mask)
+  sdpa-efficient    SDPA's memory-efficient backend (Nq>1: causal_lower_right)
+  flex              FlexAttention with a bottom-right mask_mod (only with --flex: compiling takes a while)
+and the memory floor: (K + V + Q + out bytes) / the HBM peak (--peak-tbs, default 4.8 TB/s, the H200's
+HBM3e spec; --achievable-tbs, default 4.2 TB/s, a copy-kernel-class rate, gives a second floor). Writes
+<GPU>_<date>_<tag>.{json,md,png} into --out and prints the split-KV bars. --dry-run checks this script's
+CPU-side logic (thresholds for a target rho, the tables) with random tile maxima and made-up timings.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bsfa_reference / bsfa_cupy from a checkout
+
+from bsfa_reference.tiles import BLOCK_M, BLOCK_N, diagonal_tiles, tile_positions  # noqa: E402
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    try:
+        nq, nk = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NQxNK, e.g. 1x131072, got {text!r}") from None
+    if nq < 1 or nk < nq:
+        raise argparse.ArgumentTypeError(f"expected 1 <= NQ <= NK, got {text!r}")
+    return nq, nk
+
+
+def thresholds_for_rho(tile_max, rho: float, Nq: int, Nk: int, xp=np):
+    """(Hq, T) float32 thresholds keeping, per head and query tile, the top ceil(rho * gated) tiles.
+
+    tile_max: (Hq, nQ, nK) of one batch element. The queries sit at the end of the keys (bottom-right),
+    so query tile a uses threshold position (Nk - Nq + 128a) // 128, which is where the value goes.
+    """
+    Hq, nQ, nK = tile_max.shape
+    diag = xp.asarray(diagonal_tiles(Nq, Nk, BLOCK_M, BLOCK_N))
+    gated = (tile_max > -xp.inf) & ~diag[None]
+    vals = xp.where(gated, tile_max, -xp.inf)
+    desc = -xp.sort(-vals, axis=-1)
+    n_g = gated.sum(axis=-1)
+    idx = xp.clip(xp.ceil(rho * n_g).astype(xp.int64) - 1, 0, nK - 1)
+    thr_a = xp.take_along_axis(desc, idx[..., None], axis=-1)[..., 0]
+    thr_a = xp.where(n_g > 0, thr_a, xp.inf)  # nothing gated: any value
+    pos = np.maximum(tile_positions(Nq, Nk, BLOCK_M), 0)
+    thr = xp.full((Hq, int(pos.max()) + 1), xp.inf, dtype=xp.float32)
+    thr[:, xp.asarray(pos)] = thr_a.astype(xp.float32)
+    return thr
+
+
+def realised_rho(keep, tile_max, Nq: int, Nk: int, xp=np) -> float:
+    """Kept share of the gated tiles (valid, off-diagonal)."""
+    diag = xp.asarray(diagonal_tiles(Nq, Nk, BLOCK_M, BLOCK_N))
+    gated = (tile_max > -xp.inf) & ~diag[None, None]
+    return float((xp.asarray(keep) & gated).sum() / max(int(gated.sum()), 1))
+
+
+def floor_ms(B, Nq, Nk, Hq, Hkv, D, itemsize, tbs) -> float:
+    bytes_moved = itemsize * D * (2 * B * Nk * Hkv + 2 * B * Nq * Hq)
+    return bytes_moved / (tbs * 1e12) * 1e3
+
+
+IMPLS = ("bsfa-auto", "bsfa-splitkv", "bsfa-unsplit", "bsfa-sparse", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient",
+         "flex")
+
+
+def bars(rows, peak_tbs) -> list[str]:
+    """The split-KV bars, checked on the rows (PASS / FAIL / n/a lines)."""
+    by = {(r["nq"], r["nk"], r["impl"]): r for r in rows}
+    shapes = sorted({(r["nq"], r["nk"]) for r in rows})
+    out = []
+
+    def ms(nq, nk, impl):
+        r = by.get((nq, nk, impl))
+        return None if r is None or r.get("ms") is None else r["ms"]
+
+    for nq, nk in shapes:
+        ours = ms(nq, nk, "bsfa-auto")
+        sdpa = [x for x in (ms(nq, nk, i) for i in ("sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "flex")) if x]
+        best = min(sdpa) if sdpa else None
+        fl = next(r["floor_ms"] for r in rows if (r["nq"], r["nk"]) == (nq, nk))
+        tag = f"{nq}x{nk}"
+
+        def line(ok, text):
+            out.append(f"{'n/a ' if ok is None else ('PASS' if ok else 'FAIL')} {tag}: {text}")
+
+        if ours is None:
+            line(None, "bsfa-auto has no timing")
+            continue
+        if nq == 1:
+            line(None if best is None else ours <= 1.1 * best,
+                 f"dense {ours:.3f} ms <= 1.1 x best SDPA ({'-' if best is None else f'{best:.3f}'} ms)")
+        if nq <= 128:
+            line(ours <= 1.5 * fl, f"dense {ours:.3f} ms <= 1.5 x memory floor at {peak_tbs} TB/s ({fl:.3f} ms)")
+            sp = ms(nq, nk, "bsfa-sparse")
+            line(None if sp is None else ours >= 1.3 * sp,
+                 f"sparse (rho~0.25) {'-' if sp is None else f'{sp:.3f}'} ms at least 1.3x faster than dense "
+                 f"{ours:.3f} ms")
+        else:
+            line(None if best is None else best / ours >= 0.9,
+                 f"dense {ours:.3f} ms vs the best SDPA/flex (cuDNN class) {'-' if best is None else f'{best:.3f}'} "
+                 "ms: speed ratio >= 0.9")
+    return out
+
+
+def markdown(result) -> str:
+    rows = result["rows"]
+    lines = [f"# Decode / short chunks vs long K/V: {result['gpu']}, {result['date']}", "",
+             f"B={result['b']}, Hq={result['hq']}, Hkv={result['hkv']}, D={result['d']}, {result['dtype']}; "
+             f"queries at the end of the keys (bottom-right causal). Memory floor: K+V+Q+out bytes at "
+             f"{result['peak_tbs']} TB/s (HBM peak) and at {result['achievable_tbs']} TB/s. ρ = kept share of "
+             "the gated tiles.", "",
+             "| Nq x Nk | impl | ms | x floor (peak) | x floor (achievable) | ρ | splits | note |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        if r.get("ms") is None:
+            lines.append(f"| {r['nq']}x{r['nk']} | {r['impl']} | - | | | | | {r.get('error') or ''} |")
+            continue
+        rho = "" if r.get("rho") is None else f"{r['rho']:.3f}"
+        sp = "" if r.get("splits") is None else str(r["splits"])
+        lines.append(f"| {r['nq']}x{r['nk']} | {r['impl']} | {r['ms']:.4f} | {r['ms'] / r['floor_ms']:.2f} | "
+                     f"{r['ms'] / r['floor_ach_ms']:.2f} | {rho} | {sp} | |")
+    lines += ["", "## Split-KV bars", ""] + [f"- {b}" for b in result["bars"]] + [""]
+    return "\n".join(lines)
+
+
+def plot(result, stem):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if r.get("ms") is not None]
+    shapes = sorted({(r["nq"], r["nk"]) for r in result["rows"]})
+    impls = [i for i in IMPLS if any(r["impl"] == i for r in rows)]
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(shapes)), 4))
+    w = 0.8 / max(len(impls), 1)
+    for j, impl in enumerate(impls):
+        ys = []
+        for s in shapes:
+            r = next((r for r in rows if (r["nq"], r["nk"]) == s and r["impl"] == impl), None)
+            ys.append(np.nan if r is None else r["ms"] / r["floor_ms"])
+        ax.bar(np.arange(len(shapes)) + j * w, ys, w, label=impl)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.axhline(1.5, color="k", lw=0.8, ls="--")
+    ax.set_yscale("log")
+    ax.set_xticks(np.arange(len(shapes)) + 0.4 - w / 2, [f"{a}x{b}" for a, b in shapes])
+    ax.set_ylabel(f"time / memory floor ({result['peak_tbs']} TB/s)")
+    ax.set_title(f"{result['gpu']}: Nq x Nk, Hq={result['hq']} Hkv={result['hkv']} D={result['d']}")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path = f"{stem}.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [Path(path)]
+
+
+def _sdpa_fn(name, q, k, v, Nq, Nk):
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
+               "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION}[name]
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # (B, H, N, D) views
+    gqa = q.shape[2] != k.shape[2]
+    if Nq == 1:
+        mask = None  # the last row sees every key
+    elif name == "sdpa-cudnn":
+        i = torch.arange(Nq, device=q.device)[:, None]
+        j = torch.arange(Nk, device=q.device)[None, :]
+        mask = j <= i + (Nk - Nq)  # bottom-right, True = attend
+    else:
+        from torch.nn.attention.bias import causal_lower_right
+
+        mask = causal_lower_right(Nq, Nk)
+
+    def fn():
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=gqa)
+
+    fn()  # raises if the backend refuses this shape
+    return fn
+
+
+def _flex_fn(q, k, v, Nq, Nk):
+    import torch
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+    shift = Nk - Nq
+    mask = create_block_mask(lambda b, h, qi, ki: ki <= qi + shift, None, None, Nq, Nk)
+    flex = torch.compile(flex_attention)
+
+    def fn():
+        return flex(qt, kt, vt, block_mask=mask, enable_gqa=qt.shape[1] != kt.shape[1])
+
+    fn()
+    return fn
+
+
+def run_gpu(args) -> dict:
+    import cupy as cp
+    import torch
+
+    import bsfa_cupy
+    from bsfa_cupy import _splitkv
+    from bsfa_cupy._kernels import compute_capability, sm_count
+    from bsfa_cupy.tools.benchmark import Timer, _warm_up_clocks, gpu_name
+
+    torch.manual_seed(0)
+    timer = Timer(args.repeats, args.inner)
+    tdt = getattr(torch, args.dtype)
+    B, Hq, Hkv, D = args.b, args.hq, args.hkv, args.d
+    unsplit = "sm90ws" if compute_capability(torch.cuda.current_device()) == "90" else "sm80"
+    sms = sm_count(torch.cuda.current_device())
+    _warm_up_clocks()
+    rows = []
+    for Nq, Nk in args.shapes:
+        base = dict(nq=Nq, nk=Nk, floor_ms=floor_ms(B, Nq, Nk, Hq, Hkv, D, 2, args.peak_tbs),
+                    floor_ach_ms=floor_ms(B, Nq, Nk, Hq, Hkv, D, 2, args.achievable_tbs))
+
+        def add(impl, ms=None, error=None, **kw):
+            row = dict(impl=impl, ms=ms, error=error, **base, **kw)
+            rows.append(row)
+            val = error if ms is None else f"{ms:.4f} ms = {ms / base['floor_ms']:.2f} x floor"
+            print(f"{Nq:5d}x{Nk:<7d} {impl:15s} {val}" + (f" rho={kw['rho']:.3f}" if kw.get("rho") is not None else ""),
+                  flush=True)
+
+        q = torch.randn(B, Nq, Hq, D, device="cuda", dtype=tdt)
+        k = torch.randn(B, Nk, Hkv, D, device="cuda", dtype=tdt)
+        v = torch.randn(B, Nk, Hkv, D, device="cuda", dtype=tdt)
+        plan = _splitkv.plan(B, Nq, Nk, Hq, Hkv, sms)
+        routed = _splitkv.wanted("auto", None, B, Nq, Nk, Hq, D, sms)
+        with torch.inference_mode():
+            for impl, be in (("bsfa-auto", "auto"), ("bsfa-splitkv", "splitkv"), ("bsfa-unsplit", unsplit)):
+                try:
+                    splits = plan.splits if (be == "splitkv" or (be == "auto" and routed)) else None
+                    add(impl, ms=timer(lambda i, be=be: bsfa_cupy.attention(q, k, v, backend=be), 1), splits=splits)
+                except Exception as exc:  # a result, not a crash
+                    add(impl, error=f"{type(exc).__name__}: {exc}".splitlines()[0][:160])
+            try:
+                tm = cp.from_dlpack(bsfa_cupy.block_max_scores(q, k))
+                thr = bsfa_cupy.DeviceThresholds(thresholds_for_rho(tm[0], args.rho, Nq, Nk, xp=cp))
+                _, keep = bsfa_cupy.attention(q, k, v, thr, return_keep=True)
+                rho = realised_rho(cp.from_dlpack(keep), tm, Nq, Nk, xp=cp)
+                add("bsfa-sparse", ms=timer(lambda i: bsfa_cupy.attention(q, k, v, thr), 1), rho=rho,
+                    rho_target=args.rho, splits=plan.splits if routed else None)
+            except Exception as exc:
+                add("bsfa-sparse", error=f"{type(exc).__name__}: {exc}".splitlines()[0][:160])
+            peers = ["sdpa-flash", "sdpa-cudnn", "sdpa-efficient"] + (["flex"] if args.flex else [])
+            for peer in peers:
+                try:
+                    fn = _flex_fn(q, k, v, Nq, Nk) if peer == "flex" else _sdpa_fn(peer, q, k, v, Nq, Nk)
+                    add(peer, ms=timer(lambda i: fn(), 1))
+                except Exception as exc:
+                    add(peer, error=f"{type(exc).__name__}: {exc}".splitlines()[0][:160])
+        q = k = v = None  # free the inputs before the next shape's
+        torch.cuda.empty_cache()
+        cp.get_default_memory_pool().free_all_blocks()
+    return dict(gpu=gpu_name(), rows=rows, sms=sms)
+
+
+def run_dry(args) -> dict:
+    """CPU only: random tile maxima through the threshold and rho logic, made-up timings."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for Nq, Nk in args.shapes:
+        Nk_small = min(Nk, 4096)  # the logic is the same; keep it quick
+        nQ, nK = -(-Nq // BLOCK_M), -(-Nk_small // BLOCK_N)
+        from bsfa_reference.tiles import candidate_tiles
+
+        valid = candidate_tiles(Nq, Nk_small, BLOCK_M, BLOCK_N, True)
+        tm = np.where(valid[None], rng.standard_normal((args.hq, nQ, nK)), -np.inf)
+        thr = thresholds_for_rho(tm, args.rho, Nq, Nk_small)
+        pos = np.clip(tile_positions(Nq, Nk_small, BLOCK_M), 0, thr.shape[1] - 1)
+        diag = diagonal_tiles(Nq, Nk_small, BLOCK_M, BLOCK_N)
+        keep = (tm >= thr[:, pos][..., None]) | (diag[None] & valid[None])
+        rho = realised_rho(keep[None], tm[None], Nq, Nk_small)
+        assert abs(rho - args.rho) < 0.1 or nK < 8, (Nq, Nk_small, rho)
+        fl = floor_ms(args.b, Nq, Nk, args.hq, args.hkv, args.d, 2, args.peak_tbs)
+        fa = floor_ms(args.b, Nq, Nk, args.hq, args.hkv, args.d, 2, args.achievable_tbs)
+        for impl, f in (("bsfa-auto", 1.4), ("bsfa-sparse", 0.9), ("sdpa-flash", 1.3), ("sdpa-cudnn", 1.2)):
+            rows.append(dict(impl=impl, ms=f * fl, error=None, nq=Nq, nk=Nk, floor_ms=fl, floor_ach_ms=fa,
+                             rho=rho if impl == "bsfa-sparse" else None))
+        rows.append(dict(impl="flex", ms=None, error="dry run", nq=Nq, nk=Nk, floor_ms=fl, floor_ach_ms=fa))
+        print(f"dry {Nq}x{Nk} (logic at Nk={Nk_small}): realised rho {rho:.3f}")
+    return dict(gpu="dry-run", rows=rows, sms=None)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", type=parse_shape, nargs="+",
+                   default=[parse_shape(s) for s in ("1x32768", "1x131072", "16x131072", "128x131072", "1024x131072")])
+    p.add_argument("--b", type=int, default=1)
+    p.add_argument("--hq", type=int, default=32)
+    p.add_argument("--hkv", type=int, default=8)
+    p.add_argument("--d", type=int, default=128, choices=(64, 128))
+    p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
+    p.add_argument("--rho", type=float, default=0.25, help="target kept share of the gated tiles")
+    p.add_argument("--peak-tbs", type=float, default=4.8, help="HBM peak for the floor (H200: 4.8 TB/s)")
+    p.add_argument("--achievable-tbs", type=float, default=4.2, help="a second floor at an achievable rate")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--inner", type=int, default=5, help="calls per timed repeat")
+    p.add_argument("--flex", action="store_true", help="also time FlexAttention (compiles per shape)")
+    p.add_argument("--out", default=".")
+    p.add_argument("--tag", default="decode")
+    p.add_argument("--dry-run", action="store_true", help="CPU-only check of this script's logic")
+    args = p.parse_args(argv)
+
+    from bsfa_cupy.tools.outputs import check_out_dir, check_tag, result_stem, slug, write_result_files
+
+    check_tag(args.tag)
+    check_out_dir(args.out)
+    res = run_dry(args) if args.dry_run else run_gpu(args)
+    date = _dt.date.today().isoformat()
+    result = dict(date=date, b=args.b, hq=args.hq, hkv=args.hkv, d=args.d, dtype=args.dtype, rho_target=args.rho,
+                  peak_tbs=args.peak_tbs, achievable_tbs=args.achievable_tbs, **res)
+    result["bars"] = bars(result["rows"], args.peak_tbs)
+    for b in result["bars"]:
+        print(b)
+    stem = result_stem(slug(result["gpu"]), date, tag=args.tag)
+    paths = write_result_files(args.out, stem, result, markdown(result), lambda s: plot(result, s))
+    print("wrote " + ", ".join(str(x) for x in paths))
+
+
+if __name__ == "__main__":
+    main()

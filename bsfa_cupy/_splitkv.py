@@ -1,0 +1,133 @@
+"""Split-KV for few query rows against long K/V (decode, chunked prefill): plan, routing, launch.
+
+The one-CTA-per-(128-row query tile, head, batch) kernels leave most of the GPU idle when
+B * Hq * nQ is small next to the SM count, and a 128-row tile is mostly padding for one decode row.
+``kernels_cu/bsfa_fwd_splitkv.cu`` packs the query heads of a GQA group into one CTA of 64 or 128
+rows ((head, query row) pairs of one reference query tile, so each head's gate still sees its exact
+tile maximum), cuts the key tiles of each query tile into ``num_splits`` ranges over as many CTAs,
+and merges the fp32 partials with ``bsfa_combine`` by the rule of
+``bsfa_reference.merge_partials``. Everything here but :func:`launch` is plain Python (CPU-tested).
+"""
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+from bsfa_reference.tiles import BLOCK_M, BLOCK_N
+
+#: Most splits a call may ask for (the fp32 workspace grows with it; far past any useful count).
+MAX_SPLITS = 1024
+#: Most query heads in one CTA: the kernel keeps one bit per head slot in a 32-bit keep mask.
+MAX_PACK = 32
+#: Head dims the split-KV kernel is built for.
+HEAD_DIMS = (64, 128)
+#: Split-kernel CTAs resident per SM, by packed rows per CTA: the 64-row kernel (128 threads, about
+#: 200 registers and 87 KB of shared memory at head dim 128) fits twice, the 128-row one once.
+CTAS_PER_SM = {64: 2, 128: 1}
+#: Fewest key tiles a split is given by the heuristic: shorter ranges cost more in the merge and
+#: in the prologue (Q and the first K tiles) than they gain in parallelism.
+MIN_TILES_PER_SPLIT = 4
+#: The heuristic takes the fewest splits whose last wave is at least this full, relative to the
+#: best split count (FlashAttention-2's num_splits_heuristic): fewer splits, less merging.
+WAVE_EFFICIENCY = 0.85
+#: auto takes the split path for Nq up to this (packing pays even on a full GPU), and beyond it
+#: only while the unsplit kernels would not fill one wave (B * Hq * nQ < SMs).
+PACK_NQ = 64
+#: ... and only for keys this long: below, the unsplit kernels are short anyway and the merge's
+#: second launch would not pay for itself.
+MIN_AUTO_NK = 2048
+
+
+def check_num_splits(num_splits):
+    """None (heuristic) or an int in [1, MAX_SPLITS]; raised before anything is launched."""
+    if num_splits is None:
+        return None
+    if isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral):
+        raise TypeError(f"num_splits: expected an int >= 1 or None (heuristic), got {type(num_splits).__name__}")
+    if not 1 <= int(num_splits) <= MAX_SPLITS:
+        raise ValueError(f"num_splits: expected an int in [1, {MAX_SPLITS}] or None (heuristic), got {num_splits}")
+    return int(num_splits)
+
+
+@dataclass(frozen=True)
+class Plan:
+    rows: int  # packed rows per CTA: 64 or 128 (the kernel entry)
+    pack: int  # query heads of a GQA group per CTA
+    n_packs: int  # CTAs per (query tile, K/V head) before splitting: ceil(G / pack)
+    splits: int
+
+    def grid(self, B: int, Hkv: int, nQ: int) -> tuple[int, int, int]:
+        return (self.splits, nQ * Hkv * self.n_packs, B)
+
+
+def pack_shape(Nq: int, G: int) -> tuple[int, int]:
+    """(rows, pack): a head's R = min(Nq, 128) rows of a reference query tile stay in one CTA."""
+    R = max(1, min(Nq, BLOCK_M))
+    rows = 64 if R <= 64 else 128
+    return rows, max(1, min(G, rows // R, MAX_PACK))
+
+
+def heuristic_splits(ctas: int, nK: int, sms: int, rows: int = 64) -> int:
+    """Splits for ``ctas`` split-kernel CTAs (at one split) of ``rows`` packed rows.
+
+    None when the GPU is full already (ctas >= resident slots); else the fewest splits whose
+    waves are filled at least WAVE_EFFICIENCY as well as the best count's, each split keeping
+    MIN_TILES_PER_SPLIT key tiles or more.
+    """
+    slots = sms * CTAS_PER_SM[rows]
+    if ctas <= 0 or nK <= 0 or ctas >= slots:
+        return 1
+    cap = max(1, min(nK // MIN_TILES_PER_SPLIT, MAX_SPLITS, 2 * -(-slots // ctas)))
+
+    def efficiency(s):
+        waves = ctas * s / slots
+        return waves / -(-ctas * s // slots)
+
+    best = max(efficiency(s) for s in range(1, cap + 1))
+    return next(s for s in range(1, cap + 1) if efficiency(s) >= WAVE_EFFICIENCY * best)
+
+
+def plan(B: int, Nq: int, Nk: int, Hq: int, Hkv: int, sms: int, num_splits=None) -> Plan:
+    G = Hq // Hkv
+    rows, pack = pack_shape(Nq, G)
+    n_packs = -(-G // pack)
+    nQ, nK = -(-Nq // BLOCK_M), -(-Nk // BLOCK_N)
+    splits = num_splits if num_splits is not None else heuristic_splits(B * Hkv * nQ * n_packs, nK, sms, rows)
+    return Plan(rows, pack, n_packs, splits)
+
+
+def wanted(arch: str, num_splits, B: int, Nq: int, Nk: int, Hq: int, D: int, sms: int) -> bool:
+    """Whether a call takes the split-KV path.
+
+    ``backend="splitkv"`` or an explicit ``num_splits`` always does (``num_splits`` with another
+    explicit backend is an error, raised by the caller). ``auto`` does for head dims 64 and 128 and
+    Nk >= MIN_AUTO_NK when Nq <= PACK_NQ (decode, short chunks: packing the GQA group and splitting
+    the keys win) or when the unsplit kernels would leave SMs idle (B * Hq * nQ < SMs); prefill
+    shapes (many query tiles) keep the unsplit kernels.
+    """
+    if arch == "splitkv" or num_splits is not None:
+        return True
+    if arch != "auto" or D not in HEAD_DIMS or Nq == 0 or Nk < MIN_AUTO_NK:
+        return False
+    return Nq <= PACK_NQ or B * Hq * (-(-Nq // BLOCK_M)) < sms
+
+
+def launch(mod, frame, params_fields: dict, p: Plan, B: int, Nq: int, Hq: int, Hkv: int, D: int,
+           pack_params) -> None:
+    """Both kernels on CuPy's current stream; the fp32 partials live for the call only."""
+    nQ = -(-Nq // BLOCK_M)
+    grid = p.grid(B, Hkv, nQ)
+    if grid[1] > 65535 or B > 65535:
+        raise ValueError(
+            f"split-KV grid: expected at most 65535 (query tile, K/V head, pack) triples and batch entries, got "
+            f"{grid[1]} and B={B}"
+        )
+    _, o_part = frame.empty((p.splits, B, Hq, Nq, D), "float32")
+    _, lse_part = frame.empty((p.splits, B, Hq, Nq), "float32")
+    params = pack_params(**params_fields, o_part=o_part, lse_part=lse_part, num_splits=p.splits,
+                         pack_heads=p.pack)
+    fn, threads, smem = mod.split[p.rows]
+    fn(grid, (threads, 1, 1), (params,), shared_mem=smem)
+    rows = B * Hq * Nq
+    w = mod.combine_warps
+    mod.combine((-(-rows // w), 1, 1), (32 * w, 1, 1), (params,))

@@ -1,0 +1,379 @@
+// The split-KV forward (bsfa_fwd_splitkv.cu exports it): few query rows
+// against a long K/V cache (decode, chunked prefill).  One CTA per (split,
+// packed row tile, batch): the key tiles of a reference query tile (128
+// rows) are cut into num_splits contiguous ranges, each CTA writes a partial
+// out (normalised, fp32) and lse for its range, and bsfa_combine merges them
+// (bsfa_combine.cuh).  The rows of a CTA are packed (query head, query row)
+// pairs of one K/V head and one reference query tile: rows [j*R, (j+1)*R)
+// hold head hc*pack_heads + j of the group, R = min(Nq, 128), so K and V are
+// read once for every head of the pack.
+//
+// The gate stays per (head, reference query tile, key tile): a head's rows of
+// the reference tile are all in one CTA (pack_heads * R <= kRows), so the
+// CTA sees each head's exact tile max.  A head that skips a tile has its
+// scores forced to -inf there before the online softmax (its m, l and O are
+// then bit-identical to never seeing the tile); P V and the V load of a tile
+// are skipped only when every head of the pack skips it.
+//
+// Grid (num_splits, nQ * Hkv * nPacks, B), nPacks = ceil(G / pack_heads).
+//
+// Includes what it needs; TR is a TraitsSplitKv.
+#pragma once
+
+#include "bsfa_copy_sm80.cuh"
+#include "bsfa_gate.cuh"
+#include "bsfa_mask.cuh"
+#include "bsfa_mma_sm80.cuh"
+#include "bsfa_params.cuh"
+#include "bsfa_problem.cuh"
+#include "bsfa_ptx.cuh"
+#include "bsfa_softmax.cuh"
+#include "bsfa_traits.cuh"
+
+namespace bsfa {
+
+// OR of a 32-bit word over the warp (redux.sync, sm_80+).
+__device__ __forceinline__ unsigned warp_or(unsigned v) {
+    unsigned r;
+    asm volatile("redux.sync.or.b32 %0, %1, 0xffffffff;\n" : "=r"(r) : "r"(v));
+    return r;
+}
+
+// One accumulator row of this thread in the packed tile: which head slot and
+// query row it is, and whether it is a real row at all (pack slots past the
+// group, rows past Nq are zero-filled and never vote or get written).
+struct PackedRow {
+    int slot;  // head slot j in the pack
+    int i;     // query row in the problem
+    bool valid;
+};
+
+__device__ __forceinline__ PackedRow packed_row(int r, int R, int q0, int Nq, int n_slots) {
+    PackedRow pr;
+    pr.slot = r / R;
+    pr.i = q0 + r % R;
+    pr.valid = pr.slot < n_slots && pr.i < Nq;
+    return pr;
+}
+
+// Whether this thread's share of a V tile in shared memory holds an inf or
+// NaN (exponent bits all ones); the caller ORs it over the CTA.  Rows past Nk
+// were zero-filled.
+template <class TR>
+__device__ __forceinline__ bool v_tile_non_finite(unsigned v_tile) {
+    constexpr unsigned kExp = TR::kBf16 ? 0x7f807f80u : 0x7c007c00u;
+    constexpr int kChunks = TR::kBlockN * TR::kChunksPerRow;
+    bool bad = false;
+    for (int idx = threadIdx.x; idx < kChunks; idx += TR::kNThreads) {
+        unsigned w[4];
+        lds128(w, v_tile + (idx / TR::kChunksPerRow) * TR::kRowBytes + (idx % TR::kChunksPerRow) * 16);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            bad |= (w[j] & (kExp & 0xffffu)) == (kExp & 0xffffu);
+            bad |= (w[j] & (kExp & 0xffff0000u)) == (kExp & 0xffff0000u);
+        }
+    }
+    return bad;
+}
+
+// Stores (save) or reloads the O values of this thread's rows whose head
+// skips the tile (row_bit not in kept) to / from their partial-out rows
+// (out0, out1; the thread's own columns, so no barrier is needed).
+template <class TR>
+__device__ __forceinline__ void park_o(float (&O)[1][TR::kONBlocks][4], const unsigned (&row_bit)[2], unsigned kept,
+                                       float* out0, float* out1, int lane, bool save) {
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+        if (row_bit[hf] == 0 || (kept & row_bit[hf])) continue;
+        float* og = (hf == 0 ? out0 : out1) + 2 * (lane & 3);
+#pragma unroll
+        for (int nb = 0; nb < TR::kONBlocks; ++nb) {
+            float2* at = reinterpret_cast<float2*>(og + nb * TR::kMmaN);
+            if (save) {
+                *at = make_float2(O[0][nb][2 * hf], O[0][nb][2 * hf + 1]);
+            } else {
+                const float2 v2 = *at;
+                O[0][nb][2 * hf] = v2.x;
+                O[0][nb][2 * hf + 1] = v2.y;
+            }
+        }
+    }
+}
+
+template <class TR, bool kCausal>
+__device__ __forceinline__ void fwd_splitkv_kernel(const Params& p) {
+    constexpr int KS = TR::kKStages;
+    using Copy = TileCopy<TR>;
+    using Tile = QueryTile<TileShape, kCausal>;
+    const int tid = threadIdx.x;
+    const int lane = tid & 31;
+    const int warp = tid >> 5;
+
+    const int Hq = p.Hq, Hkv = p.Hkv;
+    const int G = Hq / Hkv;
+    const int pack = p.pack_heads;
+    const int n_packs = ceil_div(G, pack);
+    const int S = p.num_splits;
+    const int s = blockIdx.x;
+    const int y = blockIdx.y;
+    const int hc = y % n_packs;
+    const int hk = (y / n_packs) % Hkv;
+    const int a = y / (n_packs * Hkv);
+    const long long b = blockIdx.z;
+    const int h0 = hk * G + hc * pack;  // head of slot 0
+    const int n_slots = imin(pack, G - hc * pack);
+
+    const Problem pr = cta_problem<false>(p, b);
+    const int Nq = pr.Nq, Nk = pr.Nk;
+    const int R = imin(Nq, TileShape::kBlockM);
+    const Tile qt(a, pr);
+    const int nK = tile_row_len<TileShape>(p);
+
+    // This split's key tiles [lo, hi] of [0, c_end].
+    const int n_tiles = qt.c_end + 1;
+    const int lo = (int)((long long)s * n_tiles / S);
+    const int hi = (int)((long long)(s + 1) * n_tiles / S) - 1;
+
+    unsigned char* keep = p.keep;
+    // Tiles without a valid entry: cleared once, by split 0.
+    if (keep != nullptr && s == 0) {
+        const int tail = nK - n_tiles;
+        for (int t = tid; t < n_slots * tail; t += TR::kNThreads) {
+            const int j = t / tail;
+            keep[tile_row<TileShape>(p, b, h0 + j, a) + n_tiles + t % tail] = 0;
+        }
+    }
+
+    const unsigned smem = dyn_smem_base();
+    const unsigned sQ = smem + TR::kSmemQ;
+    const unsigned sVote = smem + TR::kSmemVote;
+    const unsigned q_lane = sQ + warp * TR::kWarpRows * TR::kRowBytes + lane_off_a<TR>(lane);
+    const unsigned k_lane = smem + TR::kSmemK + lane_off_k<TR>(lane);
+    const unsigned v_lane = smem + TR::kSmemV + lane_off_a<TR>(lane);
+
+    // The thread's two accumulator rows (c0c1 and c2c3 of the m16 block).
+    const int rbase = warp * TR::kWarpRows + (lane >> 2);
+    const PackedRow row[2] = {packed_row(rbase, R, qt.q0, Nq, n_slots), packed_row(rbase + 8, R, qt.q0, Nq, n_slots)};
+    // A real row's bit in the per-slot keep mask (slots < 32, bsfa_cupy/_splitkv.py); 0 for pad
+    // rows, which thus never vote and read as skipping (harmless: they are never written).
+    unsigned row_bit[2];
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) row_bit[hf] = row[hf].valid ? 1u << row[hf].slot : 0u;
+
+    // Q: packed rows gathered chunk by chunk (a row's head and query row both
+    // vary), zero-filled where the row is not real.
+    {
+        constexpr int kCpr = TR::kChunksPerRow;
+        const unsigned short* qb = p.q + pr.q_off;
+        for (int t = tid; t < TR::kRows * kCpr; t += TR::kNThreads) {
+            const int r = t / kCpr, cc = t % kCpr;
+            const PackedRow qr = packed_row(r, R, qt.q0, Nq, n_slots);
+            const unsigned short* src =
+                qb + (long long)qr.i * p.q_sn + (long long)(h0 + qr.slot) * p.q_sh + cc * TR::kChunkElems;
+            cp_async_16(sQ + r * TR::kRowBytes + cc * 16, qr.valid ? (const void*)src : (const void*)p.q,
+                        qr.valid ? 16u : 0u);
+        }
+    }
+    cp_async_commit();
+
+    const unsigned short* kg = p.k + pr.k_off + (long long)hk * p.k_sh + Copy::thread_offset(tid, p.k_sn);
+    const unsigned short* vg = p.v + pr.v_off + (long long)hk * p.v_sh + Copy::thread_offset(tid, p.v_sn);
+    const int n_full = Nk / TR::kBlockN;
+    auto load_kv = [&](const unsigned short* g, long long sn, const unsigned short* safe, unsigned dst, int c) {
+        const unsigned short* src = g + (long long)c * TR::kBlockN * sn;
+        if (c < n_full) {
+            Copy::template load_full<TR::kBlockN>(dst, src, sn, tid);
+        } else {
+            Copy::template load<TR::kBlockN>(dst, src, sn, Nk - c * TR::kBlockN, tid, safe);
+        }
+    };
+    auto load_k = [&](int c, int slot) { load_kv(kg, p.k_sn, p.k, smem + TR::kSmemK + slot * TR::kKVTileBytes, c); };
+    // V tile c goes to buffer c & 1 (see the cp.async groups below).
+    auto load_v = [&](int c) { load_kv(vg, p.v_sn, p.v, smem + TR::kSmemV + (c & 1) * TR::kKVTileBytes, c); };
+
+    // Per head slot: the gate's threshold; dense mode keeps every tile.
+    const bool gated = p.thr_mode != 0;
+    const int forced_lo = gated ? qt.diag_lo : 0;
+    const int forced_hi = gated ? qt.diag_hi : qt.c_end;
+    float thr[2];
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+        thr[hf] = gated && row[hf].valid ? tile_threshold<TileShape>(p.thresholds, p.thr_scalar, p.thr_mode, p.thr_T,
+                                                                     h0 + row[hf].slot, qt.tile_pos)
+                                         : 0.f;
+    }
+    const unsigned all_slots = n_slots >= 32 ? ~0u : (1u << n_slots) - 1u;
+    // Key tiles from mask_from on need the causal / ragged-key mask (rows past
+    // Nq are never looked at, so unlike QueryTile a ragged query tile does not
+    // mask everything).
+    int mask_from = Nk / TR::kBlockN;
+    if (kCausal) {
+        const int x = qt.diag_off + 1;
+        const int first = x >= 0 ? x / TR::kBlockN : -((-x + TR::kBlockN - 1) / TR::kBlockN);
+        mask_from = imin(mask_from, imax(first, 0));
+    }
+
+    // Row hf's fp32 partial-out row of this split (bsfa_combine reads it).
+    const long long rows_per_split = (long long)p.B * Hq * Nq;
+    auto row_out = [&](int hf) {
+        const long long prow = s * rows_per_split + (b * Hq + h0 + row[hf].slot) * (long long)Nq + row[hf].i;
+        return p.o_part + prow * TR::kHeadDim;
+    };
+
+    float O[1][TR::kONBlocks][4];
+    float m[1][2];
+    float l[1][2];
+    init_softmax_state(O, m, l);
+    const float scale = p.softmax_scale;
+    const float scale_log2 = scale * kLog2e;
+
+    if (lo <= hi) {
+        load_k(hi, 0);
+        if (hi >= forced_lo && hi <= forced_hi) load_v(hi);
+        cp_async_commit();
+        if (hi - 1 >= lo) load_k(hi - 1, 1);
+        cp_async_commit();
+        cp_async_wait<KS - 1>();
+        cta_sync();
+        unsigned qf[TR::kQFragRegs];
+        load_q_frags<TR>(qf, q_lane);
+
+        int ks = 0;
+#pragma unroll 1
+        for (int c = hi; c >= lo; --c, ks = ks + 1 == KS ? 0 : ks + 1) {
+            // cp.async groups.  Prologue: [Q], [K hi + V hi if forced], [K hi-1].
+            // Each tile c commits at its top G_c = [K c-2, V c-1 if tile c-1 is
+            // forced] (even when empty), and a kept gated tile adds [V c]
+            // after its vote.  V of a forced tile is thus one tile ahead, like
+            // K two: decode is memory bound and a V fetched only at its own
+            // tile would expose the full memory latency every tile.  V tiles
+            // alternate between two buffers by parity; tile c-1's buffer is
+            // the one tile c+1 used, free after this barrier.  At the top of
+            // tile c only G_{c+1} may still be pending besides G_c's
+            // predecessors' (K c was in G_{c+2}): wait_group KS-2.
+            cp_async_wait<KS - 2>();
+            cta_sync();
+            const bool is_forced = c >= forced_lo && c <= forced_hi;
+            {
+                const int cn = c - (KS - 1);
+                if (cn >= lo) load_k(cn, ks == 0 ? KS - 1 : ks - 1);
+                if (c - 1 >= lo && c - 1 >= forced_lo && c - 1 <= forced_hi) load_v(c - 1);
+            }
+            cp_async_commit();
+
+            float Sc[1][TR::kSNBlocks][4];
+            qk_tile_q_regs<TR>(Sc, qf, k_lane + ks * TR::kKVTileBytes);
+            if (c >= mask_from) {
+                // Key j valid for row i iff j <= lim(i); pad rows get the whole
+                // tile (they are never read back).
+                const int col0 = c * TR::kBlockN + 2 * (lane & 3);
+#pragma unroll
+                for (int hf = 0; hf < 2; ++hf) {
+                    const int lim = kCausal ? imin(Nk - 1, row[hf].i + pr.shift) : Nk - 1;
+                    const int rel = lim - col0;
+#pragma unroll
+                    for (int nb = 0; nb < TR::kSNBlocks; ++nb)
+#pragma unroll
+                        for (int e = 0; e < 2; ++e)
+                            if (nb * TR::kMmaN + e > rel) Sc[0][nb][2 * hf + e] = neg_inf();
+                }
+            }
+            float tile_mx[1][2];
+            row_max<TR>(Sc, tile_mx);
+
+            // Head slots keeping tile c: all of them when forced, else the
+            // OR over each slot's real rows of (row max * scale >= thr).
+            unsigned kept = all_slots;
+            if (!is_forced) {
+                unsigned bits = 0;
+#pragma unroll
+                for (int hf = 0; hf < 2; ++hf)
+                    if (tile_mx[0][hf] * scale >= thr[hf]) bits |= row_bit[hf];
+                bits = warp_or(bits);
+                const unsigned slot_addr = sVote + ((c & 1) * TR::kNWarps) * 4;
+                if (lane == 0) sts32(slot_addr + warp * 4, bits);
+                cta_sync();
+                kept = 0;
+#pragma unroll
+                for (int w = 0; w < TR::kNWarps; ++w) kept |= __float_as_uint(lds_f32(slot_addr + w * 4));
+            }
+            if (keep != nullptr && tid < n_slots) keep[tile_row<TileShape>(p, b, h0 + tid, a) + c] = (kept >> tid) & 1u;
+            if (kept == 0) continue;
+
+            if (!is_forced) {
+                load_v(c);
+                cp_async_commit();
+                // Rows of heads that skip the tile: as if it did not exist.
+#pragma unroll
+                for (int hf = 0; hf < 2; ++hf) {
+                    if (!(kept & row_bit[hf])) {
+                        tile_mx[0][hf] = neg_inf();
+#pragma unroll
+                        for (int nb = 0; nb < TR::kSNBlocks; ++nb) {
+                            Sc[0][nb][2 * hf] = neg_inf();
+                            Sc[0][nb][2 * hf + 1] = neg_inf();
+                        }
+                    }
+                }
+            }
+            unsigned P[1][TR::kKeySteps][4];
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf) {
+                const float alpha = softmax_row<TR>(Sc, 0, hf, tile_mx[0][hf], m[0][hf], l[0][hf], P, scale_log2);
+#pragma unroll
+                for (int nb = 0; nb < TR::kONBlocks; ++nb) {
+                    O[0][nb][2 * hf] *= alpha;
+                    O[0][nb][2 * hf + 1] *= alpha;
+                }
+            }
+            // V c: in G_{c+1} (or the prologue) for a forced tile, so G_c may
+            // stay in flight; in the newest group for a gated one.
+            if (is_forced) {
+                cp_async_wait<1>();
+            } else {
+                cp_async_wait<0>();
+            }
+            cta_sync();
+            const unsigned v_tile = smem + TR::kSmemV + (c & 1) * TR::kKVTileBytes;
+            // A head that skips the tile has P = 0 there, but 0 * (NaN or inf)
+            // in V would still reach its O through the shared P V product,
+            // where the reference (the tile does not exist for that head)
+            // gives no NaN.  So when some head skips a tile that others keep,
+            // the CTA checks V for non-finite values, and in that (rare) case
+            // the skipping rows' O is parked in this split's own partial-out
+            // rows (written at the end anyway) across the product.
+            bool park = false;
+            if ((kept & all_slots) != all_slots) {
+                park = cta_sync_or(v_tile_non_finite<TR>(v_tile));
+                park = park && row_bit[0] + row_bit[1] != 0;  // this thread has a real row
+            }
+            if (park) park_o<TR>(O, row_bit, kept, row_out(0), row_out(1), lane, true);
+            pv_tile<TR>(O, P, v_lane + (c & 1) * TR::kKVTileBytes);
+            if (park) park_o<TR>(O, row_bit, kept, row_out(0), row_out(1), lane, false);
+        }
+    }
+
+    cp_async_wait<0>();  // an empty range never waited for its Q copy
+
+    // The partial of this split: out normalised in fp32, lse; an empty range
+    // (more splits than tiles) or a row without a kept key gives 0 and -inf,
+    // which the merge weighs 0.
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+        const float lt = quad_sum(l[0][hf]);
+        if (!row[hf].valid) continue;
+        const float inv = lt > 0.f ? 1.f / lt : 0.f;
+        const long long prow = s * rows_per_split + (b * Hq + h0 + row[hf].slot) * (long long)Nq + row[hf].i;
+        float* og = row_out(hf) + 2 * (lane & 3);
+#pragma unroll
+        for (int nb = 0; nb < TR::kONBlocks; ++nb) {
+            float2 v2;
+            v2.x = O[0][nb][2 * hf] * inv;
+            v2.y = O[0][nb][2 * hf + 1] * inv;
+            *reinterpret_cast<float2*>(og + nb * TR::kMmaN) = v2;
+        }
+        if ((lane & 3) == 0) p.lse_part[prow] = row_lse(lt, m[0][hf], scale);
+    }
+}
+
+}  // namespace bsfa

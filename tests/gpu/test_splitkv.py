@@ -1,0 +1,244 @@
+"""The split-KV kernel (bsfa_fwd_splitkv.cu: packed GQA rows, key tiles split over CTAs, fp32 merge)
+against the reference, and its independence of the split count.
+
+Forced num_splits in {1, 2, 3, 64} (64: more splits than key tiles, so empty splits too), Nq from 1
+(decode) to 300 (several reference query tiles), odd Nk, GQA groups 1 / 4 / 8, thresholds that skip.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, note, settings
+from hypothesis import strategies as st
+
+import bsfa_reference as ref
+from tests.support.gpu import (
+    EPS,
+    cp,
+    poison_outputs,
+    random_inputs,
+    requires_gpu,
+    rounding_margin,
+    run_case,
+    thresholds_from_maxima,
+)
+
+pytestmark = [pytest.mark.gpu, requires_gpu]
+
+BM, BN = ref.BLOCK_M, ref.BLOCK_N
+SPLITS = [1, 2, 3, 64]
+NQS = [1, 3, 16, 100, 128, 129, 300]
+
+
+def _problem(Nq, Nk, G, D=128, dtype="float16", causal=True, mode="maxima", Hkv=1, B=1, seed=0, **extra):
+    return dict(dtype=dtype, D=D, causal=causal, B=B, Hkv=Hkv, Hq=Hkv * G, Nq=Nq, Nk=Nk, mode=mode,
+                layouts=("contiguous",) * 3, spread=1.0, seed=seed, **extra)
+
+
+@st.composite
+def split_problems(draw):
+    G = draw(st.sampled_from([1, 4, 8]))
+    Hkv = draw(st.integers(1, 2)) if G < 8 else 1
+    Nq = draw(st.sampled_from(NQS))
+    # the NumPy reference is the slow part: long keys only for short queries
+    Nk = draw(st.sampled_from([1, 63, 577, 1000]) if Nq > 16 else st.sampled_from([1, 64, 577, 4097]))
+    return dict(
+        dtype=draw(st.sampled_from(["float16", "bfloat16"])),
+        D=draw(st.sampled_from([64, 128])),
+        causal=draw(st.booleans()),
+        B=draw(st.integers(1, 2)),
+        Hkv=Hkv,
+        Hq=Hkv * G,
+        Nq=Nq,
+        Nk=Nk,
+        q_start=draw(st.one_of(st.none(), st.none(), st.integers(0, 8).map(lambda t: t * BM))),
+        k_start=draw(st.one_of(st.just(0), st.integers(0, 16).map(lambda t: t * BN))),
+        mode=draw(st.sampled_from(["none", "scalar", "maxima", "maxima", "short"])),
+        layouts=draw(st.tuples(*[st.sampled_from(["contiguous", "bhnd", "padded"])] * 3)),
+        spread=draw(st.sampled_from([0.5, 1.0, 3.0])),
+        seed=draw(st.integers(0, 2**31 - 1)),
+        num_splits=draw(st.sampled_from([None, *SPLITS])),
+    )
+
+
+@given(split_problems())
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # examples: profile
+def test_splitkv_matches_reference(monkeypatch, p):
+    with monkeypatch.context() as m:
+        info, (err, base_err) = run_case(p, m, "splitkv", num_splits=p["num_splits"])
+    note(f"{info}; out error {err:.2e} vs low-precision baseline {base_err:.2e}")
+
+
+@pytest.mark.parametrize("num_splits", SPLITS)
+@pytest.mark.parametrize("Nq", NQS)
+def test_splitkv_query_lengths(monkeypatch, Nq, num_splits):
+    """Every packing shape: Nq <= 64 packs the group into 64 rows, 100 / 128 take 128-row CTAs one
+    head each, 129 / 300 several reference query tiles (a ragged last one)."""
+    G = 4 if Nq <= 16 else 1
+    p = _problem(Nq, 577, G, D=64 if Nq % 2 else 128, causal=Nq != 128, seed=Nq * 7 + num_splits)
+    run_case(p, monkeypatch, "splitkv", num_splits=num_splits)
+
+
+@pytest.mark.parametrize("G", [1, 4, 8])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("mode", ["none", "maxima"])
+def test_splitkv_gqa_groups(monkeypatch, G, dtype, mode):
+    """Packed heads with their own gate decisions (maxima: per-head thresholds that skip about half
+    of the gated tiles, so heads of one CTA disagree)."""
+    p = _problem(3, 4097, G, dtype=dtype, mode=mode, Hkv=2, seed=G)
+    run_case(p, monkeypatch, "splitkv", num_splits=3)
+
+
+@pytest.mark.parametrize("Nq,Nk,G,num_splits", [(1, 32768 + 37, 4, None), (16, 20000, 4, 64)])
+def test_splitkv_long_keys(monkeypatch, Nq, Nk, G, num_splits):
+    p = _problem(Nq, Nk, G, seed=Nk)
+    run_case(p, monkeypatch, "splitkv", num_splits=num_splits)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("Nq,Nk,G", [(1, 4097, 4), (16, 2100, 8), (300, 1000, 1)])
+def test_results_do_not_depend_on_the_split_count(monkeypatch, causal, Nq, Nk, G):
+    """keep exactly equal; lse and out equal up to fp32 rounding of the merge (out: one rounding of
+    the input dtype on top)."""
+    import bsfa_cupy
+
+    rng = np.random.default_rng(Nq + Nk)
+    q, k, v = random_inputs(rng, 1, Nq, Nk, 2 * G, 2, 128, "bfloat16")
+    tile_max = ref.block_max_scores(q, k, causal=causal)
+    thr = thresholds_from_maxima(tile_max, Nq, Nk, margin=rounding_margin(q, k, causal, 128))
+    qd, kd, vd = (cp.asarray(x) for x in (q, k, v))
+    poison_outputs(monkeypatch)
+    results = {}
+    for s in (1, 2, 3, 7, 64, None):
+        out, lse, keep = bsfa_cupy.attention(qd, kd, vd, thr, causal=causal, return_lse=True, return_keep=True,
+                                             backend="splitkv", num_splits=s)
+        results[s] = (cp.asnumpy(out).astype(np.float64), cp.asnumpy(lse).astype(np.float64), cp.asnumpy(keep))
+    out1, lse1, keep1 = results[1]
+    assert keep1.any() and not keep1.all(), "thresholds should keep some tiles and skip others"
+    for s, (out, lse, keep) in results.items():
+        assert np.array_equal(keep, keep1), f"num_splits={s}: keep differs from num_splits=1"
+        live = np.isfinite(lse1)
+        assert np.array_equal(np.isfinite(lse), live), f"num_splits={s}: other empty rows"
+        assert np.abs(lse[live] - lse1[live]).max(initial=0) <= 1e-5 * max(1.0, np.abs(lse1[live]).max(initial=1))
+        tol = 2 * EPS["bfloat16"] * max(1.0, float(np.abs(out1).max()))
+        assert np.abs(out - out1).max() <= tol, f"num_splits={s}: out differs by {np.abs(out - out1).max():.3e}"
+
+
+def test_auto_routes_decode_to_splitkv_bitwise():
+    """backend="auto" on a decode shape is the split-KV kernel with the heuristic split count."""
+    import bsfa_cupy
+
+    rng = np.random.default_rng(5)
+    q, k, v = random_inputs(rng, 1, 1, 4097, 8, 2, 128, "float16")
+    qd, kd, vd = (cp.asarray(x) for x in (q, k, v))
+    a = bsfa_cupy.attention(qd, kd, vd, 0.0, return_lse=True)
+    b = bsfa_cupy.attention(qd, kd, vd, 0.0, return_lse=True, backend="splitkv")
+    for x, y in zip(a, b):
+        assert cp.array_equal(x, y)
+
+
+def test_num_splits_and_backend_errors():
+    import bsfa_cupy
+
+    q = cp.zeros((1, 1, 4, 64), cp.float16)
+    k = cp.zeros((1, 64, 1, 64), cp.float16)
+    with pytest.raises(ValueError, match=r"num_splits: expected an int in \[1, 1024\] or None \(heuristic\), got 0"):
+        bsfa_cupy.attention(q, k, k, num_splits=0)
+    with pytest.raises(TypeError, match="num_splits: expected an int >= 1 or None"):
+        bsfa_cupy.attention(q, k, k, num_splits=2.0)
+    with pytest.raises(ValueError, match="backend 'sm80'"):
+        bsfa_cupy.attention(q, k, k, num_splits=2, backend="sm80")
+    with pytest.raises(ValueError, match="splitkv"):
+        bsfa_cupy.block_max_scores(q, k, backend="splitkv")
+    with pytest.raises(ValueError, match=r"backend 'splitkv': expected head_dim in \(64, 128\), got 32"):
+        q32 = cp.zeros((1, 1, 4, 32), cp.float16)
+        k32 = cp.zeros((1, 64, 1, 32), cp.float16)
+        bsfa_cupy.attention(q32, k32, k32, num_splits=2)
+
+
+def test_empty_and_degenerate_shapes(monkeypatch):
+    """Fewer keys than one tile, queries mostly before the keys (bottom-right, Nq > Nk: rows without a
+    key), one key."""
+    import bsfa_cupy
+
+    poison_outputs(monkeypatch)
+    for Nq, Nk in ((5, 63), (300, 64), (1, 1)):
+        rng = np.random.default_rng(Nq)
+        q, k, v = random_inputs(rng, 1, Nq, Nk, 4, 1, 64, "float16")
+        out, lse, keep = bsfa_cupy.attention(cp.asarray(q), cp.asarray(k), cp.asarray(v), 0.0, return_lse=True,
+                                             return_keep=True, backend="splitkv", num_splits=3)
+        r_out, r_lse, r_keep = ref.attention(q, k, v, 0.0, return_lse=True, return_keep=True)
+        assert np.array_equal(cp.asnumpy(keep), r_keep)
+        dead = ~np.isfinite(r_lse)
+        assert np.array_equal(cp.asnumpy(lse)[dead], r_lse[dead])
+        assert not cp.asnumpy(out)[dead.transpose(0, 2, 1)].any()
+        assert np.allclose(cp.asnumpy(lse)[~dead], r_lse[~dead], atol=1e-4)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_v_reaches_only_the_heads_keeping_its_tile(monkeypatch, num_splits, bad):
+    """Packed heads disagree on a tile whose V holds a NaN / inf: the heads that keep it get NaN in that
+    column (as the reference's P @ V), the heads that skip it must not (the tile does not exist for
+    them), although they share the CTA and its P V product."""
+    import bsfa_cupy
+
+    rng = np.random.default_rng(7)
+    Nq, Nk, G, D = 1, 577, 4, 64
+    q, k, v = random_inputs(rng, 1, Nq, Nk, G, 1, D, "float16")
+    v[0, 100, 0, 5] = bad  # key tile 1, a gated tile (the diagonal one is the last)
+    thr = np.full((G, Nk // BM + 1), np.inf, np.float32)
+    thr[0] = -np.inf  # head 0 keeps every tile, heads 1..3 only the diagonal one
+    qd, kd, vd = (cp.asarray(x) for x in (q, k, v))
+    poison_outputs(monkeypatch)
+    out, lse, keep = bsfa_cupy.attention(qd, kd, vd, thr, return_lse=True, return_keep=True, backend="splitkv",
+                                         num_splits=num_splits)
+    r_out, r_lse, r_keep = ref.attention(q, k, v, thr, return_lse=True, return_keep=True)
+    out = cp.asnumpy(out).astype(np.float64)
+    assert np.array_equal(cp.asnumpy(keep), r_keep)
+    assert r_keep[0, 0, 0, 1] and not r_keep[0, 1:, 0, 1]
+    got_bad, want_bad = ~np.isfinite(out), ~np.isfinite(r_out)
+    assert want_bad[0, 0, 0, 5] and want_bad.sum() == 1
+    assert np.array_equal(got_bad, want_bad), (np.argwhere(got_bad), np.argwhere(want_bad))
+    fin = ~want_bad
+    assert np.abs(out[fin] - r_out[fin]).max() <= 4 * EPS["float16"] * max(1.0, np.abs(r_out[fin]).max())
+    assert np.allclose(cp.asnumpy(lse), r_lse, atol=1e-4)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("causal", [True, False])
+def test_nonfinite_inputs_reach_exactly_the_reference_rows(monkeypatch, gated, causal):
+    """As tests/gpu/test_attention.py's test of the same name, on packed heads and three splits: NaN / inf
+    in q, k and v reach the reference's outputs (non-finite) and lse (NaN) exactly; the merge poisons a
+    row with a NaN part."""
+    import bsfa_cupy
+
+    rng = np.random.default_rng(2 * gated + causal)
+    B, Nq, Nk, Hq, Hkv, D = 1, 40, 700, 8, 2, 64
+    q, k, v = random_inputs(rng, B, Nq, Nk, Hq, Hkv, D, "float16")
+    thr = thresholds_from_maxima(ref.block_max_scores(q, k, causal=causal), Nq, Nk) if gated else None
+    q[0, 20, 1, 5] = np.nan
+    q[0, 17, 3, 0] = np.inf
+    k[0, 150, 0, 3] = np.nan
+    k[0, 690, 1, 7] = -np.inf
+    v[0, 70, 1, 2] = np.nan
+    v[0, 300, 0, 0] = np.inf
+    poison_outputs(monkeypatch)
+    out, lse, keep = bsfa_cupy.attention(*map(cp.asarray, (q, k, v)), thr, causal=causal, return_lse=True,
+                                         return_keep=True, backend="splitkv", num_splits=3)
+    out, lse, keep = cp.asnumpy(out), cp.asnumpy(lse), cp.asnumpy(keep)
+    want_out, want_lse = ref.attention(q, k, v, causal=causal, keep=keep, return_lse=True)
+    got_bad, want_bad = ~np.isfinite(out), ~np.isfinite(want_out)
+    assert want_bad.any(), "the planted values reached no output: the test checks nothing"
+    assert np.array_equal(got_bad, want_bad), (
+        f"non-finite outputs differ at {int((got_bad != want_bad).sum())} entries "
+        f"(first {np.argwhere(got_bad != want_bad)[:5].tolist()})"
+    )
+    assert np.array_equal(np.isnan(lse), np.isnan(want_lse))
+    assert np.array_equal(lse == -np.inf, want_lse == -np.inf)
+    ok = ~want_bad
+    err = np.abs(out[ok].astype(np.float64) - want_out[ok])
+    tol = 16 * EPS["float16"] * np.abs(v[np.isfinite(v)]).max()
+    assert err.max() <= tol
+    fin = np.isfinite(want_lse)
+    assert np.abs(lse[fin] - want_lse[fin]).max() <= 1e-2

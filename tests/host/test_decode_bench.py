@@ -1,0 +1,42 @@
+"""bench/decode.py's CPU-side logic (its --dry-run): thresholds for a target ρ, the bars, the result files."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+
+SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "decode.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("bench_decode", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_dry_run_writes_results_and_bars(tmp_path, capsys):
+    mod = _load()
+    mod.main(["--dry-run", "--out", str(tmp_path), "--shapes", "1x4096", "16x8192", "300x8192"])
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert any(f.endswith("_decode.json") for f in files) and any(f.endswith("_decode.md") for f in files)
+    result = json.loads(next(tmp_path.glob("*_decode.json")).read_text())
+    assert {(r["nq"], r["nk"]) for r in result["rows"]} == {(1, 4096), (16, 8192), (300, 8192)}
+    assert any(b.startswith("PASS") or b.startswith("FAIL") for b in result["bars"])
+    sparse = [r for r in result["rows"] if r["impl"] == "bsfa-sparse"]
+    assert all(abs(r["rho"] - 0.25) < 0.1 for r in sparse)
+
+
+def test_thresholds_for_rho_keep_the_top_share_per_tile_row():
+    mod = _load()
+    rng = np.random.default_rng(0)
+    Nq, Nk = 1, 64 * 40
+    tm = rng.standard_normal((2, 1, 40)).astype(np.float32)  # as block_max_scores gives
+    thr = mod.thresholds_for_rho(tm, 0.25, Nq, Nk)
+    pos = (Nk - Nq) // 128
+    assert thr.shape == (2, pos + 1) and np.isinf(thr[:, :pos]).all()
+    kept = tm[:, 0, :39] >= thr[:, pos][:, None]  # the last tile is the diagonal one
+    assert (kept.sum(axis=1) == 10).all()  # ceil(0.25 * 39)
+    assert abs(mod.floor_ms(1, 1, 131072, 32, 8, 128, 2, 4.8) - 0.1118) < 1e-3

@@ -1,0 +1,100 @@
+"""The split-KV path's host logic, without a GPU: num_splits validation, packing, the split heuristic
+and the routing of backend="auto"."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import bsfa_cupy
+from bsfa_cupy import _splitkv
+from bsfa_cupy._splitkv import MAX_SPLITS, check_num_splits, heuristic_splits, pack_shape, plan, wanted
+
+H200_SMS = 132
+
+
+@pytest.mark.parametrize("good", [None, 1, 2, 64, MAX_SPLITS, np.int64(3)])
+def test_num_splits_accepts_ints_and_none(good):
+    assert check_num_splits(good) == (None if good is None else int(good))
+
+
+@pytest.mark.parametrize("bad,exc,msg", [
+    (0, ValueError, r"expected an int in \[1, 1024\] or None \(heuristic\), got 0"),
+    (-3, ValueError, "got -3"),
+    (MAX_SPLITS + 1, ValueError, f"got {MAX_SPLITS + 1}"),
+    (2.0, TypeError, "expected an int >= 1 or None .*got float"),
+    (True, TypeError, "got bool"),
+    ("4", TypeError, "got str"),
+])
+def test_num_splits_rejects_bad_values(bad, exc, msg):
+    with pytest.raises(exc, match=msg):
+        check_num_splits(bad)
+
+
+def test_attention_checks_num_splits_before_touching_arrays():
+    """Raised before any array is looked at (here not even GPU arrays)."""
+    x = np.zeros((1, 1, 1, 64), np.float16)
+    with pytest.raises(ValueError, match="num_splits: expected an int in"):
+        bsfa_cupy.attention(x, x, x, num_splits=0)
+    with pytest.raises(TypeError, match="num_splits: expected an int >= 1"):
+        bsfa_cupy.attention(x, x, x, num_splits=1.5)
+    with pytest.raises(ValueError, match=r"num_splits: applies to the split-KV kernel .* got backend 'sm90ws'"):
+        bsfa_cupy.attention(x, x, x, num_splits=2, backend="sm90ws")
+
+
+@pytest.mark.parametrize("Nq,G,rows,pack", [
+    (1, 4, 64, 4), (1, 8, 64, 8), (16, 4, 64, 4), (16, 8, 64, 4), (3, 32, 64, 21), (1, 64, 64, 32), (64, 4, 64, 1),
+    (65, 4, 128, 1), (100, 1, 128, 1), (128, 8, 128, 1), (129, 4, 128, 1), (1024, 4, 128, 1),
+])
+def test_pack_shape_keeps_a_heads_tile_rows_in_one_cta(Nq, G, rows, pack):
+    assert pack_shape(Nq, G) == (rows, pack)
+    assert pack * min(Nq, 128) <= rows
+
+
+def test_heuristic_fills_the_gpu_and_keeps_splits_long():
+    # decode, B=1, Hkv=8, one pack per K/V head: 8 CTAs of 64 rows, 2 resident per SM -> the fewest
+    # splits filling the 264 slots at least 85 % as well as 33 splits would
+    assert heuristic_splits(8, 2048, H200_SMS) == 29
+    assert heuristic_splits(8, 512, H200_SMS) == 29
+    assert heuristic_splits(8, 40, H200_SMS) == 9  # at most 40 // 4 splits (4 key tiles each)
+    assert heuristic_splits(8, 3, H200_SMS) == 1
+    assert heuristic_splits(1000, 2048, H200_SMS) == 1  # the GPU is full already
+    assert heuristic_splits(0, 10, H200_SMS) == 1
+    assert heuristic_splits(32, 2048, H200_SMS, rows=128) == 4  # 128 CTAs, one resident per SM
+    for ctas in range(1, 300):
+        s = heuristic_splits(ctas, 4096, H200_SMS)
+        assert 1 <= s <= MAX_SPLITS
+        slots = 2 * H200_SMS
+        # waves of 1/s the work each: never slower than the unsplit launch
+        assert -(-ctas * s // slots) / s <= -(-ctas // slots)
+
+
+def test_plan_and_grid():
+    p = plan(1, 1, 131072, 32, 8, H200_SMS)
+    assert (p.rows, p.pack, p.n_packs, p.splits) == (64, 4, 1, 29)
+    assert p.grid(1, 8, 1) == (29, 8, 1)
+    p = plan(1, 128, 131072, 32, 8, H200_SMS, num_splits=5)
+    assert (p.rows, p.pack, p.n_packs, p.splits) == (128, 1, 4, 5)
+    assert p.grid(1, 8, 1) == (5, 32, 1)
+
+
+@pytest.mark.parametrize("arch,num_splits,B,Nq,Nk,Hq,D,want", [
+    ("auto", None, 1, 1, 131072, 32, 128, True),  # decode
+    ("auto", None, 1, 16, 131072, 32, 128, True),  # short chunk
+    ("auto", None, 1, 128, 131072, 32, 128, True),  # 32 query tiles on 132 SMs
+    ("auto", None, 64, 1, 8192, 32, 128, True),  # batched decode: packing still pays
+    ("auto", None, 1, 1024, 131072, 32, 128, False),  # 256 query tiles: a full GPU
+    ("auto", None, 1, 4096, 4096, 32, 128, False),  # prefill (the benchmark sweep's smallest)
+    ("auto", None, 1, 1, 1024, 32, 128, False),  # short keys: not worth a second launch
+    ("auto", None, 1, 1, 131072, 32, 96, False),  # no split-KV kernel at head dim 96
+    ("sm90ws", None, 1, 1, 131072, 32, 128, False),
+    ("splitkv", None, 1, 4096, 4096, 32, 128, True),
+    ("auto", 4, 1, 4096, 4096, 32, 128, True),
+])
+def test_routing(arch, num_splits, B, Nq, Nk, Hq, D, want):
+    assert wanted(arch, num_splits, B, Nq, Nk, Hq, D, H200_SMS) is want
+
+
+def test_routing_constants_documented():
+    doc = bsfa_cupy.attention.__doc__
+    assert "num_splits" in doc and "Split-KV" in doc and "Calibration and decode" in doc
+    assert str(_splitkv.MIN_AUTO_NK) in doc and str(_splitkv.PACK_NQ) in doc
