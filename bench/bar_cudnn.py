@@ -37,7 +37,7 @@ def row_cells(dtype, d, hkv, b, n, causal, impls):
     cells = []
     for target, limit in SPARSE_BAR.items():
         r = nearest(sparse, target)
-        if r is None or cudnn is None or abs(r["rho"] - target) > 0.5 * target:
+        if r is None or cudnn is None or abs(r["rho"] - target) > 0.3 * target:
             cells.append("–")
             continue
         ratio = cudnn["ms"] / r["ms"]
