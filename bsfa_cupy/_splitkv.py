@@ -10,10 +10,13 @@ and merges the fp32 partials with ``bsfa_combine`` by the rule of
 """
 from __future__ import annotations
 
+import functools
 import numbers
 from dataclasses import dataclass
 
 from bsfa_reference.tiles import BLOCK_M, BLOCK_N
+
+from ._backend import cupy
 
 #: Most splits a call may ask for (the fp32 workspace grows with it; far past any useful count).
 MAX_SPLITS = 1024
@@ -87,6 +90,7 @@ def heuristic_splits(ctas: int, nK: int, sms: int, rows: int = 64) -> int:
     return next(s for s in range(1, cap + 1) if efficiency(s) >= WAVE_EFFICIENCY * best)
 
 
+@functools.lru_cache(maxsize=1024)  # a per-layer loop repeats the same shapes: plan once
 def plan(B: int, Nq: int, Nk: int, Hq: int, Hkv: int, sms: int, num_splits=None) -> Plan:
     G = Hq // Hkv
     rows, pack = pack_shape(Nq, G)
@@ -122,8 +126,12 @@ def launch(mod, frame, params_fields: dict, p: Plan, B: int, Nq: int, Hq: int, H
             f"split-KV grid: expected at most 65535 (query tile, K/V head, pack) triples and batch entries, got "
             f"{grid[1]} and B={B}"
         )
-    _, o_part = frame.empty((p.splits, B, Hq, Nq, D), "float32")
-    _, lse_part = frame.empty((p.splits, B, Hq, Nq), "float32")
+    # Call-local partials straight from CuPy's pool (stream-ordered: freed blocks are reused only
+    # behind this stream's work), sparing the caller's framework two allocations and DLPack views.
+    cp = cupy()
+    with cp.cuda.Device(frame.device_id):
+        o_part = cp.empty((p.splits, B, Hq, Nq, D), dtype=cp.float32)
+        lse_part = cp.empty((p.splits, B, Hq, Nq), dtype=cp.float32)
     params = pack_params(**params_fields, o_part=o_part, lse_part=lse_part, num_splits=p.splits,
                          pack_heads=p.pack)
     fn, threads, smem = mod.split[p.rows]
