@@ -29,12 +29,6 @@
 #include "bsfa_softmax.cuh"
 #include "bsfa_wgmma_sm90.cuh"
 
-// 1: the softmax reuses the lane-local row maxima the gate took for its vote
-// (0: takes them again; an A/B knob).
-#ifndef BSFA_VOTE_MAX_REUSE
-#define BSFA_VOTE_MAX_REUSE 1
-#endif
-
 namespace bsfa {
 
 // Half h (a 64-key tile) of a block's S, in the [1][n8 blocks][4] shape the
@@ -73,8 +67,8 @@ struct PostedGate {
 // Masks the block's invalid scores and posts this warp's votes for its gated
 // halves.  Halves past the query tile's last valid key tile (c > c_end) are
 // neither kept nor reported.  Nq, Nk, shift: the problem's (bsfa_problem.cuh).
-// The gated halves' lane-local row maxima are left in vmx for the softmax
-// (BSFA_VOTE_MAX_REUSE), which otherwise takes them a second time.
+// The gated halves' lane-local row maxima are left in vmx for the softmax,
+// which would otherwise take them a second time (bench/NOTES.md, v12).
 template <class TR, bool kCausal>
 __device__ __forceinline__ PostedGate gate_post(float (&S)[TR::kBlockSNBlocks][4], const QueryTile<TR, kCausal>& qt,
                                                 const GatePlan<TR>& plan, int n, int row0, int lane,
@@ -157,7 +151,7 @@ __device__ __forceinline__ bool softmax_block(float (&S)[TR::kBlockSNBlocks][4],
     float mx[TR::kKeyHalves][2];
 #pragma unroll
     for (int h = 0; h < TR::kKeyHalves; ++h) {
-        if (BSFA_VOTE_MAX_REUSE && ((kept & have_vmx) >> h) & 1u) {
+        if (((kept & have_vmx) >> h) & 1u) {
             mx[h][0] = vmx[h][0];
             mx[h][1] = vmx[h][1];
         } else if ((kept >> h) & 1u) {
