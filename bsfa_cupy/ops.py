@@ -1,6 +1,7 @@
 """The public GPU API: block-sparse attention and tile maxima on any framework's GPU arrays."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from bsfa_reference._validate import check_offsets, check_qk, check_v, softmax_scale_or_default
@@ -306,6 +307,7 @@ def block_max_scores(q, k, *, causal=True, softmax_scale=None, backend="auto", q
     return frame.wrap(tm_native, tm_view)
 
 
+@functools.lru_cache(maxsize=64)  # Backend is frozen and hashable; spares a call its checks twice
 def _splitkv_backend(backend):
     """The split-KV variant of a call's backend ('auto' or 'splitkv'), its extra defines kept."""
     return Backend("splitkv", backend.defines)
