@@ -266,7 +266,9 @@ class AttentionPlan:
 
         native_type = type(q)
         if kind == "torch":
-            io = _TorchIO(__import__("torch"), frame.torch_device)
+            import torch
+
+            io = _TorchIO(torch, frame.torch_device)
             layouts = [_torch_layout(x) for x in (q, k, v, out_native)]
         else:
             io = _CupyIO(cp)
