@@ -209,3 +209,26 @@ def test_device_thresholds_and_private_copies():
     assert np.array_equal(_bits(plan.run(q, k, v)), _bits(want))
     handle = bsfa_cupy.DeviceThresholds(cp.asnumpy(thr))
     assert bsfa_cupy.AttentionPlan(q, k, v, handle).thresholds is handle
+
+
+def test_launches_name_torchs_current_stream(monkeypatch):
+    torch = _torch()
+    import bsfa_cupy
+    from bsfa_cupy import _splitkv
+
+    _, (q, k, v) = _inputs("torch", 1, 4097, 128, seed=12)
+    plan = bsfa_cupy.AttentionPlan(q, k, v)
+    seen = []
+    real = _splitkv.launch_kernels
+
+    def spy(*a, stream=None, **kw):
+        seen.append(stream.ptr)
+        return real(*a, stream=stream, **kw)
+
+    monkeypatch.setattr(_splitkv, "launch_kernels", spy)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        plan.run(q, k, v)
+    plan.run(q, k, v)
+    torch.cuda.synchronize()
+    assert seen == [side.cuda_stream, torch.cuda.current_stream().cuda_stream]
