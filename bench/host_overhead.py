@@ -2,7 +2,10 @@
 
 Usage: python bench/host_overhead.py [--calls 2000] [--backend auto|sm80|sm90]
 Prints microseconds per call for CuPy and torch inputs, dense, with a DeviceThresholds, with a plain device
-thresholds array (NaN check and stream wait per call) and with `return_lse=True, return_keep=True`.
+thresholds array (NaN check and stream wait per call) and with `return_lse=True, return_keep=True`; then the
+same calls through an AttentionPlan (`plan.run`), a decode shape (1 row against 32K keys, B=1, Hq=32, Hkv=8,
+D=128: the split-KV path) through attention and a plan, and what the split-KV partials would cost allocated per
+call (CuPy's pool under torch's stream) instead of kept per stream by the plan.
 """
 import argparse
 import functools
@@ -53,3 +56,68 @@ except ImportError:
     pass
 for name, fn in cases.items():
     print(f"{name:24s} {per_call_us(fn):8.1f} us/call", flush=True)
+
+plan_cases = {
+    "cupy plan.run": (bsfa_cupy.AttentionPlan(q, k, v, backend=args.backend), (q, k, v)),
+    "cupy plan.run thr": (bsfa_cupy.AttentionPlan(q, k, v, handle, backend=args.backend), (q, k, v)),
+}
+try:
+    plan_cases["torch plan.run"] = (bsfa_cupy.AttentionPlan(tq, tk, tv, backend=args.backend), (tq, tk, tv))
+except NameError:  # no torch
+    pass
+for name, (plan, xs) in plan_cases.items():
+    print(f"{name:24s} {per_call_us(lambda: plan.run(*xs)):8.1f} us/call", flush=True)
+
+# Decode: the split-KV route (backend "auto" only: an explicit kernel would not take it).
+dq = rng.standard_normal((1, 1, 32, 128), dtype=cp.float32).astype(cp.float16)
+dk = rng.standard_normal((1, 32768, 8, 128), dtype=cp.float32).astype(cp.float16)
+dv = rng.standard_normal((1, 32768, 8, 128), dtype=cp.float32).astype(cp.float16)
+decode = {
+    "decode cupy attention": lambda: bsfa_cupy.attention(dq, dk, dv),
+}
+dplan = bsfa_cupy.AttentionPlan(dq, dk, dv)
+decode["decode cupy plan.run"] = lambda: dplan.run(dq, dk, dv)
+try:
+    import torch
+
+    dtq, dtk, dtv = (torch.from_dlpack(x) for x in (dq, dk, dv))
+    tplan = bsfa_cupy.AttentionPlan(dtq, dtk, dtv)
+    decode["decode torch attention"] = lambda: bsfa_cupy.attention(dtq, dtk, dtv)
+    decode["decode torch plan.run"] = lambda: tplan.run(dtq, dtk, dtv)
+    decode["decode torch sdpa"] = lambda: torch.nn.functional.scaled_dot_product_attention(
+        dtq.transpose(1, 2), dtk.transpose(1, 2), dtv.transpose(1, 2), enable_gqa=True)
+
+    # The partials' alternatives: per call from CuPy's pool with torch's stream made current (what a plan
+    # would need without its per-stream cache), against the cache's dict look-up.
+    from bsfa_cupy import _splitkv
+    from bsfa_cupy._arrays import _external_stream
+
+    sp = dplan.split
+    ext = _external_stream(cp, torch.cuda.current_stream().cuda_stream, 0)
+
+    def per_call_partials():
+        with cp.cuda.Device(0), ext:
+            _splitkv.workspace(sp, 1, 1, 32, 128)
+
+    decode["partials per call"] = per_call_partials
+    decode["partials cached"] = lambda: tplan._workspace(tplan._io.stream())
+except ImportError:
+    pass
+
+
+def host_us(fn, n=200):
+    """Host time alone: n calls queued behind a synchronised device, timed before the queue can fill."""
+    for _ in range(5):
+        fn()
+    cp.cuda.Device().synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t = time.perf_counter() - t0
+    cp.cuda.Device().synchronize()
+    return t / n * 1e6
+
+
+print(f"decode plan: {dplan!r}")
+for name, fn in decode.items():
+    print(f"{name:24s} {per_call_us(fn):8.1f} us/call back to back, {host_us(fn):8.1f} us host", flush=True)

@@ -12,11 +12,13 @@ from ._variants import HEAD_DIMS, Backend
 from .calibration import Calibrator
 from .device_thresholds import DeviceThresholds
 from .ops import attention, block_max_scores
+from .plan import AttentionPlan
 from .thresholds import Thresholds
 from .varlen import attention_varlen
 
 __version__ = "0.1.0"
 __all__ = [
+    "AttentionPlan",
     "BLOCK_M",
     "Backend",
     "BLOCK_N",

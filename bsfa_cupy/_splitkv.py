@@ -116,26 +116,45 @@ def wanted(arch: str, num_splits, B: int, Nq: int, Nk: int, Hq: int, D: int, sms
     return Nq <= PACK_NQ or B * Hq * (-(-Nq // BLOCK_M)) < sms
 
 
+def grid(p: Plan, B: int, Nq: int, Hkv: int) -> tuple[int, int, int]:
+    """The split kernel's grid, refused where CUDA's limits would truncate it."""
+    g = p.grid(B, Hkv, -(-Nq // BLOCK_M))
+    if g[1] > 65535 or B > 65535:
+        raise ValueError(
+            f"split-KV grid: expected at most 65535 (query tile, K/V head, pack) triples and batch entries, got "
+            f"{g[1]} and B={B}"
+        )
+    return g
+
+
+def workspace(p: Plan, B: int, Nq: int, Hq: int, D: int):
+    """(o_part, lse_part): fp32 partials from CuPy's pool on the current device and stream.
+
+    The pool is stream-ordered (a freed block is reused only behind the work of the stream it was
+    allocated on), so the current stream must be the one the kernels run on.
+    """
+    cp = cupy()
+    return (cp.empty((p.splits, B, Hq, Nq, D), dtype=cp.float32),
+            cp.empty((p.splits, B, Hq, Nq), dtype=cp.float32))
+
+
+def launch_kernels(mod, p: Plan, g: tuple, rows: int, params, stream=None) -> None:
+    """The split kernel then the merge, on ``stream`` (anything with ``.ptr``; None: CuPy's current)."""
+    fn, threads, smem = mod.split[p.rows]
+    fn(g, (threads, 1, 1), (params,), shared_mem=smem, stream=stream)
+    w = mod.combine_warps
+    mod.combine((-(-rows // w), 1, 1), (32 * w, 1, 1), (params,), stream=stream)
+
+
 def launch(mod, frame, params_fields: dict, p: Plan, B: int, Nq: int, Hq: int, Hkv: int, D: int,
            pack_params) -> None:
     """Both kernels on CuPy's current stream; the fp32 partials live for the call only."""
-    nQ = -(-Nq // BLOCK_M)
-    grid = p.grid(B, Hkv, nQ)
-    if grid[1] > 65535 or B > 65535:
-        raise ValueError(
-            f"split-KV grid: expected at most 65535 (query tile, K/V head, pack) triples and batch entries, got "
-            f"{grid[1]} and B={B}"
-        )
-    # Call-local partials straight from CuPy's pool (stream-ordered: freed blocks are reused only
-    # behind this stream's work), sparing the caller's framework two allocations and DLPack views.
+    g = grid(p, B, Nq, Hkv)
+    # Call-local partials straight from CuPy's pool, sparing the caller's framework two allocations
+    # and DLPack views.
     cp = cupy()
     with cp.cuda.Device(frame.device_id):
-        o_part = cp.empty((p.splits, B, Hq, Nq, D), dtype=cp.float32)
-        lse_part = cp.empty((p.splits, B, Hq, Nq), dtype=cp.float32)
+        o_part, lse_part = workspace(p, B, Nq, Hq, D)
     params = pack_params(**params_fields, o_part=o_part, lse_part=lse_part, num_splits=p.splits,
                          pack_heads=p.pack)
-    fn, threads, smem = mod.split[p.rows]
-    fn(grid, (threads, 1, 1), (params,), shared_mem=smem)
-    rows = B * Hq * Nq
-    w = mod.combine_warps
-    mod.combine((-(-rows // w), 1, 1), (32 * w, 1, 1), (params,))
+    launch_kernels(mod, p, g, B * Hq * Nq, params)

@@ -48,6 +48,12 @@ def available() -> bool:
 def tensor_map(view, box_rows: int) -> np.void:
     """The tensor map of a (B, N, H, D) CuPy view for boxes of ``box_rows`` rows x 64 columns."""
     _driver()  # the install hint before anything else, cached map or not
+    return tensor_map_at(int(view.data.ptr), geometry(view, box_rows))
+
+
+def geometry(view, box_rows: int) -> tuple:
+    """Everything of a map but the address, checked: a plan (bsfa_cupy.plan) computes it once per layout
+    and encodes each call's pointer with :func:`tensor_map_at`."""
     B, N, H, D = (int(x) for x in view.shape)
     item = view.dtype.itemsize
     dims = [D, N, H, B]
@@ -64,7 +70,12 @@ def tensor_map(view, box_rows: int) -> np.void:
                 f"the TMA needs positive {name} strides that are multiples of 16 bytes below 2^40, got {s} bytes "
                 f"(strides {view.strides}); pass a contiguous array or use backend='sm90'"
             )
-    return _encode(int(view.data.ptr), tuple(dims), tuple(strides), str(view.dtype), box_rows, tuple(view.strides))
+    return tuple(dims), tuple(strides), str(view.dtype), box_rows, tuple(view.strides)
+
+
+def tensor_map_at(ptr: int, geom: tuple) -> np.void:
+    """The map of the array at ``ptr`` laid out as ``geom`` (from :func:`geometry`)."""
+    return _encode(ptr, *geom)
 
 
 @functools.lru_cache(maxsize=256)

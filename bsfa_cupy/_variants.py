@@ -11,6 +11,7 @@ else compiled into a module (extra defines for an A/B experiment) comes from an 
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Mapping
@@ -98,11 +99,16 @@ def as_backend(backend) -> Backend:
     if isinstance(backend, Backend):
         return backend
     if isinstance(backend, str):
-        return Backend(backend)
+        return _named_backend(backend)
     raise TypeError(
         f"backend: expected 'auto', 'sm80', 'sm90', 'sm90ws', 'splitkv' or a bsfa_cupy.Backend, got "
         f"{type(backend).__name__}"
     )
+
+
+@functools.lru_cache(maxsize=None)  # a handful of names; spares every call Backend's checks
+def _named_backend(arch: str) -> Backend:
+    return Backend(arch)
 
 
 def select(backend: Backend, dtype: str, head_dim: int, causal: bool, compute_capability: str,

@@ -45,6 +45,13 @@ class DeviceThresholds:
                 stream.synchronize()
             self.device_id = frame.device_id
 
+    @classmethod
+    def _adopt(cls, array, device_id: int) -> "DeviceThresholds":
+        """One around a private (Hq, T) float32 array that kernel_thresholds has validated already."""
+        obj = cls.__new__(cls)
+        obj.array, obj.device_id = array, device_id
+        return obj
+
     @property
     def heads(self) -> int:
         return int(self.array.shape[0])

@@ -1,7 +1,8 @@
 """The public GPU API: block-sparse attention and tile maxima on any framework's GPU arrays."""
 from __future__ import annotations
 
-import numpy as np
+import functools
+from dataclasses import dataclass
 
 from bsfa_reference._validate import check_offsets, check_qk, check_v, softmax_scale_or_default
 
@@ -134,6 +135,12 @@ def attention(q, k, v, thresholds=None, *, causal=True, softmax_scale=None, retu
     (head, 128-row query tile, 64-key tile); out and lse depend on the split count only through
     fp32 rounding of the merge, keep not at all.
 
+    Repeated calls of one layout (a decode loop, a model's layers): ``plan = AttentionPlan(q, k, v,
+    thresholds, ...)`` with this function's arguments runs all of the above once, and
+    ``plan.run(q, k, v)`` per call only checks the arrays' type, shape, strides, dtype, device and
+    alignment, allocates the outputs and launches: the same kernel and Params, so bitwise the same
+    results, at a fraction of the host time (torch and CuPy arrays; see :class:`AttentionPlan`).
+
     Calibration and decode: the threshold of a query tile is that of its absolute position
     (q_start + 128a) // 128, so a decode step (one row at position P) uses the threshold of
     prefill tile P // 128. Thresholds calibrated on prefill compare against the maximum over 128
@@ -146,6 +153,29 @@ def attention(q, k, v, thresholds=None, *, causal=True, softmax_scale=None, retu
         out (input dtype), then lse (B, Hq, Nq) float32 if ``return_lse``, then keep
         (B, Hq, nQ, nK) bool if ``return_keep``. Rows with no kept valid key give 0 and -inf.
     """
+    num_splits, backend = _call_args(q, k, v, q_start, k_start, num_splits, backend)
+    frame = frame_for(q)
+    with on(frame) as stream:
+        qv, kv, vv = to_cupy(q, "q", frame), to_cupy(k, "k", frame), to_cupy(v, "v", frame)
+        prob = _problem(frame, qv, kv, vv, thresholds, softmax_scale, backend, num_splits, q_start, k_start)
+        (out_native, out_view), (lse_native, lse_view), (keep_native, keep_view) = _outputs(prob, out, return_keep)
+        fields = _output_fields(out_view, lse_view, keep_view)
+        target = _target(prob, backend, causal, num_splits)
+        if target.mod is not None:
+            _splitkv.launch(target.mod, frame, prob.params(fields), target.split, prob.B, prob.Nq, prob.Hq,
+                            prob.Hkv, prob.D, _launch.pack)
+        elif target.kern is not None:
+            kern = target.kern
+            maps = tuple(_tma.tensor_map(x, kern.tma) for x in (qv, kv, vv)) if kern.tma else ()
+            kern.launch(prob.B, prob.Hq, prob.nQ, _launch.pack(**prob.params(fields)), maps)
+        frame.finish(stream)
+
+    return _results(frame, (out_native, out_view), (lse_native, lse_view) if return_lse else None,
+                    (keep_native, keep_view) if return_keep else None)
+
+
+def _call_args(q, k, v, q_start, k_start, num_splits, backend):
+    """attention's checks before any array is touched: (num_splits, Backend)."""
     _check_grad([("q", q), ("k", k), ("v", v)])
     _check_offset_args(q_start, k_start)
     num_splits = _splitkv.check_num_splits(num_splits)
@@ -154,47 +184,94 @@ def attention(q, k, v, thresholds=None, *, causal=True, softmax_scale=None, retu
         raise ValueError(
             f"num_splits: applies to the split-KV kernel (backend 'auto' or 'splitkv'), got backend {backend.arch!r}"
         )
-    frame = frame_for(q)
-    with on(frame) as stream:
-        qv, kv, vv = to_cupy(q, "q", frame), to_cupy(k, "k", frame), to_cupy(v, "v", frame)
-        B, Nq, Nk, Hq, Hkv, D, dtype = _check_qkv(qv, kv, vv)
-        k0, shift = positions(q_start, k_start, Nq, Nk)
-        nQ, nK = -(-Nq // BLOCK_M), -(-Nk // BLOCK_N)
-        _launch.check_grid(B, Hq, nQ, BLOCK_M)
-        _same_device([qv, kv, vv], ["q", "k", "v"])
-        split = _splitkv.wanted(backend.arch, num_splits, B, Nq, Nk, Hq, D, sm_count(frame.device_id))
-        strides = _strides(qv, "q") + _strides(kv, "k") + _strides(vv, "v")
-        scale = _positive_scale(softmax_scale, D)
-        mode, thr_scalar, thr_arr, T = kernel_thresholds(thresholds, Hq, frame.device_id)
-        shape = (B, Nq, Hq, D)
-        if out is None:
-            out_native, out_view = frame.empty(shape, dtype)
-        else:
-            out_native, out_view = out, _check_out(out, frame, shape, dtype, frame.device_id)
-        o_strides = _strides(out_view, "out")
-        lse_native, lse_view = frame.empty((B, Hq, Nq), "float32")
-        keep_native, keep_view = frame.empty((B, Hq, nQ, nK), "bool") if return_keep else (None, None)
+    return num_splits, backend
 
-        fields = dict(
-            q=qv, k=kv, v=vv, out=out_view, lse=lse_view, keep=keep_view, thresholds=thr_arr,
-            **_stride_fields("qkvo", strides + o_strides), Nq=Nq, Nk=Nk, Hq=Hq, Hkv=Hkv, B=B,
-            thr_mode=mode, thr_T=T, thr_scalar=thr_scalar, softmax_scale=scale, k_start=k0, qk_shift=shift,
-        )
-        if split:
-            key = select(_splitkv_backend(backend), dtype, D, causal, compute_capability(frame.device_id))
-            if B * Hq * Nq > 0:
-                mod = get_splitkv_module(key, _splitkv_backend(backend), frame.device_id)
-                plan = _splitkv.plan(B, Nq, Nk, Hq, Hkv, sm_count(frame.device_id), num_splits)
-                _splitkv.launch(mod, frame, fields, plan, B, Nq, Hq, Hkv, D, _launch.pack)
-        else:
-            kern = _module(backend, dtype, D, causal, frame.device_id).fwd
-            params = _launch.pack(**fields)
-            maps = tuple(_tma.tensor_map(x, kern.tma) for x in (qv, kv, vv)) if kern.tma else ()
-            kern.launch(B, Hq, nQ, params, maps)
-        frame.finish(stream)
 
-    return _results(frame, (out_native, out_view), (lse_native, lse_view) if return_lse else None,
-                    (keep_native, keep_view) if return_keep else None)
+@dataclass
+class _Problem:
+    """One attention call's arrays checked: sizes, the route (split-KV or not), and the Params fields that
+    do not depend on the outputs. Shared by ``attention`` and ``AttentionPlan`` so both validate alike."""
+
+    frame: object
+    B: int
+    Nq: int
+    Nk: int
+    Hq: int
+    Hkv: int
+    D: int
+    dtype: str
+    nQ: int
+    nK: int
+    split: bool
+    fields: dict  # q, k, v, thresholds, their strides, sizes, positions, scale
+
+    @property
+    def out_shape(self):
+        return (self.B, self.Nq, self.Hq, self.D)
+
+    @property
+    def lse_shape(self):
+        return (self.B, self.Hq, self.Nq)
+
+    def params(self, outputs: dict) -> dict:
+        """The Params fields of a call given its outputs' (from ``_output_fields``)."""
+        return {**self.fields, **outputs}
+
+
+def _problem(frame, qv, kv, vv, thresholds, softmax_scale, backend, num_splits, q_start, k_start) -> _Problem:
+    B, Nq, Nk, Hq, Hkv, D, dtype = _check_qkv(qv, kv, vv)
+    k0, shift = positions(q_start, k_start, Nq, Nk)
+    nQ, nK = -(-Nq // BLOCK_M), -(-Nk // BLOCK_N)
+    _launch.check_grid(B, Hq, nQ, BLOCK_M)
+    _same_device([qv, kv, vv], ["q", "k", "v"])
+    split = _splitkv.wanted(backend.arch, num_splits, B, Nq, Nk, Hq, D, sm_count(frame.device_id))
+    strides = _strides(qv, "q") + _strides(kv, "k") + _strides(vv, "v")
+    scale = _positive_scale(softmax_scale, D)
+    mode, thr_scalar, thr_arr, T = kernel_thresholds(thresholds, Hq, frame.device_id)
+    fields = dict(
+        q=qv, k=kv, v=vv, thresholds=thr_arr, **_stride_fields("qkv", strides), Nq=Nq, Nk=Nk, Hq=Hq, Hkv=Hkv, B=B,
+        thr_mode=mode, thr_T=T, thr_scalar=thr_scalar, softmax_scale=scale, k_start=k0, qk_shift=shift,
+    )
+    return _Problem(frame, B, Nq, Nk, Hq, Hkv, D, dtype, nQ, nK, split, fields)
+
+
+def _outputs(prob: _Problem, out, return_keep: bool):
+    """(native, view) pairs of out (given and checked, or allocated), lse and keep ((None, None) unless asked)."""
+    frame = prob.frame
+    if out is None:
+        out_pair = frame.empty(prob.out_shape, prob.dtype)
+    else:
+        out_pair = out, _check_out(out, frame, prob.out_shape, prob.dtype, frame.device_id)
+    _strides(out_pair[1], "out")  # checked before anything else is allocated
+    lse_pair = frame.empty(prob.lse_shape, "float32")
+    keep_pair = frame.empty((prob.B, prob.Hq, prob.nQ, prob.nK), "bool") if return_keep else (None, None)
+    return out_pair, lse_pair, keep_pair
+
+
+def _output_fields(out_view, lse_view, keep_view) -> dict:
+    return dict(out=out_view, lse=lse_view, keep=keep_view, **_stride_fields("o", _strides(out_view, "out")))
+
+
+@dataclass
+class _Target:
+    """What a call launches: the unsplit forward kernel, or the split-KV module and its plan, or nothing
+    (an empty split-KV call)."""
+
+    kern: object = None
+    mod: object = None
+    split: object = None  # _splitkv.Plan
+
+
+def _target(prob: _Problem, backend, causal, num_splits) -> _Target:
+    dev = prob.frame.device_id
+    if prob.split:
+        key = select(_splitkv_backend(backend), prob.dtype, prob.D, causal, compute_capability(dev))
+        if prob.B * prob.Hq * prob.Nq == 0:
+            return _Target()
+        mod = get_splitkv_module(key, _splitkv_backend(backend), dev)
+        plan = _splitkv.plan(prob.B, prob.Nq, prob.Nk, prob.Hq, prob.Hkv, sm_count(dev), num_splits)
+        return _Target(mod=mod, split=plan)
+    return _Target(kern=_module(backend, prob.dtype, prob.D, causal, dev).fwd)
 
 
 def block_max_scores(q, k, *, causal=True, softmax_scale=None, backend="auto", q_start=None, k_start=0):
@@ -230,6 +307,7 @@ def block_max_scores(q, k, *, causal=True, softmax_scale=None, backend="auto", q
     return frame.wrap(tm_native, tm_view)
 
 
+@functools.lru_cache(maxsize=64)  # Backend is frozen and hashable; spares a call its checks twice
 def _splitkv_backend(backend):
     """The split-KV variant of a call's backend ('auto' or 'splitkv'), its extra defines kept."""
     return Backend("splitkv", backend.defines)

@@ -40,3 +40,17 @@ def test_thresholds_for_rho_keep_the_top_share_per_tile_row():
     kept = tm[:, 0, :39] >= thr[:, pos][:, None]  # the last tile is the diagonal one
     assert (kept.sum(axis=1) == 10).all()  # ceil(0.25 * 39)
     assert abs(mod.floor_ms(1, 1, 131072, 32, 8, 128, 2, 4.8) - 0.1118) < 1e-3
+
+
+def test_bars_take_the_faster_of_attention_and_plan_and_say_which():
+    mod = _load()
+    fl = mod.floor_ms(1, 1, 131072, 32, 8, 128, 2, 4.8)
+    base = dict(nq=1, nk=131072, floor_ms=fl, floor_ach_ms=fl, error=None)
+    rows = [dict(impl="bsfa-auto", ms=0.30, **base), dict(impl="bsfa-plan", ms=0.12, **base),
+            dict(impl="bsfa-sparse", ms=0.05, **base), dict(impl="bsfa-sparse-plan", ms=0.08, **base),
+            dict(impl="sdpa-cudnn", ms=0.135, **base)]
+    bars = mod.bars(rows, 4.8)
+    assert bars[0].startswith("PASS") and "0.120 ms (bsfa-plan)" in bars[0]
+    assert "0.050 ms (bsfa-sparse)" in bars[2] and bars[2].startswith("PASS")
+    rows[1]["ms"] = None  # the plan failed: attention's timing stands
+    assert "0.300 ms (bsfa-auto)" in mod.bars(rows, 4.8)[0]
