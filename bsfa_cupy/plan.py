@@ -26,7 +26,7 @@ __all__ = ["AttentionPlan"]
 
 #: Params fields that run fills per call (the split-KV partials per stream, see AttentionPlan._workspace).
 _CALL_POINTERS = ("q", "k", "v", "out", "lse")
-_OFFSETS = {name: _launch.PARAMS.fields[name][1] for name in _CALL_POINTERS + ("o_part", "lse_part")}
+_OFFSETS = {name: _launch.PARAMS.fields[name][1] for name in _CALL_POINTERS + ("o_part", "lse_part", "thresholds")}
 if [_OFFSETS[n] for n in _CALL_POINTERS] != [_OFFSETS["q"] + 8 * i for i in range(5)]:  # pragma: no cover
     raise ImportError("bsfa::Params: q, k, v, out and lse are expected as five consecutive pointers")
 _CALL = struct.Struct("<5Q")
@@ -53,10 +53,12 @@ class _ParamsTemplate:
             _ONE.pack_into(buf, _OFFSETS[name], ptr)
         return _ParamsTemplate(bytes(buf))
 
-    def bind(self, q: int, k: int, v: int, out: int, lse: int) -> np.void:
+    def bind(self, q: int, k: int, v: int, out: int, lse: int, thresholds: int = 0) -> np.void:
         # A fresh buffer per call: the same plan may be run from several threads.
         buf = bytearray(self._raw)
         _CALL.pack_into(buf, _OFFSETS["q"], q, k, v, out, lse)
+        if thresholds:  # another layer's table of the planned shape
+            _ONE.pack_into(buf, _OFFSETS["thresholds"], thresholds)
         return np.frombuffer(buf, _launch.PARAMS)[0]
 
 
@@ -300,10 +302,15 @@ class AttentionPlan:
         return (f"AttentionPlan({self._kind}, q {self.shapes['q']}, k/v {self.shapes['k']}, {route}"
                 f"{'' if self.split is None else f', splits={self.split.splits}'}, cuda:{self._device_id})")
 
-    def run(self, q, k, v, *, out=None):
-        """out (and lse when planned with ``return_lse``) for arrays laid out as the plan's examples."""
+    def run(self, q, k, v, *, out=None, thresholds=None):
+        """out (and lse when planned with ``return_lse``) for arrays laid out as the plan's examples.
+
+        ``thresholds``: None (the plan's), or a :class:`DeviceThresholds` of the planned (Hq, T) shape on the
+        plan's GPU, e.g. each layer's own table, so that one plan serves every layer of a model step.
+        """
         sq, sk, sv, so = self._specs
         qp, kp, vp = sq.pointer(q), sk.pointer(k), sv.pointer(v)
+        tp = 0 if thresholds is None else self._thresholds_pointer(thresholds)
         io = self._io
         if out is not None:
             op = so.pointer(out)
@@ -320,11 +327,11 @@ class AttentionPlan:
             stream = io.stream()
             if self._launch_split is not None:
                 mod, split, grid, rows = self._launch_split
-                params = self._workspace(stream).bind(qp, kp, vp, op, so.ptr(lse))
+                params = self._workspace(stream).bind(qp, kp, vp, op, so.ptr(lse), tp)
                 _splitkv.launch_kernels(mod, split, grid, rows, params, stream=stream)
             elif self._launch_fwd is not None:
                 fn, grid, block, smem = self._launch_fwd
-                params = self._params.bind(qp, kp, vp, op, so.ptr(lse))
+                params = self._params.bind(qp, kp, vp, op, so.ptr(lse), tp)
                 if self._geoms:
                     g = self._geoms
                     params = (params, _tma.tensor_map_at(qp, g[0]), _tma.tensor_map_at(kp, g[1]),
@@ -336,6 +343,26 @@ class AttentionPlan:
             if prev != dev:
                 rt.setDevice(prev)
         return (out, lse) if self._return_lse else out
+
+    def _thresholds_pointer(self, thr) -> int:
+        planned = getattr(self, "thresholds", None)
+        if not isinstance(thr, DeviceThresholds):
+            raise TypeError(
+                f"thresholds: expected a bsfa_cupy.DeviceThresholds (validated once) or None, got {_type_name(thr)}"
+            )
+        if planned is None:
+            raise ValueError(
+                "thresholds: this plan was built without a thresholds array (dense or a scalar); build it with one "
+                "of the tables to pass others per run"
+            )
+        if tuple(thr.array.shape) != tuple(planned.array.shape):
+            raise ValueError(
+                f"thresholds: expected shape {tuple(planned.array.shape)} (Hq, T) as planned, "
+                f"got {tuple(thr.array.shape)}"
+            )
+        if thr.device_id != self._device_id:
+            raise ValueError(f"thresholds: expected a table on cuda:{self._device_id}, got cuda:{thr.device_id}")
+        return thr.array.data.ptr
 
     def _workspace(self, stream) -> _ParamsTemplate:
         """The Params template holding this stream's split-KV partials, allocated at the stream's first run.

@@ -232,3 +232,21 @@ def test_launches_name_torchs_current_stream(monkeypatch):
     plan.run(q, k, v)
     torch.cuda.synchronize()
     assert seen == [side.cuda_stream, torch.cuda.current_stream().cuda_stream]
+
+
+@pytest.mark.parametrize("Nq,Nk", [(1, 4097), (577, 577)])
+def test_one_plan_serves_every_layers_thresholds(Nq, Nk):
+    """A model step: one plan (layer 0's table), each layer's DeviceThresholds passed to run — bitwise each
+    layer's own attention call, on the split-KV and the unsplit path."""
+    import bsfa_cupy
+
+    host, (q, k, v) = _inputs("cupy", Nq, Nk, 128, seed=3)
+    tm = ref.block_max_scores(host[0], host[1], causal=True)
+    tables = [bsfa_cupy.DeviceThresholds(thresholds_from_maxima(tm, Nq, Nk) + shift) for shift in (0.0, 0.5, -0.5)]
+    plan = bsfa_cupy.AttentionPlan(q, k, v, tables[0], return_lse=True)
+    for thr in tables:
+        want_out, want_lse = bsfa_cupy.attention(q, k, v, thr, return_lse=True)
+        out, lse = plan.run(q, k, v, thresholds=thr)
+        assert np.array_equal(_bits(out), _bits(want_out)) and np.array_equal(_bits(lse), _bits(want_lse)), plan
+    with pytest.raises(ValueError, match=r"as planned"):
+        plan.run(q, k, v, thresholds=bsfa_cupy.DeviceThresholds(np.zeros((8, 1), np.float32)))

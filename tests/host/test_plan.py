@@ -279,3 +279,29 @@ def test_run_switches_to_the_plans_device_and_back(monkeypatch):
 def test_plan_is_exported_and_documented():
     assert "AttentionPlan" in bsfa_cupy.__all__ and bsfa_cupy.AttentionPlan is AttentionPlan
     assert "AttentionPlan" in bsfa_cupy.attention.__doc__
+
+
+def _table(shape, device=0, ptr=0xA000):
+    from bsfa_cupy.device_thresholds import DeviceThresholds
+
+    arr = types.SimpleNamespace(shape=shape, data=types.SimpleNamespace(ptr=ptr))
+    return DeviceThresholds._adopt(arr, device)
+
+
+def test_run_takes_another_layers_thresholds_of_the_planned_shape(monkeypatch):
+    plan, log, (q, kv) = _fake_plan(monkeypatch, split=True)
+    with pytest.raises(ValueError, match="built without a thresholds array"):
+        plan.run(q, kv, kv, thresholds=_table((32, 33)))
+    plan.thresholds = _table((32, 33), ptr=0x8000)
+    with pytest.raises(TypeError, match="expected a bsfa_cupy.DeviceThresholds"):
+        plan.run(q, kv, kv, thresholds=np.zeros((32, 33), np.float32))
+    with pytest.raises(ValueError, match=r"expected shape \(32, 33\) \(Hq, T\) as planned, got \(32, 34\)"):
+        plan.run(q, kv, kv, thresholds=_table((32, 34)))
+    with pytest.raises(ValueError, match="expected a table on cuda:0, got cuda:1"):
+        plan.run(q, kv, kv, thresholds=_table((32, 33), device=1))
+    assert log == [], "nothing allocated or launched"
+    plan.run(q, kv, kv, thresholds=_table((32, 33), ptr=0xB000))
+    plan.run(q, kv, kv)
+    split = [e for e in log if e[0] == "split64"]
+    assert split[0][3][0]["thresholds"] == 0xB000
+    assert split[1][3][0]["thresholds"] == 0, "without thresholds= the template's pointer stays"
