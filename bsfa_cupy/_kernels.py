@@ -63,11 +63,11 @@ class Module:
 
 @dataclass
 class SplitKvModule:
-    """The split-KV family (kernels_cu/bsfa_fwd_splitkv.cu): two row-tile sizes and the merge."""
+    """The split-KV family (kernels_cu/bsfa_fwd_splitkv.cu): three row-tile sizes and the merge."""
 
     key: VariantKey
     defines: tuple
-    split: dict  # packed rows per CTA (64, 128) -> (function, threads, dynamic smem bytes)
+    split: dict  # packed rows per CTA (16, 64, 128) -> (function, threads, dynamic smem bytes)
     combine: object
     combine_warps: int
     raw: object
@@ -101,7 +101,7 @@ def get_splitkv_module(key: VariantKey, backend: Backend, device_id: int) -> Spl
     with cp.cuda.Device(device_id):
         raw, _ = _load(key, backend, device_id)
         split = {}
-        for rows in (64, 128):
+        for rows in (16, 64, 128):
             fn = raw.get_function(f"bsfa_fwd_split{rows}")
             threads = _read_int(raw, f"BSFA_SPLIT{rows}_THREADS")
             smem = _read_int(raw, f"BSFA_SPLIT{rows}_SMEM_BYTES")

@@ -2,11 +2,12 @@
 
 The one-CTA-per-(128-row query tile, head, batch) kernels leave most of the GPU idle when
 B * Hq * nQ is small next to the SM count, and a 128-row tile is mostly padding for one decode row.
-``kernels_cu/bsfa_fwd_splitkv.cu`` packs the query heads of a GQA group into one CTA of 64 or 128
-rows ((head, query row) pairs of one reference query tile, so each head's gate still sees its exact
-tile maximum), cuts the key tiles of each query tile into ``num_splits`` ranges over as many CTAs,
-and merges the fp32 partials with ``bsfa_combine`` by the rule of
-``bsfa_reference.merge_partials``. Everything here but :func:`launch` is plain Python (CPU-tested).
+``kernels_cu/bsfa_fwd_splitkv.cu`` packs the query heads of a GQA group into one CTA of 16, 64 or
+128 rows ((head, query row) pairs of one reference query tile, so each head's gate still sees its
+exact tile maximum; at 16 rows the CTA's 4 warps split each key tile instead of its rows), cuts
+the key tiles of each query tile into ``num_splits`` ranges over as many CTAs, and merges the fp32
+partials with ``bsfa_combine`` by the rule of ``bsfa_reference.merge_partials``. Everything here
+but :func:`launch` is plain Python (CPU-tested).
 """
 from __future__ import annotations
 
@@ -24,9 +25,15 @@ MAX_SPLITS = 1024
 MAX_PACK = 32
 #: Head dims the split-KV kernel is built for.
 HEAD_DIMS = (64, 128)
-#: Split-kernel CTAs resident per SM, by packed rows per CTA: the 64-row kernel (128 threads, about
-#: 200 registers and 87 KB of shared memory at head dim 128) fits twice, the 128-row one once.
-CTAS_PER_SM = {64: 2, 128: 1}
+#: Packed rows of the key-split kernel (bsfa_fwd_split16): its 4 warps hold the same 16 rows and
+#: split each 64-key tile into 16-key slices, so a decode step (R = 1 row per head) is not 15/16
+#: padding in every warp's MMAs as in the 64-row kernel.
+KEY_SPLIT_ROWS = 16
+#: Split-kernel CTAs resident per SM, by packed rows per CTA, from the shared memory at head dim 128
+#: (about 227 KB per SM for CTAs; Q rows + 3 K and 2 V tiles of 64 rows, 272 bytes a row): 16 rows
+#: 89 KB (184 registers, 128 threads) -> 2, 64 rows 102 KB (about 216 registers) -> 2, 128 rows
+#: 119 KB -> 1.  (Head dim 64 would fit more 16- and 64-row CTAs; the heuristic assumes 128.)
+CTAS_PER_SM = {16: 2, 64: 2, 128: 1}
 #: Fewest key tiles a split is given by the heuristic: shorter ranges cost more in the merge and
 #: in the prologue (Q and the first K tiles) than they gain in parallelism.
 MIN_TILES_PER_SPLIT = 4
@@ -54,7 +61,7 @@ def check_num_splits(num_splits):
 
 @dataclass(frozen=True)
 class Plan:
-    rows: int  # packed rows per CTA: 64 or 128 (the kernel entry)
+    rows: int  # packed rows per CTA: 16, 64 or 128 (the kernel entry)
     pack: int  # query heads of a GQA group per CTA
     n_packs: int  # CTAs per (query tile, K/V head) before splitting: ceil(G / pack)
     splits: int
@@ -64,8 +71,16 @@ class Plan:
 
 
 def pack_shape(Nq: int, G: int) -> tuple[int, int]:
-    """(rows, pack): a head's R = min(Nq, 128) rows of a reference query tile stay in one CTA."""
+    """(rows, pack): a head's R = min(Nq, 128) rows of a reference query tile stay in one CTA.
+
+    The key-split 16-row kernel takes the shapes whose whole GQA group fits one m16 block (R * G <=
+    16, e.g. decode with up to 16 heads a group): the same single pack, so K and V are read as
+    often as by the 64-row kernel. A larger group stays on the 64-row kernel rather than being cut
+    into more packs, each of which would read K and V again.
+    """
     R = max(1, min(Nq, BLOCK_M))
+    if R * min(G, MAX_PACK) <= KEY_SPLIT_ROWS:
+        return KEY_SPLIT_ROWS, max(1, min(G, MAX_PACK))
     rows = 64 if R <= 64 else 128
     return rows, max(1, min(G, rows // R, MAX_PACK))
 

@@ -1,6 +1,8 @@
 // Split-KV forward for few query rows against long K/V (decode, chunked
 // prefill): bsfa_fwd_split64 / bsfa_fwd_split128 (64 or 128 packed rows per
-// CTA, bsfa_kernel_splitkv.cuh) write per-split partials, bsfa_combine
+// CTA, bsfa_kernel_splitkv.cuh) and bsfa_fwd_split16 (16 packed rows, the 4
+// warps splitting each key tile, bsfa_kernel_split16.cuh) write per-split
+// partials, bsfa_combine
 // (bsfa_combine.cuh) merges them into out and lse.  mma.sync, any GPU from
 // sm_80 on: the kernel is memory bound, Hopper's wgmma would not help.
 //
@@ -24,16 +26,20 @@
 #endif
 
 #include "bsfa_combine.cuh"
+#include "bsfa_kernel_split16.cuh"
 #include "bsfa_kernel_splitkv.cuh"
 #include "bsfa_params.cuh"
 #include "bsfa_traits_splitkv.cuh"
 
 constexpr bool kBf16 = BSFA_DTYPE == 1;
 constexpr bool kCausal = BSFA_CAUSAL != 0;
+using TR16 = bsfa::TraitsSplitKv<BSFA_HEAD_DIM, kBf16, 16>;
 using TR64 = bsfa::TraitsSplitKv<BSFA_HEAD_DIM, kBf16, 64>;
 using TR128 = bsfa::TraitsSplitKv<BSFA_HEAD_DIM, kBf16, 128>;
 
 // Read by the launcher through the module's globals.
+extern "C" __constant__ int BSFA_SPLIT16_THREADS = TR16::kNThreads;
+extern "C" __constant__ int BSFA_SPLIT16_SMEM_BYTES = TR16::kFwdSmemBytes;
 extern "C" __constant__ int BSFA_SPLIT64_THREADS = TR64::kNThreads;
 extern "C" __constant__ int BSFA_SPLIT64_SMEM_BYTES = TR64::kFwdSmemBytes;
 extern "C" __constant__ int BSFA_SPLIT128_THREADS = TR128::kNThreads;
@@ -42,7 +48,12 @@ extern "C" __constant__ int BSFA_COMBINE_WARPS = bsfa::kCombineWarps;
 extern "C" __constant__ int BSFA_BLOCK_M = bsfa::TileShape::kBlockM;
 extern "C" __constant__ int BSFA_BLOCK_N = bsfa::TileShape::kBlockN;
 
-// Two 64-row CTAs per SM (bsfa_cupy/_splitkv.py's CTAS_PER_SM), one 128-row CTA.
+// Two 16-row or 64-row CTAs per SM (bsfa_cupy/_splitkv.py's CTAS_PER_SM), one 128-row CTA.
+extern "C" __global__ void __launch_bounds__(TR16::kNThreads, 2)
+    bsfa_fwd_split16(const __grid_constant__ bsfa::Params p) {
+    bsfa::fwd_split16_kernel<TR16, kCausal>(p);
+}
+
 extern "C" __global__ void __launch_bounds__(TR64::kNThreads, 2)
     bsfa_fwd_split64(const __grid_constant__ bsfa::Params p) {
     bsfa::fwd_splitkv_kernel<TR64, kCausal>(p);

@@ -16,9 +16,16 @@ template <int kHeadDim_, bool kBf16_, int kRows_>
 struct TraitsSplitKv : TileShape {
     static constexpr int kHeadDim = kHeadDim_;
     static constexpr bool kBf16 = kBf16_;
-    // Packed rows per CTA (64 or 128); a head's rows of one reference query
-    // tile never straddle two CTAs, so each CTA sees a head's whole tile max.
+    // Packed rows per CTA (16, 64 or 128); a head's rows of one reference
+    // query tile never straddle two CTAs, so each CTA sees a head's whole
+    // tile max.
     static constexpr int kRows = kRows_;
+    // 16 rows: the key-split variant (bsfa_kernel_split16.cuh).  Its 4 warps
+    // hold the same 16 packed rows and split each 64-key tile into 16-key
+    // slices (warp w: keys 16w..16w+15), so at Nq = 1 no warp multiplies a
+    // padding-only m16 block against a whole tile.  The per-warp S, P and
+    // key-step counts below are then those of a 16-key slice.
+    static constexpr bool kKeySplit = kRows_ == 16;
 
     static constexpr int kMmaM = 16;
     static constexpr int kMmaN = 8;
@@ -29,7 +36,9 @@ struct TraitsSplitKv : TileShape {
     // but K and V.
     static constexpr int kWarpMBlocks = 1;
     static constexpr int kWarpRows = kMmaM;
-    static constexpr int kNWarps = kRows / kWarpRows;
+    static constexpr int kNWarps = kKeySplit ? kBlockN / kMmaK : kRows / kWarpRows;
+    // Keys of a tile one warp multiplies: the whole tile, or its slice.
+    static constexpr int kWarpKeys = kBlockN / (kKeySplit ? kNWarps : 1);
     static constexpr int kNThreads = kNWarps * 32;
     static constexpr bool kQInRegs = true;
 
@@ -45,8 +54,8 @@ struct TraitsSplitKv : TileShape {
     static constexpr int kKVTileBytes = kBlockN * kRowBytes;
 
     static constexpr int kDSteps = kHeadDim / kMmaK;
-    static constexpr int kKeySteps = kBlockN / kMmaK;
-    static constexpr int kSNBlocks = kBlockN / kMmaN;
+    static constexpr int kKeySteps = kWarpKeys / kMmaK;  // per warp
+    static constexpr int kSNBlocks = kWarpKeys / kMmaN;  // per warp
     static constexpr int kONBlocks = kHeadDim / kMmaN;
     static constexpr int kQFragRegs = kWarpMBlocks * kDSteps * 4;
 
@@ -59,9 +68,23 @@ struct TraitsSplitKv : TileShape {
     static constexpr int kSmemVote = kSmemV + kVStages * kKVTileBytes;
     static constexpr int kFwdSmemBytes = kSmemVote + 2 * kNWarps * 4;
 
+    // Key-split variant: after the last tile the warps merge their (m, l,
+    // O) of the same rows through shared memory, in the K ring and V buffers
+    // (idle by then): O as fp32 rows of kMergeStride floats (+4: 16-byte
+    // aligned rows that do not all start on one bank), then m and l.
+    static constexpr int kMergeStride = kHeadDim + 4;
+    static constexpr int kSmemMergeO = kSmemK;
+    static constexpr int kSmemMergeM = kSmemMergeO + kNWarps * kWarpRows * kMergeStride * 4;
+    static constexpr int kSmemMergeL = kSmemMergeM + kNWarps * kWarpRows * 4;
+    static constexpr int kSmemMergeEnd = kSmemMergeL + kNWarps * kWarpRows * 4;
+
     static_assert(kRows % kWarpRows == 0, "warps must tile the packed rows");
+    static_assert(!kKeySplit || (kRows == kWarpRows && kWarpKeys == kMmaK && kNWarps == 4),
+                  "key-split: one m16 row block, one 16-key slice per warp");
+    static_assert(!kKeySplit || kSmemMergeEnd <= kSmemVote, "key-split merge must fit the K / V buffers");
+    static_assert(kSmemK % 16 == 0 && (kMergeStride * 4) % 16 == 0, "16-byte aligned merge rows");
     static_assert(kHeadDim % kMmaK == 0, "head dim must be a multiple of 16");
-    static_assert(kKeySteps % 2 == 0, "the P V loop runs key steps in pairs");
+    static_assert(kKeySplit || kKeySteps % 2 == 0, "the P V loop runs key steps in pairs");
     static_assert(kNThreads % kChunksPerRow == 0, "fixed copy column per thread (TileCopy::load_full)");
 };
 

@@ -72,8 +72,9 @@ def test_splitkv_matches_reference(monkeypatch, p):
 @pytest.mark.parametrize("num_splits", SPLITS)
 @pytest.mark.parametrize("Nq", NQS)
 def test_splitkv_query_lengths(monkeypatch, Nq, num_splits):
-    """Every packing shape: Nq <= 64 packs the group into 64 rows, 100 / 128 take 128-row CTAs one
-    head each, 129 / 300 several reference query tiles (a ragged last one)."""
+    """Every packing shape: Nq = 1 / 3 pack the group into one 16-row key-split CTA, 16 into 64 rows,
+    100 / 128 take 128-row CTAs one head each, 129 / 300 several reference query tiles (a ragged
+    last one)."""
     G = 4 if Nq <= 16 else 1
     p = _problem(Nq, 577, G, D=64 if Nq % 2 else 128, causal=Nq != 128, seed=Nq * 7 + num_splits)
     run_case(p, monkeypatch, "splitkv", num_splits=num_splits)
@@ -87,6 +88,17 @@ def test_splitkv_gqa_groups(monkeypatch, G, dtype, mode):
     of the gated tiles, so heads of one CTA disagree)."""
     p = _problem(3, 4097, G, dtype=dtype, mode=mode, Hkv=2, seed=G)
     run_case(p, monkeypatch, "splitkv", num_splits=3)
+
+
+@pytest.mark.parametrize("Nq,G,D,causal", [(1, 16, 128, True), (2, 8, 64, False), (16, 1, 128, True), (5, 2, 64, True)])
+def test_splitkv_key_split_rows(monkeypatch, Nq, G, D, causal):
+    """The 16-row key-split kernel (4 warps on 16-key slices of each tile, merged at the end) at its
+    edges: a full 16-head pack, a ragged key tail, per-head gates that disagree."""
+    from bsfa_cupy._splitkv import pack_shape
+
+    assert pack_shape(Nq, G) == (16, G)
+    p = _problem(Nq, 1000 + Nq, G, D=D, causal=causal, Hkv=2, seed=31 * G + Nq)
+    run_case(p, monkeypatch, "splitkv", num_splits=2)
 
 
 @pytest.mark.parametrize("Nq,Nk,G,num_splits", [(1, 32768 + 37, 4, None), (16, 20000, 4, 64)])

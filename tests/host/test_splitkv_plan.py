@@ -42,12 +42,16 @@ def test_attention_checks_num_splits_before_touching_arrays():
 
 
 @pytest.mark.parametrize("Nq,G,rows,pack", [
-    (1, 4, 64, 4), (1, 8, 64, 8), (16, 4, 64, 4), (16, 8, 64, 4), (3, 32, 64, 21), (1, 64, 64, 32), (64, 4, 64, 1),
+    (1, 4, 16, 4), (1, 8, 16, 8), (1, 16, 16, 16), (3, 4, 16, 4), (4, 4, 16, 4), (16, 1, 16, 1), (8, 2, 16, 2),
+    (5, 4, 64, 4), (1, 17, 64, 17), (3, 8, 64, 8),
+    (16, 4, 64, 4), (16, 8, 64, 4), (3, 32, 64, 21), (1, 64, 64, 32), (64, 4, 64, 1),
     (65, 4, 128, 1), (100, 1, 128, 1), (128, 8, 128, 1), (129, 4, 128, 1), (1024, 4, 128, 1),
 ])
 def test_pack_shape_keeps_a_heads_tile_rows_in_one_cta(Nq, G, rows, pack):
     assert pack_shape(Nq, G) == (rows, pack)
     assert pack * min(Nq, 128) <= rows
+    if rows == 16:  # the key-split kernel only takes a whole group: K and V still read once per group
+        assert pack == G
 
 
 def test_heuristic_fills_the_gpu_and_keeps_splits_long():
@@ -69,7 +73,10 @@ def test_heuristic_fills_the_gpu_and_keeps_splits_long():
 
 
 def test_plan_and_grid():
-    p = plan(1, 1, 131072, 32, 8, H200_SMS)
+    p = plan(1, 1, 131072, 32, 8, H200_SMS)  # decode: the 16-row key-split kernel, 2 CTAs per SM as 64 rows
+    assert (p.rows, p.pack, p.n_packs, p.splits) == (16, 4, 1, 29)
+    assert p.grid(1, 8, 1) == (29, 8, 1)
+    p = plan(1, 16, 131072, 32, 8, H200_SMS)
     assert (p.rows, p.pack, p.n_packs, p.splits) == (64, 4, 1, 29)
     assert p.grid(1, 8, 1) == (29, 8, 1)
     p = plan(1, 128, 131072, 32, 8, H200_SMS, num_splits=5)

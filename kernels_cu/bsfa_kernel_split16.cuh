@@ -1,0 +1,387 @@
+// The key-split variant of the split-KV forward (bsfa_fwd_splitkv.cu exports
+// it as bsfa_fwd_split16): for R * pack <= 16 packed rows, e.g. a decode step
+// (Nq = 1) of a GQA group of up to 16 heads.  The 64-row kernel
+// (bsfa_kernel_splitkv.cuh) would give each of its 4 warps a whole m16 row
+// block against every key tile, 15/16 of it padding at Nq = 1 with 4 heads;
+// here the 4 warps hold the SAME 16 packed rows and split each 64-key tile
+// into 16-key slices (warp w: keys 16w..16w+15).
+//
+// Per tile, as the 64-row kernel: K and V are loaded once per CTA by all
+// threads into the same cp.async ring and buffers; each warp computes S of
+// its 16 x 16 slice, masks it (causal / ragged keys at the slice's offset)
+// and votes with its per-head slice maxima; the cross-warp OR of the votes is
+// exactly the reference's per-(head, 64-key tile) decision (some slice max
+// passes the threshold iff the tile max does; max.f32 skips NaN in both).  A
+// head that skips the tile gets -inf scores there in every warp.  Each warp
+// keeps its own online softmax (m, l, O) over its own keys (disjoint slices,
+// their union all keys) and multiplies its P slice by V rows 16w..16w+15.
+// At the end of the split the warps' states of each row are merged through
+// shared memory by the rule of merge_partials (m = max, each part scaled by
+// exp(m_w - m), l and O summed), then written as the 64-row kernel writes its
+// partial (normalised out in fp32, lse).
+//
+// Non-finite values follow the 64-row kernel: a NaN score makes the warp's l
+// and O of that row NaN (and thus the merged row), a non-finite V element
+// reaches the O column of every row whose warp multiplies it (0 * inf = NaN
+// included), and the merge carries it (sc * NaN = NaN even for sc = 0).  The
+// rows of heads that skip a tile whose V holds a non-finite value are parked
+// across P V as in the 64-row kernel, in the split's own partial-out rows;
+// the 4 warps hold the same rows, so they take turns (rare path).
+//
+// Includes what it needs; TR is a TraitsSplitKv with kKeySplit.
+#pragma once
+
+#include "bsfa_copy_sm80.cuh"
+#include "bsfa_gate.cuh"
+#include "bsfa_kernel_splitkv.cuh"
+#include "bsfa_mask.cuh"
+#include "bsfa_mma_sm80.cuh"
+#include "bsfa_params.cuh"
+#include "bsfa_problem.cuh"
+#include "bsfa_ptx.cuh"
+#include "bsfa_softmax.cuh"
+#include "bsfa_traits.cuh"
+
+namespace bsfa {
+
+template <class TR, bool kCausal>
+__device__ __forceinline__ void fwd_split16_kernel(const Params& p) {
+    static_assert(TR::kKeySplit, "fwd_split16_kernel takes the key-split traits");
+    constexpr int KS = TR::kKStages;
+    constexpr int kWR = TR::kWarpRows;  // 16 packed rows, the same in every warp
+    using Copy = TileCopy<TR>;
+    using Tile = QueryTile<TileShape, kCausal>;
+    const int tid = threadIdx.x;
+    const int lane = tid & 31;
+    const int warp = tid >> 5;
+
+    const int Hq = p.Hq, Hkv = p.Hkv;
+    const int G = Hq / Hkv;
+    const int pack = p.pack_heads;
+    const int n_packs = ceil_div(G, pack);
+    const int S = p.num_splits;
+    const int s = blockIdx.x;
+    const int y = blockIdx.y;
+    const int hc = y % n_packs;
+    const int hk = (y / n_packs) % Hkv;
+    const int a = y / (n_packs * Hkv);
+    const long long b = blockIdx.z;
+    const int h0 = hk * G + hc * pack;  // head of slot 0
+    const int n_slots = imin(pack, G - hc * pack);
+
+    const Problem pr = cta_problem<false>(p, b);
+    const int Nq = pr.Nq, Nk = pr.Nk;
+    const int R = imin(Nq, TileShape::kBlockM);
+    const Tile qt(a, pr);
+    const int nK = tile_row_len<TileShape>(p);
+
+    // This split's key tiles [lo, hi] of [0, c_end].
+    const int n_tiles = qt.c_end + 1;
+    const int lo = (int)((long long)s * n_tiles / S);
+    const int hi = (int)((long long)(s + 1) * n_tiles / S) - 1;
+
+    unsigned char* keep = p.keep;
+    // Tiles without a valid entry: cleared once, by split 0.
+    if (keep != nullptr && s == 0) {
+        const int tail = nK - n_tiles;
+        for (int t = tid; t < n_slots * tail; t += TR::kNThreads) {
+            const int j = t / tail;
+            keep[tile_row<TileShape>(p, b, h0 + j, a) + n_tiles + t % tail] = 0;
+        }
+    }
+
+    const unsigned smem = dyn_smem_base();
+    const unsigned sQ = smem + TR::kSmemQ;
+    const unsigned sVote = smem + TR::kSmemVote;
+    // Every warp reads the same Q rows; K and V at its own 16-key slice.
+    const unsigned slice_off = warp * TR::kWarpKeys * TR::kRowBytes;
+    const unsigned q_lane = sQ + lane_off_a<TR>(lane);
+    const unsigned k_lane = smem + TR::kSmemK + slice_off + lane_off_k<TR>(lane);
+    const unsigned v_lane = smem + TR::kSmemV + slice_off + lane_off_a<TR>(lane);
+
+    // The thread's two accumulator rows (c0c1 and c2c3 of the m16 block).
+    const int rbase = lane >> 2;
+    const PackedRow row[2] = {packed_row(rbase, R, qt.q0, Nq, n_slots), packed_row(rbase + 8, R, qt.q0, Nq, n_slots)};
+    // A real row's bit in the per-slot keep mask; 0 for pad rows, which never
+    // vote and read as skipping (harmless: they are never written).
+    unsigned row_bit[2];
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) row_bit[hf] = row[hf].valid ? 1u << row[hf].slot : 0u;
+
+    // Q: packed rows gathered chunk by chunk, zero-filled where the row is not real.
+    {
+        constexpr int kCpr = TR::kChunksPerRow;
+        const unsigned short* qb = p.q + pr.q_off;
+        for (int t = tid; t < TR::kRows * kCpr; t += TR::kNThreads) {
+            const int r = t / kCpr, cc = t % kCpr;
+            const PackedRow qr = packed_row(r, R, qt.q0, Nq, n_slots);
+            const unsigned short* src =
+                qb + (long long)qr.i * p.q_sn + (long long)(h0 + qr.slot) * p.q_sh + cc * TR::kChunkElems;
+            cp_async_16(sQ + r * TR::kRowBytes + cc * 16, qr.valid ? (const void*)src : (const void*)p.q,
+                        qr.valid ? 16u : 0u);
+        }
+    }
+    cp_async_commit();
+
+    const unsigned short* kg = p.k + pr.k_off + (long long)hk * p.k_sh + Copy::thread_offset(tid, p.k_sn);
+    const unsigned short* vg = p.v + pr.v_off + (long long)hk * p.v_sh + Copy::thread_offset(tid, p.v_sn);
+    const int n_full = Nk / TR::kBlockN;
+    auto load_kv = [&](const unsigned short* g, long long sn, const unsigned short* safe, unsigned dst, int c) {
+        const unsigned short* src = g + (long long)c * TR::kBlockN * sn;
+        if (c < n_full) {
+            Copy::template load_full<TR::kBlockN>(dst, src, sn, tid);
+        } else {
+            Copy::template load<TR::kBlockN>(dst, src, sn, Nk - c * TR::kBlockN, tid, safe);
+        }
+    };
+    auto load_k = [&](int c, int slot) { load_kv(kg, p.k_sn, p.k, smem + TR::kSmemK + slot * TR::kKVTileBytes, c); };
+    // V tile c goes to buffer c & 1.
+    auto load_v = [&](int c) { load_kv(vg, p.v_sn, p.v, smem + TR::kSmemV + (c & 1) * TR::kKVTileBytes, c); };
+
+    const bool gated = p.thr_mode != 0;
+    const int forced_lo = gated ? qt.diag_lo : 0;
+    const int forced_hi = gated ? qt.diag_hi : qt.c_end;
+    float thr[2];
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+        thr[hf] = gated && row[hf].valid ? tile_threshold<TileShape>(p.thresholds, p.thr_scalar, p.thr_mode, p.thr_T,
+                                                                     h0 + row[hf].slot, qt.tile_pos)
+                                         : 0.f;
+    }
+    const unsigned all_slots = n_slots >= 32 ? ~0u : (1u << n_slots) - 1u;
+    int mask_from = Nk / TR::kBlockN;
+    if (kCausal) {
+        const int x = qt.diag_off + 1;
+        const int first = x >= 0 ? x / TR::kBlockN : -((-x + TR::kBlockN - 1) / TR::kBlockN);
+        mask_from = imin(mask_from, imax(first, 0));
+    }
+
+    // A packed row's fp32 partial-out row of this split (bsfa_combine reads it).
+    const long long rows_per_split = (long long)p.B * Hq * Nq;
+    auto prow_of = [&](const PackedRow& r) {
+        return s * rows_per_split + (b * Hq + h0 + r.slot) * (long long)Nq + r.i;
+    };
+    auto row_out = [&](int hf) { return p.o_part + prow_of(row[hf]) * TR::kHeadDim; };
+
+    float O[1][TR::kONBlocks][4];
+    float m[1][2];
+    float l[1][2];
+    init_softmax_state(O, m, l);
+    const float scale = p.softmax_scale;
+    const float scale_log2 = scale * kLog2e;
+
+    if (lo <= hi) {
+        load_k(hi, 0);
+        if (hi >= forced_lo && hi <= forced_hi) load_v(hi);
+        cp_async_commit();
+        if (hi - 1 >= lo) load_k(hi - 1, 1);
+        cp_async_commit();
+        cp_async_wait<KS - 1>();
+        cta_sync();
+        unsigned qf[TR::kQFragRegs];
+        load_q_frags<TR>(qf, q_lane);
+
+        int ks = 0;
+#pragma unroll 1
+        for (int c = hi; c >= lo; --c, ks = ks + 1 == KS ? 0 : ks + 1) {
+            // The cp.async groups, buffers and barriers of bsfa_kernel_splitkv.cuh, unchanged.
+            cp_async_wait<KS - 2>();
+            cta_sync();
+            const bool is_forced = c >= forced_lo && c <= forced_hi;
+            {
+                const int cn = c - (KS - 1);
+                if (cn >= lo) load_k(cn, ks == 0 ? KS - 1 : ks - 1);
+                if (c - 1 >= lo && c - 1 >= forced_lo && c - 1 <= forced_hi) load_v(c - 1);
+            }
+            cp_async_commit();
+
+            // S of this warp's 16-key slice: Sc[0][nb][.] = keys 16 * warp + 8 * nb + 2 * (lane & 3) + {0, 1}.
+            float Sc[1][TR::kSNBlocks][4];
+            qk_tile_q_regs<TR>(Sc, qf, k_lane + ks * TR::kKVTileBytes);
+            if (c >= mask_from) {
+                const int col0 = c * TR::kBlockN + warp * TR::kWarpKeys + 2 * (lane & 3);
+#pragma unroll
+                for (int hf = 0; hf < 2; ++hf) {
+                    const int lim = kCausal ? imin(Nk - 1, row[hf].i + pr.shift) : Nk - 1;
+                    const int rel = lim - col0;
+#pragma unroll
+                    for (int nb = 0; nb < TR::kSNBlocks; ++nb)
+#pragma unroll
+                        for (int e = 0; e < 2; ++e)
+                            if (nb * TR::kMmaN + e > rel) Sc[0][nb][2 * hf + e] = neg_inf();
+                }
+            }
+            // Row maxima over the slice (max.f32: NaN skipped unless all NaN), quad-complete.
+            float tile_mx[1][2];
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf) {
+                float v = fmax2(Sc[0][0][2 * hf], Sc[0][0][2 * hf + 1]);
+#pragma unroll
+                for (int nb = 1; nb < TR::kSNBlocks; ++nb)
+                    v = fmax2(v, fmax2(Sc[0][nb][2 * hf], Sc[0][nb][2 * hf + 1]));
+                v = fmax2(v, shfl_xor(v, 1));
+                tile_mx[0][hf] = fmax2(v, shfl_xor(v, 2));
+            }
+
+            // Head slots keeping tile c: all when forced, else the OR over
+            // each slot's real rows and the 4 slices of (slice max * scale >= thr).
+            unsigned kept = all_slots;
+            if (!is_forced) {
+                unsigned bits = 0;
+#pragma unroll
+                for (int hf = 0; hf < 2; ++hf)
+                    if (tile_mx[0][hf] * scale >= thr[hf]) bits |= row_bit[hf];
+                bits = warp_or(bits);
+                const unsigned slot_addr = sVote + ((c & 1) * TR::kNWarps) * 4;
+                if (lane == 0) sts32(slot_addr + warp * 4, bits);
+                cta_sync();
+                kept = 0;
+#pragma unroll
+                for (int w = 0; w < TR::kNWarps; ++w) kept |= __float_as_uint(lds_f32(slot_addr + w * 4));
+            }
+            if (keep != nullptr && tid < n_slots) keep[tile_row<TileShape>(p, b, h0 + tid, a) + c] = (kept >> tid) & 1u;
+            if (kept == 0) continue;
+
+            if (!is_forced) {
+                load_v(c);
+                cp_async_commit();
+                // Rows of heads that skip the tile: as if it did not exist.
+#pragma unroll
+                for (int hf = 0; hf < 2; ++hf) {
+                    if (!(kept & row_bit[hf])) {
+                        tile_mx[0][hf] = neg_inf();
+#pragma unroll
+                        for (int nb = 0; nb < TR::kSNBlocks; ++nb) {
+                            Sc[0][nb][2 * hf] = neg_inf();
+                            Sc[0][nb][2 * hf + 1] = neg_inf();
+                        }
+                    }
+                }
+            }
+            unsigned P[1][TR::kKeySteps][4];
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf) {
+                const float alpha = softmax_row<TR>(Sc, 0, hf, tile_mx[0][hf], m[0][hf], l[0][hf], P, scale_log2);
+#pragma unroll
+                for (int nb = 0; nb < TR::kONBlocks; ++nb) {
+                    O[0][nb][2 * hf] *= alpha;
+                    O[0][nb][2 * hf + 1] *= alpha;
+                }
+            }
+            if (is_forced) {
+                cp_async_wait<1>();
+            } else {
+                cp_async_wait<0>();
+            }
+            cta_sync();
+            const unsigned v_tile = smem + TR::kSmemV + (c & 1) * TR::kKVTileBytes;
+            // O += P V over the warp's 16 keys: one k16 step, V rows 16w..16w+15.
+            auto pv = [&]() {
+                const unsigned va = v_lane + (c & 1) * TR::kKVTileBytes;
+#pragma unroll
+                for (int dp = 0; dp < TR::kONBlocks / 2; ++dp) {
+                    unsigned B[4];
+                    ldsm_x4_trans(B, va + dp * (2 * TR::kMmaN * TR::kElemBytes));
+                    mma_16816<TR::kBf16>(O[0][2 * dp], P[0][0], B[0], B[1]);
+                    mma_16816<TR::kBf16>(O[0][2 * dp + 1], P[0][0], B[2], B[3]);
+                }
+            };
+            // Heads that skip a tile others keep, with a non-finite V in it:
+            // their O is parked in the split's partial-out rows across P V
+            // (bsfa_kernel_splitkv.cuh).  All 4 warps hold those rows, so they
+            // take turns on the one parking place, a barrier apart.
+            bool park = false;
+            if ((kept & all_slots) != all_slots) park = cta_sync_or(v_tile_non_finite<TR>(v_tile));
+            if (park) {
+                const bool mine = row_bit[0] + row_bit[1] != 0;  // this thread has a real row
+#pragma unroll 1
+                for (int w = 0; w < TR::kNWarps; ++w) {
+                    if (warp == w) {
+                        if (mine) park_o<TR>(O, row_bit, kept, row_out(0), row_out(1), lane, true);
+                        pv();
+                        if (mine) park_o<TR>(O, row_bit, kept, row_out(0), row_out(1), lane, false);
+                    }
+                    cta_sync();
+                }
+            } else {
+                pv();
+            }
+        }
+    }
+
+    // Merge of the 4 warps' states of the same rows, through the K / V
+    // buffers: every cp.async has landed (an empty range never waited for its
+    // Q copy) and every warp is past its last read of K and V.
+    cp_async_wait<0>();
+    cta_sync();
+    constexpr int kMS = TR::kMergeStride;
+    const unsigned sO = smem + TR::kSmemMergeO;
+    const unsigned sM = smem + TR::kSmemMergeM;
+    const unsigned sL = smem + TR::kSmemMergeL;
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+        const int r = rbase + 8 * hf;
+        const float lt = quad_sum(l[0][hf]);  // m is the same in the 4 lanes of a row
+        if ((lane & 3) == 0) {
+            sts_f32(sM + (warp * kWR + r) * 4, m[0][hf]);
+            sts_f32(sL + (warp * kWR + r) * 4, lt);
+        }
+        const unsigned orow = sO + ((warp * kWR + r) * kMS + 2 * (lane & 3)) * 4;
+#pragma unroll
+        for (int nb = 0; nb < TR::kONBlocks; ++nb) {
+            sts_f32(orow + nb * TR::kMmaN * 4, O[0][nb][2 * hf]);
+            sts_f32(orow + nb * TR::kMmaN * 4 + 4, O[0][nb][2 * hf + 1]);
+        }
+    }
+    cta_sync();
+
+    // 8 threads per row, 4 columns (16 bytes) each per 32-column step.  The
+    // partial of this split: out normalised in fp32, lse; an empty range or a
+    // row without a kept key gives 0 and -inf, which the merge weighs 0.
+    static_assert(TR::kNThreads == 8 * kWR, "8 threads per merged row");
+    static_assert(TR::kHeadDim % 32 == 0, "32-column merge steps");
+    {
+        const int r = tid >> 3;
+        const int sub = tid & 7;
+        const PackedRow mr = packed_row(r, R, qt.q0, Nq, n_slots);
+        if (mr.valid) {
+            float mw[TR::kNWarps];
+            float M = neg_inf();
+#pragma unroll
+            for (int w = 0; w < TR::kNWarps; ++w) {
+                mw[w] = lds_f32(sM + (w * kWR + r) * 4);
+                M = fmax2(M, mw[w]);
+            }
+            // A row without a valid score in any warp takes 0 as its reference
+            // (exp2(-inf - ref) = 0 rather than NaN), as softmax_row does.
+            const float ref = M == neg_inf() ? 0.f : M;
+            float sc[TR::kNWarps];
+            float L = 0.f;
+#pragma unroll
+            for (int w = 0; w < TR::kNWarps; ++w) {
+                sc[w] = ex2((mw[w] - ref) * scale_log2);
+                L += lds_f32(sL + (w * kWR + r) * 4) * sc[w];
+            }
+            const float inv = L > 0.f ? 1.f / L : 0.f;
+            const long long prow = prow_of(mr);
+            float* og = p.o_part + prow * TR::kHeadDim;
+#pragma unroll
+            for (int j = 0; j < TR::kHeadDim / 32; ++j) {
+                const int col = j * 32 + sub * 4;
+                float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+                for (int w = 0; w < TR::kNWarps; ++w) {
+                    unsigned x[4];
+                    lds128(x, sO + ((w * kWR + r) * kMS + col) * 4);
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) acc[e] += sc[w] * __uint_as_float(x[e]);
+                }
+                *reinterpret_cast<float4*>(og + col) =
+                    make_float4(acc[0] * inv, acc[1] * inv, acc[2] * inv, acc[3] * inv);
+            }
+            if (sub == 0) p.lse_part[prow] = row_lse(L, M, scale);
+        }
+    }
+}
+
+}  // namespace bsfa
