@@ -7,7 +7,8 @@
 Each side is a git revision (its kernels_cu/ is exported to a temporary directory) or a directory
 of kernel sources.  Both are compiled as the compile test does (nvcc -cubin, -std=c++17; the
 mma.sync file for sm_80 and sm_90, dtype x head dim 32/64/96/128 x causal; the two sm_90a files,
-one-warpgroup and warp-specialised, with -ftz=true, head dim 64/128), disassembled with nvdisasm,
+one-warpgroup and warp-specialised, with -ftz=true, head dim 64/128; the split-KV file
+(bsfa_fwd_split16/64/128, bsfa_combine) for sm_80 and sm_90, head dim 64/128), disassembled with nvdisasm,
 and compared kernel by kernel with addresses dropped, branch labels renumbered and the compiler's
 numbering of its internal helpers (which counts the kernels that call them) dropped.  --params
 also replaces every c[0x0][...] operand (kernel parameters) by one placeholder, for comparing
@@ -37,6 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 SM80_NAMES = ("bsfa_fwd_sm80.cu", "bsfa_fwd.cu")
 SM90_NAME = "bsfa_fwd_sm90.cu"
 SM90WS_NAME = "bsfa_fwd_sm90ws.cu"
+SPLITKV_NAME = "bsfa_fwd_splitkv.cu"
 DTYPES = (0, 1)
 CAUSAL = (0, 1)
 
@@ -52,6 +54,12 @@ def variants():
             for hd in (64, 128):
                 for c in CAUSAL:
                     yield (kind, "sm_90a", ("-gencode=arch=compute_90a,code=sm_90a", "-ftz=true"), dt, hd, c)
+    # As tests/kernels/test_compile.py compiles SPLITKV_SOURCE: no -ftz, plain -arch.
+    for target in ("sm_80", "sm_90"):
+        for dt in DTYPES:
+            for hd in (64, 128):
+                for c in CAUSAL:
+                    yield ("splitkv", target, (f"-arch={target}",), dt, hd, c)
 
 
 def materialise(spec: str, tmp: Path) -> Path:
@@ -72,11 +80,14 @@ def materialise(spec: str, tmp: Path) -> Path:
 
 def build(src: Path, out: Path, variant, nvdisasm: str):
     kind, target, flags, dt, hd, c = variant
-    wanted = {"sm80": SM80_NAMES, "sm90": (SM90_NAME,), "sm90ws": (SM90WS_NAME,)}[kind]
+    wanted = {"sm80": SM80_NAMES, "sm90": (SM90_NAME,), "sm90ws": (SM90WS_NAME,), "splitkv": (SPLITKV_NAME,)}[kind]
+    suffix = {"sm90ws": "-ws", "splitkv": "-splitkv"}.get(kind, "")
+    stem = f"{target}{suffix}-{('f16', 'bf16')[dt]}-d{hd}-causal{c}"
     name = next((n for n in wanted if (src / n).is_file()), None)
     if name is None:
+        if kind == "splitkv":  # a revision from before the split-KV kernels: its kernels count as new / gone
+            return stem, "", ""
         raise FileNotFoundError(f"{src}: no {'/'.join(wanted)}")
-    stem = f"{target}{'-ws' if kind == 'sm90ws' else ''}-{('f16', 'bf16')[dt]}-d{hd}-causal{c}"
     cubin = out / f"{stem}.cubin"
     cmd = ["nvcc", "-std=c++17", "-Xptxas", "-v", *flags, "-cubin", f"-DBSFA_DTYPE={dt}", f"-DBSFA_HEAD_DIM={hd}",
            f"-DBSFA_CAUSAL={c}", f"-I{src}", str(src / name), "-o", str(cubin)]
@@ -145,8 +156,8 @@ def main() -> int:
             out.mkdir()
             with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
                 sides.append({s: (l, a) for s, l, a in pool.map(lambda v: build(src, out, v, args.nvdisasm), variants())})
-    differing = 0
-    print(f"{'variant':24s} {'kernel':15s} {'registers':>10s} {'frame/spill':>18s} {'instructions':>13s}  diff (ignoring registers)")
+    differing = compared = 0
+    print(f"{'variant':32s} {'kernel':17s} {'registers':>10s} {'frame/spill':>18s} {'instructions':>13s}  diff (ignoring registers)")
     for stem in sides[0]:
         (la, sa), (lb, sb) = sides[0][stem], sides[1][stem]
         ra, rb = resources(la), resources(lb)
@@ -156,12 +167,14 @@ def main() -> int:
             d, dn = ndiff(fa.get(fn, []), fb.get(fn, [])), ndiff(na.get(fn, []), nb.get(fn, []))
             both = fn in fa and fn in fb
             differing += both and d > 0
+            compared += both
             regs = f"{ra.get(fn, {}).get('regs')}->{rb.get(fn, {}).get('regs')}"
             frame = f"{ra.get(fn, {}).get('frame')}->{rb.get(fn, {}).get('frame')}"
             count = f"{len(fa.get(fn, []))}->{len(fb.get(fn, []))}"
             verdict = "identical" if not d else f"{d} lines ({dn})"
             verdict = "new" if fn not in fa else "gone" if fn not in fb else verdict
-            print(f"{stem:24s} {fn:15s} {regs:>10s} {frame:>18s} {count:>13s}  {verdict}")
+            print(f"{stem:32s} {fn:17s} {regs:>10s} {frame:>18s} {count:>13s}  {verdict}")
+    print(f"{compared} kernels compared in {len(sides[0])} variants")
     print(f"{differing} kernels differ")
     return 1 if differing else 0
 
