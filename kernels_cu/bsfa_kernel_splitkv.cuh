@@ -28,6 +28,7 @@
 #include "bsfa_problem.cuh"
 #include "bsfa_ptx.cuh"
 #include "bsfa_softmax.cuh"
+#include "bsfa_splitkv_cta.cuh"
 #include "bsfa_traits.cuh"
 
 namespace bsfa {
@@ -37,23 +38,6 @@ __device__ __forceinline__ unsigned warp_or(unsigned v) {
     unsigned r;
     asm volatile("redux.sync.or.b32 %0, %1, 0xffffffff;\n" : "=r"(r) : "r"(v));
     return r;
-}
-
-// One accumulator row of this thread in the packed tile: which head slot and
-// query row it is, and whether it is a real row at all (pack slots past the
-// group, rows past Nq are zero-filled and never vote or get written).
-struct PackedRow {
-    int slot;  // head slot j in the pack
-    int i;     // query row in the problem
-    bool valid;
-};
-
-__device__ __forceinline__ PackedRow packed_row(int r, int R, int q0, int Nq, int n_slots) {
-    PackedRow pr;
-    pr.slot = r / R;
-    pr.i = q0 + r % R;
-    pr.valid = pr.slot < n_slots && pr.i < Nq;
-    return pr;
 }
 
 // Whether this thread's share of a V tile in shared memory holds an inf or
@@ -103,46 +87,15 @@ __device__ __forceinline__ void park_o(float (&O)[1][TR::kONBlocks][4], const un
 template <class TR, bool kCausal>
 __device__ __forceinline__ void fwd_splitkv_kernel(const Params& p) {
     constexpr int KS = TR::kKStages;
-    using Copy = TileCopy<TR>;
-    using Tile = QueryTile<TileShape, kCausal>;
     const int tid = threadIdx.x;
     const int lane = tid & 31;
     const int warp = tid >> 5;
 
-    const int Hq = p.Hq, Hkv = p.Hkv;
-    const int G = Hq / Hkv;
-    const int pack = p.pack_heads;
-    const int n_packs = ceil_div(G, pack);
-    const int S = p.num_splits;
-    const int s = blockIdx.x;
-    const int y = blockIdx.y;
-    const int hc = y % n_packs;
-    const int hk = (y / n_packs) % Hkv;
-    const int a = y / (n_packs * Hkv);
-    const long long b = blockIdx.z;
-    const int h0 = hk * G + hc * pack;  // head of slot 0
-    const int n_slots = imin(pack, G - hc * pack);
-
-    const Problem pr = cta_problem<false>(p, b);
-    const int Nq = pr.Nq, Nk = pr.Nk;
-    const int R = imin(Nq, TileShape::kBlockM);
-    const Tile qt(a, pr);
-    const int nK = tile_row_len<TileShape>(p);
-
-    // This split's key tiles [lo, hi] of [0, c_end].
-    const int n_tiles = qt.c_end + 1;
-    const int lo = (int)((long long)s * n_tiles / S);
-    const int hi = (int)((long long)(s + 1) * n_tiles / S) - 1;
-
-    unsigned char* keep = p.keep;
-    // Tiles without a valid entry: cleared once, by split 0.
-    if (keep != nullptr && s == 0) {
-        const int tail = nK - n_tiles;
-        for (int t = tid; t < n_slots * tail; t += TR::kNThreads) {
-            const int j = t / tail;
-            keep[tile_row<TileShape>(p, b, h0 + j, a) + n_tiles + t % tail] = 0;
-        }
-    }
+    // Who the CTA is and its key tiles [lo, hi]: bsfa_splitkv_cta.cuh, shared
+    // by the split kernels (one grid, keep and partial-out contract).
+    SplitKvCta<TR, kCausal> cta(p, tid);
+    const int lo = cta.lo, hi = cta.end - 1;
+    unsigned char* const keep = cta.clear_keep_tail();
 
     const unsigned smem = dyn_smem_base();
     const unsigned sQ = smem + TR::kSmemQ;
@@ -153,72 +106,26 @@ __device__ __forceinline__ void fwd_splitkv_kernel(const Params& p) {
 
     // The thread's two accumulator rows (c0c1 and c2c3 of the m16 block).
     const int rbase = warp * TR::kWarpRows + (lane >> 2);
-    const PackedRow row[2] = {packed_row(rbase, R, qt.q0, Nq, n_slots), packed_row(rbase + 8, R, qt.q0, Nq, n_slots)};
+    const PackedRow row[2] = {cta.row(rbase), cta.row(rbase + 8)};
     // A real row's bit in the per-slot keep mask (slots < 32, bsfa_cupy/_splitkv.py); 0 for pad
     // rows, which thus never vote and read as skipping (harmless: they are never written).
     unsigned row_bit[2];
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) row_bit[hf] = row[hf].valid ? 1u << row[hf].slot : 0u;
 
-    // Q: packed rows gathered chunk by chunk (a row's head and query row both
-    // vary), zero-filled where the row is not real.
-    {
-        constexpr int kCpr = TR::kChunksPerRow;
-        const unsigned short* qb = p.q + pr.q_off;
-        for (int t = tid; t < TR::kRows * kCpr; t += TR::kNThreads) {
-            const int r = t / kCpr, cc = t % kCpr;
-            const PackedRow qr = packed_row(r, R, qt.q0, Nq, n_slots);
-            const unsigned short* src =
-                qb + (long long)qr.i * p.q_sn + (long long)(h0 + qr.slot) * p.q_sh + cc * TR::kChunkElems;
-            cp_async_16(sQ + r * TR::kRowBytes + cc * 16, qr.valid ? (const void*)src : (const void*)p.q,
-                        qr.valid ? 16u : 0u);
-        }
-    }
-    cp_async_commit();
+    cta.load_q(sQ);
 
-    const unsigned short* kg = p.k + pr.k_off + (long long)hk * p.k_sh + Copy::thread_offset(tid, p.k_sn);
-    const unsigned short* vg = p.v + pr.v_off + (long long)hk * p.v_sh + Copy::thread_offset(tid, p.v_sn);
-    const int n_full = Nk / TR::kBlockN;
-    auto load_kv = [&](const unsigned short* g, long long sn, const unsigned short* safe, unsigned dst, int c) {
-        const unsigned short* src = g + (long long)c * TR::kBlockN * sn;
-        if (c < n_full) {
-            Copy::template load_full<TR::kBlockN>(dst, src, sn, tid);
-        } else {
-            Copy::template load<TR::kBlockN>(dst, src, sn, Nk - c * TR::kBlockN, tid, safe);
-        }
-    };
-    auto load_k = [&](int c, int slot) { load_kv(kg, p.k_sn, p.k, smem + TR::kSmemK + slot * TR::kKVTileBytes, c); };
-    // V tile c goes to buffer c & 1 (see the cp.async groups below).
-    auto load_v = [&](int c) { load_kv(vg, p.v_sn, p.v, smem + TR::kSmemV + (c & 1) * TR::kKVTileBytes, c); };
+    const SplitKvLoads<TR> kv(p, cta.pr, cta.hk, smem, tid);
 
-    // Per head slot: the gate's threshold; dense mode keeps every tile.
+    // Tiles kept without a vote: the diagonal ones, every one in dense mode (thr_mode 0).
     const bool gated = p.thr_mode != 0;
-    const int forced_lo = gated ? qt.diag_lo : 0;
-    const int forced_hi = gated ? qt.diag_hi : qt.c_end;
+    const int forced_lo = gated ? cta.qt.diag_lo : 0;
+    const int forced_hi = gated ? cta.qt.diag_hi : cta.qt.c_end;
     float thr[2];
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-        thr[hf] = gated && row[hf].valid ? tile_threshold<TileShape>(p.thresholds, p.thr_scalar, p.thr_mode, p.thr_T,
-                                                                     h0 + row[hf].slot, qt.tile_pos)
-                                         : 0.f;
-    }
-    const unsigned all_slots = n_slots >= 32 ? ~0u : (1u << n_slots) - 1u;
-    // Key tiles from mask_from on need the causal / ragged-key mask (rows past
-    // Nq are never looked at, so unlike QueryTile a ragged query tile does not
-    // mask everything).
-    int mask_from = Nk / TR::kBlockN;
-    if (kCausal) {
-        const int x = qt.diag_off + 1;
-        const int first = x >= 0 ? x / TR::kBlockN : -((-x + TR::kBlockN - 1) / TR::kBlockN);
-        mask_from = imin(mask_from, imax(first, 0));
-    }
-
-    // Row hf's fp32 partial-out row of this split (bsfa_combine reads it).
-    const long long rows_per_split = (long long)p.B * Hq * Nq;
-    auto row_out = [&](int hf) {
-        const long long prow = s * rows_per_split + (b * Hq + h0 + row[hf].slot) * (long long)Nq + row[hf].i;
-        return p.o_part + prow * TR::kHeadDim;
-    };
+    cta.thresholds(gated, row, thr);
+    const unsigned all_slots = cta.all_slots();
+    const int mask_from = cta.mask_from();
+    const SplitKvOut<TR> out(p, cta.s, cta.b, cta.Hq, cta.h0, cta.Nq);
 
     float O[1][TR::kONBlocks][4];
     float m[1][2];
@@ -227,11 +134,11 @@ __device__ __forceinline__ void fwd_splitkv_kernel(const Params& p) {
     const float scale = p.softmax_scale;
     const float scale_log2 = scale * kLog2e;
 
-    if (lo <= hi) {
-        load_k(hi, 0);
-        if (hi >= forced_lo && hi <= forced_hi) load_v(hi);
+    if (hi >= lo) {
+        kv.load_k(hi, 0);
+        if (hi >= forced_lo && hi <= forced_hi) kv.load_v(hi);
         cp_async_commit();
-        if (hi - 1 >= lo) load_k(hi - 1, 1);
+        if (hi - 1 >= lo) kv.load_k(hi - 1, 1);
         cp_async_commit();
         cp_async_wait<KS - 1>();
         cta_sync();
@@ -256,8 +163,8 @@ __device__ __forceinline__ void fwd_splitkv_kernel(const Params& p) {
             const bool is_forced = c >= forced_lo && c <= forced_hi;
             {
                 const int cn = c - (KS - 1);
-                if (cn >= lo) load_k(cn, ks == 0 ? KS - 1 : ks - 1);
-                if (c - 1 >= lo && c - 1 >= forced_lo && c - 1 <= forced_hi) load_v(c - 1);
+                if (cn >= lo) kv.load_k(cn, ks == 0 ? KS - 1 : ks - 1);
+                if (c - 1 >= lo && c - 1 >= forced_lo && c - 1 <= forced_hi) kv.load_v(c - 1);
             }
             cp_async_commit();
 
@@ -269,7 +176,7 @@ __device__ __forceinline__ void fwd_splitkv_kernel(const Params& p) {
                 const int col0 = c * TR::kBlockN + 2 * (lane & 3);
 #pragma unroll
                 for (int hf = 0; hf < 2; ++hf) {
-                    const int lim = kCausal ? imin(Nk - 1, row[hf].i + pr.shift) : Nk - 1;
+                    const int lim = kCausal ? imin(cta.Nk - 1, row[hf].i + cta.pr.shift) : cta.Nk - 1;
                     const int rel = lim - col0;
 #pragma unroll
                     for (int nb = 0; nb < TR::kSNBlocks; ++nb)
@@ -297,11 +204,11 @@ __device__ __forceinline__ void fwd_splitkv_kernel(const Params& p) {
 #pragma unroll
                 for (int w = 0; w < TR::kNWarps; ++w) kept |= __float_as_uint(lds_f32(slot_addr + w * 4));
             }
-            if (keep != nullptr && tid < n_slots) keep[tile_row<TileShape>(p, b, h0 + tid, a) + c] = (kept >> tid) & 1u;
+            cta.write_keep(keep, c, kept);
             if (kept == 0) continue;
 
             if (!is_forced) {
-                load_v(c);
+                kv.load_v(c);
                 cp_async_commit();
                 // Rows of heads that skip the tile: as if it did not exist.
 #pragma unroll
@@ -347,9 +254,9 @@ __device__ __forceinline__ void fwd_splitkv_kernel(const Params& p) {
                 park = cta_sync_or(v_tile_non_finite<TR>(v_tile));
                 park = park && row_bit[0] + row_bit[1] != 0;  // this thread has a real row
             }
-            if (park) park_o<TR>(O, row_bit, kept, row_out(0), row_out(1), lane, true);
+            if (park) park_o<TR>(O, row_bit, kept, out.row_out(row[0]), out.row_out(row[1]), lane, true);
             pv_tile<TR>(O, P, v_lane + (c & 1) * TR::kKVTileBytes);
-            if (park) park_o<TR>(O, row_bit, kept, row_out(0), row_out(1), lane, false);
+            if (park) park_o<TR>(O, row_bit, kept, out.row_out(row[0]), out.row_out(row[1]), lane, false);
         }
     }
 
@@ -363,8 +270,8 @@ __device__ __forceinline__ void fwd_splitkv_kernel(const Params& p) {
         const float lt = quad_sum(l[0][hf]);
         if (!row[hf].valid) continue;
         const float inv = lt > 0.f ? 1.f / lt : 0.f;
-        const long long prow = s * rows_per_split + (b * Hq + h0 + row[hf].slot) * (long long)Nq + row[hf].i;
-        float* og = row_out(hf) + 2 * (lane & 3);
+        const long long prow = out.prow(row[hf]);
+        float* og = out.row_out(row[hf]) + 2 * (lane & 3);
 #pragma unroll
         for (int nb = 0; nb < TR::kONBlocks; ++nb) {
             float2 v2;
