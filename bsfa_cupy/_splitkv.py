@@ -88,7 +88,7 @@ def pack_shape(Nq: int, G: int) -> tuple[int, int]:
 def heuristic_splits(ctas: int, nK: int, sms: int, rows: int = 64) -> int:
     """Splits for ``ctas`` split-kernel CTAs (at one split) of ``rows`` packed rows.
 
-    None when the GPU is full already (ctas >= resident slots); else the fewest splits whose
+    1 when the GPU is full already (ctas >= resident slots); else the fewest splits whose
     waves are filled at least WAVE_EFFICIENCY as well as the best count's, each split keeping
     MIN_TILES_PER_SPLIT key tiles or more.
     """

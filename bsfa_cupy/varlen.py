@@ -1,7 +1,7 @@
 """Packed variable-length batches on the GPU: FlashAttention's varlen call, in one kernel launch."""
 from __future__ import annotations
 
-from bsfa_reference._validate import check_cu_seqlens_pair, check_max_seqlen
+from bsfa_reference._validate import check_cu_seqlens_pair, check_max_seqlen, check_packed_shapes
 from bsfa_reference.tiles import BLOCK_M, BLOCK_N
 
 from . import _launch, _tma
@@ -98,22 +98,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, thresholds=None, *, ma
 
 
 def _check_packed(qv, kv, vv):
-    """Shapes of q (total_q, Hq, D), k and v (total_k, Hkv, D), as bsfa_reference.attention_varlen."""
-    if qv.ndim != 3:
-        raise ValueError(f"q: expected rank 3 (total_q, heads_q, head_dim), got shape {tuple(qv.shape)}")
-    if kv.ndim != 3:
-        raise ValueError(f"k: expected rank 3 (total_k, heads_kv, head_dim), got shape {tuple(kv.shape)}")
-    _, Hq, D = qv.shape
-    _, Hkv, Dk = kv.shape
-    if min(Hq, D, Hkv, Dk) < 1:
-        raise ValueError(f"q and k: expected heads and head_dim >= 1, got q {tuple(qv.shape)}, k {tuple(kv.shape)}")
-    if Dk != D:
-        raise ValueError(f"k: expected head_dim {D} (from q {tuple(qv.shape)}), got k {tuple(kv.shape)}")
-    if Hq % Hkv != 0:
-        raise ValueError(f"heads: q heads ({Hq}) must be a multiple of k/v heads ({Hkv}); got q {tuple(qv.shape)}, "
-                         f"k {tuple(kv.shape)}")
-    if tuple(vv.shape) != tuple(kv.shape):
-        raise ValueError(f"v: expected shape {tuple(kv.shape)} (same as k), got {tuple(vv.shape)}")
+    """Shapes of q (total_q, Hq, D), k and v (total_k, Hkv, D), refused as bsfa_reference.attention_varlen does."""
+    Hq, Hkv, D = check_packed_shapes(qv.shape, kv.shape, vv.shape)
     dtype = _check_dtypes([("q", qv), ("k", kv), ("v", vv)], D)
     return Hq, Hkv, D, dtype
 

@@ -143,6 +143,28 @@ def check_cu_seqlens(cu, total: int, name: str) -> np.ndarray:
     return lengths
 
 
+def check_packed_shapes(q_shape, k_shape, v_shape) -> tuple[int, int, int]:
+    """(Hq, Hkv, D) of packed q (total_q, Hq, D), k and v (total_k, Hkv, D), or ValueError; shapes only, so
+    the NumPy reference and the GPU API refuse alike."""
+    q_shape, k_shape, v_shape = tuple(q_shape), tuple(k_shape), tuple(v_shape)
+    if len(q_shape) != 3:
+        raise ValueError(f"q: expected rank 3 (total_q, heads_q, head_dim), got shape {q_shape}")
+    if len(k_shape) != 3:
+        raise ValueError(f"k: expected rank 3 (total_k, heads_kv, head_dim), got shape {k_shape}")
+    _, Hq, D = q_shape
+    _, Hkv, Dk = k_shape
+    # the packed lengths may be 0 (every sequence empty); heads and head_dim may not
+    if min(Hq, D, Hkv, Dk) < 1:
+        raise ValueError(f"q and k: expected heads and head_dim >= 1, got q {q_shape}, k {k_shape}")
+    if Dk != D:
+        raise ValueError(f"k: expected head_dim {D} (from q {q_shape}), got k {k_shape}")
+    if Hq % Hkv != 0:
+        raise ValueError(f"heads: q heads ({Hq}) must be a multiple of k/v heads ({Hkv}); got q {q_shape}, k {k_shape}")
+    if v_shape != k_shape:
+        raise ValueError(f"v: expected shape {k_shape} (same as k), got {v_shape}")
+    return Hq, Hkv, D
+
+
 def check_cu_seqlens_pair(cu_q, cu_k, total_q: int, total_k: int) -> tuple[np.ndarray, np.ndarray]:
     """Both offset arrays of a varlen call; returns the (num_seqs,) query and key lengths."""
     len_q = check_cu_seqlens(cu_q, total_q, "cu_seqlens_q")

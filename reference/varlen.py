@@ -10,6 +10,7 @@ from ._validate import (
     check_cu_seqlens_pair,
     check_flag,
     check_max_seqlen,
+    check_packed_shapes,
     check_thresholds,
     softmax_scale_or_default,
 )
@@ -25,24 +26,7 @@ def _check_packed(q, k, v):
     check_array(q, "q")
     check_array(k, "k")
     check_array(v, "v")
-    if q.ndim != 3:
-        raise ValueError(f"q: expected rank 3 (total_q, heads_q, head_dim), got shape {q.shape}")
-    if k.ndim != 3:
-        raise ValueError(f"k: expected rank 3 (total_k, heads_kv, head_dim), got shape {k.shape}")
-    _, Hq, D = q.shape
-    _, Hkv, Dk = k.shape
-    # the packed lengths may be 0 (every sequence empty); heads and head_dim may not
-    if min(Hq, D, Hkv, Dk) < 1:
-        raise ValueError(f"q and k: expected heads and head_dim >= 1, got q {q.shape}, k {k.shape}")
-    if Dk != D:
-        raise ValueError(f"k: expected head_dim {D} (from q {q.shape}), got k {k.shape}")
-    if Hq % Hkv != 0:
-        raise ValueError(
-            f"heads: q heads ({Hq}) must be a multiple of k/v heads ({Hkv}); got q {q.shape}, k {k.shape}"
-        )
-    if v.shape != k.shape:
-        raise ValueError(f"v: expected shape {k.shape} (same as k), got {v.shape}")
-    return Hq, Hkv, D
+    return check_packed_shapes(q.shape, k.shape, v.shape)
 
 
 def attention_varlen(

@@ -122,3 +122,26 @@ def test_params_carry_positions_and_offsets():
     assert (rec["k_start"], rec["qk_shift"], rec["total_q"]) == (64, -200, 7)
     names = PARAMS.names
     assert names.index("cu_seqlens_k") < names.index("q_sb"), "8-byte members first"
+
+
+@pytest.mark.parametrize("shapes", [
+    ((8, 4, 64, 1), (8, 2, 64), (8, 2, 64)),   # q not rank 3
+    ((8, 4, 64), (8, 64), (8, 64)),            # k not rank 3
+    ((8, 0, 64), (8, 2, 64), (8, 2, 64)),      # no heads
+    ((8, 4, 64), (8, 2, 32), (8, 2, 32)),      # head dims differ
+    ((8, 4, 64), (8, 3, 64), (8, 3, 64)),      # heads not a multiple
+    ((8, 4, 64), (8, 2, 64), (9, 2, 64)),      # v unlike k
+])
+def test_varlen_packed_shapes_are_refused_as_the_reference_does(shapes):
+    """The GPU API's packed-shape check runs before anything touches the GPU; its error is the reference's."""
+    import numpy as np
+
+    import bsfa_reference as ref
+    from bsfa_cupy.varlen import _check_packed
+
+    arrays = [np.zeros(s, np.float16) for s in shapes]
+    with pytest.raises(ValueError) as want:
+        ref.attention_varlen(*arrays, _cu(0, 8), _cu(0, 8))
+    with pytest.raises(ValueError) as got:
+        _check_packed(*arrays)
+    assert str(got.value) == str(want.value)
