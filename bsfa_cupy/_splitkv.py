@@ -30,10 +30,12 @@ HEAD_DIMS = (64, 128)
 #: padding in every warp's MMAs as in the 64-row kernel.
 KEY_SPLIT_ROWS = 16
 #: Split-kernel CTAs resident per SM, by packed rows per CTA, from the shared memory at head dim 128
-#: (about 227 KB per SM for CTAs; Q rows + 3 K and 2 V tiles of 64 rows, 272 bytes a row): 16 rows
-#: 89 KB (184 registers, 128 threads) -> 2, 64 rows 102 KB (about 216 registers) -> 2, 128 rows
-#: 119 KB -> 1.  (Head dim 64 would fit more 16- and 64-row CTAs; the heuristic assumes 128.)
-CTAS_PER_SM = {16: 2, 64: 2, 128: 1}
+#: (about 227 KB per SM for CTAs; Q rows + 3 K tiles and 3 (16 rows) or 2 V tiles of 64 rows, 272
+#: bytes a row): 64 rows 102 KB (216 registers) -> 2, 128 rows 119 KB -> 1.  16 rows (106 KB, 181
+#: registers) would fit 2, but one per SM moves K and V faster on an H200 (decode 1 x 128K, B=1,
+#: Hq=32, Hkv=8: 16 splits, one CTA per SM, 0.139 ms; 32 or 33 splits, two per SM, 0.145 ms), so
+#: the heuristic counts 1.  (Head dim 64 would fit more CTAs; the heuristic assumes 128.)
+CTAS_PER_SM = {16: 1, 64: 2, 128: 1}
 #: Fewest key tiles a split is given by the heuristic: shorter ranges cost more in the merge and
 #: in the prologue (Q and the first K tiles) than they gain in parallelism.
 MIN_TILES_PER_SPLIT = 4
@@ -88,14 +90,20 @@ def pack_shape(Nq: int, G: int) -> tuple[int, int]:
 def heuristic_splits(ctas: int, nK: int, sms: int, rows: int = 64) -> int:
     """Splits for ``ctas`` split-kernel CTAs (at one split) of ``rows`` packed rows.
 
-    1 when the GPU is full already (ctas >= resident slots); else the fewest splits whose
-    waves are filled at least WAVE_EFFICIENCY as well as the best count's, each split keeping
-    MIN_TILES_PER_SPLIT key tiles or more.
+    1 when the GPU is full already (ctas >= resident slots). Where at least two splits of every
+    CTA fit one wave, the most that do (slots // ctas): these calls are memory bound and one full
+    wave streams K and V best (H200, B=1, Hq=32, Hkv=8, 16 x 128K on 64-row CTAs: 33 splits 0.179
+    ms, 29 0.180, 16 0.209). Else the fewest splits whose waves are filled at least
+    WAVE_EFFICIENCY as well as the best count's. Each split keeps MIN_TILES_PER_SPLIT key tiles or
+    more.
     """
     slots = sms * CTAS_PER_SM[rows]
     if ctas <= 0 or nK <= 0 or ctas >= slots:
         return 1
-    cap = max(1, min(nK // MIN_TILES_PER_SPLIT, MAX_SPLITS, 2 * -(-slots // ctas)))
+    longest = max(1, min(nK // MIN_TILES_PER_SPLIT, MAX_SPLITS))
+    if slots // ctas >= 2:
+        return min(slots // ctas, longest)
+    cap = min(longest, 2 * -(-slots // ctas))
 
     def efficiency(s):
         waves = ctas * s / slots

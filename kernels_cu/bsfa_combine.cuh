@@ -31,34 +31,61 @@ __device__ __forceinline__ void combine_kernel(const Params& p) {
     const long long b = bh / p.Hq;
     const float* lp = p.lse_part + t;
 
-    // Every lane reads every lse_c (a handful of broadcast loads).
+    // The lse_c are spread over the lanes (lane c: splits c, c + 32, ...) and
+    // reduced across the warp: one round of loads, not S dependent ones.  A
+    // decode step merges 30-60 splits of a few rows, so the merge's latency,
+    // not its bytes, is what it adds to the call.
     bool poisoned = false;
     float mx = neg_inf();
-    for (int c = 0; c < S; ++c) {
+    for (int c = lane; c < S; c += 32) {
         const float x = lp[c * rows];
         poisoned |= (x != x) || x == -neg_inf();
         mx = fmax2(mx, x);  // max.f32 skips a NaN; a poisoned row is overwritten below
     }
+#pragma unroll
+    for (int o = 16; o >= 1; o >>= 1) mx = fmax2(mx, shfl_xor(mx, o));
+    poisoned = __any_sync(0xffffffffu, poisoned);
     const bool empty = mx == neg_inf();
     const float shift = empty ? 0.f : mx;
     float sum = 0.f;
-    for (int c = 0; c < S; ++c) sum += expf(lp[c * rows] - shift);
+    for (int c = lane; c < S; c += 32) sum += expf(lp[c * rows] - shift);
+#pragma unroll
+    for (int o = 16; o >= 1; o >>= 1) sum += shfl_xor(sum, o);
     const float lse = empty ? neg_inf() : shift + logf(sum);
     const float ref = empty ? 0.f : lse;
 
+    // out = sum_c w_c out_c in split order; w_c computed by lane c % 32 and
+    // broadcast, the partial rows loaded kUnroll splits at a time.
     constexpr int kPairs = kHeadDim / 2;
     static_assert(kPairs % 32 == 0, "each lane owns whole column pairs");
-    float acc[kPairs / 32][2];
+    constexpr int kJ = kPairs / 32;
+    constexpr int kUnroll = 8;
+    float acc[kJ][2];
 #pragma unroll
-    for (int j = 0; j < kPairs / 32; ++j) acc[j][0] = acc[j][1] = 0.f;
-    for (int c = 0; c < S; ++c) {
-        const float w = expf(lp[c * rows] - ref);
-        const float* op = p.o_part + (c * rows + t) * kHeadDim;
+    for (int j = 0; j < kJ; ++j) acc[j][0] = acc[j][1] = 0.f;
+    for (int c0 = 0; c0 < S; c0 += 32) {
+        const float w_lane = c0 + lane < S ? expf(lp[(c0 + lane) * rows] - ref) : 0.f;
+        const int n = S - c0 < 32 ? S - c0 : 32;
+        for (int u = 0; u < n; u += kUnroll) {
+            float2 v2[kUnroll][kJ];
 #pragma unroll
-        for (int j = 0; j < kPairs / 32; ++j) {
-            const float2 v2 = *reinterpret_cast<const float2*>(op + 2 * (lane + 32 * j));
-            acc[j][0] += w * v2.x;
-            acc[j][1] += w * v2.y;
+            for (int e = 0; e < kUnroll; ++e) {
+                const int c = c0 + u + e < S ? c0 + u + e : S - 1;  // past S: loaded, weighed 0
+                const float* op = p.o_part + (c * rows + t) * kHeadDim;
+#pragma unroll
+                for (int j = 0; j < kJ; ++j) v2[e][j] = *reinterpret_cast<const float2*>(op + 2 * (lane + 32 * j));
+            }
+#pragma unroll
+            for (int e = 0; e < kUnroll; ++e) {
+                const float w = __shfl_sync(0xffffffffu, w_lane, (u + e) & 31);
+                if (u + e < n) {
+#pragma unroll
+                    for (int j = 0; j < kJ; ++j) {
+                        acc[j][0] += w * v2[e][j].x;
+                        acc[j][1] += w * v2[e][j].y;
+                    }
+                }
+            }
         }
     }
     const float nan = __int_as_float(0x7fc00000);

@@ -49,6 +49,7 @@ template <class TR, bool kCausal>
 __device__ __forceinline__ void fwd_split16_kernel(const Params& p) {
     static_assert(TR::kKeySplit, "fwd_split16_kernel takes the key-split traits");
     constexpr int KS = TR::kKStages;
+    using Pipe = SplitKvPipe<TR>;
     constexpr int kWR = TR::kWarpRows;  // 16 packed rows, the same in every warp
     const int tid = threadIdx.x;
     const int lane = tid & 31;
@@ -100,12 +101,15 @@ __device__ __forceinline__ void fwd_split16_kernel(const Params& p) {
     const float scale_log2 = scale * kLog2e;
 
     if (hi >= lo) {
-        kv.load_k(hi, 0);
-        if (hi >= forced_lo && hi <= forced_hi) kv.load_v(hi);
-        cp_async_commit();
-        if (hi - 1 >= lo) kv.load_k(hi - 1, 1);
-        cp_async_commit();
-        cp_async_wait<KS - 1>();
+        // The cp.async groups of bsfa_kernel_splitkv.cuh: the prologue, then
+        // top / gate / next per tile.
+#pragma unroll
+        for (int j = KS - 1; j >= 1; --j) {
+            kv.commit_top(hi + j, lo, hi, forced_lo, forced_hi);
+            cp_async_commit();
+            kv.commit_next(hi + j, lo, KS - 1 - j);
+        }
+        cp_async_wait<Pipe::kGroupsPerTile * (KS - 1)>();  // Q
         cta_sync();
         unsigned qf[TR::kQFragRegs];
         load_q_frags<TR>(qf, q_lane);
@@ -113,16 +117,10 @@ __device__ __forceinline__ void fwd_split16_kernel(const Params& p) {
         int ks = 0;
 #pragma unroll 1
         for (int c = hi; c >= lo; --c, ks = ks + 1 == KS ? 0 : ks + 1) {
-            // The cp.async groups, buffers and barriers of bsfa_kernel_splitkv.cuh, unchanged.
-            cp_async_wait<KS - 2>();
+            cp_async_wait<Pipe::kTopPending>();
             cta_sync();
             const bool is_forced = c >= forced_lo && c <= forced_hi;
-            {
-                const int cn = c - (KS - 1);
-                if (cn >= lo) kv.load_k(cn, ks == 0 ? KS - 1 : ks - 1);
-                if (c - 1 >= lo && c - 1 >= forced_lo && c - 1 <= forced_hi) kv.load_v(c - 1);
-            }
-            cp_async_commit();
+            kv.commit_top(c, lo, hi, forced_lo, forced_hi);
 
             // S of this warp's 16-key slice: Sc[0][nb][.] = keys 16 * warp + 8 * nb + 2 * (lane & 3) + {0, 1}.
             float Sc[1][TR::kSNBlocks][4];
@@ -169,11 +167,11 @@ __device__ __forceinline__ void fwd_split16_kernel(const Params& p) {
                 for (int w = 0; w < TR::kNWarps; ++w) kept |= __float_as_uint(lds_f32(slot_addr + w * 4));
             }
             cta.write_keep(keep, c, kept);
+            kv.commit_gate(c, !is_forced && kept != 0);
+            kv.commit_next(c, lo, ks == 0 ? KS - 1 : ks - 1);
             if (kept == 0) continue;
 
             if (!is_forced) {
-                kv.load_v(c);
-                cp_async_commit();
                 // Rows of heads that skip the tile: as if it did not exist.
 #pragma unroll
                 for (int hf = 0; hf < 2; ++hf) {
@@ -197,16 +195,17 @@ __device__ __forceinline__ void fwd_split16_kernel(const Params& p) {
                     O[0][nb][2 * hf + 1] *= alpha;
                 }
             }
-            if (is_forced) {
+            if (!is_forced) {
                 cp_async_wait<1>();
-            } else {
-                cp_async_wait<0>();
+                cta_sync();
+            } else if (Pipe::kForcedVWait) {
+                cp_async_wait<Pipe::kForcedVPending>();
+                cta_sync();
             }
-            cta_sync();
-            const unsigned v_tile = smem + TR::kSmemV + (c & 1) * TR::kKVTileBytes;
+            const unsigned v_tile = kv.v_tile(c);
             // O += P V over the warp's 16 keys: one k16 step, V rows 16w..16w+15.
             auto pv = [&]() {
-                const unsigned va = v_lane + (c & 1) * TR::kKVTileBytes;
+                const unsigned va = v_lane + SplitKvLoads<TR>::v_slot(c) * TR::kKVTileBytes;
 #pragma unroll
                 for (int dp = 0; dp < TR::kONBlocks / 2; ++dp) {
                     unsigned B[4];

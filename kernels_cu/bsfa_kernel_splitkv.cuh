@@ -87,6 +87,7 @@ __device__ __forceinline__ void park_o(float (&O)[1][TR::kONBlocks][4], const un
 template <class TR, bool kCausal>
 __device__ __forceinline__ void fwd_splitkv_kernel(const Params& p) {
     constexpr int KS = TR::kKStages;
+    using Pipe = SplitKvPipe<TR>;
     const int tid = threadIdx.x;
     const int lane = tid & 31;
     const int warp = tid >> 5;
@@ -135,12 +136,15 @@ __device__ __forceinline__ void fwd_splitkv_kernel(const Params& p) {
     const float scale_log2 = scale * kLog2e;
 
     if (hi >= lo) {
-        kv.load_k(hi, 0);
-        if (hi >= forced_lo && hi <= forced_hi) kv.load_v(hi);
-        cp_async_commit();
-        if (hi - 1 >= lo) kv.load_k(hi - 1, 1);
-        cp_async_commit();
-        cp_async_wait<KS - 1>();
+        // Prologue: the groups tiles hi + KS - 1 .. hi + 1 would have
+        // committed, as if the loop had started above hi.
+#pragma unroll
+        for (int j = KS - 1; j >= 1; --j) {
+            kv.commit_top(hi + j, lo, hi, forced_lo, forced_hi);
+            cp_async_commit();
+            kv.commit_next(hi + j, lo, KS - 1 - j);
+        }
+        cp_async_wait<Pipe::kGroupsPerTile * (KS - 1)>();  // Q
         cta_sync();
         unsigned qf[TR::kQFragRegs];
         load_q_frags<TR>(qf, q_lane);
@@ -148,25 +152,20 @@ __device__ __forceinline__ void fwd_splitkv_kernel(const Params& p) {
         int ks = 0;
 #pragma unroll 1
         for (int c = hi; c >= lo; --c, ks = ks + 1 == KS ? 0 : ks + 1) {
-            // cp.async groups.  Prologue: [Q], [K hi + V hi if forced], [K hi-1].
-            // Each tile c commits at its top G_c = [K c-2, V c-1 if tile c-1 is
-            // forced] (even when empty), and a kept gated tile adds [V c]
-            // after its vote.  V of a forced tile is thus one tile ahead, like
-            // K two: decode is memory bound and a V fetched only at its own
-            // tile would expose the full memory latency every tile.  V tiles
-            // alternate between two buffers by parity; tile c-1's buffer is
-            // the one tile c+1 used, free after this barrier.  At the top of
-            // tile c only G_{c+1} may still be pending besides G_c's
-            // predecessors' (K c was in G_{c+2}): wait_group KS-2.
-            cp_async_wait<KS - 2>();
+            // cp.async groups: [Q], then three per key tile c, committed by
+            // tile c (SplitKvLoads): top [V c-(VS-1) if forced], gate [V c if
+            // a vote keeps it], next [K c-(KS-1)]; K is thus KS-1 tiles ahead
+            // and the V of forced tiles VS-1, as decode is memory bound and
+            // loads issued a tile late expose the whole memory latency.  K c
+            // came with tile c+KS-1's next group: at this top the groups of
+            // tiles c+1 .. c+KS-2 may pend.  The slots this tile refills are
+            // those tile c+1 read (K slot ks-1, V slot of c-(VS-1) = that of
+            // c+1), free after this barrier; a gated V c takes the slot of
+            // c+VS, read VS tiles ago.
+            cp_async_wait<Pipe::kTopPending>();
             cta_sync();
             const bool is_forced = c >= forced_lo && c <= forced_hi;
-            {
-                const int cn = c - (KS - 1);
-                if (cn >= lo) kv.load_k(cn, ks == 0 ? KS - 1 : ks - 1);
-                if (c - 1 >= lo && c - 1 >= forced_lo && c - 1 <= forced_hi) kv.load_v(c - 1);
-            }
-            cp_async_commit();
+            kv.commit_top(c, lo, hi, forced_lo, forced_hi);
 
             float Sc[1][TR::kSNBlocks][4];
             qk_tile_q_regs<TR>(Sc, qf, k_lane + ks * TR::kKVTileBytes);
@@ -205,11 +204,11 @@ __device__ __forceinline__ void fwd_splitkv_kernel(const Params& p) {
                 for (int w = 0; w < TR::kNWarps; ++w) kept |= __float_as_uint(lds_f32(slot_addr + w * 4));
             }
             cta.write_keep(keep, c, kept);
+            kv.commit_gate(c, !is_forced && kept != 0);
+            kv.commit_next(c, lo, ks == 0 ? KS - 1 : ks - 1);
             if (kept == 0) continue;
 
             if (!is_forced) {
-                kv.load_v(c);
-                cp_async_commit();
                 // Rows of heads that skip the tile: as if it did not exist.
 #pragma unroll
                 for (int hf = 0; hf < 2; ++hf) {
@@ -233,15 +232,17 @@ __device__ __forceinline__ void fwd_splitkv_kernel(const Params& p) {
                     O[0][nb][2 * hf + 1] *= alpha;
                 }
             }
-            // V c: in G_{c+1} (or the prologue) for a forced tile, so G_c may
-            // stay in flight; in the newest group for a gated one.
-            if (is_forced) {
+            // V c: a gated one in this tile's gate group (its next group may
+            // stay in flight); a forced one in tile c+VS-1's top group, which
+            // the top wait covered already when VS >= KS.
+            if (!is_forced) {
                 cp_async_wait<1>();
-            } else {
-                cp_async_wait<0>();
+                cta_sync();
+            } else if (Pipe::kForcedVWait) {
+                cp_async_wait<Pipe::kForcedVPending>();
+                cta_sync();
             }
-            cta_sync();
-            const unsigned v_tile = smem + TR::kSmemV + (c & 1) * TR::kKVTileBytes;
+            const unsigned v_tile = kv.v_tile(c);
             // A head that skips the tile has P = 0 there, but 0 * (NaN or inf)
             // in V would still reach its O through the shared P V product,
             // where the reference (the tile does not exist for that head)
@@ -255,7 +256,7 @@ __device__ __forceinline__ void fwd_splitkv_kernel(const Params& p) {
                 park = park && row_bit[0] + row_bit[1] != 0;  // this thread has a real row
             }
             if (park) park_o<TR>(O, row_bit, kept, out.row_out(row[0]), out.row_out(row[1]), lane, true);
-            pv_tile<TR>(O, P, v_lane + (c & 1) * TR::kKVTileBytes);
+            pv_tile<TR>(O, P, v_lane + SplitKvLoads<TR>::v_slot(c) * TR::kKVTileBytes);
             if (park) park_o<TR>(O, row_bit, kept, out.row_out(row[0]), out.row_out(row[1]), lane, false);
         }
     }

@@ -180,6 +180,21 @@ struct SplitKvCta {
     }
 };
 
+// The wait counts of the cp.async groups SplitKvLoads commits, three per key
+// tile (top, gate, next).  At the top of tile c, K c (tile c+KS-1's next
+// group) must have landed: the groups of tiles c+1 .. c+KS-2 may pend.  A
+// forced V c came with tile c+VS-1's top group: covered by that wait when VS
+// >= KS, else the gate and next groups of tile c+VS-1 and the three of
+// each later tile down to c may pend before P V.
+template <class TR>
+struct SplitKvPipe {
+    static constexpr int kGroupsPerTile = 3;
+    static constexpr int kTopPending = kGroupsPerTile * (TR::kKStages - 2);
+    static constexpr bool kForcedVWait = TR::kVStages < TR::kKStages;
+    static constexpr int kForcedVPending = 2 + kGroupsPerTile * (TR::kVStages - 1);
+    static_assert(TR::kKStages >= 2 && TR::kVStages >= 2, "K and V prefetched at least one tile ahead");
+};
+
 // K / V tile c of the CTA's K/V head, every thread its share: key tiles
 // before n_full unchecked, the ragged last one zero-filled past Nk.
 template <class TR>
@@ -202,13 +217,37 @@ struct SplitKvLoads {
           vg(p_.v + pr.v_off + (long long)hk * p_.v_sh + Copy::thread_offset(tid_, p_.v_sn)),
           n_full(Nk / TR::kBlockN) {}
 
-    // K tile c into ring slot `slot`; V tile c into buffer c & 1 (the 64-row
-    // kernel's cp.async group comment says why two V buffers suffice).
+    // K tile c into ring slot `slot`; V tile c into V slot v_slot(c) (the
+    // 64-row kernel's cp.async group comment says why the slots are free).
     __device__ __forceinline__ void load_k(int c, int slot) const {
         load_kv(kg, p.k_sn, p.k, smem + TR::kSmemK + slot * TR::kKVTileBytes, c);
     }
-    __device__ __forceinline__ void load_v(int c) const {
-        load_kv(vg, p.v_sn, p.v, smem + TR::kSmemV + (c & 1) * TR::kKVTileBytes, c);
+    __device__ __forceinline__ void load_v(int c) const { load_kv(vg, p.v_sn, p.v, v_tile(c), c); }
+    static __device__ __forceinline__ int v_slot(int c) { return c % TR::kVStages; }
+    __device__ __forceinline__ unsigned v_tile(int c) const {
+        return smem + TR::kSmemV + v_slot(c) * TR::kKVTileBytes;
+    }
+
+    // The three cp.async groups of key tile c (bsfa_kernel_splitkv.cuh), each
+    // committed even when empty so that every tile counts the same:
+    //   top:  V of tile c - (kVStages - 1) when it is in [lo, hi] and kept
+    //         without a vote (forced), prefetched;
+    //   gate: V of tile c when a vote kept it (issued after the vote);
+    //   next: K of tile c - (kKStages - 1) into ring slot `slot`, after the
+    //         gate group, so that waiting for a gated V leaves it in flight.
+    __device__ __forceinline__ void commit_top(int c, int lo, int hi, int forced_lo, int forced_hi) const {
+        const int t = c - (TR::kVStages - 1);
+        if (t >= lo && t <= hi && t >= forced_lo && t <= forced_hi) load_v(t);
+        cp_async_commit();
+    }
+    __device__ __forceinline__ void commit_gate(int c, bool load) const {
+        if (load) load_v(c);
+        cp_async_commit();
+    }
+    __device__ __forceinline__ void commit_next(int c, int lo, int slot) const {
+        const int t = c - (TR::kKStages - 1);
+        if (t >= lo) load_k(t, slot);
+        cp_async_commit();
     }
 
   private:

@@ -42,8 +42,13 @@ struct TraitsSplitKv : TileShape {
     static constexpr int kNThreads = kNWarps * 32;
     static constexpr bool kQInRegs = true;
 
+    // The loads run kKStages - 1 tiles ahead for K and kVStages - 1 for the
+    // V of tiles kept without a vote (the cp.async groups of
+    // bsfa_kernel_splitkv.cuh).  Decode is memory bound: the bytes in flight
+    // per SM set the bandwidth.  16 rows: 3 V buffers still fit two CTAs per
+    // SM (109 KB each at head dim 128); 64 rows would fall to one CTA.
     static constexpr int kKStages = 3;
-    static constexpr int kVStages = 2;
+    static constexpr int kVStages = kKeySplit ? 3 : 2;
 
     static constexpr int kElemBytes = 2;
     static constexpr int kChunkElems = 16 / kElemBytes;
@@ -59,8 +64,8 @@ struct TraitsSplitKv : TileShape {
     static constexpr int kONBlocks = kHeadDim / kMmaN;
     static constexpr int kQFragRegs = kWarpMBlocks * kDSteps * 4;
 
-    // Q, the K ring, two V buffers (V of forced tiles is prefetched one tile
-    // ahead: bsfa_kernel_splitkv.cuh), and the per-warp head votes of the
+    // Q, the K ring, the V ring (V of forced tiles is prefetched kVStages - 1
+    // tiles ahead: bsfa_kernel_splitkv.cuh), and the per-warp head votes of the
     // gate (two slots, by key-tile parity, so one barrier per gated tile).
     static constexpr int kSmemQ = 0;
     static constexpr int kSmemK = kSmemQ + kQTileBytes;

@@ -49,8 +49,24 @@ def test_bars_take_the_faster_of_attention_and_plan_and_say_which():
     rows = [dict(impl="bsfa-auto", ms=0.30, **base), dict(impl="bsfa-plan", ms=0.12, **base),
             dict(impl="bsfa-sparse", ms=0.05, **base), dict(impl="bsfa-sparse-plan", ms=0.08, **base),
             dict(impl="sdpa-cudnn", ms=0.135, **base)]
-    bars = mod.bars(rows, 4.8)
+    bars = mod.bars(rows, 4.2)
     assert bars[0].startswith("PASS") and "0.120 ms (bsfa-plan)" in bars[0]
     assert "0.050 ms (bsfa-sparse)" in bars[2] and bars[2].startswith("PASS")
     rows[1]["ms"] = None  # the plan failed: attention's timing stands
-    assert "0.300 ms (bsfa-auto)" in mod.bars(rows, 4.8)[0]
+    assert "0.300 ms (bsfa-auto)" in mod.bars(rows, 4.2)[0]
+
+
+def test_floor_bar_names_a_tensor_core_floor_out_of_reach():
+    mod = _load()
+    nk = 131072
+    rows = []
+    for nq in (16, 128):
+        fl = mod.floor_ms(1, nq, nk, 32, 8, 128, 2, 4.2)
+        rows += [dict(impl="bsfa-plan", ms=1.0, nq=nq, nk=nk, floor_ms=fl, floor_ach_ms=fl, error=None)]
+    lines = mod.bars(rows, 4.2)
+    floor16 = next(x for x in lines if x.startswith("FAIL 16x") and "memory floor" in x)
+    floor128 = next(x for x in lines if x.startswith("FAIL 128x") and "memory floor" in x)
+    assert "out of reach" not in floor16
+    assert "out of reach" in floor128
+    # 128 rows: 4 * 32 * (128 * 131072 - 127 * 64) * 128 FLOP at 989 TFLOP/s.
+    assert abs(mod.compute_floor_ms(1, 128, nk, 32, 128) - 0.2780) < 1e-3

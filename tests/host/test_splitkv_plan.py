@@ -55,12 +55,15 @@ def test_pack_shape_keeps_a_heads_tile_rows_in_one_cta(Nq, G, rows, pack):
 
 
 def test_heuristic_fills_the_gpu_and_keeps_splits_long():
-    # decode, B=1, Hkv=8, one pack per K/V head: 8 CTAs of 64 rows, 2 resident per SM -> the fewest
-    # splits filling the 264 slots at least 85 % as well as 33 splits would
-    assert heuristic_splits(8, 2048, H200_SMS) == 29
-    assert heuristic_splits(8, 512, H200_SMS) == 29
-    assert heuristic_splits(8, 40, H200_SMS) == 9  # at most 40 // 4 splits (4 key tiles each)
+    # decode, B=1, Hkv=8, one pack per K/V head: 8 CTAs of 64 rows, 2 resident per SM -> one full
+    # wave, 264 // 8 = 33 splits; 16-row CTAs count one per SM -> 132 // 8 = 16
+    assert heuristic_splits(8, 2048, H200_SMS) == 33
+    assert heuristic_splits(8, 512, H200_SMS) == 33
+    assert heuristic_splits(8, 2048, H200_SMS, rows=16) == 16
+    assert heuristic_splits(8, 40, H200_SMS) == 10  # at most 40 // 4 splits (4 key tiles each)
     assert heuristic_splits(8, 3, H200_SMS) == 1
+    # fewer than two splits per CTA fit a wave: the fewest splits filling the waves 85 % as well as the best
+    assert heuristic_splits(70, 4096, H200_SMS, rows=128) == 3  # 210 CTAs: 1.59 waves, the best up to 4
     assert heuristic_splits(1000, 2048, H200_SMS) == 1  # the GPU is full already
     assert heuristic_splits(0, 10, H200_SMS) == 1
     assert heuristic_splits(32, 2048, H200_SMS, rows=128) == 4  # 128 CTAs, one resident per SM
@@ -73,12 +76,12 @@ def test_heuristic_fills_the_gpu_and_keeps_splits_long():
 
 
 def test_plan_and_grid():
-    p = plan(1, 1, 131072, 32, 8, H200_SMS)  # decode: the 16-row key-split kernel, 2 CTAs per SM as 64 rows
-    assert (p.rows, p.pack, p.n_packs, p.splits) == (16, 4, 1, 29)
-    assert p.grid(1, 8, 1) == (29, 8, 1)
+    p = plan(1, 1, 131072, 32, 8, H200_SMS)  # decode: the 16-row key-split kernel, one CTA per SM
+    assert (p.rows, p.pack, p.n_packs, p.splits) == (16, 4, 1, 16)
+    assert p.grid(1, 8, 1) == (16, 8, 1)
     p = plan(1, 16, 131072, 32, 8, H200_SMS)
-    assert (p.rows, p.pack, p.n_packs, p.splits) == (64, 4, 1, 29)
-    assert p.grid(1, 8, 1) == (29, 8, 1)
+    assert (p.rows, p.pack, p.n_packs, p.splits) == (64, 4, 1, 33)
+    assert p.grid(1, 8, 1) == (33, 8, 1)
     p = plan(1, 128, 131072, 32, 8, H200_SMS, num_splits=5)
     assert (p.rows, p.pack, p.n_packs, p.splits) == (128, 1, 4, 5)
     assert p.grid(1, 8, 1) == (5, 32, 1)
