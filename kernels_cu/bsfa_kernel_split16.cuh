@@ -87,6 +87,9 @@ __device__ __forceinline__ void fwd_split16_kernel(const Params& p) {
     const bool gated = p.thr_mode != 0;
     const int forced_lo = gated ? cta.qt.diag_lo : 0;
     const int forced_hi = gated ? cta.qt.diag_hi : cta.qt.c_end;
+    // Tiles whose V is prefetched with the top group (TR::kSpeculativeV: all of them).
+    const int v_lo = TR::kSpeculativeV ? lo : forced_lo;
+    const int v_hi = TR::kSpeculativeV ? hi : forced_hi;
     float thr[2];
     cta.thresholds(gated, row, thr);
     const unsigned all_slots = cta.all_slots();
@@ -105,7 +108,7 @@ __device__ __forceinline__ void fwd_split16_kernel(const Params& p) {
         // top / gate / next per tile.
 #pragma unroll
         for (int j = KS - 1; j >= 1; --j) {
-            kv.commit_top(hi + j, lo, hi, forced_lo, forced_hi);
+            kv.commit_top(hi + j, lo, hi, v_lo, v_hi);
             cp_async_commit();
             kv.commit_next(hi + j, lo, KS - 1 - j);
         }
@@ -120,7 +123,7 @@ __device__ __forceinline__ void fwd_split16_kernel(const Params& p) {
             cp_async_wait<Pipe::kTopPending>();
             cta_sync();
             const bool is_forced = c >= forced_lo && c <= forced_hi;
-            kv.commit_top(c, lo, hi, forced_lo, forced_hi);
+            kv.commit_top(c, lo, hi, v_lo, v_hi);
 
             // S of this warp's 16-key slice: Sc[0][nb][.] = keys 16 * warp + 8 * nb + 2 * (lane & 3) + {0, 1}.
             float Sc[1][TR::kSNBlocks][4];
@@ -167,7 +170,7 @@ __device__ __forceinline__ void fwd_split16_kernel(const Params& p) {
                 for (int w = 0; w < TR::kNWarps; ++w) kept |= __float_as_uint(lds_f32(slot_addr + w * 4));
             }
             cta.write_keep(keep, c, kept);
-            kv.commit_gate(c, !is_forced && kept != 0);
+            kv.commit_gate(c, !TR::kSpeculativeV && !is_forced && kept != 0);
             kv.commit_next(c, lo, ks == 0 ? KS - 1 : ks - 1);
             if (kept == 0) continue;
 
@@ -195,7 +198,7 @@ __device__ __forceinline__ void fwd_split16_kernel(const Params& p) {
                     O[0][nb][2 * hf + 1] *= alpha;
                 }
             }
-            if (!is_forced) {
+            if (!is_forced && !TR::kSpeculativeV) {
                 cp_async_wait<1>();
                 cta_sync();
             } else if (Pipe::kForcedVWait) {

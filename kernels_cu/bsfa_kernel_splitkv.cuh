@@ -122,6 +122,9 @@ __device__ __forceinline__ void fwd_splitkv_kernel(const Params& p) {
     const bool gated = p.thr_mode != 0;
     const int forced_lo = gated ? cta.qt.diag_lo : 0;
     const int forced_hi = gated ? cta.qt.diag_hi : cta.qt.c_end;
+    // Tiles whose V is prefetched with the top group (TR::kSpeculativeV: all of them).
+    const int v_lo = TR::kSpeculativeV ? lo : forced_lo;
+    const int v_hi = TR::kSpeculativeV ? hi : forced_hi;
     float thr[2];
     cta.thresholds(gated, row, thr);
     const unsigned all_slots = cta.all_slots();
@@ -140,7 +143,7 @@ __device__ __forceinline__ void fwd_splitkv_kernel(const Params& p) {
         // committed, as if the loop had started above hi.
 #pragma unroll
         for (int j = KS - 1; j >= 1; --j) {
-            kv.commit_top(hi + j, lo, hi, forced_lo, forced_hi);
+            kv.commit_top(hi + j, lo, hi, v_lo, v_hi);
             cp_async_commit();
             kv.commit_next(hi + j, lo, KS - 1 - j);
         }
@@ -165,7 +168,7 @@ __device__ __forceinline__ void fwd_splitkv_kernel(const Params& p) {
             cp_async_wait<Pipe::kTopPending>();
             cta_sync();
             const bool is_forced = c >= forced_lo && c <= forced_hi;
-            kv.commit_top(c, lo, hi, forced_lo, forced_hi);
+            kv.commit_top(c, lo, hi, v_lo, v_hi);
 
             float Sc[1][TR::kSNBlocks][4];
             qk_tile_q_regs<TR>(Sc, qf, k_lane + ks * TR::kKVTileBytes);
@@ -204,7 +207,7 @@ __device__ __forceinline__ void fwd_splitkv_kernel(const Params& p) {
                 for (int w = 0; w < TR::kNWarps; ++w) kept |= __float_as_uint(lds_f32(slot_addr + w * 4));
             }
             cta.write_keep(keep, c, kept);
-            kv.commit_gate(c, !is_forced && kept != 0);
+            kv.commit_gate(c, !TR::kSpeculativeV && !is_forced && kept != 0);
             kv.commit_next(c, lo, ks == 0 ? KS - 1 : ks - 1);
             if (kept == 0) continue;
 
@@ -233,9 +236,10 @@ __device__ __forceinline__ void fwd_splitkv_kernel(const Params& p) {
                 }
             }
             // V c: a gated one in this tile's gate group (its next group may
-            // stay in flight); a forced one in tile c+VS-1's top group, which
-            // the top wait covered already when VS >= KS.
-            if (!is_forced) {
+            // stay in flight); a forced one (and with TR::kSpeculativeV every
+            // one) in tile c+VS-1's top group, which the top wait covered
+            // already when VS >= KS.
+            if (!is_forced && !TR::kSpeculativeV) {
                 cp_async_wait<1>();
                 cta_sync();
             } else if (Pipe::kForcedVWait) {

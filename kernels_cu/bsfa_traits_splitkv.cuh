@@ -49,6 +49,15 @@ struct TraitsSplitKv : TileShape {
     // SM (109 KB each at head dim 128); 64 rows would fall to one CTA.
     static constexpr int kKStages = 3;
     static constexpr int kVStages = kKeySplit ? 3 : 2;
+    // 16 and 64 rows: V of every tile is prefetched like K, gated or not.  A
+    // CTA packs the query heads of a GQA group and needs a tile's V when any
+    // of them keeps it, 1 - (1 - rho)^G of the gated tiles with independent
+    // heads (0.68 at rho = 0.25, G = 4), so waiting for a V issued after the
+    // vote saves few bytes and exposes the memory latency on every kept tile
+    // (H200, 1 x 128K: 0.222 ms against 0.151 dense).  Skipped tiles still
+    // skip the softmax and P V.  128 rows are tensor-core bound: their V
+    // stays behind the vote.
+    static constexpr bool kSpeculativeV = kRows_ <= 64;
 
     static constexpr int kElemBytes = 2;
     static constexpr int kChunkElems = 16 / kElemBytes;
