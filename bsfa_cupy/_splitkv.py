@@ -36,6 +36,9 @@ KEY_SPLIT_ROWS = 16
 #: Hq=32, Hkv=8: 16 splits, one CTA per SM, 0.139 ms; 32 or 33 splits, two per SM, 0.145 ms), so
 #: the heuristic counts 1.  (Head dim 64 would fit more CTAs; the heuristic assumes 128.)
 CTAS_PER_SM = {16: 1, 64: 2, 128: 1}
+#: ... and with thresholds: the vote's barrier on every gated tile stalls a lone CTA, and two per SM
+#: hide it (1 x 128K, rho = 0.25: 33 splits 0.148 ms, 16 splits 0.171 ms).
+CTAS_PER_SM_GATED = {16: 2, 64: 2, 128: 1}
 #: Fewest key tiles a split is given by the heuristic: shorter ranges cost more in the merge and
 #: in the prologue (Q and the first K tiles) than they gain in parallelism.
 MIN_TILES_PER_SPLIT = 4
@@ -87,7 +90,7 @@ def pack_shape(Nq: int, G: int) -> tuple[int, int]:
     return rows, max(1, min(G, rows // R, MAX_PACK))
 
 
-def heuristic_splits(ctas: int, nK: int, sms: int, rows: int = 64) -> int:
+def heuristic_splits(ctas: int, nK: int, sms: int, rows: int = 64, gated: bool = False) -> int:
     """Splits for ``ctas`` split-kernel CTAs (at one split) of ``rows`` packed rows.
 
     1 when the GPU is full already (ctas >= resident slots). Where at least two splits of every
@@ -95,9 +98,9 @@ def heuristic_splits(ctas: int, nK: int, sms: int, rows: int = 64) -> int:
     wave streams K and V best (H200, B=1, Hq=32, Hkv=8, 16 x 128K on 64-row CTAs: 33 splits 0.179
     ms, 29 0.180, 16 0.209). Else the fewest splits whose waves are filled at least
     WAVE_EFFICIENCY as well as the best count's. Each split keeps MIN_TILES_PER_SPLIT key tiles or
-    more.
+    more. ``gated``: the call has thresholds (CTAS_PER_SM_GATED).
     """
-    slots = sms * CTAS_PER_SM[rows]
+    slots = sms * (CTAS_PER_SM_GATED if gated else CTAS_PER_SM)[rows]
     if ctas <= 0 or nK <= 0 or ctas >= slots:
         return 1
     longest = max(1, min(nK // MIN_TILES_PER_SPLIT, MAX_SPLITS))
@@ -114,12 +117,12 @@ def heuristic_splits(ctas: int, nK: int, sms: int, rows: int = 64) -> int:
 
 
 @functools.lru_cache(maxsize=1024)  # a per-layer loop repeats the same shapes: plan once
-def plan(B: int, Nq: int, Nk: int, Hq: int, Hkv: int, sms: int, num_splits=None) -> Plan:
+def plan(B: int, Nq: int, Nk: int, Hq: int, Hkv: int, sms: int, num_splits=None, gated: bool = False) -> Plan:
     G = Hq // Hkv
     rows, pack = pack_shape(Nq, G)
     n_packs = -(-G // pack)
     nQ, nK = -(-Nq // BLOCK_M), -(-Nk // BLOCK_N)
-    splits = num_splits if num_splits is not None else heuristic_splits(B * Hkv * nQ * n_packs, nK, sms, rows)
+    splits = num_splits if num_splits is not None else heuristic_splits(B * Hkv * nQ * n_packs, nK, sms, rows, gated)
     return Plan(rows, pack, n_packs, splits)
 
 

@@ -269,7 +269,8 @@ def _target(prob: _Problem, backend, causal, num_splits) -> _Target:
         if prob.B * prob.Hq * prob.Nq == 0:
             return _Target()
         mod = get_splitkv_module(key, _splitkv_backend(backend), dev)
-        plan = _splitkv.plan(prob.B, prob.Nq, prob.Nk, prob.Hq, prob.Hkv, sm_count(dev), num_splits)
+        plan = _splitkv.plan(prob.B, prob.Nq, prob.Nk, prob.Hq, prob.Hkv, sm_count(dev), num_splits,
+                             prob.fields["thr_mode"] != 0)
         return _Target(mod=mod, split=plan)
     return _Target(kern=_module(backend, prob.dtype, prob.D, causal, dev).fwd)
 

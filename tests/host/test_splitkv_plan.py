@@ -60,6 +60,8 @@ def test_heuristic_fills_the_gpu_and_keeps_splits_long():
     assert heuristic_splits(8, 2048, H200_SMS) == 33
     assert heuristic_splits(8, 512, H200_SMS) == 33
     assert heuristic_splits(8, 2048, H200_SMS, rows=16) == 16
+    assert heuristic_splits(8, 2048, H200_SMS, rows=16, gated=True) == 33  # thresholds: two per SM
+    assert plan(1, 1, 131072, 32, 8, H200_SMS, gated=True).splits == 33
     assert heuristic_splits(8, 40, H200_SMS) == 10  # at most 40 // 4 splits (4 key tiles each)
     assert heuristic_splits(8, 3, H200_SMS) == 1
     # fewer than two splits per CTA fit a wave: the fewest splits filling the waves 85 % as well as the best
