@@ -48,7 +48,7 @@ extern "C" __constant__ int BSFA_COMBINE_WARPS = bsfa::kCombineWarps;
 extern "C" __constant__ int BSFA_BLOCK_M = bsfa::TileShape::kBlockM;
 extern "C" __constant__ int BSFA_BLOCK_N = bsfa::TileShape::kBlockN;
 
-// Two 16-row or 64-row CTAs per SM (bsfa_cupy/_splitkv.py's CTAS_PER_SM), one 128-row CTA.
+// Up to two 16-row or 64-row CTAs per SM, one 128-row CTA (how many a call fills: bsfa_cupy/_splitkv.py, CTAS_PER_SM).
 extern "C" __global__ void __launch_bounds__(TR16::kNThreads, 2)
     bsfa_fwd_split16(const __grid_constant__ bsfa::Params p) {
     bsfa::fwd_split16_kernel<TR16, kCausal>(p);
