@@ -63,13 +63,11 @@ class Module:
 
 @dataclass
 class SplitKvModule:
-    """The split-KV family (kernels_cu/bsfa_fwd_splitkv.cu): three row-tile sizes and the merge."""
+    """The split-KV family (kernels_cu/bsfa_fwd_splitkv.cu): three row-tile sizes, each merging its partials."""
 
     key: VariantKey
     defines: tuple
     split: dict  # packed rows per CTA (16, 64, 128) -> (function, threads, dynamic smem bytes)
-    combine: object
-    combine_warps: int
     raw: object
 
 
@@ -107,9 +105,7 @@ def get_splitkv_module(key: VariantKey, backend: Backend, device_id: int) -> Spl
             smem = _read_int(raw, f"BSFA_SPLIT{rows}_SMEM_BYTES")
             _opt_in_smem(fn, smem)
             split[rows] = (fn, threads, smem)
-        combine = raw.get_function("bsfa_combine")
-        warps = _read_int(raw, "BSFA_COMBINE_WARPS")
-    return SplitKvModule(key, backend.defines, split, combine, warps, raw)
+    return SplitKvModule(key, backend.defines, split, raw)
 
 
 @functools.cache

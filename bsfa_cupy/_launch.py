@@ -16,7 +16,7 @@ _STRIDES = tuple(f"{t}_{d}" for t in "qkvo" for d in ("sb", "sn", "sh"))
 #: ``bsfa::Params``: same names, order and C layout (``align=True``).
 PARAMS = np.dtype(
     [(name, _PTR) for name in ("q", "k", "v", "out", "lse", "keep", "thresholds", "tile_max",
-                                        "cu_seqlens_q", "cu_seqlens_k", "o_part", "lse_part")]
+                                        "cu_seqlens_q", "cu_seqlens_k", "o_part", "lse_part", "split_done")]
     + [(name, _I64) for name in _STRIDES]
     + [(name, _I32) for name in ("Nq", "Nk", "Hq", "Hkv", "thr_mode", "thr_T", "k_start", "qk_shift",
                                         "total_q", "B", "num_splits", "pack_heads")]

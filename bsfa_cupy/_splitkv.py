@@ -5,8 +5,8 @@ B * Hq * nQ is small next to the SM count, and a 128-row tile is mostly padding 
 ``kernels_cu/bsfa_fwd_splitkv.cu`` packs the query heads of a GQA group into one CTA of 16, 64 or
 128 rows ((head, query row) pairs of one reference query tile, so each head's gate still sees its
 exact tile maximum; at 16 rows the CTA's 4 warps split each key tile instead of its rows), cuts
-the key tiles of each query tile into ``num_splits`` ranges over as many CTAs, and merges the fp32
-partials with ``bsfa_combine`` by the rule of ``bsfa_reference.merge_partials``. Everything here
+the key tiles of each query tile into ``num_splits`` ranges over as many CTAs, and the last CTA of
+each row group merges the fp32 partials by the rule of ``bsfa_reference.merge_partials``. Everything here
 but :func:`launch` is plain Python (CPU-tested).
 """
 from __future__ import annotations
@@ -153,34 +153,37 @@ def grid(p: Plan, B: int, Nq: int, Hkv: int) -> tuple[int, int, int]:
     return g
 
 
-def workspace(p: Plan, B: int, Nq: int, Hq: int, D: int):
-    """(o_part, lse_part): fp32 partials from CuPy's pool on the current device and stream.
+def workspace(p: Plan, g: tuple, B: int, Nq: int, Hq: int, D: int):
+    """(o_part, lse_part, split_done) from CuPy's pool on the current device and stream.
 
-    The pool is stream-ordered (a freed block is reused only behind the work of the stream it was
-    allocated on), so the current stream must be the one the kernels run on.
+    The fp32 partials, and one zeroed int32 counter per row group (y, z of the grid ``g``) that the split CTAs
+    count themselves in; the last one merges the group and sets its counter back to 0, so a
+    workspace kept for the next launch on the same stream needs no clearing. The pool is
+    stream-ordered (a freed block is reused only behind the work of the stream it was allocated
+    on), so the current stream must be the one the kernels run on.
     """
     cp = cupy()
     return (cp.empty((p.splits, B, Hq, Nq, D), dtype=cp.float32),
-            cp.empty((p.splits, B, Hq, Nq), dtype=cp.float32))
+            cp.empty((p.splits, B, Hq, Nq), dtype=cp.float32),
+            cp.zeros((g[1] * g[2],), dtype=cp.int32))
 
 
-def launch_kernels(mod, p: Plan, g: tuple, rows: int, params, stream=None) -> None:
-    """The split kernel then the merge, on ``stream`` (anything with ``.ptr``; None: CuPy's current)."""
+def launch_kernels(mod, p: Plan, g: tuple, params, stream=None) -> None:
+    """The split kernel (which merges its own partials) on ``stream`` (anything with ``.ptr``; None: CuPy's
+    current)."""
     fn, threads, smem = mod.split[p.rows]
     fn(g, (threads, 1, 1), (params,), shared_mem=smem, stream=stream)
-    w = mod.combine_warps
-    mod.combine((-(-rows // w), 1, 1), (32 * w, 1, 1), (params,), stream=stream)
 
 
 def launch(mod, frame, params_fields: dict, p: Plan, B: int, Nq: int, Hq: int, Hkv: int, D: int,
            pack_params) -> None:
-    """Both kernels on CuPy's current stream; the fp32 partials live for the call only."""
+    """The split kernel on CuPy's current stream; the fp32 partials and counters live for the call only."""
     g = grid(p, B, Nq, Hkv)
     # Call-local partials straight from CuPy's pool, sparing the caller's framework two allocations
     # and DLPack views.
     cp = cupy()
     with cp.cuda.Device(frame.device_id):
-        o_part, lse_part = workspace(p, B, Nq, Hq, D)
-    params = pack_params(**params_fields, o_part=o_part, lse_part=lse_part, num_splits=p.splits,
+        o_part, lse_part, done = workspace(p, g, B, Nq, Hq, D)
+    params = pack_params(**params_fields, o_part=o_part, lse_part=lse_part, split_done=done, num_splits=p.splits,
                          pack_heads=p.pack)
-    launch_kernels(mod, p, g, B * Hq * Nq, params)
+    launch_kernels(mod, p, g, params)

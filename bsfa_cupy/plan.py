@@ -26,7 +26,8 @@ __all__ = ["AttentionPlan"]
 
 #: Params fields that run fills per call (the split-KV partials per stream, see AttentionPlan._workspace).
 _CALL_POINTERS = ("q", "k", "v", "out", "lse")
-_OFFSETS = {name: _launch.PARAMS.fields[name][1] for name in _CALL_POINTERS + ("o_part", "lse_part", "thresholds")}
+_OFFSETS = {name: _launch.PARAMS.fields[name][1]
+            for name in _CALL_POINTERS + ("o_part", "lse_part", "split_done", "thresholds")}
 if [_OFFSETS[n] for n in _CALL_POINTERS] != [_OFFSETS["q"] + 8 * i for i in range(5)]:  # pragma: no cover
     raise ImportError("bsfa::Params: q, k, v, out and lse are expected as five consecutive pointers")
 _CALL = struct.Struct("<5Q")
@@ -249,7 +250,7 @@ class AttentionPlan:
             if target.mod is not None:
                 g = _splitkv.grid(target.split, prob.B, prob.Nq, prob.Hkv)
                 fields.update(num_splits=target.split.splits, pack_heads=target.split.pack)
-                self._launch_split = (target.mod, target.split, g, prob.B * prob.Hq * prob.Nq)
+                self._launch_split = (target.mod, target.split, g)
                 self._launch_fwd = None
             elif target.kern is not None:
                 kern = target.kern
@@ -326,9 +327,9 @@ class AttentionPlan:
             lse = io.empty(self._lse_shape, self._lse_dtype)
             stream = io.stream()
             if self._launch_split is not None:
-                mod, split, grid, rows = self._launch_split
+                mod, split, grid = self._launch_split
                 params = self._workspace(stream).bind(qp, kp, vp, op, so.ptr(lse), tp)
-                _splitkv.launch_kernels(mod, split, grid, rows, params, stream=stream)
+                _splitkv.launch_kernels(mod, split, grid, params, stream=stream)
             elif self._launch_fwd is not None:
                 fn, grid, block, smem = self._launch_fwd
                 params = self._params.bind(qp, kp, vp, op, so.ptr(lse), tp)
@@ -374,12 +375,12 @@ class AttentionPlan:
         entry = self._workspaces.get(stream.ptr)
         if entry is not None:
             return entry[0]
-        _, split, _, _ = self._launch_split
+        _, split, grid = self._launch_split
         B, Nq, Hq, D = self._out_shape
         with self._io.current(stream, self._device_id):
-            o_part, lse_part = _splitkv.workspace(split, B, Nq, Hq, D)
-        tmpl = self._params.with_pointers(o_part=o_part.data.ptr, lse_part=lse_part.data.ptr)
+            o_part, lse_part, done = _splitkv.workspace(split, grid, B, Nq, Hq, D)
+        tmpl = self._params.with_pointers(o_part=o_part.data.ptr, lse_part=lse_part.data.ptr, split_done=done.data.ptr)
         if len(self._workspaces) >= MAX_STREAMS:
             self._workspaces.pop(next(iter(self._workspaces)))
-        self._workspaces[stream.ptr] = (tmpl, o_part, lse_part)
+        self._workspaces[stream.ptr] = (tmpl, o_part, lse_part, done)
         return tmpl

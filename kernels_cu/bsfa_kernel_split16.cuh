@@ -31,6 +31,7 @@
 // Includes what it needs; TR is a TraitsSplitKv with kKeySplit.
 #pragma once
 
+#include "bsfa_combine.cuh"
 #include "bsfa_copy_sm80.cuh"
 #include "bsfa_gate.cuh"
 #include "bsfa_kernel_splitkv.cuh"
@@ -313,6 +314,10 @@ __device__ __forceinline__ void fwd_split16_kernel(const Params& p) {
             if (sub == 0) p.lse_part[prow] = row_lse(L, M, scale);
         }
     }
+
+    // The last split of this row group to get here merges the group (bsfa_combine.cuh); the vote
+    // slots are idle by now.
+    merge_if_last<TR::kHeadDim, TR::kBf16, TR::kNThreads>(p, sVote, cta.b, cta.h0, cta.n_slots, cta.qt.q0, cta.R);
 }
 
 }  // namespace bsfa

@@ -24,9 +24,12 @@ struct Params {
     const int* cu_seqlens_q;
     const int* cu_seqlens_k;
     // bsfa_fwd_splitkv only: per-split partials, out (S, B, Hq, Nq, D) and
-    // lse (S, B, Hq, Nq), fp32, merged by bsfa_combine.
+    // lse (S, B, Hq, Nq), fp32, merged by the last split CTA of each row
+    // group (bsfa_combine.cuh), which split_done counts: one int32 per
+    // (grid y, grid z) of the split grid, zero at launch and left zero.
     float* o_part;
     float* lse_part;
+    int* split_done;
     // Element strides of the batch, sequence and head dimensions (the last
     // dimension is contiguous); the batch strides are unused by
     // bsfa_fwd_varlen, whose q, k, v, out are (total, H, D).

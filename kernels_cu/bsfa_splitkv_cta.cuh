@@ -4,7 +4,7 @@
 // call by row count behind one launch (bsfa_cupy/_splitkv.py: same grid,
 // same Params), so the grid decode, the split boundaries, the packed-row
 // layout, the keep-mask entries and the partial-out rows are one contract
-// with the host and with bsfa_combine (bsfa_combine.cuh); one definition
+// with the host and with the merge (bsfa_combine.cuh); one definition
 // keeps the two kernels from drifting apart where no CPU test would notice.
 //
 //   SplitKvCta    built at the kernel top: who the CTA is (split, K/V head,
@@ -262,7 +262,7 @@ struct SplitKvLoads {
     }
 };
 
-// This split's partial-out rows, laid out as bsfa_combine reads them:
+// This split's partial-out rows, laid out as the merge reads them:
 // (num_splits, B, Hq, Nq) rows of lse_part, and of o_part with head-dim
 // columns.  Also the parking place of rows whose head skips a tile with a
 // non-finite V (park_o): the split's own rows, written at the end anyway.
