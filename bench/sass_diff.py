@@ -8,7 +8,7 @@ Each side is a git revision (its kernels_cu/ is exported to a temporary director
 of kernel sources.  Both are compiled as the compile test does (nvcc -cubin, -std=c++17; the
 mma.sync file for sm_80 and sm_90, dtype x head dim 32/64/96/128 x causal; the two sm_90a files,
 one-warpgroup and warp-specialised, with -ftz=true, head dim 64/128; the split-KV file
-(bsfa_fwd_split16/64/128, each merging its partials) for sm_80 and sm_90, head dim 64/128), disassembled with nvdisasm,
+(bsfa_fwd_split16/64/128, bsfa_combine) for sm_80 and sm_90, head dim 64/128), disassembled with nvdisasm,
 and compared kernel by kernel with addresses dropped, branch labels renumbered and the compiler's
 numbering of its internal helpers (which counts the kernels that call them) dropped.  --params
 also replaces every c[0x0][...] operand (kernel parameters) by one placeholder, for comparing

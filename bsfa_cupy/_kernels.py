@@ -63,11 +63,14 @@ class Module:
 
 @dataclass
 class SplitKvModule:
-    """The split-KV family (kernels_cu/bsfa_fwd_splitkv.cu): three row-tile sizes, each merging its partials."""
+    """The split-KV family (kernels_cu/bsfa_fwd_splitkv.cu): three row-tile sizes and the merge of the 64- and
+    128-row ones (the 16-row kernel merges its own partials)."""
 
     key: VariantKey
     defines: tuple
     split: dict  # packed rows per CTA (16, 64, 128) -> (function, threads, dynamic smem bytes)
+    combine: object
+    combine_warps: int
     raw: object
 
 
@@ -105,7 +108,9 @@ def get_splitkv_module(key: VariantKey, backend: Backend, device_id: int) -> Spl
             smem = _read_int(raw, f"BSFA_SPLIT{rows}_SMEM_BYTES")
             _opt_in_smem(fn, smem)
             split[rows] = (fn, threads, smem)
-    return SplitKvModule(key, backend.defines, split, raw)
+        combine = raw.get_function("bsfa_combine")
+        warps = _read_int(raw, "BSFA_COMBINE_WARPS")
+    return SplitKvModule(key, backend.defines, split, combine, warps, raw)
 
 
 @functools.cache

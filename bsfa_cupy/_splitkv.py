@@ -5,8 +5,9 @@ B * Hq * nQ is small next to the SM count, and a 128-row tile is mostly padding 
 ``kernels_cu/bsfa_fwd_splitkv.cu`` packs the query heads of a GQA group into one CTA of 16, 64 or
 128 rows ((head, query row) pairs of one reference query tile, so each head's gate still sees its
 exact tile maximum; at 16 rows the CTA's 4 warps split each key tile instead of its rows), cuts
-the key tiles of each query tile into ``num_splits`` ranges over as many CTAs, and the last CTA of
-each row group merges the fp32 partials by the rule of ``bsfa_reference.merge_partials``. Everything here
+the key tiles of each query tile into ``num_splits`` ranges over as many CTAs, and merges the fp32
+partials by the rule of ``bsfa_reference.merge_partials`` (in the 16-row kernel's last CTA of each row
+group, else with ``bsfa_combine``). Everything here
 but :func:`launch` is plain Python (CPU-tested).
 """
 from __future__ import annotations
@@ -168,16 +169,24 @@ def workspace(p: Plan, g: tuple, B: int, Nq: int, Hq: int, D: int):
             cp.zeros((g[1] * g[2],), dtype=cp.int32))
 
 
-def launch_kernels(mod, p: Plan, g: tuple, params, stream=None) -> None:
-    """The split kernel (which merges its own partials) on ``stream`` (anything with ``.ptr``; None: CuPy's
-    current)."""
+#: Packed rows per CTA of the split kernel that merges its own partials (the last CTA of each row group,
+#: kernels_cu/bsfa_combine.cuh); the others are followed by the bsfa_combine launch.
+SELF_MERGING_ROWS = KEY_SPLIT_ROWS
+
+
+def launch_kernels(mod, p: Plan, g: tuple, rows: int, params, stream=None) -> None:
+    """The split kernel, then for 64 / 128 packed rows the merge of ``rows`` output rows, on ``stream``
+    (anything with ``.ptr``; None: CuPy's current)."""
     fn, threads, smem = mod.split[p.rows]
     fn(g, (threads, 1, 1), (params,), shared_mem=smem, stream=stream)
+    if p.rows != SELF_MERGING_ROWS:
+        w = mod.combine_warps
+        mod.combine((-(-rows // w), 1, 1), (32 * w, 1, 1), (params,), stream=stream)
 
 
 def launch(mod, frame, params_fields: dict, p: Plan, B: int, Nq: int, Hq: int, Hkv: int, D: int,
            pack_params) -> None:
-    """The split kernel on CuPy's current stream; the fp32 partials and counters live for the call only."""
+    """The split kernels on CuPy's current stream; the fp32 partials and counters live for the call only."""
     g = grid(p, B, Nq, Hkv)
     # Call-local partials straight from CuPy's pool, sparing the caller's framework two allocations
     # and DLPack views.
@@ -186,4 +195,4 @@ def launch(mod, frame, params_fields: dict, p: Plan, B: int, Nq: int, Hq: int, H
         o_part, lse_part, done = workspace(p, g, B, Nq, Hq, D)
     params = pack_params(**params_fields, o_part=o_part, lse_part=lse_part, split_done=done, num_splits=p.splits,
                          pack_heads=p.pack)
-    launch_kernels(mod, p, g, params)
+    launch_kernels(mod, p, g, B * Hq * Nq, params)

@@ -250,7 +250,7 @@ class AttentionPlan:
             if target.mod is not None:
                 g = _splitkv.grid(target.split, prob.B, prob.Nq, prob.Hkv)
                 fields.update(num_splits=target.split.splits, pack_heads=target.split.pack)
-                self._launch_split = (target.mod, target.split, g)
+                self._launch_split = (target.mod, target.split, g, prob.B * prob.Hq * prob.Nq)
                 self._launch_fwd = None
             elif target.kern is not None:
                 kern = target.kern
@@ -327,9 +327,9 @@ class AttentionPlan:
             lse = io.empty(self._lse_shape, self._lse_dtype)
             stream = io.stream()
             if self._launch_split is not None:
-                mod, split, grid = self._launch_split
+                mod, split, grid, rows = self._launch_split
                 params = self._workspace(stream).bind(qp, kp, vp, op, so.ptr(lse), tp)
-                _splitkv.launch_kernels(mod, split, grid, params, stream=stream)
+                _splitkv.launch_kernels(mod, split, grid, rows, params, stream=stream)
             elif self._launch_fwd is not None:
                 fn, grid, block, smem = self._launch_fwd
                 params = self._params.bind(qp, kp, vp, op, so.ptr(lse), tp)
@@ -375,7 +375,7 @@ class AttentionPlan:
         entry = self._workspaces.get(stream.ptr)
         if entry is not None:
             return entry[0]
-        _, split, grid = self._launch_split
+        _, split, grid, _ = self._launch_split
         B, Nq, Hq, D = self._out_shape
         with self._io.current(stream, self._device_id):
             o_part, lse_part, done = _splitkv.workspace(split, grid, B, Nq, Hq, D)

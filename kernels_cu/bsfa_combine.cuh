@@ -6,10 +6,16 @@
 // whole row (lse and every out column NaN).  The parts are summed in split
 // order, so a result depends on the split count only through this rounding.
 //
-// Done by the split kernels themselves: the last CTA of a row group (the
-// splits of one packed query tile) to finish merges the group's rows
-// (merge_if_last).  A separate merge kernel cost a second launch and the gap
-// between the two, 15-20 us of a 130-150 us decode step on an H200.
+// Two ways, picked per split kernel (bsfa_fwd_splitkv.cu):
+//   merge_if_last  the 16-row kernel: the last CTA of a row group (the splits
+//                  of one packed query tile) to finish merges the group's
+//                  at most 16 rows.  A separate merge kernel cost a second
+//                  launch and the gap between the two, 15-20 us of a
+//                  130-150 us one-row decode step on an H200.
+//   combine_kernel the 64- and 128-row kernels: a second launch, one warp per
+//                  row over the whole grid.  One CTA merging 64-128 rows a
+//                  warp after another was slower than that launch (H200,
+//                  16 x 128K: 0.232 ms against 0.166 ms).
 //
 // Includes what it needs.
 #pragma once
@@ -99,6 +105,14 @@ __device__ __forceinline__ void combine_row(const Params& p, long long t, int la
     if (lane == 0) p.lse[(b * p.Hq + h) * p.Nq + i] = poisoned ? nan : lse;
 }
 
+constexpr int kCombineWarps = 4;
+
+// One warp per (b, h, i) row; grid (ceil(B*Hq*Nq / kCombineWarps)).
+template <int kHeadDim, bool kBf16>
+__device__ __forceinline__ void combine_kernel(const Params& p) {
+    const long long t = (long long)blockIdx.x * kCombineWarps + (threadIdx.x >> 5);
+    if (t < (long long)p.B * p.Hq * p.Nq) combine_row<kHeadDim, kBf16>(p, t, threadIdx.x & 31);
+}
 
 // Called by every thread of a split CTA after its partial rows are stored;
 // `flag` is 4 bytes of shared memory no thread reads any more.  Each CTA

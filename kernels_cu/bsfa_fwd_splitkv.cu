@@ -2,9 +2,10 @@
 // prefill): bsfa_fwd_split64 / bsfa_fwd_split128 (64 or 128 packed rows per
 // CTA, bsfa_kernel_splitkv.cuh) and bsfa_fwd_split16 (16 packed rows, the 4
 // warps splitting each key tile, bsfa_kernel_split16.cuh) write per-split
-// partials, and the last split CTA of each row group merges them into out
-// and lse (bsfa_combine.cuh).  mma.sync, any GPU from sm_80 on: the kernel is
-// memory bound, Hopper's wgmma would not help.
+// partials, merged into out and lse by bsfa_combine (64 / 128 rows) or by the
+// last split16 CTA of each row group (bsfa_combine.cuh says why).  mma.sync,
+// any GPU from sm_80 on: the kernel is memory bound, Hopper's wgmma would
+// not help.
 //
 // Specialisation macros (the launcher's compile key, as bsfa_fwd_sm80.cu):
 //   BSFA_DTYPE 0 = float16, 1 = bfloat16; BSFA_HEAD_DIM 64 or 128;
@@ -12,8 +13,9 @@
 //
 // Launch (bsfa_cupy/_splitkv.py): one bsfa::Params with o_part, lse_part,
 // split_done (zeroed int32, one per grid (y, z)), num_splits and pack_heads
-// set; grid (num_splits, nQ * Hkv * ceil(G / pack_heads), B).  Alignment as
-// bsfa_fwd_sm80.cu.
+// set; grid (num_splits, nQ * Hkv * ceil(G / pack_heads), B) for the split
+// kernels, then for 64 / 128 rows (ceil(B*Hq*Nq / BSFA_COMBINE_WARPS)) for
+// bsfa_combine.  Alignment as bsfa_fwd_sm80.cu.
 
 #if !defined(BSFA_DTYPE) || (BSFA_DTYPE != 0 && BSFA_DTYPE != 1)
 #error "BSFA_DTYPE must be 0 (float16) or 1 (bfloat16)"
@@ -25,6 +27,7 @@
 #error "BSFA_CAUSAL must be 0 or 1"
 #endif
 
+#include "bsfa_combine.cuh"
 #include "bsfa_kernel_split16.cuh"
 #include "bsfa_kernel_splitkv.cuh"
 #include "bsfa_params.cuh"
@@ -43,6 +46,7 @@ extern "C" __constant__ int BSFA_SPLIT64_THREADS = TR64::kNThreads;
 extern "C" __constant__ int BSFA_SPLIT64_SMEM_BYTES = TR64::kFwdSmemBytes;
 extern "C" __constant__ int BSFA_SPLIT128_THREADS = TR128::kNThreads;
 extern "C" __constant__ int BSFA_SPLIT128_SMEM_BYTES = TR128::kFwdSmemBytes;
+extern "C" __constant__ int BSFA_COMBINE_WARPS = bsfa::kCombineWarps;
 extern "C" __constant__ int BSFA_BLOCK_M = bsfa::TileShape::kBlockM;
 extern "C" __constant__ int BSFA_BLOCK_N = bsfa::TileShape::kBlockN;
 
@@ -62,3 +66,7 @@ extern "C" __global__ void __launch_bounds__(TR128::kNThreads, 1)
     bsfa::fwd_splitkv_kernel<TR128, kCausal>(p);
 }
 
+extern "C" __global__ void __launch_bounds__(bsfa::kCombineWarps * 32)
+    bsfa_combine(const __grid_constant__ bsfa::Params p) {
+    bsfa::combine_kernel<BSFA_HEAD_DIM, kBf16>(p);
+}

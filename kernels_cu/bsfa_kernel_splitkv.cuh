@@ -2,8 +2,8 @@
 // against a long K/V cache (decode, chunked prefill).  One CTA per (split,
 // packed row tile, batch): the key tiles of a reference query tile (128
 // rows) are cut into num_splits contiguous ranges, each CTA writes a partial
-// out (normalised, fp32) and lse for its range, and the last CTA of the row
-// group to finish merges them (bsfa_combine.cuh).  The rows of a CTA are packed (query head, query row)
+// out (normalised, fp32) and lse for its range, and bsfa_combine merges them
+// (bsfa_combine.cuh).  The rows of a CTA are packed (query head, query row)
 // pairs of one K/V head and one reference query tile: rows [j*R, (j+1)*R)
 // hold head hc*pack_heads + j of the group, R = min(Nq, 128), so K and V are
 // read once for every head of the pack.
@@ -20,7 +20,6 @@
 // Includes what it needs; TR is a TraitsSplitKv.
 #pragma once
 
-#include "bsfa_combine.cuh"
 #include "bsfa_copy_sm80.cuh"
 #include "bsfa_gate.cuh"
 #include "bsfa_mask.cuh"
@@ -287,10 +286,6 @@ __device__ __forceinline__ void fwd_splitkv_kernel(const Params& p) {
         }
         if ((lane & 3) == 0) p.lse_part[prow] = row_lse(lt, m[0][hf], scale);
     }
-
-    // The last split of this row group to get here merges the group (bsfa_combine.cuh); the vote
-    // slots are idle by now.
-    merge_if_last<TR::kHeadDim, TR::kBf16, TR::kNThreads>(p, sVote, cta.b, cta.h0, cta.n_slots, cta.qt.q0, cta.R);
 }
 
 }  // namespace bsfa

@@ -214,8 +214,9 @@ def _fake_plan(monkeypatch, split: bool, return_lse=False, device=0, current_dev
                  shapes={})
     if split:
         p = _splitkv.Plan(64, 4, 1, 7)
-        mod = types.SimpleNamespace(split={64: (_Fn(log, "split64"), 128, 1000)})
-        attrs.update(_launch_split=(mod, p, (7, 8, 1)), _launch_fwd=None, split=p)
+        mod = types.SimpleNamespace(split={64: (_Fn(log, "split64"), 128, 1000)}, combine=_Fn(log, "combine"),
+                                    combine_warps=4)
+        attrs.update(_launch_split=(mod, p, (7, 8, 1), 32), _launch_fwd=None, split=p)
 
         def workspace(plan, g, B, Nq, Hq, D):
             log.append(("workspace", g, (B, Nq, Hq, D)))
@@ -252,13 +253,15 @@ def test_run_split_kv_keeps_partials_per_stream(monkeypatch):
     plan.run(q, kv, kv)
     names = [e[0] for e in log]
     assert names.count("current") == 1, "partials are allocated once per stream"
-    assert names.count("split64") == 2, "one launch per run: the split kernel merges its own partials"
+    assert names.count("split64") == 2 and names.count("combine") == 2
     assert [e[1:] for e in log if e[0] == "workspace"] == [((7, 8, 1), (1, 1, 32, 128))]
     split = [e for e in log if e[0] == "split64"][0]
     params = split[3][0]
     assert params["o_part"] == 0x6000 and params["lse_part"] == 0x7000 and params["out"] == out.data_ptr()
     assert params["split_done"] == 0x8000  # the stream's counters, zeroed once and reset by the kernel
     assert split[1] == (7, 8, 1) and split[2] == (128, 1, 1) and split[4] == 1000
+    combine = [e for e in log if e[0] == "combine"][0]
+    assert combine[1] == (8, 1, 1) and combine[2] == (128, 1, 1)  # 32 rows, 4 warps a block
 
 
 def test_run_refuses_before_launching_and_takes_out(monkeypatch):

@@ -6,7 +6,8 @@ runtime hands to NVRTC (``bsfa_cupy._source.kernel_source``, headers folded in):
 * ``bsfa_fwd_sm80.cu`` (mma.sync) for sm_80 and sm_90: dtype x head dim 32/64/96/128 x causal;
 * ``bsfa_fwd_sm90.cu`` (wgmma) and ``bsfa_fwd_sm90ws.cu`` (warp-specialised TMA + wgmma) for
   sm_90a: dtype x head dim 64/128 x causal, with ``-ftz=true`` as the runtime compiles them;
-* ``bsfa_fwd_splitkv.cu`` (split-KV mma.sync: bsfa_fwd_split16, bsfa_fwd_split64, bsfa_fwd_split128)
+* ``bsfa_fwd_splitkv.cu`` (split-KV mma.sync: bsfa_fwd_split16, bsfa_fwd_split64, bsfa_fwd_split128,
+  bsfa_combine)
   for sm_80 and sm_90: dtype x head dim 64/128 x causal.
 
 For each, ptxas must report every entry point (bsfa_fwd, bsfa_fwd_varlen, bsfa_block_max) with
@@ -44,11 +45,11 @@ SPLITKV_SOURCE = "bsfa_fwd_splitkv.cu"
 SOURCES = (SM80_SOURCE, SM90_SOURCE, SM90WS_SOURCE, SPLITKV_SOURCE)
 KERNELS = ("bsfa_fwd", "bsfa_fwd_varlen", "bsfa_block_max")
 #: Sources with entry points and launch globals of their own (not those of KERNELS / GLOBALS).
-SOURCE_KERNELS = {SPLITKV_SOURCE: ("bsfa_fwd_split16", "bsfa_fwd_split64", "bsfa_fwd_split128")}
+SOURCE_KERNELS = {SPLITKV_SOURCE: ("bsfa_fwd_split16", "bsfa_fwd_split64", "bsfa_fwd_split128", "bsfa_combine")}
 SOURCE_GLOBALS = {
     SPLITKV_SOURCE: ("BSFA_SPLIT16_THREADS", "BSFA_SPLIT16_SMEM_BYTES", "BSFA_SPLIT64_THREADS",
                      "BSFA_SPLIT64_SMEM_BYTES", "BSFA_SPLIT128_THREADS", "BSFA_SPLIT128_SMEM_BYTES",
-                     "BSFA_BLOCK_M", "BSFA_BLOCK_N"),
+                     "BSFA_COMBINE_WARPS", "BSFA_BLOCK_M", "BSFA_BLOCK_N"),
 }
 #: Entry points a source does not have (none today: every source exports all three).
 MISSING_KERNELS: dict[str, tuple[str, ...]] = {}
