@@ -107,13 +107,8 @@ __device__ __forceinline__ void fwd_split16_kernel(const Params& p) {
     if (hi >= lo) {
         // The cp.async groups of bsfa_kernel_splitkv.cuh: the prologue, then
         // top / gate / next per tile.
-#pragma unroll
-        for (int j = KS - 1; j >= 1; --j) {
-            kv.commit_top(hi + j, lo, hi, v_lo, v_hi);
-            cp_async_commit();
-            kv.commit_next(hi + j, lo, KS - 1 - j);
-        }
-        cp_async_wait<Pipe::kGroupsPerTile * (KS - 1)>();  // Q
+        kv.commit_prologue(lo, hi, v_lo, v_hi);
+        cp_async_wait<Pipe::kProloguePending>();  // Q
         cta_sync();
         unsigned qf[TR::kQFragRegs];
         load_q_frags<TR>(qf, q_lane);

@@ -139,15 +139,8 @@ __device__ __forceinline__ void fwd_splitkv_kernel(const Params& p) {
     const float scale_log2 = scale * kLog2e;
 
     if (hi >= lo) {
-        // Prologue: the groups tiles hi + KS - 1 .. hi + 1 would have
-        // committed, as if the loop had started above hi.
-#pragma unroll
-        for (int j = KS - 1; j >= 1; --j) {
-            kv.commit_top(hi + j, lo, hi, v_lo, v_hi);
-            cp_async_commit();
-            kv.commit_next(hi + j, lo, KS - 1 - j);
-        }
-        cp_async_wait<Pipe::kGroupsPerTile * (KS - 1)>();  // Q
+        kv.commit_prologue(lo, hi, v_lo, v_hi);
+        cp_async_wait<Pipe::kProloguePending>();  // Q
         cta_sync();
         unsigned qf[TR::kQFragRegs];
         load_q_frags<TR>(qf, q_lane);

@@ -190,6 +190,8 @@ template <class TR>
 struct SplitKvPipe {
     static constexpr int kGroupsPerTile = 3;
     static constexpr int kTopPending = kGroupsPerTile * (TR::kKStages - 2);
+    // After SplitKvLoads::commit_prologue: all but its groups, i.e. Q.
+    static constexpr int kProloguePending = kGroupsPerTile * (TR::kKStages - 1);
     static constexpr bool kForcedVWait = TR::kVStages < TR::kKStages;
     static constexpr int kForcedVPending = 2 + kGroupsPerTile * (TR::kVStages - 1);
     static_assert(TR::kKStages >= 2 && TR::kVStages >= 2, "K and V prefetched at least one tile ahead");
@@ -248,6 +250,16 @@ struct SplitKvLoads {
         const int t = c - (TR::kKStages - 1);
         if (t >= lo) load_k(t, slot);
         cp_async_commit();
+    }
+    // Before the first tile hi: the groups tiles hi + kKStages - 1 .. hi + 1
+    // would have committed, as if the loop had started above hi.
+    __device__ __forceinline__ void commit_prologue(int lo, int hi, int v_lo, int v_hi) const {
+#pragma unroll
+        for (int j = TR::kKStages - 1; j >= 1; --j) {
+            commit_top(hi + j, lo, hi, v_lo, v_hi);
+            cp_async_commit();
+            commit_next(hi + j, lo, TR::kKStages - 1 - j);
+        }
     }
 
   private:
