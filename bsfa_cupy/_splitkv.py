@@ -30,6 +30,9 @@ HEAD_DIMS = (64, 128)
 #: split each 64-key tile into 16-key slices, so a decode step (R = 1 row per head) is not 15/16
 #: padding in every warp's MMAs as in the 64-row kernel.
 KEY_SPLIT_ROWS = 16
+#: Packed rows per CTA of the split kernel that merges its own partials (the last CTA of each row group,
+#: kernels_cu/bsfa_combine.cuh); the others are followed by the bsfa_combine launch.
+SELF_MERGING_ROWS = KEY_SPLIT_ROWS
 #: Split-kernel CTAs resident per SM, by packed rows per CTA, from the shared memory at head dim 128
 #: (about 227 KB per SM for CTAs; Q rows + 3 K tiles and 3 (16 rows) or 2 V tiles of 64 rows, 272
 #: bytes a row): 64 rows 102 KB (216 registers) -> 2, 128 rows 119 KB -> 1.  16 rows (106 KB, 181
@@ -157,7 +160,8 @@ def grid(p: Plan, B: int, Nq: int, Hkv: int) -> tuple[int, int, int]:
 def workspace(p: Plan, g: tuple, B: int, Nq: int, Hq: int, D: int):
     """(o_part, lse_part, split_done) from CuPy's pool on the current device and stream.
 
-    The fp32 partials, and one zeroed int32 counter per row group (y, z of the grid ``g``) that the split CTAs
+    The fp32 partials, and for the self-merging 16-row kernel (else None: the others never read it)
+    one zeroed int32 counter per row group (y, z of the grid ``g``) that the split CTAs
     count themselves in; the last one merges the group and sets its counter back to 0, so a
     workspace kept for the next launch on the same stream needs no clearing. The pool is
     stream-ordered (a freed block is reused only behind the work of the stream it was allocated
@@ -166,12 +170,7 @@ def workspace(p: Plan, g: tuple, B: int, Nq: int, Hq: int, D: int):
     cp = cupy()
     return (cp.empty((p.splits, B, Hq, Nq, D), dtype=cp.float32),
             cp.empty((p.splits, B, Hq, Nq), dtype=cp.float32),
-            cp.zeros((g[1] * g[2],), dtype=cp.int32))
-
-
-#: Packed rows per CTA of the split kernel that merges its own partials (the last CTA of each row group,
-#: kernels_cu/bsfa_combine.cuh); the others are followed by the bsfa_combine launch.
-SELF_MERGING_ROWS = KEY_SPLIT_ROWS
+            cp.zeros((g[1] * g[2],), dtype=cp.int32) if p.rows == SELF_MERGING_ROWS else None)
 
 
 def launch_kernels(mod, p: Plan, g: tuple, rows: int, params, stream=None) -> None:

@@ -379,7 +379,8 @@ class AttentionPlan:
         B, Nq, Hq, D = self._out_shape
         with self._io.current(stream, self._device_id):
             o_part, lse_part, done = _splitkv.workspace(split, grid, B, Nq, Hq, D)
-        tmpl = self._params.with_pointers(o_part=o_part.data.ptr, lse_part=lse_part.data.ptr, split_done=done.data.ptr)
+        tmpl = self._params.with_pointers(o_part=o_part.data.ptr, lse_part=lse_part.data.ptr,
+                                          split_done=0 if done is None else done.data.ptr)
         if len(self._workspaces) >= MAX_STREAMS:
             self._workspaces.pop(next(iter(self._workspaces)))
         self._workspaces[stream.ptr] = (tmpl, o_part, lse_part, done)
