@@ -1,7 +1,7 @@
 """Decode and short chunks against a long K/V cache: split-KV bsfa vs SDPA, and the memory floor.
 
 Usage: python bench/decode.py --out DIR [--shapes 1x32768 1x131072 16x131072 128x131072 1024x131072]
-           [--rho 0.25] [--flex] [--tag decode] [--dry-run]
+           [--rho 0.25] [--group-shared-q] [--flex] [--tag decode] [--dry-run]
 B=1, Hq=32, Hkv=8, D=128, float16 by default. Per Nq x Nk shape (queries at the end of the keys: bottom-right
 causal, which for Nq=1 is no mask at all):
   bsfa-auto         bsfa_cupy.attention, backend="auto" (the split-KV kernel where it routes there), dense
@@ -167,7 +167,8 @@ def markdown(result) -> str:
              f"B={result['b']}, Hq={result['hq']}, Hkv={result['hkv']}, D={result['d']}, {result['dtype']}; "
              f"queries at the end of the keys (bottom-right causal). Memory floor: K+V+Q+out bytes at "
              f"{result['peak_tbs']} TB/s (HBM peak) and at {result['achievable_tbs']} TB/s. ρ = kept share of "
-             "the gated tiles.", "",
+             "the gated tiles." + (" The query heads of each GQA group share one q (--group-shared-q), so they "
+                                    "keep the same tiles." if result.get("group_shared_q") else ""), "",
              "| Nq x Nk | impl | ms | x floor (peak) | x floor (achievable) | ρ | splits | note |",
              "|---|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
@@ -292,6 +293,8 @@ def run_gpu(args) -> dict:
                   flush=True)
 
         q = torch.randn(B, Nq, Hq, D, device="cuda", dtype=tdt)
+        if args.group_shared_q:  # every query head of a GQA group the same: one decision per group
+            q = q[:, :, :: Hq // Hkv].repeat_interleave(Hq // Hkv, dim=2).contiguous()
         k = torch.randn(B, Nk, Hkv, D, device="cuda", dtype=tdt)
         v = torch.randn(B, Nk, Hkv, D, device="cuda", dtype=tdt)
         plan = _splitkv.plan(B, Nq, Nk, Hq, Hkv, sms)
@@ -385,6 +388,9 @@ def main(argv=None):
     p.add_argument("--d", type=int, default=128, choices=(64, 128))
     p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
     p.add_argument("--rho", type=float, default=0.25, help="target kept share of the gated tiles")
+    p.add_argument("--group-shared-q", action="store_true",
+                   help="the query heads of each GQA group get the same q, so they keep the same tiles and the "
+                        "V share of the sparse rows is rho itself (the best case for a GQA-packed CTA)")
     p.add_argument("--peak-tbs", type=float, default=4.8, help="HBM peak for the floor (H200: 4.8 TB/s)")
     p.add_argument("--achievable-tbs", type=float, default=4.2, help="a second floor at an achievable rate")
     p.add_argument("--repeats", type=int, default=10)
@@ -402,6 +408,7 @@ def main(argv=None):
     res = run_dry(args) if args.dry_run else run_gpu(args)
     date = _dt.date.today().isoformat()
     result = dict(date=date, b=args.b, hq=args.hq, hkv=args.hkv, d=args.d, dtype=args.dtype, rho_target=args.rho,
+                  group_shared_q=args.group_shared_q,
                   peak_tbs=args.peak_tbs, achievable_tbs=args.achievable_tbs, **res)
     result["bars"] = bars(result["rows"], args.achievable_tbs, b=args.b, hq=args.hq, d=args.d)
     for b in result["bars"]:
