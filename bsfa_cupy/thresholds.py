@@ -91,6 +91,29 @@ class Thresholds:
             raise ValueError(f"k: {k} was not calibrated; expected one of the k values {list(self.k_values)}")
         return self.values[self.k_values.index(k), layer].copy()
 
+    def for_decode(self) -> Thresholds:
+        """The kernel's (128-row) table for decode steps, from row-calibrated thresholds (``block_m=1``).
+
+        Thresholds calibrated on 128-row tiles must not be used at decode: a decode tile's maximum
+        runs over its one row and falls below them, so most tiles are skipped (on SmolLM2-135M at 1K
+        tokens, k = 12 skips 5.5 % at prefill and 79 % at decode, +132 % perplexity; bench/NOTES.md).
+        Calibrated on each row's own tile maxima instead (``bsfa_cupy.hf.calibrate(..., block_m=1)``
+        or ``Calibrator(..., block_m=1)`` on the CPU), they keep about k tiles per decode row. The
+        kernel looks a call's threshold up at position (q_start + 128 a) // 128; position j here takes
+        the row-calibrated value of row 128 j + 127 (the tile's last row, clamped to the last
+        calibrated one), so a decode row at position P uses that of the last row of its tile.
+        """
+        if self.block_m != 1:
+            raise ValueError(
+                f"for_decode: expected row-calibrated thresholds (block_m=1), got block_m={self.block_m}; "
+                "calibrate with block_m=1"
+            )
+        T = self.num_positions
+        rows = np.minimum(np.arange(-(-T // BLOCK_M)) * BLOCK_M + BLOCK_M - 1, T - 1)
+        prov = {**self.provenance, "for_decode": f"rows 128j+127 of {T} row-calibrated positions"}
+        return Thresholds(self.values[..., rows], self.k_values, block_m=BLOCK_M, block_n=self.block_n,
+                          causal=self.causal, provenance=prov)
+
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_calibrators(cls, calibrators, provenance=None) -> Thresholds:

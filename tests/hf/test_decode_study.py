@@ -63,3 +63,15 @@ def test_thresholded_decode_counts_and_skips_tiles(setup):
     share = mod.skipped_share(tiles)
     assert 0.0 < share <= 1.0, f"k=1 thresholds skipped {share:.3f} of the gated decode tiles"
     assert mod.skipped_share(np.array([3, 1, 9])) == 0.25
+
+
+def test_row_calibration_for_decode_runs_at_decode_as_the_kernels_table(setup):
+    mod, model, ids, _ = setup
+    rows = hf.calibrate(model, [ids[:, :PROMPT]], k_values=[1, 2], progress=False, block_m=1)
+    thr = rows.for_decode()
+    assert (thr.block_m, thr.num_positions) == (128, 3)  # 300 calibrated rows
+    logits, tiles = mod.run_decode(model, thr, 1, ids, PROMPT)
+    assert np.isfinite(logits.numpy()).all()
+    # decode rows at 300..308 clamp to position 2, row 299's thresholds: about k = 1 of the 4 gated tiles kept
+    share = mod.skipped_share(tiles)
+    assert 0.25 <= share <= 1.0, f"k=1 row thresholds skipped {share:.3f} of the gated decode tiles"

@@ -445,3 +445,22 @@ def test_official_file_damaged_or_mistyped(tmp_path):
     path.write_bytes(good[: len(good) // 2])
     with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: torch.load"):
         Thresholds.load_official(path)
+
+
+def test_for_decode_takes_each_tiles_last_row_of_a_row_calibration():
+    T = 300  # row positions 0..299: 128-row positions 0, 1, 2 take rows 127, 255 and 299 (the last)
+    vals = np.arange(2 * 3 * 4 * T, dtype=np.float32).reshape(2, 3, 4, T)
+    vals[0, 1, 2, 255] = -np.inf  # keep-all stays keep-all
+    rows = Thresholds(vals, [4, 8], block_m=1, block_n=64, provenance={"source": "test"})
+    dec = rows.for_decode()
+    assert (dec.block_m, dec.block_n, dec.k_values, dec.num_positions) == (128, 64, (4, 8), 3)
+    np.testing.assert_array_equal(dec.values, vals[..., [127, 255, 299]])
+    assert dec.values[0, 1, 2, 1] == -np.inf
+    assert dec.provenance["source"] == "test" and "for_decode" in dec.provenance
+    np.testing.assert_array_equal(Thresholds(vals[..., :100], [4, 8], block_m=1).for_decode().values,
+                                  vals[..., [99]])  # fewer rows than one tile: the last one
+
+
+def test_for_decode_refuses_tile_calibrated_thresholds():
+    with pytest.raises(ValueError, match="expected row-calibrated thresholds \\(block_m=1\\), got block_m=128"):
+        Thresholds(np.zeros((1, 1, 2, 4)), [8]).for_decode()
