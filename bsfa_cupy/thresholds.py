@@ -96,7 +96,7 @@ class Thresholds:
 
         Thresholds calibrated on 128-row tiles must not be used at decode: a decode tile's maximum
         runs over its one row and falls below them, so most tiles are skipped (on SmolLM2-135M at 1K
-        tokens, k = 12 skips 5.5 % at prefill and 79 % at decode, +132 % perplexity; bench/NOTES.md).
+        tokens, k = 12 skips 5.5 % at prefill and 79 % at decode, +132 % perplexity).
         Calibrated on each row's own tile maxima instead (``bsfa_cupy.hf.calibrate(..., block_m=1)``
         or ``Calibrator(..., block_m=1)`` on the CPU), they keep about k tiles per decode row. The
         kernel looks a call's threshold up at position (q_start + 128 a) // 128; position j here takes
