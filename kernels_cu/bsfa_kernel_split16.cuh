@@ -42,6 +42,7 @@
 #include "bsfa_ptx.cuh"
 #include "bsfa_softmax.cuh"
 #include "bsfa_splitkv_cta.cuh"
+#include "bsfa_splitkv_tile.cuh"
 #include "bsfa_traits.cuh"
 
 namespace bsfa {
@@ -74,11 +75,8 @@ __device__ __forceinline__ void fwd_split16_kernel(const Params& p) {
     // The thread's two accumulator rows (c0c1 and c2c3 of the m16 block).
     const int rbase = lane >> 2;
     const PackedRow row[2] = {cta.row(rbase), cta.row(rbase + 8)};
-    // A real row's bit in the per-slot keep mask; 0 for pad rows, which never
-    // vote and read as skipping (harmless: they are never written).
     unsigned row_bit[2];
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) row_bit[hf] = row[hf].valid ? 1u << row[hf].slot : 0u;
+    row_bits(row, row_bit);
 
     cta.load_q(sQ);
 
@@ -125,17 +123,8 @@ __device__ __forceinline__ void fwd_split16_kernel(const Params& p) {
             float Sc[1][TR::kSNBlocks][4];
             qk_tile_q_regs<TR>(Sc, qf, k_lane + ks * TR::kKVTileBytes);
             if (c >= mask_from) {
-                const int col0 = c * TR::kBlockN + warp * TR::kWarpKeys + 2 * (lane & 3);
-#pragma unroll
-                for (int hf = 0; hf < 2; ++hf) {
-                    const int lim = kCausal ? imin(cta.Nk - 1, row[hf].i + cta.pr.shift) : cta.Nk - 1;
-                    const int rel = lim - col0;
-#pragma unroll
-                    for (int nb = 0; nb < TR::kSNBlocks; ++nb)
-#pragma unroll
-                        for (int e = 0; e < 2; ++e)
-                            if (nb * TR::kMmaN + e > rel) Sc[0][nb][2 * hf + e] = neg_inf();
-                }
+                mask_keys<TR, kCausal>(Sc, row, c * TR::kBlockN + warp * TR::kWarpKeys + 2 * (lane & 3), cta.Nk,
+                                       cta.pr.shift);
             }
             // Row maxima over the slice (max.f32: NaN skipped unless all NaN), quad-complete.
             float tile_mx[1][2];
@@ -152,48 +141,15 @@ __device__ __forceinline__ void fwd_split16_kernel(const Params& p) {
             // Head slots keeping tile c: all when forced, else the OR over
             // each slot's real rows and the 4 slices of (slice max * scale >= thr).
             unsigned kept = all_slots;
-            if (!is_forced) {
-                unsigned bits = 0;
-#pragma unroll
-                for (int hf = 0; hf < 2; ++hf)
-                    if (tile_mx[0][hf] * scale >= thr[hf]) bits |= row_bit[hf];
-                bits = warp_or(bits);
-                const unsigned slot_addr = sVote + ((c & 1) * TR::kNWarps) * 4;
-                if (lane == 0) sts32(slot_addr + warp * 4, bits);
-                cta_sync();
-                kept = 0;
-#pragma unroll
-                for (int w = 0; w < TR::kNWarps; ++w) kept |= __float_as_uint(lds_f32(slot_addr + w * 4));
-            }
+            if (!is_forced) kept = vote_slots<TR>(tile_mx, thr, row_bit, scale, sVote, c, lane, warp);
             cta.write_keep(keep, c, kept);
             kv.commit_gate(c, !TR::kSpeculativeV && !is_forced && kept != 0);
             kv.commit_next(c, lo, ks == 0 ? KS - 1 : ks - 1);
             if (kept == 0) continue;
 
-            if (!is_forced) {
-                // Rows of heads that skip the tile: as if it did not exist.
-#pragma unroll
-                for (int hf = 0; hf < 2; ++hf) {
-                    if (!(kept & row_bit[hf])) {
-                        tile_mx[0][hf] = neg_inf();
-#pragma unroll
-                        for (int nb = 0; nb < TR::kSNBlocks; ++nb) {
-                            Sc[0][nb][2 * hf] = neg_inf();
-                            Sc[0][nb][2 * hf + 1] = neg_inf();
-                        }
-                    }
-                }
-            }
+            if (!is_forced) drop_skipping_rows<TR>(Sc, tile_mx, kept, row_bit);
             unsigned P[1][TR::kKeySteps][4];
-#pragma unroll
-            for (int hf = 0; hf < 2; ++hf) {
-                const float alpha = softmax_row<TR>(Sc, 0, hf, tile_mx[0][hf], m[0][hf], l[0][hf], P, scale_log2);
-#pragma unroll
-                for (int nb = 0; nb < TR::kONBlocks; ++nb) {
-                    O[0][nb][2 * hf] *= alpha;
-                    O[0][nb][2 * hf + 1] *= alpha;
-                }
-            }
+            softmax_update<TR>(Sc, tile_mx, m, l, O, P, scale_log2);
             if (!is_forced && !TR::kSpeculativeV) {
                 cp_async_wait<1>();
                 cta_sync();
