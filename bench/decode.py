@@ -298,6 +298,7 @@ def run_gpu(args) -> dict:
         k = torch.randn(B, Nk, Hkv, D, device="cuda", dtype=tdt)
         v = torch.randn(B, Nk, Hkv, D, device="cuda", dtype=tdt)
         plan = _splitkv.plan(B, Nq, Nk, Hq, Hkv, sms)
+        sparse_splits = _splitkv.plan(B, Nq, Nk, Hq, Hkv, sms, gated=True).splits
         routed = _splitkv.wanted("auto", None, B, Nq, Nk, Hq, D, sms)
         with torch.inference_mode():
             for impl, be in (("bsfa-auto", "auto"), ("bsfa-splitkv", "splitkv"), ("bsfa-unsplit", unsplit)):
@@ -320,7 +321,7 @@ def run_gpu(args) -> dict:
                 rho = realised_rho(cp.from_dlpack(keep), tm, Nq, Nk, xp=cp)
                 vsh = v_share(cp.from_dlpack(keep), tm, Nq, Nk, Hkv, xp=cp)
                 add("bsfa-sparse", ms=timer(lambda i: bsfa_cupy.attention(q, k, v, thr), 1), rho=rho, v_share=vsh,
-                    rho_target=args.rho, splits=plan.splits if routed else None)
+                    rho_target=args.rho, splits=sparse_splits if routed else None)
             except Exception as exc:
                 add("bsfa-sparse", error=f"{type(exc).__name__}: {exc}".splitlines()[0][:160])
             try:

@@ -1,7 +1,8 @@
 """Host time of one `attention` call: a tiny problem launched back to back, so the host is the bottleneck.
 
 Usage: python bench/host_overhead.py [--calls 2000] [--backend auto|sm80|sm90]
-Prints microseconds per call for CuPy and torch inputs, dense, with a DeviceThresholds, with a plain device
+Prints microseconds per call for CuPy and torch inputs, dense (through attention's kept plans, and through its
+full path that redoes every check per call), with a DeviceThresholds, with a plain device
 thresholds array (NaN check and stream wait per call) and with `return_lse=True, return_keep=True`; then the
 same calls through an AttentionPlan (`plan.run`), a decode shape (1 row against 32K keys, B=1, Hq=32, Hkv=8,
 D=128: the split-KV path) through attention and a plan, and what the split-KV partials would cost allocated per
@@ -19,8 +20,10 @@ args = p.parse_args()
 import cupy as cp  # noqa: E402  (after argparse: --help works without a GPU)
 
 import bsfa_cupy  # noqa: E402
+from bsfa_cupy.ops import _attention  # noqa: E402
 
 attention = functools.partial(bsfa_cupy.attention, backend=args.backend)
+full_path = functools.partial(_attention, backend=args.backend)  # no kept plans: all host work per call
 
 
 def per_call_us(fn):
@@ -42,6 +45,7 @@ arr = cp.zeros((2, 2), cp.float32)
 handle = bsfa_cupy.DeviceThresholds(arr)
 cases = {
     "cupy dense": lambda: attention(q, k, v),
+    "cupy dense, full path": lambda: full_path(q, k, v),
     "cupy DeviceThresholds": lambda: attention(q, k, v, handle),
     "cupy device array": lambda: attention(q, k, v, arr),
     "cupy dense, lse+keep": lambda: attention(q, k, v, return_lse=True, return_keep=True),
@@ -51,6 +55,7 @@ try:
 
     tq, tk, tv = (torch.from_dlpack(x) for x in (q, k, v))
     cases["torch dense"] = lambda: attention(tq, tk, tv)
+    cases["torch dense, full path"] = lambda: full_path(tq, tk, tv)
     cases["torch DeviceThresholds"] = lambda: attention(tq, tk, tv, handle)
 except ImportError:
     pass
@@ -74,6 +79,7 @@ dk = rng.standard_normal((1, 32768, 8, 128), dtype=cp.float32).astype(cp.float16
 dv = rng.standard_normal((1, 32768, 8, 128), dtype=cp.float32).astype(cp.float16)
 decode = {
     "decode cupy attention": lambda: bsfa_cupy.attention(dq, dk, dv),
+    "decode cupy full path": lambda: _attention(dq, dk, dv),
 }
 dplan = bsfa_cupy.AttentionPlan(dq, dk, dv)
 decode["decode cupy plan.run"] = lambda: dplan.run(dq, dk, dv)
@@ -83,6 +89,7 @@ try:
     dtq, dtk, dtv = (torch.from_dlpack(x) for x in (dq, dk, dv))
     tplan = bsfa_cupy.AttentionPlan(dtq, dtk, dtv)
     decode["decode torch attention"] = lambda: bsfa_cupy.attention(dtq, dtk, dtv)
+    decode["decode torch full path"] = lambda: _attention(dtq, dtk, dtv)
     decode["decode torch plan.run"] = lambda: tplan.run(dtq, dtk, dtv)
     decode["decode torch sdpa"] = lambda: torch.nn.functional.scaled_dot_product_attention(
         dtq.transpose(1, 2), dtk.transpose(1, 2), dtv.transpose(1, 2), enable_gqa=True)
@@ -97,7 +104,7 @@ try:
 
     def per_call_partials():
         with cp.cuda.Device(0), ext:
-            _splitkv.workspace(sp, 1, 1, 32, 128)
+            _splitkv.workspace(sp, dplan._launch_split[2], 1, 1, 32, 128)
 
     decode["partials per call"] = per_call_partials
     decode["partials cached"] = lambda: tplan._workspace(tplan._io.stream())

@@ -11,7 +11,7 @@ from ._compile import KernelCompileError
 from ._variants import HEAD_DIMS, Backend
 from .calibration import Calibrator
 from .device_thresholds import DeviceThresholds
-from .ops import attention, block_max_scores
+from .ops import attention, block_max_scores, clear_plan_cache
 from .plan import AttentionPlan
 from .thresholds import Thresholds
 from .varlen import attention_varlen
@@ -30,5 +30,6 @@ __all__ = [
     "attention",
     "attention_varlen",
     "block_max_scores",
+    "clear_plan_cache",
     "has_gpu",
 ]

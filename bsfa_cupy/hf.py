@@ -30,8 +30,14 @@ see :func:`stats`):
 * sliding-window layer (``sliding_window`` passed or a non-None ``module.sliding_window``): SDPA,
   "sdpa_sliding_window"
 * dropout > 0, or autograd recording (the kernel is forward-only): SDPA, "sdpa_dropout" / "sdpa_grad"
-* q_len == 1: SDPA, "sdpa_decode"; 1 < q_len < 128 (less than one query tile, where every key
-  tile is diagonal and nothing could be skipped): SDPA, "sdpa_short"
+* fewer than 128 new queries (one query tile; q_len == 1 is a decode step): on CUDA against at least
+  ``SHORT_MIN_KV`` cached keys (``DECODE_MIN_KV`` for one query), with a supported dtype and head dim,
+  the causal mask (none for a decode step) and no padding, dense BSFA through the split-KV kernel,
+  "bsfa_short" / "bsfa_decode": exact attention,
+  faster there than SDPA (see SHORT_MIN_KV). The thresholds are not applied: they were calibrated on
+  the maxima of full 128-row tiles, and a tile of a few rows has lower maxima, so they would skip
+  far more than calibrated (measured at decode on SmolLM2: +132 % perplexity). Otherwise SDPA,
+  "sdpa_decode" / "sdpa_short"
 * CUDA with a dtype other than float16/bfloat16 or a head dim the kernel lacks: SDPA,
   "sdpa_dtype" / "sdpa_head_dim"; a device other than CPU or CUDA: SDPA, "sdpa_device"
 * no mask and q_len == kv_len (unpadded prefill): BSFA, "bsfa". No mask and q_len < kv_len only
@@ -81,8 +87,14 @@ if int(transformers.__version__.split(".")[0]) < 5:  # pragma: no cover
 __all__ = ["attention_forward", "calibrate", "enable", "head_stats", "register", "reset_stats", "stats", "tile_stats"]
 
 DEFAULT_NAME = "bsfa"
-#: shortest query chunk sent to BSFA: one query tile
+#: shortest query chunk sent to BSFA with thresholds: one query tile
 MIN_Q_LEN = BLOCK_M
+#: fewest cached keys for which a short chunk (1 < q_len < 128) runs dense BSFA rather than SDPA: with a
+#: bottom-right causal mask, transformers' SDPA path repeats K and V for every query head (no GQA with a
+#: mask) and SDPA takes a masked kernel, while the split-KV kernel reads K and V once per GQA group.
+SHORT_MIN_KV = 2048
+#: ... and for a decode step (q_len == 1, no mask: SDPA's GQA kernels).
+DECODE_MIN_KV = math.inf
 _GPU_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -299,10 +311,13 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     path = _route(module, query, key, attention_mask, dropout, kwargs)
     if path == "eager_softcap":
         return _eager_softcap(module, query, key, value, attention_mask, scaling, dropout, kwargs)
-    if isinstance(path, str) and path != "bsfa":
+    if isinstance(path, str) and path not in ("bsfa", "bsfa_short", "bsfa_decode"):
         _count(module, path)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    if path in ("bsfa_short", "bsfa_decode"):  # dense: see the module docstring
+        _count(module, path)
+        return _bsfa(query, key, value, None, scaling), None
     Nq = query.shape[2]
     thr = _layer_thresholds(state, module, query)
     tally = _Tally(module, state.block, state.tile_stats, state.head_stats) if state is not None else None
@@ -346,10 +361,11 @@ def _route(module, query, key, attention_mask, dropout, kwargs):
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad):
         return "sdpa_grad"
     Nq, Nk = query.shape[2], key.shape[2]
-    if Nq == 1:
-        return "sdpa_decode"
+    short = None
     if Nq < MIN_Q_LEN:
-        return "sdpa_short"
+        short = "decode" if Nq == 1 else "short"
+        if query.device.type != "cuda" or Nk < (DECODE_MIN_KV if Nq == 1 else SHORT_MIN_KV):
+            return "sdpa_" + short
     if query.device.type == "cuda":
         if query.dtype not in _GPU_DTYPES:
             return "sdpa_dtype"
@@ -360,9 +376,17 @@ def _route(module, query, key, attention_mask, dropout, kwargs):
     elif not query.dtype.is_floating_point:
         return "sdpa_dtype"
     if attention_mask is None:
-        return "bsfa" if Nk >= Nq else "sdpa_mask"
+        if Nk < Nq:
+            return "sdpa_mask"
+        if short == "short":  # no mask over a cache: an empty static one (see attention_forward), nothing cached
+            return "sdpa_short"
+        return "bsfa" if short is None else "bsfa_decode"  # one query sees every key, as SDPA's unmasked call
     plan = _causal_rows(attention_mask, query.shape[0], Nq, Nk)
-    return "sdpa_mask" if plan is None else plan
+    if plan is None:
+        return "sdpa_mask"
+    if short is not None:  # padded short chunks stay on SDPA (one launch; packing them would cost more)
+        return "bsfa_" + short if bool(plan[0].all()) else "sdpa_" + short
+    return plan
 
 
 def _causal_rows(mask, B, Nq, Nk):

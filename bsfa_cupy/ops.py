@@ -14,7 +14,7 @@ from ._kernels import compute_capability, get_module, get_splitkv_module, sm_cou
 from ._variants import DTYPES, HEAD_DIMS, Backend, as_backend, select
 from .device_thresholds import kernel_thresholds
 
-__all__ = ["Backend", "attention", "block_max_scores"]
+__all__ = ["Backend", "attention", "block_max_scores", "clear_plan_cache"]
 
 _ALIGN = 16  # cp.async moves 16-byte rows
 _INT32_MAX = 2**31 - 1  # the kernels hold positions in int32
@@ -140,6 +140,9 @@ def attention(q, k, v, thresholds=None, *, causal=True, softmax_scale=None, retu
     ``plan.run(q, k, v)`` per call only checks the arrays' type, shape, strides, dtype, device and
     alignment, allocates the outputs and launches: the same kernel and Params, so bitwise the same
     results, at a fraction of the host time (torch and CuPy arrays; see :class:`AttentionPlan`).
+    This function keeps such plans itself (the last 32 layouts; :func:`clear_plan_cache` drops
+    them) for torch and CuPy calls with thresholds None, a scalar or a :class:`DeviceThresholds`,
+    without ``out`` or ``return_keep``; other calls take the full path every time.
 
     Calibration and decode: the threshold of a query tile is that of its absolute position
     (q_start + 128a) // 128, so a decode step (one row at position P) uses the threshold of
@@ -153,6 +156,21 @@ def attention(q, k, v, thresholds=None, *, causal=True, softmax_scale=None, retu
         out (input dtype), then lse (B, Hq, Nq) float32 if ``return_lse``, then keep
         (B, Hq, nQ, nK) bool if ``return_keep``. Rows with no kept valid key give 0 and -inf.
     """
+    if out is None and not return_keep:
+        from . import _plan_cache  # imports plan, which imports this module
+
+        res = _plan_cache.run(q, k, v, thresholds, causal, softmax_scale, return_lse, backend, q_start, k_start,
+                              num_splits)
+        if res is not None:
+            return res
+    return _attention(q, k, v, thresholds, causal=causal, softmax_scale=softmax_scale, return_lse=return_lse,
+                      return_keep=return_keep, out=out, backend=backend, q_start=q_start, k_start=k_start,
+                      num_splits=num_splits)
+
+
+def _attention(q, k, v, thresholds=None, *, causal=True, softmax_scale=None, return_lse=False, return_keep=False,
+               out=None, backend="auto", q_start=None, k_start=0, num_splits=None):
+    """attention without the kept plans: every check, view and allocation on each call."""
     num_splits, backend = _call_args(q, k, v, q_start, k_start, num_splits, backend)
     frame = frame_for(q)
     with on(frame) as stream:
@@ -172,6 +190,13 @@ def attention(q, k, v, thresholds=None, *, causal=True, softmax_scale=None, retu
 
     return _results(frame, (out_native, out_view), (lse_native, lse_view) if return_lse else None,
                     (keep_native, keep_view) if return_keep else None)
+
+
+def clear_plan_cache() -> None:
+    """Drop the plans :func:`attention` keeps by layout (and the split-KV partials they hold)."""
+    from . import _plan_cache
+
+    _plan_cache.clear()
 
 
 def _call_args(q, k, v, q_start, k_start, num_splits, backend):

@@ -65,3 +65,40 @@ def test_padded_rows_are_their_own_calls_and_padding_is_zero(gated):
             f"row {b}: the packed call differs from the row's own call (worst {float(diff.max()):.3e}, "
             f"{int((diff > 0).sum())} entries)"
         )
+
+
+@pytest.mark.parametrize("nq", [1, 5, 127])
+def test_short_chunks_over_a_cache_run_dense_bsfa(monkeypatch, nq):
+    """Few new queries over a long cache (the mask transformers builds there): dense BSFA even with thresholds
+    enabled (they would over-skip a tile of few rows), the output within SDPA's rounding; SDPA where there is
+    padding. DECODE_MIN_KV lowered so that a decode step takes the route too."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    monkeypatch.setattr(hf, "DECODE_MIN_KV", hf.SHORT_MIN_KV)
+    model = _model()
+    values = np.full((1, LAYERS, HEADS, 64), 1e9, np.float32)  # would skip every gated tile
+    hf.enable(model, bsfa_cupy.Thresholds(values, [1], causal=True), k=1)
+    attn = model.model.layers[0].self_attn
+    Nk = hf.SHORT_MIN_KV + 77
+    g = torch.Generator(device="cuda").manual_seed(2)
+    q = torch.randn(2, HEADS, nq, HEAD_DIM, device="cuda", dtype=torch.float16, generator=g)
+    k = torch.randn(2, KV_HEADS, Nk, HEAD_DIM, device="cuda", dtype=torch.float16, generator=g)
+    v = torch.randn(2, KV_HEADS, Nk, HEAD_DIM, device="cuda", dtype=torch.float16, generator=g)
+    real = torch.ones(2, Nk, dtype=torch.bool, device="cuda")
+    for padded in (False, True):
+        if padded:
+            real[1, :300] = False
+        # what transformers' sdpa_mask gives after prefill: none for an unpadded decode step, else bottom-right
+        # causal over the real keys
+        cols = torch.arange(Nk, device="cuda")
+        mask = ((cols[None, :] <= cols[Nk - nq:, None])[None] & real[:, None, :])[:, None]
+        if nq == 1 and not padded:
+            mask = None
+        hf.reset_stats(model)
+        with torch.inference_mode():
+            out, _ = hf.attention_forward(attn, q, k, v, mask, scaling=0.125)
+            ref, _ = sdpa_attention_forward(attn, q, k, v, mask, scaling=0.125)
+        path = ("sdpa_" if padded else "bsfa_") + ("decode" if nq == 1 else "short")
+        assert hf.stats(model) == {path: 1}, f"mask {None if mask is None else tuple(mask.shape)}"
+        err = float((out.float() - ref.float()).abs().max())
+        assert err <= 4e-3 * float(ref.float().abs().max()), f"{path}: worst |bsfa - sdpa| {err:.2e}"

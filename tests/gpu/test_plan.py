@@ -1,6 +1,8 @@
 """AttentionPlan on the GPU: plan.run gives bitwise attention's out and lse (torch and CuPy, decode and
 prefill, dense and thresholds, causal or not, head dims 64 and 128), runs on torch's current stream,
-refuses a mismatched array before launching, takes out=, and never goes through DLPack."""
+refuses a mismatched array before launching, takes out=, and never goes through DLPack. ``attention``'s
+kept plans give bitwise its full path's results. The baseline is always the full path (``ops._attention``:
+every check, view and allocation per call), never a plan."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,6 +12,12 @@ import bsfa_reference as ref
 from tests.support.gpu import cp, random_inputs, requires_gpu, thresholds_from_maxima
 
 pytestmark = [pytest.mark.gpu, requires_gpu]
+
+
+def full_path(*args, **kw):
+    from bsfa_cupy.ops import _attention
+
+    return _attention(*args, **kw)
 
 #: decode (1 row; 16 rows: packed GQA heads on the split-KV path) and a prefill shape (the unsplit kernels)
 SHAPES = [(1, 4097), (16, 4097), (577, 577)]
@@ -63,7 +71,7 @@ def test_run_is_attention_bitwise(framework, Nq, Nk, D, causal, mode):
         thr = thresholds_from_maxima(ref.block_max_scores(host[0], host[1], causal=causal), Nq, Nk)
     elif mode == "scalar":
         thr = 0.25
-    want_out, want_lse = bsfa_cupy.attention(q, k, v, thr, causal=causal, return_lse=True)
+    want_out, want_lse = full_path(q, k, v, thr, causal=causal, return_lse=True)
     plan = bsfa_cupy.AttentionPlan(q, k, v, thr, causal=causal, return_lse=True)
     for _ in range(2):  # the second run reuses the split-KV partials of the stream
         out, lse = plan.run(q, k, v)
@@ -72,6 +80,9 @@ def test_run_is_attention_bitwise(framework, Nq, Nk, D, causal, mode):
         assert np.array_equal(_bits(lse), _bits(want_lse)), f"{plan}: lse differs from attention's"
     routed_split = Nq <= 64 and Nk >= 2048
     assert (plan.split is not None) == routed_split, plan
+    for _ in range(2):  # attention's kept plan (array thresholds: the full path again)
+        out, lse = bsfa_cupy.attention(q, k, v, thr, causal=causal, return_lse=True)
+        assert np.array_equal(_bits(out), _bits(want_out)) and np.array_equal(_bits(lse), _bits(want_lse)), mode
 
 
 @pytest.mark.parametrize("framework", ["torch", "cupy"])
@@ -80,7 +91,7 @@ def test_run_forced_split_count_and_backend(framework):
 
     _, (q, k, v) = _inputs(framework, 3, 4097, 128, seed=5)
     for kw in (dict(num_splits=3), dict(backend="splitkv"), dict(backend="sm80")):
-        want = bsfa_cupy.attention(q, k, v, **kw)
+        want = full_path(q, k, v, **kw)
         got = bsfa_cupy.AttentionPlan(q, k, v, **kw).run(q, k, v)
         assert np.array_equal(_bits(got), _bits(want)), kw
 
@@ -93,7 +104,7 @@ def test_run_on_torchs_current_side_stream(Nq, Nk):
     import bsfa_cupy
 
     _, (q0, k0, v0) = _inputs("torch", Nq, Nk, 128, seed=9)
-    want = bsfa_cupy.attention(q0, k0, v0)
+    want = full_path(q0, k0, v0)
     plan = bsfa_cupy.AttentionPlan(q0, k0, v0)
     torch.cuda.synchronize()
     side = torch.cuda.Stream()
@@ -115,7 +126,7 @@ def test_run_on_cupys_current_stream():
     import bsfa_cupy
 
     _, (q, k, v) = _inputs("cupy", 1, 4097, 128, seed=11)
-    want = bsfa_cupy.attention(q, k, v)
+    want = full_path(q, k, v)
     plan = bsfa_cupy.AttentionPlan(q, k, v)
     s = cp.cuda.Stream(non_blocking=True)
     with s:
@@ -169,7 +180,7 @@ def test_out_is_written_in_place(framework, Nq, Nk):
     import bsfa_cupy
 
     _, (q, k, v) = _inputs(framework, Nq, Nk, 128, seed=4)
-    want = bsfa_cupy.attention(q, k, v)
+    want = full_path(q, k, v)
     plan = bsfa_cupy.AttentionPlan(q, k, v)
     out = (q * 0 + float("nan")) if framework == "cupy" else q.clone().fill_(float("nan"))
     got = plan.run(q, k, v, out=out)
@@ -203,7 +214,7 @@ def test_device_thresholds_and_private_copies():
 
     host, (q, k, v) = _inputs("cupy", 16, 4097, 128, seed=8)
     thr = cp.asarray(thresholds_from_maxima(ref.block_max_scores(host[0], host[1]), 16, 4097))
-    want = bsfa_cupy.attention(q, k, v, thr)
+    want = full_path(q, k, v, thr)
     plan = bsfa_cupy.AttentionPlan(q, k, v, thr)
     thr.fill(-np.inf)  # keep everything, from now on, for anyone reading thr itself
     assert np.array_equal(_bits(plan.run(q, k, v)), _bits(want))
@@ -245,8 +256,31 @@ def test_one_plan_serves_every_layers_thresholds(Nq, Nk):
     tables = [bsfa_cupy.DeviceThresholds(thresholds_from_maxima(tm, Nq, Nk) + shift) for shift in (0.0, 0.5, -0.5)]
     plan = bsfa_cupy.AttentionPlan(q, k, v, tables[0], return_lse=True)
     for thr in tables:
-        want_out, want_lse = bsfa_cupy.attention(q, k, v, thr, return_lse=True)
+        want_out, want_lse = full_path(q, k, v, thr, return_lse=True)
         out, lse = plan.run(q, k, v, thresholds=thr)
         assert np.array_equal(_bits(out), _bits(want_out)) and np.array_equal(_bits(lse), _bits(want_lse)), plan
     with pytest.raises(ValueError, match=r"as planned"):
         plan.run(q, k, v, thresholds=bsfa_cupy.DeviceThresholds(np.zeros((8, 1), np.float32)))
+
+
+@pytest.mark.parametrize("framework", ["torch", "cupy"])
+@pytest.mark.parametrize("Nq,Nk", [(1, 4097), (577, 577)])
+def test_attention_keeps_one_plan_for_every_layers_tables(framework, Nq, Nk, monkeypatch):
+    """attention called as a model's layers call it (one layout, each layer's DeviceThresholds, a scalar, dense):
+    one kept plan per kind of thresholds, each call bitwise its full path, outputs poisoned before the kernel."""
+    import bsfa_cupy
+    from bsfa_cupy import _plan_cache
+    from tests.support.gpu import poison_outputs
+
+    poison_outputs(monkeypatch)
+    host, (q, k, v) = _inputs(framework, Nq, Nk, 128, seed=13)
+    tm = ref.block_max_scores(host[0], host[1], causal=True)
+    tables = [bsfa_cupy.DeviceThresholds(thresholds_from_maxima(tm, Nq, Nk) + shift) for shift in (0.0, 0.5, -0.5)]
+    bsfa_cupy.clear_plan_cache()
+    for thr in tables + [0.25, None] + tables:
+        want_out, want_lse = full_path(q, k, v, thr, return_lse=True)
+        out, lse = bsfa_cupy.attention(q, k, v, thr, return_lse=True)
+        assert type(out) is type(q) and out.shape == q.shape
+        assert np.array_equal(_bits(out), _bits(want_out)) and np.array_equal(_bits(lse), _bits(want_lse)), thr
+    assert len(_plan_cache._plans) == 3, "one plan for the tables, one for the scalar, one dense"
+    bsfa_cupy.clear_plan_cache()

@@ -6,6 +6,9 @@ same inputs they agree exactly.
 """
 from __future__ import annotations
 
+import math
+import types
+
 import numpy as np
 import pytest
 
@@ -259,3 +262,53 @@ def test_calibrate_refuses_bad_batches(llama, batches, error, match):
     with pytest.raises(error, match=match):
         hf.calibrate(llama, batches, [1], progress=False)
     assert llama.config._attn_implementation == "sdpa"
+
+
+# ------------------------------------------------------------------ short chunks: the CUDA route, decided on the host
+def _cuda_like(B, H, N, dtype=torch.float16, D=64):
+    """What _route reads of a CUDA tensor, without a GPU."""
+    return types.SimpleNamespace(shape=(B, H, N, D), device=torch.device("cuda"), dtype=dtype, requires_grad=False)
+
+
+def _bottom_right(B, nq, nk, real=None):
+    cols = torch.arange(nk)
+    mask = (cols[None, :] <= cols[nk - nq:, None])[None].expand(B, nq, nk)
+    if real is not None:
+        mask = mask & real[:, None, :]
+    return mask[:, None]
+
+
+@pytest.mark.parametrize("nq", [1, 2, 64, 127])
+def test_short_chunks_over_a_long_cache_route_to_dense_bsfa(llama, monkeypatch, nq):
+    monkeypatch.setattr(hf, "DECODE_MIN_KV", hf.SHORT_MIN_KV)
+    attn = llama.model.layers[0].self_attn
+    name = "decode" if nq == 1 else "short"
+    long, short_cache = hf.SHORT_MIN_KV, hf.SHORT_MIN_KV - 1
+    q = _cuda_like(2, HEADS, nq)
+
+    def route(nk, mask):
+        return hf._route(attn, q, _cuda_like(2, KV_HEADS, nk), mask, 0.0, {})
+
+    assert route(long, _bottom_right(2, nq, long)) == "bsfa_" + name
+    assert route(short_cache, _bottom_right(2, nq, short_cache)) == "sdpa_" + name
+    real = torch.ones(2, long, dtype=torch.bool)
+    real[1, :10] = False
+    assert route(long, _bottom_right(2, nq, long, real)) == "sdpa_" + name, "padding stays on SDPA"
+    assert route(long, torch.ones(2, 1, nq, long, dtype=torch.bool)) == ("sdpa_mask" if nq > 1 else "bsfa_decode")
+    # no mask: a decode step sees every key (as SDPA's unmasked call); a longer chunk without a mask comes only
+    # from an empty static cache, whose keys past q_len are unwritten
+    assert route(long, None) == ("bsfa_decode" if nq == 1 else "sdpa_short")
+    assert hf._route(attn, _cuda_like(2, HEADS, nq, torch.float32), _cuda_like(2, KV_HEADS, long), None, 0.0,
+                     {}) == "sdpa_dtype"
+
+
+def test_decode_stays_on_sdpa_by_default(llama):
+    attn = llama.model.layers[0].self_attn
+    assert hf.DECODE_MIN_KV == math.inf
+    assert hf._route(attn, _cuda_like(1, HEADS, 1), _cuda_like(1, KV_HEADS, 1 << 20), None, 0.0, {}) == "sdpa_decode"
+
+
+def test_short_chunks_on_the_cpu_stay_on_sdpa(llama):
+    attn = llama.model.layers[0].self_attn
+    q, k, v = _qkv(5, hf.SHORT_MIN_KV + 10)
+    assert hf._route(attn, q, k, _bottom_right(1, 5, hf.SHORT_MIN_KV + 10), 0.0, {}) == "sdpa_short"

@@ -47,6 +47,21 @@ def poison_outputs(monkeypatch):
 
     monkeypatch.setattr(_arrays.Frame, "empty", empty)
 
+    # attention's kept plans allocate through plan._TorchIO / plan._CupyIO
+    from bsfa_cupy import plan
+
+    for io in (plan._TorchIO, plan._CupyIO):
+        monkeypatch.setattr(io, "empty", _poisoned(io.empty))
+
+
+def _poisoned(real_empty):
+    def empty(self, shape, dtype):  # out and lse: always floating point
+        x = real_empty(self, shape, dtype)
+        x.fill_(float("nan")) if hasattr(x, "fill_") else x.fill(np.nan)
+        return x
+
+    return empty
+
 
 def device_array(host, layout: str):
     """A CuPy copy of a (B, N, H, D) host array with the given memory layout.
