@@ -7,9 +7,11 @@ gives there: none for one query, else the bottom-right causal bool mask (1, 1, q
 back (host time included, as in a model), with CUDA events:
   sdpa      transformers' sdpa_attention_forward (GQA through SDPA's enable_gqa, or K/V repeated where a mask
             rules that out), SDPA picking its backend
-  bsfa      what the bsfa backend's dense route costs: the mask check (bsfa_cupy.hf) and bsfa_cupy.attention
+  bsfa      the bsfa backend's dense short route forced: the kept mask check read and bsfa_cupy.attention
             through its kept plan, no thresholds
-  backend   bsfa_cupy.hf.attention_forward as routed today (the path it took is named)
+  backend   bsfa_cupy.hf.attention_forward as routed (the path it took is named)
+  check     the mask check that bsfa_cupy.hf.causal_mask runs once per forward (shared by the layers; not in
+            the per-call columns)
 and the worst |bsfa - sdpa| relative to max |sdpa|. Writes <GPU>_<date>_<tag>.{json,md} into --out.
 """
 import argparse
@@ -59,7 +61,7 @@ def per_call_ms(fn):
 
 
 def bsfa_route(q, k, v, mask):
-    if mask is not None and hf._causal_rows(mask, q.shape[0], q.shape[2], k.shape[2]) is None:
+    if mask is not None and hf._mask_rows(mask, q.shape[0], q.shape[2], k.shape[2]) is None:
         raise RuntimeError("the mask is not the causal pattern the route expects")
     return hf._bsfa(q, k, v, None, scale)
 
@@ -75,6 +77,7 @@ with torch.inference_mode():
             if nq > 1:
                 cols = torch.arange(kv, device="cuda")
                 mask = (cols[None, :] <= cols[kv - nq:, None])[None, None]
+                hf._check_mask_once(mask)  # what the mask function does once per forward
             sdpa = lambda: sdpa_attention_forward(module, q, k, v, mask, scaling=scale)[0]  # noqa: E731
             bsfa = lambda: bsfa_route(q, k, v, mask)  # noqa: E731
             backend = lambda: hf.attention_forward(module, q, k, v, mask, scaling=scale)[0]  # noqa: E731
@@ -83,12 +86,15 @@ with torch.inference_mode():
             hf.reset_stats(module)
             backend()
             path = ",".join(hf.stats(module))
+            check = (lambda: hf._check_mask_once(mask)) if mask is not None else None
             row = dict(q=nq, kv=kv, sdpa_ms=per_call_ms(sdpa), bsfa_ms=per_call_ms(bsfa),
-                       backend_ms=per_call_ms(backend), backend_path=path, rel_err=err)
+                       backend_ms=per_call_ms(backend), backend_path=path, rel_err=err,
+                       check_ms=per_call_ms(check) if check else 0.0)
             row["bsfa_over_sdpa"] = row["bsfa_ms"] / row["sdpa_ms"]
             rows.append(row)
             print(f"q={nq:4d} kv={kv:7d}  sdpa {row['sdpa_ms']:.4f}  bsfa {row['bsfa_ms']:.4f} "
-                  f"({row['bsfa_over_sdpa']:.2f}x)  backend {row['backend_ms']:.4f} [{path}]  err {err:.1e}",
+                  f"({row['bsfa_over_sdpa']:.2f}x)  backend {row['backend_ms']:.4f} [{path}]  check "
+                  f"{row['check_ms']:.4f}  err {err:.1e}",
                   flush=True)
         k = v = None
 
@@ -96,13 +102,14 @@ result = {"gpu": gpu_name(), "date": _dt.date.today().isoformat(), "hq": hq, "hk
           "dtype": args.dtype, "calls": args.calls, "torch": torch.__version__, "rows": rows}
 lines = [f"# {result['gpu']}, {result['date']}: decode steps and short chunks in the transformers backend",
          "", f"B=1, Hq={hq}, Hkv={hkv}, D={args.d}, {args.dtype}; ms per call, back to back, host time included "
-         "(torch " + torch.__version__ + "). sdpa: transformers' sdpa_attention_forward; bsfa: the mask check and "
-         "dense bsfa_cupy.attention; backend: bsfa_cupy.hf.attention_forward as routed.", "",
-         "| q | kv | sdpa ms | bsfa ms | bsfa / sdpa | backend ms (path) | rel err |",
-         "|---:|---:|---:|---:|---:|---|---:|"]
+         "(torch " + torch.__version__ + "). sdpa: transformers' sdpa_attention_forward; bsfa: dense "
+         "bsfa_cupy.attention behind the kept mask check; backend: bsfa_cupy.hf.attention_forward as routed; "
+         "check: the mask check once per forward (bsfa_cupy.hf.causal_mask), shared by the layers.", "",
+         "| q | kv | sdpa ms | bsfa ms | bsfa / sdpa | backend ms (path) | check ms | rel err |",
+         "|---:|---:|---:|---:|---:|---|---:|---:|"]
 for r in rows:
     lines.append(f"| {r['q']} | {r['kv']} | {r['sdpa_ms']:.4f} | {r['bsfa_ms']:.4f} | {r['bsfa_over_sdpa']:.2f} | "
-                 f"{r['backend_ms']:.4f} ({r['backend_path']}) | {r['rel_err']:.1e} |")
+                 f"{r['backend_ms']:.4f} ({r['backend_path']}) | {r['check_ms']:.4f} | {r['rel_err']:.1e} |")
 stem = result_stem(slug(result["gpu"]), result["date"], tag=args.tag)
 for path in write_result_files(args.out, stem, result, "\n".join(lines) + "\n", lambda _stem: []):
     print("wrote", path)
