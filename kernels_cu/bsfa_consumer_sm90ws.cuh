@@ -108,18 +108,6 @@ __device__ __forceinline__ PostedGate finish_qk(const TileLoop<TR, kCausal, kVar
                                   vote_idx, mb.Nq, mb.Nk, mb.shift, vmx);
 }
 
-// Gated V (A/B): the block's decision for the producer, which loads its V only if kept.
-template <class TR, bool kVarlen>
-__device__ __forceinline__ void post_decision(const Params& p, const SmemWs<TR>& sm, const PipeState<TR::kStages>& kv,
-                                              unsigned kept) {
-#if defined(BSFA_WS_GATED_V)
-    if (!kVarlen && p.thr_mode != 0 && threadIdx.x == 128) {
-        sts32(sm.decided(kv.stage), kept);
-        mbar_arrive(sm.bar(TR::kBarDecided + kv.stage));
-    }
-#endif
-}
-
 // Zeroes rows row0.. (row0 > 0) of every panel of V slot kv.stage, once its
 // copy has landed: in a 128-byte swizzled panel the swizzle only permutes
 // the 16-byte chunks within a row, so those rows are the panel's tail bytes.
@@ -181,7 +169,6 @@ __device__ __forceinline__ void consumer_tile(const Params& p, const SmemWs<TR>&
     float vmx[TR::kKeyHalves][2];
     PostedGate g = finish_qk<TR, kCausal, kVarlen>(t, S, n, kv, vote_idx, vmx);
     unsigned kept = gate_resolve<TR>(g, n, sm, vote_idx, keep_row);
-    post_decision<TR, kVarlen>(p, sm, kv, kept);
     if (kept != 0) softmax_block<TR>(S, kept, m, l, P, alpha, t.scale_log2, g.gated(), vmx);
     unsigned prev_kept = kept;
     kv.advance();
@@ -202,7 +189,6 @@ __device__ __forceinline__ void consumer_tile(const Params& p, const SmemWs<TR>&
         wgmma_wait<1>();  // S is ready; P V may still run
         g = finish_qk<TR, kCausal, kVarlen>(t, S, n, kv, vote_idx, vmx);
         kept = gate_resolve<TR>(g, n, sm, vote_idx, keep_row);
-        post_decision<TR, kVarlen>(p, sm, kv, kept);
         unsigned Pn[TR::kKeySteps][4];
         bool rescale = false;
         if (kept != 0) rescale = softmax_block<TR>(S, kept, m, l, Pn, alpha, t.scale_log2, g.gated(), vmx);

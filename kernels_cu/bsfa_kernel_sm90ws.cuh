@@ -36,8 +36,6 @@ __device__ __forceinline__ void init_barriers_ws(const SmemWs<TR>& sm) {
     }
 #pragma unroll
     for (int v = 0; v < TR::kVoteSlots; ++v) mbar_init(sm.bar(TR::kBarVote + v), TR::kConsumerWarps);
-#pragma unroll
-    for (int s = 0; s < TR::kStages; ++s) mbar_init(sm.bar(TR::kBarDecided + s), 1);
     mbar_init_fence();
 }
 

@@ -67,39 +67,6 @@ __device__ __forceinline__ void producer_loop(const Params& p, const TmaDesc& tq
                                          pr.q_row + qt.q0, w.h, bc);
         q_phase ^= 1u;
 
-#if defined(BSFA_WS_GATED_V)
-        if (kLoadV && !kVarlen && p.thr_mode != 0) {
-            // K one block ahead of V; V of block n only once the consumers decided it.
-            int n = qt.c_end / TR::kKeyHalves;
-            PipeState<TR::kStages> vs = kv;
-            fill_slot<TR, TR::kKVPanelBytes>(sm.k() + kv.stage * TR::kKVBytes, tk, sm.bar(TR::kBarKEmpty + kv.stage),
-                                             sm.bar(TR::kBarKFull + kv.stage), kv.phase ^ 1u,
-                                             pr.k_row + n * TR::kBlockKeys, hkv, bc);
-            kv.advance();
-#pragma unroll 1
-            for (; n >= 0; --n) {
-                if (n > 0) {
-                    fill_slot<TR, TR::kKVPanelBytes>(sm.k() + kv.stage * TR::kKVBytes, tk,
-                                                     sm.bar(TR::kBarKEmpty + kv.stage), sm.bar(TR::kBarKFull + kv.stage),
-                                                     kv.phase ^ 1u, pr.k_row + (n - 1) * TR::kBlockKeys, hkv, bc);
-                    kv.advance();
-                }
-                mbar_wait(sm.bar(TR::kBarDecided + vs.stage), vs.phase);
-                unsigned kept;
-                asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(kept) : "r"(sm.decided(vs.stage)) : "memory");
-                if (kept != 0) {
-                    fill_slot<TR, TR::kKVPanelBytes>(sm.v() + vs.stage * TR::kKVBytes, tv,
-                                                     sm.bar(TR::kBarVEmpty + vs.stage), sm.bar(TR::kBarVFull + vs.stage),
-                                                     vs.phase ^ 1u, pr.k_row + n * TR::kBlockKeys, hkv, bc);
-                } else {
-                    mbar_wait(sm.bar(TR::kBarVEmpty + vs.stage), vs.phase ^ 1u);
-                    mbar_arrive(sm.bar(TR::kBarVFull + vs.stage));
-                }
-                vs.advance();
-            }
-            continue;
-        }
-#endif
 #pragma unroll 1
         for (int n = qt.c_end / TR::kKeyHalves; n >= 0; --n) {
             const int s = kv.stage;

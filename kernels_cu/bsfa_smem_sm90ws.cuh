@@ -20,7 +20,6 @@ struct SmemWs {
     __device__ __forceinline__ unsigned o() const { return base + TR::kSmemO; }
     __device__ __forceinline__ unsigned votes() const { return base + TR::kSmemVotes; }
     __device__ __forceinline__ unsigned maxes() const { return base + TR::kSmemMaxes; }
-    __device__ __forceinline__ unsigned decided(int s) const { return base + TR::kSmemDecided + 4 * s; }
     __device__ __forceinline__ unsigned bar(int i) const { return base + TR::kSmemBars + 8 * i; }
 };
 

@@ -80,9 +80,7 @@ struct TraitsSm90Ws : TileShape {
     static constexpr int kBarVFull = kBarKEmpty + kStages;
     static constexpr int kBarVEmpty = kBarVFull + kStages;
     static constexpr int kBarVote = kBarVEmpty + kStages;
-    // Gated V (A/B): per stage, the consumers' decision for the block in it.
-    static constexpr int kBarDecided = kBarVote + kVoteSlots;
-    static constexpr int kNumBars = kBarDecided + kStages;
+    static constexpr int kNumBars = kBarVote + kVoteSlots;
     static constexpr int kSmemVotes = kSmemBars + 8 * kNumBars;
     static constexpr int kVoteSlotBytes = kConsumerWarps;
     // bsfa_block_max's exchange: per slot, each consumer warp's maximum of
@@ -90,8 +88,7 @@ struct TraitsSm90Ws : TileShape {
     static constexpr int kSmemMaxes = kSmemVotes + kVoteSlots * kVoteSlotBytes;
     static constexpr int kMaxSlotBytes = kConsumerWarps * 2 * 4;
     // + one atom of slack: the dynamic window is aligned up to 1024 bytes.
-    static constexpr int kSmemDecided = kSmemMaxes + kVoteSlots * kMaxSlotBytes;
-    static constexpr int kSmemBytes = kSmemDecided + kStages * 4 + kSwizzleAtomBytes;
+    static constexpr int kSmemBytes = kSmemMaxes + kVoteSlots * kMaxSlotBytes + kSwizzleAtomBytes;
 
     // Named barriers (0 is __syncthreads): the two turns of the ping-pong
     // between the consumer warpgroups, then the one that publishes the
