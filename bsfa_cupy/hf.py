@@ -146,7 +146,13 @@ def _check_mask_once(mask):
     """Keep on ``mask`` what :func:`_causal_rows` finds for it (with its in-place version, so a later write is seen)."""
     if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.ndim == 4:
         rows = _causal_rows(mask, mask.shape[0], mask.shape[2], mask.shape[3])
-        mask._bsfa_rows = (mask._version, None if rows is None else (*rows, bool(rows[0].all())))
+        mask._bsfa_rows = (_version(mask), None if rows is None else (*rows, bool(rows[0].all())))
+
+
+def _version(mask):
+    # Inference-mode tensors keep no version counter: such a mask is trusted not to be written in place after
+    # transformers made it (it never is).
+    return -1 if mask.is_inference() else mask._version
 
 
 def enable(model, thresholds: Thresholds | None = None, k=None, *, name: str = DEFAULT_NAME,
@@ -410,7 +416,7 @@ def _mask_rows(mask, B, Nq, Nk):
     """(kv_valid, q_valid, no padding) of a causal ``mask`` (see :func:`_causal_rows`), else None: what
     :func:`causal_mask` kept on it when it made it, else found now."""
     kept = getattr(mask, "_bsfa_rows", None)
-    if (kept is not None and kept[0] == mask._version and mask.shape[2:] == (Nq, Nk)
+    if (kept is not None and kept[0] == _version(mask) and mask.shape[2:] == (Nq, Nk)
             and mask.shape[0] in (1, B)):
         if kept[1] is None:
             return None

@@ -362,3 +362,13 @@ def test_the_registered_mask_function_keeps_the_check(llama):
     finally:
         hf._mask_rows = real
     assert len(seen) == LAYERS and all(s is not None and s[1] is not None and not s[1][2] for s in seen)
+
+
+def test_a_mask_made_in_inference_mode_is_checked_once_too(llama, monkeypatch):
+    attn = llama.model.layers[0].self_attn
+    nk = hf.SHORT_MIN_KV + 3
+    with torch.inference_mode():
+        mask = _bottom_right(1, 5, nk).clone()
+        hf._check_mask_once(mask)
+        monkeypatch.setattr(hf, "_causal_rows", lambda *a: pytest.fail("checked again"))
+        assert hf._route(attn, _cuda_like(1, HEADS, 5), _cuda_like(1, KV_HEADS, nk), mask, 0.0, {}) == "bsfa_short"
