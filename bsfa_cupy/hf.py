@@ -84,7 +84,7 @@ from .thresholds import Thresholds
 if int(transformers.__version__.split(".")[0]) < 5:  # pragma: no cover
     raise ImportError(f"bsfa_cupy.hf needs transformers >= 5, found {transformers.__version__}")
 
-__all__ = ["attention_forward", "calibrate", "causal_mask", "enable", "head_stats", "register", "reset_stats", "stats", "tile_stats"]
+__all__ = ["attention_forward", "calibrate", "enable", "head_stats", "register", "reset_stats", "stats", "tile_stats"]
 
 DEFAULT_NAME = "bsfa"
 #: shortest query chunk sent to BSFA with thresholds: one query tile
@@ -119,9 +119,8 @@ def register(name: str = DEFAULT_NAME) -> str:
 
     Afterwards ``from_pretrained(..., attn_implementation=name)`` or
     ``model.set_attn_implementation(name)`` selects it (dense BSFA until :func:`enable` attaches
-    thresholds). The mask function is transformers' ``sdpa_mask`` (through :func:`causal_mask`):
-    unpadded prefill and decode get no mask, padded batches and chunks over a cache a bool
-    (B, 1, Nq, Nk) one.
+    thresholds). The mask function is transformers' ``sdpa_mask``: unpadded prefill and decode
+    get no mask, padded batches and chunks over a cache a bool (B, 1, Nq, Nk) one.
     """
     if not isinstance(name, str):
         raise TypeError(f"name: expected a str, got {type(name).__name__} {name!r}")
@@ -129,30 +128,8 @@ def register(name: str = DEFAULT_NAME) -> str:
     if not name or "flash" in name.lower() or "/" in name or "|" in name:
         raise ValueError(f"name: expected a plain name without 'flash', '/' or '|', got {name!r}")
     AttentionInterface.register(name, attention_forward)
-    AttentionMaskInterface.register(name, causal_mask)
+    AttentionMaskInterface.register(name, sdpa_mask)
     return name
-
-
-def causal_mask(*args, **kwargs):
-    """The backend's mask function: transformers' ``sdpa_mask``, whose bool mask is checked here once per forward
-    for the causal pattern the BSFA routes need (the model hands the same mask to every layer), so that the
-    layers' calls do not each compare it on the GPU and wait for the answer."""
-    mask = sdpa_mask(*args, **kwargs)
-    _check_mask_once(mask)
-    return mask
-
-
-def _check_mask_once(mask):
-    """Keep on ``mask`` what :func:`_causal_rows` finds for it (with its in-place version, so a later write is seen)."""
-    if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.ndim == 4:
-        rows = _causal_rows(mask, mask.shape[0], mask.shape[2], mask.shape[3])
-        mask._bsfa_rows = (_version(mask), None if rows is None else (*rows, bool(rows[0].all())))
-
-
-def _version(mask):
-    # Inference-mode tensors keep no version counter: such a mask is trusted not to be written in place after
-    # transformers made it (it never is).
-    return -1 if mask.is_inference() else mask._version
 
 
 def enable(model, thresholds: Thresholds | None = None, k=None, *, name: str = DEFAULT_NAME,
@@ -413,17 +390,28 @@ def _route(module, query, key, attention_mask, dropout, kwargs):
 
 
 def _mask_rows(mask, B, Nq, Nk):
-    """(kv_valid, q_valid, no padding) of a causal ``mask`` (see :func:`_causal_rows`), else None: what
-    :func:`causal_mask` kept on it when it made it, else found now."""
+    """(kv_valid, q_valid, no padding) of a causal ``mask`` (see :func:`_causal_rows`), else None.
+
+    Found at the first layer's call and kept on the mask tensor with its in-place version: transformers hands
+    every layer of a forward the same mask, and the check (a few small kernels and a device sync) would
+    otherwise cost each layer as much as a short chunk's attention.
+    """
+    key = (_version(mask), B, Nq, Nk)
     kept = getattr(mask, "_bsfa_rows", None)
-    if (kept is not None and kept[0] == _version(mask) and mask.shape[2:] == (Nq, Nk)
-            and mask.shape[0] in (1, B)):
-        if kept[1] is None:
-            return None
-        kv_valid, q_valid, unpadded = kept[1]
-        return kv_valid.expand(B, Nk), q_valid.expand(B, Nq), unpadded
-    rows = _causal_rows(mask, B, Nq, Nk)
-    return None if rows is None else (*rows, bool(rows[0].all()))
+    if kept is None or kept[0] != key:
+        rows = _causal_rows(mask, B, Nq, Nk)
+        kept = (key, None if rows is None else (*rows, bool(rows[0].all())))
+        if isinstance(mask, torch.Tensor):
+            mask._bsfa_rows = kept
+    return kept[1]
+
+
+def _version(mask):
+    # Inference-mode tensors keep no version counter: such a mask is trusted not to be written in place once
+    # made (transformers never does).
+    if not isinstance(mask, torch.Tensor):
+        return None
+    return -1 if mask.is_inference() else mask._version
 
 
 def _causal_rows(mask, B, Nq, Nk):

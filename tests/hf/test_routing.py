@@ -314,61 +314,48 @@ def test_short_chunks_on_the_cpu_stay_on_sdpa(llama):
     assert hf._route(attn, q, k, _bottom_right(1, 5, hf.SHORT_MIN_KV + 10), 0.0, {}) == "sdpa_short"
 
 
-def test_the_mask_is_checked_once_per_forward(llama, monkeypatch):
-    """causal_mask keeps _causal_rows' answer on the mask; the layers' routes read it instead of comparing the
-    mask again, unless it was written in place since."""
+def test_the_mask_is_checked_once_and_the_answer_kept_on_it(llama, monkeypatch):
+    """The first route of a mask compares it (_causal_rows) and keeps the answer on it; later routes (the other
+    layers) read it, unless the mask was written in place since."""
     attn = llama.model.layers[0].self_attn
     nk = hf.SHORT_MIN_KV + 3
     mask = _bottom_right(2, 5, nk).clone()
-    hf._check_mask_once(mask)
     calls = []
     real = hf._causal_rows
     monkeypatch.setattr(hf, "_causal_rows", lambda *a: calls.append(a) or real(*a))
     q, k = _cuda_like(2, HEADS, 5), _cuda_like(2, KV_HEADS, nk)
     for _ in range(3):
         assert hf._route(attn, q, k, mask, 0.0, {}) == "bsfa_short"
-    assert not calls
+    assert len(calls) == 1
     mask[1, 0, :, :4] = False  # padding written in place: seen
-    assert hf._route(attn, q, k, mask, 0.0, {}) == "sdpa_short" and len(calls) == 1
+    assert hf._route(attn, q, k, mask, 0.0, {}) == "sdpa_short" and len(calls) == 2
     full = torch.ones(1, 1, 200, 200, dtype=torch.bool)
-    hf._check_mask_once(full)
-    checked = len(calls)
-    assert hf._route(attn, _cuda_like(2, HEADS, 200), _cuda_like(2, KV_HEADS, 200), full, 0.0, {}) == "sdpa_mask"
-    assert len(calls) == checked, "a kept 'not causal' answer is read too"
+    q2, k2 = _cuda_like(2, HEADS, 200), _cuda_like(2, KV_HEADS, 200)
+    assert [hf._route(attn, q2, k2, full, 0.0, {}) for _ in range(2)] == ["sdpa_mask"] * 2
+    assert len(calls) == 3, "a kept 'not causal' answer is read too"
 
 
-def test_the_registered_mask_function_keeps_the_check(llama):
-    """A padded batch through the model: the mask transformers makes with the backend's mask function carries
-    the check to every layer."""
-    from transformers import AttentionMaskInterface
-
-    hf.register()
-    assert AttentionMaskInterface._global_mapping["bsfa"] is hf.causal_mask
-    seen = []
-    real = hf._mask_rows
-
-    def spy(mask, *a):
-        seen.append(getattr(mask, "_bsfa_rows", None))
-        return real(mask, *a)
-
+def test_a_padded_forward_checks_its_mask_once(llama, monkeypatch):
+    """A padded batch through the model: one mask check for all layers, and the padded path taken in each."""
+    calls = []
+    real = hf._causal_rows
+    monkeypatch.setattr(hf, "_causal_rows", lambda *a: calls.append(a) or real(*a))
     hf.enable(llama)
+    hf.reset_stats(llama)
     ids = torch.randint(0, 100, (2, 160))
     pad = torch.ones(2, 160, dtype=torch.long)
     pad[1, :7] = 0
-    try:
-        hf._mask_rows = spy
-        with torch.no_grad():
-            llama(input_ids=ids, attention_mask=pad)
-    finally:
-        hf._mask_rows = real
-    assert len(seen) == LAYERS and all(s is not None and s[1] is not None and not s[1][2] for s in seen)
+    with torch.no_grad():
+        llama(input_ids=ids, attention_mask=pad)
+    assert len(calls) == 1 and hf.stats(llama) == {"bsfa_padded": LAYERS}
 
 
 def test_a_mask_made_in_inference_mode_is_checked_once_too(llama, monkeypatch):
     attn = llama.model.layers[0].self_attn
     nk = hf.SHORT_MIN_KV + 3
+    q, k = _cuda_like(1, HEADS, 5), _cuda_like(1, KV_HEADS, nk)
     with torch.inference_mode():
         mask = _bottom_right(1, 5, nk).clone()
-        hf._check_mask_once(mask)
+        assert hf._route(attn, q, k, mask, 0.0, {}) == "bsfa_short"
         monkeypatch.setattr(hf, "_causal_rows", lambda *a: pytest.fail("checked again"))
-        assert hf._route(attn, _cuda_like(1, HEADS, 5), _cuda_like(1, KV_HEADS, nk), mask, 0.0, {}) == "bsfa_short"
+        assert hf._route(attn, q, k, mask, 0.0, {}) == "bsfa_short"
