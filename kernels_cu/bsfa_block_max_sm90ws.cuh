@@ -1,12 +1,16 @@
 // bsfa_block_max on the warp-specialised sm_90a machinery: the producer
-// loads Q and K only, and each consumer warpgroup runs the S path of
+// loads Q and K only (K into a ring of kBlockMaxStages slots, the V ring's
+// included), and each consumer warpgroup runs the S path of
 // bsfa_fwd (the same wgmma m64n128 S, masks and lane-local row maxima, so
 // the maxima are bit-identical to what the forward's gate compares), one
 // block ahead: block n-1's S is issued before block n's is masked.  Each
 // warp posts its maximum of each 64-key half to a slot of the ring and
 // arrives at the slot's mbarrier; one thread waits there, a block later,
-// and writes the two tile maxima.  No warp waits for another otherwise.  The kernel around it
-// is in bsfa_kernel_sm90ws.cuh.
+// and writes the two tile maxima.  No warp waits for another otherwise.  A
+// warp posts block e+kBlockMaxStages only once every warp has released block
+// e's K slot, i.e. posted e, and the writer reads e a step after posting
+// e+1: at most kBlockMaxStages + 1 postings are live, fewer than the ring's
+// kVoteSlots.  The kernel around it is in bsfa_kernel_sm90ws.cuh.
 //
 // Includes what it needs; TR is a TraitsSm90Ws.
 #pragma once
@@ -30,7 +34,7 @@ template <class TR, bool kCausal>
 __device__ __forceinline__ void post_block_maxima(const Params& p, const SmemWs<TR>& sm,
                                                   const QueryTile<TR, kCausal>& qt, float (&S)[TR::kBlockSNBlocks][4],
                                                   int n, int row0, int lane, int consumer_warp,
-                                                  const PipeState<TR::kStages>& kv, unsigned post_idx) {
+                                                  const PipeState<TR::kBlockMaxStages>& kv, unsigned post_idx) {
     fence_regs(flat(S));
     if (lane == 0) {
         mbar_arrive(sm.bar(TR::kBarKEmpty + kv.stage));
@@ -81,9 +85,9 @@ __device__ __forceinline__ void block_max_step(const Params& p, const SmemWs<TR>
                                                const QueryTile<TR, kCausal>& qt, float* tm_row,
                                                unsigned long long q_desc, float (&Sc)[TR::kBlockSNBlocks][4],
                                                float (&Sn)[TR::kBlockSNBlocks][4], int n, int row0, int lane,
-                                               int consumer_warp, bool writer, PipeState<TR::kStages>& kv,
+                                               int consumer_warp, bool writer, PipeState<TR::kBlockMaxStages>& kv,
                                                unsigned& post_idx) {
-    const PipeState<TR::kStages> cur = kv;
+    const PipeState<TR::kBlockMaxStages> cur = kv;
     if constexpr (kHasNext) {
         kv.advance();
         mbar_wait(sm.bar(TR::kBarKFull + kv.stage), kv.phase);
@@ -104,7 +108,7 @@ __device__ __forceinline__ void block_max_consumer(const Params& p, const SmemWs
     const int nK = ceil_div(p.Nk, TR::kBlockN);
     const PersistentSchedule<kCausal> sched(nQ, p.Hq, p.B);
     const unsigned long long q_desc = make_desc(sm.q() + wg * TR::kWgmmaM * kSwizzleBytes, 16, kSwizzleAtomBytes);
-    PipeState<TR::kStages> kv;
+    PipeState<TR::kBlockMaxStages> kv;
     unsigned q_phase = 0;
     unsigned post_idx = 0;
 #pragma unroll 1

@@ -12,9 +12,10 @@
 // a warp whose own rows did not already keep every gated half.  The
 // mainloop resolves right after posting (a later resolve needs the block's
 // S kept meanwhile: bench/NOTES.md, v11).  Only blocks with a gated half
-// exchange; dense mode and diagonal blocks never do.  Four slots are more
-// than enough: a warp posts exchange e+3 only for a block whose K slot every
-// warp has released, i.e. once every warp has resolved exchange e.
+// exchange; dense mode and diagonal blocks never do.  Four slots would be
+// enough here (the ring has more for bsfa_block_max): a warp posts exchange
+// e+3 only for a block whose K slot every warp has released, i.e. once every
+// warp has resolved exchange e.
 //
 // Includes what it needs; TR is a TraitsSm90Ws.
 #pragma once

@@ -28,9 +28,12 @@ __device__ __forceinline__ void init_barriers_ws(const SmemWs<TR>& sm) {
     mbar_init(sm.bar(TR::kBarQFull), 1);
     mbar_init(sm.bar(TR::kBarQEmpty), TR::kConsumerWarps);
 #pragma unroll
-    for (int s = 0; s < TR::kStages; ++s) {
+    for (int s = 0; s < TR::kBlockMaxStages; ++s) {
         mbar_init(sm.bar(TR::kBarKFull + s), 1);
         mbar_init(sm.bar(TR::kBarKEmpty + s), TR::kConsumerWarps);
+    }
+#pragma unroll
+    for (int s = 0; s < TR::kStages; ++s) {
         mbar_init(sm.bar(TR::kBarVFull + s), 1);
         mbar_init(sm.bar(TR::kBarVEmpty + s), TR::kConsumerWarps);
     }

@@ -5,7 +5,8 @@
 // two-stage rings.  It waits only for free slots: a slot is refilled once
 // all consumer warps have released it.  V is loaded for every visited block,
 // skipped or not (speculative): the producer never waits for a gate decision.
-// kLoadV = false serves bsfa_block_max (Q and K only).
+// kLoadV = false serves bsfa_block_max (Q and K only; its K ring takes the
+// V ring's slots too: kBlockMaxStages).
 //
 // kVarlen (bsfa_fwd_varlen): the maps describe the packed (total, H, D)
 // tensors as one batch element, and a sequence's boxes start at its first
@@ -46,7 +47,7 @@ __device__ __forceinline__ void producer_loop(const Params& p, const TmaDesc& tq
                                               const TmaDesc& tv, const SmemWs<TR>& sm) {
     const PersistentSchedule<kCausal> sched(ceil_div(p.Nq, TR::kBlockM), p.Hq, p.B);
     const int group = p.Hq / p.Hkv;
-    PipeState<TR::kStages> kv;
+    PipeState<kLoadV ? TR::kStages : TR::kBlockMaxStages> kv;
     unsigned q_phase = 0;
 #pragma unroll 1
     for (int r = 0; sched.rounds_left(r); ++r) {

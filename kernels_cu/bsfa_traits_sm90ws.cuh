@@ -62,6 +62,11 @@ struct TraitsSm90Ws : TileShape {
     static constexpr int kQBytes = kPanels * kQPanelBytes;
     static constexpr int kKVBytes = kPanels * kKVPanelBytes;
     static constexpr int kStages = 2;
+    // bsfa_block_max loads no V: its K ring runs on the V ring's slots too (they follow the K ring's).
+#ifndef BSFA_BM_KSTAGES
+#define BSFA_BM_KSTAGES 4
+#endif
+    static constexpr int kBlockMaxStages = BSFA_BM_KSTAGES;
     static constexpr int kSmemQ = 0;
     static constexpr int kSmemK = kSmemQ + kQBytes;
     static constexpr int kSmemV = kSmemK + kStages * kKVBytes;
@@ -70,14 +75,19 @@ struct TraitsSm90Ws : TileShape {
     // The gate exchange: a ring of slots of one vote byte per consumer warp,
     // each slot with an mbarrier counting the warps' postings
     // (bsfa_block_sm90ws.cuh says why 4 slots suffice).
-    static constexpr int kVoteSlots = 4;
-    // Barrier words: Q full/empty, then K full, K empty, V full, V empty per
-    // stage, then one per vote slot.
+    // bsfa_block_max posts the maxima of every block through the same ring,
+    // and its writer reads a slot a block late: a warp may meanwhile post up
+    // to kBlockMaxStages blocks ahead (bsfa_block_max_sm90ws.cuh), hence more
+    // slots than K stages.
+    static constexpr int kVoteSlots = 8;
+    // Barrier words: Q full/empty, then K full and K empty per K stage (of
+    // bsfa_block_max's longer ring), V full and V empty per stage, then one
+    // per vote slot.
     static constexpr int kBarQFull = 0;
     static constexpr int kBarQEmpty = 1;
     static constexpr int kBarKFull = 2;
-    static constexpr int kBarKEmpty = kBarKFull + kStages;
-    static constexpr int kBarVFull = kBarKEmpty + kStages;
+    static constexpr int kBarKEmpty = kBarKFull + kBlockMaxStages;
+    static constexpr int kBarVFull = kBarKEmpty + kBlockMaxStages;
     static constexpr int kBarVEmpty = kBarVFull + kStages;
     static constexpr int kBarVote = kBarVEmpty + kStages;
     static constexpr int kNumBars = kBarVote + kVoteSlots;
@@ -97,6 +107,9 @@ struct TraitsSm90Ws : TileShape {
     static constexpr int kBarVZero = kBarTurn + kConsumerWGs;
 
     static_assert(kHeadDim % kPanelCols == 0, "head dim must be a whole number of 64-column panels");
+    static_assert(kVoteSlots > kBlockMaxStages, "bsfa_block_max: a slot must outlive a warp's lead");
+    static_assert(kSmemV == kSmemK + kStages * kKVBytes && kBlockMaxStages <= 2 * kStages,
+                  "bsfa_block_max's K slots past the forward's are the V ring's");
     static_assert(kVoteSlotBytes == 8, "the gate reads one slot as a single 8-byte load");
     static_assert(kSmemBytes <= 227 * 1024, "shared memory per CTA");
 };
