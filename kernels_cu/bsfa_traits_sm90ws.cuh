@@ -64,10 +64,7 @@ struct TraitsSm90Ws : TileShape {
     static constexpr int kStages = 2;
     // bsfa_block_max loads no V: its K ring runs on the V ring's slots too
     // (they follow the K ring's), 5-9 % faster than two stages (bench/NOTES.md, v14).
-#ifndef BSFA_BM_KSTAGES
-#define BSFA_BM_KSTAGES 5
-#endif
-    static constexpr int kBlockMaxStages = BSFA_BM_KSTAGES;
+    static constexpr int kBlockMaxStages = 2 * kStages;
     static constexpr int kSmemQ = 0;
     static constexpr int kSmemK = kSmemQ + kQBytes;
     static constexpr int kSmemV = kSmemK + kStages * kKVBytes;
@@ -109,9 +106,8 @@ struct TraitsSm90Ws : TileShape {
 
     static_assert(kHeadDim % kPanelCols == 0, "head dim must be a whole number of 64-column panels");
     static_assert(kVoteSlots > kBlockMaxStages, "bsfa_block_max: a slot must outlive a warp's lead");
-    static_assert(kSmemV == kSmemK + kStages * kKVBytes && kSmemO == kSmemV + kStages * kKVBytes &&
-                      kQBytes == kKVBytes && kBlockMaxStages <= 2 * kStages + 1,
-                  "bsfa_block_max's K slots past the forward's are the V ring's, then the output staging");
+    static_assert(kSmemV == kSmemK + kStages * kKVBytes && kBlockMaxStages <= 2 * kStages,
+                  "bsfa_block_max's K slots past the forward's are the V ring's");
     static_assert(kVoteSlotBytes == 8, "the gate reads one slot as a single 8-byte load");
     static_assert(kSmemBytes <= 227 * 1024, "shared memory per CTA");
 };
