@@ -57,7 +57,10 @@ def poison_outputs(monkeypatch):
 def _poisoned(real_empty):
     def empty(self, shape, dtype):  # out and lse: always floating point
         x = real_empty(self, shape, dtype)
-        x.fill_(float("nan")) if hasattr(x, "fill_") else x.fill(np.nan)
+        if hasattr(x, "fill_"):  # torch
+            x.fill_(float("nan"))
+        else:
+            x.fill(np.nan)
         return x
 
     return empty
