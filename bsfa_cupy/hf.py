@@ -311,13 +311,13 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     path = _route(module, query, key, attention_mask, dropout, kwargs)
     if path == "eager_softcap":
         return _eager_softcap(module, query, key, value, attention_mask, scaling, dropout, kwargs)
-    if isinstance(path, str) and path not in ("bsfa", "bsfa_short", "bsfa_decode"):
-        _count(module, path)
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
     if path in ("bsfa_short", "bsfa_decode"):  # dense: see the module docstring
         _count(module, path)
         return _bsfa(query, key, value, None, scaling), None
+    if isinstance(path, str) and path != "bsfa":
+        _count(module, path)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
     Nq = query.shape[2]
     thr = _layer_thresholds(state, module, query)
     tally = _Tally(module, state.block, state.tile_stats, state.head_stats) if state is not None else None
