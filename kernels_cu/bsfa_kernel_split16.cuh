@@ -7,9 +7,10 @@
 // into 16-key slices (warp w: keys 16w..16w+15).
 //
 // Per tile, as the 64-row kernel: K and V are loaded once per CTA by all
-// threads into the same cp.async ring and buffers; each warp computes S of
-// its 16 x 16 slice, masks it (causal / ragged keys at the slice's offset)
-// and votes with its per-head slice maxima; the cross-warp OR of the votes is
+// threads into the same cp.async ring and buffers, V behind the vote and
+// multiplied a tile late; each warp computes S of its 16 x 16 slice, masks
+// it (causal / ragged keys at the slice's offset) and votes with its
+// per-head slice maxima; the cross-warp OR of the votes is
 // exactly the reference's per-(head, 64-key tile) decision (some slice max
 // passes the threshold iff the tile max does; max.f32 skips NaN in both).  A
 // head that skips the tile gets -inf scores there in every warp.  Each warp
@@ -86,9 +87,6 @@ __device__ __forceinline__ void fwd_split16_kernel(const Params& p) {
     const bool gated = p.thr_mode != 0;
     const int forced_lo = gated ? cta.qt.diag_lo : 0;
     const int forced_hi = gated ? cta.qt.diag_hi : cta.qt.c_end;
-    // Tiles whose V is prefetched with the top group (TR::kSpeculativeV: all of them).
-    const int v_lo = TR::kSpeculativeV ? lo : forced_lo;
-    const int v_hi = TR::kSpeculativeV ? hi : forced_hi;
     float thr[2];
     cta.thresholds(gated, row, thr);
     const unsigned all_slots = cta.all_slots();
@@ -102,22 +100,61 @@ __device__ __forceinline__ void fwd_split16_kernel(const Params& p) {
     const float scale = p.softmax_scale;
     const float scale_log2 = scale * kLog2e;
 
+    // O += P V of tile t over the warp's 16 keys (one k16 step, V rows
+    // 16w..16w+15), kept by the head slots `kept`.
+    auto pv_slice = [&](int t, const unsigned (&P)[1][TR::kKeySteps][4]) {
+        const unsigned va = v_lane + SplitKvLoads<TR>::v_slot(t) * TR::kKVTileBytes;
+#pragma unroll
+        for (int dp = 0; dp < TR::kONBlocks / 2; ++dp) {
+            unsigned B[4];
+            ldsm_x4_trans(B, va + dp * (2 * TR::kMmaN * TR::kElemBytes));
+            mma_16816<TR::kBf16>(O[0][2 * dp], P[0][0], B[0], B[1]);
+            mma_16816<TR::kBf16>(O[0][2 * dp + 1], P[0][0], B[2], B[3]);
+        }
+    };
+    // Heads that skip a tile others keep, with a non-finite V in it: their O
+    // is parked in the split's partial-out rows across P V
+    // (bsfa_kernel_splitkv.cuh).  All 4 warps hold those rows, so they take
+    // turns on the one parking place, a barrier apart.
+    auto pv = [&](int t, unsigned kept, const unsigned (&P)[1][TR::kKeySteps][4]) {
+        bool park = false;
+        if ((kept & all_slots) != all_slots) park = cta_sync_or(v_tile_non_finite<TR>(kv.v_tile(t)));
+        if (park) {
+            const bool mine = row_bit[0] + row_bit[1] != 0;  // this thread has a real row
+#pragma unroll 1
+            for (int w = 0; w < TR::kNWarps; ++w) {
+                if (warp == w) {
+                    if (mine) park_o<TR>(O, row_bit, kept, out.row_out(row[0]), out.row_out(row[1]), lane, true);
+                    pv_slice(t, P);
+                    if (mine) park_o<TR>(O, row_bit, kept, out.row_out(row[0]), out.row_out(row[1]), lane, false);
+                }
+                cta_sync();
+            }
+        } else {
+            pv_slice(t, P);
+        }
+    };
+
     if (hi >= lo) {
-        // The cp.async groups of bsfa_kernel_splitkv.cuh: the prologue, then
-        // top / gate / next per tile.
-        kv.commit_prologue(lo, hi, v_lo, v_hi);
+        // The cp.async groups and the late P V of bsfa_kernel_splitkv.cuh:
+        // the prologue, then top / next / gate per tile.
+        kv.commit_prologue(lo, hi, forced_lo, forced_hi);
         cp_async_wait<Pipe::kProloguePending>();  // Q
         cta_sync();
         unsigned qf[TR::kQFragRegs];
         load_q_frags<TR>(qf, q_lane);
 
+        unsigned P[1][TR::kKeySteps][4];
+        unsigned kept_next = 0;
+        bool voted_next = false;
         int ks = 0;
 #pragma unroll 1
         for (int c = hi; c >= lo; --c, ks = ks + 1 == KS ? 0 : ks + 1) {
             cp_async_wait<Pipe::kTopPending>();
             cta_sync();
             const bool is_forced = c >= forced_lo && c <= forced_hi;
-            kv.commit_top(c, lo, hi, v_lo, v_hi);
+            kv.commit_top(c, lo, hi, forced_lo, forced_hi);
+            kv.commit_next(c, lo, ks == 0 ? KS - 1 : ks - 1);
 
             // S of this warp's 16-key slice: Sc[0][nb][.] = keys 16 * warp + 8 * nb + 2 * (lane & 3) + {0, 1}.
             float Sc[1][TR::kSNBlocks][4];
@@ -138,57 +175,30 @@ __device__ __forceinline__ void fwd_split16_kernel(const Params& p) {
                 tile_mx[0][hf] = fmax2(v, shfl_xor(v, 2));
             }
 
+            if (kept_next != 0) Pipe::wait_v_next(voted_next);  // V c+1, made the CTA's by the next barrier
             // Head slots keeping tile c: all when forced, else the OR over
             // each slot's real rows and the 4 slices of (slice max * scale >= thr).
             unsigned kept = all_slots;
-            if (!is_forced) kept = vote_slots<TR>(tile_mx, thr, row_bit, scale, sVote, c, lane, warp);
+            if (!is_forced) {
+                kept = vote_slots<TR>(tile_mx, thr, row_bit, scale, sVote, c, lane, warp);
+            } else if (kept_next != 0 && (voted_next || Pipe::kForcedVWait)) {
+                cta_sync();
+            }
             cta.write_keep(keep, c, kept);
-            kv.commit_gate(c, !TR::kSpeculativeV && !is_forced && kept != 0);
-            kv.commit_next(c, lo, ks == 0 ? KS - 1 : ks - 1);
-            if (kept == 0) continue;
+            kv.commit_gate(c, !is_forced && kept != 0);
 
-            if (!is_forced) drop_skipping_rows<TR>(Sc, tile_mx, kept, row_bit);
-            unsigned P[1][TR::kKeySteps][4];
-            softmax_update<TR>(Sc, tile_mx, m, l, O, P, scale_log2);
-            if (!is_forced && !TR::kSpeculativeV) {
-                cp_async_wait<1>();
-                cta_sync();
-            } else if (Pipe::kForcedVWait) {
-                cp_async_wait<Pipe::kForcedVPending>();
-                cta_sync();
+            if (kept_next != 0) pv(c + 1, kept_next, P);
+            if (kept != 0) {
+                if (!is_forced) drop_skipping_rows<TR>(Sc, tile_mx, kept, row_bit);
+                softmax_update<TR>(Sc, tile_mx, m, l, O, P, scale_log2);
             }
-            const unsigned v_tile = kv.v_tile(c);
-            // O += P V over the warp's 16 keys: one k16 step, V rows 16w..16w+15.
-            auto pv = [&]() {
-                const unsigned va = v_lane + SplitKvLoads<TR>::v_slot(c) * TR::kKVTileBytes;
-#pragma unroll
-                for (int dp = 0; dp < TR::kONBlocks / 2; ++dp) {
-                    unsigned B[4];
-                    ldsm_x4_trans(B, va + dp * (2 * TR::kMmaN * TR::kElemBytes));
-                    mma_16816<TR::kBf16>(O[0][2 * dp], P[0][0], B[0], B[1]);
-                    mma_16816<TR::kBf16>(O[0][2 * dp + 1], P[0][0], B[2], B[3]);
-                }
-            };
-            // Heads that skip a tile others keep, with a non-finite V in it:
-            // their O is parked in the split's partial-out rows across P V
-            // (bsfa_kernel_splitkv.cuh).  All 4 warps hold those rows, so they
-            // take turns on the one parking place, a barrier apart.
-            bool park = false;
-            if ((kept & all_slots) != all_slots) park = cta_sync_or(v_tile_non_finite<TR>(v_tile));
-            if (park) {
-                const bool mine = row_bit[0] + row_bit[1] != 0;  // this thread has a real row
-#pragma unroll 1
-                for (int w = 0; w < TR::kNWarps; ++w) {
-                    if (warp == w) {
-                        if (mine) park_o<TR>(O, row_bit, kept, out.row_out(row[0]), out.row_out(row[1]), lane, true);
-                        pv();
-                        if (mine) park_o<TR>(O, row_bit, kept, out.row_out(row[0]), out.row_out(row[1]), lane, false);
-                    }
-                    cta_sync();
-                }
-            } else {
-                pv();
-            }
+            kept_next = kept;
+            voted_next = !is_forced;
+        }
+        if (kept_next != 0) {
+            cp_async_wait<0>();
+            cta_sync();
+            pv(lo, kept_next, P);
         }
     }
 

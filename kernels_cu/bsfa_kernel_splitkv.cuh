@@ -113,9 +113,6 @@ __device__ __forceinline__ void fwd_splitkv_kernel(const Params& p) {
     const bool gated = p.thr_mode != 0;
     const int forced_lo = gated ? cta.qt.diag_lo : 0;
     const int forced_hi = gated ? cta.qt.diag_hi : cta.qt.c_end;
-    // Tiles whose V is prefetched with the top group (TR::kSpeculativeV: all of them).
-    const int v_lo = TR::kSpeculativeV ? lo : forced_lo;
-    const int v_hi = TR::kSpeculativeV ? hi : forced_hi;
     float thr[2];
     cta.thresholds(gated, row, thr);
     const unsigned all_slots = cta.all_slots();
@@ -129,30 +126,57 @@ __device__ __forceinline__ void fwd_splitkv_kernel(const Params& p) {
     const float scale = p.softmax_scale;
     const float scale_log2 = scale * kLog2e;
 
+    // O += P V of tile t, kept by the head slots `kept`.  A head that skips
+    // the tile has P = 0 there, but 0 * (NaN or inf) in V would still reach
+    // its O through the shared P V product, where the reference (the tile
+    // does not exist for that head) gives no NaN.  So when some head skips a
+    // tile that others keep, the CTA checks V for non-finite values, and in
+    // that (rare) case the skipping rows' O is parked in this split's own
+    // partial-out rows (written at the end anyway) across the product.
+    auto pv = [&](int t, unsigned kept, unsigned (&P)[1][TR::kKeySteps][4]) {
+        bool park = false;
+        if ((kept & all_slots) != all_slots) {
+            park = cta_sync_or(v_tile_non_finite<TR>(kv.v_tile(t)));
+            park = park && row_bit[0] + row_bit[1] != 0;  // this thread has a real row
+        }
+        if (park) park_o<TR>(O, row_bit, kept, out.row_out(row[0]), out.row_out(row[1]), lane, true);
+        pv_tile<TR>(O, P, v_lane + SplitKvLoads<TR>::v_slot(t) * TR::kKVTileBytes);
+        if (park) park_o<TR>(O, row_bit, kept, out.row_out(row[0]), out.row_out(row[1]), lane, false);
+    };
+
     if (hi >= lo) {
-        kv.commit_prologue(lo, hi, v_lo, v_hi);
+        kv.commit_prologue(lo, hi, forced_lo, forced_hi);
         cp_async_wait<Pipe::kProloguePending>();  // Q
         cta_sync();
         unsigned qf[TR::kQFragRegs];
         load_q_frags<TR>(qf, q_lane);
 
+        // The P V of a kept tile runs one tile late: P and the keeping head
+        // slots of tile c+1 (0: nothing pending), and whether its V came
+        // behind a vote.
+        unsigned P[1][TR::kKeySteps][4];
+        unsigned kept_next = 0;
+        bool voted_next = false;
         int ks = 0;
 #pragma unroll 1
         for (int c = hi; c >= lo; --c, ks = ks + 1 == KS ? 0 : ks + 1) {
             // cp.async groups: [Q], then three per key tile c, committed by
-            // tile c (SplitKvLoads): top [V c-(VS-1) if forced], gate [V c if
-            // a vote keeps it], next [K c-(KS-1)]; K is thus KS-1 tiles ahead
-            // and the V of forced tiles VS-1, as decode is memory bound and
-            // loads issued a tile late expose the whole memory latency.  K c
-            // came with tile c+KS-1's next group: at this top the groups of
-            // tiles c+1 .. c+KS-2 may pend.  The slots this tile refills are
-            // those tile c+1 read (K slot ks-1, V slot of c-(VS-1) = that of
-            // c+1), free after this barrier; a gated V c takes the slot of
-            // c+VS, read VS tiles ago.
+            // tile c (SplitKvLoads): top [V c-(VS-2) if forced], next [K
+            // c-(KS-1)], gate [V c if a vote keeps it].  K is thus KS-1 tiles
+            // ahead and never waits for a vote, as decode is memory bound and
+            // loads issued a tile late expose the whole memory latency; V
+            // waits for the vote and is multiplied a tile later, after the
+            // scores and vote of tile c-1, so its latency hides behind them;
+            // a forced V is issued VS-2 tiles earlier still (SplitKvPipe has
+            // the wait counts).  The slots this tile refills are free after
+            // this barrier: K slot ks-1 (read by tile c+1's scores), the V
+            // slot of c-(VS-2) = that of c+2 and the V slot of c = that of
+            // c+VS (multiplied in tile c+1 or earlier).
             cp_async_wait<Pipe::kTopPending>();
             cta_sync();
             const bool is_forced = c >= forced_lo && c <= forced_hi;
-            kv.commit_top(c, lo, hi, v_lo, v_hi);
+            kv.commit_top(c, lo, hi, forced_lo, forced_hi);
+            kv.commit_next(c, lo, ks == 0 ? KS - 1 : ks - 1);
 
             float Sc[1][TR::kSNBlocks][4];
             qk_tile_q_regs<TR>(Sc, qf, k_lane + ks * TR::kKVTileBytes);
@@ -162,45 +186,32 @@ __device__ __forceinline__ void fwd_splitkv_kernel(const Params& p) {
             float tile_mx[1][2];
             row_max<TR>(Sc, tile_mx);
 
+            // V c+1 landed (this thread's share) before the barrier that
+            // makes it the CTA's: the vote's, or one of its own.
+            if (kept_next != 0) Pipe::wait_v_next(voted_next);
             // Head slots keeping tile c: all of them when forced, else the
             // OR over each slot's real rows of (row max * scale >= thr).
             unsigned kept = all_slots;
-            if (!is_forced) kept = vote_slots<TR>(tile_mx, thr, row_bit, scale, sVote, c, lane, warp);
+            if (!is_forced) {
+                kept = vote_slots<TR>(tile_mx, thr, row_bit, scale, sVote, c, lane, warp);
+            } else if (kept_next != 0 && (voted_next || Pipe::kForcedVWait)) {
+                cta_sync();
+            }
             cta.write_keep(keep, c, kept);
-            kv.commit_gate(c, !TR::kSpeculativeV && !is_forced && kept != 0);
-            kv.commit_next(c, lo, ks == 0 ? KS - 1 : ks - 1);
-            if (kept == 0) continue;
+            kv.commit_gate(c, !is_forced && kept != 0);
 
-            if (!is_forced) drop_skipping_rows<TR>(Sc, tile_mx, kept, row_bit);
-            unsigned P[1][TR::kKeySteps][4];
-            softmax_update<TR>(Sc, tile_mx, m, l, O, P, scale_log2);
-            // V c: a gated one in this tile's gate group (its next group may
-            // stay in flight); a forced one (and with TR::kSpeculativeV every
-            // one) in tile c+VS-1's top group, which the top wait covered
-            // already when VS >= KS.
-            if (!is_forced && !TR::kSpeculativeV) {
-                cp_async_wait<1>();
-                cta_sync();
-            } else if (Pipe::kForcedVWait) {
-                cp_async_wait<Pipe::kForcedVPending>();
-                cta_sync();
+            if (kept_next != 0) pv(c + 1, kept_next, P);
+            if (kept != 0) {
+                if (!is_forced) drop_skipping_rows<TR>(Sc, tile_mx, kept, row_bit);
+                softmax_update<TR>(Sc, tile_mx, m, l, O, P, scale_log2);
             }
-            const unsigned v_tile = kv.v_tile(c);
-            // A head that skips the tile has P = 0 there, but 0 * (NaN or inf)
-            // in V would still reach its O through the shared P V product,
-            // where the reference (the tile does not exist for that head)
-            // gives no NaN.  So when some head skips a tile that others keep,
-            // the CTA checks V for non-finite values, and in that (rare) case
-            // the skipping rows' O is parked in this split's own partial-out
-            // rows (written at the end anyway) across the product.
-            bool park = false;
-            if ((kept & all_slots) != all_slots) {
-                park = cta_sync_or(v_tile_non_finite<TR>(v_tile));
-                park = park && row_bit[0] + row_bit[1] != 0;  // this thread has a real row
-            }
-            if (park) park_o<TR>(O, row_bit, kept, out.row_out(row[0]), out.row_out(row[1]), lane, true);
-            pv_tile<TR>(O, P, v_lane + SplitKvLoads<TR>::v_slot(c) * TR::kKVTileBytes);
-            if (park) park_o<TR>(O, row_bit, kept, out.row_out(row[0]), out.row_out(row[1]), lane, false);
+            kept_next = kept;
+            voted_next = !is_forced;
+        }
+        if (kept_next != 0) {
+            cp_async_wait<0>();
+            cta_sync();
+            pv(lo, kept_next, P);
         }
     }
 

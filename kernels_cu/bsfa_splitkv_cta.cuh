@@ -181,20 +181,32 @@ struct SplitKvCta {
 };
 
 // The wait counts of the cp.async groups SplitKvLoads commits, three per key
-// tile (top, gate, next).  At the top of tile c, K c (tile c+KS-1's next
-// group) must have landed: the groups of tiles c+1 .. c+KS-2 may pend.  A
-// forced V c came with tile c+VS-1's top group: covered by that wait when VS
-// >= KS, else the gate and next groups of tile c+VS-1 and the three of
-// each later tile down to c may pend before P V.
+// tile c in the order top, next, gate.  At the top of tile c, K c (tile
+// c+KS-1's next group) must have landed: its gate group and the groups of
+// tiles c+1 .. c+KS-2 may pend.  The P V of tile c+1 runs in tile c, after
+// its scores: once tile c has committed its top and next groups, V c+1 kept
+// by a vote (tile c+1's gate group) lets those two pend; a forced V c+1
+// (tile c+VS-1's top group) lets the groups since pend too, and is covered
+// by the top wait already when VS >= KS.
 template <class TR>
 struct SplitKvPipe {
     static constexpr int kGroupsPerTile = 3;
-    static constexpr int kTopPending = kGroupsPerTile * (TR::kKStages - 2);
+    static constexpr int kTopPending = kGroupsPerTile * (TR::kKStages - 2) + 1;
     // After SplitKvLoads::commit_prologue: all but its groups, i.e. Q.
     static constexpr int kProloguePending = kGroupsPerTile * (TR::kKStages - 1);
+    static constexpr int kGatedVPending = 2;
     static constexpr bool kForcedVWait = TR::kVStages < TR::kKStages;
-    static constexpr int kForcedVPending = 2 + kGroupsPerTile * (TR::kVStages - 1);
-    static_assert(TR::kKStages >= 2 && TR::kVStages >= 2, "K and V prefetched at least one tile ahead");
+    static constexpr int kForcedVPending = kGroupsPerTile * (TR::kVStages - 1) + 1;
+    static_assert(TR::kKStages >= 2 && TR::kVStages >= 2, "K prefetched a tile ahead, V a tile behind the vote");
+
+    // This thread's share of V c+1 landed; a barrier then makes it the CTA's.
+    static __device__ __forceinline__ void wait_v_next(bool voted) {
+        if (voted) {
+            cp_async_wait<kGatedVPending>();
+        } else if (kForcedVWait) {
+            cp_async_wait<kForcedVPending>();
+        }
+    }
 };
 
 // K / V tile c of the CTA's K/V head, every thread its share: key tiles
@@ -232,13 +244,13 @@ struct SplitKvLoads {
 
     // The three cp.async groups of key tile c (bsfa_kernel_splitkv.cuh), each
     // committed even when empty so that every tile counts the same:
-    //   top:  V of tile c - (kVStages - 1) when it is in [lo, hi] and kept
+    //   top:  V of tile c - (kVStages - 2) when it is in [lo, hi] and kept
     //         without a vote (forced), prefetched;
-    //   gate: V of tile c when a vote kept it (issued after the vote);
-    //   next: K of tile c - (kKStages - 1) into ring slot `slot`, after the
-    //         gate group, so that waiting for a gated V leaves it in flight.
+    //   next: K of tile c - (kKStages - 1) into ring slot `slot`, issued
+    //         before the vote so that the K stream never waits for one;
+    //   gate: V of tile c when a vote kept it (issued after the vote).
     __device__ __forceinline__ void commit_top(int c, int lo, int hi, int forced_lo, int forced_hi) const {
-        const int t = c - (TR::kVStages - 1);
+        const int t = c - (TR::kVStages - 2);
         if (t >= lo && t <= hi && t >= forced_lo && t <= forced_hi) load_v(t);
         cp_async_commit();
     }
@@ -253,12 +265,12 @@ struct SplitKvLoads {
     }
     // Before the first tile hi: the groups tiles hi + kKStages - 1 .. hi + 1
     // would have committed, as if the loop had started above hi.
-    __device__ __forceinline__ void commit_prologue(int lo, int hi, int v_lo, int v_hi) const {
+    __device__ __forceinline__ void commit_prologue(int lo, int hi, int forced_lo, int forced_hi) const {
 #pragma unroll
         for (int j = TR::kKStages - 1; j >= 1; --j) {
-            commit_top(hi + j, lo, hi, v_lo, v_hi);
-            cp_async_commit();
+            commit_top(hi + j, lo, hi, forced_lo, forced_hi);
             commit_next(hi + j, lo, TR::kKStages - 1 - j);
+            cp_async_commit();
         }
     }
 

@@ -42,22 +42,18 @@ struct TraitsSplitKv : TileShape {
     static constexpr int kNThreads = kNWarps * 32;
     static constexpr bool kQInRegs = true;
 
-    // The loads run kKStages - 1 tiles ahead for K and kVStages - 1 for the
-    // V of tiles kept without a vote (the cp.async groups of
-    // bsfa_kernel_splitkv.cuh).  Decode is memory bound: the bytes in flight
-    // per SM set the bandwidth.  16 rows: 3 V buffers still fit two CTAs per
-    // SM (109 KB each at head dim 128); 64 rows would fall to one CTA.
+    // The loads run kKStages - 1 tiles ahead for K.  V goes behind the vote:
+    // the V of tile c is issued once the vote has kept it and multiplied a
+    // tile later, after the scores and vote of tile c - 1, so that neither a
+    // skipped tile's V is loaded nor a kept tile waits for its V (the cp.async
+    // groups of bsfa_kernel_splitkv.cuh).  The V of a tile kept without a vote
+    // is prefetched kVStages - 2 tiles ahead of that: one V buffer is being
+    // multiplied, one is filling behind the vote.  Decode is memory bound: the
+    // bytes in flight per SM set the bandwidth.  16 rows: 3 V buffers still
+    // fit two CTAs per SM (109 KB each at head dim 128); 64 rows would fall to
+    // one CTA.
     static constexpr int kKStages = 3;
     static constexpr int kVStages = kKeySplit ? 3 : 2;
-    // 16 and 64 rows: V of every tile is prefetched like K, gated or not.  A
-    // CTA packs the query heads of a GQA group and needs a tile's V when any
-    // of them keeps it, 1 - (1 - rho)^G of the gated tiles with independent
-    // heads (0.68 at rho = 0.25, G = 4), so waiting for a V issued after the
-    // vote saves few bytes and exposes the memory latency on every kept tile
-    // (H200, 1 x 128K: 0.222 ms against 0.151 dense).  Skipped tiles still
-    // skip the softmax and P V.  128 rows are tensor-core bound: their V
-    // stays behind the vote.
-    static constexpr bool kSpeculativeV = kRows_ <= 64;
 
     static constexpr int kElemBytes = 2;
     static constexpr int kChunkElems = 16 / kElemBytes;
@@ -73,8 +69,7 @@ struct TraitsSplitKv : TileShape {
     static constexpr int kONBlocks = kHeadDim / kMmaN;
     static constexpr int kQFragRegs = kWarpMBlocks * kDSteps * 4;
 
-    // Q, the K ring, the V ring (V of forced tiles is prefetched kVStages - 1
-    // tiles ahead: bsfa_kernel_splitkv.cuh), and the per-warp head votes of the
+    // Q, the K ring, the V ring (bsfa_kernel_splitkv.cuh), and the per-warp head votes of the
     // gate (two slots, by key-tile parity, so one barrier per gated tile).
     static constexpr int kSmemQ = 0;
     static constexpr int kSmemK = kSmemQ + kQTileBytes;
@@ -97,6 +92,8 @@ struct TraitsSplitKv : TileShape {
                   "key-split: one m16 row block, one 16-key slice per warp");
     static_assert(!kKeySplit || kSmemMergeEnd <= kSmemVote, "key-split merge must fit the K / V buffers");
     static_assert(kSmemK % 16 == 0 && (kMergeStride * 4) % 16 == 0, "16-byte aligned merge rows");
+    static_assert(kVStages >= 2 && kVStages <= kKStages + 1, "V: one buffer multiplied, one filling, prefetch "
+                  "no further ahead than K");
     static_assert(kHeadDim % kMmaK == 0, "head dim must be a multiple of 16");
     static_assert(kKeySplit || kKeySteps % 2 == 0, "the P V loop runs key steps in pairs");
     static_assert(kNThreads % kChunksPerRow == 0, "fixed copy column per thread (TileCopy::load_full)");
