@@ -144,9 +144,10 @@ __device__ __forceinline__ void fwd_split16_kernel(const Params& p) {
         unsigned qf[TR::kQFragRegs];
         load_q_frags<TR>(qf, q_lane);
 
+        // P of the tile whose P V is pending.
         unsigned P[1][TR::kKeySteps][4];
-        unsigned kept_next = 0;
-        bool voted_next = false;
+        PendingPv pend;
+        auto pv_pending = [&](int t, unsigned kept) { pv(t, kept, P); };
         int ks = 0;
 #pragma unroll 1
         for (int c = hi; c >= lo; --c, ks = ks + 1 == KS ? 0 : ks + 1) {
@@ -175,31 +176,17 @@ __device__ __forceinline__ void fwd_split16_kernel(const Params& p) {
                 tile_mx[0][hf] = fmax2(v, shfl_xor(v, 2));
             }
 
-            if (kept_next != 0) Pipe::wait_v_next(voted_next);  // V c+1, made the CTA's by the next barrier
-            // Head slots keeping tile c: all when forced, else the OR over
-            // each slot's real rows and the 4 slices of (slice max * scale >= thr).
-            unsigned kept = all_slots;
-            if (!is_forced) {
-                kept = vote_slots<TR>(tile_mx, thr, row_bit, scale, sVote, c, lane, warp);
-            } else if (kept_next != 0 && (voted_next || Pipe::kForcedVWait)) {
-                cta_sync();
-            }
-            cta.write_keep(keep, c, kept);
-            kv.commit_gate(c, !is_forced && kept != 0);
-
-            if (kept_next != 0) pv(c + 1, kept_next, P);
-            if (kept != 0) {
-                if (!is_forced) drop_skipping_rows<TR>(Sc, tile_mx, kept, row_bit);
-                softmax_update<TR>(Sc, tile_mx, m, l, O, P, scale_log2);
-            }
-            kept_next = kept;
-            voted_next = !is_forced;
+            // The gate, the pending P V and tile c's softmax as in
+            // bsfa_kernel_splitkv.cuh; a vote ORs over each slot's real rows
+            // and the 4 slices (slice max * scale >= thr).
+            gate_step<TR>(
+                pend, cta, kv, keep, c, is_forced, all_slots,
+                [&] { return vote_slots<TR>(tile_mx, thr, row_bit, scale, sVote, c, lane, warp); }, pv_pending,
+                [&](unsigned kept) {
+                    kept_tile_update<TR>(Sc, tile_mx, kept, row_bit, is_forced, m, l, O, P, scale_log2);
+                });
         }
-        if (kept_next != 0) {
-            cp_async_wait<0>();
-            cta_sync();
-            pv(lo, kept_next, P);
-        }
+        drain_pv(pend, lo, pv_pending);
     }
 
     // Merge of the 4 warps' states of the same rows, through the K / V

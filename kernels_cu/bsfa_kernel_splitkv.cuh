@@ -151,12 +151,10 @@ __device__ __forceinline__ void fwd_splitkv_kernel(const Params& p) {
         unsigned qf[TR::kQFragRegs];
         load_q_frags<TR>(qf, q_lane);
 
-        // The P V of a kept tile runs one tile late: P and the keeping head
-        // slots of tile c+1 (0: nothing pending), and whether its V came
-        // behind a vote.
+        // P of the tile whose P V is pending.
         unsigned P[1][TR::kKeySteps][4];
-        unsigned kept_next = 0;
-        bool voted_next = false;
+        PendingPv pend;
+        auto pv_pending = [&](int t, unsigned kept) { pv(t, kept, P); };
         int ks = 0;
 #pragma unroll 1
         for (int c = hi; c >= lo; --c, ks = ks + 1 == KS ? 0 : ks + 1) {
@@ -186,33 +184,17 @@ __device__ __forceinline__ void fwd_splitkv_kernel(const Params& p) {
             float tile_mx[1][2];
             row_max<TR>(Sc, tile_mx);
 
-            // V c+1 landed (this thread's share) before the barrier that
-            // makes it the CTA's: the vote's, or one of its own.
-            if (kept_next != 0) Pipe::wait_v_next(voted_next);
-            // Head slots keeping tile c: all of them when forced, else the
-            // OR over each slot's real rows of (row max * scale >= thr).
-            unsigned kept = all_slots;
-            if (!is_forced) {
-                kept = vote_slots<TR>(tile_mx, thr, row_bit, scale, sVote, c, lane, warp);
-            } else if (kept_next != 0 && (voted_next || Pipe::kForcedVWait)) {
-                cta_sync();
-            }
-            cta.write_keep(keep, c, kept);
-            kv.commit_gate(c, !is_forced && kept != 0);
-
-            if (kept_next != 0) pv(c + 1, kept_next, P);
-            if (kept != 0) {
-                if (!is_forced) drop_skipping_rows<TR>(Sc, tile_mx, kept, row_bit);
-                softmax_update<TR>(Sc, tile_mx, m, l, O, P, scale_log2);
-            }
-            kept_next = kept;
-            voted_next = !is_forced;
+            // The gate (vote or forced), the pending P V of tile c+1, then
+            // tile c's softmax: gate_step.  A vote keeps the head slots whose
+            // real rows have (row max * scale >= thr).
+            gate_step<TR>(
+                pend, cta, kv, keep, c, is_forced, all_slots,
+                [&] { return vote_slots<TR>(tile_mx, thr, row_bit, scale, sVote, c, lane, warp); }, pv_pending,
+                [&](unsigned kept) {
+                    kept_tile_update<TR>(Sc, tile_mx, kept, row_bit, is_forced, m, l, O, P, scale_log2);
+                });
         }
-        if (kept_next != 0) {
-            cp_async_wait<0>();
-            cta_sync();
-            pv(lo, kept_next, P);
-        }
+        drain_pv(pend, lo, pv_pending);
     }
 
     cp_async_wait<0>();  // an empty range never waited for its Q copy

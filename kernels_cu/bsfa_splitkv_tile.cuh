@@ -100,4 +100,59 @@ __device__ __forceinline__ void softmax_update(const float (&Sc)[1][TR::kSNBlock
     }
 }
 
+// A kept tile's online-softmax update: the rows of heads that skip it (a
+// vote kept it for others) dropped first.
+template <class TR>
+__device__ __forceinline__ void kept_tile_update(float (&Sc)[1][TR::kSNBlocks][4], float (&tile_mx)[1][2],
+                                                 unsigned kept, const unsigned (&row_bit)[2], bool is_forced,
+                                                 float (&m)[1][2], float (&l)[1][2], float (&O)[1][TR::kONBlocks][4],
+                                                 unsigned (&P)[1][TR::kKeySteps][4], float scale_log2) {
+    if (!is_forced) drop_skipping_rows<TR>(Sc, tile_mx, kept, row_bit);
+    softmax_update<TR>(Sc, tile_mx, m, l, O, P, scale_log2);
+}
+
+// The P V of a kept tile runs a tile late, inside the next tile's step
+// (bsfa_kernel_splitkv.cuh): the head slots keeping the pending tile (0:
+// nothing pending) and whether its V came behind a vote.
+struct PendingPv {
+    unsigned kept = 0;
+    bool voted = false;
+};
+
+// Tile c's step once its scores are masked and their row maxima known, in
+// both split kernels.  V c+1 (pending) lands for this thread before a barrier
+// makes it the CTA's: tile c's vote (vote(), returning the keeping head
+// slots) or, when tile c is kept without one, a barrier of its own.  Then the
+// keep entry, tile c's V load if a vote kept it, the pending P V (pv(c + 1,
+// kept)) and tile c's online-softmax update (update(kept)), whose P is the
+// next pending P V.
+template <class TR, class Cta, class Vote, class Pv, class Update>
+__device__ __forceinline__ void gate_step(PendingPv& pend, const Cta& cta, const SplitKvLoads<TR>& kv,
+                                          unsigned char* keep, int c, bool is_forced, unsigned all_slots, Vote vote,
+                                          Pv pv, Update update) {
+    if (pend.kept != 0) SplitKvPipe<TR>::wait_v_next(pend.voted);
+    unsigned kept = all_slots;
+    if (!is_forced) {
+        kept = vote();
+    } else if (pend.kept != 0 && (pend.voted || SplitKvPipe<TR>::kForcedVWait)) {
+        cta_sync();
+    }
+    cta.write_keep(keep, c, kept);
+    kv.commit_gate(c, !is_forced && kept != 0);
+    if (pend.kept != 0) pv(c + 1, pend.kept);
+    if (kept != 0) update(kept);
+    pend.kept = kept;
+    pend.voted = !is_forced;
+}
+
+// After the last tile (lo): its pending P V.
+template <class Pv>
+__device__ __forceinline__ void drain_pv(const PendingPv& pend, int lo, Pv pv) {
+    if (pend.kept != 0) {
+        cp_async_wait<0>();
+        cta_sync();
+        pv(lo, pend.kept);
+    }
+}
+
 }  // namespace bsfa
