@@ -1,7 +1,7 @@
 """Decode and short chunks against a long K/V cache: split-KV bsfa vs SDPA, and the memory floor.
 
 Usage: python bench/decode.py --out DIR [--shapes 1x32768 1x131072 16x131072 128x131072 1024x131072]
-           [--rho 0.25] [--group-shared-q] [--flex] [--tag decode] [--dry-run]
+           [--rho 0.25] [--group-shared-q | --shared-q-sparse] [--flex] [--tag decode] [--dry-run]
 B=1, Hq=32, Hkv=8, D=128, float16 by default. Per Nq x Nk shape (queries at the end of the keys: bottom-right
 causal, which for Nq=1 is no mask at all):
   bsfa-auto         bsfa_cupy.attention, backend="auto" (the split-KV kernel where it routes there), dense
@@ -11,6 +11,10 @@ causal, which for Nq=1 is no mask at all):
   bsfa-sparse       backend="auto" with thresholds keeping about --rho of the gated (off-diagonal) tiles,
                     per head and query tile, from bsfa_cupy.block_max_scores of the same inputs
   bsfa-sparse-plan  the same thresholds through an AttentionPlan
+  bsfa-sparse-shared, bsfa-sparse-shared-plan
+                    only with --shared-q-sparse: the two above with every query head of a GQA group given the
+                    same q (one decision per group, so V is loaded for about rho of the gated tiles), timed in
+                    the same run as the dense rows (whose time does not depend on q's values)
   sdpa-flash        SDPA's flash backend (Nq>1: torch.nn.attention.bias.causal_lower_right)
   sdpa-cudnn        SDPA's cuDNN backend (Nq>1: an explicit boolean bottom-right mask)
   sdpa-efficient    SDPA's memory-efficient backend (Nq>1: causal_lower_right)
@@ -21,6 +25,7 @@ to). Writes
 <GPU>_<date>_<tag>.{json,md,png} into --out and prints the split-KV bars, which take per shape the faster of
 bsfa-auto and bsfa-plan (dense) and of bsfa-sparse and bsfa-sparse-plan, and name the one taken. --dry-run checks this script's
 CPU-side logic (thresholds for a target rho, the tables) with random tile maxima and made-up timings.
+--group-shared-q gives every row the shared q instead (the v14/v15 "shared-q" runs).
 """
 from __future__ import annotations
 
@@ -88,16 +93,22 @@ def v_share(keep, tile_max, Nq: int, Nk: int, Hkv: int, xp=np) -> float:
     return float(any_kept.sum() / max(int(gated_kv.sum()), 1))
 
 
+def group_shared(q, G: int):
+    """q (B, Nq, Hq, D) with every query head of a GQA group of G given the group's first head's q."""
+    return q[:, :, ::G].repeat_interleave(G, dim=2).contiguous()
+
+
 def floor_ms(B, Nq, Nk, Hq, Hkv, D, itemsize, tbs) -> float:
     bytes_moved = itemsize * D * (2 * B * Nk * Hkv + 2 * B * Nq * Hq)
     return bytes_moved / (tbs * 1e12) * 1e3
 
 
-IMPLS = ("bsfa-auto", "bsfa-plan", "bsfa-splitkv", "bsfa-unsplit", "bsfa-sparse", "bsfa-sparse-plan", "sdpa-flash",
-         "sdpa-cudnn", "sdpa-efficient", "flex")
+IMPLS = ("bsfa-auto", "bsfa-plan", "bsfa-splitkv", "bsfa-unsplit", "bsfa-sparse", "bsfa-sparse-plan",
+         "bsfa-sparse-shared", "bsfa-sparse-shared-plan", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "flex")
 #: The bars' bsfa timings: the faster of each pair (attention per call, or a plan's run).
 DENSE = ("bsfa-auto", "bsfa-plan")
 SPARSE = ("bsfa-sparse", "bsfa-sparse-plan")
+SPARSE_SHARED = ("bsfa-sparse-shared", "bsfa-sparse-shared-plan")
 
 
 #: Dense fp16 tensor-core peak of an H200 / H100 SXM (TFLOP/s): the compute floor of the short-chunk rows.
@@ -154,6 +165,10 @@ def bars(rows, achievable_tbs, *, b=1, hq=32, d=128) -> list[str]:
             line(None if sp is None else ours >= 1.3 * sp,
                  f"sparse (rho~0.25) {'-' if sp is None else f'{sp:.3f}'} ms ({sp_which or '-'}) at least 1.3x faster "
                  f"than dense {ours:.3f} ms ({which})")
+            sh, sh_which = best(nq, nk, SPARSE_SHARED)
+            if sh is not None:
+                line(ours >= 1.3 * sh, f"sparse, one decision per GQA group (rho~0.25) {sh:.3f} ms ({sh_which}) at "
+                                       f"least 1.3x faster than dense {ours:.3f} ms ({which})")
         else:
             line(None if peer is None else peer / ours >= 0.9,
                  f"dense {ours:.3f} ms ({which}) vs the best SDPA/flex (cuDNN class) "
@@ -168,7 +183,9 @@ def markdown(result) -> str:
              f"queries at the end of the keys (bottom-right causal). Memory floor: K+V+Q+out bytes at "
              f"{result['peak_tbs']} TB/s (HBM peak) and at {result['achievable_tbs']} TB/s. ρ = kept share of "
              "the gated tiles." + (" The query heads of each GQA group share one q (--group-shared-q), so they "
-                                    "keep the same tiles." if result.get("group_shared_q") else ""), "",
+                                    "keep the same tiles." if result.get("group_shared_q") else "")
+             + (" The bsfa-sparse-shared rows give the query heads of each GQA group one q (--shared-q-sparse), "
+                "so they keep the same tiles." if result.get("shared_q_sparse") else ""), "",
              "| Nq x Nk | impl | ms | x floor (peak) | x floor (achievable) | ρ | splits | note |",
              "|---|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
@@ -182,7 +199,8 @@ def markdown(result) -> str:
                      f"{r['ms'] / r['floor_ach_ms']:.2f} | {rho} | {sp} | {note} |")
     lines += ["", "## Split-KV bars", "",
               "Each bar takes the faster of bsfa-auto (`attention` per call) and bsfa-plan (`AttentionPlan.run`) for "
-              "dense, and of bsfa-sparse and bsfa-sparse-plan for sparse; the one taken is named in brackets.", ""]
+              "dense, and of bsfa-sparse and bsfa-sparse-plan for sparse (and of the -shared pair); the one taken is "
+              "named in brackets.", ""]
     lines += [f"- {b}" for b in result["bars"]] + [""]
     return "\n".join(lines)
 
@@ -294,7 +312,7 @@ def run_gpu(args) -> dict:
 
         q = torch.randn(B, Nq, Hq, D, device="cuda", dtype=tdt)
         if args.group_shared_q:  # every query head of a GQA group the same: one decision per group
-            q = q[:, :, :: Hq // Hkv].repeat_interleave(Hq // Hkv, dim=2).contiguous()
+            q = group_shared(q, Hq // Hkv)
         k = torch.randn(B, Nk, Hkv, D, device="cuda", dtype=tdt)
         v = torch.randn(B, Nk, Hkv, D, device="cuda", dtype=tdt)
         plan = _splitkv.plan(B, Nq, Nk, Hq, Hkv, sms)
@@ -313,25 +331,30 @@ def run_gpu(args) -> dict:
                     splits=None if dense_plan.split is None else dense_plan.split.splits)
             except Exception as exc:
                 add("bsfa-plan", error=f"{type(exc).__name__}: {exc}".splitlines()[0][:160])
-            thr = rho = vsh = None
-            try:
-                tm = cp.from_dlpack(bsfa_cupy.block_max_scores(q, k))
-                thr = bsfa_cupy.DeviceThresholds(thresholds_for_rho(tm[0], args.rho, Nq, Nk, xp=cp))
-                _, keep = bsfa_cupy.attention(q, k, v, thr, return_keep=True)
-                rho = realised_rho(cp.from_dlpack(keep), tm, Nq, Nk, xp=cp)
-                vsh = v_share(cp.from_dlpack(keep), tm, Nq, Nk, Hkv, xp=cp)
-                add("bsfa-sparse", ms=timer(lambda i: bsfa_cupy.attention(q, k, v, thr), 1), rho=rho, v_share=vsh,
-                    rho_target=args.rho, splits=sparse_splits if routed else None)
-            except Exception as exc:
-                add("bsfa-sparse", error=f"{type(exc).__name__}: {exc}".splitlines()[0][:160])
-            try:
-                if thr is None:
-                    raise RuntimeError("no thresholds (bsfa-sparse failed)")
-                sparse_plan = bsfa_cupy.AttentionPlan(q, k, v, thr)
-                add("bsfa-sparse-plan", ms=timer(lambda i: sparse_plan.run(q, k, v), 1), rho=rho, v_share=vsh,
-                    rho_target=args.rho, splits=None if sparse_plan.split is None else sparse_plan.split.splits)
-            except Exception as exc:
-                add("bsfa-sparse-plan", error=f"{type(exc).__name__}: {exc}".splitlines()[0][:160])
+            def time_sparse(qx, names):
+                thr = rho = vsh = None
+                try:
+                    tm = cp.from_dlpack(bsfa_cupy.block_max_scores(qx, k))
+                    thr = bsfa_cupy.DeviceThresholds(thresholds_for_rho(tm[0], args.rho, Nq, Nk, xp=cp))
+                    _, keep = bsfa_cupy.attention(qx, k, v, thr, return_keep=True)
+                    rho = realised_rho(cp.from_dlpack(keep), tm, Nq, Nk, xp=cp)
+                    vsh = v_share(cp.from_dlpack(keep), tm, Nq, Nk, Hkv, xp=cp)
+                    add(names[0], ms=timer(lambda i: bsfa_cupy.attention(qx, k, v, thr), 1), rho=rho, v_share=vsh,
+                        rho_target=args.rho, splits=sparse_splits if routed else None)
+                except Exception as exc:
+                    add(names[0], error=f"{type(exc).__name__}: {exc}".splitlines()[0][:160])
+                try:
+                    if thr is None:
+                        raise RuntimeError(f"no thresholds ({names[0]} failed)")
+                    sparse_plan = bsfa_cupy.AttentionPlan(qx, k, v, thr)
+                    add(names[1], ms=timer(lambda i: sparse_plan.run(qx, k, v), 1), rho=rho, v_share=vsh,
+                        rho_target=args.rho, splits=None if sparse_plan.split is None else sparse_plan.split.splits)
+                except Exception as exc:
+                    add(names[1], error=f"{type(exc).__name__}: {exc}".splitlines()[0][:160])
+
+            time_sparse(q, SPARSE)
+            if args.shared_q_sparse:
+                time_sparse(group_shared(q, Hq // Hkv), SPARSE_SHARED)
             peers = ["sdpa-flash", "sdpa-cudnn", "sdpa-efficient"] + (["flex"] if args.flex else [])
             for peer in peers:
                 try:
@@ -360,7 +383,10 @@ def run_dry(args) -> dict:
 
         valid = candidate_tiles(Nq, Nk_small, BLOCK_M, BLOCK_N, True)
         tm = np.where(valid[None], rng.standard_normal((args.hq, nQ, nK)), -np.inf)
-        thr = thresholds_for_rho(tm, args.rho, Nq, Nk_small)
+        def thr_for(t):
+            return thresholds_for_rho(t, args.rho, Nq, Nk_small)
+
+        thr = thr_for(tm)
         pos = np.clip(tile_positions(Nq, Nk_small, BLOCK_M), 0, thr.shape[1] - 1)
         diag = diagonal_tiles(Nq, Nk_small, BLOCK_M, BLOCK_N)
         keep = (tm >= thr[:, pos][..., None]) | (diag[None] & valid[None])
@@ -374,6 +400,15 @@ def run_dry(args) -> dict:
                         ("sdpa-flash", 1.3), ("sdpa-cudnn", 1.2)):
             rows.append(dict(impl=impl, ms=f * fl, error=None, nq=Nq, nk=Nk, floor_ms=fl, floor_ach_ms=fa,
                              rho=rho if impl in SPARSE else None, v_share=vsh if impl in SPARSE else None))
+        if args.shared_q_sparse:  # one decision per group: the tile maxima of a group's first head for all
+            G = args.hq // args.hkv
+            tm_s = np.repeat(tm[::G], G, axis=0)
+            keep_s = (tm_s >= thr_for(tm_s)[:, pos][..., None]) | (diag[None] & valid[None])
+            vsh_s = v_share(keep_s[None], tm_s[None], Nq, Nk_small, args.hkv)
+            assert abs(vsh_s - realised_rho(keep_s[None], tm_s[None], Nq, Nk_small)) < 1e-9, vsh_s
+            for impl, f in (("bsfa-sparse-shared", 0.75), ("bsfa-sparse-shared-plan", 0.7)):
+                rows.append(dict(impl=impl, ms=f * fl, error=None, nq=Nq, nk=Nk, floor_ms=fl, floor_ach_ms=fa,
+                                 rho=realised_rho(keep_s[None], tm_s[None], Nq, Nk_small), v_share=vsh_s))
         rows.append(dict(impl="flex", ms=None, error="dry run", nq=Nq, nk=Nk, floor_ms=fl, floor_ach_ms=fa))
         print(f"dry {Nq}x{Nk} (logic at Nk={Nk_small}): realised rho {rho:.3f}")
     return dict(gpu="dry-run", rows=rows, sms=None)
@@ -392,6 +427,9 @@ def main(argv=None):
     p.add_argument("--group-shared-q", action="store_true",
                    help="the query heads of each GQA group get the same q, so they keep the same tiles and the "
                         "V share of the sparse rows is rho itself (the best case for a GQA-packed CTA)")
+    p.add_argument("--shared-q-sparse", action="store_true",
+                   help="also time the sparse call with the query heads of each GQA group given one q "
+                        "(bsfa-sparse-shared rows), in the same run as the dense rows")
     p.add_argument("--peak-tbs", type=float, default=4.8, help="HBM peak for the floor (H200: 4.8 TB/s)")
     p.add_argument("--achievable-tbs", type=float, default=4.2, help="a second floor at an achievable rate")
     p.add_argument("--repeats", type=int, default=10)
@@ -401,6 +439,9 @@ def main(argv=None):
     p.add_argument("--tag", default="decode")
     p.add_argument("--dry-run", action="store_true", help="CPU-only check of this script's logic")
     args = p.parse_args(argv)
+    if args.group_shared_q and args.shared_q_sparse:
+        p.error("--group-shared-q gives every row the shared q already; --shared-q-sparse adds shared-q sparse rows "
+                "to a run with independent q: take one")
 
     from bsfa_cupy.tools.outputs import check_out_dir, check_tag, result_stem, slug, write_result_files
 
@@ -409,7 +450,7 @@ def main(argv=None):
     res = run_dry(args) if args.dry_run else run_gpu(args)
     date = _dt.date.today().isoformat()
     result = dict(date=date, b=args.b, hq=args.hq, hkv=args.hkv, d=args.d, dtype=args.dtype, rho_target=args.rho,
-                  group_shared_q=args.group_shared_q,
+                  group_shared_q=args.group_shared_q, shared_q_sparse=args.shared_q_sparse,
                   peak_tbs=args.peak_tbs, achievable_tbs=args.achievable_tbs, **res)
     result["bars"] = bars(result["rows"], args.achievable_tbs, b=args.b, hq=args.hq, d=args.d)
     for b in result["bars"]:

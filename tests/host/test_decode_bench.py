@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "decode.py"
 
@@ -27,6 +28,31 @@ def test_dry_run_writes_results_and_bars(tmp_path, capsys):
     assert any(b.startswith("PASS") or b.startswith("FAIL") for b in result["bars"])
     sparse = [r for r in result["rows"] if r["impl"] == "bsfa-sparse"]
     assert all(abs(r["rho"] - 0.25) < 0.1 for r in sparse)
+
+
+def test_dry_run_shared_q_sparse_rows_load_v_for_rho_of_the_tiles(tmp_path, capsys):
+    mod = _load()
+    mod.main(["--dry-run", "--shared-q-sparse", "--out", str(tmp_path), "--tag", "dq", "--shapes", "1x4096", "16x8192"])
+    result = json.loads(next(tmp_path.glob("*_dq.json")).read_text())
+    assert result["shared_q_sparse"] is True
+    indep = {(r["nq"], r["nk"]): r for r in result["rows"] if r["impl"] == "bsfa-sparse"}
+    shared = {(r["nq"], r["nk"]): r for r in result["rows"] if r["impl"] == "bsfa-sparse-shared"}
+    assert set(shared) == set(indep) == {(1, 4096), (16, 8192)}
+    for key, r in shared.items():
+        # one decision per group: V for rho of the gated tiles; independent heads need it far more often
+        assert abs(r["v_share"] - r["rho"]) < 1e-9 and abs(r["rho"] - 0.25) < 0.1, r
+        assert indep[key]["v_share"] > r["v_share"] + 0.2, (indep[key]["v_share"], r["v_share"])
+    lines = [b for b in result["bars"] if "one decision per GQA group" in b]
+    assert len(lines) == 2 and all("(bsfa-sparse-shared-plan)" in b for b in lines), result["bars"]
+
+
+def test_shared_q_flags_exclude_each_other(tmp_path, capsys):
+    mod = _load()
+    with pytest.raises(SystemExit) as exc:
+        mod.main(["--dry-run", "--shared-q-sparse", "--group-shared-q", "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    assert "take one" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
 
 
 def test_thresholds_for_rho_keep_the_top_share_per_tile_row():
