@@ -1,7 +1,9 @@
 """One dense and one sparse (rho ~ 0.25) forward launch for a profiler, after two warm-up calls.
 
 Usage: ncu -k bsfa_fwd --launch-skip 2 -c 2 ... python bench/profile_fwd.py [--n 8192] [--backend sm80]
-B=1, Hq=32, Hkv=8, float16, causal; --backend as in bsfa_cupy.attention ("auto": wgmma on Hopper).
+       ncu -k bsfa_block_max --launch-skip 2 -c 1 ... python bench/profile_fwd.py --block-max [--n 16384]
+B=1, Hq=32, Hkv=8 (--hkv), float16, causal; --backend as in bsfa_cupy.attention ("auto": wgmma on Hopper).
+--block-max launches bsfa_cupy.block_max_scores three times instead (two warm-ups, then the one to profile).
 """
 import argparse
 
@@ -11,7 +13,11 @@ p.add_argument("--d", type=int, default=128)
 p.add_argument("--rho", type=float, default=0.25)
 p.add_argument("--backend", choices=("auto", "sm80", "sm90", "sm90ws"), default="auto",
                help="kernel: sm80 (mma.sync), sm90 (wgmma), sm90ws (warp-specialised) or auto (default)")
+p.add_argument("--hkv", type=int, default=8, help="K/V heads (32 query heads)")
+p.add_argument("--block-max", action="store_true", help="profile block_max_scores instead of the forward")
 args = p.parse_args()
+if 32 % args.hkv:
+    p.error(f"--hkv must divide the 32 query heads, got {args.hkv}")
 
 import cupy as cp  # noqa: E402  (after argparse: --help works without a GPU)
 
@@ -20,8 +26,14 @@ from bsfa_cupy.tools.benchmark import thresholds_for_rho  # noqa: E402
 
 rng = cp.random.default_rng(0)
 q = rng.standard_normal((1, args.n, 32, args.d), dtype=cp.float32).astype(cp.float16)
-k = rng.standard_normal((1, args.n, 8, args.d), dtype=cp.float32).astype(cp.float16)
-v = rng.standard_normal((1, args.n, 8, args.d), dtype=cp.float32).astype(cp.float16)
+k = rng.standard_normal((1, args.n, args.hkv, args.d), dtype=cp.float32).astype(cp.float16)
+v = rng.standard_normal((1, args.n, args.hkv, args.d), dtype=cp.float32).astype(cp.float16)
+if args.block_max:
+    for _ in range(3):
+        bsfa_cupy.block_max_scores(q, k, backend=args.backend)
+    cp.cuda.Device().synchronize()
+    print("done")
+    raise SystemExit(0)
 thr = bsfa_cupy.DeviceThresholds(
     thresholds_for_rho(bsfa_cupy.block_max_scores(q, k, backend=args.backend)[0], args.rho, args.n))
 for _ in range(2):
