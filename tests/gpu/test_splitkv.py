@@ -101,6 +101,21 @@ def test_splitkv_key_split_rows(monkeypatch, Nq, G, D, causal):
     run_case(p, monkeypatch, "splitkv", num_splits=2)
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("Nq,G", [(1, 4), (16, 4), (128, 1)])
+def test_splitkv_keys_on_both_sides_of_the_diagonal(monkeypatch, Nq, G, num_splits):
+    """Non-causal with the queries amid the keys: walking its key tiles from the last one down, a CTA
+    meets gated tiles, the diagonal (forced) ones, then gated ones again, so the P V that runs a tile
+    late takes a voted V into a forced tile's step and a forced V into a voted one's, in each split
+    kernel (16, 64 and 128 packed rows), with per-head thresholds that skip about half the tiles."""
+    Nk, q_start = 2000, 5 * BM
+    diag = ref.diagonal_tiles(Nq, Nk, BM, BN, q_start=q_start)
+    cols = np.flatnonzero(diag.any(axis=0))
+    assert 0 < cols.min() and cols.max() < diag.shape[1] - 1, "the diagonal must sit strictly inside the keys"
+    p = _problem(Nq, Nk, G, causal=False, Hkv=2, seed=11 * Nq + num_splits, q_start=q_start)
+    run_case(p, monkeypatch, "splitkv", num_splits=num_splits)
+
+
 @pytest.mark.parametrize("Nq,Nk,G,num_splits", [(1, 32768 + 37, 4, None), (16, 20000, 4, 64)])
 def test_splitkv_long_keys(monkeypatch, Nq, Nk, G, num_splits):
     p = _problem(Nq, Nk, G, seed=Nk)
