@@ -100,9 +100,11 @@ __device__ __forceinline__ void fwd_split16_kernel(const Params& p) {
     const float scale = p.softmax_scale;
     const float scale_log2 = scale * kLog2e;
 
+    // P of the kept tile whose P V is pending (PendingPv, bsfa_splitkv_tile.cuh).
+    unsigned P[1][TR::kKeySteps][4];
     // O += P V of tile t over the warp's 16 keys (one k16 step, V rows
     // 16w..16w+15), kept by the head slots `kept`.
-    auto pv_slice = [&](int t, const unsigned (&P)[1][TR::kKeySteps][4]) {
+    auto pv_slice = [&](int t) {
         const unsigned va = v_lane + SplitKvLoads<TR>::v_slot(t) * TR::kKVTileBytes;
 #pragma unroll
         for (int dp = 0; dp < TR::kONBlocks / 2; ++dp) {
@@ -116,7 +118,7 @@ __device__ __forceinline__ void fwd_split16_kernel(const Params& p) {
     // is parked in the split's partial-out rows across P V
     // (bsfa_kernel_splitkv.cuh).  All 4 warps hold those rows, so they take
     // turns on the one parking place, a barrier apart.
-    auto pv = [&](int t, unsigned kept, const unsigned (&P)[1][TR::kKeySteps][4]) {
+    auto pv = [&](int t, unsigned kept) {
         bool park = false;
         if ((kept & all_slots) != all_slots) park = cta_sync_or(v_tile_non_finite<TR>(kv.v_tile(t)));
         if (park) {
@@ -125,13 +127,13 @@ __device__ __forceinline__ void fwd_split16_kernel(const Params& p) {
             for (int w = 0; w < TR::kNWarps; ++w) {
                 if (warp == w) {
                     if (mine) park_o<TR>(O, row_bit, kept, out.row_out(row[0]), out.row_out(row[1]), lane, true);
-                    pv_slice(t, P);
+                    pv_slice(t);
                     if (mine) park_o<TR>(O, row_bit, kept, out.row_out(row[0]), out.row_out(row[1]), lane, false);
                 }
                 cta_sync();
             }
         } else {
-            pv_slice(t, P);
+            pv_slice(t);
         }
     };
 
@@ -144,10 +146,7 @@ __device__ __forceinline__ void fwd_split16_kernel(const Params& p) {
         unsigned qf[TR::kQFragRegs];
         load_q_frags<TR>(qf, q_lane);
 
-        // P of the tile whose P V is pending.
-        unsigned P[1][TR::kKeySteps][4];
         PendingPv pend;
-        auto pv_pending = [&](int t, unsigned kept) { pv(t, kept, P); };
         int ks = 0;
 #pragma unroll 1
         for (int c = hi; c >= lo; --c, ks = ks + 1 == KS ? 0 : ks + 1) {
@@ -181,12 +180,12 @@ __device__ __forceinline__ void fwd_split16_kernel(const Params& p) {
             // and the 4 slices (slice max * scale >= thr).
             gate_step<TR>(
                 pend, cta, kv, keep, c, is_forced, all_slots,
-                [&] { return vote_slots<TR>(tile_mx, thr, row_bit, scale, sVote, c, lane, warp); }, pv_pending,
+                [&] { return vote_slots<TR>(tile_mx, thr, row_bit, scale, sVote, c, lane, warp); }, pv,
                 [&](unsigned kept) {
                     kept_tile_update<TR>(Sc, tile_mx, kept, row_bit, is_forced, m, l, O, P, scale_log2);
                 });
         }
-        drain_pv(pend, lo, pv_pending);
+        drain_pv(pend, lo, pv);
     }
 
     // Merge of the 4 warps' states of the same rows, through the K / V

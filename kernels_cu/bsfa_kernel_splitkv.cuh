@@ -126,6 +126,8 @@ __device__ __forceinline__ void fwd_splitkv_kernel(const Params& p) {
     const float scale = p.softmax_scale;
     const float scale_log2 = scale * kLog2e;
 
+    // P of the kept tile whose P V is pending (PendingPv, bsfa_splitkv_tile.cuh).
+    unsigned P[1][TR::kKeySteps][4];
     // O += P V of tile t, kept by the head slots `kept`.  A head that skips
     // the tile has P = 0 there, but 0 * (NaN or inf) in V would still reach
     // its O through the shared P V product, where the reference (the tile
@@ -133,7 +135,7 @@ __device__ __forceinline__ void fwd_splitkv_kernel(const Params& p) {
     // tile that others keep, the CTA checks V for non-finite values, and in
     // that (rare) case the skipping rows' O is parked in this split's own
     // partial-out rows (written at the end anyway) across the product.
-    auto pv = [&](int t, unsigned kept, unsigned (&P)[1][TR::kKeySteps][4]) {
+    auto pv = [&](int t, unsigned kept) {
         bool park = false;
         if ((kept & all_slots) != all_slots) {
             park = cta_sync_or(v_tile_non_finite<TR>(kv.v_tile(t)));
@@ -151,10 +153,7 @@ __device__ __forceinline__ void fwd_splitkv_kernel(const Params& p) {
         unsigned qf[TR::kQFragRegs];
         load_q_frags<TR>(qf, q_lane);
 
-        // P of the tile whose P V is pending.
-        unsigned P[1][TR::kKeySteps][4];
         PendingPv pend;
-        auto pv_pending = [&](int t, unsigned kept) { pv(t, kept, P); };
         int ks = 0;
 #pragma unroll 1
         for (int c = hi; c >= lo; --c, ks = ks + 1 == KS ? 0 : ks + 1) {
@@ -189,12 +188,12 @@ __device__ __forceinline__ void fwd_splitkv_kernel(const Params& p) {
             // real rows have (row max * scale >= thr).
             gate_step<TR>(
                 pend, cta, kv, keep, c, is_forced, all_slots,
-                [&] { return vote_slots<TR>(tile_mx, thr, row_bit, scale, sVote, c, lane, warp); }, pv_pending,
+                [&] { return vote_slots<TR>(tile_mx, thr, row_bit, scale, sVote, c, lane, warp); }, pv,
                 [&](unsigned kept) {
                     kept_tile_update<TR>(Sc, tile_mx, kept, row_bit, is_forced, m, l, O, P, scale_log2);
                 });
         }
-        drain_pv(pend, lo, pv_pending);
+        drain_pv(pend, lo, pv);
     }
 
     cp_async_wait<0>();  // an empty range never waited for its Q copy
