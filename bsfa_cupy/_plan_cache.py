@@ -54,15 +54,14 @@ def run(q, k, v, thresholds, causal, softmax_scale, return_lse, backend, q_start
     thr_key = _thresholds_key(thresholds)
     if layouts is None or thr_key is None:
         return None
+    key = (layouts, thr_key, causal, softmax_scale, return_lse, backend, q_start, k_start, num_splits)
     try:
-        key = (layouts, thr_key, causal, softmax_scale, return_lse, backend, q_start, k_start, num_splits)
-        hash(key)
+        with _lock:
+            plan = _plans.get(key)
+            if plan is not None:
+                _plans.move_to_end(key)
     except TypeError:  # an unhashable argument: the full path checks and reports it
         return None
-    with _lock:
-        plan = _plans.get(key)
-        if plan is not None:
-            _plans.move_to_end(key)
     if plan is None:
         plan = AttentionPlan(q, k, v, thresholds, causal=causal, softmax_scale=softmax_scale, return_lse=return_lse,
                              num_splits=num_splits, backend=backend, q_start=q_start, k_start=k_start)
