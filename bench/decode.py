@@ -6,8 +6,10 @@ B=1, Hq=32, Hkv=8, D=128, float16 by default. Per Nq x Nk shape (queries at the 
 causal, which for Nq=1 is no mask at all):
   bsfa-auto         bsfa_cupy.attention, backend="auto" (the split-KV kernel where it routes there), dense
   bsfa-plan         bsfa_cupy.AttentionPlan of the same call, built once; plan.run timed (same kernel, less host)
-  bsfa-splitkv      backend="splitkv" (forced split-KV, heuristic splits), dense
+  bsfa-splitkv      backend="splitkv" (the mma.sync split-KV family, heuristic splits), dense
   bsfa-unsplit      today's kernel (backend "sm90ws" on Hopper, else "sm80"), dense
+  bsfa-ws-split     Hopper only: backend="sm90ws" with its split entry's heuristic num_splits, dense (auto's
+                    route from 65 rows on; timed on every shape for the routing's A/B)
   bsfa-sparse       backend="auto" with thresholds keeping about --rho of the gated (off-diagonal) tiles,
                     per head and query tile, from bsfa_cupy.block_max_scores of the same inputs
   bsfa-sparse-plan  the same thresholds through an AttentionPlan
@@ -103,7 +105,7 @@ def floor_ms(B, Nq, Nk, Hq, Hkv, D, itemsize, tbs) -> float:
     return bytes_moved / (tbs * 1e12) * 1e3
 
 
-IMPLS = ("bsfa-auto", "bsfa-plan", "bsfa-splitkv", "bsfa-unsplit", "bsfa-sparse", "bsfa-sparse-plan",
+IMPLS = ("bsfa-auto", "bsfa-plan", "bsfa-splitkv", "bsfa-unsplit", "bsfa-ws-split", "bsfa-sparse", "bsfa-sparse-plan",
          "bsfa-sparse-shared", "bsfa-sparse-shared-plan", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "flex")
 #: The bars' bsfa timings: the faster of each pair (attention per call, or a plan's run).
 DENSE = ("bsfa-auto", "bsfa-plan")
@@ -316,13 +318,22 @@ def run_gpu(args) -> dict:
         k = torch.randn(B, Nk, Hkv, D, device="cuda", dtype=tdt)
         v = torch.randn(B, Nk, Hkv, D, device="cuda", dtype=tdt)
         plan = _splitkv.plan(B, Nq, Nk, Hq, Hkv, sms)
-        sparse_splits = _splitkv.plan(B, Nq, Nk, Hq, Hkv, sms, gated=True).splits
         routed = _splitkv.wanted("auto", None, B, Nq, Nk, Hq, D, sms)
+        ws_route = routed and _splitkv.ws_wanted("auto", Nq, unsplit == "sm90ws")
+        ws_plan = _splitkv.plan(B, Nq, Nk, Hq, Hkv, sms, ws=True)
+        auto_plan = ws_plan if ws_route else plan
+        sparse_splits = _splitkv.plan(B, Nq, Nk, Hq, Hkv, sms, gated=True, ws=ws_route).splits
+        # the Hopper kernel's split entry on every shape, routed there or not (the routing's A/B)
+        impls = [("bsfa-auto", "auto", auto_plan.splits if routed else None), ("bsfa-splitkv", "splitkv", plan.splits),
+                 ("bsfa-unsplit", unsplit, None)]
+        if unsplit == "sm90ws":
+            impls.append(("bsfa-ws-split", "sm90ws", ws_plan.splits))
         with torch.inference_mode():
-            for impl, be in (("bsfa-auto", "auto"), ("bsfa-splitkv", "splitkv"), ("bsfa-unsplit", unsplit)):
+            for impl, be, splits in impls:
                 try:
-                    splits = plan.splits if (be == "splitkv" or (be == "auto" and routed)) else None
-                    add(impl, ms=timer(lambda i, be=be: bsfa_cupy.attention(q, k, v, backend=be), 1), splits=splits)
+                    ns = splits if impl == "bsfa-ws-split" else None
+                    add(impl, ms=timer(lambda i, be=be, ns=ns: bsfa_cupy.attention(q, k, v, backend=be, num_splits=ns),
+                                       1), splits=splits)
                 except Exception as exc:  # a result, not a crash
                     add(impl, error=f"{type(exc).__name__}: {exc}".splitlines()[0][:160])
             try:

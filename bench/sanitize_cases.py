@@ -1,8 +1,8 @@
 """A small case matrix for compute-sanitizer (memcheck, racecheck, synccheck): every kernel, ragged shapes.
 
 Runs `attention` and `block_max_scores` on each kernel the GPU has: backend "sm80" (mma.sync, any GPU)
-and, on compute capability 9.0, "sm90" (wgmma) and "sm90ws" (warp-specialised TMA + wgmma), and the
-split-KV kernel "splitkv" (attention only: packed GQA rows, 1 / 3 / 64 splits, then the merge). Per kernel:
+and, on compute capability 9.0, "sm90" (wgmma) and "sm90ws" (warp-specialised TMA + wgmma,
+its split entry included), and the split-KV kernel "splitkv" (attention only: packed GQA rows, 1 / 3 / 64 splits, then the merge). Per kernel:
 float16 and bfloat16, head dims 64 and 128, causal and not, ragged sequence lengths, dense and with
 thresholds, returning lse and keep masks; explicit offsets (q_start / k_start, keys after every query
 included) and a packed batch (`attention_varlen`: empty sequences, lengths at the tile edges, a wider
@@ -67,6 +67,11 @@ for backend in (b for b in backends if b != "splitkv"):
                         bsfa_cupy.attention(q, k, v, t, causal=causal, return_lse=True, return_keep=True,
                                             backend=backend)
                     n_calls += 3
+                    # sm90ws's split entry: fp32 partials, empty splits (64), the merge
+                    for t, s, q0 in ((None, 3, None), (thr, 64, 256)) if backend == "sm90ws" else ():
+                        bsfa_cupy.attention(q, k, v, t, causal=causal, return_lse=True, return_keep=True,
+                                            backend=backend, num_splits=s, q_start=q0)
+                        n_calls += 1
                     for q0, k0 in ((0, 192), (256, 0), (0, 512)):
                         bsfa_cupy.block_max_scores(q, k, causal=causal, backend=backend, q_start=q0, k_start=k0)
                         bsfa_cupy.attention(q, k, v, thr, causal=causal, return_lse=True, return_keep=True,

@@ -3,6 +3,7 @@
 
     python bench/sass_diff.py HEAD~1 kernels_cu            # a git revision against the work tree
     python bench/sass_diff.py old_dir new_dir --params     # ignore kernel-parameter offsets
+    python bench/sass_diff.py HEAD kernels_cu --only sm90ws  # one kernel family
 
 Each side is a git revision (its kernels_cu/ is exported to a temporary directory) or a directory
 of kernel sources.  Both are compiled as the compile test does (nvcc -cubin, -std=c++17; the
@@ -146,6 +147,8 @@ def main() -> int:
     ap.add_argument("--params", action="store_true", help="ignore kernel-parameter constant-bank offsets")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--nvdisasm", default=shutil.which("nvdisasm") or "nvdisasm")
+    ap.add_argument("--only", choices=("sm80", "sm90", "sm90ws", "splitkv"),
+                    help="compare only this kernel family's variants")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -155,7 +158,9 @@ def main() -> int:
             out = tmp / f"out{i}"
             out.mkdir()
             with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-                sides.append({s: (l, a) for s, l, a in pool.map(lambda v: build(src, out, v, args.nvdisasm), variants())})
+                sides.append({s: (l, a) for s, l, a in pool.map(lambda v: build(src, out, v, args.nvdisasm),
+                                                                            [v for v in variants()
+                                                                             if args.only in (None, v[0])])})
     differing = compared = 0
     print(f"{'variant':32s} {'kernel':17s} {'registers':>10s} {'frame/spill':>18s} {'instructions':>13s}  diff (ignoring registers)")
     for stem in sides[0]:

@@ -59,6 +59,10 @@ class Module:
     fwd_varlen: Kernel | None  # packed batches: B is the number of sequences, nQ the longest one's
     block_max: Kernel
     raw: object  # keeps the CUDA module loaded
+    # sm90ws only: the split-KV entry (bsfa_fwd_split, fp32 partials) and the merge of its partials
+    fwd_split: Kernel | None = None
+    combine: object = None
+    combine_warps: int = 0
 
 
 @dataclass
@@ -133,7 +137,11 @@ def get_module(key: VariantKey, backend: Backend, device_id: int) -> Module:
         if _read_int(raw, "BSFA_FWD_VARLEN"):
             fwd_varlen = _kernel(raw, "bsfa_fwd_varlen", "BSFA_FWD", grid_kind, sms, fwd.tma, 3)
         bmax = _kernel(raw, "bsfa_block_max", "BSFA_BLOCK_MAX", grid_kind, sms, _read_int(raw, "BSFA_BLOCK_MAX_TMA"), 2)
-    return Module(key, backend.defines, fwd, fwd_varlen, bmax, raw)
+        split = {}
+        if key.arch == "sm90ws":  # launched as bsfa_fwd (threads, smem, maps), on a grid of its own
+            split = dict(fwd_split=_kernel(raw, "bsfa_fwd_split", "BSFA_FWD", grid_kind, sms, fwd.tma, 3),
+                         combine=raw.get_function("bsfa_combine"), combine_warps=_read_int(raw, "BSFA_COMBINE_WARPS"))
+    return Module(key, backend.defines, fwd, fwd_varlen, bmax, raw, **split)
 
 
 def _read_int(raw, symbol: str) -> int:

@@ -7,8 +7,15 @@ B * Hq * nQ is small next to the SM count, and a 128-row tile is mostly padding 
 exact tile maximum; at 16 rows the CTA's 4 warps split each key tile instead of its rows), cuts
 the key tiles of each query tile into ``num_splits`` ranges over as many CTAs, and merges the fp32
 partials by the rule of ``bsfa_reference.merge_partials`` (in the 16-row kernel's last CTA of each row
-group, else with ``bsfa_combine``). Everything here
-but :func:`launch` is plain Python (CPU-tested).
+group, else with ``bsfa_combine``).
+
+On Hopper, calls whose query heads fill 128-row tiles (Nq > 64) take the warp-specialised TMA/wgmma
+forward's split entry instead (``bsfa_fwd_split`` of ``kernels_cu/bsfa_fwd_sm90ws.cu``, a ``ws`` plan):
+one 128-row query tile of one head per work tile, its 128-key blocks cut into ``num_splits``
+contiguous ranges walked by the persistent grid, the partials merged by that module's
+``bsfa_combine``. Its tensor cores do the chunk's P V and Q K^T at wgmma rates, where the
+mma.sync 128-row kernel is compute-bound. Everything here but
+:func:`launch` is plain Python (CPU-tested).
 """
 from __future__ import annotations
 
@@ -18,6 +25,7 @@ from dataclasses import dataclass
 
 from bsfa_reference.tiles import BLOCK_M, BLOCK_N
 
+from . import _launch
 from ._backend import cupy
 
 #: Most splits a call may ask for (the fp32 workspace grows with it; far past any useful count).
@@ -55,6 +63,10 @@ PACK_NQ = 64
 #: ... and only for keys this long: below, the unsplit kernels are short anyway and the merge's
 #: second launch would not pay for itself.
 MIN_AUTO_NK = 2048
+#: Fewest query rows that ``auto`` sends to the warp-specialised split entry on Hopper (a ``ws`` plan):
+#: from here on a head's rows need the 128-row tile of the mma.sync family, which the wgmma kernel
+#: runs faster.
+WS_MIN_NQ = 65
 
 
 def check_num_splits(num_splits):
@@ -74,8 +86,16 @@ class Plan:
     pack: int  # query heads of a GQA group per CTA
     n_packs: int  # CTAs per (query tile, K/V head) before splitting: ceil(G / pack)
     splits: int
+    #: > 0: the warp-specialised split entry (rows 128, pack 1), a persistent grid this many CTAs wide
+    ws_width: int = 0
+
+    @property
+    def ws(self) -> bool:
+        return self.ws_width > 0
 
     def grid(self, B: int, Hkv: int, nQ: int) -> tuple[int, int, int]:
+        if self.ws:
+            return (self.ws_width, 1, 1)
         return (self.splits, nQ * Hkv * self.n_packs, B)
 
 
@@ -121,13 +141,32 @@ def heuristic_splits(ctas: int, nK: int, sms: int, rows: int = 64, gated: bool =
 
 
 @functools.lru_cache(maxsize=1024)  # a per-layer loop repeats the same shapes: plan once
-def plan(B: int, Nq: int, Nk: int, Hq: int, Hkv: int, sms: int, num_splits=None, gated: bool = False) -> Plan:
+def plan(B: int, Nq: int, Nk: int, Hq: int, Hkv: int, sms: int, num_splits=None, gated: bool = False,
+         ws: bool = False) -> Plan:
+    """The split plan of a call; ``ws``: for the warp-specialised split entry (one head per 128-row tile,
+    at most one CTA per SM walking the (query tile, split, head, batch) list)."""
     G = Hq // Hkv
+    nQ, nK = -(-Nq // BLOCK_M), -(-Nk // BLOCK_N)
+    if ws:
+        tiles = B * Hq * nQ
+        splits = num_splits if num_splits is not None else heuristic_splits(tiles, nK, sms, BLOCK_M, gated)
+        if tiles * splits > _launch.MAX_TILES:
+            raise ValueError(
+                f"split-KV: expected at most {_launch.MAX_TILES} work tiles (B * Hq * ceil(Nq / {BLOCK_M}) * "
+                f"num_splits), got {tiles} * {splits}"
+            )
+        return Plan(BLOCK_M, 1, G, splits, ws_width=max(1, min(sms, tiles * splits)))
     rows, pack = pack_shape(Nq, G)
     n_packs = -(-G // pack)
-    nQ, nK = -(-Nq // BLOCK_M), -(-Nk // BLOCK_N)
     splits = num_splits if num_splits is not None else heuristic_splits(B * Hkv * nQ * n_packs, nK, sms, rows, gated)
     return Plan(rows, pack, n_packs, splits)
+
+
+def ws_wanted(arch: str, Nq: int, hopper_ws: bool) -> bool:
+    """Whether a split call takes the warp-specialised split entry: ``backend="sm90ws"`` with
+    ``num_splits`` always; ``auto`` where that kernel runs (``hopper_ws``: compute capability 9.0 with
+    tensor maps) for Nq >= WS_MIN_NQ. ``splitkv`` never (the mma.sync family)."""
+    return arch == "sm90ws" or (arch == "auto" and hopper_ws and Nq >= WS_MIN_NQ)
 
 
 def wanted(arch: str, num_splits, B: int, Nq: int, Nk: int, Hq: int, D: int, sms: int) -> bool:
@@ -149,6 +188,8 @@ def wanted(arch: str, num_splits, B: int, Nq: int, Nk: int, Hq: int, D: int, sms
 def grid(p: Plan, B: int, Nq: int, Hkv: int) -> tuple[int, int, int]:
     """The split kernel's grid, refused where CUDA's limits would truncate it."""
     g = p.grid(B, Hkv, -(-Nq // BLOCK_M))
+    if p.ws:  # persistent: the tile count was checked by plan()
+        return g
     if g[1] > 65535 or B > 65535:
         raise ValueError(
             f"split-KV grid: expected at most 65535 (query tile, K/V head, pack) triples and batch entries, got "
@@ -173,18 +214,23 @@ def workspace(p: Plan, g: tuple, B: int, Nq: int, Hq: int, D: int):
             cp.zeros((g[1] * g[2],), dtype=cp.int32) if p.rows == SELF_MERGING_ROWS else None)
 
 
-def launch_kernels(mod, p: Plan, g: tuple, rows: int, params, stream=None) -> None:
+def launch_kernels(mod, p: Plan, g: tuple, rows: int, params, stream=None, maps: tuple = ()) -> None:
     """The split kernel, then for 64 / 128 packed rows the merge of ``rows`` output rows, on ``stream``
-    (anything with ``.ptr``; None: CuPy's current)."""
-    fn, threads, smem = mod.split[p.rows]
-    fn(g, (threads, 1, 1), (params,), shared_mem=smem, stream=stream)
+    (anything with ``.ptr``; None: CuPy's current). A ``ws`` plan's ``mod`` is the sm90ws module, which
+    takes the tensor maps (q, k, v) after the Params."""
+    if p.ws:
+        k = mod.fwd_split
+        k.fn(g, (k.threads, 1, 1), (params, *maps), shared_mem=k.smem, stream=stream)
+    else:
+        fn, threads, smem = mod.split[p.rows]
+        fn(g, (threads, 1, 1), (params,), shared_mem=smem, stream=stream)
     if p.rows != SELF_MERGING_ROWS:
         w = mod.combine_warps
         mod.combine((-(-rows // w), 1, 1), (32 * w, 1, 1), (params,), stream=stream)
 
 
 def launch(mod, frame, params_fields: dict, p: Plan, B: int, Nq: int, Hq: int, Hkv: int, D: int,
-           pack_params) -> None:
+           pack_params, maps: tuple = ()) -> None:
     """The split kernels on CuPy's current stream; the fp32 partials and counters live for the call only."""
     g = grid(p, B, Nq, Hkv)
     # Call-local partials straight from CuPy's pool, sparing the caller's framework two allocations
@@ -194,4 +240,4 @@ def launch(mod, frame, params_fields: dict, p: Plan, B: int, Nq: int, Hq: int, H
         o_part, lse_part, done = workspace(p, g, B, Nq, Hq, D)
     params = pack_params(**params_fields, o_part=o_part, lse_part=lse_part, split_done=done, num_splits=p.splits,
                          pack_heads=p.pack)
-    launch_kernels(mod, p, g, B * Hq * Nq, params)
+    launch_kernels(mod, p, g, B * Hq * Nq, params, maps=maps)

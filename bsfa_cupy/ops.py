@@ -124,14 +124,17 @@ def attention(q, k, v, thresholds=None, *, causal=True, softmax_scale=None, retu
             kernel, any GPU of compute capability >= 8.0, head dims 64 and 128), or a
             :class:`Backend` carrying extra compile-time defines.
         num_splits: None (a heuristic from the SM count) or an int >= 1: how many CTAs share the
-            key tiles of one query tile in the split-KV kernel. Giving it selects that kernel
-            (``backend`` must be "auto" or "splitkv"); for tests and benchmarks.
+            key tiles of one query tile in the split-KV kernels. Giving it selects a split kernel
+            (``backend`` "auto" or "splitkv", or "sm90ws" for that kernel's own split entry); for
+            tests and benchmarks.
 
     Split-KV (decode, chunked prefill): with ``backend="auto"``, head dims 64 and 128 and
     Nk >= 2048, calls with Nq <= 64, or whose B * Hq * ceil(Nq / 128) query tiles would not fill
     the GPU, run a kernel that packs the query heads of a GQA group into one CTA and splits the
     key tiles of each query tile over several CTAs, merging their fp32 partials by the rule of
-    :func:`bsfa_reference.merge_partials`. Semantics are unchanged: the gate is still decided per
+    :func:`bsfa_reference.merge_partials`. On Hopper, such calls with Nq >= 65 (chunks that fill
+    128-row tiles) take the warp-specialised kernel's split entry instead: one head per 128-row
+    tile, the key blocks split over its persistent grid. Semantics are unchanged: the gate is still decided per
     (head, 128-row query tile, 64-key tile); out and lse depend on the split count only through
     fp32 rounding of the merge, keep not at all.
 
@@ -180,8 +183,9 @@ def _attention(q, k, v, thresholds=None, *, causal=True, softmax_scale=None, ret
         fields = _output_fields(out_view, lse_view, keep_view)
         target = _target(prob, backend, causal, num_splits)
         if target.mod is not None:
+            maps = tuple(_tma.tensor_map(x, target.mod.fwd_split.tma) for x in (qv, kv, vv)) if target.split.ws else ()
             _splitkv.launch(target.mod, frame, prob.params(fields), target.split, prob.B, prob.Nq, prob.Hq,
-                            prob.Hkv, prob.D, _launch.pack)
+                            prob.Hkv, prob.D, _launch.pack, maps)
         elif target.kern is not None:
             kern = target.kern
             maps = tuple(_tma.tensor_map(x, kern.tma) for x in (qv, kv, vv)) if kern.tma else ()
@@ -205,9 +209,10 @@ def _call_args(q, k, v, q_start, k_start, num_splits, backend):
     _check_offset_args(q_start, k_start)
     num_splits = _splitkv.check_num_splits(num_splits)
     backend = as_backend(backend)
-    if num_splits is not None and backend.arch not in ("auto", "splitkv"):
+    if num_splits is not None and backend.arch not in ("auto", "splitkv", "sm90ws"):
         raise ValueError(
-            f"num_splits: applies to the split-KV kernel (backend 'auto' or 'splitkv'), got backend {backend.arch!r}"
+            "num_splits: applies to the split-KV kernels (backend 'auto', 'splitkv' or 'sm90ws'), got backend "
+            f"{backend.arch!r}"
         )
     return num_splits, backend
 
@@ -283,19 +288,27 @@ class _Target:
     (an empty split-KV call)."""
 
     kern: object = None
-    mod: object = None
+    mod: object = None  # the split-KV module, or the sm90ws module for a ws plan
     split: object = None  # _splitkv.Plan
 
 
 def _target(prob: _Problem, backend, causal, num_splits) -> _Target:
     dev = prob.frame.device_id
     if prob.split:
-        key = select(_splitkv_backend(backend), prob.dtype, prob.D, causal, compute_capability(dev))
+        cc = compute_capability(dev)
+        gated = prob.fields["thr_mode"] != 0
+        if _splitkv.ws_wanted(backend.arch, prob.Nq, cc == "90" and _tma.available()):
+            mod = _module(_ws_backend(backend), prob.dtype, prob.D, causal, dev)
+            if prob.B * prob.Hq * prob.Nq == 0:
+                return _Target()
+            plan = _splitkv.plan(prob.B, prob.Nq, prob.Nk, prob.Hq, prob.Hkv, sm_count(dev), num_splits, gated,
+                                 ws=True)
+            return _Target(mod=mod, split=plan)
+        key = select(_splitkv_backend(backend), prob.dtype, prob.D, causal, cc)
         if prob.B * prob.Hq * prob.Nq == 0:
             return _Target()
         mod = get_splitkv_module(key, _splitkv_backend(backend), dev)
-        plan = _splitkv.plan(prob.B, prob.Nq, prob.Nk, prob.Hq, prob.Hkv, sm_count(dev), num_splits,
-                             prob.fields["thr_mode"] != 0)
+        plan = _splitkv.plan(prob.B, prob.Nq, prob.Nk, prob.Hq, prob.Hkv, sm_count(dev), num_splits, gated)
         return _Target(mod=mod, split=plan)
     return _Target(kern=_module(backend, prob.dtype, prob.D, causal, dev).fwd)
 
@@ -337,6 +350,12 @@ def block_max_scores(q, k, *, causal=True, softmax_scale=None, backend="auto", q
 def _splitkv_backend(backend):
     """The split-KV variant of a call's backend ('auto' or 'splitkv'), its extra defines kept."""
     return Backend("splitkv", backend.defines)
+
+
+@functools.lru_cache(maxsize=64)
+def _ws_backend(backend):
+    """The warp-specialised variant of a call's backend ('auto' or 'sm90ws'), its extra defines kept."""
+    return Backend("sm90ws", backend.defines)
 
 
 def _check_offset_args(q_start, k_start):

@@ -37,6 +37,14 @@ MAX_STREAMS = 8
 _LABELS = ("shape", "strides", "dtype", "device")
 
 
+def _geometries(box_rows: int, views) -> tuple:
+    """The tensor-map geometries of q, k, v; each map made once here, so that attention's errors (missing
+    bindings, driver refusals) come from the plan, not from a run."""
+    for x in views:
+        _tma.tensor_map(x, box_rows)
+    return tuple(_tma.geometry(x, box_rows) for x in views)
+
+
 class _ParamsTemplate:
     """``bsfa::Params`` with everything but the pointers filled in, as bytes; bound to a call's pointers by a
     bytearray copy and one struct store (a NumPy structured copy costs about 10 us, this well under 1)."""
@@ -252,12 +260,12 @@ class AttentionPlan:
                 fields.update(num_splits=target.split.splits, pack_heads=target.split.pack)
                 self._launch_split = (target.mod, target.split, g, prob.B * prob.Hq * prob.Nq)
                 self._launch_fwd = None
+                if target.split.ws:
+                    geoms = _geometries(target.mod.fwd_split.tma, (qv, kv, vv))
             elif target.kern is not None:
                 kern = target.kern
                 if kern.tma:
-                    geoms = tuple(_tma.geometry(x, kern.tma) for x in (qv, kv, vv))
-                    for x in (qv, kv, vv):  # attention's errors (missing bindings, driver refusals) here
-                        _tma.tensor_map(x, kern.tma)
+                    geoms = _geometries(kern.tma, (qv, kv, vv))
                 self._launch_split = None
                 self._launch_fwd = (kern.fn, kern.grid(prob.B, prob.Hq, prob.nQ), (kern.threads, 1, 1), kern.smem)
             else:  # an empty split-KV call: nothing to launch
@@ -329,21 +337,21 @@ class AttentionPlan:
             if self._launch_split is not None:
                 mod, split, grid, rows = self._launch_split
                 params = self._workspace(stream).bind(qp, kp, vp, op, so.ptr(lse), tp)
-                _splitkv.launch_kernels(mod, split, grid, rows, params, stream=stream)
+                maps = self._maps(qp, kp, vp) if self._geoms else ()
+                _splitkv.launch_kernels(mod, split, grid, rows, params, stream=stream, maps=maps)
             elif self._launch_fwd is not None:
                 fn, grid, block, smem = self._launch_fwd
                 params = self._params.bind(qp, kp, vp, op, so.ptr(lse), tp)
-                if self._geoms:
-                    g = self._geoms
-                    params = (params, _tma.tensor_map_at(qp, g[0]), _tma.tensor_map_at(kp, g[1]),
-                              _tma.tensor_map_at(vp, g[2]))
-                else:
-                    params = (params,)
-                fn(grid, block, params, shared_mem=smem, stream=stream)
+                maps = self._maps(qp, kp, vp) if self._geoms else ()
+                fn(grid, block, (params, *maps), shared_mem=smem, stream=stream)
         finally:
             if prev != dev:
                 rt.setDevice(prev)
         return (out, lse) if self._return_lse else out
+
+    def _maps(self, qp: int, kp: int, vp: int) -> tuple:
+        g = self._geoms
+        return _tma.tensor_map_at(qp, g[0]), _tma.tensor_map_at(kp, g[1]), _tma.tensor_map_at(vp, g[2])
 
     def _thresholds_pointer(self, thr) -> int:
         planned = getattr(self, "thresholds", None)

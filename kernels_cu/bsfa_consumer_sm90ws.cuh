@@ -22,6 +22,12 @@
 // P V, so the consumers zero those V rows in shared memory first
 // (zero_v_tail).
 //
+// kSplit (bsfa_fwd_split): a work tile is one key split of a query tile
+// (KeyBlocks, bsfa_tile_scheduler_sm90.cuh); its rows end in fp32 partials,
+// normalised by the split's own row sums, with the split's lse
+// (epilogue_part_ws), which bsfa_combine merges.  Decisions are the same
+// per (query tile, key tile) whichever split visits the tile.
+//
 // Includes what it needs; TR is a TraitsSm90Ws.
 #pragma once
 
@@ -91,17 +97,17 @@ struct TileLoop {
     }
 };
 
-// Hands the K slot of block n (and, after the tile's last block, the Q
-// tile) back, then masks block n's S and posts its votes.
+// Hands the K slot of block n (and, after the tile's last block, first, the
+// Q tile) back, then masks block n's S and posts its votes.
 template <class TR, bool kCausal, bool kVarlen>
 __device__ __forceinline__ PostedGate finish_qk(const TileLoop<TR, kCausal, kVarlen>& t,
-                                                float (&S)[TR::kBlockSNBlocks][4], int n,
+                                                float (&S)[TR::kBlockSNBlocks][4], int n, int first,
                                                 const PipeState<TR::kStages>& kv, unsigned vote_idx,
                                                 float (&vmx)[TR::kKeyHalves][2]) {
     fence_regs(flat(S));
     if (t.lane() == 0) {
         mbar_arrive(t.sm.bar(TR::kBarKEmpty + kv.stage));
-        if (n == 0) mbar_arrive(t.sm.bar(TR::kBarQEmpty));
+        if (n == first) mbar_arrive(t.sm.bar(TR::kBarQEmpty));
     }
     const MaskBounds mb = t.bounds();
     return gate_post<TR, kCausal>(S, t.qt, t.plan, n, t.qt.q0 + t.row(), t.lane(), t.consumer_warp(), t.p, t.sm,
@@ -132,13 +138,14 @@ __device__ __forceinline__ void zero_v_tail(const SmemWs<TR>& sm, const PipeStat
     named_sync(TR::kBarVZero, TR::kConsumerThreads);
 }
 
-// The key blocks of one work tile with a key to visit: O, m, l come in
+// The key blocks kb of one work tile (at least one): O, m, l come in
 // initialised and leave unnormalised (per-lane partial row sums in l).
 // kVarlen: seq is the packed sequence's extent, and rows v_zero_row.. of the
 // first block's V are zeroed (none when v_zero_row is kBlockKeys).
 template <class TR, bool kCausal, bool kVarlen>
 __device__ __forceinline__ void consumer_tile(const Params& p, const SmemWs<TR>& sm, const WorkTile& w,
-                                              const QueryTile<TR, kCausal>& qt, PipeState<TR::kStages>& kv,
+                                              const QueryTile<TR, kCausal>& qt, const KeyBlocks& kb,
+                                              PipeState<TR::kStages>& kv,
                                               unsigned& q_phase, unsigned& vote_idx, unsigned char* keep_row,
                                               float (&O)[TR::kONBlocks][4], float (&m)[2], float (&l)[2],
                                               const MaskBounds& seq, int v_zero_row) {
@@ -158,7 +165,7 @@ __device__ __forceinline__ void consumer_tile(const Params& p, const SmemWs<TR>&
     float S[TR::kBlockSNBlocks][4];
     float alpha[2];
     unsigned P[TR::kKeySteps][4];
-    int n = qt.c_end / TR::kKeyHalves;
+    int n = kb.last;
 
     // The first block: nothing to overlap with yet, and O is still zero.
     mbar_wait(sm.bar(TR::kBarKFull + kv.stage), kv.phase);
@@ -167,14 +174,14 @@ __device__ __forceinline__ void consumer_tile(const Params& p, const SmemWs<TR>&
     named_arrive(their_turn, TR::kConsumerThreads);
     wgmma_wait<0>();
     float vmx[TR::kKeyHalves][2];
-    PostedGate g = finish_qk<TR, kCausal, kVarlen>(t, S, n, kv, vote_idx, vmx);
+    PostedGate g = finish_qk<TR, kCausal, kVarlen>(t, S, n, kb.first, kv, vote_idx, vmx);
     unsigned kept = gate_resolve<TR>(g, n, sm, vote_idx, keep_row);
     if (kept != 0) softmax_block<TR>(S, kept, m, l, P, alpha, t.scale_log2, g.gated(), vmx);
     unsigned prev_kept = kept;
     kv.advance();
 
 #pragma unroll 1
-    for (--n; n >= 0; --n) {
+    for (--n; n >= kb.first; --n) {
         const PipeState<TR::kStages> prev = kv.previous();
         mbar_wait(sm.bar(TR::kBarKFull + kv.stage), kv.phase);
         if (prev_kept != 0) mbar_wait(sm.bar(TR::kBarVFull + prev.stage), prev.phase);
@@ -187,7 +194,7 @@ __device__ __forceinline__ void consumer_tile(const Params& p, const SmemWs<TR>&
         }
         named_arrive(their_turn, TR::kConsumerThreads);
         wgmma_wait<1>();  // S is ready; P V may still run
-        g = finish_qk<TR, kCausal, kVarlen>(t, S, n, kv, vote_idx, vmx);
+        g = finish_qk<TR, kCausal, kVarlen>(t, S, n, kb.first, kv, vote_idx, vmx);
         kept = gate_resolve<TR>(g, n, sm, vote_idx, keep_row);
         unsigned Pn[TR::kKeySteps][4];
         bool rescale = false;
@@ -225,12 +232,13 @@ __device__ __forceinline__ void consumer_tile(const Params& p, const SmemWs<TR>&
     if (t.lane() == 0) mbar_arrive(sm.bar(TR::kBarVEmpty + prev.stage));
 }
 
-template <class TR, bool kCausal, bool kVarlen = false>
+template <class TR, bool kCausal, bool kVarlen = false, bool kSplit = false>
 __device__ __forceinline__ void consumer_loop(const Params& p, const SmemWs<TR>& sm, int wg, int tid) {
+    static_assert(!(kVarlen && kSplit), "no split-KV entry for packed batches");
     const ConsumerThread ct(wg, tid);
     const int nQ = ceil_div(p.Nq, TR::kBlockM);
     const int nK = ceil_div(p.Nk, TR::kBlockN);
-    const PersistentSchedule<kCausal> sched(nQ, p.Hq, p.B);
+    const PersistentSchedule<kCausal, kSplit> sched(nQ, p.Hq, p.B, p.num_splits);
     PipeState<TR::kStages> kv;
     unsigned q_phase = 0;
     unsigned vote_idx = 0;
@@ -252,10 +260,11 @@ __device__ __forceinline__ void consumer_loop(const Params& p, const SmemWs<TR>&
         }
         const Problem pr = cta_problem<kVarlen>(p, w.b);
         const QueryTile<TR, kCausal> qt(w.a, pr);
+        const KeyBlocks kb = key_blocks<kSplit, TR::kKeyHalves>(qt.c_end, w.s, p.num_splits);
         unsigned char* keep_row = nullptr;
         if (p.keep != nullptr) {
             unsigned char* row = p.keep + (((long long)w.b * p.Hq + w.h) * nQ + w.a) * nK;
-            if (wg == 0) {
+            if (wg == 0 && w.s == 0) {  // the tiles no split visits
                 for (int c = qt.c_end + 1 + tid; c < nK; c += 128) row[c] = 0;
             }
             if (wg == 0 && tid == 0) keep_row = row;
@@ -269,7 +278,7 @@ __device__ __forceinline__ void consumer_loop(const Params& p, const SmemWs<TR>&
             float(&l1)[1][2] = *reinterpret_cast<float(*)[1][2]>(&l);
             init_softmax_state(O1, m1, l1);
         }
-        if (qt.c_end >= 0) {
+        if (kb.any) {
             MaskBounds seq{0, 0, 0};
             int v_zero_row = TR::kBlockKeys;
             if constexpr (kVarlen) {
@@ -279,7 +288,7 @@ __device__ __forceinline__ void consumer_loop(const Params& p, const SmemWs<TR>&
                 const int last = (pr.Nk - 1) / TR::kBlockKeys;
                 if (qt.c_end / TR::kKeyHalves == last) v_zero_row = pr.Nk - last * TR::kBlockKeys;
             }
-            consumer_tile<TR, kCausal, kVarlen>(p, sm, w, qt, kv, q_phase, vote_idx, keep_row, O, m, l, seq,
+            consumer_tile<TR, kCausal, kVarlen>(p, sm, w, qt, kb, kv, q_phase, vote_idx, keep_row, O, m, l, seq,
                                                 v_zero_row);
         }
         // The tile's coordinates are decoded afresh from j (an opaque copy the
@@ -288,7 +297,11 @@ __device__ __forceinline__ void consumer_loop(const Params& p, const SmemWs<TR>&
         int j_fresh = j;
         asm volatile("" : "+r"(j_fresh));
         const WorkTile we = sched.tile(j_fresh);
-        epilogue_ws<TR, kVarlen>(p, sm, ct.wg, ct.warp, ct.lane, we, we.a * TR::kBlockM, O, m, l);
+        if constexpr (kSplit) {
+            epilogue_part_ws<TR>(p, ct.wg, ct.warp, ct.lane, we, we.a * TR::kBlockM, O, m, l);
+        } else {
+            epilogue_ws<TR, kVarlen>(p, sm, ct.wg, ct.warp, ct.lane, we, we.a * TR::kBlockM, O, m, l);
+        }
     }
 }
 

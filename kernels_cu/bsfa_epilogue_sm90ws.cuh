@@ -8,6 +8,12 @@
 // rows of the problem (q0 + r < Nq): a packed sequence's (kVarlen) last tile
 // never writes into the next sequence's rows.
 //
+// epilogue_part_ws ends a key split's work tile (bsfa_fwd_split) instead:
+// the rows normalised by the split's own sums, in fp32, and the split's lse,
+// stored straight from the accumulators into the partials that bsfa_combine
+// merges (bsfa_combine.cuh; the layout of bsfa_params.cuh's o_part and
+// lse_part): a quad's four float2 of one n8 block are one 32-byte sector.
+//
 // Includes what it needs; TR is a TraitsSm90Ws.
 #pragma once
 
@@ -75,6 +81,31 @@ __device__ __forceinline__ void epilogue_ws(const Params& p, const SmemWs<TR>& s
         }
     }
     warp_sync();  // the next tile's staging overwrites these rows
+}
+
+template <class TR>
+__device__ __forceinline__ void epilogue_part_ws(const Params& p, int wg, int warp, int lane, const WorkTile& w, int q0,
+                                                 const float (&O)[TR::kONBlocks][4], const float (&m)[2],
+                                                 const float (&l)[2]) {
+    const long long rows = (long long)p.B * p.Hq * p.Nq;  // rows of one split's partials
+    const long long row0 = (long long)w.s * rows + ((long long)w.b * p.Hq + w.h) * p.Nq + q0;
+    const int t = lane & 3;
+    const int warp_row0 = wg * TR::kWgmmaM + warp * TR::kWarpRows;
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+        const float lt = quad_sum(l[hf]);
+        const float inv = lt > 0.f ? 1.f / lt : 0.f;
+        const int r = warp_row0 + (lane >> 2) + hf * 8;
+        if (q0 + r < p.Nq) {
+            float* orow = p.o_part + (row0 + r) * TR::kHeadDim + 2 * t;
+#pragma unroll
+            for (int nb = 0; nb < TR::kONBlocks; ++nb) {
+                *reinterpret_cast<float2*>(orow + nb * TR::kMmaN) =
+                    make_float2(O[nb][2 * hf] * inv, O[nb][2 * hf + 1] * inv);
+            }
+            if (t == 0) p.lse_part[row0 + r] = row_lse(lt, m[hf], p.softmax_scale);
+        }
+    }
 }
 
 }  // namespace bsfa

@@ -15,7 +15,12 @@
 // (min(SMs, tiles), 1, 1) (BSFA_GRID 2).  bsfa_fwd_varlen, a packed batch
 // (bsfa_problem.cuh), takes what bsfa_fwd takes, with B = num_seqs, the tiles
 // of the longest sequence, and maps of the packed (total, H, D) tensors as
-// one batch element ((D, total, H, 1)).
+// one batch element ((D, total, H, 1)).  bsfa_fwd_split, split-KV for query
+// tiles too few to fill the GPU (bsfa_cupy/_splitkv.py routes them), takes
+// what bsfa_fwd takes plus Params.num_splits, o_part and lse_part, on the grid
+// (min(SMs, tiles * num_splits), 1, 1), and leaves fp32 partials that
+// bsfa_combine (bsfa_combine.cuh; grid ceil(B*Hq*Nq / BSFA_COMBINE_WARPS),
+// 32 * BSFA_COMBINE_WARPS threads) merges into out and lse.
 
 #if !defined(BSFA_DTYPE) || (BSFA_DTYPE != 0 && BSFA_DTYPE != 1)
 #error "BSFA_DTYPE must be 0 (float16) or 1 (bfloat16)"
@@ -27,6 +32,7 @@
 #error "BSFA_CAUSAL must be 0 or 1"
 #endif
 
+#include "bsfa_combine.cuh"
 #include "bsfa_kernel_sm90ws.cuh"
 #include "bsfa_params.cuh"
 #include "bsfa_pipeline_sm90.cuh"
@@ -50,6 +56,7 @@ extern "C" __constant__ int BSFA_BLOCK_MAX_TMA = TR::kBlockM;
 extern "C" __constant__ int BSFA_BLOCK_M = bsfa::TileShape::kBlockM;
 extern "C" __constant__ int BSFA_BLOCK_N = bsfa::TileShape::kBlockN;
 extern "C" __constant__ int BSFA_GRID = bsfa::kGridPersistent;
+extern "C" __constant__ int BSFA_COMBINE_WARPS = bsfa::kCombineWarps;
 
 extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
     bsfa_fwd(const __grid_constant__ bsfa::Params p, const __grid_constant__ bsfa::TmaDesc tq,
@@ -61,6 +68,17 @@ extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
     bsfa_fwd_varlen(const __grid_constant__ bsfa::Params p, const __grid_constant__ bsfa::TmaDesc tq,
                     const __grid_constant__ bsfa::TmaDesc tk, const __grid_constant__ bsfa::TmaDesc tv) {
     bsfa::kernel_sm90ws<TR, kCausal, true, true>(p, tq, tk, tv);
+}
+
+extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
+    bsfa_fwd_split(const __grid_constant__ bsfa::Params p, const __grid_constant__ bsfa::TmaDesc tq,
+                   const __grid_constant__ bsfa::TmaDesc tk, const __grid_constant__ bsfa::TmaDesc tv) {
+    bsfa::kernel_sm90ws<TR, kCausal, true, false, true>(p, tq, tk, tv);
+}
+
+extern "C" __global__ void __launch_bounds__(32 * bsfa::kCombineWarps)
+    bsfa_combine(const __grid_constant__ bsfa::Params p) {
+    bsfa::combine_kernel<BSFA_HEAD_DIM, BSFA_DTYPE == 1>(p);
 }
 
 extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)

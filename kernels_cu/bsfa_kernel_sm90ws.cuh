@@ -46,7 +46,9 @@ __device__ __forceinline__ void init_barriers_ws(const SmemWs<TR>& sm) {
 // takes tk in place of tv): barrier set-up, then one role per warpgroup.
 // kVarlen (kFwd only): bsfa_fwd_varlen, whose work tiles are (query tile,
 // head, packed sequence) and whose maps describe the packed tensors.
-template <class TR, bool kCausal, bool kFwd, bool kVarlen = false>
+// kSplit (kFwd only): bsfa_fwd_split, whose work tiles are key splits of
+// (query tile, head, batch) and which writes fp32 partials.
+template <class TR, bool kCausal, bool kFwd, bool kVarlen = false, bool kSplit = false>
 __device__ __forceinline__ void kernel_sm90ws(const Params& p, const TmaDesc& tq, const TmaDesc& tk,
                                               const TmaDesc& tv) {
     const SmemWs<TR> sm(aligned_smem_base());
@@ -59,12 +61,12 @@ __device__ __forceinline__ void kernel_sm90ws(const Params& p, const TmaDesc& tq
             tma_prefetch_desc(tq);
             tma_prefetch_desc(tk);
             if constexpr (kFwd) tma_prefetch_desc(tv);
-            producer_loop<TR, kCausal, kFwd, kVarlen>(p, tq, tk, tv, sm);
+            producer_loop<TR, kCausal, kFwd, kVarlen, kSplit>(p, tq, tk, tv, sm);
         }
     } else {
         setmaxnreg_inc<TR::kConsumerRegs>();
         if constexpr (kFwd) {
-            consumer_loop<TR, kCausal, kVarlen>(p, sm, wg - 1, threadIdx.x - 128 * wg);
+            consumer_loop<TR, kCausal, kVarlen, kSplit>(p, sm, wg - 1, threadIdx.x - 128 * wg);
         } else {
             block_max_consumer<TR, kCausal>(p, sm, wg - 1, threadIdx.x - 128 * wg);
         }

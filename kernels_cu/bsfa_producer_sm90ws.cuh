@@ -42,10 +42,10 @@ __device__ __forceinline__ void fill_slot(unsigned dst, const TmaDesc& desc, uns
     }
 }
 
-template <class TR, bool kCausal, bool kLoadV = true, bool kVarlen = false>
+template <class TR, bool kCausal, bool kLoadV = true, bool kVarlen = false, bool kSplit = false>
 __device__ __forceinline__ void producer_loop(const Params& p, const TmaDesc& tq, const TmaDesc& tk,
                                               const TmaDesc& tv, const SmemWs<TR>& sm) {
-    const PersistentSchedule<kCausal> sched(ceil_div(p.Nq, TR::kBlockM), p.Hq, p.B);
+    const PersistentSchedule<kCausal, kSplit> sched(ceil_div(p.Nq, TR::kBlockM), p.Hq, p.B, p.num_splits);
     const int group = p.Hq / p.Hkv;
     PipeState<kLoadV ? TR::kStages : TR::kBlockMaxStages> kv;
     unsigned q_phase = 0;
@@ -59,7 +59,8 @@ __device__ __forceinline__ void producer_loop(const Params& p, const TmaDesc& tq
             if (w.a * TR::kBlockM >= pr.Nq) continue;  // past the sequence's end: nothing to load
         }
         const QueryTile<TR, kCausal> qt(w.a, pr);
-        if (qt.c_end < 0) continue;  // no key to visit: the consumers write zeros without Q
+        const KeyBlocks kb = key_blocks<kSplit, TR::kKeyHalves>(qt.c_end, w.s, p.num_splits);
+        if (!kb.any) continue;  // no key to visit: the consumers write zeros without Q
         const int hkv = w.h / group;
         // The box's batch coordinate: the packed tensors are one batch element.
         const int bc = kVarlen ? 0 : w.b;
@@ -69,7 +70,7 @@ __device__ __forceinline__ void producer_loop(const Params& p, const TmaDesc& tq
         q_phase ^= 1u;
 
 #pragma unroll 1
-        for (int n = qt.c_end / TR::kKeyHalves; n >= 0; --n) {
+        for (int n = kb.last; n >= kb.first; --n) {
             const int s = kv.stage;
             const int key0 = pr.k_row + n * TR::kBlockKeys;
             fill_slot<TR, TR::kKVPanelBytes>(sm.k() + s * TR::kKVBytes, tk, sm.bar(TR::kBarKEmpty + s),

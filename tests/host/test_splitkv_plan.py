@@ -37,8 +37,9 @@ def test_attention_checks_num_splits_before_touching_arrays():
         bsfa_cupy.attention(x, x, x, num_splits=0)
     with pytest.raises(TypeError, match="num_splits: expected an int >= 1"):
         bsfa_cupy.attention(x, x, x, num_splits=1.5)
-    with pytest.raises(ValueError, match=r"num_splits: applies to the split-KV kernel .* got backend 'sm90ws'"):
-        bsfa_cupy.attention(x, x, x, num_splits=2, backend="sm90ws")
+    for backend in ("sm80", "sm90"):
+        with pytest.raises(ValueError, match=rf"num_splits: applies to the split-KV kernels .* got backend '{backend}'"):
+            bsfa_cupy.attention(x, x, x, num_splits=2, backend=backend)
 
 
 @pytest.mark.parametrize("Nq,G,rows,pack", [
@@ -89,6 +90,30 @@ def test_plan_and_grid():
     assert p.grid(1, 8, 1) == (5, 32, 1)
 
 
+def test_ws_plan_and_grid():
+    """The sm90ws split entry: one head per 128-row tile, a persistent grid of at most one CTA per SM."""
+    p = plan(1, 128, 131072, 32, 8, H200_SMS, ws=True)  # 32 tiles: 4 splits fill 128 of 132 SMs
+    assert (p.rows, p.pack, p.n_packs, p.splits, p.ws) == (128, 1, 4, 4, True)
+    assert _splitkv.grid(p, 1, 128, 8) == (128, 1, 1)
+    p = plan(1, 512, 131072, 32, 8, H200_SMS, ws=True)  # 128 tiles: one wave already
+    assert (p.splits, p.grid(1, 8, 4)) == (1, (128, 1, 1))
+    p = plan(2, 300, 4096, 8, 2, H200_SMS, num_splits=64, ws=True)  # 48 tiles x 64 splits: SMs wide
+    assert (p.splits, p.grid(2, 2, 3)) == (64, (H200_SMS, 1, 1))
+    with pytest.raises(ValueError, match="expected at most 2147483647 work tiles"):
+        plan(4096, 2**20, 2**20, 64, 8, H200_SMS, num_splits=1024, ws=True)
+    assert not plan(1, 128, 131072, 32, 8, H200_SMS).ws
+
+
+@pytest.mark.parametrize("arch,Nq,hopper_ws,want", [
+    ("auto", 1, True, False), ("auto", 64, True, False),  # packed GQA rows: the mma.sync family
+    ("auto", 65, True, True), ("auto", 128, True, True), ("auto", 700, True, True),
+    ("auto", 128, False, False),  # no Hopper, or no tensor maps
+    ("sm90ws", 1, True, True), ("splitkv", 128, True, False),
+])
+def test_ws_routing(arch, Nq, hopper_ws, want):
+    assert _splitkv.ws_wanted(arch, Nq, hopper_ws) is want
+
+
 @pytest.mark.parametrize("arch,num_splits,B,Nq,Nk,Hq,D,want", [
     ("auto", None, 1, 1, 131072, 32, 128, True),  # decode
     ("auto", None, 1, 16, 131072, 32, 128, True),  # short chunk
@@ -99,6 +124,7 @@ def test_plan_and_grid():
     ("auto", None, 1, 1, 1024, 32, 128, False),  # short keys: not worth a second launch
     ("auto", None, 1, 1, 131072, 32, 96, False),  # no split-KV kernel at head dim 96
     ("sm90ws", None, 1, 1, 131072, 32, 128, False),
+    ("sm90ws", 3, 1, 4096, 4096, 32, 128, True),  # its own split entry
     ("splitkv", None, 1, 4096, 4096, 32, 128, True),
     ("auto", 4, 1, 4096, 4096, 32, 128, True),
 ])
