@@ -132,9 +132,10 @@ def attention(q, k, v, thresholds=None, *, causal=True, softmax_scale=None, retu
     Nk >= 2048, calls with Nq <= 64, or whose B * Hq * ceil(Nq / 128) query tiles would not fill
     the GPU, run a kernel that packs the query heads of a GQA group into one CTA and splits the
     key tiles of each query tile over several CTAs, merging their fp32 partials by the rule of
-    :func:`bsfa_reference.merge_partials`. On Hopper, such calls with Nq >= 65 (chunks that fill
-    128-row tiles) take the warp-specialised kernel's split entry instead: one head per 128-row
-    tile, the key blocks split over its persistent grid. Semantics are unchanged: the gate is still decided per
+    :func:`bsfa_reference.merge_partials`. On Hopper, such calls with Nq >= 33 (where a split CTA
+    would hold one head's rows) take the warp-specialised kernel's split entry instead: one head per 128-row
+    tile, the key blocks split over its persistent grid (unsplit where its tiles fill the GPU as they
+    are). Semantics are unchanged: the gate is still decided per
     (head, 128-row query tile, 64-key tile); out and lse depend on the split count only through
     fp32 rounding of the merge, keep not at all.
 
@@ -303,6 +304,8 @@ def _target(prob: _Problem, backend, causal, num_splits) -> _Target:
                 return _Target()
             plan = _splitkv.plan(prob.B, prob.Nq, prob.Nk, prob.Hq, prob.Hkv, sm_count(dev), num_splits, gated,
                                  ws=True)
+            if plan.splits == 1 and num_splits is None:  # the tiles fill the GPU as they are: no merge
+                return _Target(kern=mod.fwd)
             return _Target(mod=mod, split=plan)
         key = select(_splitkv_backend(backend), prob.dtype, prob.D, causal, cc)
         if prob.B * prob.Hq * prob.Nq == 0:

@@ -3,7 +3,7 @@ each 128-row query tile split over the persistent grid, fp32 partials merged by 
 reference, its independence of the split count, and the routing of ``auto`` chunks to it.
 
 Forced num_splits in {1, 2, 3, 64} (64: more splits than 128-key blocks, so empty splits too), Nq from
-65 (the shortest chunk ``auto`` sends here) to 577, odd Nk, GQA groups 1 / 4, thresholds that skip.
+33 (the shortest chunk ``auto`` sends here) to 577, odd Nk, GQA groups 1 / 4, thresholds that skip.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.gpu, requires_gpu,
 
 BM, BN = ref.BLOCK_M, ref.BLOCK_N
 SPLITS = [1, 2, 3, 64]
-NQS = [65, 100, 128, 129, 300, 577]
+NQS = [33, 64, 100, 128, 129, 300, 577]
 
 
 def _problem(Nq, Nk, G, D=128, dtype="float16", causal=True, mode="maxima", Hkv=1, B=1, seed=0, **extra):
@@ -73,7 +73,7 @@ def test_ws_split_matches_reference(monkeypatch, p):
 @pytest.mark.parametrize("num_splits", SPLITS)
 @pytest.mark.parametrize("Nq", NQS)
 def test_ws_split_query_lengths(monkeypatch, Nq, num_splits):
-    """One ragged 128-row tile (65, 100), one whole (128), several with a ragged last one (129, 300, 577)."""
+    """One ragged 128-row tile (33, 64, 100), one whole (128), several with a ragged last one (129, 300, 577)."""
     p = _problem(Nq, 1000, 4, D=64 if Nq % 2 else 128, causal=Nq != 128, Hkv=2, seed=Nq * 7 + num_splits)
     run_case(p, monkeypatch, "sm90ws", num_splits=num_splits)
 
@@ -123,8 +123,9 @@ def test_ws_results_do_not_depend_on_the_split_count(monkeypatch, causal, Nq, Nk
 
 
 def test_auto_routes_chunks_to_the_ws_split_bitwise():
-    """backend="auto" on a chunk too small to fill the GPU (Nq > 64) is the sm90ws split entry with the
-    heuristic split count; decode shapes stay on the mma.sync split family."""
+    """backend="auto" on a chunk too small to fill the GPU (Nq >= 33) is the sm90ws split entry with the
+    heuristic split count, or its unsplit kernel where that count is 1; decode shapes and packed GQA
+    rows stay on the mma.sync split family."""
     import bsfa_cupy
     from bsfa_cupy import _splitkv
     from bsfa_cupy._kernels import sm_count
@@ -142,7 +143,16 @@ def test_auto_routes_chunks_to_the_ws_split_bitwise():
     assert plan.split is not None and plan.split.ws and plan.split.splits == splits
     for x, y in zip(plan.run(qd, kd, vd), a):
         assert cp.array_equal(x, y)
-    assert not bsfa_cupy.AttentionPlan(qd[:, :64], kd, vd).split.ws
+    assert not bsfa_cupy.AttentionPlan(qd[:, :32], kd, vd).split.ws
+    sms = sm_count(cp.cuda.Device().id)
+    Nq = 128 * max(1, sms // 8 - 1)  # 8 heads: B * Hq * nQ < SMs, one split already fills the GPU
+    assert _splitkv.wanted("auto", None, 1, Nq, 8192, 8, 128, sms)
+    assert _splitkv.plan(1, Nq, 8192, 8, 2, sms, ws=True).splits == 1
+    q, k, v = random_inputs(rng, 1, Nq, 8192, 8, 2, 128, "float16")
+    qd, kd, vd = (cp.asarray(x) for x in (q, k, v))
+    plan = bsfa_cupy.AttentionPlan(qd, kd, vd)
+    assert plan.split is None, "one split: the unsplit kernel, no merge"
+    assert cp.array_equal(plan.run(qd, kd, vd), bsfa_cupy.attention(qd, kd, vd, backend="sm90ws"))
 
 
 def test_ws_split_rows_without_keys(monkeypatch):

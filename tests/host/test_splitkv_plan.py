@@ -105,8 +105,8 @@ def test_ws_plan_and_grid():
 
 
 @pytest.mark.parametrize("arch,Nq,hopper_ws,want", [
-    ("auto", 1, True, False), ("auto", 64, True, False),  # packed GQA rows: the mma.sync family
-    ("auto", 65, True, True), ("auto", 128, True, True), ("auto", 700, True, True),
+    ("auto", 1, True, False), ("auto", 32, True, False),  # packed GQA rows: the mma.sync family
+    ("auto", 33, True, True), ("auto", 64, True, True), ("auto", 128, True, True), ("auto", 700, True, True),
     ("auto", 128, False, False),  # no Hopper, or no tensor maps
     ("sm90ws", 1, True, True), ("splitkv", 128, True, False),
 ])
