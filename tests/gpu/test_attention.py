@@ -8,9 +8,10 @@ from hypothesis import strategies as st
 
 import bsfa_reference as ref
 from tests.support.gpu import (
-    EPS,
+    assert_nonfinite_like_reference,
     cp,
     device_array,
+    planted_nonfinite,
     poison_outputs,
     random_inputs,
     requires_gpu,
@@ -154,34 +155,10 @@ def test_nonfinite_inputs_reach_exactly_the_reference_rows(monkeypatch, backend,
     non-finite (NaN lse exactly where the reference's is NaN), every other entry is accurate."""
     import bsfa_cupy
 
-    rng = np.random.default_rng(D * 4 + 2 * gated + causal)
-    B, Nq, Nk, Hq, Hkv = 1, 333, 400, 4, 2
-    q, k, v = random_inputs(rng, B, Nq, Nk, Hq, Hkv, D, "float16")
-    thr = thresholds_from_maxima(ref.block_max_scores(q, k, causal=causal), Nq, Nk) if gated else None
-    q, k, v = q.copy(), k.copy(), v.copy()
-    q[0, 200, 1, 5] = np.nan
-    q[0, 17, 3, 0] = np.inf
-    k[0, 150, 0, 3] = np.nan
-    k[0, 390, 1, 7] = -np.inf
-    v[0, 70, 1, 2] = np.nan
-    v[0, 300, 0, 0] = np.inf
+    q, k, v, thr = planted_nonfinite(D * 4 + 2 * gated + causal, (1, 333, 400, 4, 2, D), causal, gated,
+                                     q_at=[(0, 200, 1, 5), (0, 17, 3, 0)], k_at=[(0, 150, 0, 3), (0, 390, 1, 7)],
+                                     v_at=[(0, 70, 1, 2), (0, 300, 0, 0)])
     poison_outputs(monkeypatch)
-    out, lse, keep = bsfa_cupy.attention(*map(cp.asarray, (q, k, v)), thr, causal=causal, return_lse=True,
-                                         return_keep=True, backend=backend)
-    out, lse, keep = cp.asnumpy(out), cp.asnumpy(lse), cp.asnumpy(keep)
-    # The reference replays the kernel's tile decisions (the gate itself is tested on finite inputs).
-    want_out, want_lse = ref.attention(q, k, v, causal=causal, keep=keep, return_lse=True)
-    got_bad, want_bad = ~np.isfinite(out), ~np.isfinite(want_out)
-    assert want_bad.any(), "the planted values reached no output: the test checks nothing"
-    assert np.array_equal(got_bad, want_bad), (
-        f"non-finite outputs differ at {int((got_bad != want_bad).sum())} entries "
-        f"(first {np.argwhere(got_bad != want_bad)[:5].tolist()})"
-    )
-    assert np.array_equal(np.isnan(lse), np.isnan(want_lse)), f"NaN lse differ at {np.argwhere(np.isnan(lse) != np.isnan(want_lse))[:5].tolist()}"
-    assert np.array_equal(lse == -np.inf, want_lse == -np.inf), "rows without kept keys differ"
-    ok = ~want_bad
-    err = np.abs(out[ok].astype(np.float64) - want_out[ok])
-    tol = 16 * EPS["float16"] * np.abs(v[np.isfinite(v)]).max()
-    assert err.max() <= tol, f"finite outputs: worst error {err.max():.3e} > {tol:.3e}, {int((err > tol).sum())} over"
-    fin = np.isfinite(want_lse)
-    assert np.abs(lse[fin] - want_lse[fin]).max() <= 1e-2, "finite lse differ"
+    res = bsfa_cupy.attention(*map(cp.asarray, (q, k, v)), thr, causal=causal, return_lse=True, return_keep=True,
+                              backend=backend)
+    assert_nonfinite_like_reference(q, k, v, causal, *(cp.asnumpy(x) for x in res))

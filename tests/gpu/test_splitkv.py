@@ -14,25 +14,21 @@ from hypothesis import strategies as st
 import bsfa_reference as ref
 from tests.support.gpu import (
     EPS,
+    assert_nonfinite_like_reference,
     cp,
+    planted_nonfinite,
     poison_outputs,
     random_inputs,
     requires_gpu,
-    rounding_margin,
     run_case,
-    thresholds_from_maxima,
 )
+from tests.support.split_checks import assert_split_count_independent, split_count_results, split_fields, split_problem
 
 pytestmark = [pytest.mark.gpu, requires_gpu]
 
 BM, BN = ref.BLOCK_M, ref.BLOCK_N
 SPLITS = [1, 2, 3, 64]
 NQS = [1, 3, 16, 100, 128, 129, 300]
-
-
-def _problem(Nq, Nk, G, D=128, dtype="float16", causal=True, mode="maxima", Hkv=1, B=1, seed=0, **extra):
-    return dict(dtype=dtype, D=D, causal=causal, B=B, Hkv=Hkv, Hq=Hkv * G, Nq=Nq, Nk=Nk, mode=mode,
-                layouts=("contiguous",) * 3, spread=1.0, seed=seed, **extra)
 
 
 @st.composite
@@ -42,23 +38,7 @@ def split_problems(draw):
     Nq = draw(st.sampled_from(NQS))
     # the NumPy reference is the slow part: long keys only for short queries
     Nk = draw(st.sampled_from([1, 63, 577, 1000]) if Nq > 16 else st.sampled_from([1, 64, 577, 4097]))
-    return dict(
-        dtype=draw(st.sampled_from(["float16", "bfloat16"])),
-        D=draw(st.sampled_from([64, 128])),
-        causal=draw(st.booleans()),
-        B=draw(st.integers(1, 2)),
-        Hkv=Hkv,
-        Hq=Hkv * G,
-        Nq=Nq,
-        Nk=Nk,
-        q_start=draw(st.one_of(st.none(), st.none(), st.integers(0, 8).map(lambda t: t * BM))),
-        k_start=draw(st.one_of(st.just(0), st.integers(0, 16).map(lambda t: t * BN))),
-        mode=draw(st.sampled_from(["none", "scalar", "maxima", "maxima", "short"])),
-        layouts=draw(st.tuples(*[st.sampled_from(["contiguous", "bhnd", "padded"])] * 3)),
-        spread=draw(st.sampled_from([0.5, 1.0, 3.0])),
-        seed=draw(st.integers(0, 2**31 - 1)),
-        num_splits=draw(st.sampled_from([None, *SPLITS])),
-    )
+    return dict(Hkv=Hkv, Hq=Hkv * G, Nq=Nq, Nk=Nk, **split_fields(draw, [None, *SPLITS]))
 
 
 @given(split_problems())
@@ -76,7 +56,7 @@ def test_splitkv_query_lengths(monkeypatch, Nq, num_splits):
     100 / 128 take 128-row CTAs one head each, 129 / 300 several reference query tiles (a ragged
     last one)."""
     G = 4 if Nq <= 16 else 1
-    p = _problem(Nq, 577, G, D=64 if Nq % 2 else 128, causal=Nq != 128, seed=Nq * 7 + num_splits)
+    p = split_problem(Nq, 577, G, D=64 if Nq % 2 else 128, causal=Nq != 128, seed=Nq * 7 + num_splits)
     run_case(p, monkeypatch, "splitkv", num_splits=num_splits)
 
 
@@ -86,7 +66,7 @@ def test_splitkv_query_lengths(monkeypatch, Nq, num_splits):
 def test_splitkv_gqa_groups(monkeypatch, G, dtype, mode):
     """Packed heads with their own gate decisions (maxima: per-head thresholds that skip about half
     of the gated tiles, so heads of one CTA disagree)."""
-    p = _problem(3, 4097, G, dtype=dtype, mode=mode, Hkv=2, seed=G)
+    p = split_problem(3, 4097, G, dtype=dtype, mode=mode, Hkv=2, seed=G)
     run_case(p, monkeypatch, "splitkv", num_splits=3)
 
 
@@ -97,7 +77,7 @@ def test_splitkv_key_split_rows(monkeypatch, Nq, G, D, causal):
     from bsfa_cupy._splitkv import pack_shape
 
     assert pack_shape(Nq, G) == (16, G)
-    p = _problem(Nq, 1000 + Nq, G, D=D, causal=causal, Hkv=2, seed=31 * G + Nq)
+    p = split_problem(Nq, 1000 + Nq, G, D=D, causal=causal, Hkv=2, seed=31 * G + Nq)
     run_case(p, monkeypatch, "splitkv", num_splits=2)
 
 
@@ -112,13 +92,13 @@ def test_splitkv_keys_on_both_sides_of_the_diagonal(monkeypatch, Nq, G, num_spli
     diag = ref.diagonal_tiles(Nq, Nk, BM, BN, q_start=q_start)
     cols = np.flatnonzero(diag.any(axis=0))
     assert 0 < cols.min() and cols.max() < diag.shape[1] - 1, "the diagonal must sit strictly inside the keys"
-    p = _problem(Nq, Nk, G, causal=False, Hkv=2, seed=11 * Nq + num_splits, q_start=q_start)
+    p = split_problem(Nq, Nk, G, causal=False, Hkv=2, seed=11 * Nq + num_splits, q_start=q_start)
     run_case(p, monkeypatch, "splitkv", num_splits=num_splits)
 
 
 @pytest.mark.parametrize("Nq,Nk,G,num_splits", [(1, 32768 + 37, 4, None), (16, 20000, 4, 64)])
 def test_splitkv_long_keys(monkeypatch, Nq, Nk, G, num_splits):
-    p = _problem(Nq, Nk, G, seed=Nk)
+    p = split_problem(Nq, Nk, G, seed=Nk)
     run_case(p, monkeypatch, "splitkv", num_splits=num_splits)
 
 
@@ -127,28 +107,8 @@ def test_splitkv_long_keys(monkeypatch, Nq, Nk, G, num_splits):
 def test_results_do_not_depend_on_the_split_count(monkeypatch, causal, Nq, Nk, G):
     """keep exactly equal; lse and out equal up to fp32 rounding of the merge (out: one rounding of
     the input dtype on top)."""
-    import bsfa_cupy
-
-    rng = np.random.default_rng(Nq + Nk)
-    q, k, v = random_inputs(rng, 1, Nq, Nk, 2 * G, 2, 128, "bfloat16")
-    tile_max = ref.block_max_scores(q, k, causal=causal)
-    thr = thresholds_from_maxima(tile_max, Nq, Nk, margin=rounding_margin(q, k, causal, 128))
-    qd, kd, vd = (cp.asarray(x) for x in (q, k, v))
-    poison_outputs(monkeypatch)
-    results = {}
-    for s in (1, 2, 3, 7, 64, None):
-        out, lse, keep = bsfa_cupy.attention(qd, kd, vd, thr, causal=causal, return_lse=True, return_keep=True,
-                                             backend="splitkv", num_splits=s)
-        results[s] = (cp.asnumpy(out).astype(np.float64), cp.asnumpy(lse).astype(np.float64), cp.asnumpy(keep))
-    out1, lse1, keep1 = results[1]
-    assert keep1.any() and not keep1.all(), "thresholds should keep some tiles and skip others"
-    for s, (out, lse, keep) in results.items():
-        assert np.array_equal(keep, keep1), f"num_splits={s}: keep differs from num_splits=1"
-        live = np.isfinite(lse1)
-        assert np.array_equal(np.isfinite(lse), live), f"num_splits={s}: other empty rows"
-        assert np.abs(lse[live] - lse1[live]).max(initial=0) <= 1e-5 * max(1.0, np.abs(lse1[live]).max(initial=1))
-        tol = 2 * EPS["bfloat16"] * max(1.0, float(np.abs(out1).max()))
-        assert np.abs(out - out1).max() <= tol, f"num_splits={s}: out differs by {np.abs(out - out1).max():.3e}"
+    calls = {f"num_splits={s}": dict(backend="splitkv", num_splits=s) for s in (1, 2, 3, 7, 64, None)}
+    assert_split_count_independent(split_count_results(monkeypatch, Nq, Nk, G, causal, calls), "num_splits=1")
 
 
 def test_auto_routes_decode_to_splitkv_bitwise():
@@ -240,32 +200,10 @@ def test_nonfinite_inputs_reach_exactly_the_reference_rows(monkeypatch, gated, c
     row with a NaN part."""
     import bsfa_cupy
 
-    rng = np.random.default_rng(2 * gated + causal)
-    B, Nq, Nk, Hq, Hkv, D = 1, 40, 700, 8, 2, 64
-    q, k, v = random_inputs(rng, B, Nq, Nk, Hq, Hkv, D, "float16")
-    thr = thresholds_from_maxima(ref.block_max_scores(q, k, causal=causal), Nq, Nk) if gated else None
-    q[0, 20, 1, 5] = np.nan
-    q[0, 17, 3, 0] = np.inf
-    k[0, 150, 0, 3] = np.nan
-    k[0, 690, 1, 7] = -np.inf
-    v[0, 70, 1, 2] = np.nan
-    v[0, 300, 0, 0] = np.inf
+    q, k, v, thr = planted_nonfinite(2 * gated + causal, (1, 40, 700, 8, 2, 64), causal, gated,
+                                     q_at=[(0, 20, 1, 5), (0, 17, 3, 0)], k_at=[(0, 150, 0, 3), (0, 690, 1, 7)],
+                                     v_at=[(0, 70, 1, 2), (0, 300, 0, 0)])
     poison_outputs(monkeypatch)
-    out, lse, keep = bsfa_cupy.attention(*map(cp.asarray, (q, k, v)), thr, causal=causal, return_lse=True,
-                                         return_keep=True, backend="splitkv", num_splits=3)
-    out, lse, keep = cp.asnumpy(out), cp.asnumpy(lse), cp.asnumpy(keep)
-    want_out, want_lse = ref.attention(q, k, v, causal=causal, keep=keep, return_lse=True)
-    got_bad, want_bad = ~np.isfinite(out), ~np.isfinite(want_out)
-    assert want_bad.any(), "the planted values reached no output: the test checks nothing"
-    assert np.array_equal(got_bad, want_bad), (
-        f"non-finite outputs differ at {int((got_bad != want_bad).sum())} entries "
-        f"(first {np.argwhere(got_bad != want_bad)[:5].tolist()})"
-    )
-    assert np.array_equal(np.isnan(lse), np.isnan(want_lse))
-    assert np.array_equal(lse == -np.inf, want_lse == -np.inf)
-    ok = ~want_bad
-    err = np.abs(out[ok].astype(np.float64) - want_out[ok])
-    tol = 16 * EPS["float16"] * np.abs(v[np.isfinite(v)]).max()
-    assert err.max() <= tol
-    fin = np.isfinite(want_lse)
-    assert np.abs(lse[fin] - want_lse[fin]).max() <= 1e-2
+    res = bsfa_cupy.attention(*map(cp.asarray, (q, k, v)), thr, causal=causal, return_lse=True, return_keep=True,
+                              backend="splitkv", num_splits=3)
+    assert_nonfinite_like_reference(q, k, v, causal, *(cp.asnumpy(x) for x in res))

@@ -15,15 +15,15 @@ from hypothesis import strategies as st
 import bsfa_reference as ref
 from tests.gpu.conftest import _is_hopper
 from tests.support.gpu import (
-    EPS,
+    assert_nonfinite_like_reference,
     cp,
+    planted_nonfinite,
     poison_outputs,
     random_inputs,
     requires_gpu,
-    rounding_margin,
     run_case,
-    thresholds_from_maxima,
 )
+from tests.support.split_checks import assert_split_count_independent, split_count_results, split_fields, split_problem
 
 pytestmark = [pytest.mark.gpu, requires_gpu,
               pytest.mark.skipif(not _is_hopper(), reason="the sm90ws kernel needs compute capability 9.0")]
@@ -33,33 +33,13 @@ SPLITS = [1, 2, 3, 64]
 NQS = [33, 64, 100, 128, 129, 300, 577]
 
 
-def _problem(Nq, Nk, G, D=128, dtype="float16", causal=True, mode="maxima", Hkv=1, B=1, seed=0, **extra):
-    return dict(dtype=dtype, D=D, causal=causal, B=B, Hkv=Hkv, Hq=Hkv * G, Nq=Nq, Nk=Nk, mode=mode,
-                layouts=("contiguous",) * 3, spread=1.0, seed=seed, **extra)
-
-
 @st.composite
 def ws_split_problems(draw):
     G = draw(st.sampled_from([1, 4]))
     Hkv = draw(st.integers(1, 2))
     Nq = draw(st.sampled_from(NQS))
-    return dict(
-        dtype=draw(st.sampled_from(["float16", "bfloat16"])),
-        D=draw(st.sampled_from([64, 128])),
-        causal=draw(st.booleans()),
-        B=draw(st.integers(1, 2)),
-        Hkv=Hkv,
-        Hq=Hkv * G,
-        Nq=Nq,
-        Nk=draw(st.sampled_from([1, 63, 577, 1000, 2100])),
-        q_start=draw(st.one_of(st.none(), st.none(), st.integers(0, 8).map(lambda t: t * BM))),
-        k_start=draw(st.one_of(st.just(0), st.integers(0, 16).map(lambda t: t * BN))),
-        mode=draw(st.sampled_from(["none", "scalar", "maxima", "maxima", "short"])),
-        layouts=draw(st.tuples(*[st.sampled_from(["contiguous", "bhnd", "padded"])] * 3)),
-        spread=draw(st.sampled_from([0.5, 1.0, 3.0])),
-        seed=draw(st.integers(0, 2**31 - 1)),
-        num_splits=draw(st.sampled_from(SPLITS)),
-    )
+    Nk = draw(st.sampled_from([1, 63, 577, 1000, 2100]))
+    return dict(Hkv=Hkv, Hq=Hkv * G, Nq=Nq, Nk=Nk, **split_fields(draw, SPLITS))
 
 
 @given(ws_split_problems())
@@ -74,7 +54,7 @@ def test_ws_split_matches_reference(monkeypatch, p):
 @pytest.mark.parametrize("Nq", NQS)
 def test_ws_split_query_lengths(monkeypatch, Nq, num_splits):
     """One ragged 128-row tile (33, 64, 100), one whole (128), several with a ragged last one (129, 300, 577)."""
-    p = _problem(Nq, 1000, 4, D=64 if Nq % 2 else 128, causal=Nq != 128, Hkv=2, seed=Nq * 7 + num_splits)
+    p = split_problem(Nq, 1000, 4, D=64 if Nq % 2 else 128, causal=Nq != 128, Hkv=2, seed=Nq * 7 + num_splits)
     run_case(p, monkeypatch, "sm90ws", num_splits=num_splits)
 
 
@@ -83,7 +63,7 @@ def test_ws_split_query_lengths(monkeypatch, Nq, num_splits):
 def test_ws_split_keys_on_both_sides_of_the_diagonal(monkeypatch, causal, num_splits):
     """Queries in the middle of the keys (q_start 640 of 2000 keys): gated, diagonal and, causal, masked
     blocks in one split's range, and non-causal keys past the diagonal."""
-    p = _problem(200, 2000, 4, causal=causal, q_start=640, seed=3 + num_splits)
+    p = split_problem(200, 2000, 4, causal=causal, q_start=640, seed=3 + num_splits)
     run_case(p, monkeypatch, "sm90ws", num_splits=num_splits)
 
 
@@ -92,34 +72,12 @@ def test_ws_split_keys_on_both_sides_of_the_diagonal(monkeypatch, causal, num_sp
 def test_ws_results_do_not_depend_on_the_split_count(monkeypatch, causal, Nq, Nk, G):
     """keep exactly equal; lse and out equal up to fp32 rounding of the merge (out: one rounding of the
     input dtype on top); one split is bitwise the unsplit kernel (the merge of one part is exact)."""
-    import bsfa_cupy
-
-    rng = np.random.default_rng(Nq + Nk)
-    q, k, v = random_inputs(rng, 1, Nq, Nk, 2 * G, 2, 128, "bfloat16")
-    tile_max = ref.block_max_scores(q, k, causal=causal)
-    thr = thresholds_from_maxima(tile_max, Nq, Nk, margin=rounding_margin(q, k, causal, 128))
-    qd, kd, vd = (cp.asarray(x) for x in (q, k, v))
-    poison_outputs(monkeypatch)
-    whole = bsfa_cupy.attention(qd, kd, vd, thr, causal=causal, return_lse=True, return_keep=True,
-                                backend="sm90ws")
-    results = {}
-    for s in (1, 2, 3, 7, 64, None):
-        res = bsfa_cupy.attention(qd, kd, vd, thr, causal=causal, return_lse=True, return_keep=True,
-                                  backend="sm90ws" if s else "auto", num_splits=s)
-        results[s] = [cp.asnumpy(x) for x in res]
-    for x, y, name in zip(results[1], whole, ("out", "lse", "keep")):
-        assert np.array_equal(x, cp.asnumpy(y), equal_nan=True), f"num_splits=1: {name} differs from the unsplit kernel"
-    out1, lse1, keep1 = (x.astype(np.float64) if x.dtype != bool else x for x in results[1])
-    assert keep1.any() and not keep1.all(), "thresholds should keep some tiles and skip others"
-    for s, (out, lse, keep) in results.items():
-        assert np.array_equal(keep, keep1), f"num_splits={s}: keep differs from num_splits=1"
-        live = np.isfinite(lse1)
-        assert np.array_equal(np.isfinite(lse), live), f"num_splits={s}: other empty rows"
-        lerr = np.abs(lse[live] - lse1[live]).max(initial=0)
-        assert lerr <= 1e-5 * max(1.0, np.abs(lse1[live]).max(initial=1)), f"num_splits={s}: lse differs by {lerr:.3e}"
-        err = np.abs(out.astype(np.float64) - out1)
-        tol = 2 * EPS["bfloat16"] * max(1.0, float(np.abs(out1).max()))
-        assert err.max() <= tol, f"num_splits={s}: out differs by {err.max():.3e} at {int((err > tol).sum())} entries"
+    calls = {f"num_splits={s}": dict(backend="sm90ws", num_splits=s) for s in (1, 2, 3, 7, 64)}
+    calls.update(auto=dict(backend="auto"), unsplit=dict(backend="sm90ws"))
+    results = split_count_results(monkeypatch, Nq, Nk, G, causal, calls)
+    for x, y, name in zip(results["num_splits=1"], results["unsplit"], ("out", "lse", "keep")):
+        assert np.array_equal(x, y, equal_nan=True), f"num_splits=1: {name} differs from the unsplit kernel"
+    assert_split_count_independent(results, "num_splits=1")
 
 
 def test_auto_routes_chunks_to_the_ws_split_bitwise():
@@ -183,35 +141,13 @@ def test_ws_split_nonfinite_inputs_reach_exactly_the_reference_rows(monkeypatch,
     splits; the merge poisons a row with a NaN part."""
     import bsfa_cupy
 
-    rng = np.random.default_rng(2 * gated + causal)
-    B, Nq, Nk, Hq, Hkv, D = 1, 200, 1100, 8, 2, 64
-    q, k, v = random_inputs(rng, B, Nq, Nk, Hq, Hkv, D, "float16")
-    thr = thresholds_from_maxima(ref.block_max_scores(q, k, causal=causal), Nq, Nk) if gated else None
-    q[0, 150, 1, 5] = np.nan
-    q[0, 17, 3, 0] = np.inf
-    k[0, 150, 0, 3] = np.nan
-    k[0, 1090, 1, 7] = -np.inf
-    v[0, 70, 1, 2] = np.nan
-    v[0, 600, 0, 0] = np.inf
+    q, k, v, thr = planted_nonfinite(2 * gated + causal, (1, 200, 1100, 8, 2, 64), causal, gated,
+                                     q_at=[(0, 150, 1, 5), (0, 17, 3, 0)], k_at=[(0, 150, 0, 3), (0, 1090, 1, 7)],
+                                     v_at=[(0, 70, 1, 2), (0, 600, 0, 0)])
     poison_outputs(monkeypatch)
-    out, lse, keep = bsfa_cupy.attention(*map(cp.asarray, (q, k, v)), thr, causal=causal, return_lse=True,
-                                         return_keep=True, backend="sm90ws", num_splits=3)
-    out, lse, keep = cp.asnumpy(out), cp.asnumpy(lse), cp.asnumpy(keep)
-    want_out, want_lse = ref.attention(q, k, v, causal=causal, keep=keep, return_lse=True)
-    got_bad, want_bad = ~np.isfinite(out), ~np.isfinite(want_out)
-    assert want_bad.any(), "the planted values reached no output: the test checks nothing"
-    assert np.array_equal(got_bad, want_bad), (
-        f"non-finite outputs differ at {int((got_bad != want_bad).sum())} entries "
-        f"(first {np.argwhere(got_bad != want_bad)[:5].tolist()})"
-    )
-    assert np.array_equal(np.isnan(lse), np.isnan(want_lse))
-    assert np.array_equal(lse == -np.inf, want_lse == -np.inf)
-    ok = ~want_bad
-    err = np.abs(out[ok].astype(np.float64) - want_out[ok])
-    tol = 16 * EPS["float16"] * np.abs(v[np.isfinite(v)]).max()
-    assert err.max() <= tol, f"out differs by {err.max():.3e} at {int((err > tol).sum())} entries"
-    fin = np.isfinite(want_lse)
-    assert np.abs(lse[fin] - want_lse[fin]).max() <= 1e-2
+    res = bsfa_cupy.attention(*map(cp.asarray, (q, k, v)), thr, causal=causal, return_lse=True, return_keep=True,
+                              backend="sm90ws", num_splits=3)
+    assert_nonfinite_like_reference(q, k, v, causal, *(cp.asnumpy(x) for x in res))
 
 
 def test_ws_split_errors():

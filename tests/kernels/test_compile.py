@@ -27,7 +27,6 @@ Sized for a 2-core CI machine: two compiles at a time, about a minute in all.
 from __future__ import annotations
 
 import concurrent.futures
-import os
 import re
 import shutil
 import subprocess

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import bsfa_reference as ref
-from bsfa_reference.tiles import diagonal_tiles, expand_tiles, tile_positions, tile_reduce_any, valid_mask
+from bsfa_reference.tiles import diagonal_tiles, expand_tiles, tile_positions, valid_mask
 
 try:
     import cupy as cp
@@ -299,3 +299,37 @@ def run_case(p, monkeypatch, backend, **call):
     errs = check_against_reference(cp.asnumpy(out), cp.asnumpy(lse), q, k, v, kernel_keep, causal, scale,
                                    p["dtype"], what=str(p), **at)
     return info, errs
+
+
+def planted_nonfinite(seed, shape, causal, gated, q_at, k_at, v_at):
+    """float16 (q, k, v, thresholds or None) of ``shape`` = (B, Nq, Nk, Hq, Hkv, D), thresholds from the clean
+    inputs' maxima, then NaN at the first of each ``*_at`` list of indices and inf (k: -inf) at the second."""
+    B, Nq, Nk, Hq, Hkv, D = shape
+    q, k, v = random_inputs(np.random.default_rng(seed), B, Nq, Nk, Hq, Hkv, D, "float16")
+    thr = thresholds_from_maxima(ref.block_max_scores(q, k, causal=causal), Nq, Nk) if gated else None
+    for x, at, big in ((q, q_at, np.inf), (k, k_at, -np.inf), (v, v_at, np.inf)):
+        x[at[0]] = np.nan
+        x[at[1]] = big
+    return q, k, v, thr
+
+
+def assert_nonfinite_like_reference(q, k, v, causal, out, lse, keep):
+    """NaN / ±inf in q, k and v propagate as the reference defines: the kernel's (out, lse, keep), as NumPy,
+    against the reference replaying the kernel's tile decisions (the gate itself is tested on finite
+    inputs): the same outputs and lse non-finite, every other entry accurate."""
+    want_out, want_lse = ref.attention(q, k, v, causal=causal, keep=keep, return_lse=True)
+    got_bad, want_bad = ~np.isfinite(out), ~np.isfinite(want_out)
+    assert want_bad.any(), "the planted values reached no output: the test checks nothing"
+    assert np.array_equal(got_bad, want_bad), (
+        f"non-finite outputs differ at {int((got_bad != want_bad).sum())} entries "
+        f"(first {np.argwhere(got_bad != want_bad)[:5].tolist()})"
+    )
+    nan_differ = np.isnan(lse) != np.isnan(want_lse)
+    assert not nan_differ.any(), f"NaN lse differ at {np.argwhere(nan_differ)[:5].tolist()}"
+    assert np.array_equal(lse == -np.inf, want_lse == -np.inf), "rows without kept keys differ"
+    ok = ~want_bad
+    err = np.abs(out[ok].astype(np.float64) - want_out[ok])
+    tol = 16 * EPS["float16"] * np.abs(v[np.isfinite(v)]).max()
+    assert err.max() <= tol, f"finite outputs: worst error {err.max():.3e} > {tol:.3e}, {int((err > tol).sum())} over"
+    fin = np.isfinite(want_lse)
+    assert np.abs(lse[fin] - want_lse[fin]).max() <= 1e-2, "finite lse differ"
