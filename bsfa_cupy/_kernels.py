@@ -59,8 +59,11 @@ class Module:
     fwd_varlen: Kernel | None  # packed batches: B is the number of sequences, nQ the longest one's
     block_max: Kernel
     raw: object  # keeps the CUDA module loaded
-    # sm90ws only: the split-KV entry (bsfa_fwd_split, fp32 partials) and the merge of its partials
+    # sm90ws only: the split-KV entries (bsfa_fwd_split, fp32 partials; bsfa_fwd_split_pack, two query heads a
+    # tile, whose q map has boxes of split_pack_q_box rows) and the merge of their partials
     fwd_split: Kernel | None = None
+    fwd_split_pack: Kernel | None = None
+    split_pack_q_box: int = 0
     combine: object = None
     combine_warps: int = 0
 
@@ -140,6 +143,8 @@ def get_module(key: VariantKey, backend: Backend, device_id: int) -> Module:
         split = {}
         if key.arch == "sm90ws":  # launched as bsfa_fwd (threads, smem, maps), on a grid of its own
             split = dict(fwd_split=_kernel(raw, "bsfa_fwd_split", "BSFA_FWD", grid_kind, sms, fwd.tma, 3),
+                         fwd_split_pack=_kernel(raw, "bsfa_fwd_split_pack", "BSFA_FWD", grid_kind, sms, fwd.tma, 3),
+                         split_pack_q_box=_read_int(raw, "BSFA_FWD_SPLIT_PACK_Q_BOX"),
                          combine=raw.get_function("bsfa_combine"), combine_warps=_read_int(raw, "BSFA_COMBINE_WARPS"))
     return Module(key, backend.defines, fwd, fwd_varlen, bmax, raw, **split)
 

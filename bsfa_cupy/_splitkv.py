@@ -68,6 +68,10 @@ MIN_AUTO_NK = 2048
 #: 128-row tile, padding included, runs faster (H200, B=1, Hq=32, Hkv=8, D=128, Nk=128K: 64 rows
 #: 0.52 vs 0.61 ms, 128 rows 0.49 vs 1.21 ms; 32 rows, two heads a CTA, 0.50 vs 0.34 ms).
 WS_MIN_NQ = 33
+#: Query heads of one GQA group in one 128-row tile of the warp-specialised split entry
+#: (``bsfa_fwd_split_pack``), for Nq <= 128 / WS_PACK and groups of a multiple of WS_PACK heads: each
+#: consumer warpgroup holds one head's rows, so one K/V load serves both and each decides its own gates.
+WS_PACK = 2
 
 
 def check_num_splits(num_splits):
@@ -149,14 +153,15 @@ def plan(B: int, Nq: int, Nk: int, Hq: int, Hkv: int, sms: int, num_splits=None,
     G = Hq // Hkv
     nQ, nK = -(-Nq // BLOCK_M), -(-Nk // BLOCK_N)
     if ws:
-        tiles = B * Hq * nQ
+        pack = WS_PACK if Nq <= BLOCK_M // WS_PACK and G % WS_PACK == 0 else 1
+        tiles = B * (Hq // pack) * nQ
         splits = num_splits if num_splits is not None else heuristic_splits(tiles, nK, sms, BLOCK_M, gated)
         if tiles * splits > _launch.MAX_TILES:
             raise ValueError(
-                f"split-KV: expected at most {_launch.MAX_TILES} work tiles (B * Hq * ceil(Nq / {BLOCK_M}) * "
-                f"num_splits), got {tiles} * {splits}"
+                f"split-KV: expected at most {_launch.MAX_TILES} work tiles (B * Hq / {pack} * ceil(Nq / {BLOCK_M}) "
+                f"* num_splits), got {tiles} * {splits}"
             )
-        return Plan(BLOCK_M, 1, G, splits, ws_width=max(1, min(sms, tiles * splits)))
+        return Plan(BLOCK_M, pack, G // pack, splits, ws_width=max(1, min(sms, tiles * splits)))
     rows, pack = pack_shape(Nq, G)
     n_packs = -(-G // pack)
     splits = num_splits if num_splits is not None else heuristic_splits(B * Hkv * nQ * n_packs, nK, sms, rows, gated)
@@ -215,12 +220,18 @@ def workspace(p: Plan, g: tuple, B: int, Nq: int, Hq: int, D: int):
             cp.zeros((g[1] * g[2],), dtype=cp.int32) if p.rows == SELF_MERGING_ROWS else None)
 
 
+def ws_box_rows(mod, p: Plan) -> tuple[int, int, int]:
+    """Box rows of the q, k and v tensor maps that a ``ws`` plan's kernel takes."""
+    kv = mod.fwd_split.tma
+    return (mod.split_pack_q_box if p.pack == WS_PACK else kv), kv, kv
+
+
 def launch_kernels(mod, p: Plan, g: tuple, rows: int, params, stream=None, maps: tuple = ()) -> None:
     """The split kernel, then for 64 / 128 packed rows the merge of ``rows`` output rows, on ``stream``
     (anything with ``.ptr``; None: CuPy's current). A ``ws`` plan's ``mod`` is the sm90ws module, which
     takes the tensor maps (q, k, v) after the Params."""
     if p.ws:
-        k = mod.fwd_split
+        k = mod.fwd_split_pack if p.pack == WS_PACK else mod.fwd_split
         k.fn(g, (k.threads, 1, 1), (params, *maps), shared_mem=k.smem, stream=stream)
     else:
         fn, threads, smem = mod.split[p.rows]

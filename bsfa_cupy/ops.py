@@ -184,7 +184,10 @@ def _attention(q, k, v, thresholds=None, *, causal=True, softmax_scale=None, ret
         fields = _output_fields(out_view, lse_view, keep_view)
         target = _target(prob, backend, causal, num_splits)
         if target.mod is not None:
-            maps = tuple(_tma.tensor_map(x, target.mod.fwd_split.tma) for x in (qv, kv, vv)) if target.split.ws else ()
+            maps = ()
+            if target.split.ws:
+                rows = _splitkv.ws_box_rows(target.mod, target.split)
+                maps = tuple(_tma.tensor_map(x, r) for x, r in zip((qv, kv, vv), rows))
             _splitkv.launch(target.mod, frame, prob.params(fields), target.split, prob.B, prob.Nq, prob.Hq,
                             prob.Hkv, prob.D, _launch.pack, maps)
         elif target.kern is not None:

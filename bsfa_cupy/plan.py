@@ -37,12 +37,12 @@ MAX_STREAMS = 8
 _LABELS = ("shape", "strides", "dtype", "device")
 
 
-def _geometries(box_rows: int, views) -> tuple:
-    """The tensor-map geometries of q, k, v; each map made once here, so that attention's errors (missing
-    bindings, driver refusals) come from the plan, not from a run."""
-    for x in views:
-        _tma.tensor_map(x, box_rows)
-    return tuple(_tma.geometry(x, box_rows) for x in views)
+def _geometries(box_rows, views) -> tuple:
+    """The tensor-map geometries of q, k, v (boxes of ``box_rows[i]`` rows); each map made once here, so that
+    attention's errors (missing bindings, driver refusals) come from the plan, not from a run."""
+    for x, rows in zip(views, box_rows):
+        _tma.tensor_map(x, rows)
+    return tuple(_tma.geometry(x, rows) for x, rows in zip(views, box_rows))
 
 
 class _ParamsTemplate:
@@ -261,11 +261,11 @@ class AttentionPlan:
                 self._launch_split = (target.mod, target.split, g, prob.B * prob.Hq * prob.Nq)
                 self._launch_fwd = None
                 if target.split.ws:
-                    geoms = _geometries(target.mod.fwd_split.tma, (qv, kv, vv))
+                    geoms = _geometries(_splitkv.ws_box_rows(target.mod, target.split), (qv, kv, vv))
             elif target.kern is not None:
                 kern = target.kern
                 if kern.tma:
-                    geoms = _geometries(kern.tma, (qv, kv, vv))
+                    geoms = _geometries((kern.tma,) * 3, (qv, kv, vv))
                 self._launch_split = None
                 self._launch_fwd = (kern.fn, kern.grid(prob.B, prob.Hq, prob.nQ), (kern.threads, 1, 1), kern.smem)
             else:  # an empty split-KV call: nothing to launch

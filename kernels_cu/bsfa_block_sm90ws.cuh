@@ -15,7 +15,8 @@
 // exchange; dense mode and diagonal blocks never do.  Four slots would be
 // enough here (the ring has more for bsfa_block_max): a warp posts exchange
 // e+3 only for a block whose K slot every warp has released, i.e. once every
-// warp has resolved exchange e.
+// warp has resolved exchange e.  With two heads a tile (TR::kPackHeads) each
+// consumer warpgroup exchanges among its own four warps, on its own ring.
 //
 // Includes what it needs; TR is a TraitsSm90Ws.
 #pragma once
@@ -31,6 +32,23 @@
 #include "bsfa_wgmma_sm90.cuh"
 
 namespace bsfa {
+
+// The vote slot of exchange vote_idx for consumer warp cw, and its mbarrier's
+// parity: one ring for all consumer warps, or one per warpgroup.
+template <class TR>
+__device__ __forceinline__ unsigned vote_slot(unsigned vote_idx, int cw) {
+    const unsigned in_ring = vote_idx % TR::kVoteRing;
+    if constexpr (TR::kPackHeads) {
+        return (unsigned)(cw / 4) * TR::kVoteRing + in_ring;
+    } else {
+        return in_ring;
+    }
+}
+
+template <class TR>
+__device__ __forceinline__ unsigned vote_parity(unsigned vote_idx) {
+    return (vote_idx / TR::kVoteRing) & 1u;
+}
 
 // Half h (a 64-key tile) of a block's S, in the [1][n8 blocks][4] shape the
 // shared per-tile functions take.
@@ -96,7 +114,7 @@ __device__ __forceinline__ PostedGate gate_post(float (&S)[TR::kBlockSNBlocks][4
             }
         }
         votes = warp_or(votes);
-        const unsigned slot = vote_idx % TR::kVoteSlots;
+        const unsigned slot = vote_slot<TR>(vote_idx, consumer_warp);
         if (lane == 0) {
             sts8(sm.votes() + slot * TR::kVoteSlotBytes + consumer_warp, votes);
             mbar_arrive(sm.bar(TR::kBarVote + slot));  // release: the byte is visible to its waiters
@@ -117,11 +135,20 @@ __device__ __forceinline__ unsigned gate_resolve(PostedGate g, int n, const Smem
         if (g.votes() == gated) {
             kept |= gated;  // the decision is an OR: this warp's rows settle it
         } else {
-            const unsigned slot = vote_idx % TR::kVoteSlots;
-            mbar_wait(sm.bar(TR::kBarVote + slot), (vote_idx / TR::kVoteSlots) & 1u);
-            unsigned lo, hi;
-            lds64(lo, hi, sm.votes() + slot * TR::kVoteSlotBytes);
-            unsigned all = lo | hi;
+            // The consumer warp (warpgroup 0 produces), broadcast from lane 0 so
+            // that ptxas sees it, and the decision read with it, as warp-uniform:
+            // a P V under a decision it cannot prove uniform serialises every wgmma.
+            const int cw = __shfl_sync(0xffffffffu, ((int)threadIdx.x >> 5) - 4, 0);
+            const unsigned slot = vote_slot<TR>(vote_idx, cw);
+            mbar_wait(sm.bar(TR::kBarVote + slot), vote_parity<TR>(vote_idx));
+            unsigned all;
+            if constexpr (TR::kPackHeads) {  // this warpgroup's four bytes
+                all = __float_as_uint(lds_f32(sm.votes() + slot * TR::kVoteSlotBytes + (cw / 4) * 4));
+            } else {
+                unsigned lo, hi;
+                lds64(lo, hi, sm.votes() + slot * TR::kVoteSlotBytes);
+                all = lo | hi;
+            }
             all |= all >> 16;
             all |= all >> 8;
             kept |= all & gated;

@@ -26,7 +26,12 @@
 // (KeyBlocks, bsfa_tile_scheduler_sm90.cuh); its rows end in fp32 partials,
 // normalised by the split's own row sums, with the split's lse
 // (epilogue_part_ws), which bsfa_combine merges.  Decisions are the same
-// per (query tile, key tile) whichever split visits the tile.
+// per (query tile, key tile) whichever split visits the tile.  With two
+// heads a tile (TR::kPackHeads, bsfa_fwd_split_pack) w.h is a pair of query
+// heads and each warpgroup holds its own head's rows (wg_head), from row 0
+// of its 64: masks, gates, keep row and partials are per warpgroup, and the
+// warpgroups take every turn whatever they keep, since their decisions
+// differ.
 //
 // Includes what it needs; TR is a TraitsSm90Ws.
 #pragma once
@@ -57,6 +62,12 @@ struct ConsumerThread {
     __device__ __forceinline__ int row() const { return wg * 64 + warp * 16 + (lane >> 2); }
     __device__ __forceinline__ int consumer_warp() const { return wg * 4 + warp; }
 };
+
+// The query head whose rows consumer warpgroup wg holds in work tile w.
+template <class TR>
+__device__ __forceinline__ int wg_head(const WorkTile& w, int wg) {
+    return TR::kPackHeads ? 2 * w.h + wg : w.h;
+}
 
 // A problem's extent as the masks take it (bsfa_problem.cuh).
 struct MaskBounds {
@@ -89,8 +100,15 @@ struct TileLoop {
     __device__ __forceinline__ static int lane() { return tid() & 31; }
     __device__ __forceinline__ static int wg() { return (tid() >> 7) - 1; }
     __device__ __forceinline__ static int consumer_warp() { return (tid() >> 5) - 4; }
-    // Row of the tile that this thread's accumulator elements 0..1 hold (2..3: +8).
-    __device__ __forceinline__ static int row() { return (tid() - 128) / 32 * 16 + ((tid() & 31) >> 2); }
+    // Row of the tile (of its head's rows, TR::kPackHeads) that this thread's
+    // accumulator elements 0..1 hold (2..3: +8).
+    __device__ __forceinline__ static int row() {
+        if constexpr (TR::kPackHeads) {
+            return ((tid() & 127) >> 5) * 16 + ((tid() & 31) >> 2);
+        } else {
+            return (tid() - 128) / 32 * 16 + ((tid() & 31) >> 2);
+        }
+    }
     __device__ __forceinline__ unsigned long long q_desc() const {
         // This warpgroup's 64 rows of Q: 64 rows x 128 bytes further into each panel.
         return make_desc(sm.q() + wg() * TR::kWgmmaM * kSwizzleBytes, 16, kSwizzleAtomBytes);
@@ -149,7 +167,8 @@ __device__ __forceinline__ void consumer_tile(const Params& p, const SmemWs<TR>&
                                               unsigned& q_phase, unsigned& vote_idx, unsigned char* keep_row,
                                               float (&O)[TR::kONBlocks][4], float (&m)[2], float (&l)[2],
                                               const MaskBounds& seq, int v_zero_row) {
-    const GatePlan<TR> plan(qt, p.thresholds, p.thr_scalar, p.thr_mode, p.thr_T, w.h);
+    const GatePlan<TR> plan(qt, p.thresholds, p.thr_scalar, p.thr_mode, p.thr_T,
+                            wg_head<TR>(w, ((int)threadIdx.x >> 7) - 1));
     const TileLoop<TR, kCausal, kVarlen> t{p, sm, qt, plan, p.softmax_scale * kLog2e, keep_row, seq};
     const int my_turn = TR::kBarTurn + t.wg();
     const int their_turn = TR::kBarTurn + 1 - t.wg();
@@ -221,9 +240,13 @@ __device__ __forceinline__ void consumer_tile(const Params& p, const SmemWs<TR>&
 
     const PipeState<TR::kStages> prev = kv.previous();
     mbar_wait(sm.bar(TR::kBarVFull + prev.stage), prev.phase);
-    if (prev_kept != 0) {
+    if (TR::kPackHeads || prev_kept != 0) {  // two heads: the partner may keep it, and waits for this turn
         named_sync(my_turn, TR::kConsumerThreads);
-        pv_block<TR>(O, P, v_desc(prev.stage), prev_kept);
+        if (prev_kept != 0) {
+            pv_block<TR>(O, P, v_desc(prev.stage), prev_kept);
+        } else {
+            wgmma_commit();  // as in the loop: an empty group on the skipping path
+        }
         named_arrive(their_turn, TR::kConsumerThreads);
     }
     wgmma_wait<0>();
@@ -238,7 +261,7 @@ __device__ __forceinline__ void consumer_loop(const Params& p, const SmemWs<TR>&
     const ConsumerThread ct(wg, tid);
     const int nQ = ceil_div(p.Nq, TR::kBlockM);
     const int nK = ceil_div(p.Nk, TR::kBlockN);
-    const PersistentSchedule<kCausal, kSplit> sched(nQ, p.Hq, p.B, p.num_splits);
+    const PersistentSchedule<kCausal, kSplit> sched(nQ, TR::kPackHeads ? p.Hq / 2 : p.Hq, p.B, p.num_splits);
     PipeState<TR::kStages> kv;
     unsigned q_phase = 0;
     unsigned vote_idx = 0;
@@ -263,11 +286,13 @@ __device__ __forceinline__ void consumer_loop(const Params& p, const SmemWs<TR>&
         const KeyBlocks kb = key_blocks<kSplit, TR::kKeyHalves>(qt.c_end, w.s, p.num_splits);
         unsigned char* keep_row = nullptr;
         if (p.keep != nullptr) {
-            unsigned char* row = p.keep + (((long long)w.b * p.Hq + w.h) * nQ + w.a) * nK;
-            if (wg == 0 && w.s == 0) {  // the tiles no split visits
+            // One warpgroup writes the row of the tile's head, or each its own head's.
+            const int writer = TR::kPackHeads ? wg : 0;
+            unsigned char* row = p.keep + (((long long)w.b * p.Hq + wg_head<TR>(w, wg)) * nQ + w.a) * nK;
+            if (wg == writer && w.s == 0) {  // the tiles no split visits
                 for (int c = qt.c_end + 1 + tid; c < nK; c += 128) row[c] = 0;
             }
-            if (wg == 0 && tid == 0) keep_row = row;
+            if (wg == writer && tid == 0) keep_row = row;
         }
         float O[TR::kONBlocks][4];
         float m[2];

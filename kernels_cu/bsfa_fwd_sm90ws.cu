@@ -21,6 +21,9 @@
 // (min(SMs, tiles * num_splits), 1, 1), and leaves fp32 partials that
 // bsfa_combine (bsfa_combine.cuh; grid ceil(B*Hq*Nq / BSFA_COMBINE_WARPS),
 // 32 * BSFA_COMBINE_WARPS threads) merges into out and lse.
+// bsfa_fwd_split_pack, the same for Nq <= 64 and an even GQA group: two
+// query heads a tile (TraitsSm90WsPack), a q map of BSFA_FWD_SPLIT_PACK_Q_BOX
+// rows a box, the work list over head pairs.
 
 #if !defined(BSFA_DTYPE) || (BSFA_DTYPE != 0 && BSFA_DTYPE != 1)
 #error "BSFA_DTYPE must be 0 (float16) or 1 (bfloat16)"
@@ -40,6 +43,7 @@
 #include "bsfa_traits_sm90ws.cuh"
 
 using TR = bsfa::TraitsSm90Ws<BSFA_HEAD_DIM, BSFA_DTYPE == 1>;
+using TRPack = bsfa::TraitsSm90WsPack<BSFA_HEAD_DIM, BSFA_DTYPE == 1>;
 static_assert(TR::kBlockM == TR::kBlockKeys, "one box height serves the Q tile and the key blocks");
 constexpr bool kCausal = BSFA_CAUSAL != 0;
 
@@ -57,6 +61,7 @@ extern "C" __constant__ int BSFA_BLOCK_M = bsfa::TileShape::kBlockM;
 extern "C" __constant__ int BSFA_BLOCK_N = bsfa::TileShape::kBlockN;
 extern "C" __constant__ int BSFA_GRID = bsfa::kGridPersistent;
 extern "C" __constant__ int BSFA_COMBINE_WARPS = bsfa::kCombineWarps;
+extern "C" __constant__ int BSFA_FWD_SPLIT_PACK_Q_BOX = TRPack::kWgmmaM;
 
 extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
     bsfa_fwd(const __grid_constant__ bsfa::Params p, const __grid_constant__ bsfa::TmaDesc tq,
@@ -74,6 +79,12 @@ extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
     bsfa_fwd_split(const __grid_constant__ bsfa::Params p, const __grid_constant__ bsfa::TmaDesc tq,
                    const __grid_constant__ bsfa::TmaDesc tk, const __grid_constant__ bsfa::TmaDesc tv) {
     bsfa::kernel_sm90ws<TR, kCausal, true, false, true>(p, tq, tk, tv);
+}
+
+extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
+    bsfa_fwd_split_pack(const __grid_constant__ bsfa::Params p, const __grid_constant__ bsfa::TmaDesc tq,
+                        const __grid_constant__ bsfa::TmaDesc tk, const __grid_constant__ bsfa::TmaDesc tv) {
+    bsfa::kernel_sm90ws<TRPack, kCausal, true, false, true>(p, tq, tk, tv);
 }
 
 extern "C" __global__ void __launch_bounds__(32 * bsfa::kCombineWarps)

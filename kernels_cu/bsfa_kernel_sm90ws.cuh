@@ -38,7 +38,7 @@ __device__ __forceinline__ void init_barriers_ws(const SmemWs<TR>& sm) {
         mbar_init(sm.bar(TR::kBarVEmpty + s), TR::kConsumerWarps);
     }
 #pragma unroll
-    for (int v = 0; v < TR::kVoteSlots; ++v) mbar_init(sm.bar(TR::kBarVote + v), TR::kConsumerWarps);
+    for (int v = 0; v < TR::kVoteSlots; ++v) mbar_init(sm.bar(TR::kBarVote + v), TR::kVoteWarps);
     mbar_init_fence();
 }
 

@@ -16,6 +16,13 @@
 // before any P V reads them (bsfa_consumer_sm90ws.cuh).  Query tiles past
 // the sequence's end load nothing.
 //
+// kSplit (bsfa_fwd_split): a work tile is one key split of a query tile, and
+// only that split's key blocks are loaded (KeyBlocks); an empty split loads
+// nothing, not even its Q tile.  With two heads a tile (TR::kPackHeads,
+// bsfa_fwd_split_pack) the Q tile is the first 64 rows of query heads 2 w.h
+// and 2 w.h + 1, one box of 64 rows each (tq is made with 64-row boxes) into
+// the two warpgroups' halves of the Q buffer.
+//
 // Includes what it needs; TR is a TraitsSm90Ws.
 #pragma once
 
@@ -25,6 +32,7 @@
 #include "bsfa_pipeline_sm90.cuh"
 #include "bsfa_smem_sm90ws.cuh"
 #include "bsfa_tile_scheduler_sm90.cuh"
+#include "bsfa_wgmma_sm90.cuh"
 
 namespace bsfa {
 
@@ -45,7 +53,8 @@ __device__ __forceinline__ void fill_slot(unsigned dst, const TmaDesc& desc, uns
 template <class TR, bool kCausal, bool kLoadV = true, bool kVarlen = false, bool kSplit = false>
 __device__ __forceinline__ void producer_loop(const Params& p, const TmaDesc& tq, const TmaDesc& tk,
                                               const TmaDesc& tv, const SmemWs<TR>& sm) {
-    const PersistentSchedule<kCausal, kSplit> sched(ceil_div(p.Nq, TR::kBlockM), p.Hq, p.B, p.num_splits);
+    const PersistentSchedule<kCausal, kSplit> sched(ceil_div(p.Nq, TR::kBlockM), TR::kPackHeads ? p.Hq / 2 : p.Hq,
+                                                    p.B, p.num_splits);
     const int group = p.Hq / p.Hkv;
     PipeState<kLoadV ? TR::kStages : TR::kBlockMaxStages> kv;
     unsigned q_phase = 0;
@@ -61,12 +70,26 @@ __device__ __forceinline__ void producer_loop(const Params& p, const TmaDesc& tq
         const QueryTile<TR, kCausal> qt(w.a, pr);
         const KeyBlocks kb = key_blocks<kSplit, TR::kKeyHalves>(qt.c_end, w.s, p.num_splits);
         if (!kb.any) continue;  // no key to visit: the consumers write zeros without Q
-        const int hkv = w.h / group;
+        const int h0 = TR::kPackHeads ? 2 * w.h : w.h;  // the tile's (first) query head
+        const int hkv = h0 / group;
         // The box's batch coordinate: the packed tensors are one batch element.
         const int bc = kVarlen ? 0 : w.b;
 
-        fill_slot<TR, TR::kQPanelBytes>(sm.q(), tq, sm.bar(TR::kBarQEmpty), sm.bar(TR::kBarQFull), q_phase ^ 1u,
-                                         pr.q_row + qt.q0, w.h, bc);
+        if constexpr (TR::kPackHeads) {
+            mbar_wait(sm.bar(TR::kBarQEmpty), q_phase ^ 1u);
+            mbar_arrive_expect_tx(sm.bar(TR::kBarQFull), TR::kPanels * TR::kQPanelBytes);
+#pragma unroll
+            for (int pn = 0; pn < TR::kPanels; ++pn) {
+#pragma unroll
+                for (int hh = 0; hh < TR::kConsumerWGs; ++hh) {
+                    tma_load_4d(sm.q() + pn * TR::kQPanelBytes + hh * TR::kWgmmaM * kSwizzleBytes, tq,
+                                sm.bar(TR::kBarQFull), pn * TR::kPanelCols, pr.q_row + qt.q0, h0 + hh, bc);
+                }
+            }
+        } else {
+            fill_slot<TR, TR::kQPanelBytes>(sm.q(), tq, sm.bar(TR::kBarQEmpty), sm.bar(TR::kBarQFull), q_phase ^ 1u,
+                                             pr.q_row + qt.q0, w.h, bc);
+        }
         q_phase ^= 1u;
 
 #pragma unroll 1

@@ -110,6 +110,28 @@ struct TraitsSm90Ws : TileShape {
                   "bsfa_block_max's K slots past the forward's are the V ring's");
     static_assert(kVoteSlotBytes == 8, "the gate reads one slot as a single 8-byte load");
     static_assert(kSmemBytes <= 227 * 1024, "shared memory per CTA");
+
+    // One query head per 128-row tile: both consumer warpgroups hold its
+    // rows, and every gate decision is the CTA's (an exchange over all
+    // consumer warps through the whole ring).
+    static constexpr bool kPackHeads = false;
+    static constexpr int kVoteRing = kVoteSlots;         // slots of one exchange ring
+    static constexpr int kVoteWarps = kConsumerWarps;    // warps posting to one ring
+};
+
+// The two-head tile of the split entry's short chunks (bsfa_fwd_split_pack):
+// consumer warpgroup w holds the (at most 64) query rows of query head
+// 2 * pair + w, both heads of one GQA group, so that one K/V load serves
+// both.  A head's reference tile lies within one warpgroup: each warpgroup
+// decides its own gates, on a ring of its own (half of the slots, each
+// barrier counting its four warps), and never waits for the other.
+template <int kHeadDim_, bool kBf16_>
+struct TraitsSm90WsPack : TraitsSm90Ws<kHeadDim_, kBf16_> {
+    using Base = TraitsSm90Ws<kHeadDim_, kBf16_>;
+    static constexpr bool kPackHeads = true;
+    static constexpr int kVoteRing = Base::kVoteSlots / Base::kConsumerWGs;
+    static constexpr int kVoteWarps = Base::kConsumerWarps / Base::kConsumerWGs;
+    static_assert(kVoteRing >= 4, "a warp posts exchange e+3 only once every warp resolved e (bsfa_block_sm90ws.cuh)");
 };
 
 }  // namespace bsfa

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 import bsfa_reference as ref
 from tests.gpu.conftest import _is_hopper
 from tests.support.gpu import (
+    EPS,
     assert_nonfinite_like_reference,
     cp,
     planted_nonfinite,
@@ -111,6 +112,44 @@ def test_auto_routes_chunks_to_the_ws_split_bitwise():
     plan = bsfa_cupy.AttentionPlan(qd, kd, vd)
     assert plan.split is None, "one split: the unsplit kernel, no merge"
     assert cp.array_equal(plan.run(qd, kd, vd), bsfa_cupy.attention(qd, kd, vd, backend="sm90ws"))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("Nq,G", [(1, 2), (17, 4), (33, 8), (64, 2), (64, 6)])
+def test_ws_pack_two_heads_a_tile(monkeypatch, Nq, G, causal):
+    """Nq <= 64, even groups: two query heads in one 128-row tile (bsfa_fwd_split_pack), each consumer
+    warpgroup deciding its head's gates alone; G = 6 has three pairs a group."""
+    p = split_problem(Nq, 3000, G, causal=causal, Hkv=2, seed=Nq + G, q_start=None if causal else 1024)
+    run_case(p, monkeypatch, "sm90ws", num_splits=3)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_ws_pack_heads_decide_alone(monkeypatch, bad):
+    """The two heads of a packed tile disagree on a tile whose V holds a NaN / inf: the head that keeps it
+    gets a non-finite column (the reference's P @ V), the head that skips it must not, although both
+    multiply from the same V buffer."""
+    import bsfa_cupy
+
+    rng = np.random.default_rng(3)
+    Nq, Nk, G, D = 40, 1000, 2, 64
+    q, k, v = random_inputs(rng, 1, Nq, Nk, G, 1, D, "float16")
+    v[0, 300, 0, 5] = bad  # key tile 4, gated (the diagonal tiles are the last)
+    thr = np.full((G, (Nk - Nq) // BM + 1), np.inf, np.float32)
+    thr[0] = -np.inf  # head 0 keeps every tile, head 1 only the diagonal ones
+    poison_outputs(monkeypatch)
+    out, lse, keep = bsfa_cupy.attention(*map(cp.asarray, (q, k, v)), thr, return_lse=True, return_keep=True,
+                                         backend="sm90ws", num_splits=2)
+    r_out, r_lse, r_keep = ref.attention(q, k, v, thr, return_lse=True, return_keep=True)
+    assert np.array_equal(cp.asnumpy(keep), r_keep)
+    assert r_keep[0, 0, 0, 4] and not r_keep[0, 1, 0, 4]
+    out = cp.asnumpy(out).astype(np.float64)
+    got_bad, want_bad = ~np.isfinite(out), ~np.isfinite(r_out)
+    assert want_bad[0, :, 0, 5].all() and want_bad.sum() == Nq
+    assert np.array_equal(got_bad, want_bad), (np.argwhere(got_bad != want_bad)[:5].tolist())
+    fin = ~want_bad
+    err = np.abs(out[fin] - r_out[fin]).max()
+    assert err <= 4 * EPS["float16"] * max(1.0, np.abs(r_out[fin]).max()), f"out differs by {err:.3e}"
+    assert np.abs(cp.asnumpy(lse) - r_lse).max() <= 1e-4
 
 
 def test_ws_split_rows_without_keys(monkeypatch):

@@ -104,6 +104,18 @@ def test_ws_plan_and_grid():
     assert not plan(1, 128, 131072, 32, 8, H200_SMS).ws
 
 
+@pytest.mark.parametrize("Nq,Hq,Hkv,pack", [
+    (64, 32, 8, 2), (1, 32, 8, 2), (33, 16, 8, 2), (64, 24, 8, 1),  # G = 3: no pair in every group
+    (65, 32, 8, 1), (64, 8, 8, 1),  # a head's rows past one warpgroup's 64; MHA
+])
+def test_ws_plan_packs_two_heads_of_a_group(Nq, Hq, Hkv, pack):
+    """Nq <= 64 and an even GQA group: two query heads a 128-row tile (bsfa_fwd_split_pack)."""
+    p = plan(1, Nq, 131072, Hq, Hkv, H200_SMS, ws=True)
+    assert (p.pack, p.n_packs) == (pack, Hq // Hkv // pack)
+    tiles = Hq // pack
+    assert p.splits == heuristic_splits(tiles, 2048, H200_SMS, 128) and p.ws_width == min(H200_SMS, tiles * p.splits)
+
+
 @pytest.mark.parametrize("arch,Nq,hopper_ws,want", [
     ("auto", 1, True, False), ("auto", 32, True, False),  # packed GQA rows: the mma.sync family
     ("auto", 33, True, True), ("auto", 64, True, True), ("auto", 128, True, True), ("auto", 700, True, True),

@@ -45,7 +45,7 @@ SOURCES = (SM80_SOURCE, SM90_SOURCE, SM90WS_SOURCE, SPLITKV_SOURCE)
 KERNELS = ("bsfa_fwd", "bsfa_fwd_varlen", "bsfa_block_max")
 #: Sources with entry points and launch globals of their own (not those of KERNELS / GLOBALS).
 SOURCE_KERNELS = {SPLITKV_SOURCE: ("bsfa_fwd_split16", "bsfa_fwd_split64", "bsfa_fwd_split128", "bsfa_combine"),
-                  SM90WS_SOURCE: (*KERNELS, "bsfa_fwd_split", "bsfa_combine")}
+                  SM90WS_SOURCE: (*KERNELS, "bsfa_fwd_split", "bsfa_fwd_split_pack", "bsfa_combine")}
 SOURCE_GLOBALS = {
     SPLITKV_SOURCE: ("BSFA_SPLIT16_THREADS", "BSFA_SPLIT16_SMEM_BYTES", "BSFA_SPLIT64_THREADS",
                      "BSFA_SPLIT64_SMEM_BYTES", "BSFA_SPLIT128_THREADS", "BSFA_SPLIT128_SMEM_BYTES",
@@ -65,7 +65,7 @@ GLOBALS = (
     "BSFA_BLOCK_MAX_TMA",
     "BSFA_FWD_VARLEN",
 )
-SOURCE_GLOBALS[SM90WS_SOURCE] = (*GLOBALS, "BSFA_COMBINE_WARPS")
+SOURCE_GLOBALS[SM90WS_SOURCE] = (*GLOBALS, "BSFA_COMBINE_WARPS", "BSFA_FWD_SPLIT_PACK_Q_BOX")
 SPECIALISATION_MACROS = {"BSFA_DTYPE", "BSFA_HEAD_DIM", "BSFA_CAUSAL"}
 
 DTYPES = (0, 1)  # BSFA_DTYPE: 0 = float16, 1 = bfloat16
