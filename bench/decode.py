@@ -319,7 +319,7 @@ def run_gpu(args) -> dict:
         v = torch.randn(B, Nk, Hkv, D, device="cuda", dtype=tdt)
         plan = _splitkv.plan(B, Nq, Nk, Hq, Hkv, sms)
         routed = _splitkv.wanted("auto", None, B, Nq, Nk, Hq, D, sms)
-        ws_route = routed and _splitkv.ws_wanted("auto", Nq, unsplit == "sm90ws")
+        ws_route = routed and _splitkv.ws_wanted("auto", Nq, Hq // Hkv, unsplit == "sm90ws")
         ws_plan = _splitkv.plan(B, Nq, Nk, Hq, Hkv, sms, ws=True)
         auto_plan = ws_plan if ws_route else plan
         sparse_splits = _splitkv.plan(B, Nq, Nk, Hq, Hkv, sms, gated=True, ws=ws_route).splits

@@ -66,8 +66,12 @@ MIN_AUTO_NK = 2048
 #: Fewest query rows that ``auto`` sends to the warp-specialised split entry on Hopper (a ``ws`` plan):
 #: from here on a mma.sync split CTA holds one head's rows only (pack 1), and the wgmma kernel's
 #: 128-row tile, padding included, runs faster (H200, B=1, Hq=32, Hkv=8, D=128, Nk=128K: 64 rows
-#: 0.52 vs 0.61 ms, 128 rows 0.49 vs 1.21 ms; 32 rows, two heads a CTA, 0.50 vs 0.34 ms).
+#: one head a tile 0.52 vs 0.61 ms, 128 rows 0.49 vs 1.21 ms).
 WS_MIN_NQ = 33
+#: ... and for GQA groups of an even size, where the entry packs two heads a tile (WS_PACK), from this
+#: many rows (same shape: 32 rows 0.28 vs 0.32 ms, 64 rows 0.28 vs 0.60; 16 rows, the whole group in
+#: one mma.sync CTA, 0.27 vs 0.18 ms).
+WS_MIN_NQ_PACKED = 17
 #: Query heads of one GQA group in one 128-row tile of the warp-specialised split entry
 #: (``bsfa_fwd_split_pack``), for Nq <= 128 / WS_PACK and groups of a multiple of WS_PACK heads: each
 #: consumer warpgroup holds one head's rows, so one K/V load serves both and each decides its own gates.
@@ -168,11 +172,16 @@ def plan(B: int, Nq: int, Nk: int, Hq: int, Hkv: int, sms: int, num_splits=None,
     return Plan(rows, pack, n_packs, splits)
 
 
-def ws_wanted(arch: str, Nq: int, hopper_ws: bool) -> bool:
+def ws_wanted(arch: str, Nq: int, G: int, hopper_ws: bool) -> bool:
     """Whether a split call takes the warp-specialised split entry: ``backend="sm90ws"`` with
     ``num_splits`` always; ``auto`` where that kernel runs (``hopper_ws``: compute capability 9.0 with
-    tensor maps) for Nq >= WS_MIN_NQ. ``splitkv`` never (the mma.sync family)."""
-    return arch == "sm90ws" or (arch == "auto" and hopper_ws and Nq >= WS_MIN_NQ)
+    tensor maps) for Nq >= WS_MIN_NQ, or Nq >= WS_MIN_NQ_PACKED with GQA groups of G heads that it packs
+    in pairs. ``splitkv`` never (the mma.sync family)."""
+    if arch == "sm90ws":
+        return True
+    if arch != "auto" or not hopper_ws:
+        return False
+    return Nq >= WS_MIN_NQ or (Nq >= WS_MIN_NQ_PACKED and G % WS_PACK == 0)
 
 
 def wanted(arch: str, num_splits, B: int, Nq: int, Nk: int, Hq: int, D: int, sms: int) -> bool:

@@ -133,9 +133,10 @@ def attention(q, k, v, thresholds=None, *, causal=True, softmax_scale=None, retu
     the GPU, run a kernel that packs the query heads of a GQA group into one CTA and splits the
     key tiles of each query tile over several CTAs, merging their fp32 partials by the rule of
     :func:`bsfa_reference.merge_partials`. On Hopper, such calls with Nq >= 33 (where a split CTA
-    would hold one head's rows) take the warp-specialised kernel's split entry instead: one head per 128-row
-    tile, the key blocks split over its persistent grid (unsplit where its tiles fill the GPU as they
-    are). Semantics are unchanged: the gate is still decided per
+    would hold one head's rows), or Nq >= 17 with GQA groups of an even size, take the warp-specialised
+    kernel's split entry instead: one head per 128-row tile (two heads of a group for Nq <= 64, each
+    deciding its own gates), the key blocks split over its persistent grid (unsplit where its tiles fill
+    the GPU as they are). Semantics are unchanged: the gate is still decided per
     (head, 128-row query tile, 64-key tile); out and lse depend on the split count only through
     fp32 rounding of the merge, keep not at all.
 
@@ -301,7 +302,7 @@ def _target(prob: _Problem, backend, causal, num_splits) -> _Target:
     if prob.split:
         cc = compute_capability(dev)
         gated = prob.fields["thr_mode"] != 0
-        if _splitkv.ws_wanted(backend.arch, prob.Nq, cc == "90" and _tma.available()):
+        if _splitkv.ws_wanted(backend.arch, prob.Nq, prob.Hq // prob.Hkv, cc == "90" and _tma.available()):
             mod = _module(_ws_backend(backend), prob.dtype, prob.D, causal, dev)
             if prob.B * prob.Hq * prob.Nq == 0:
                 return _Target()

@@ -82,9 +82,9 @@ def test_ws_results_do_not_depend_on_the_split_count(monkeypatch, causal, Nq, Nk
 
 
 def test_auto_routes_chunks_to_the_ws_split_bitwise():
-    """backend="auto" on a chunk too small to fill the GPU (Nq >= 33) is the sm90ws split entry with the
-    heuristic split count, or its unsplit kernel where that count is 1; decode shapes and packed GQA
-    rows stay on the mma.sync split family."""
+    """backend="auto" on a chunk too small to fill the GPU (Nq >= 33, or >= 17 in even groups) is the
+    sm90ws split entry with the heuristic split count (two heads a tile up to 64 rows), or its unsplit
+    kernel where that count is 1; decode shapes stay on the mma.sync split family."""
     import bsfa_cupy
     from bsfa_cupy import _splitkv
     from bsfa_cupy._kernels import sm_count
@@ -102,7 +102,8 @@ def test_auto_routes_chunks_to_the_ws_split_bitwise():
     assert plan.split is not None and plan.split.ws and plan.split.splits == splits
     for x, y in zip(plan.run(qd, kd, vd), a):
         assert cp.array_equal(x, y)
-    assert not bsfa_cupy.AttentionPlan(qd[:, :32], kd, vd).split.ws
+    assert not bsfa_cupy.AttentionPlan(qd[:, :16], kd, vd).split.ws
+    assert bsfa_cupy.AttentionPlan(qd[:, :32], kd, vd).split.pack == 2
     sms = sm_count(cp.cuda.Device().id)
     Nq = 128 * max(1, sms // 8 - 1)  # 8 heads: B * Hq * nQ < SMs, one split already fills the GPU
     assert _splitkv.wanted("auto", None, 1, Nq, 8192, 8, 128, sms)

@@ -116,14 +116,17 @@ def test_ws_plan_packs_two_heads_of_a_group(Nq, Hq, Hkv, pack):
     assert p.splits == heuristic_splits(tiles, 2048, H200_SMS, 128) and p.ws_width == min(H200_SMS, tiles * p.splits)
 
 
-@pytest.mark.parametrize("arch,Nq,hopper_ws,want", [
-    ("auto", 1, True, False), ("auto", 32, True, False),  # packed GQA rows: the mma.sync family
-    ("auto", 33, True, True), ("auto", 64, True, True), ("auto", 128, True, True), ("auto", 700, True, True),
-    ("auto", 128, False, False),  # no Hopper, or no tensor maps
-    ("sm90ws", 1, True, True), ("splitkv", 128, True, False),
+@pytest.mark.parametrize("arch,Nq,G,hopper_ws,want", [
+    ("auto", 1, 4, True, False), ("auto", 16, 4, True, False),  # a whole group in one mma.sync CTA
+    ("auto", 17, 4, True, True), ("auto", 32, 2, True, True),  # two heads a wgmma tile
+    ("auto", 32, 1, True, False), ("auto", 32, 3, True, False),  # no pairs: the mma.sync family packs better
+    ("auto", 33, 1, True, True), ("auto", 64, 3, True, True), ("auto", 128, 4, True, True),
+    ("auto", 700, 4, True, True),
+    ("auto", 128, 4, False, False),  # no Hopper, or no tensor maps
+    ("sm90ws", 1, 1, True, True), ("splitkv", 128, 4, True, False),
 ])
-def test_ws_routing(arch, Nq, hopper_ws, want):
-    assert _splitkv.ws_wanted(arch, Nq, hopper_ws) is want
+def test_ws_routing(arch, Nq, G, hopper_ws, want):
+    assert _splitkv.ws_wanted(arch, Nq, G, hopper_ws) is want
 
 
 @pytest.mark.parametrize("arch,num_splits,B,Nq,Nk,Hq,D,want", [
