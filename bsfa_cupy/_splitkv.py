@@ -9,13 +9,14 @@ the key tiles of each query tile into ``num_splits`` ranges over as many CTAs, a
 partials by the rule of ``bsfa_reference.merge_partials`` (in the 16-row kernel's last CTA of each row
 group, else with ``bsfa_combine``).
 
-On Hopper, calls whose query heads fill 128-row tiles (Nq > 64) take the warp-specialised TMA/wgmma
-forward's split entry instead (``bsfa_fwd_split`` of ``kernels_cu/bsfa_fwd_sm90ws.cu``, a ``ws`` plan):
-one 128-row query tile of one head per work tile, its 128-key blocks cut into ``num_splits``
-contiguous ranges walked by the persistent grid, the partials merged by that module's
-``bsfa_combine``. Its tensor cores do the chunk's P V and Q K^T at wgmma rates, where the
-mma.sync 128-row kernel is compute-bound. Everything here but
-:func:`launch` is plain Python (CPU-tested).
+On Hopper, chunks (Nq >= WS_MIN_NQ, or WS_MIN_NQ_PACKED in even GQA groups) take the warp-specialised
+TMA/wgmma forward's split entry instead (``bsfa_fwd_split`` of ``kernels_cu/bsfa_fwd_sm90ws.cu``, a ``ws``
+plan): one 128-row query tile of one head per work tile -- or, up to 64 rows in even groups, two heads of
+a group, one per consumer warpgroup (``bsfa_fwd_split_pack``, ``pack`` 2) -- its 128-key blocks cut into
+``num_splits`` contiguous ranges walked by the persistent grid, the partials merged by that module's
+``bsfa_combine``. Its tensor cores do the chunk's P V and Q K^T at wgmma rates, where the mma.sync
+64- and 128-row kernels are compute-bound. Everything here but :func:`launch` is plain Python
+(CPU-tested).
 """
 from __future__ import annotations
 
