@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, note, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import bsfa_reference as ref
@@ -22,7 +22,13 @@ from tests.support.gpu import (
     requires_gpu,
     run_case,
 )
-from tests.support.split_checks import assert_split_count_independent, split_count_results, split_fields, split_problem
+from tests.support.split_checks import (
+    assert_split_count_independent,
+    check_split_example,
+    split_count_results,
+    split_fields,
+    split_problem,
+)
 
 pytestmark = [pytest.mark.gpu, requires_gpu]
 
@@ -44,9 +50,7 @@ def split_problems(draw):
 @given(split_problems())
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # examples: profile
 def test_splitkv_matches_reference(monkeypatch, p):
-    with monkeypatch.context() as m:
-        info, (err, base_err) = run_case(p, m, "splitkv", num_splits=p["num_splits"])
-    note(f"{info}; out error {err:.2e} vs low-precision baseline {base_err:.2e}")
+    check_split_example(monkeypatch, p, "splitkv")
 
 
 @pytest.mark.parametrize("num_splits", SPLITS)

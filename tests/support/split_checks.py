@@ -1,5 +1,6 @@
 """Checks shared by the split-KV kernels' GPU tests (the mma.sync family and the sm90ws split entry).
 
+* ``check_split_example``: one hypothesis-drawn problem against the reference;
 * ``split_problem``: the ``run_case`` problem of a split test; ``split_fields``: the fields of a
   hypothesis-drawn one that do not depend on the kernel's shapes.
 * ``assert_split_count_independent``: keep exactly equal over split counts, lse and out equal up to fp32
@@ -12,7 +13,16 @@ import numpy as np
 import bsfa_reference as ref
 from hypothesis import strategies as st
 
-from tests.support.gpu import EPS, cp, poison_outputs, random_inputs, rounding_margin, thresholds_from_maxima
+from tests.support.gpu import EPS, cp, poison_outputs, random_inputs, rounding_margin, run_case, thresholds_from_maxima
+
+
+def check_split_example(monkeypatch, p, backend):
+    """One hypothesis example ``p`` (with its num_splits) through ``run_case`` on ``backend``, its errors noted."""
+    from hypothesis import note
+
+    with monkeypatch.context() as m:
+        info, (err, base_err) = run_case(p, m, backend, num_splits=p["num_splits"])
+    note(f"{info}; out error {err:.2e} vs low-precision baseline {base_err:.2e}")
 
 
 def split_problem(Nq, Nk, G, D=128, dtype="float16", causal=True, mode="maxima", Hkv=1, B=1, seed=0, **extra):
