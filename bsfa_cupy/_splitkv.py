@@ -96,7 +96,7 @@ class Plan:
     pack: int  # query heads of a GQA group per CTA
     n_packs: int  # CTAs per (query tile, K/V head) before splitting: ceil(G / pack)
     splits: int
-    #: > 0: the warp-specialised split entry (rows 128, pack 1), a persistent grid this many CTAs wide
+    #: > 0: the warp-specialised split entry (rows 128, pack 1 or WS_PACK), a persistent grid this many CTAs wide
     ws_width: int = 0
 
     @property
@@ -153,8 +153,9 @@ def heuristic_splits(ctas: int, nK: int, sms: int, rows: int = 64, gated: bool =
 @functools.lru_cache(maxsize=1024)  # a per-layer loop repeats the same shapes: plan once
 def plan(B: int, Nq: int, Nk: int, Hq: int, Hkv: int, sms: int, num_splits=None, gated: bool = False,
          ws: bool = False) -> Plan:
-    """The split plan of a call; ``ws``: for the warp-specialised split entry (one head per 128-row tile,
-    at most one CTA per SM walking the (query tile, split, head, batch) list)."""
+    """The split plan of a call; ``ws``: for the warp-specialised split entry (one head per 128-row tile, or
+    WS_PACK heads of a group up to 64 rows; at most one CTA per SM walking the (query tile, split, head,
+    batch) list)."""
     G = Hq // Hkv
     nQ, nK = -(-Nq // BLOCK_M), -(-Nk // BLOCK_N)
     if ws:

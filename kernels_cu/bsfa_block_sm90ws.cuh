@@ -39,7 +39,7 @@ template <class TR>
 __device__ __forceinline__ unsigned vote_slot(unsigned vote_idx, int cw) {
     const unsigned in_ring = vote_idx % TR::kVoteRing;
     if constexpr (TR::kPackHeads) {
-        return (unsigned)(cw / 4) * TR::kVoteRing + in_ring;
+        return (unsigned)(cw / TR::kVoteWarps) * TR::kVoteRing + in_ring;  // the warpgroup's own ring
     } else {
         return in_ring;
     }
@@ -143,7 +143,7 @@ __device__ __forceinline__ unsigned gate_resolve(PostedGate g, int n, const Smem
             mbar_wait(sm.bar(TR::kBarVote + slot), vote_parity<TR>(vote_idx));
             unsigned all;
             if constexpr (TR::kPackHeads) {  // this warpgroup's four bytes
-                all = __float_as_uint(lds_f32(sm.votes() + slot * TR::kVoteSlotBytes + (cw / 4) * 4));
+                all = __float_as_uint(lds_f32(sm.votes() + slot * TR::kVoteSlotBytes + cw / TR::kVoteWarps * 4));
             } else {
                 unsigned lo, hi;
                 lds64(lo, hi, sm.votes() + slot * TR::kVoteSlotBytes);

@@ -63,12 +63,6 @@ struct ConsumerThread {
     __device__ __forceinline__ int consumer_warp() const { return wg * 4 + warp; }
 };
 
-// The query head whose rows consumer warpgroup wg holds in work tile w.
-template <class TR>
-__device__ __forceinline__ int wg_head(const WorkTile& w, int wg) {
-    return TR::kPackHeads ? 2 * w.h + wg : w.h;
-}
-
 // A problem's extent as the masks take it (bsfa_problem.cuh).
 struct MaskBounds {
     int Nq, Nk, shift;

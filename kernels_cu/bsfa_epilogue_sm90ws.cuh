@@ -88,8 +88,7 @@ __device__ __forceinline__ void epilogue_part_ws(const Params& p, int wg, int wa
                                                  const float (&O)[TR::kONBlocks][4], const float (&m)[2],
                                                  const float (&l)[2]) {
     const long long rows = (long long)p.B * p.Hq * p.Nq;  // rows of one split's partials
-    const int h = TR::kPackHeads ? 2 * w.h + wg : w.h;  // two heads: this warpgroup's rows are head 2 w.h + wg's
-    const long long row0 = (long long)w.s * rows + ((long long)w.b * p.Hq + h) * p.Nq + q0;
+    const long long row0 = (long long)w.s * rows + ((long long)w.b * p.Hq + wg_head<TR>(w, wg)) * p.Nq + q0;
     const int t = lane & 3;
     const int warp_row0 = (TR::kPackHeads ? 0 : wg * TR::kWgmmaM) + warp * TR::kWarpRows;
 #pragma unroll

@@ -70,7 +70,7 @@ __device__ __forceinline__ void producer_loop(const Params& p, const TmaDesc& tq
         const QueryTile<TR, kCausal> qt(w.a, pr);
         const KeyBlocks kb = key_blocks<kSplit, TR::kKeyHalves>(qt.c_end, w.s, p.num_splits);
         if (!kb.any) continue;  // no key to visit: the consumers write zeros without Q
-        const int h0 = TR::kPackHeads ? 2 * w.h : w.h;  // the tile's (first) query head
+        const int h0 = wg_head<TR>(w, 0);  // the tile's (first) query head
         const int hkv = h0 / group;
         // The box's batch coordinate: the packed tensors are one batch element.
         const int bc = kVarlen ? 0 : w.b;

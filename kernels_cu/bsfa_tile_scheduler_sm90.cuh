@@ -62,6 +62,14 @@ struct PersistentSchedule {
     }
 };
 
+// The query head whose rows consumer warpgroup wg holds in work tile w: w.h
+// itself, or with two heads a tile (TR::kPackHeads) head 2 w.h + wg of the
+// pair w.h.
+template <class TR>
+__device__ __forceinline__ int wg_head(const WorkTile& w, int wg) {
+    return TR::kPackHeads ? 2 * w.h + wg : w.h;
+}
+
 // The 128-key blocks a work tile visits, last first: [first, last] where any
 // (none: no key to visit).  Without kSplit every block up to the query
 // tile's last valid key tile c_end (>= -1); with it, split s of S takes the
