@@ -66,6 +66,20 @@ class Module:
     split_pack_q_box: int = 0
     combine: object = None
     combine_warps: int = 0
+    # sm90ws only: bsfa_fwd, bsfa_fwd_split and bsfa_fwd_split_pack compiled without the gate, for dense calls
+    fwd_dense: Kernel | None = None
+    fwd_split_dense: Kernel | None = None
+    fwd_split_pack_dense: Kernel | None = None
+
+    def forward(self, gated: bool) -> Kernel:
+        """The unsplit forward entry of a call with (``gated``) or without thresholds."""
+        return self.fwd if gated or self.fwd_dense is None else self.fwd_dense
+
+    def split_entry(self, pack: bool, gated: bool) -> Kernel:
+        """The sm90ws split entry: two query heads a tile (``pack``) or one, with or without the gate."""
+        if pack:
+            return self.fwd_split_pack if gated else self.fwd_split_pack_dense
+        return self.fwd_split if gated else self.fwd_split_dense
 
 
 @dataclass
@@ -142,9 +156,9 @@ def get_module(key: VariantKey, backend: Backend, device_id: int) -> Module:
         bmax = _kernel(raw, "bsfa_block_max", "BSFA_BLOCK_MAX", grid_kind, sms, _read_int(raw, "BSFA_BLOCK_MAX_TMA"), 2)
         split = {}
         if key.arch == "sm90ws":  # launched as bsfa_fwd (threads, smem, maps), on a grid of its own
-            split = dict(fwd_split=_kernel(raw, "bsfa_fwd_split", "BSFA_FWD", grid_kind, sms, fwd.tma, 3),
-                         fwd_split_pack=_kernel(raw, "bsfa_fwd_split_pack", "BSFA_FWD", grid_kind, sms, fwd.tma, 3),
-                         split_pack_q_box=_read_int(raw, "BSFA_FWD_SPLIT_PACK_Q_BOX"),
+            entries = ("fwd_dense", "fwd_split", "fwd_split_pack", "fwd_split_dense", "fwd_split_pack_dense")
+            split = {e: _kernel(raw, "bsfa_" + e, "BSFA_FWD", grid_kind, sms, fwd.tma, 3) for e in entries}
+            split.update(split_pack_q_box=_read_int(raw, "BSFA_FWD_SPLIT_PACK_Q_BOX"),
                          combine=raw.get_function("bsfa_combine"), combine_warps=_read_int(raw, "BSFA_COMBINE_WARPS"))
     return Module(key, backend.defines, fwd, fwd_varlen, bmax, raw, **split)
 

@@ -98,6 +98,8 @@ class Plan:
     splits: int
     #: > 0: the warp-specialised split entry (rows 128, pack 1 or WS_PACK), a persistent grid this many CTAs wide
     ws_width: int = 0
+    #: the call has thresholds; a ws plan without runs the split entry compiled without the gate
+    gated: bool = True
 
     @property
     def ws(self) -> bool:
@@ -167,7 +169,7 @@ def plan(B: int, Nq: int, Nk: int, Hq: int, Hkv: int, sms: int, num_splits=None,
                 f"split-KV: expected at most {_launch.MAX_TILES} work tiles (B * Hq / {pack} * ceil(Nq / {BLOCK_M}) "
                 f"* num_splits), got {tiles} * {splits}"
             )
-        return Plan(BLOCK_M, pack, G // pack, splits, ws_width=max(1, min(sms, tiles * splits)))
+        return Plan(BLOCK_M, pack, G // pack, splits, ws_width=max(1, min(sms, tiles * splits)), gated=gated)
     rows, pack = pack_shape(Nq, G)
     n_packs = -(-G // pack)
     splits = num_splits if num_splits is not None else heuristic_splits(B * Hkv * nQ * n_packs, nK, sms, rows, gated)
@@ -242,7 +244,7 @@ def launch_kernels(mod, p: Plan, g: tuple, rows: int, params, stream=None, maps:
     (anything with ``.ptr``; None: CuPy's current). A ``ws`` plan's ``mod`` is the sm90ws module, which
     takes the tensor maps (q, k, v) after the Params."""
     if p.ws:
-        k = mod.fwd_split_pack if p.pack == WS_PACK else mod.fwd_split
+        k = mod.split_entry(p.pack == WS_PACK, p.gated)
         k.fn(g, (k.threads, 1, 1), (params, *maps), shared_mem=k.smem, stream=stream)
     else:
         fn, threads, smem = mod.split[p.rows]

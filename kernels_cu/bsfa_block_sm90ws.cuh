@@ -72,6 +72,27 @@ __device__ __forceinline__ void qk_block(float (&S)[TR::kBlockSNBlocks][4], unsi
     wgmma_commit();
 }
 
+// Masks the invalid scores of half h of block n; returns bit h set iff the
+// half has a valid entry (c <= c_end).  Nq, Nk, shift: the problem's
+// (bsfa_problem.cuh).
+template <class TR, bool kCausal>
+__device__ __forceinline__ unsigned mask_half(float (&S)[TR::kBlockSNBlocks][4], const QueryTile<TR, kCausal>& qt,
+                                              int n, int h, int row0, int lane, int Nq, int Nk, int shift) {
+    const int c = n * TR::kKeyHalves + h;
+    if (qt.needs_mask(c)) mask_tile<TR, kCausal>(key_half<TR>(S, h), c, row0, lane, Nq, Nk, shift);
+    return (c <= qt.c_end ? 1u : 0u) << h;
+}
+
+// mask_half over both halves: block n's halves with a valid entry.
+template <class TR, bool kCausal>
+__device__ __forceinline__ unsigned mask_block(float (&S)[TR::kBlockSNBlocks][4], const QueryTile<TR, kCausal>& qt,
+                                               int n, int row0, int lane, int Nq, int Nk, int shift) {
+    unsigned valid = 0;
+#pragma unroll
+    for (int h = 0; h < TR::kKeyHalves; ++h) valid |= mask_half<TR, kCausal>(S, qt, n, h, row0, lane, Nq, Nk, shift);
+    return valid;
+}
+
 // What gate_post leaves for gate_resolve, one register: bits 0-1 the halves
 // with a valid entry (c <= c_end), bits 2-3 those kept without a vote
 // (diagonal, or dense mode), bits 4-5 this warp's votes for the gated ones.
@@ -97,11 +118,8 @@ __device__ __forceinline__ PostedGate gate_post(float (&S)[TR::kBlockSNBlocks][4
     unsigned valid = 0, forced = 0, votes = 0;
 #pragma unroll
     for (int h = 0; h < TR::kKeyHalves; ++h) {
-        const int c = n * TR::kKeyHalves + h;
-        float(&Sh)[1][TR::kSNBlocks][4] = key_half<TR>(S, h);
-        if (qt.needs_mask(c)) mask_tile<TR, kCausal>(Sh, c, row0, lane, Nq, Nk, shift);
-        valid |= (c <= qt.c_end ? 1u : 0u) << h;
-        forced |= (plan.forced(c) ? 1u : 0u) << h;
+        valid |= mask_half<TR, kCausal>(S, qt, n, h, row0, lane, Nq, Nk, shift);
+        forced |= (plan.forced(n * TR::kKeyHalves + h) ? 1u : 0u) << h;
     }
     const unsigned gated = valid & ~forced;
     if (gated != 0) {  // uniform over both consumer warpgroups
@@ -121,6 +139,18 @@ __device__ __forceinline__ PostedGate gate_post(float (&S)[TR::kBlockSNBlocks][4
         }
     }
     return PostedGate{valid | (forced << 2) | (votes << 4)};
+}
+
+// Block n's decisions into its valid entries of keep_row (nullptr: none
+// asked for, or not the writer thread).
+template <class TR>
+__device__ __forceinline__ void write_keep(unsigned char* keep_row, int n, unsigned valid, unsigned kept) {
+    if (keep_row != nullptr) {
+#pragma unroll
+        for (int h = 0; h < TR::kKeyHalves; ++h) {
+            if ((valid >> h) & 1u) keep_row[n * TR::kKeyHalves + h] = (kept >> h) & 1u;
+        }
+    }
 }
 
 // The decisions of a posted block (bit h: half h kept), written to keep_row
@@ -155,12 +185,7 @@ __device__ __forceinline__ unsigned gate_resolve(PostedGate g, int n, const Smem
         }
         ++vote_idx;
     }
-    if (keep_row != nullptr) {
-#pragma unroll
-        for (int h = 0; h < TR::kKeyHalves; ++h) {
-            if ((g.valid() >> h) & 1u) keep_row[n * TR::kKeyHalves + h] = (kept >> h) & 1u;
-        }
-    }
+    write_keep<TR>(keep_row, n, g.valid(), kept);
     return kept;
 }
 

@@ -103,6 +103,14 @@ struct TileLoop {
             return (tid() - 128) / 32 * 16 + ((tid() & 31) >> 2);
         }
     }
+    __device__ __forceinline__ static int my_turn() { return TR::kBarTurn + wg(); }
+    __device__ __forceinline__ static int their_turn() { return TR::kBarTurn + 1 - wg(); }
+    __device__ __forceinline__ unsigned long long k_desc(int stage) const {
+        return make_desc(sm.k() + stage * TR::kKVBytes, 16, kSwizzleAtomBytes);
+    }
+    __device__ __forceinline__ unsigned long long v_desc(int stage) const {
+        return make_desc(sm.v() + stage * TR::kKVBytes, TR::kKVPanelBytes, kSwizzleAtomBytes);
+    }
     __device__ __forceinline__ unsigned long long q_desc() const {
         // This warpgroup's 64 rows of Q: 64 rows x 128 bytes further into each panel.
         return make_desc(sm.q() + wg() * TR::kWgmmaM * kSwizzleBytes, 16, kSwizzleAtomBytes);
@@ -124,6 +132,23 @@ __device__ __forceinline__ PostedGate finish_qk(const TileLoop<TR, kCausal, kVar
     const MaskBounds mb = t.bounds();
     return gate_post<TR, kCausal>(S, t.qt, t.plan, n, t.qt.q0 + t.row(), t.lane(), t.consumer_warp(), t.p, t.sm,
                                   vote_idx, mb.Nq, mb.Nk, mb.shift, vmx);
+}
+
+// finish_qk of a dense launch: the K slot handed back as there, block n's S
+// masked, every valid half kept (returned, and reported in keep_row).
+template <class TR, bool kCausal, bool kVarlen>
+__device__ __forceinline__ unsigned finish_qk_dense(const TileLoop<TR, kCausal, kVarlen>& t,
+                                                    float (&S)[TR::kBlockSNBlocks][4], int n, int first,
+                                                    const PipeState<TR::kStages>& kv) {
+    fence_regs(flat(S));
+    if (t.lane() == 0) {
+        mbar_arrive(t.sm.bar(TR::kBarKEmpty + kv.stage));
+        if (n == first) mbar_arrive(t.sm.bar(TR::kBarQEmpty));
+    }
+    const MaskBounds mb = t.bounds();
+    const unsigned valid = mask_block<TR, kCausal>(S, t.qt, n, t.qt.q0 + t.row(), t.lane(), mb.Nq, mb.Nk, mb.shift);
+    write_keep<TR>(t.keep_row, n, valid, valid);
+    return valid;
 }
 
 // Zeroes rows row0.. (row0 > 0) of every panel of V slot kv.stage, once its
@@ -150,11 +175,53 @@ __device__ __forceinline__ void zero_v_tail(const SmemWs<TR>& sm, const PipeStat
     named_sync(TR::kBarVZero, TR::kConsumerThreads);
 }
 
+// Block n (< kb.last) of a dense work tile, the mainloop step of
+// consumer_tile without the gate: S of n issued with the P V of block n + 1
+// (prev_kept: the tile's first block's valid halves, or both), then n's
+// softmax over both halves while that P V runs.  With prev_kept a constant
+// the block is straight-line code: the gate's branches and the per-half
+// bookkeeping cost dense calls 5-12 % (bench/NOTES.md, v17).
+template <class TR, bool kCausal, bool kVarlen>
+__device__ __forceinline__ void dense_block(const TileLoop<TR, kCausal, kVarlen>& t, int n, int first,
+                                            unsigned prev_kept, PipeState<TR::kStages>& kv,
+                                            float (&O)[TR::kONBlocks][4], unsigned (&P)[TR::kKeySteps][4],
+                                            float (&m)[2], float (&l)[2]) {
+    constexpr unsigned kBoth = (1u << TR::kKeyHalves) - 1;
+    const PipeState<TR::kStages> prev = kv.previous();
+    mbar_wait(t.sm.bar(TR::kBarKFull + kv.stage), kv.phase);
+    if (prev_kept != 0) mbar_wait(t.sm.bar(TR::kBarVFull + prev.stage), prev.phase);
+    float S[TR::kBlockSNBlocks][4];
+    named_sync(t.my_turn(), TR::kConsumerThreads);
+    qk_block<TR>(S, t.q_desc(), t.k_desc(kv.stage));
+    if (prev_kept != 0) {
+        pv_block<TR>(O, P, t.v_desc(prev.stage), prev_kept);
+    } else {
+        wgmma_commit();
+    }
+    named_arrive(t.their_turn(), TR::kConsumerThreads);
+    wgmma_wait<1>();
+    finish_qk_dense<TR, kCausal, kVarlen>(t, S, n, first, kv);
+    unsigned Pn[TR::kKeySteps][4];
+    float alpha[2];
+    float no_vmx[TR::kKeyHalves][2];  // not read: the softmax takes its own row maxima (have_vmx 0)
+    const bool rescale = softmax_block<TR>(S, kBoth, m, l, Pn, alpha, t.scale_log2, 0u, no_vmx);
+    wgmma_wait<0>();
+    fence_regs(flat(O));
+    fence_regs(P);
+    if (prev_kept == 0) mbar_wait(t.sm.bar(TR::kBarVFull + prev.stage), prev.phase);
+    if (t.lane() == 0) mbar_arrive(t.sm.bar(TR::kBarVEmpty + prev.stage));
+    if (rescale) rescale_rows(O, alpha);
+    copy_regs(P, Pn);
+    kv.advance();
+}
+
 // The key blocks kb of one work tile (at least one): O, m, l come in
 // initialised and leave unnormalised (per-lane partial row sums in l).
 // kVarlen: seq is the packed sequence's extent, and rows v_zero_row.. of the
 // first block's V are zeroed (none when v_zero_row is kBlockKeys).
-template <class TR, bool kCausal, bool kVarlen>
+// kGated false (a dense launch, thr_mode 0): no gate; the first block keeps
+// its valid halves and the later ones run dense_block.
+template <class TR, bool kCausal, bool kVarlen, bool kGated>
 __device__ __forceinline__ void consumer_tile(const Params& p, const SmemWs<TR>& sm, const WorkTile& w,
                                               const QueryTile<TR, kCausal>& qt, const KeyBlocks& kb,
                                               PipeState<TR::kStages>& kv,
@@ -174,6 +241,10 @@ __device__ __forceinline__ void consumer_tile(const Params& p, const SmemWs<TR>&
     }
     mbar_wait(sm.bar(TR::kBarQFull), q_phase);
     q_phase ^= 1u;
+    // Dense: O (zero here) opaque from now on, so that no zero is folded into
+    // the first P V's accumulators, a definition inside its wgmma stage
+    // (C7515).  The gated loop's P V is conditional and never sees one.
+    if constexpr (!kGated) fence_regs(flat(O));
 
     float S[TR::kBlockSNBlocks][4];
     float alpha[2];
@@ -187,49 +258,68 @@ __device__ __forceinline__ void consumer_tile(const Params& p, const SmemWs<TR>&
     named_arrive(their_turn, TR::kConsumerThreads);
     wgmma_wait<0>();
     float vmx[TR::kKeyHalves][2];
-    PostedGate g = finish_qk<TR, kCausal, kVarlen>(t, S, n, kb.first, kv, vote_idx, vmx);
-    unsigned kept = gate_resolve<TR>(g, n, sm, vote_idx, keep_row);
+    PostedGate g{0};
+    unsigned kept;
+    if constexpr (kGated) {
+        g = finish_qk<TR, kCausal, kVarlen>(t, S, n, kb.first, kv, vote_idx, vmx);
+        kept = gate_resolve<TR>(g, n, sm, vote_idx, keep_row);
+    } else {
+        kept = finish_qk_dense<TR, kCausal, kVarlen>(t, S, n, kb.first, kv);
+    }
     if (kept != 0) softmax_block<TR>(S, kept, m, l, P, alpha, t.scale_log2, g.gated(), vmx);
     unsigned prev_kept = kept;
     kv.advance();
 
+    if constexpr (kGated) {
 #pragma unroll 1
-    for (--n; n >= kb.first; --n) {
-        const PipeState<TR::kStages> prev = kv.previous();
-        mbar_wait(sm.bar(TR::kBarKFull + kv.stage), kv.phase);
-        if (prev_kept != 0) mbar_wait(sm.bar(TR::kBarVFull + prev.stage), prev.phase);
-        named_sync(my_turn, TR::kConsumerThreads);
-        qk_block<TR>(S, t.q_desc(), k_desc(kv.stage));
-        if (prev_kept != 0) {
-            pv_block<TR>(O, P, v_desc(prev.stage), prev_kept);
-        } else {
-            wgmma_commit();  // an empty group: the waits below count the same on both paths
-        }
-        named_arrive(their_turn, TR::kConsumerThreads);
-        wgmma_wait<1>();  // S is ready; P V may still run
-        g = finish_qk<TR, kCausal, kVarlen>(t, S, n, kb.first, kv, vote_idx, vmx);
-        kept = gate_resolve<TR>(g, n, sm, vote_idx, keep_row);
-        unsigned Pn[TR::kKeySteps][4];
-        bool rescale = false;
-        if (kept != 0) rescale = softmax_block<TR>(S, kept, m, l, Pn, alpha, t.scale_log2, g.gated(), vmx);
-        // Unconditional, so that ptxas sees O retired on every path (a wait
-        // under the same condition as the issue makes it serialise all wgmma).
-        wgmma_wait<0>();
-        fence_regs(flat(O));
-        fence_regs(P);
-        // Skipped blocks still wait for their (speculative) V: the slot is
-        // only handed back once the copy into it is over.
-        if (prev_kept == 0) mbar_wait(sm.bar(TR::kBarVFull + prev.stage), prev.phase);
-        if (t.lane() == 0) mbar_arrive(sm.bar(TR::kBarVEmpty + prev.stage));
-        if (rescale) rescale_rows(O, alpha);
-        if (kept != 0) {
+        for (--n; n >= kb.first; --n) {
+            const PipeState<TR::kStages> prev = kv.previous();
+            mbar_wait(sm.bar(TR::kBarKFull + kv.stage), kv.phase);
+            if (prev_kept != 0) mbar_wait(sm.bar(TR::kBarVFull + prev.stage), prev.phase);
+            named_sync(my_turn, TR::kConsumerThreads);
+            qk_block<TR>(S, t.q_desc(), k_desc(kv.stage));
+            if (prev_kept != 0) {
+                pv_block<TR>(O, P, v_desc(prev.stage), prev_kept);
+            } else {
+                wgmma_commit();  // an empty group: the waits below count the same on both paths
+            }
+            named_arrive(their_turn, TR::kConsumerThreads);
+            wgmma_wait<1>();  // S is ready; P V may still run
+            g = finish_qk<TR, kCausal, kVarlen>(t, S, n, kb.first, kv, vote_idx, vmx);
+            kept = gate_resolve<TR>(g, n, sm, vote_idx, keep_row);
+            unsigned Pn[TR::kKeySteps][4];
+            bool rescale = false;
+            if (kept != 0) rescale = softmax_block<TR>(S, kept, m, l, Pn, alpha, t.scale_log2, g.gated(), vmx);
+            // Unconditional, so that ptxas sees O retired on every path (a wait
+            // under the same condition as the issue makes it serialise all wgmma).
+            wgmma_wait<0>();
+            fence_regs(flat(O));
+            fence_regs(P);
+            // Skipped blocks still wait for their (speculative) V: the slot is
+            // only handed back once the copy into it is over.
+            if (prev_kept == 0) mbar_wait(sm.bar(TR::kBarVFull + prev.stage), prev.phase);
+            if (t.lane() == 0) mbar_arrive(sm.bar(TR::kBarVEmpty + prev.stage));
+            if (rescale) rescale_rows(O, alpha);
+            if (kept != 0) {
 #pragma unroll
-            for (int kk = 0; kk < TR::kKeySteps; ++kk)
+                for (int kk = 0; kk < TR::kKeySteps; ++kk)
 #pragma unroll
-                for (int j = 0; j < 4; ++j) P[kk][j] = Pn[kk][j];
+                    for (int j = 0; j < 4; ++j) P[kk][j] = Pn[kk][j];
+            }
+            prev_kept = kept;
+            kv.advance();
         }
-        prev_kept = kept;
-        kv.advance();
+    } else {
+        // The second block takes the first's P V, which may hold one half;
+        // from the third on, both halves of both blocks.
+        if (--n >= kb.first) {
+            dense_block<TR, kCausal, kVarlen>(t, n, kb.first, prev_kept, kv, O, P, m, l);
+            prev_kept = (1u << TR::kKeyHalves) - 1;
+        }
+#pragma unroll 1
+        for (--n; n >= kb.first; --n) {
+            dense_block<TR, kCausal, kVarlen>(t, n, kb.first, (1u << TR::kKeyHalves) - 1, kv, O, P, m, l);
+        }
     }
 
     const PipeState<TR::kStages> prev = kv.previous();
@@ -249,7 +339,7 @@ __device__ __forceinline__ void consumer_tile(const Params& p, const SmemWs<TR>&
     if (t.lane() == 0) mbar_arrive(sm.bar(TR::kBarVEmpty + prev.stage));
 }
 
-template <class TR, bool kCausal, bool kVarlen = false, bool kSplit = false>
+template <class TR, bool kCausal, bool kVarlen = false, bool kSplit = false, bool kGated = true>
 __device__ __forceinline__ void consumer_loop(const Params& p, const SmemWs<TR>& sm, int wg, int tid) {
     static_assert(!(kVarlen && kSplit), "no split-KV entry for packed batches");
     const ConsumerThread ct(wg, tid);
@@ -307,7 +397,7 @@ __device__ __forceinline__ void consumer_loop(const Params& p, const SmemWs<TR>&
                 const int last = (pr.Nk - 1) / TR::kBlockKeys;
                 if (qt.c_end / TR::kKeyHalves == last) v_zero_row = pr.Nk - last * TR::kBlockKeys;
             }
-            consumer_tile<TR, kCausal, kVarlen>(p, sm, w, qt, kb, kv, q_phase, vote_idx, keep_row, O, m, l, seq,
+            consumer_tile<TR, kCausal, kVarlen, kGated>(p, sm, w, qt, kb, kv, q_phase, vote_idx, keep_row, O, m, l, seq,
                                                 v_zero_row);
         }
         // The tile's coordinates are decoded afresh from j (an opaque copy the

@@ -23,7 +23,10 @@
 // 32 * BSFA_COMBINE_WARPS threads) merges into out and lse.
 // bsfa_fwd_split_pack, the same for Nq <= 64 and an even GQA group: two
 // query heads a tile (TraitsSm90WsPack), a q map of BSFA_FWD_SPLIT_PACK_Q_BOX
-// rows a box, the work list over head pairs.
+// rows a box, the work list over head pairs.  bsfa_fwd_dense,
+// bsfa_fwd_split_dense and bsfa_fwd_split_pack_dense are bsfa_fwd,
+// bsfa_fwd_split and bsfa_fwd_split_pack for dense calls (thr_mode 0),
+// compiled without the gate: the same arguments and results.
 
 #if !defined(BSFA_DTYPE) || (BSFA_DTYPE != 0 && BSFA_DTYPE != 1)
 #error "BSFA_DTYPE must be 0 (float16) or 1 (bfloat16)"
@@ -69,6 +72,13 @@ extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
     bsfa::kernel_sm90ws<TR, kCausal, true>(p, tq, tk, tv);
 }
 
+// bsfa_fwd for dense calls (thr_mode 0), without the gate's code: same arguments.
+extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
+    bsfa_fwd_dense(const __grid_constant__ bsfa::Params p, const __grid_constant__ bsfa::TmaDesc tq,
+                   const __grid_constant__ bsfa::TmaDesc tk, const __grid_constant__ bsfa::TmaDesc tv) {
+    bsfa::kernel_sm90ws<TR, kCausal, true, false, false, false>(p, tq, tk, tv);
+}
+
 extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
     bsfa_fwd_varlen(const __grid_constant__ bsfa::Params p, const __grid_constant__ bsfa::TmaDesc tq,
                     const __grid_constant__ bsfa::TmaDesc tk, const __grid_constant__ bsfa::TmaDesc tv) {
@@ -85,6 +95,19 @@ extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
     bsfa_fwd_split_pack(const __grid_constant__ bsfa::Params p, const __grid_constant__ bsfa::TmaDesc tq,
                         const __grid_constant__ bsfa::TmaDesc tk, const __grid_constant__ bsfa::TmaDesc tv) {
     bsfa::kernel_sm90ws<TRPack, kCausal, true, false, true>(p, tq, tk, tv);
+}
+
+// The split entries for dense calls (thr_mode 0), without the gate's code: same arguments.
+extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
+    bsfa_fwd_split_dense(const __grid_constant__ bsfa::Params p, const __grid_constant__ bsfa::TmaDesc tq,
+                         const __grid_constant__ bsfa::TmaDesc tk, const __grid_constant__ bsfa::TmaDesc tv) {
+    bsfa::kernel_sm90ws<TR, kCausal, true, false, true, false>(p, tq, tk, tv);
+}
+
+extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
+    bsfa_fwd_split_pack_dense(const __grid_constant__ bsfa::Params p, const __grid_constant__ bsfa::TmaDesc tq,
+                              const __grid_constant__ bsfa::TmaDesc tk, const __grid_constant__ bsfa::TmaDesc tv) {
+    bsfa::kernel_sm90ws<TRPack, kCausal, true, false, true, false>(p, tq, tk, tv);
 }
 
 extern "C" __global__ void __launch_bounds__(32 * bsfa::kCombineWarps)

@@ -47,8 +47,9 @@ __device__ __forceinline__ void init_barriers_ws(const SmemWs<TR>& sm) {
 // kVarlen (kFwd only): bsfa_fwd_varlen, whose work tiles are (query tile,
 // head, packed sequence) and whose maps describe the packed tensors.
 // kSplit (kFwd only): bsfa_fwd_split, whose work tiles are key splits of
-// (query tile, head, batch) and which writes fp32 partials.
-template <class TR, bool kCausal, bool kFwd, bool kVarlen = false, bool kSplit = false>
+// (query tile, head, batch) and which writes fp32 partials.  kGated false
+// (kFwd only): an entry for dense calls (thr_mode 0), without the gate.
+template <class TR, bool kCausal, bool kFwd, bool kVarlen = false, bool kSplit = false, bool kGated = true>
 __device__ __forceinline__ void kernel_sm90ws(const Params& p, const TmaDesc& tq, const TmaDesc& tk,
                                               const TmaDesc& tv) {
     const SmemWs<TR> sm(aligned_smem_base());
@@ -66,7 +67,7 @@ __device__ __forceinline__ void kernel_sm90ws(const Params& p, const TmaDesc& tq
     } else {
         setmaxnreg_inc<TR::kConsumerRegs>();
         if constexpr (kFwd) {
-            consumer_loop<TR, kCausal, kVarlen, kSplit>(p, sm, wg - 1, threadIdx.x - 128 * wg);
+            consumer_loop<TR, kCausal, kVarlen, kSplit, kGated>(p, sm, wg - 1, threadIdx.x - 128 * wg);
         } else {
             block_max_consumer<TR, kCausal>(p, sm, wg - 1, threadIdx.x - 128 * wg);
         }

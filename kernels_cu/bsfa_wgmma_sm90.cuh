@@ -92,6 +92,19 @@ __device__ __forceinline__ void fence_regs(unsigned (&r)[M][N]) {
         for (int k = 0; k < N; ++k) asm volatile("" : "+r"(r[j][k])::"memory");
 }
 
+// dst = src through an opaque move, so that dst (the next P V's A operands)
+// is defined here, after the wait that retired the last reader of dst.  A
+// plain copy that always runs may be folded away, leaving the softmax to
+// write the operands of the P V in flight, and ptxas then serialises every
+// wgmma (C7513).
+template <int M, int N>
+__device__ __forceinline__ void copy_regs(unsigned (&dst)[M][N], const unsigned (&src)[M][N]) {
+#pragma unroll
+    for (int i = 0; i < M; ++i)
+#pragma unroll
+        for (int j = 0; j < N; ++j) asm volatile("mov.b32 %0, %1;" : "=r"(dst[i][j]) : "r"(src[i][j]));
+}
+
 // ------------------------------------------------------------------ wgmma
 //
 // Accumulator layout (m64nN, fp32): warp w of the warpgroup owns rows

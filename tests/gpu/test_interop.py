@@ -40,8 +40,8 @@ def _spy_launch(monkeypatch):
 
     def get_module(key, backend, device_id):
         mod = real(key, backend, device_id)
-        for kern in (mod.fwd, mod.block_max):
-            if not getattr(kern.fn, "_bsfa_spied", False):
+        for kern in (mod.fwd, mod.fwd_dense, mod.block_max):  # fwd_dense: sm90ws's dense calls
+            if kern is not None and not getattr(kern.fn, "_bsfa_spied", False):
                 monkeypatch.setattr(kern, "fn", _Spy(kern.fn, seen))  # undone after the test
         return mod
 

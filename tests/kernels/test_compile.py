@@ -45,7 +45,8 @@ SOURCES = (SM80_SOURCE, SM90_SOURCE, SM90WS_SOURCE, SPLITKV_SOURCE)
 KERNELS = ("bsfa_fwd", "bsfa_fwd_varlen", "bsfa_block_max")
 #: Sources with entry points and launch globals of their own (not those of KERNELS / GLOBALS).
 SOURCE_KERNELS = {SPLITKV_SOURCE: ("bsfa_fwd_split16", "bsfa_fwd_split64", "bsfa_fwd_split128", "bsfa_combine"),
-                  SM90WS_SOURCE: (*KERNELS, "bsfa_fwd_split", "bsfa_fwd_split_pack", "bsfa_combine")}
+                  SM90WS_SOURCE: (*KERNELS, "bsfa_fwd_dense", "bsfa_fwd_split", "bsfa_fwd_split_pack",
+                                 "bsfa_fwd_split_dense", "bsfa_fwd_split_pack_dense", "bsfa_combine")}
 SOURCE_GLOBALS = {
     SPLITKV_SOURCE: ("BSFA_SPLIT16_THREADS", "BSFA_SPLIT16_SMEM_BYTES", "BSFA_SPLIT64_THREADS",
                      "BSFA_SPLIT64_SMEM_BYTES", "BSFA_SPLIT128_THREADS", "BSFA_SPLIT128_SMEM_BYTES",

@@ -1,0 +1,176 @@
+"""A/B of whole kernel sources in one process: the library's module against other versions of one .cu file.
+
+Usage (two steps, the first where git is, the second on the GPU machine):
+  python bench/ab_sources.py expand REV OUT.cu [--source bsfa_fwd_sm90ws.cu]
+      the source as of git revision REV (or a directory holding a kernels_cu/ tree), headers folded in,
+      the text NVRTC compiles
+  python bench/ab_sources.py time NAME=FILE.cu[:DENSE_ENTRY] ... [--cases main|bar] [--out DIR]
+      times the library's module ("base") and each NAME: FILE.cu compiled as a module of its own, whose
+      bsfa_fwd replaces the library's (DENSE_ENTRY, e.g. bsfa_fwd_dense, for the calls without
+      thresholds); name one file twice to see the spread between two identical builds.
+Per case (B=1, Hq=32, causal unless noted): torch SDPA's cuDNN backend, then per build dense and sparse
+(rho of the gated tiles kept, thresholds from the inputs' tile maxima, as `bsfa bench` sets them), timed in
+9 interleaved repeats of 3 calls (median), the plan cache cleared at every switch (attention keeps kernel
+handles in its plans); each build's dense out and lse are compared with base's. Prints a table; --out
+writes it with the JSON. Only the unsplit forward is swapped: shapes here never split.
+"""
+import argparse
+import dataclasses
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+CASES = {
+    "main": [dict(n=n) for n in (8192, 16384, 32768)] + [dict(n=32768, d=64, rhos=(0.25,))],
+    "bar": [dict(n=n) for n in (8192, 16384, 32768)]
+    + [dict(n=16384, dtype="bfloat16", rhos=()), dict(n=16384, hkv=32, rhos=()), dict(n=16384, causal=False, rhos=()),
+       dict(n=32768, d=64, rhos=(0.25,)), dict(n=2048, b=8, rhos=()), dict(n=1024, b=32, rhos=())],
+}
+
+
+def expand(rev: str, out: str, source: str) -> None:
+    from bsfa_cupy import _source
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if Path(rev).is_dir():
+            root = Path(rev) / "kernels_cu"
+        else:
+            blob = subprocess.run(["git", "archive", rev, "kernels_cu"], check=True, capture_output=True).stdout
+            tarfile.open(fileobj=io.BytesIO(blob)).extractall(tmp)
+            root = Path(tmp) / "kernels_cu"
+        real = _source.kernels_dir
+        _source.kernels_dir = lambda: root
+        try:
+            Path(out).write_text(_source.kernel_source(source))
+        finally:
+            _source.kernels_dir = real
+
+
+def time_builds(specs, cases, out_dir):
+    import cupy as cp
+    import numpy as np
+    import torch
+
+    import bsfa_cupy
+    from bsfa_cupy import _compile, _kernels, ops
+    from bsfa_cupy.tools.benchmark import _input_sets, _peer_fns, _warm_up_clocks, dense_flops, thresholds_for_rho
+
+    builds = {}
+    for spec in specs:
+        name, _, rest = spec.partition("=")
+        path, _, dense_entry = rest.partition(":")
+        builds[name] = (Path(path).read_text(), dense_entry or "bsfa_fwd")
+    names = ["base", *builds]
+    mode = {"build": "base", "dense": False}
+    cache = {}
+    real_get_module = ops.get_module
+
+    def get_module(key, backend, dev):
+        mod = real_get_module(key, backend, dev)
+        b = mode["build"]
+        if key.arch != "sm90ws" or b == "base":
+            return mod
+        text, dense_entry = builds[b]
+        entry = dense_entry if mode["dense"] else "bsfa_fwd"
+        if (key, b, entry) not in cache:
+            arch_flag, is_cubin = _compile.target(key.arch, _kernels.compute_capability(dev))
+            options = _compile.options_for(key.arch, arch_flag) + key.defines() + backend.options()
+            raw = cp.cuda.function.Module()
+            raw.load(_compile.cached_binary(text, f"{key.name()}_ab_{b}", options, is_cubin))
+            f = _kernels._kernel(raw, entry, "BSFA_FWD", mod.fwd.grid_kind, mod.fwd.sms, mod.fwd.tma, 3)
+            cache[(key, b, entry)] = dataclasses.replace(mod, fwd=f, fwd_dense=f, raw=(mod.raw, raw))
+        return cache[(key, b, entry)]
+
+    def use(build, dense):
+        mode["build"], mode["dense"] = build, dense
+        bsfa_cupy.clear_plan_cache()
+
+    ops.get_module = get_module
+    _warm_up_clocks()
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    rows, lines = [], []
+    for c in cases:
+        n, d, hkv, b = c["n"], c.get("d", 128), c.get("hkv", 8), c.get("b", 1)
+        dtype, causal = c.get("dtype", "float16"), c.get("causal", True)
+        rhos = c.get("rhos", (1.0, 0.5, 0.25, 0.1)) if causal and b == 1 else ()
+        sets = _input_sets(b, n, 32, hkv, d, dtype, l2)
+        row = dict(n=n, d=d, hkv=hkv, b=b, dtype=dtype, causal=causal)
+        with torch.inference_mode():
+            cudnn = _peer_fns("sdpa-cudnn", sets, causal, n)
+            use("base", False)
+            tms = [cp.from_dlpack(bsfa_cupy.block_max_scores(q, k))[0] for q, k, _ in sets] if rhos else []
+            thr = {r: [bsfa_cupy.DeviceThresholds(thresholds_for_rho(tm, r, n)) for tm in tms] for r in rhos}
+            ref = None
+            for name in names:
+                use(name, True)
+                o, lse = bsfa_cupy.attention(*sets[0], causal=causal, return_lse=True)
+                o, lse = torch.from_dlpack(o).float(), torch.from_dlpack(lse)
+                if ref is None:
+                    ref = (o, lse)
+                else:
+                    row[f"{name}:dout"] = float((o - ref[0]).abs().max())
+                    row[f"{name}:dlse"] = float((lse - ref[1]).abs().max())
+            fns = [("cudnn", "base", True, cudnn)]
+            for name in names:
+                fns.append((f"{name}:dense", name, True, lambda i: bsfa_cupy.attention(*sets[i], causal=causal)))
+                for r, th in thr.items():
+                    fns.append((f"{name}:rho{r}", name, False,
+                                lambda i, th=th: bsfa_cupy.attention(*sets[i], th[i], causal=causal)))
+            times = {}
+            for rep in range(9):
+                for label, name, dense, fn in fns:
+                    use(name, dense)
+                    fn(0)
+                    fn(1 % len(sets))
+                    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    for i in range(3):
+                        fn((rep * 3 + i) % len(sets))
+                    stop.record()
+                    stop.synchronize()
+                    times.setdefault(label, []).append(start.elapsed_time(stop) / 3)
+        row.update({k: float(np.median(v)) for k, v in times.items()})
+        rows.append(row)
+        tf = dense_flops(b, 32, n, d, causal) / 1e9
+        head = f"N={n} {dtype} D={d} Hkv={hkv} B={b} {'causal' if causal else 'full'}: cuDNN {tf / row['cudnn']:.0f} TF"
+        case = [head + "".join(f" | {m} {tf / row[m + ':dense']:.0f} TF ({row['cudnn'] / row[m + ':dense']:.3f}x)"
+                               for m in names)]
+        case += [f"    {m}: max|dout| {row[m + ':dout']:.2e} max|dlse| {row[m + ':dlse']:.2e}" for m in names[1:]]
+        case += [f"    {m} sparse ms (x cuDNN dense): " + "  ".join(
+            f"rho{r}: {row[f'{m}:rho{r}']:.3f} ({row['cudnn'] / row[f'{m}:rho{r}']:.2f}x)" for r in rhos)
+            for m in (names if rhos else ())]
+        print("\n".join(case), flush=True)
+        lines += case
+        del sets
+        torch.cuda.empty_cache()
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        Path(out_dir, "ab_sources.txt").write_text("\n".join(lines) + "\n")
+        Path(out_dir, "ab_sources.json").write_text(json.dumps(rows, indent=1))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("expand", help="write one kernel source as of a git revision, headers folded in")
+    e.add_argument("rev")
+    e.add_argument("out")
+    e.add_argument("--source", default="bsfa_fwd_sm90ws.cu")
+    t = sub.add_parser("time", help="time the library's module against other sources (GPU)")
+    t.add_argument("builds", nargs="+", help="NAME=FILE.cu[:DENSE_ENTRY]")
+    t.add_argument("--cases", choices=sorted(CASES), default="bar")
+    t.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    if args.cmd == "expand":
+        expand(args.rev, args.out, args.source)
+    else:
+        time_builds(args.builds, CASES[args.cases], args.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
