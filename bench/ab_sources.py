@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 CASES = {
+    "quick": [dict(n=16384)],
     "main": [dict(n=n) for n in (8192, 16384, 32768)] + [dict(n=32768, d=64, rhos=(0.25,))],
     "bar": [dict(n=n) for n in (8192, 16384, 32768)]
     + [dict(n=16384, dtype="bfloat16", rhos=()), dict(n=16384, hkv=32, rhos=()), dict(n=16384, causal=False, rhos=()),
