@@ -1,0 +1,51 @@
+"""bench/ab_sources.py's CPU side: `expand` writes exactly the text NVRTC is given for a tree, and the text of a
+git revision; `time`'s argument parsing refuses a malformed build before any GPU work."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "bench" / "ab_sources.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("bench_ab_sources", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("source", ["bsfa_fwd_sm90ws.cu", "bsfa_fwd_sm80.cu"])
+def test_expand_of_a_tree_is_the_runtime_source(tmp_path, source):
+    from bsfa_cupy._source import kernel_source
+
+    out = tmp_path / "k.cu"
+    _load().main(["expand", str(ROOT), str(out), "--source", source])
+    assert out.read_text() == kernel_source(source)
+
+
+def test_expand_of_a_revision_folds_its_headers(tmp_path):
+    if shutil.which("git") is None or subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"],
+                                                     capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout")
+    out = tmp_path / "k.cu"
+    cwd = Path.cwd()
+    try:
+        os.chdir(ROOT)
+        _load().main(["expand", "HEAD", str(out)])
+    finally:
+        os.chdir(cwd)
+    text = out.read_text()
+    assert '#include "' not in text, "a local include was left unfolded"
+    assert 'extern "C" __global__' in text and "bsfa_fwd" in text
+
+
+def test_time_refuses_an_unknown_case_set():
+    with pytest.raises(SystemExit):
+        _load().main(["time", "a=x.cu", "--cases", "nosuch"])
