@@ -233,6 +233,8 @@ __device__ __forceinline__ void consumer_tile(const Params& p, const SmemWs<TR>&
     const TileLoop<TR, kCausal, kVarlen> t{p, sm, qt, plan, p.softmax_scale * kLog2e, keep_row, seq};
     const int my_turn = TR::kBarTurn + t.wg();
     const int their_turn = TR::kBarTurn + 1 - t.wg();
+    // TileLoop::k_desc / v_desc spelled out on this function's sm: through
+    // t the gated loop schedules differently (its SASS, kept since v16).
     auto k_desc = [&](int s) { return make_desc(sm.k() + s * TR::kKVBytes, 16, kSwizzleAtomBytes); };
     auto v_desc = [&](int s) { return make_desc(sm.v() + s * TR::kKVBytes, TR::kKVPanelBytes, kSwizzleAtomBytes); };
 
