@@ -118,33 +118,37 @@ struct TileLoop {
 };
 
 // Hands the K slot of block n (and, after the tile's last block, first, the
-// Q tile) back, then masks block n's S and posts its votes.
+// Q tile) back once S of block n is in.
+template <class TR, bool kCausal, bool kVarlen>
+__device__ __forceinline__ void release_k(const TileLoop<TR, kCausal, kVarlen>& t,
+                                          float (&S)[TR::kBlockSNBlocks][4], int n, int first,
+                                          const PipeState<TR::kStages>& kv) {
+    fence_regs(flat(S));
+    if (t.lane() == 0) {
+        mbar_arrive(t.sm.bar(TR::kBarKEmpty + kv.stage));
+        if (n == first) mbar_arrive(t.sm.bar(TR::kBarQEmpty));
+    }
+}
+
+// release_k, then masks block n's S and posts its votes.
 template <class TR, bool kCausal, bool kVarlen>
 __device__ __forceinline__ PostedGate finish_qk(const TileLoop<TR, kCausal, kVarlen>& t,
                                                 float (&S)[TR::kBlockSNBlocks][4], int n, int first,
                                                 const PipeState<TR::kStages>& kv, unsigned vote_idx,
                                                 float (&vmx)[TR::kKeyHalves][2]) {
-    fence_regs(flat(S));
-    if (t.lane() == 0) {
-        mbar_arrive(t.sm.bar(TR::kBarKEmpty + kv.stage));
-        if (n == first) mbar_arrive(t.sm.bar(TR::kBarQEmpty));
-    }
+    release_k(t, S, n, first, kv);
     const MaskBounds mb = t.bounds();
     return gate_post<TR, kCausal>(S, t.qt, t.plan, n, t.qt.q0 + t.row(), t.lane(), t.consumer_warp(), t.p, t.sm,
                                   vote_idx, mb.Nq, mb.Nk, mb.shift, vmx);
 }
 
-// finish_qk of a dense launch: the K slot handed back as there, block n's S
-// masked, every valid half kept (returned, and reported in keep_row).
+// finish_qk of a dense launch: release_k, block n's S masked, every valid
+// half kept (returned, and reported in keep_row).
 template <class TR, bool kCausal, bool kVarlen>
 __device__ __forceinline__ unsigned finish_qk_dense(const TileLoop<TR, kCausal, kVarlen>& t,
                                                     float (&S)[TR::kBlockSNBlocks][4], int n, int first,
                                                     const PipeState<TR::kStages>& kv) {
-    fence_regs(flat(S));
-    if (t.lane() == 0) {
-        mbar_arrive(t.sm.bar(TR::kBarKEmpty + kv.stage));
-        if (n == first) mbar_arrive(t.sm.bar(TR::kBarQEmpty));
-    }
+    release_k(t, S, n, first, kv);
     const MaskBounds mb = t.bounds();
     const unsigned valid = mask_block<TR, kCausal>(S, t.qt, n, t.qt.q0 + t.row(), t.lane(), mb.Nq, mb.Nk, mb.shift);
     write_keep<TR>(t.keep_row, n, valid, valid);
