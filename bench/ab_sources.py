@@ -2,8 +2,8 @@
 
 Usage (two steps, the first where git is, the second on the GPU machine):
   python bench/ab_sources.py expand REV OUT.cu [--source bsfa_fwd_sm90ws.cu]
-      the source as of git revision REV (or a directory holding a kernels_cu/ tree), headers folded in,
-      the text NVRTC compiles
+      the source as of git revision REV of this checkout (or a directory holding a kernels_cu/ tree),
+      headers folded in, the text NVRTC compiles
   python bench/ab_sources.py time NAME=FILE.cu[:DENSE_ENTRY] ... [--cases main|bar] [--out DIR]
       times the library's module ("base") and each NAME: FILE.cu compiled as a module of its own, whose
       bsfa_fwd replaces the library's (DENSE_ENTRY, e.g. bsfa_fwd_dense, for the calls without
@@ -41,8 +41,13 @@ def expand(rev: str, out: str, source: str) -> None:
         if Path(rev).is_dir():
             root = Path(rev) / "kernels_cu"
         else:
-            blob = subprocess.run(["git", "archive", rev, "kernels_cu"], check=True, capture_output=True).stdout
-            tarfile.open(fileobj=io.BytesIO(blob)).extractall(tmp)
+            blob = subprocess.run(["git", "archive", rev, "kernels_cu"], check=True, capture_output=True,
+                                  cwd=Path(__file__).resolve().parents[1]).stdout
+            with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+                if hasattr(tarfile, "data_filter"):  # Python >= 3.12 (and late 3.10 / 3.11 patch releases)
+                    tar.extractall(tmp, filter="data")
+                else:
+                    tar.extractall(tmp)
             root = Path(tmp) / "kernels_cu"
         real = _source.kernels_dir
         _source.kernels_dir = lambda: root
