@@ -4,7 +4,7 @@ Usage (two steps, the first where git is, the second on the GPU machine):
   python bench/ab_sources.py expand REV OUT.cu [--source bsfa_fwd_sm90ws.cu]
       the source as of git revision REV of this checkout (or a directory holding a kernels_cu/ tree),
       headers folded in, the text NVRTC compiles
-  python bench/ab_sources.py time NAME=FILE.cu[:DENSE_ENTRY] ... [--cases main|bar] [--out DIR]
+  python bench/ab_sources.py time NAME=FILE.cu[:DENSE_ENTRY] ... [--cases main|bar|heads|long|quick] [--out DIR]
       times the library's module ("base") and each NAME: FILE.cu compiled as a module of its own, whose
       bsfa_fwd replaces the library's (DENSE_ENTRY, e.g. bsfa_fwd_dense, for the calls without
       thresholds); name one file twice to see the spread between two identical builds.
@@ -31,6 +31,14 @@ CASES = {
     "bar": [dict(n=n) for n in (8192, 16384, 32768)]
     + [dict(n=16384, dtype="bfloat16", rhos=()), dict(n=16384, hkv=32, rhos=()), dict(n=16384, causal=False, rhos=()),
        dict(n=32768, d=64, rhos=(0.25,)), dict(n=2048, b=8, rhos=()), dict(n=1024, b=32, rhos=())],
+    # the tile order's cases: Hkv = Hq, where no GQA group shares a K/V head, against Hkv = 8 and small batches
+    "heads": [dict(n=n, hkv=32, rhos=()) for n in (8192, 16384, 32768, 65536)]
+    + [dict(n=16384, hkv=32, dtype="bfloat16", rhos=()), dict(n=8192, rhos=()), dict(n=16384, rhos=(0.25,)),
+       dict(n=65536, rhos=()), dict(n=16384, causal=False, hkv=32, rhos=()), dict(n=2048, b=8, rhos=()),
+       dict(n=1024, b=32, rhos=())],
+    "long": [dict(n=n, hkv=32, rhos=()) for n in (16384, 32768, 65536, 131072)]
+    + [dict(n=32768, hkv=32, dtype="bfloat16", rhos=())] + [dict(n=n, rhos=()) for n in (16384, 65536, 131072)]
+    + [dict(n=32768, rhos=(0.25,))],
 }
 
 

@@ -106,7 +106,7 @@ __device__ __forceinline__ void block_max_consumer(const Params& p, const SmemWs
     const bool writer = wg == 0 && tid == 0;
     const int nQ = ceil_div(p.Nq, TR::kBlockM);
     const int nK = ceil_div(p.Nk, TR::kBlockN);
-    const PersistentSchedule<kCausal> sched(nQ, p.Hq, p.B);
+    const PersistentSchedule<kCausal> sched(nQ, p.Hq, p.B, p.Hq / p.Hkv);
     const unsigned long long q_desc = make_desc(sm.q() + wg * TR::kWgmmaM * kSwizzleBytes, 16, kSwizzleAtomBytes);
     PipeState<TR::kBlockMaxStages> kv;
     unsigned q_phase = 0;

@@ -351,7 +351,8 @@ __device__ __forceinline__ void consumer_loop(const Params& p, const SmemWs<TR>&
     const ConsumerThread ct(wg, tid);
     const int nQ = ceil_div(p.Nq, TR::kBlockM);
     const int nK = ceil_div(p.Nk, TR::kBlockN);
-    const PersistentSchedule<kCausal, kSplit> sched(nQ, TR::kPackHeads ? p.Hq / 2 : p.Hq, p.B, p.num_splits);
+    const PersistentSchedule<kCausal, kSplit> sched(nQ, TR::kPackHeads ? p.Hq / 2 : p.Hq, p.B, p.Hq / p.Hkv,
+                                                    p.num_splits);
     PipeState<TR::kStages> kv;
     unsigned q_phase = 0;
     unsigned vote_idx = 0;

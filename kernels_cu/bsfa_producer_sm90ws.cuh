@@ -53,9 +53,9 @@ __device__ __forceinline__ void fill_slot(unsigned dst, const TmaDesc& desc, uns
 template <class TR, bool kCausal, bool kLoadV = true, bool kVarlen = false, bool kSplit = false>
 __device__ __forceinline__ void producer_loop(const Params& p, const TmaDesc& tq, const TmaDesc& tk,
                                               const TmaDesc& tv, const SmemWs<TR>& sm) {
-    const PersistentSchedule<kCausal, kSplit> sched(ceil_div(p.Nq, TR::kBlockM), TR::kPackHeads ? p.Hq / 2 : p.Hq,
-                                                    p.B, p.num_splits);
     const int group = p.Hq / p.Hkv;
+    const PersistentSchedule<kCausal, kSplit> sched(ceil_div(p.Nq, TR::kBlockM), TR::kPackHeads ? p.Hq / 2 : p.Hq,
+                                                    p.B, group, p.num_splits);
     PipeState<kLoadV ? TR::kStages : TR::kBlockMaxStages> kv;
     unsigned q_phase = 0;
 #pragma unroll 1

@@ -2,14 +2,32 @@
 // kGridPersistent): a grid of at most one CTA per SM walks the list of work
 // tiles (query tile, head, batch), or (query tile, key split, head, batch)
 // for the split-KV entry (kSplit: the key blocks of each query tile cut into
-// p.num_splits contiguous ranges, KeyBlocks).  The list is ordered heaviest first for
-// causal (the query tiles with the most key tiles first), and within one
-// query-tile rank by b * Hq + h, so the heads that share a K/V head run side
-// by side and read it through L2 once.  CTA i takes tile i of round 0, then
-// rounds go boustrophedon (round r takes r * G + i, or r * G + G-1-i when r
-// is odd): the CTA that got the heaviest tile of one round gets the lightest
-// of the next, which evens out the causal triangle without an atomic
-// counter, and producer and consumers derive the same sequence on their own.
+// p.num_splits contiguous ranges, KeyBlocks).  CTA i takes tile i of round 0,
+// then rounds go boustrophedon (round r takes r * G + i, or r * G + G-1-i
+// when r is odd): the CTA that got the heaviest tile of one round gets the
+// lightest of the next, which evens out the causal triangle without an
+// atomic counter, and producer and consumers derive the same sequence on
+// their own.
+//
+// Without kSplit the list is cut into sections of whole GQA groups of
+// heads (b * Hq + h), each at least kSectionRounds rounds long and ordered
+// section by section, within one heaviest query tile first for causal,
+// heads fastest.  The CTAs in flight at once then share the K/V heads of
+// one or two sections, so that each K/V block fetched from DRAM serves many
+// of them through L2, as many with one query head per K/V head as with a
+// group of four (one section, the whole list query tile by query tile,
+// served a K/V head to G / (B * Hkv) CTAs at a time: 4 at Hq = Hkv = 32;
+// bench/NOTES.md, v18).  Each section is padded to a whole number of round
+// pairs (padded slots have no tile, index -1), so that every boustrophedon
+// pair of rounds lies within one monotone section: unpadded, a pair across
+// a seam gives some CTAs two of the heaviest tiles (13-16 % slower at 8K
+// with 4-round sections, v18).  Sections of 16 rounds, padded, keep the
+// busiest CTA within 0.5 % of the mean in a model of the causal schedule
+// at N = 8K-128K, Hkv = 8 and 32, B = 8 x 2K, B = 32 x 1K; a problem that
+// one section covers (8K here) keeps the plain list.  kSplit keeps
+// one section: within one query-tile rank the splits go split by split,
+// heads fastest, so the CTAs in flight at once read the same key range of
+// a GQA group's K/V head.
 //
 // Includes what it needs.
 #pragma once
@@ -25,40 +43,69 @@ struct WorkTile {
     int s;  // key split (0 without kSplit)
 };
 
-// kSplit: within one query-tile rank the splits go split by split, heads
-// fastest, so the CTAs in flight at once read the same key range of a GQA
-// group's K/V head side by side (L2), as without splits.
 template <bool kHeavyFirst, bool kSplit = false>
 struct PersistentSchedule {
+    static constexpr int kSectionRounds = 16;
     int nQ;
     int Hq;
     int total;  // nQ * B * Hq (* splits), < 2^31 (checked on the host)
-    int BH;     // B * Hq (kSplit)
+    int BH;     // B * Hq
+    int width;  // (b, h) pairs a section (without kSplit)
+    int span;   // list slots a section, padding included
+    int slots;  // list slots in all, padding included
 
-    __device__ __forceinline__ PersistentSchedule(int nQ_, int Hq_, int B, int splits = 1)
-        : nQ(nQ_), Hq(Hq_), total(kSplit ? nQ_ * Hq_ * B * splits : nQ_ * Hq_ * B), BH(kSplit ? Hq_ * B : 0) {}
+    // group: query heads per K/V head (Hq / Hkv; a divisor of Hq).
+    __device__ __forceinline__ PersistentSchedule(int nQ_, int Hq_, int B, int group, int splits = 1)
+        : nQ(nQ_), Hq(Hq_), total(kSplit ? nQ_ * Hq_ * B * splits : nQ_ * Hq_ * B), BH(Hq_ * B), width(BH),
+          span(total), slots(total) {
+        if constexpr (!kSplit) {
+            const int pair = 2 * (int)gridDim.x;
+            const int w = ceil_div(kSectionRounds * (int)gridDim.x, nQ_ * group) * group;
+            // Padding adds at most a pair of rounds a section; a list near
+            // 2^31 slots (never in practice) stays in one section.
+            if (w < BH && total <= (1 << 29)) {
+                width = w;
+                span = ceil_div(w * nQ_, pair) * pair;
+                slots = ceil_div(BH, w) * span;
+            }
+        }
+    }
 
-    // The index of this CTA's tile in round r, or -1 once the list is done.
-    // Rounds are walked while r * G < total.
+    // The index of this CTA's tile in round r, or -1 once the list is done
+    // or where round r gives it a padding slot.  Rounds are walked while r * G < slots.
     __device__ __forceinline__ int index(int r) const {
         const int G = gridDim.x;
         const int i = (r & 1) ? G - 1 - (int)blockIdx.x : (int)blockIdx.x;
         const int j = r * G + i;
-        return j < total ? j : -1;
+        if (j >= slots) return -1;
+        if constexpr (!kSplit) {
+            const int sec = j / span;
+            const int w0 = sec * width;
+            const int w = BH - w0 < width ? BH - w0 : width;  // the last section may be narrower
+            if (j - sec * span >= w * nQ) return -1;
+        }
+        return j;
     }
 
-    __device__ __forceinline__ bool rounds_left(int r) const { return r * (int)gridDim.x < total; }
+    __device__ __forceinline__ bool rounds_left(int r) const { return r * (int)gridDim.x < slots; }
 
     __device__ __forceinline__ WorkTile tile(int j) const {
-        const int per_rank = total / nQ;
-        const int rank = j / per_rank;
-        int bh = j - rank * per_rank;
-        int s = 0;
         if constexpr (kSplit) {
-            s = bh / BH;
+            const int per_rank = total / nQ;
+            const int rank = j / per_rank;
+            int bh = j - rank * per_rank;
+            const int s = bh / BH;
             bh -= s * BH;
+            return WorkTile{kHeavyFirst ? nQ - 1 - rank : rank, bh % Hq, bh / Hq, s};
+        } else {
+            const int sec = j / span;
+            const int w0 = sec * width;
+            const int w = BH - w0 < width ? BH - w0 : width;
+            const int within = j - sec * span;
+            const int rank = within / w;
+            const int bh = w0 + within - rank * w;
+            return WorkTile{kHeavyFirst ? nQ - 1 - rank : rank, bh % Hq, bh / Hq, 0};
         }
-        return WorkTile{kHeavyFirst ? nQ - 1 - rank : rank, bh % Hq, bh / Hq, s};
     }
 };
 
