@@ -3,7 +3,9 @@
 Everything of one invocation runs in one process on one GPU, timed with CUDA events on torch's
 current stream (our kernel launches there when handed torch tensors): warm-up first, then the
 median over repeats of a back-to-back batch of calls that rotates between input sets so repeats do
-not find their inputs in L2. TFLOP/s always use the dense-equivalent FLOPs (causal 2·B·Hq·N²·D,
+not find their inputs in L2. The implementations of one shape take their repeats in turn (ours
+dense, block_max, sparse per keep fraction, then each peer, and again), so that a drift of clocks
+or temperature over the shape's timings falls on all of them alike. TFLOP/s always use the dense-equivalent FLOPs (causal 2·B·Hq·N²·D,
 non-causal twice that), so sparse rows show effective throughput.
 """
 from __future__ import annotations
@@ -78,21 +80,44 @@ class Timer:
         self.repeats, self.inner = repeats, inner
 
     def __call__(self, fn, n_sets):
+        got = self.many({"fn": fn}, n_sets)["fn"]
+        if isinstance(got, BaseException):
+            raise got
+        return got
+
+    def many(self, fns: dict, n_sets: int) -> dict:
+        """Median ms per callable(i) of ``fns``, their repeats interleaved; a callable that raises gets
+        its exception instead and takes no further turns."""
         import torch
 
-        for i in range(2):
-            fn(i % n_sets)
+        out: dict = {}
+        live = {}
+        for name, fn in fns.items():
+            try:
+                for i in range(2):
+                    fn(i % n_sets)
+                live[name] = fn
+            except Exception as exc:  # noqa: BLE001 -- reported per implementation
+                out[name] = exc
         torch.cuda.synchronize()
-        times = []
+        times: dict = {name: [] for name in live}
         for r in range(self.repeats):
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for i in range(self.inner):
-                fn((r * self.inner + i) % n_sets)
-            stop.record()
-            stop.synchronize()
-            times.append(start.elapsed_time(stop) / self.inner)
-        return float(np.median(times))
+            for name, fn in list(live.items()):
+                start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                try:
+                    start.record()
+                    for i in range(self.inner):
+                        fn((r * self.inner + i) % n_sets)
+                    stop.record()
+                    stop.synchronize()
+                except Exception as exc:  # noqa: BLE001
+                    out[name] = exc
+                    del live[name]
+                    torch.cuda.synchronize()
+                    continue
+                times[name].append(start.elapsed_time(stop) / self.inner)
+        out.update({name: float(np.median(times[name])) for name in live})
+        return {name: out[name] for name in fns}
 
 
 def _input_sets(b, n, hq, hkv, d, dtype, l2_bytes):
@@ -210,18 +235,26 @@ def run(cfg: Config, *, progress=True, echo=print, out_dir=".", tag="") -> dict:
             continue
         try:
             with torch.inference_mode():
-                if cfg.ours:
-                    _bench_ours(cfg, sets, n, causal, timer, add, bsfa_cupy, cp)
-                if cfg.ours and cfg.calibrated and causal:
-                    _bench_calibrated(cfg, sets, n, d, hkv, dtype, timer, add, bsfa_cupy, cp, make_sample)
+                # (label, impl, callable(i), extra row fields), timed together, repeats interleaved
+                entries = _ours_entries(cfg, sets, n, causal, bsfa_cupy, cp) if cfg.ours else []
                 for peer in cfg.peers:
                     try:
-                        fn = _peer_fns(peer, sets, causal, n)
-                        add(peer, ms=timer(fn, len(sets)))
+                        entries.append((peer, peer, _peer_fns(peer, sets, causal, n), {}))
                     except torch.OutOfMemoryError:
                         add(peer, error="out of memory")
                     except Exception as exc:  # a peer refusing a shape is a result, not a crash
                         add(peer, error=_short(exc))
+                got = timer.many({label: fn for label, _, fn, _ in entries}, len(sets))
+                for label, impl, _, kw in entries:
+                    res = got[label]
+                    if isinstance(res, torch.OutOfMemoryError):
+                        add(impl, error="out of memory", **kw)
+                    elif isinstance(res, BaseException):
+                        add(impl, error=_short(res), **kw)
+                    else:
+                        add(impl, ms=res, **kw)
+                if cfg.ours and cfg.calibrated and causal:
+                    _bench_calibrated(cfg, sets, n, d, hkv, dtype, timer, add, bsfa_cupy, cp, make_sample)
         except torch.OutOfMemoryError:
             add("bsfa-dense", error="out of memory")
         del sets
@@ -250,22 +283,24 @@ def _warm_up_clocks(seconds=1.0):
         torch.cuda.synchronize()
 
 
-def _bench_ours(cfg, sets, n, causal, timer, add, bsfa_cupy, cp):
+def _ours_entries(cfg, sets, n, causal, bsfa_cupy, cp):
     be = cfg.backend
-    add("bsfa-dense", ms=timer(lambda i: bsfa_cupy.attention(*sets[i], causal=causal, backend=be), len(sets)))
+    entries = [("bsfa-dense", "bsfa-dense", lambda i: bsfa_cupy.attention(*sets[i], causal=causal, backend=be), {})]
     if cfg.blockmax:
-        add("bsfa-blockmax",
-            ms=timer(lambda i: bsfa_cupy.block_max_scores(*sets[i][:2], causal=causal, backend=be), len(sets)))
+        entries.append(("bsfa-blockmax", "bsfa-blockmax",
+                        lambda i: bsfa_cupy.block_max_scores(*sets[i][:2], causal=causal, backend=be), {}))
     if not causal:
-        return
+        return entries
     tile_max = [cp.from_dlpack(bsfa_cupy.block_max_scores(q, k, backend=be))[0] for q, k, _ in sets]
     for rho in cfg.rhos:
         # Validated once, as a per-layer loop would hold them: no NaN check (a stream wait) per call.
         thr = [bsfa_cupy.DeviceThresholds(thresholds_for_rho(tm, rho, n)) for tm in tile_max]
         _, keep = bsfa_cupy.attention(*sets[0], thr[0], return_keep=True, backend=be)
         got = realised_rho(cp.from_dlpack(keep), n)
-        ms = timer(lambda i: bsfa_cupy.attention(*sets[i], thr[i], backend=be), len(sets))
-        add("bsfa-sparse", ms=ms, rho=got, rho_target=rho)
+        entries.append((f"bsfa-sparse@{rho}", "bsfa-sparse",
+                        lambda i, thr=thr: bsfa_cupy.attention(*sets[i], thr[i], backend=be),
+                        dict(rho=got, rho_target=rho)))
+    return entries
 
 
 def _bench_calibrated(cfg, sets, n, d, hkv, dtype, timer, add, bsfa_cupy, cp, make_sample):
