@@ -7,7 +7,9 @@ Usage (two steps, the first where git is, the second on the GPU machine):
   python bench/ab_sources.py time NAME=FILE.cu[:DENSE_ENTRY] ... [--cases main|bar|heads|long|quick] [--out DIR]
       times the library's module ("base") and each NAME: FILE.cu compiled as a module of its own, whose
       bsfa_fwd replaces the library's (DENSE_ENTRY, e.g. bsfa_fwd_dense, for the calls without
-      thresholds); name one file twice to see the spread between two identical builds.
+      thresholds); name one file twice to see the spread between two identical builds. NAME=@mc is the
+      library's own module with its cluster entries (bsfa_fwd_mc, bsfa_fwd_dense_mc, bsfa_block_max_mc)
+      in the plain ones' places. --block-max also times block_max_scores per build.
 Per case (B=1, Hq=32, causal unless noted): torch SDPA's cuDNN backend, then per build dense and sparse
 (rho of the gated tiles kept, thresholds from the inputs' tile maxima, as `bsfa bench` sets them), timed in
 9 interleaved repeats of 3 calls (median), the plan cache cleared at every switch (attention keeps kernel
@@ -65,7 +67,7 @@ def expand(rev: str, out: str, source: str) -> None:
             _source.kernels_dir = real
 
 
-def time_builds(specs, cases, out_dir):
+def time_builds(specs, cases, out_dir, block_max=False):
     import cupy as cp
     import numpy as np
     import torch
@@ -77,6 +79,9 @@ def time_builds(specs, cases, out_dir):
     builds = {}
     for spec in specs:
         name, _, rest = spec.partition("=")
+        if rest == "@mc":
+            builds[name] = None
+            continue
         path, _, dense_entry = rest.partition(":")
         builds[name] = (Path(path).read_text(), dense_entry or "bsfa_fwd")
     names = ["base", *builds]
@@ -89,6 +94,10 @@ def time_builds(specs, cases, out_dir):
         b = mode["build"]
         if key.arch != "sm90ws" or b == "base":
             return mod
+        if builds[b] is None:  # @mc: the cluster entries of the library's own module
+            if mod.fwd_mc is None:
+                raise SystemExit(f"{key.name()}: this module has no cluster entries (head dim 128 only)")
+            return dataclasses.replace(mod, fwd=mod.fwd_mc, fwd_dense=mod.fwd_dense_mc, block_max=mod.block_max_mc)
         text, dense_entry = builds[b]
         entry = dense_entry if mode["dense"] else "bsfa_fwd"
         if (key, b, entry) not in cache:
@@ -132,6 +141,9 @@ def time_builds(specs, cases, out_dir):
             fns = [("cudnn", "base", True, cudnn)]
             for name in names:
                 fns.append((f"{name}:dense", name, True, lambda i: bsfa_cupy.attention(*sets[i], causal=causal)))
+                if block_max:
+                    fns.append((f"{name}:block_max", name, True,
+                                lambda i: bsfa_cupy.block_max_scores(*sets[i][:2], causal=causal)))
                 for r, th in thr.items():
                     fns.append((f"{name}:rho{r}", name, False,
                                 lambda i, th=th: bsfa_cupy.attention(*sets[i], th[i], causal=causal)))
@@ -155,6 +167,9 @@ def time_builds(specs, cases, out_dir):
         case = [head + "".join(f" | {m} {tf / row[m + ':dense']:.0f} TF ({row['cudnn'] / row[m + ':dense']:.3f}x)"
                                for m in names)]
         case += [f"    {m}: max|dout| {row[m + ':dout']:.2e} max|dlse| {row[m + ':dlse']:.2e}" for m in names[1:]]
+        if block_max:
+            case += ["    block_max ms (x own dense): " + "  ".join(
+                f"{m} {row[m + ':block_max']:.3f} ({row[m + ':block_max'] / row[m + ':dense']:.2f})" for m in names)]
         case += [f"    {m} sparse ms (x cuDNN dense): " + "  ".join(
             f"rho{r}: {row[f'{m}:rho{r}']:.3f} ({row['cudnn'] / row[f'{m}:rho{r}']:.2f}x)" for r in rhos)
             for m in (names if rhos else ())]
@@ -179,11 +194,12 @@ def main(argv=None):
     t.add_argument("builds", nargs="+", help="NAME=FILE.cu[:DENSE_ENTRY]")
     t.add_argument("--cases", choices=sorted(CASES), default="bar")
     t.add_argument("--out", default=None)
+    t.add_argument("--block-max", action="store_true", help="time block_max_scores per build too")
     args = p.parse_args(argv)
     if args.cmd == "expand":
         expand(args.rev, args.out, args.source)
     else:
-        time_builds(args.builds, CASES[args.cases], args.out)
+        time_builds(args.builds, CASES[args.cases], args.out, args.block_max)
 
 
 if __name__ == "__main__":

@@ -40,9 +40,15 @@ class Kernel:
     sms: int  # multiprocessors of the device (the persistent grid's width)
     tma: int = 0  # > 0: takes tensor maps (q, k[, v]) after the Params, boxes of this many rows
     n_maps: int = 0
+    cluster: int = 1  # CTAs per cluster (the sm90ws cluster entries: 2, over pairs of query heads)
 
     def grid(self, B: int, Hq: int, nQ: int) -> tuple[int, int, int]:
-        return _launch.grid(self.grid_kind, B, Hq, nQ, self.sms)
+        if self.cluster == 1:
+            return _launch.grid(self.grid_kind, B, Hq, nQ, self.sms)
+        if Hq % self.cluster:
+            raise ValueError(f"a cluster entry takes query heads {self.cluster} at a time, got Hq={Hq}")
+        g = _launch.grid(self.grid_kind, B, Hq // self.cluster, nQ, self.sms // self.cluster)
+        return (g[0] * self.cluster, g[1], g[2])
 
     def launch(self, B: int, Hq: int, nQ: int, params, maps: tuple = ()) -> None:
         """On CuPy's current stream (the caller's, see ``_arrays.on``)."""
@@ -70,6 +76,13 @@ class Module:
     fwd_dense: Kernel | None = None
     fwd_split_dense: Kernel | None = None
     fwd_split_pack_dense: Kernel | None = None
+    # sm90ws at head dim 128: bsfa_fwd, bsfa_fwd_dense and bsfa_block_max on clusters of two CTAs that share K
+    # and V loads (two query heads of a GQA group: the caller must ensure that Hq / Hkv is even, else the pair
+    # spans two K/V heads). Not routed by attention yet: their GPU validation and timing come first
+    # (bench/NOTES.md, v18).
+    fwd_mc: Kernel | None = None
+    fwd_dense_mc: Kernel | None = None
+    block_max_mc: Kernel | None = None
 
     def forward(self, gated: bool) -> Kernel:
         """The unsplit forward entry of a call with (``gated``) or without thresholds."""
@@ -160,6 +173,12 @@ def get_module(key: VariantKey, backend: Backend, device_id: int) -> Module:
             split = {e: _kernel(raw, "bsfa_" + e, "BSFA_FWD", grid_kind, sms, fwd.tma, 3) for e in entries}
             split.update(split_pack_q_box=_read_int(raw, "BSFA_FWD_SPLIT_PACK_Q_BOX"),
                          combine=raw.get_function("bsfa_combine"), combine_warps=_read_int(raw, "BSFA_COMBINE_WARPS"))
+            cluster = _read_int(raw, "BSFA_FWD_MC")
+            if cluster:
+                split.update({e: _kernel(raw, "bsfa_" + e, "BSFA_FWD", grid_kind, sms, fwd.tma, 3, cluster)
+                              for e in ("fwd_mc", "fwd_dense_mc")})
+                split["block_max_mc"] = _kernel(raw, "bsfa_block_max_mc", "BSFA_BLOCK_MAX", grid_kind, sms, bmax.tma, 2,
+                                                cluster)
     return Module(key, backend.defines, fwd, fwd_varlen, bmax, raw, **split)
 
 
@@ -172,10 +191,11 @@ def _read_int(raw, symbol: str) -> int:
     return int(host[0])
 
 
-def _kernel(raw, fn_name: str, prefix: str, grid_kind: int, sms: int, tma: int, n_maps: int) -> Kernel:
+def _kernel(raw, fn_name: str, prefix: str, grid_kind: int, sms: int, tma: int, n_maps: int,
+            cluster: int = 1) -> Kernel:
     fn = raw.get_function(fn_name)
     threads, smem = _read_int(raw, prefix + "_THREADS"), _read_int(raw, prefix + "_SMEM_BYTES")
-    k = Kernel(fn, threads, smem, grid_kind, sms, tma, n_maps if tma else 0)
+    k = Kernel(fn, threads, smem, grid_kind, sms, tma, n_maps if tma else 0, cluster)
     _opt_in_smem(fn, k.smem)
     return k
 

@@ -37,7 +37,7 @@ __device__ __forceinline__ void post_block_maxima(const Params& p, const SmemWs<
                                                   const PipeState<TR::kBlockMaxStages>& kv, unsigned post_idx) {
     fence_regs(flat(S));
     if (lane == 0) {
-        mbar_arrive(sm.bar(TR::kBarKEmpty + kv.stage));
+        mbar_arrive_cluster<TR::kClusterCtas>(sm.bar(TR::kBarKEmpty + kv.stage));
         if (n == 0) mbar_arrive(sm.bar(TR::kBarQEmpty));
     }
     const unsigned slot = post_idx % TR::kVoteSlots;
@@ -106,7 +106,8 @@ __device__ __forceinline__ void block_max_consumer(const Params& p, const SmemWs
     const bool writer = wg == 0 && tid == 0;
     const int nQ = ceil_div(p.Nq, TR::kBlockM);
     const int nK = ceil_div(p.Nk, TR::kBlockN);
-    const PersistentSchedule<kCausal> sched(nQ, p.Hq, p.B, p.Hq / p.Hkv);
+    constexpr int kC = TR::kClusterCtas;
+    const PersistentSchedule<kCausal, false, kC> sched(nQ, p.Hq / kC, p.B, p.Hq / p.Hkv / kC);
     const unsigned long long q_desc = make_desc(sm.q() + wg * TR::kWgmmaM * kSwizzleBytes, 16, kSwizzleAtomBytes);
     PipeState<TR::kBlockMaxStages> kv;
     unsigned q_phase = 0;

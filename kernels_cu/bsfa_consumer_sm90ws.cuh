@@ -125,7 +125,7 @@ __device__ __forceinline__ void release_k(const TileLoop<TR, kCausal, kVarlen>& 
                                           const PipeState<TR::kStages>& kv) {
     fence_regs(flat(S));
     if (t.lane() == 0) {
-        mbar_arrive(t.sm.bar(TR::kBarKEmpty + kv.stage));
+        mbar_arrive_cluster<TR::kClusterCtas>(t.sm.bar(TR::kBarKEmpty + kv.stage));
         if (n == first) mbar_arrive(t.sm.bar(TR::kBarQEmpty));
     }
 }
@@ -213,7 +213,7 @@ __device__ __forceinline__ void dense_block(const TileLoop<TR, kCausal, kVarlen>
     fence_regs(flat(O));
     fence_regs(P);
     if (prev_kept == 0) mbar_wait(t.sm.bar(TR::kBarVFull + prev.stage), prev.phase);
-    if (t.lane() == 0) mbar_arrive(t.sm.bar(TR::kBarVEmpty + prev.stage));
+    if (t.lane() == 0) mbar_arrive_cluster<TR::kClusterCtas>(t.sm.bar(TR::kBarVEmpty + prev.stage));
     if (rescale) rescale_rows(O, alpha);
     copy_regs(P, Pn);
     kv.advance();
@@ -304,7 +304,7 @@ __device__ __forceinline__ void consumer_tile(const Params& p, const SmemWs<TR>&
             // Skipped blocks still wait for their (speculative) V: the slot is
             // only handed back once the copy into it is over.
             if (prev_kept == 0) mbar_wait(sm.bar(TR::kBarVFull + prev.stage), prev.phase);
-            if (t.lane() == 0) mbar_arrive(sm.bar(TR::kBarVEmpty + prev.stage));
+            if (t.lane() == 0) mbar_arrive_cluster<TR::kClusterCtas>(sm.bar(TR::kBarVEmpty + prev.stage));
             if (rescale) rescale_rows(O, alpha);
             if (kept != 0) {
 #pragma unroll
@@ -342,7 +342,7 @@ __device__ __forceinline__ void consumer_tile(const Params& p, const SmemWs<TR>&
     wgmma_wait<0>();
     fence_regs(flat(O));
     fence_regs(P);
-    if (t.lane() == 0) mbar_arrive(sm.bar(TR::kBarVEmpty + prev.stage));
+    if (t.lane() == 0) mbar_arrive_cluster<TR::kClusterCtas>(sm.bar(TR::kBarVEmpty + prev.stage));
 }
 
 template <class TR, bool kCausal, bool kVarlen = false, bool kSplit = false, bool kGated = true>
@@ -351,8 +351,9 @@ __device__ __forceinline__ void consumer_loop(const Params& p, const SmemWs<TR>&
     const ConsumerThread ct(wg, tid);
     const int nQ = ceil_div(p.Nq, TR::kBlockM);
     const int nK = ceil_div(p.Nk, TR::kBlockN);
-    const PersistentSchedule<kCausal, kSplit> sched(nQ, TR::kPackHeads ? p.Hq / 2 : p.Hq, p.B, p.Hq / p.Hkv,
-                                                    p.num_splits);
+    constexpr int kC = TR::kClusterCtas;
+    const PersistentSchedule<kCausal, kSplit, kC> sched(nQ, TR::kPackHeads ? p.Hq / 2 : p.Hq / kC, p.B,
+                                                        p.Hq / p.Hkv / kC, p.num_splits);
     PipeState<TR::kStages> kv;
     unsigned q_phase = 0;
     unsigned vote_idx = 0;

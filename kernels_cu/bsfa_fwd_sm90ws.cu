@@ -27,6 +27,10 @@
 // bsfa_fwd_split_dense and bsfa_fwd_split_pack_dense are bsfa_fwd,
 // bsfa_fwd_split and bsfa_fwd_split_pack for dense calls (thr_mode 0),
 // compiled without the gate: the same arguments and results.
+// bsfa_fwd_mc, bsfa_fwd_dense_mc and bsfa_block_max_mc (head dim 128, an
+// even GQA group; BSFA_FWD_MC = 2): the same as bsfa_fwd, bsfa_fwd_dense and
+// bsfa_block_max, two CTAs a cluster sharing K and V loads, on a grid of
+// 2 * min(SMs / 2, tiles / 2).
 
 #if !defined(BSFA_DTYPE) || (BSFA_DTYPE != 0 && BSFA_DTYPE != 1)
 #error "BSFA_DTYPE must be 0 (float16) or 1 (bfloat16)"
@@ -47,6 +51,8 @@
 
 using TR = bsfa::TraitsSm90Ws<BSFA_HEAD_DIM, BSFA_DTYPE == 1>;
 using TRPack = bsfa::TraitsSm90WsPack<BSFA_HEAD_DIM, BSFA_DTYPE == 1>;
+// The cluster entries need an even number of 64-column panels (D = 128).
+constexpr bool kHasMc = BSFA_HEAD_DIM % 128 == 0;
 static_assert(TR::kBlockM == TR::kBlockKeys, "one box height serves the Q tile and the key blocks");
 constexpr bool kCausal = BSFA_CAUSAL != 0;
 
@@ -65,6 +71,10 @@ extern "C" __constant__ int BSFA_BLOCK_N = bsfa::TileShape::kBlockN;
 extern "C" __constant__ int BSFA_GRID = bsfa::kGridPersistent;
 extern "C" __constant__ int BSFA_COMBINE_WARPS = bsfa::kCombineWarps;
 extern "C" __constant__ int BSFA_FWD_SPLIT_PACK_Q_BOX = TRPack::kWgmmaM;
+// CTAs per cluster of the cluster entries (bsfa_fwd_mc, bsfa_fwd_dense_mc,
+// bsfa_block_max_mc), 0 where the module has none; launched as bsfa_fwd and
+// bsfa_block_max, on a grid of whole clusters.
+extern "C" __constant__ int BSFA_FWD_MC = kHasMc ? 2 : 0;
 
 extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
     bsfa_fwd(const __grid_constant__ bsfa::Params p, const __grid_constant__ bsfa::TmaDesc tq,
@@ -120,3 +130,28 @@ extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
                    const __grid_constant__ bsfa::TmaDesc tk) {
     bsfa::kernel_sm90ws<TR, kCausal, false>(p, tq, tk, tk);
 }
+
+#if BSFA_HEAD_DIM % 128 == 0
+// Two query heads of a GQA group at the same query tile per cluster of two
+// CTAs, which share every K and V load (TraitsSm90WsMc); same arguments as
+// bsfa_fwd / bsfa_block_max.  Hq / Hkv must be even.
+using TRMc = bsfa::TraitsSm90WsMc<BSFA_HEAD_DIM, BSFA_DTYPE == 1>;
+
+extern "C" __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(TR::kNThreads, 1)
+    bsfa_fwd_mc(const __grid_constant__ bsfa::Params p, const __grid_constant__ bsfa::TmaDesc tq,
+                const __grid_constant__ bsfa::TmaDesc tk, const __grid_constant__ bsfa::TmaDesc tv) {
+    bsfa::kernel_sm90ws<TRMc, kCausal, true>(p, tq, tk, tv);
+}
+
+extern "C" __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(TR::kNThreads, 1)
+    bsfa_fwd_dense_mc(const __grid_constant__ bsfa::Params p, const __grid_constant__ bsfa::TmaDesc tq,
+                      const __grid_constant__ bsfa::TmaDesc tk, const __grid_constant__ bsfa::TmaDesc tv) {
+    bsfa::kernel_sm90ws<TRMc, kCausal, true, false, false, false>(p, tq, tk, tv);
+}
+
+extern "C" __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(TR::kNThreads, 1)
+    bsfa_block_max_mc(const __grid_constant__ bsfa::Params p, const __grid_constant__ bsfa::TmaDesc tq,
+                      const __grid_constant__ bsfa::TmaDesc tk) {
+    bsfa::kernel_sm90ws<TRMc, kCausal, false>(p, tq, tk, tk);
+}
+#endif

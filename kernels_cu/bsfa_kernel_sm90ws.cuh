@@ -21,8 +21,9 @@
 namespace bsfa {
 
 // Full barriers: the producer's arrival plus the TMA bytes; empty barriers
-// and the exchange ring: one arrival per consumer warp.  One thread, before
-// the CTA barrier that publishes them.
+// and the exchange ring: one arrival per consumer warp (K and V slots: of
+// every CTA of the cluster that fills them, TR::kClusterCtas).  One thread,
+// before the CTA (or cluster) barrier that publishes them.
 template <class TR>
 __device__ __forceinline__ void init_barriers_ws(const SmemWs<TR>& sm) {
     mbar_init(sm.bar(TR::kBarQFull), 1);
@@ -30,12 +31,12 @@ __device__ __forceinline__ void init_barriers_ws(const SmemWs<TR>& sm) {
 #pragma unroll
     for (int s = 0; s < TR::kBlockMaxStages; ++s) {
         mbar_init(sm.bar(TR::kBarKFull + s), 1);
-        mbar_init(sm.bar(TR::kBarKEmpty + s), TR::kConsumerWarps);
+        mbar_init(sm.bar(TR::kBarKEmpty + s), TR::kConsumerWarps * TR::kClusterCtas);
     }
 #pragma unroll
     for (int s = 0; s < TR::kStages; ++s) {
         mbar_init(sm.bar(TR::kBarVFull + s), 1);
-        mbar_init(sm.bar(TR::kBarVEmpty + s), TR::kConsumerWarps);
+        mbar_init(sm.bar(TR::kBarVEmpty + s), TR::kConsumerWarps * TR::kClusterCtas);
     }
 #pragma unroll
     for (int v = 0; v < TR::kVoteSlots; ++v) mbar_init(sm.bar(TR::kBarVote + v), TR::kVoteWarps);
@@ -54,7 +55,13 @@ __device__ __forceinline__ void kernel_sm90ws(const Params& p, const TmaDesc& tq
                                               const TmaDesc& tv) {
     const SmemWs<TR> sm(aligned_smem_base());
     if (threadIdx.x == 0) init_barriers_ws<TR>(sm);
-    cta_sync();
+    // Cluster entries: the peer's barriers are initialised before any copy
+    // or release of this CTA reaches them.
+    if constexpr (TR::kClusterCtas > 1) {
+        cluster_sync();
+    } else {
+        cta_sync();
+    }
     const int wg = threadIdx.x / 128;
     if (wg == 0) {
         setmaxnreg_dec<TR::kProducerRegs>();
@@ -72,6 +79,9 @@ __device__ __forceinline__ void kernel_sm90ws(const Params& p, const TmaDesc& tq
             block_max_consumer<TR, kCausal>(p, sm, wg - 1, threadIdx.x - 128 * wg);
         }
     }
+    // Cluster entries: no CTA leaves while the peer may still copy into its
+    // slots or release them (the last blocks' arrivals cross CTAs).
+    if constexpr (TR::kClusterCtas > 1) cluster_sync();
 }
 
 }  // namespace bsfa

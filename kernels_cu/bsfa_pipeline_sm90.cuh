@@ -31,6 +31,18 @@ __device__ __forceinline__ void tma_load_4d(unsigned dst, const TmaDesc& desc, u
         : "memory");
 }
 
+// tma_load_4d into the same shared-memory offset of every CTA of the cluster
+// in cta_mask (bit i: the CTA of rank i), the bytes counted on the mbarrier at
+// bar's offset in each of them.
+__device__ __forceinline__ void tma_load_4d_multicast(unsigned dst, const TmaDesc& desc, unsigned bar, int c0, int c1,
+                                                      int c2, int c3, unsigned short cta_mask) {
+    asm volatile(
+        "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], "
+        "[%1, {%2, %3, %4, %5}], [%6], %7;\n" ::"r"(dst),
+        "l"(reinterpret_cast<unsigned long long>(&desc)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar), "h"(cta_mask)
+        : "memory");
+}
+
 __device__ __forceinline__ void tma_prefetch_desc(const TmaDesc& desc) {
     asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<unsigned long long>(&desc)) : "memory");
 }
@@ -57,6 +69,43 @@ __device__ __forceinline__ void mbar_arrive_expect_tx(unsigned bar, unsigned byt
 
 __device__ __forceinline__ void mbar_arrive(unsigned bar) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+
+// ---------------------------------------------------------------- clusters
+
+__device__ __forceinline__ unsigned cluster_ctarank() {
+    unsigned r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+    return r;
+}
+
+// Every thread of every CTA of the cluster: the barrier-initialisation and
+// exit handshake between CTAs that write into each other's shared memory.
+// Not .aligned: threads of a warp may reach it apart.
+__device__ __forceinline__ void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
+}
+
+// An arrival at the mbarrier at offset `bar` of the cluster's CTA of rank `cta`.
+__device__ __forceinline__ void mbar_arrive_remote(unsigned bar, unsigned cta) {
+    asm volatile(
+        "{\n.reg .b32 remote;\nmapa.shared::cluster.u32 remote, %0, %1;\n"
+        "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n}\n" ::"r"(bar),
+        "r"(cta)
+        : "memory");
+}
+
+// A consumer's release of a ring slot that kCtas CTAs fill together (TMA
+// multicast): an arrival at the slot's barrier in each of them, since each
+// producer writes into every CTA's copy of the slot.  kCtas 1: the CTA's own.
+template <int kCtas>
+__device__ __forceinline__ void mbar_arrive_cluster(unsigned bar) {
+    mbar_arrive(bar);
+    if constexpr (kCtas > 1) {
+        const unsigned me = cluster_ctarank();
+#pragma unroll
+        for (unsigned c = 1; c < (unsigned)kCtas; ++c) mbar_arrive_remote(bar, (me + c) % kCtas);
+    }
 }
 
 // Blocks until the phase of parity `parity` has completed.  A fresh barrier

@@ -39,14 +39,28 @@ namespace bsfa {
 // One ring slot (or the Q buffer): waits until it is free (parity of the
 // slot's previous use), announces its bytes on `full`, and copies the
 // 64-column panels of the box at rows row0.. of head h, batch b into dst.
-template <class TR, int kPanelStride>
+// kCtas 2 (a K or V slot of the cluster entries): this CTA copies every
+// other panel (from its rank on) into the slot of both CTAs, whose
+// producers together fill it; `empty` then counts both CTAs' consumers.
+template <class TR, int kPanelStride, int kCtas = 1>
 __device__ __forceinline__ void fill_slot(unsigned dst, const TmaDesc& desc, unsigned empty, unsigned full,
                                           unsigned parity, int row0, int h, int b) {
     mbar_wait(empty, parity);
     mbar_arrive_expect_tx(full, TR::kPanels * kPanelStride);
+    if constexpr (kCtas == 1) {
 #pragma unroll
-    for (int pn = 0; pn < TR::kPanels; ++pn) {
-        tma_load_4d(dst + pn * kPanelStride, desc, full, pn * TR::kPanelCols, row0, h, b);
+        for (int pn = 0; pn < TR::kPanels; ++pn) {
+            tma_load_4d(dst + pn * kPanelStride, desc, full, pn * TR::kPanelCols, row0, h, b);
+        }
+    } else {
+        static_assert(TR::kPanels % kCtas == 0, "whole panels per CTA");
+        const int rank = (int)cluster_ctarank();
+#pragma unroll
+        for (int i = 0; i < TR::kPanels / kCtas; ++i) {
+            const int pn = i * kCtas + rank;
+            tma_load_4d_multicast(dst + pn * kPanelStride, desc, full, pn * TR::kPanelCols, row0, h, b,
+                                  (unsigned short)((1u << kCtas) - 1));
+        }
     }
 }
 
@@ -54,8 +68,10 @@ template <class TR, bool kCausal, bool kLoadV = true, bool kVarlen = false, bool
 __device__ __forceinline__ void producer_loop(const Params& p, const TmaDesc& tq, const TmaDesc& tk,
                                               const TmaDesc& tv, const SmemWs<TR>& sm) {
     const int group = p.Hq / p.Hkv;
-    const PersistentSchedule<kCausal, kSplit> sched(ceil_div(p.Nq, TR::kBlockM), TR::kPackHeads ? p.Hq / 2 : p.Hq,
-                                                    p.B, group, p.num_splits);
+    constexpr int kC = TR::kClusterCtas;
+    const PersistentSchedule<kCausal, kSplit, kC> sched(ceil_div(p.Nq, TR::kBlockM),
+                                                        TR::kPackHeads ? p.Hq / 2 : p.Hq / kC, p.B, group / kC,
+                                                        p.num_splits);
     PipeState<kLoadV ? TR::kStages : TR::kBlockMaxStages> kv;
     unsigned q_phase = 0;
 #pragma unroll 1
@@ -96,11 +112,11 @@ __device__ __forceinline__ void producer_loop(const Params& p, const TmaDesc& tq
         for (int n = kb.last; n >= kb.first; --n) {
             const int s = kv.stage;
             const int key0 = pr.k_row + n * TR::kBlockKeys;
-            fill_slot<TR, TR::kKVPanelBytes>(sm.k() + s * TR::kKVBytes, tk, sm.bar(TR::kBarKEmpty + s),
-                                             sm.bar(TR::kBarKFull + s), kv.phase ^ 1u, key0, hkv, bc);
+            fill_slot<TR, TR::kKVPanelBytes, kC>(sm.k() + s * TR::kKVBytes, tk, sm.bar(TR::kBarKEmpty + s),
+                                                 sm.bar(TR::kBarKFull + s), kv.phase ^ 1u, key0, hkv, bc);
             if constexpr (kLoadV) {
-                fill_slot<TR, TR::kKVPanelBytes>(sm.v() + s * TR::kKVBytes, tv, sm.bar(TR::kBarVEmpty + s),
-                                                 sm.bar(TR::kBarVFull + s), kv.phase ^ 1u, key0, hkv, bc);
+                fill_slot<TR, TR::kKVPanelBytes, kC>(sm.v() + s * TR::kKVBytes, tv, sm.bar(TR::kBarVEmpty + s),
+                                                     sm.bar(TR::kBarVFull + s), kv.phase ^ 1u, key0, hkv, bc);
             }
             kv.advance();
         }

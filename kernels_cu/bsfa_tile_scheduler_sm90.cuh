@@ -29,6 +29,11 @@
 // heads fastest, so the CTAs in flight at once read the same key range of
 // a GQA group's K/V head.
 //
+// kCtas 2 (the cluster entries, TraitsSm90WsMc): the list is over pairs of
+// query heads of one GQA group, walked by clusters (cluster i is CTAs 2i and
+// 2i+1, G the number of clusters), and the CTA of rank r takes head 2 h + r
+// of the pair h: both CTAs of a cluster visit the same key blocks.
+//
 // Includes what it needs.
 #pragma once
 
@@ -43,8 +48,9 @@ struct WorkTile {
     int s;  // key split (0 without kSplit)
 };
 
-template <bool kHeavyFirst, bool kSplit = false>
+template <bool kHeavyFirst, bool kSplit = false, int kCtas = 1>
 struct PersistentSchedule {
+    static_assert(kCtas == 1 || !kSplit, "no cluster entry splits the key range");
     static constexpr int kSectionRounds = 16;
     int nQ;
     int Hq;
@@ -54,13 +60,14 @@ struct PersistentSchedule {
     int span;   // list slots a section, padding included
     int slots;  // list slots in all, padding included
 
-    // group: query heads per K/V head (Hq / Hkv; a divisor of Hq).
+    // group: query heads per K/V head (Hq / Hkv; a divisor of Hq).  With
+    // kCtas 2, Hq_ and group count pairs of query heads.
     __device__ __forceinline__ PersistentSchedule(int nQ_, int Hq_, int B, int group, int splits = 1)
         : nQ(nQ_), Hq(Hq_), total(kSplit ? nQ_ * Hq_ * B * splits : nQ_ * Hq_ * B), BH(Hq_ * B), width(BH),
           span(total), slots(total) {
         if constexpr (!kSplit) {
-            const int pair = 2 * (int)gridDim.x;
-            const int w = ceil_div(kSectionRounds * (int)gridDim.x, nQ_ * group) * group;
+            const int pair = 2 * grid();
+            const int w = ceil_div(kSectionRounds * grid(), nQ_ * group) * group;
             // Padding adds at most a pair of rounds a section; a list near
             // 2^31 slots (never in practice) stays in one section.
             if (w < BH && total <= (1 << 29)) {
@@ -73,9 +80,13 @@ struct PersistentSchedule {
 
     // The index of this CTA's tile in round r, or -1 once the list is done
     // or where round r gives it a padding slot.  Rounds are walked while r * G < slots.
+    // Walkers of the list (CTAs, or clusters with kCtas 2) and this one's index.
+    __device__ __forceinline__ static int grid() { return (int)gridDim.x / kCtas; }
+    __device__ __forceinline__ static int walker() { return (int)blockIdx.x / kCtas; }
+
     __device__ __forceinline__ int index(int r) const {
-        const int G = gridDim.x;
-        const int i = (r & 1) ? G - 1 - (int)blockIdx.x : (int)blockIdx.x;
+        const int G = grid();
+        const int i = (r & 1) ? G - 1 - walker() : walker();
         const int j = r * G + i;
         if (j >= slots) return -1;
         if constexpr (!kSplit) {
@@ -87,7 +98,7 @@ struct PersistentSchedule {
         return j;
     }
 
-    __device__ __forceinline__ bool rounds_left(int r) const { return r * (int)gridDim.x < slots; }
+    __device__ __forceinline__ bool rounds_left(int r) const { return r * grid() < slots; }
 
     __device__ __forceinline__ WorkTile tile(int j) const {
         if constexpr (kSplit) {
@@ -104,7 +115,12 @@ struct PersistentSchedule {
             const int within = j - sec * span;
             const int rank = within / w;
             const int bh = w0 + within - rank * w;
-            return WorkTile{kHeavyFirst ? nQ - 1 - rank : rank, bh % Hq, bh / Hq, 0};
+            if constexpr (kCtas == 1) {
+                return WorkTile{kHeavyFirst ? nQ - 1 - rank : rank, bh % Hq, bh / Hq, 0};
+            } else {  // bh % Hq is a pair of heads; the CTA's rank in its cluster picks one
+                return WorkTile{kHeavyFirst ? nQ - 1 - rank : rank, (bh % Hq) * kCtas + (int)blockIdx.x % kCtas,
+                                bh / Hq, 0};
+            }
         }
     }
 };

@@ -117,6 +117,28 @@ struct TraitsSm90Ws : TileShape {
     static constexpr bool kPackHeads = false;
     static constexpr int kVoteRing = kVoteSlots;         // slots of one exchange ring
     static constexpr int kVoteWarps = kConsumerWarps;    // warps posting to one ring
+    // CTAs of a cluster that share every K and V load (TMA multicast); one.
+    static constexpr int kClusterCtas = 1;
+};
+
+// The cluster entries (bsfa_fwd_mc, bsfa_fwd_dense_mc, bsfa_block_max_mc):
+// two CTAs of a cluster take two query heads of one GQA group at the same
+// query tile, so that they visit the same key blocks of the same K/V head
+// in the same order, and each loads half of every K and V block (its own
+// 64-column panels) into both CTAs' slots by TMA multicast: half the
+// L2-to-SM traffic of K and V.  Dense, sparse and block_max launches alike
+// moved ~4 TB/s from L2 to the SMs in the v16 profile, a ceiling these
+// entries are to test (bench/NOTES.md, v18).  A slot is refilled only once
+// the consumer warps of both CTAs released it (its empty barrier counts 16).
+template <int kHeadDim_, bool kBf16_>
+struct TraitsSm90WsMc : TraitsSm90Ws<kHeadDim_, kBf16_> {
+    using Base = TraitsSm90Ws<kHeadDim_, kBf16_>;
+    static constexpr int kClusterCtas = 2;
+    // The producer's schedule and multicast bookkeeping spill at 24
+    // registers; 32 leave the consumers their 240 (the whole file).
+    static constexpr int kProducerRegs = 32;
+    static_assert(kProducerRegs * 128 + Base::kConsumerRegs * Base::kConsumerThreads <= 65536, "register file");
+    static_assert(Base::kPanels % kClusterCtas == 0, "each CTA of a cluster loads whole 64-column panels");
 };
 
 // The two-head tile of the split entry's short chunks (bsfa_fwd_split_pack):

@@ -54,6 +54,8 @@ SOURCE_GLOBALS = {
 }
 #: Entry points a source does not have (none today: every source exports all three).
 MISSING_KERNELS: dict[str, tuple[str, ...]] = {}
+#: Entries of head dim 128 only (an even number of 64-column panels to share between two CTAs).
+CLUSTER_KERNELS = {SM90WS_SOURCE: ("bsfa_fwd_mc", "bsfa_fwd_dense_mc", "bsfa_block_max_mc")}
 GLOBALS = (
     "BSFA_FWD_THREADS",
     "BSFA_FWD_SMEM_BYTES",
@@ -66,7 +68,7 @@ GLOBALS = (
     "BSFA_BLOCK_MAX_TMA",
     "BSFA_FWD_VARLEN",
 )
-SOURCE_GLOBALS[SM90WS_SOURCE] = (*GLOBALS, "BSFA_COMBINE_WARPS", "BSFA_FWD_SPLIT_PACK_Q_BOX")
+SOURCE_GLOBALS[SM90WS_SOURCE] = (*GLOBALS, "BSFA_COMBINE_WARPS", "BSFA_FWD_SPLIT_PACK_Q_BOX", "BSFA_FWD_MC")
 SPECIALISATION_MACROS = {"BSFA_DTYPE", "BSFA_HEAD_DIM", "BSFA_CAUSAL"}
 
 DTYPES = (0, 1)  # BSFA_DTYPE: 0 = float16, 1 = bfloat16
@@ -263,7 +265,8 @@ def test_compiles_without_spills(compiled, variant):
     warnings = [line for line in log.splitlines() if "warning" in line.lower() and "#pragma once in main file" not in line]
     assert not warnings, f"{name}: compiler warnings:\n" + "\n".join(warnings)
     frames = parse_frames(log)
-    for kernel in SOURCE_KERNELS.get(variant[0], KERNELS):
+    cluster = CLUSTER_KERNELS.get(variant[0], ()) if variant[3] % 128 == 0 else ()
+    for kernel in (*SOURCE_KERNELS.get(variant[0], KERNELS), *cluster):
         if kernel in MISSING_KERNELS.get(variant[0], ()):
             assert kernel not in frames, f"{name}: exports {kernel}: drop it from MISSING_KERNELS"
             continue
@@ -274,8 +277,10 @@ def test_compiles_without_spills(compiled, variant):
         serialised = [line for line in log.splitlines()
                       if any(code in line for code in ("C7514", "C7515", "C7508")) or "serialized" in line]
         assert not serialised, f"{name}: ptxas serialises the wgmma pipeline: {serialised}"
+    if variant[3] % 128 != 0:  # nor does a module without them export them
+        assert not any(k.encode() + b"\0" in cubin.read_bytes() for k in CLUSTER_KERNELS.get(variant[0], ())), name
     image = cubin.read_bytes()
-    for symbol in (*SOURCE_KERNELS.get(variant[0], KERNELS), *SOURCE_GLOBALS.get(variant[0], GLOBALS)):
+    for symbol in (*SOURCE_KERNELS.get(variant[0], KERNELS), *cluster, *SOURCE_GLOBALS.get(variant[0], GLOBALS)):
         if symbol in MISSING_KERNELS.get(variant[0], ()):
             continue
         assert symbol.encode() + b"\0" in image, f"{name}: the cubin exports no {symbol}"

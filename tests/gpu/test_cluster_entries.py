@@ -1,0 +1,112 @@
+"""The sm90ws cluster entries (bsfa_fwd_mc, bsfa_fwd_dense_mc, bsfa_block_max_mc): two CTAs of a cluster
+take two query heads of one GQA group and share every K and V load by TMA multicast. Each CTA runs the
+consumers of the plain entries on the same key blocks in the same order, so their results must equal the
+plain entries' bitwise -- out, lse, keep and the tile maxima -- over dtypes, causal or not, odd lengths,
+GQA groups of 2 and 4, MQA and batches. ``attention`` does not route calls to them yet: these tests swap
+them in for the plain entries.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from tests.gpu.conftest import _is_hopper
+from tests.support.gpu import cp, random_inputs, requires_gpu
+
+pytestmark = [pytest.mark.gpu, requires_gpu,
+              pytest.mark.skipif(not _is_hopper(), reason="the sm90ws kernel needs compute capability 9.0")]
+
+CLUSTER_OF = {"fwd": "fwd_mc", "fwd_dense": "fwd_dense_mc", "block_max": "block_max_mc"}
+
+
+def _use_clusters(monkeypatch, on: list, seen: list):
+    """While ``on[0]``, sm90ws modules come back with their cluster entries in the plain entries' places;
+    every launch of a cluster entry is recorded in ``seen``."""
+    import bsfa_cupy
+    from bsfa_cupy import ops
+
+    real = ops.get_module
+    swapped = {}
+
+    def get_module(key, backend, device_id):
+        mod = real(key, backend, device_id)
+        if key.arch != "sm90ws" or not on[0]:
+            return mod
+        if key not in swapped:
+            kerns = {}
+            for plain, mc in CLUSTER_OF.items():
+                kern = getattr(mod, mc)
+                assert kern is not None, f"{key.name()}: no {mc}"
+
+                def spy(*args, _fn=kern.fn, _name=mc, **kw):
+                    seen.append(_name)
+                    return _fn(*args, **kw)
+
+                kerns[plain] = dataclasses.replace(kern, fn=spy)
+            swapped[key] = dataclasses.replace(mod, **kerns)
+        return swapped[key]
+
+    monkeypatch.setattr(ops, "get_module", get_module)
+    bsfa_cupy.clear_plan_cache()
+
+
+def _calls(q, k, v, causal):
+    """(block maxima, dense out/lse/keep, gated out/lse/keep) with thresholds at the tile maxima's median."""
+    import bsfa_cupy
+
+    tm = cp.from_dlpack(bsfa_cupy.block_max_scores(q, k, causal=causal, backend="sm90ws"))
+    finite = tm[cp.isfinite(tm)]
+    thr = float(cp.median(finite)) if finite.size else 0.0
+    dense = bsfa_cupy.attention(q, k, v, causal=causal, return_lse=True, return_keep=True, backend="sm90ws")
+    gated = bsfa_cupy.attention(q, k, v, thr, causal=causal, return_lse=True, return_keep=True, backend="sm90ws")
+    return (tm, *dense, *gated)
+
+
+def _assert_bitwise(plain, mc):
+    names = ("tile_max", "dense out", "dense lse", "dense keep", "gated out", "gated lse", "gated keep")
+    for name, a, b in zip(names, plain, mc):
+        a, b = cp.asarray(a), cp.asarray(b)
+        assert a.shape == b.shape, f"{name}: shape {b.shape}, expected {a.shape}"
+        same = a == b if a.dtype == cp.bool_ else (a == b) | (cp.isnan(a) & cp.isnan(b))
+        bad = int((~same).sum())
+        if bad:
+            worst = float(cp.nanmax(cp.abs(a.astype(cp.float32) - b.astype(cp.float32))))
+            raise AssertionError(f"{name}: the cluster entry differs at {bad} of {a.size} entries (worst {worst:.3e})")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("shape", [(2, 1100, 1300, 8, 2), (1, 577, 577, 4, 2), (3, 300, 2100, 4, 1),
+                                   (1, 2100, 300, 16, 8)], ids=lambda s: "x".join(map(str, s)))
+def test_cluster_entries_equal_plain(monkeypatch, dtype, causal, shape):
+    B, Nq, Nk, Hq, Hkv = shape
+    rng = np.random.default_rng(Nq * 7 + Nk + Hq)
+    q, k, v = map(cp.asarray, random_inputs(rng, B, Nq, Nk, Hq, Hkv, 128, dtype))
+    on, seen = [False], []
+    _use_clusters(monkeypatch, on, seen)
+    plain = _calls(q, k, v, causal)
+    assert seen == []
+    on[0] = True
+    import bsfa_cupy
+
+    bsfa_cupy.clear_plan_cache()
+    mc = _calls(q, k, v, causal)
+    assert seen == ["block_max_mc", "fwd_dense_mc", "fwd_mc"], f"expected the three cluster entries, got {seen}"
+    _assert_bitwise(plain, mc)
+
+
+def test_cluster_entries_exist_at_head_dim_128_only():
+    from bsfa_cupy import _kernels
+    from bsfa_cupy._variants import Backend, VariantKey
+
+    dev = cp.cuda.Device().id
+    for D in (64, 128):
+        mod = _kernels.get_module(VariantKey("float16", D, True, "sm90ws"), Backend("sm90ws"), dev)
+        kerns = [mod.fwd_mc, mod.fwd_dense_mc, mod.block_max_mc]
+        if D == 128:
+            assert all(k is not None and k.cluster == 2 for k in kerns), kerns
+            assert mod.fwd_mc.grid(1, 32, 128)[0] % 2 == 0
+        else:
+            assert kerns == [None, None, None]
