@@ -41,13 +41,16 @@ class Kernel:
     tma: int = 0  # > 0: takes tensor maps (q, k[, v]) after the Params, boxes of this many rows
     n_maps: int = 0
     cluster: int = 1  # CTAs per cluster (the sm90ws cluster entries: 2, over pairs of query heads)
+    cluster_slots: int = 0  # clusters resident at once (cluster entries; 0: not yet asked)
 
     def grid(self, B: int, Hq: int, nQ: int) -> tuple[int, int, int]:
         if self.cluster == 1:
             return _launch.grid(self.grid_kind, B, Hq, nQ, self.sms)
         if Hq % self.cluster:
             raise ValueError(f"a cluster entry takes query heads {self.cluster} at a time, got Hq={Hq}")
-        g = _launch.grid(self.grid_kind, B, Hq // self.cluster, nQ, self.sms // self.cluster)
+        if not self.cluster_slots:
+            self.cluster_slots = _cluster_slots(self)
+        g = _launch.grid(self.grid_kind, B, Hq // self.cluster, nQ, self.cluster_slots)
         return (g[0] * self.cluster, g[1], g[2])
 
     def launch(self, B: int, Hq: int, nQ: int, params, maps: tuple = ()) -> None:
@@ -198,6 +201,26 @@ def _kernel(raw, fn_name: str, prefix: str, grid_kind: int, sms: int, tma: int, 
     k = Kernel(fn, threads, smem, grid_kind, sms, tma, n_maps if tma else 0, cluster)
     _opt_in_smem(fn, k.smem)
     return k
+
+
+def _cluster_slots(k: Kernel) -> int:
+    """Clusters of a cluster entry resident at once (the driver's occupancy query), at most SMs / cluster.
+
+    The persistent grid is that many clusters wide: a wider one would start its last clusters only as
+    others finish, each with a full share of the static tile list.
+    """
+    from . import _tma
+
+    d = _tma._driver()
+    cfg = d.CUlaunchConfig()
+    cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = k.cluster * (k.sms // k.cluster), 1, 1
+    cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = k.threads, 1, 1
+    cfg.sharedMemBytes = k.smem
+    cfg.numAttrs = 0  # the cluster shape is the kernel's own (__cluster_dims__)
+    err, n = d.cuOccupancyMaxActiveClusters(d.CUfunction(int(k.fn.ptr)), cfg)
+    if err != d.CUresult.CUDA_SUCCESS or n < 1:
+        raise RuntimeError(f"cuOccupancyMaxActiveClusters: {err!r}, {n} clusters of {k.cluster} CTAs, {k.smem} bytes")
+    return min(int(n), k.sms // k.cluster)
 
 
 def _opt_in_smem(fn, smem: int) -> None:

@@ -135,11 +135,12 @@ def test_cluster_entries_walk_pairs_of_heads_on_whole_clusters():
     from bsfa_cupy._kernels import Kernel
     from bsfa_cupy._launch import GRID_PERSISTENT
 
-    k = Kernel(fn=None, threads=384, smem=0, grid_kind=GRID_PERSISTENT, sms=132, cluster=2)
+    # cluster_slots: what the driver's occupancy query found resident (asked on the GPU, given here)
+    k = Kernel(fn=None, threads=384, smem=0, grid_kind=GRID_PERSISTENT, sms=132, cluster=2, cluster_slots=66)
     assert k.grid(1, 32, 128) == (132, 1, 1)  # 66 clusters, one CTA per SM
     assert k.grid(1, 2, 3) == (6, 1, 1)  # 3 head-pair tiles: a cluster each
-    k133 = Kernel(fn=None, threads=384, smem=0, grid_kind=GRID_PERSISTENT, sms=133, cluster=2)
-    assert k133.grid(2, 8, 64) == (132, 1, 1)  # an odd SM count: whole clusters only
+    k64 = Kernel(fn=None, threads=384, smem=0, grid_kind=GRID_PERSISTENT, sms=132, cluster=2, cluster_slots=64)
+    assert k64.grid(2, 8, 64) == (128, 1, 1)  # only 64 clusters resident: a grid of 64
     with pytest.raises(ValueError, match="query heads 2 at a time, got Hq=3"):
         k.grid(1, 3, 8)
 
