@@ -11,6 +11,8 @@ NaN in q, k and v: every output row that sees a NaN must
 be NaN (checked here), with no access out of bounds (checked by the sanitizer).
 
 Usage: compute-sanitizer --tool memcheck --error-exitcode 9 python3 bench/sanitize_cases.py
+--clusters: the sm90ws modules of head dim 128 run their cluster entries (bsfa_fwd_mc, bsfa_fwd_dense_mc,
+bsfa_block_max_mc) in place of the plain ones (every case here has a GQA group of two).
 """
 import argparse
 
@@ -19,11 +21,27 @@ import numpy as np
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 p.add_argument("--backend", choices=("sm80", "sm90", "sm90ws", "splitkv"), action="append",
                help="run only this kernel (repeatable; default: every kernel the GPU has)")
+p.add_argument("--clusters", action="store_true", help="sm90ws at head dim 128: the cluster entries")
 args = p.parse_args()
 
 import cupy as cp  # noqa: E402  (after argparse: --help works without a GPU)
 
 import bsfa_cupy  # noqa: E402
+
+if args.clusters:
+    import dataclasses
+
+    from bsfa_cupy import ops
+
+    _real_get_module = ops.get_module
+
+    def _cluster_module(key, backend, device_id):
+        mod = _real_get_module(key, backend, device_id)
+        if key.arch != "sm90ws" or mod.fwd_mc is None:
+            return mod
+        return dataclasses.replace(mod, fwd=mod.fwd_mc, fwd_dense=mod.fwd_dense_mc, block_max=mod.block_max_mc)
+
+    ops.get_module = _cluster_module
 
 rng = np.random.default_rng(0)
 hopper = str(cp.cuda.Device().compute_capability) == "90"
