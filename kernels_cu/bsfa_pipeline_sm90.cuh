@@ -86,11 +86,15 @@ __device__ __forceinline__ void cluster_sync() {
     asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
 }
 
-// An arrival at the mbarrier at offset `bar` of the cluster's CTA of rank `cta`.
+// An arrival at the mbarrier at offset `bar` of the cluster's CTA of rank `cta`,
+// with the default semantics (release at CTA scope), as CUTLASS's cluster
+// pipelines release a slot: what it orders are this warp's completed wgmma
+// reads of the slot, and an explicit .release.cluster costs a MEMBAR.GPU on
+// every release.
 __device__ __forceinline__ void mbar_arrive_remote(unsigned bar, unsigned cta) {
     asm volatile(
         "{\n.reg .b32 remote;\nmapa.shared::cluster.u32 remote, %0, %1;\n"
-        "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n}\n" ::"r"(bar),
+        "mbarrier.arrive.shared::cluster.b64 _, [remote];\n}\n" ::"r"(bar),
         "r"(cta)
         : "memory");
 }
