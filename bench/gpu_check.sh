@@ -12,6 +12,7 @@
 # on Hopper the stages no longer fit one such call: run `gpu_check.sh compile tests` (the GPU suite with the
 # hypothesis profile `ci` takes ~5 minutes on an H200) and `gpu_check.sh compile sanitize bench` as two calls.
 # HYPOTHESIS_PROFILE (default ci) picks the examples; `gpu` draws many more and needs a longer T_TESTS.
+# SANITIZE_ARGS go to sanitize_cases.py, e.g. "--backend sm90ws --clusters" for the sm90ws cluster entries.
 # Needs only the machine's Python with CuPy >= 14, torch, pytest and hypothesis; downloads nothing.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
@@ -81,8 +82,9 @@ for stage in "${stages[@]}"; do
       # --report-api-errors no: NVIDIA's cuda-bindings (the TMA kernel's tensor maps) probes driver entry
       # points with cuGetProcAddress at import, and the misses would count as errors; the kernels' own
       # CUDA calls are checked by CuPy, which raises on any failure.
+      # shellcheck disable=SC2086  # SANITIZE_ARGS is a list of arguments
       run "$stage" "$OUT/sanitize_$stage.log" "$sanitizer" --tool "$stage" --report-api-errors no --error-exitcode 9 \
-        python3 bench/sanitize_cases.py
+        python3 bench/sanitize_cases.py ${SANITIZE_ARGS:-}
       status[$stage]+="; $(grep -hE '(ERROR|RACECHECK) SUMMARY' "$OUT/sanitize_$stage.log" 2>/dev/null | tail -n 1 | sed 's/^=* *//')"
       status[$stage]+="; $(grep -hE '^(sanitize cases ran|NaN |[A-Za-z.]*(Error|Exception)\b)' "$OUT/sanitize_$stage.log" \
         2>/dev/null | tail -n 3 | tr '\n' ' ')"
