@@ -97,7 +97,7 @@ def time_builds(specs, cases, out_dir, block_max=False):
         if builds[b] is None:  # @mc: the cluster entries of the library's own module
             if mod.fwd_mc is None:
                 raise SystemExit(f"{key.name()}: this module has no cluster entries (head dim 128 only)")
-            return dataclasses.replace(mod, fwd=mod.fwd_mc, fwd_dense=mod.fwd_dense_mc, block_max=mod.block_max_mc)
+            return mod.clustered()
         text, dense_entry = builds[b]
         entry = dense_entry if mode["dense"] else "bsfa_fwd"
         if (key, b, entry) not in cache:

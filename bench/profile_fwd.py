@@ -7,6 +7,8 @@ B=1, Hq=32, Hkv=8 (--hkv), float16, causal; --backend as in bsfa_cupy.attention 
 --block-max launches bsfa_cupy.block_max_scores three times instead (two warm-ups, then the one to profile).
 --nq: fewer queries than keys (a chunk at the end of the cache, bottom-right), which "auto" may send to a
 split-KV kernel; the sparse call then takes one scalar threshold keeping about rho of all gated tiles.
+--clusters: sm90ws at head dim 128 launches its cluster entries (bsfa_fwd_mc, bsfa_fwd_dense_mc,
+bsfa_block_max_mc; ncu -k regex:bsfa_) in place of the plain ones.
 """
 import argparse
 
@@ -19,6 +21,7 @@ p.add_argument("--backend", choices=("auto", "sm80", "sm90", "sm90ws"), default=
                help="kernel: sm80 (mma.sync), sm90 (wgmma), sm90ws (warp-specialised) or auto (default)")
 p.add_argument("--hkv", type=int, default=8, help="K/V heads (32 query heads)")
 p.add_argument("--block-max", action="store_true", help="profile block_max_scores instead of the forward")
+p.add_argument("--clusters", action="store_true", help="sm90ws at head dim 128: the cluster entries")
 args = p.parse_args()
 if 32 % args.hkv:
     p.error(f"--hkv must divide the 32 query heads, got {args.hkv}")
@@ -27,6 +30,13 @@ import cupy as cp  # noqa: E402  (after argparse: --help works without a GPU)
 
 import bsfa_cupy  # noqa: E402
 from bsfa_cupy.tools.benchmark import thresholds_for_rho  # noqa: E402
+
+if args.clusters:
+    from bsfa_cupy import ops
+
+    _real_get_module = ops.get_module
+    ops.get_module = lambda key, *rest: _real_get_module(key, *rest).clustered() if key.arch == "sm90ws" else (
+        _real_get_module(key, *rest))
 
 rng = cp.random.default_rng(0)
 nq = args.n if args.nq is None else args.nq

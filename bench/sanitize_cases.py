@@ -29,19 +29,11 @@ import cupy as cp  # noqa: E402  (after argparse: --help works without a GPU)
 import bsfa_cupy  # noqa: E402
 
 if args.clusters:
-    import dataclasses
-
     from bsfa_cupy import ops
 
     _real_get_module = ops.get_module
-
-    def _cluster_module(key, backend, device_id):
-        mod = _real_get_module(key, backend, device_id)
-        if key.arch != "sm90ws" or mod.fwd_mc is None:
-            return mod
-        return dataclasses.replace(mod, fwd=mod.fwd_mc, fwd_dense=mod.fwd_dense_mc, block_max=mod.block_max_mc)
-
-    ops.get_module = _cluster_module
+    ops.get_module = lambda key, *rest: _real_get_module(key, *rest).clustered() if key.arch == "sm90ws" else (
+        _real_get_module(key, *rest))
 
 rng = np.random.default_rng(0)
 hopper = str(cp.cuda.Device().compute_capability) == "90"

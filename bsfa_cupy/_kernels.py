@@ -6,6 +6,7 @@ what the CUDA traits define; the tile shape is checked against the reference's d
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 from dataclasses import dataclass
@@ -90,6 +91,13 @@ class Module:
     def forward(self, gated: bool) -> Kernel:
         """The unsplit forward entry of a call with (``gated``) or without thresholds."""
         return self.fwd if gated or self.fwd_dense is None else self.fwd_dense
+
+    def clustered(self) -> Module:
+        """This module with its cluster entries in the places of bsfa_fwd, bsfa_fwd_dense and bsfa_block_max
+        (for benchmarks and tests while ``attention`` does not route there); itself where it has none."""
+        if self.fwd_mc is None:
+            return self
+        return dataclasses.replace(self, fwd=self.fwd_mc, fwd_dense=self.fwd_dense_mc, block_max=self.block_max_mc)
 
     def split_entry(self, pack: bool, gated: bool) -> Kernel:
         """The sm90ws split entry: two query heads a tile (``pack``) or one, with or without the gate."""

@@ -145,6 +145,19 @@ def test_cluster_entries_walk_pairs_of_heads_on_whole_clusters():
         k.grid(1, 3, 8)
 
 
+def test_a_clustered_module_launches_its_cluster_entries_in_the_plain_places():
+    from bsfa_cupy._kernels import Module
+
+    plain = Module(key=None, defines=(), fwd="fwd", fwd_varlen="varlen", block_max="bmax", raw=None,
+                   fwd_dense="dense", fwd_split="split")
+    assert plain.clustered() is plain  # no cluster entries (head dim 64): unchanged
+    mc = Module(key=None, defines=(), fwd="fwd", fwd_varlen="varlen", block_max="bmax", raw=None,
+                fwd_dense="dense", fwd_split="split", fwd_mc="fwd_mc", fwd_dense_mc="dense_mc",
+                block_max_mc="bmax_mc").clustered()
+    assert (mc.forward(True), mc.forward(False), mc.block_max) == ("fwd_mc", "dense_mc", "bmax_mc")
+    assert (mc.fwd_varlen, mc.fwd_split) == ("varlen", "split")  # no cluster form: the plain entries
+
+
 def test_params_packing_takes_pointers_and_refuses_unknown_fields():
     from bsfa_cupy._launch import PARAMS, pack
 
