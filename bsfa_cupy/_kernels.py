@@ -80,24 +80,33 @@ class Module:
     fwd_dense: Kernel | None = None
     fwd_split_dense: Kernel | None = None
     fwd_split_pack_dense: Kernel | None = None
-    # sm90ws at head dim 128: bsfa_fwd, bsfa_fwd_dense and bsfa_block_max on clusters of two CTAs that share K
-    # and V loads (two query heads of a GQA group: the caller must ensure that Hq / Hkv is even, else the pair
-    # spans two K/V heads). Not routed by attention yet: their GPU validation and timing come first
-    # (bench/NOTES.md, v18).
-    fwd_mc: Kernel | None = None
-    fwd_dense_mc: Kernel | None = None
-    block_max_mc: Kernel | None = None
+    _clustered: Module | None = dataclasses.field(default=None, repr=False)  # clustered(), once loaded
 
     def forward(self, gated: bool) -> Kernel:
         """The unsplit forward entry of a call with (``gated``) or without thresholds."""
         return self.fwd if gated or self.fwd_dense is None else self.fwd_dense
 
     def clustered(self) -> Module:
-        """This module with its cluster entries in the places of bsfa_fwd, bsfa_fwd_dense and bsfa_block_max
-        (for benchmarks and tests while ``attention`` does not route there); itself where it has none."""
-        if self.fwd_mc is None:
-            return self
-        return dataclasses.replace(self, fwd=self.fwd_mc, fwd_dense=self.fwd_dense_mc, block_max=self.block_max_mc)
+        """This module with its cluster entries in the places of bsfa_fwd, bsfa_fwd_dense and bsfa_block_max;
+        itself where it has none (not sm90ws, or head dim 64).
+
+        The cluster entries (sm90ws, head dim 128: bsfa_fwd_mc, bsfa_fwd_dense_mc, bsfa_block_max_mc) run
+        on clusters of two CTAs that share K and V loads, two query heads of a GQA group: the caller must
+        ensure that Hq / Hkv is even, else a pair spans two K/V heads. ``attention`` does not route there
+        yet (their GPU validation and timing come first, bench/NOTES.md v18), so they are loaded here, at
+        first use, and never by the modules that calls run.
+        """
+        if self._clustered is None:
+            cluster = _read_int(self.raw, "BSFA_FWD_MC") if self.key.arch == "sm90ws" else 0
+            if not cluster:
+                self._clustered = self
+            else:
+                f, b = self.fwd, self.block_max
+                fwd, dense = (_kernel(self.raw, name, "BSFA_FWD", f.grid_kind, f.sms, f.tma, 3, cluster)
+                              for name in ("bsfa_fwd_mc", "bsfa_fwd_dense_mc"))
+                bmax = _kernel(self.raw, "bsfa_block_max_mc", "BSFA_BLOCK_MAX", b.grid_kind, b.sms, b.tma, 2, cluster)
+                self._clustered = dataclasses.replace(self, fwd=fwd, fwd_dense=dense, block_max=bmax)
+        return self._clustered
 
     def split_entry(self, pack: bool, gated: bool) -> Kernel:
         """The sm90ws split entry: two query heads a tile (``pack``) or one, with or without the gate."""
@@ -184,12 +193,6 @@ def get_module(key: VariantKey, backend: Backend, device_id: int) -> Module:
             split = {e: _kernel(raw, "bsfa_" + e, "BSFA_FWD", grid_kind, sms, fwd.tma, 3) for e in entries}
             split.update(split_pack_q_box=_read_int(raw, "BSFA_FWD_SPLIT_PACK_Q_BOX"),
                          combine=raw.get_function("bsfa_combine"), combine_warps=_read_int(raw, "BSFA_COMBINE_WARPS"))
-            cluster = _read_int(raw, "BSFA_FWD_MC")
-            if cluster:
-                split.update({e: _kernel(raw, "bsfa_" + e, "BSFA_FWD", grid_kind, sms, fwd.tma, 3, cluster)
-                              for e in ("fwd_mc", "fwd_dense_mc")})
-                split["block_max_mc"] = _kernel(raw, "bsfa_block_max_mc", "BSFA_BLOCK_MAX", grid_kind, sms, bmax.tma, 2,
-                                                cluster)
     return Module(key, backend.defines, fwd, fwd_varlen, bmax, raw, **split)
 
 

@@ -35,10 +35,12 @@ def _use_clusters(monkeypatch, on: list, seen: list):
         if key.arch != "sm90ws" or not on[0]:
             return mod
         if key not in swapped:
+            clustered = mod.clustered()
+            assert clustered is not mod, f"{key.name()}: no cluster entries"
             kerns = {}
             for plain, mc in CLUSTER_OF.items():
-                kern = getattr(mod, mc)
-                assert kern is not None, f"{key.name()}: no {mc}"
+                kern = getattr(clustered, plain)
+                assert kern.cluster == 2, f"{key.name()}: {plain} of clustered() is no cluster entry"
                 kern.grid(1, 2, 1)  # the occupancy query needs the real function: asked before the spy wraps it
 
                 def spy(*args, _fn=kern.fn, _name=mc, **kw):
@@ -105,11 +107,14 @@ def test_cluster_entries_exist_at_head_dim_128_only():
     dev = cp.cuda.Device().id
     for D in (64, 128):
         mod = _kernels.get_module(VariantKey("float16", D, True, "sm90ws"), Backend("sm90ws"), dev)
-        kerns = [mod.fwd_mc, mod.fwd_dense_mc, mod.block_max_mc]
+        mc = mod.clustered()
+        assert all(k.cluster == 1 for k in (mod.fwd, mod.fwd_dense, mod.block_max))  # the modules calls run
         if D == 128:
-            assert all(k is not None and k.cluster == 2 for k in kerns), kerns
-            grid = mod.fwd_mc.grid(1, 32, 128)  # asks the driver how many clusters fit at once
-            assert 1 <= mod.fwd_mc.cluster_slots <= mod.fwd_mc.sms // 2, mod.fwd_mc.cluster_slots
-            assert grid == (2 * mod.fwd_mc.cluster_slots, 1, 1), grid
+            assert all(k.cluster == 2 for k in (mc.fwd, mc.fwd_dense, mc.block_max))
+            assert mc.fwd_varlen is mod.fwd_varlen and mc.fwd_split is mod.fwd_split  # no cluster form
+            assert mod.clustered() is mc  # loaded once
+            grid = mc.fwd.grid(1, 32, 128)  # asks the driver how many clusters fit at once
+            assert 1 <= mc.fwd.cluster_slots <= mc.fwd.sms // 2, mc.fwd.cluster_slots
+            assert grid == (2 * mc.fwd.cluster_slots, 1, 1), grid
         else:
-            assert kerns == [None, None, None]
+            assert mc is mod

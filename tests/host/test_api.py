@@ -145,17 +145,36 @@ def test_cluster_entries_walk_pairs_of_heads_on_whole_clusters():
         k.grid(1, 3, 8)
 
 
-def test_a_clustered_module_launches_its_cluster_entries_in_the_plain_places():
-    from bsfa_cupy._kernels import Module
+def test_a_clustered_module_loads_its_cluster_entries_once_into_the_plain_places(monkeypatch):
+    from bsfa_cupy import _kernels
+    from bsfa_cupy._kernels import Kernel, Module
+    from bsfa_cupy._variants import VariantKey
 
-    plain = Module(key=None, defines=(), fwd="fwd", fwd_varlen="varlen", block_max="bmax", raw=None,
-                   fwd_dense="dense", fwd_split="split")
-    assert plain.clustered() is plain  # no cluster entries (head dim 64): unchanged
-    mc = Module(key=None, defines=(), fwd="fwd", fwd_varlen="varlen", block_max="bmax", raw=None,
-                fwd_dense="dense", fwd_split="split", fwd_mc="fwd_mc", fwd_dense_mc="dense_mc",
-                block_max_mc="bmax_mc").clustered()
-    assert (mc.forward(True), mc.forward(False), mc.block_max) == ("fwd_mc", "dense_mc", "bmax_mc")
-    assert (mc.fwd_varlen, mc.fwd_split) == ("varlen", "split")  # no cluster form: the plain entries
+    exported = {"BSFA_FWD_MC": 2}
+    loads = []
+    monkeypatch.setattr(_kernels, "_read_int", lambda raw, symbol: exported[symbol])
+
+    def load(raw, name, prefix, grid_kind, sms, tma, n_maps, cluster=1):
+        loads.append(name)
+        return Kernel(fn=name, threads=384, smem=0, grid_kind=grid_kind, sms=sms, tma=tma, cluster=cluster)
+
+    monkeypatch.setattr(_kernels, "_kernel", load)
+    plain = Kernel(fn="plain", threads=384, smem=0, grid_kind=2, sms=132, tma=128)
+
+    def module(arch):
+        return Module(key=VariantKey("float16", 128, True, arch), defines=(), fwd=plain, fwd_varlen="varlen",
+                      block_max=plain, raw=None, fwd_dense=plain, fwd_split="split")
+
+    assert module("sm90").clustered().fwd is plain  # no cluster entries outside sm90ws
+    mod = module("sm90ws")
+    mc = mod.clustered()
+    assert (mc.forward(True).fn, mc.forward(False).fn, mc.block_max.fn) == (
+        "bsfa_fwd_mc", "bsfa_fwd_dense_mc", "bsfa_block_max_mc")
+    assert (mc.fwd.cluster, mc.fwd_varlen, mc.fwd_split) == (2, "varlen", "split")
+    assert mod.clustered() is mc and len(loads) == 3  # loaded at the first call only
+    assert mod.fwd is plain  # the module calls run keeps its plain entries
+    exported["BSFA_FWD_MC"] = 0  # head dim 64: none
+    assert module("sm90ws").clustered().fwd is plain
 
 
 def test_params_packing_takes_pointers_and_refuses_unknown_fields():
