@@ -93,8 +93,8 @@ class Module:
         The cluster entries (sm90ws, head dim 128: bsfa_fwd_mc, bsfa_fwd_dense_mc, bsfa_block_max_mc) run
         on clusters of two CTAs that share K and V loads, two query heads of a GQA group: the caller must
         ensure that Hq / Hkv is even, else a pair spans two K/V heads. ``attention`` does not route there
-        yet (their GPU validation and timing come first, bench/NOTES.md v18), so they are loaded here, at
-        first use, and never by the modules that calls run.
+        yet (their GPU validation and timing come first), so they are loaded here, at first use, and
+        never by the modules that calls run.
         """
         if self._clustered is None:
             cluster = _read_int(self.raw, "BSFA_FWD_MC") if self.key.arch == "sm90ws" else 0
