@@ -26,9 +26,16 @@ struct TraitsSm90Ws : TileShape {
     static constexpr int kNThreads = 128 * (1 + kConsumerWGs);
     static constexpr int kConsumerThreads = 128 * kConsumerWGs;
     static constexpr int kConsumerWarps = kConsumerThreads / 32;
+    // setmaxnreg moves registers between the warpgroups of a CTA, within
+    // what the CTA was given at launch: kNThreads times the per-thread count
+    // of __launch_bounds__(kNThreads, 1), 168 for 384 threads (the compile
+    // test checks ptxas gives each entry that many).  A consumer raise that
+    // the producer's release does not cover waits forever.
+    static constexpr int kLaunchRegs = 65536 / kNThreads / 8 * 8;
     static constexpr int kProducerRegs = 24;
     static constexpr int kConsumerRegs = 240;
-    static_assert(kProducerRegs * 128 + kConsumerRegs * kConsumerThreads <= 65536, "register file");
+    static_assert(kProducerRegs * 128 + kConsumerRegs * kConsumerThreads <= kLaunchRegs * kNThreads,
+                  "setmaxnreg: the CTA's registers at launch");
 
     // Keys per kernel block: two BSFA key tiles, each with its own decision.
     static constexpr int kBlockKeys = 2 * kBlockN;
@@ -135,9 +142,12 @@ struct TraitsSm90WsMc : TraitsSm90Ws<kHeadDim_, kBf16_> {
     using Base = TraitsSm90Ws<kHeadDim_, kBf16_>;
     static constexpr int kClusterCtas = 2;
     // The producer's schedule and multicast bookkeeping spill at 24
-    // registers; 32 leave the consumers their 240 (the whole file).
+    // registers; at 32 the consumers get 232 (no spill), since the CTA's
+    // registers at launch (kLaunchRegs) must cover both.
     static constexpr int kProducerRegs = 32;
-    static_assert(kProducerRegs * 128 + Base::kConsumerRegs * Base::kConsumerThreads <= 65536, "register file");
+    static constexpr int kConsumerRegs = 232;
+    static_assert(kProducerRegs * 128 + kConsumerRegs * Base::kConsumerThreads <= Base::kLaunchRegs * Base::kNThreads,
+                  "setmaxnreg: the CTA's registers at launch");
     static_assert(Base::kPanels % kClusterCtas == 0, "each CTA of a cluster loads whole 64-column panels");
 };
 

@@ -69,6 +69,9 @@ GLOBALS = (
     "BSFA_FWD_VARLEN",
 )
 SOURCE_GLOBALS[SM90WS_SOURCE] = (*GLOBALS, "BSFA_COMBINE_WARPS", "BSFA_FWD_SPLIT_PACK_Q_BOX", "BSFA_FWD_MC")
+#: Registers a thread of every warp-specialised entry at launch: __launch_bounds__(384, 1) lets ptxas use
+#: 65536 / 384 rounded down to a multiple of 8.
+WS_LAUNCH_REGS = 65536 // 384 // 8 * 8
 SPECIALISATION_MACROS = {"BSFA_DTYPE", "BSFA_HEAD_DIM", "BSFA_CAUSAL"}
 
 DTYPES = (0, 1)  # BSFA_DTYPE: 0 = float16, 1 = bfloat16
@@ -97,6 +100,7 @@ WORKERS = 2
 
 _FUNC_RE = re.compile(r"Function properties for (\S+)")
 _FRAME_RE = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_REGS_RE = re.compile(r"Used (\d+) registers")
 _INCLUDE_RE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
 _CONDITIONAL_RE = re.compile(r"^\s*#\s*(?:if|ifdef|ifndef|elif)\b(.*)$", re.MULTILINE)
 
@@ -124,6 +128,22 @@ def parse_frames(ptxas_log: str) -> dict[str, tuple[int, int, int, str]]:
         m = _FRAME_RE.search(line)
         if m and current is not None:
             result[current] = (int(m.group(1)), int(m.group(2)), int(m.group(3)), line.strip())
+            current = None
+    return result
+
+
+def parse_registers(ptxas_log: str) -> dict[str, int]:
+    """Maps each function of a ``ptxas -v`` log to the registers per thread it is launched with."""
+    result: dict[str, int] = {}
+    current = None
+    for line in ptxas_log.splitlines():
+        m = _FUNC_RE.search(line)
+        if m:
+            current = m.group(1)
+            continue
+        m = _REGS_RE.search(line)
+        if m and current is not None:
+            result[current] = int(m.group(1))
             current = None
     return result
 
@@ -164,6 +184,7 @@ def test_parse_frames_reads_both_log_formats():
     )
     assert parse_frames(nvcc_log)["bsfa_fwd"][:3] == (16, 16, 20)
     assert parse_frames(nvrtc_log)["bsfa_block_max"][:3] == (0, 0, 0)
+    assert parse_registers(nvcc_log) == {"bsfa_fwd": 255}
 
 
 def test_every_kernel_file_is_in_an_include_tree():
@@ -273,6 +294,15 @@ def test_compiles_without_spills(compiled, variant):
         assert kernel in frames, f"{name}: no ptxas report for {kernel} (is it exported extern \"C\"?):\n{log[-4000:]}"
         stack, stores, loads, line = frames[kernel]
         assert (stack, stores, loads) == (0, 0, 0), f"{name}: {kernel} uses a stack frame or spills: {line}"
+    if variant[0] == SM90WS_SOURCE:
+        # setmaxnreg hands the producer's registers to the consumers within the CTA's launch allocation,
+        # which kernels_cu/bsfa_traits_sm90ws.cuh (kLaunchRegs) takes to be 384 threads x 168: with fewer, a
+        # consumer's raise would wait forever.
+        regs = parse_registers(log)
+        for kernel in (*SOURCE_KERNELS[SM90WS_SOURCE], *cluster):
+            if kernel != "bsfa_combine":
+                assert regs.get(kernel) == WS_LAUNCH_REGS, (
+                    f"{name}: {kernel} is launched with {regs.get(kernel)} registers a thread, expected {WS_LAUNCH_REGS}")
     if variant[1].startswith("sm_90a"):
         serialised = [line for line in log.splitlines()
                       if any(code in line for code in ("C7514", "C7515", "C7508")) or "serialized" in line]
