@@ -2,8 +2,9 @@
 take two query heads of one GQA group and share every K and V load by TMA multicast. Each CTA runs the
 consumers of the plain entries on the same key blocks in the same order, so their results must equal the
 plain entries' bitwise -- out, lse, keep and the tile maxima -- over dtypes, causal or not, odd lengths,
-GQA groups of 2 and 4, MQA and batches. ``attention`` does not route calls to them yet: these tests swap
-them in for the plain entries.
+GQA groups of 2 and 4, MQA and batches. ``attention`` routes only dense calls of even GQA groups to the
+dense one; these tests swap all three in for the plain entries, and keep the plain ones from the cluster
+entries for the comparison.
 """
 from __future__ import annotations
 
@@ -30,10 +31,17 @@ def _use_clusters(monkeypatch, on: list, seen: list):
     real = ops.get_module
     swapped = {}
 
+    plain = {}
+
     def get_module(key, backend, device_id):
         mod = real(key, backend, device_id)
-        if key.arch != "sm90ws" or not on[0]:
+        if key.arch != "sm90ws":
             return mod
+        if not on[0]:  # the plain entries only: dense calls would take the cluster entry through forward()
+            if key not in plain:
+                plain[key] = dataclasses.replace(mod)
+                plain[key]._clustered = plain[key]
+            return plain[key]
         if key not in swapped:
             clustered = mod.clustered()
             assert clustered is not mod, f"{key.name()}: no cluster entries"
@@ -49,6 +57,7 @@ def _use_clusters(monkeypatch, on: list, seen: list):
 
                 kerns[plain] = dataclasses.replace(kern, fn=spy)
             swapped[key] = dataclasses.replace(mod, **kerns)
+            swapped[key]._clustered = swapped[key]  # so that forward() takes the swapped entries as they are
         return swapped[key]
 
     monkeypatch.setattr(ops, "get_module", get_module)

@@ -1,7 +1,8 @@
 """The sm90ws entries compiled without the gate (bsfa_fwd_dense, bsfa_fwd_split_dense,
 bsfa_fwd_split_pack_dense): dense calls take them, and they equal the gated entries keeping every tile
 (thresholds -inf) bitwise -- out, lse and the keep mask -- over dtypes, head dims, causal or not, odd
-lengths and GQA. Their agreement with the reference is the dense examples of the other GPU tests, which
+lengths and GQA; so does bsfa_fwd_dense_mc, the cluster entry that dense calls of even GQA groups take at
+head dim 128. Their agreement with the reference is the dense examples of the other GPU tests, which
 run on them through ``auto`` on Hopper.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ pytestmark = [pytest.mark.gpu, requires_gpu,
               pytest.mark.skipif(not _is_hopper(), reason="the sm90ws kernel needs compute capability 9.0")]
 
 ENTRIES = ("fwd", "fwd_dense", "fwd_split", "fwd_split_dense", "fwd_split_pack", "fwd_split_pack_dense")
+CLUSTER_ENTRIES = ("fwd_dense",)  # recorded as fwd_dense_mc: dense calls of even GQA groups at head dim 128
 
 
 def _record_entries(monkeypatch):
@@ -28,8 +30,10 @@ def _record_entries(monkeypatch):
     def get_module(key, backend, device_id):
         mod = real(key, backend, device_id)
         if key.arch == "sm90ws":
-            for name in ENTRIES:
-                kern = getattr(mod, name)
+            mc = mod.clustered()
+            kerns = [(name, getattr(mod, name)) for name in ENTRIES]
+            kerns += [(name + "_mc", getattr(mc, name)) for name in CLUSTER_ENTRIES if mc is not mod]
+            for name, kern in kerns:
                 if getattr(kern.fn, "_bsfa_spied", False):
                     continue
 
@@ -68,10 +72,13 @@ def _assert_bitwise(runs):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("causal", [True, False])
-def test_unsplit_dense_entry_equals_gated(monkeypatch, dtype, D, causal):
+@pytest.mark.parametrize("Hkv", [4, 16])
+def test_unsplit_dense_entry_equals_gated(monkeypatch, dtype, D, causal, Hkv):
     # 2 x 16 heads x 9 query tiles fill the GPU without a split, so both calls take the unsplit entries.
-    runs, seen = _dense_and_gated(monkeypatch, (2, 1100, 1300, 16, 4), dtype, D, causal)
-    assert seen == ["fwd_dense", "fwd"], f"expected the dense then the gated unsplit entry, got {seen}"
+    # GQA groups of 4 at head dim 128 pair up: the dense call takes the cluster entry; groups of 1 do not.
+    runs, seen = _dense_and_gated(monkeypatch, (2, 1100, 1300, 16, Hkv), dtype, D, causal)
+    dense = "fwd_dense_mc" if D == 128 and Hkv == 4 else "fwd_dense"
+    assert seen == [dense, "fwd"], f"expected {dense} then the gated unsplit entry, got {seen}"
     _assert_bitwise(runs)
 
 

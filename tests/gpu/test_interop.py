@@ -40,7 +40,8 @@ def _spy_launch(monkeypatch):
 
     def get_module(key, backend, device_id):
         mod = real(key, backend, device_id)
-        for kern in (mod.fwd, mod.fwd_dense, mod.block_max):  # fwd_dense: sm90ws's dense calls
+        # fwd_dense: sm90ws's dense calls; the cluster module's: those of even GQA groups at head dim 128
+        for kern in (mod.fwd, mod.fwd_dense, mod.block_max, mod.clustered().fwd_dense):
             if kern is not None and not getattr(kern.fn, "_bsfa_spied", False):
                 monkeypatch.setattr(kern, "fn", _Spy(kern.fn, seen))  # undone after the test
         return mod

@@ -172,9 +172,13 @@ def test_a_clustered_module_loads_its_cluster_entries_once_into_the_plain_places
         "bsfa_fwd_mc", "bsfa_fwd_dense_mc", "bsfa_block_max_mc")
     assert (mc.fwd.cluster, mc.fwd_varlen, mc.fwd_split) == (2, "varlen", "split")
     assert mod.clustered() is mc and len(loads) == 3  # loaded at the first call only
+    # dense calls whose GQA groups pair up take the cluster entry; calls with thresholds and odd groups do not
+    assert mod.forward(False, 4).fn == "bsfa_fwd_dense_mc"
+    assert mod.forward(False, 1) is plain and mod.forward(False, 3) is plain and mod.forward(True, 4) is plain
     assert mod.fwd is plain  # the module calls run keeps its plain entries
     exported["BSFA_FWD_MC"] = 0  # head dim 64: none
     assert module("sm90ws").clustered().fwd is plain
+    assert module("sm90ws").forward(False, 4) is plain
 
 
 def test_params_packing_takes_pointers_and_refuses_unknown_fields():
