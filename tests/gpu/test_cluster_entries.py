@@ -29,19 +29,17 @@ def _use_clusters(monkeypatch, on: list, seen: list):
     from bsfa_cupy import ops
 
     real = ops.get_module
-    swapped = {}
-
-    plain = {}
+    swapped, plain_only = {}, {}
 
     def get_module(key, backend, device_id):
         mod = real(key, backend, device_id)
         if key.arch != "sm90ws":
             return mod
         if not on[0]:  # the plain entries only: dense calls would take the cluster entry through forward()
-            if key not in plain:
-                plain[key] = dataclasses.replace(mod)
-                plain[key]._clustered = plain[key]
-            return plain[key]
+            if key not in plain_only:
+                plain_only[key] = dataclasses.replace(mod)
+                plain_only[key]._clustered = plain_only[key]
+            return plain_only[key]
         if key not in swapped:
             clustered = mod.clustered()
             assert clustered is not mod, f"{key.name()}: no cluster entries"
