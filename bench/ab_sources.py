@@ -9,7 +9,8 @@ Usage (two steps, the first where git is, the second on the GPU machine):
       bsfa_fwd replaces the library's (DENSE_ENTRY, e.g. bsfa_fwd_dense, for the calls without
       thresholds); name one file twice to see the spread between two identical builds. NAME=@mc is the
       library's own module with its cluster entries (bsfa_fwd_mc, bsfa_fwd_dense_mc, bsfa_block_max_mc)
-      in the plain ones' places. --block-max also times block_max_scores per build.
+      in the plain ones' places; NAME=@pair runs its dense calls on bsfa_fwd_dense_pair (clusters of two
+      query tiles of one head, any GQA group). --block-max also times block_max_scores per build.
 Per case (B=1, Hq=32, causal unless noted): torch SDPA's cuDNN backend, then per build dense and sparse
 (rho of the gated tiles kept, thresholds from the inputs' tile maxima, as `bsfa bench` sets them), timed in
 9 interleaved repeats of 3 calls (median), the plan cache cleared at every switch (attention keeps kernel
@@ -79,8 +80,8 @@ def time_builds(specs, cases, out_dir, block_max=False):
     builds = {}
     for spec in specs:
         name, _, rest = spec.partition("=")
-        if rest == "@mc":
-            builds[name] = None
+        if rest in ("@mc", "@pair"):
+            builds[name] = rest
             continue
         path, _, dense_entry = rest.partition(":")
         builds[name] = (Path(path).read_text(), dense_entry or "bsfa_fwd")
@@ -94,11 +95,16 @@ def time_builds(specs, cases, out_dir, block_max=False):
         b = mode["build"]
         if key.arch != "sm90ws" or b == "base":
             return mod
-        if builds[b] is None:  # @mc: the cluster entries of the library's own module
+        if builds[b] in ("@mc", "@pair"):  # the cluster entries of the library's own module
             mc = mod.clustered()
             if mc is mod:
                 raise SystemExit(f"{key.name()}: this module has no cluster entries (head dim 128 only)")
-            return mc
+            if builds[b] == "@mc":
+                return mc
+            if (key, b) not in cache:
+                cache[(key, b)] = dataclasses.replace(mod, fwd_dense=mc.fwd_dense_pair)
+                cache[(key, b)]._clustered = cache[(key, b)]  # forward() takes fwd_dense whatever the group
+            return cache[(key, b)]
         text, dense_entry = builds[b]
         entry = dense_entry if mode["dense"] else "bsfa_fwd"
         if (key, b, entry) not in cache:
@@ -125,7 +131,7 @@ def time_builds(specs, cases, out_dir, block_max=False):
         sets = _input_sets(b, n, 32, hkv, d, dtype, l2)
         row = dict(n=n, d=d, hkv=hkv, b=b, dtype=dtype, causal=causal)
         # @mc pairs the query heads of a GQA group: none to pair with an odd group (Hq = 32 here)
-        names = [m for m in all_names if not (builds.get(m, ()) is None and (32 // hkv) % 2)]
+        names = [m for m in all_names if not (builds.get(m) == "@mc" and (32 // hkv) % 2)]
         with torch.inference_mode():
             cudnn = _peer_fns("sdpa-cudnn", sets, causal, n)
             use("base", False)

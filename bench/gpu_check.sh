@@ -12,7 +12,8 @@
 # on Hopper the stages no longer fit one such call: run `gpu_check.sh compile tests` (the GPU suite with the
 # hypothesis profile `ci` takes ~5 minutes on an H200) and `gpu_check.sh compile sanitize bench` as two calls.
 # HYPOTHESIS_PROFILE (default ci) picks the examples; `gpu` draws many more and needs a longer T_TESTS.
-# SANITIZE_ARGS go to sanitize_cases.py, e.g. "--backend sm90ws --clusters" for the sm90ws cluster entries.
+# SANITIZE_ARGS go to sanitize_cases.py, e.g. "--backend sm90ws --clusters" for the sm90ws cluster entries
+# ("--backend sm90ws --pair-tiles" for the tile-pair entry).
 # Needs only the machine's Python with CuPy >= 14, torch, pytest and hypothesis; downloads nothing.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2

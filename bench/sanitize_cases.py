@@ -13,6 +13,7 @@ be NaN (checked here), with no access out of bounds (checked by the sanitizer).
 Usage: compute-sanitizer --tool memcheck --error-exitcode 9 python3 bench/sanitize_cases.py
 --clusters: the sm90ws modules of head dim 128 run their cluster entries (bsfa_fwd_mc, bsfa_fwd_dense_mc,
 bsfa_block_max_mc) in place of the plain ones (every case here has a GQA group of two).
+--pair-tiles: their dense calls run bsfa_fwd_dense_pair (clusters of two query tiles of one head) instead.
 """
 import argparse
 
@@ -22,6 +23,7 @@ p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 p.add_argument("--backend", choices=("sm80", "sm90", "sm90ws", "splitkv"), action="append",
                help="run only this kernel (repeatable; default: every kernel the GPU has)")
 p.add_argument("--clusters", action="store_true", help="sm90ws at head dim 128: the cluster entries")
+p.add_argument("--pair-tiles", action="store_true", help="sm90ws at head dim 128: dense calls on tile pairs")
 args = p.parse_args()
 
 import cupy as cp  # noqa: E402  (after argparse: --help works without a GPU)
@@ -34,6 +36,27 @@ if args.clusters:
     _real_get_module = ops.get_module
     ops.get_module = lambda key, *rest: _real_get_module(key, *rest).clustered() if key.arch == "sm90ws" else (
         _real_get_module(key, *rest))
+
+if args.pair_tiles:
+    import dataclasses
+
+    from bsfa_cupy import ops
+
+    _pair_real_get_module = ops.get_module
+    _pair_modules = {}
+
+    def _pair_get_module(key, *rest):
+        mod = _pair_real_get_module(key, *rest)
+        pair = mod.clustered().fwd_dense_pair if key.arch == "sm90ws" else None
+        if pair is None:
+            return mod
+        if key not in _pair_modules:
+            m = dataclasses.replace(mod, fwd_dense=pair)
+            m._clustered = m  # forward() takes fwd_dense as it is, whatever the group
+            _pair_modules[key] = m
+        return _pair_modules[key]
+
+    ops.get_module = _pair_get_module
 
 rng = np.random.default_rng(0)
 hopper = str(cp.cuda.Device().compute_capability) == "90"

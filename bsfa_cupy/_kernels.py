@@ -43,15 +43,19 @@ class Kernel:
     n_maps: int = 0
     cluster: int = 1  # CTAs per cluster (the sm90ws cluster entries: 2, over pairs of query heads)
     cluster_slots: int = 0  # clusters resident at once (cluster entries; 0: not yet asked)
+    pair_tiles: bool = False  # a cluster takes query tiles, not query heads, two at a time (bsfa_fwd_dense_pair)
 
     def grid(self, B: int, Hq: int, nQ: int) -> tuple[int, int, int]:
         if self.cluster == 1:
             return _launch.grid(self.grid_kind, B, Hq, nQ, self.sms)
-        if Hq % self.cluster:
+        if not self.pair_tiles and Hq % self.cluster:
             raise ValueError(f"a cluster entry takes query heads {self.cluster} at a time, got Hq={Hq}")
         if not self.cluster_slots:
             self.cluster_slots = _cluster_slots(self)
-        g = _launch.grid(self.grid_kind, B, Hq // self.cluster, nQ, self.cluster_slots)
+        if self.pair_tiles:
+            g = _launch.grid(self.grid_kind, B, Hq, -(-nQ // self.cluster), self.cluster_slots)
+        else:
+            g = _launch.grid(self.grid_kind, B, Hq // self.cluster, nQ, self.cluster_slots)
         return (g[0] * self.cluster, g[1], g[2])
 
     def launch(self, B: int, Hq: int, nQ: int, params, maps: tuple = ()) -> None:
@@ -80,6 +84,8 @@ class Module:
     fwd_dense: Kernel | None = None
     fwd_split_dense: Kernel | None = None
     fwd_split_pack_dense: Kernel | None = None
+    # sm90ws at head dim 128, in clustered() only: bsfa_fwd_dense on clusters of two query tiles of one head
+    fwd_dense_pair: Kernel | None = None
     _clustered: Module | None = dataclasses.field(default=None, repr=False)  # clustered(), once loaded
 
     def forward(self, gated: bool, group: int = 1) -> Kernel:
@@ -102,7 +108,9 @@ class Module:
         The cluster entries (sm90ws, head dim 128: bsfa_fwd_mc, bsfa_fwd_dense_mc, bsfa_block_max_mc) run
         on clusters of two CTAs that share K and V loads, two query heads of a GQA group: the caller must
         ensure that Hq / Hkv is even, else a pair spans two K/V heads. Dense calls reach the dense one through
-        :meth:`forward`; they are loaded here, at first use.
+        :meth:`forward`; they are loaded here, at first use. ``fwd_dense_pair`` (bsfa_fwd_dense_pair), whose
+        clusters take two neighbouring query tiles of one head instead, for any GQA group, is loaded with them
+        and not yet routed: tests and benchmarks swap it in for ``fwd_dense``.
         """
         if self._clustered is None:
             cluster = _read_int(self.raw, "BSFA_FWD_MC") if self.key.arch == "sm90ws" else 0
@@ -113,7 +121,11 @@ class Module:
                 fwd, dense = (_kernel(self.raw, name, "BSFA_FWD", f.grid_kind, f.sms, f.tma, 3, cluster)
                               for name in ("bsfa_fwd_mc", "bsfa_fwd_dense_mc"))
                 bmax = _kernel(self.raw, "bsfa_block_max_mc", "BSFA_BLOCK_MAX", b.grid_kind, b.sms, b.tma, 2, cluster)
-                self._clustered = dataclasses.replace(self, fwd=fwd, fwd_dense=dense, block_max=bmax)
+                pair = dataclasses.replace(
+                    _kernel(self.raw, "bsfa_fwd_dense_pair", "BSFA_FWD", f.grid_kind, f.sms, f.tma, 3, cluster),
+                    pair_tiles=True)
+                self._clustered = dataclasses.replace(self, fwd=fwd, fwd_dense=dense, block_max=bmax,
+                                                      fwd_dense_pair=pair)
         return self._clustered
 
     def split_entry(self, pack: bool, gated: bool) -> Kernel:

@@ -107,6 +107,7 @@ __device__ __forceinline__ void block_max_consumer(const Params& p, const SmemWs
     const int nQ = ceil_div(p.Nq, TR::kBlockM);
     const int nK = ceil_div(p.Nk, TR::kBlockN);
     constexpr int kC = TR::kClusterCtas;
+    static_assert(!TR::kPairTiles, "no bsfa_block_max over tile pairs");
     const PersistentSchedule<kCausal, false, kC> sched(nQ, p.Hq / kC, p.B, p.Hq / p.Hkv / kC);
     const unsigned long long q_desc = make_desc(sm.q() + wg * TR::kWgmmaM * kSwizzleBytes, 16, kSwizzleAtomBytes);
     PipeState<TR::kBlockMaxStages> kv;

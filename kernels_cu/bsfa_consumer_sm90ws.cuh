@@ -345,15 +345,33 @@ __device__ __forceinline__ void consumer_tile(const Params& p, const SmemWs<TR>&
     if (t.lane() == 0) mbar_arrive_cluster<TR::kClusterCtas>(sm.bar(TR::kBarVEmpty + prev.stage));
 }
 
+// kPairTiles: hands `count` K and V slots back unread, once each has
+// landed (a slot is refilled only after both CTAs released it, and the
+// barrier phases stay in step): the blocks that the pair's longer tile
+// visits past this CTA's own range, which come first.  Every consumer warp,
+// no turn taken: both warpgroups drain the same blocks.
+template <class TR>
+__device__ __forceinline__ void drain_blocks(const SmemWs<TR>& sm, PipeState<TR::kStages>& kv, int count) {
+#pragma unroll 1
+    for (int i = 0; i < count; ++i) {
+        mbar_wait(sm.bar(TR::kBarKFull + kv.stage), kv.phase);
+        mbar_wait(sm.bar(TR::kBarVFull + kv.stage), kv.phase);
+        if ((threadIdx.x & 31) == 0) {
+            mbar_arrive_cluster<TR::kClusterCtas>(sm.bar(TR::kBarKEmpty + kv.stage));
+            mbar_arrive_cluster<TR::kClusterCtas>(sm.bar(TR::kBarVEmpty + kv.stage));
+        }
+        kv.advance();
+    }
+}
+
 template <class TR, bool kCausal, bool kVarlen = false, bool kSplit = false, bool kGated = true>
 __device__ __forceinline__ void consumer_loop(const Params& p, const SmemWs<TR>& sm, int wg, int tid) {
     static_assert(!(kVarlen && kSplit), "no split-KV entry for packed batches");
+    static_assert(!TR::kPairTiles || (!kVarlen && !kSplit && !kGated), "tile pairs: dense fixed-length calls only");
     const ConsumerThread ct(wg, tid);
     const int nQ = ceil_div(p.Nq, TR::kBlockM);
     const int nK = ceil_div(p.Nk, TR::kBlockN);
-    constexpr int kC = TR::kClusterCtas;
-    const PersistentSchedule<kCausal, kSplit, kC> sched(nQ, TR::kPackHeads ? p.Hq / 2 : p.Hq / kC, p.B,
-                                                        p.Hq / p.Hkv / kC, p.num_splits);
+    const auto sched = schedule_sm90ws<TR, kCausal, kSplit>(p, nQ, p.Hq / p.Hkv);
     PipeState<TR::kStages> kv;
     unsigned q_phase = 0;
     unsigned vote_idx = 0;
@@ -363,6 +381,17 @@ __device__ __forceinline__ void consumer_loop(const Params& p, const SmemWs<TR>&
         const int j = sched.index(r);
         if (j < 0) continue;
         const WorkTile w = sched.tile(j);
+        if constexpr (TR::kPairTiles) {
+            const Problem pr = cta_problem<false>(p, w.b);
+            const KeyBlocks pair = pair_key_blocks<TR, kCausal>(sched, j, pr);
+            if (w.a < 0 || w.a >= nQ) {  // no tile of its own: every block of the pair goes back
+                drain_blocks<TR>(sm, kv, pair.any ? pair.last + 1 : 0);
+                continue;
+            }
+            const QueryTile<TR, kCausal> qt(w.a, pr);
+            const int own_last = qt.c_end >= 0 ? qt.c_end / TR::kKeyHalves : -1;
+            drain_blocks<TR>(sm, kv, pair.last - own_last);  // pair.last >= own_last >= -1
+        }
         if constexpr (kVarlen) {
             const Problem pr = cta_problem<true>(p, w.b);
             if (w.a * TR::kBlockM >= pr.Nq) {  // past the sequence's end: no rows, no decisions

@@ -30,7 +30,9 @@
 // bsfa_fwd_mc, bsfa_fwd_dense_mc and bsfa_block_max_mc (head dim 128, an
 // even GQA group; BSFA_FWD_MC = 2): the same as bsfa_fwd, bsfa_fwd_dense and
 // bsfa_block_max, two CTAs a cluster sharing K and V loads, on a grid of
-// 2 * min(SMs / 2, tiles / 2).
+// 2 * min(SMs / 2, tiles / 2).  bsfa_fwd_dense_pair (head dim 128, any GQA
+// group): bsfa_fwd_dense on clusters of two neighbouring query tiles of one
+// head, on a grid of 2 * min(SMs / 2, ceil(nQ / 2) * B * Hq).
 
 #if !defined(BSFA_DTYPE) || (BSFA_DTYPE != 0 && BSFA_DTYPE != 1)
 #error "BSFA_DTYPE must be 0 (float16) or 1 (bfloat16)"
@@ -147,6 +149,18 @@ extern "C" __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(TR::kNThr
     bsfa_fwd_dense_mc(const __grid_constant__ bsfa::Params p, const __grid_constant__ bsfa::TmaDesc tq,
                       const __grid_constant__ bsfa::TmaDesc tk, const __grid_constant__ bsfa::TmaDesc tv) {
     bsfa::kernel_sm90ws<TRMc, kCausal, true, false, false, false>(p, tq, tk, tv);
+}
+
+// bsfa_fwd_dense over clusters of two CTAs that take two neighbouring query
+// tiles of one head (TraitsSm90WsPair), sharing K and V loads, any GQA group;
+// the list is over pairs of tiles (a grid of 2 * min(SMs / 2, ceil(nQ / 2) *
+// B * Hq)).  Same arguments as bsfa_fwd.
+using TRPair = bsfa::TraitsSm90WsPair<BSFA_HEAD_DIM, BSFA_DTYPE == 1>;
+
+extern "C" __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(TR::kNThreads, 1)
+    bsfa_fwd_dense_pair(const __grid_constant__ bsfa::Params p, const __grid_constant__ bsfa::TmaDesc tq,
+                        const __grid_constant__ bsfa::TmaDesc tk, const __grid_constant__ bsfa::TmaDesc tv) {
+    bsfa::kernel_sm90ws<TRPair, kCausal, true, false, false, false>(p, tq, tk, tv);
 }
 
 extern "C" __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(TR::kNThreads, 1)

@@ -69,9 +69,8 @@ __device__ __forceinline__ void producer_loop(const Params& p, const TmaDesc& tq
                                               const TmaDesc& tv, const SmemWs<TR>& sm) {
     const int group = p.Hq / p.Hkv;
     constexpr int kC = TR::kClusterCtas;
-    const PersistentSchedule<kCausal, kSplit, kC> sched(ceil_div(p.Nq, TR::kBlockM),
-                                                        TR::kPackHeads ? p.Hq / 2 : p.Hq / kC, p.B, group / kC,
-                                                        p.num_splits);
+    const int nQ = ceil_div(p.Nq, TR::kBlockM);
+    const auto sched = schedule_sm90ws<TR, kCausal, kSplit>(p, nQ, group);
     PipeState<kLoadV ? TR::kStages : TR::kBlockMaxStages> kv;
     unsigned q_phase = 0;
 #pragma unroll 1
@@ -84,14 +83,19 @@ __device__ __forceinline__ void producer_loop(const Params& p, const TmaDesc& tq
             if (w.a * TR::kBlockM >= pr.Nq) continue;  // past the sequence's end: nothing to load
         }
         const QueryTile<TR, kCausal> qt(w.a, pr);
-        const KeyBlocks kb = key_blocks<kSplit, TR::kKeyHalves>(qt.c_end, w.s, p.num_splits);
+        // kPairTiles: the pair's blocks, and the Q tile only where this CTA's
+        // own tile has keys (it may have none, or be no tile at all).
+        const KeyBlocks kb = TR::kPairTiles ? pair_key_blocks<TR, kCausal>(sched, j, pr)
+                                            : key_blocks<kSplit, TR::kKeyHalves>(qt.c_end, w.s, p.num_splits);
         if (!kb.any) continue;  // no key to visit: the consumers write zeros without Q
+        const bool load_q = !TR::kPairTiles || (w.a >= 0 && w.a < nQ && qt.c_end >= 0);
         const int h0 = wg_head<TR>(w, 0);  // the tile's (first) query head
         const int hkv = h0 / group;
         // The box's batch coordinate: the packed tensors are one batch element.
         const int bc = kVarlen ? 0 : w.b;
 
-        if constexpr (TR::kPackHeads) {
+        if (!load_q) {
+        } else if constexpr (TR::kPackHeads) {
             mbar_wait(sm.bar(TR::kBarQEmpty), q_phase ^ 1u);
             mbar_arrive_expect_tx(sm.bar(TR::kBarQFull), TR::kPanels * TR::kQPanelBytes);
 #pragma unroll
@@ -106,7 +110,7 @@ __device__ __forceinline__ void producer_loop(const Params& p, const TmaDesc& tq
             fill_slot<TR, TR::kQPanelBytes>(sm.q(), tq, sm.bar(TR::kBarQEmpty), sm.bar(TR::kBarQFull), q_phase ^ 1u,
                                              pr.q_row + qt.q0, w.h, bc);
         }
-        q_phase ^= 1u;
+        if (load_q) q_phase ^= 1u;
 
 #pragma unroll 1
         for (int n = kb.last; n >= kb.first; --n) {

@@ -32,11 +32,19 @@
 // kCtas 2 (the cluster entries, TraitsSm90WsMc): the list is over pairs of
 // query heads of one GQA group, walked by clusters (cluster i is CTAs 2i and
 // 2i+1, G the number of clusters), and the CTA of rank r takes head 2 h + r
-// of the pair h: both CTAs of a cluster visit the same key blocks.
+// of the pair h: both CTAs of a cluster visit the same key blocks.  With
+// kPairTiles (TraitsSm90WsPair) the list is over pairs of query tiles of one
+// head instead: entry rank p holds tiles 2p and 2p + 1 (counted from the
+// heaviest, for causal), the CTA of rank r takes the r-th, and a tile index
+// outside [0, nQ) (an odd nQ's last pair) leaves that CTA without a tile of
+// its own.  The pair's CTAs then visit the key blocks of its longer tile.
 //
 // Includes what it needs.
 #pragma once
 
+#include "bsfa_mask.cuh"
+#include "bsfa_params.cuh"
+#include "bsfa_problem.cuh"
 #include "bsfa_traits.cuh"
 
 namespace bsfa {
@@ -48,9 +56,10 @@ struct WorkTile {
     int s;  // key split (0 without kSplit)
 };
 
-template <bool kHeavyFirst, bool kSplit = false, int kCtas = 1>
+template <bool kHeavyFirst, bool kSplit = false, int kCtas = 1, bool kPairTiles = false>
 struct PersistentSchedule {
     static_assert(kCtas == 1 || !kSplit, "no cluster entry splits the key range");
+    static_assert(!kPairTiles || kCtas == 2, "tile pairs are walked by clusters of two");
     static constexpr int kSectionRounds = 16;
     int nQ;
     int Hq;
@@ -59,12 +68,14 @@ struct PersistentSchedule {
     int width;  // (b, h) pairs a section (without kSplit)
     int span;   // list slots a section, padding included
     int slots;  // list slots in all, padding included
+    int tiles;  // kPairTiles: query tiles (nQ counts pairs of them)
 
     // group: query heads per K/V head (Hq / Hkv; a divisor of Hq).  With
-    // kCtas 2, Hq_ and group count pairs of query heads.
-    __device__ __forceinline__ PersistentSchedule(int nQ_, int Hq_, int B, int group, int splits = 1)
+    // kCtas 2, Hq_ and group count pairs of query heads; with kPairTiles,
+    // nQ_ counts pairs of the tiles_ query tiles, and Hq_ and group heads.
+    __device__ __forceinline__ PersistentSchedule(int nQ_, int Hq_, int B, int group, int splits = 1, int tiles_ = 0)
         : nQ(nQ_), Hq(Hq_), total(kSplit ? nQ_ * Hq_ * B * splits : nQ_ * Hq_ * B), BH(Hq_ * B), width(BH),
-          span(total), slots(total) {
+          span(total), slots(total), tiles(tiles_) {
         if constexpr (!kSplit) {
             const int pair = 2 * grid();
             const int w = ceil_div(kSectionRounds * grid(), nQ_ * group) * group;
@@ -100,7 +111,11 @@ struct PersistentSchedule {
 
     __device__ __forceinline__ bool rounds_left(int r) const { return r * grid() < slots; }
 
-    __device__ __forceinline__ WorkTile tile(int j) const {
+    __device__ __forceinline__ WorkTile tile(int j) const { return tile_of(j, (int)blockIdx.x % kCtas); }
+
+    // The tile of list slot j that the cluster's CTA of rank r takes (tile():
+    // this CTA's own rank; kPairTiles also asks for the partner's).
+    __device__ __forceinline__ WorkTile tile_of(int j, int r) const {
         if constexpr (kSplit) {
             const int per_rank = total / nQ;
             const int rank = j / per_rank;
@@ -117,9 +132,11 @@ struct PersistentSchedule {
             const int bh = w0 + within - rank * w;
             if constexpr (kCtas == 1) {
                 return WorkTile{kHeavyFirst ? nQ - 1 - rank : rank, bh % Hq, bh / Hq, 0};
+            } else if constexpr (kPairTiles) {  // rank is a pair of query tiles; r picks one, maybe none
+                const int t = rank * kCtas + r;
+                return WorkTile{kHeavyFirst ? tiles - 1 - t : t, bh % Hq, bh / Hq, 0};
             } else {  // bh % Hq is a pair of heads; the CTA's rank in its cluster picks one
-                return WorkTile{kHeavyFirst ? nQ - 1 - rank : rank, (bh % Hq) * kCtas + (int)blockIdx.x % kCtas,
-                                bh / Hq, 0};
+                return WorkTile{kHeavyFirst ? nQ - 1 - rank : rank, (bh % Hq) * kCtas + r, bh / Hq, 0};
             }
         }
     }
@@ -156,6 +173,42 @@ __device__ __forceinline__ KeyBlocks key_blocks(int c_end, int s, int S) {
         // last is only read when any (c_end >= 0): an unsigned division, a shift.
         return KeyBlocks{0, (int)((unsigned)c_end / kKeyHalves), c_end >= 0};
     }
+}
+
+// The schedule of the warp-specialised kernels' producer and consumers
+// (TR a TraitsSm90Ws): nQ query tiles of the Params' heads and batch, over
+// pairs of heads (TraitsSm90WsMc), pairs of tiles (TraitsSm90WsPair) or
+// neither.
+template <class TR, bool kCausal, bool kSplit>
+using ScheduleSm90Ws = PersistentSchedule<kCausal, kSplit, TR::kClusterCtas, TR::kPairTiles>;
+
+// group: Hq / Hkv.
+template <class TR, bool kCausal, bool kSplit>
+__device__ __forceinline__ ScheduleSm90Ws<TR, kCausal, kSplit> schedule_sm90ws(const Params& p, int nQ, int group) {
+    constexpr int kC = TR::kClusterCtas;
+    if constexpr (TR::kPairTiles) {
+        return ScheduleSm90Ws<TR, kCausal, kSplit>(ceil_div(nQ, 2), p.Hq, p.B, group, 1, nQ);
+    } else {
+        return ScheduleSm90Ws<TR, kCausal, kSplit>(nQ, TR::kPackHeads ? p.Hq / 2 : p.Hq / kC, p.B, group / kC,
+                                                   p.num_splits);
+    }
+}
+
+// kPairTiles: the 128-key blocks that the pair of tiles of list slot j
+// visits, those of its longer tile ([0, last], none where neither tile has
+// a key), so that the producers of both CTAs load the same blocks.
+template <class TR, bool kCausal, class Sched>
+__device__ __forceinline__ KeyBlocks pair_key_blocks(const Sched& sched, int j, const Problem& pr) {
+    int last = -1;
+#pragma unroll
+    for (int r = 0; r < TR::kClusterCtas; ++r) {
+        const int a = sched.tile_of(j, r).a;
+        if (a >= 0 && a < sched.tiles) {
+            const QueryTile<TR, kCausal> qt(a, pr);
+            if (qt.c_end >= 0) last = imax(last, qt.c_end / TR::kKeyHalves);
+        }
+    }
+    return KeyBlocks{0, last, last >= 0};
 }
 
 }  // namespace bsfa

@@ -126,6 +126,9 @@ struct TraitsSm90Ws : TileShape {
     static constexpr int kVoteWarps = kConsumerWarps;    // warps posting to one ring
     // CTAs of a cluster that share every K and V load (TMA multicast); one.
     static constexpr int kClusterCtas = 1;
+    // A cluster's CTAs take two query tiles of one head (TraitsSm90WsPair),
+    // not two heads of one GQA group.
+    static constexpr bool kPairTiles = false;
 };
 
 // The cluster entries (bsfa_fwd_mc, bsfa_fwd_dense_mc, bsfa_block_max_mc):
@@ -149,6 +152,17 @@ struct TraitsSm90WsMc : TraitsSm90Ws<kHeadDim_, kBf16_> {
     static_assert(kProducerRegs * 128 + kConsumerRegs * Base::kConsumerThreads <= Base::kLaunchRegs * Base::kNThreads,
                   "setmaxnreg: the CTA's registers at launch");
     static_assert(Base::kPanels % kClusterCtas == 0, "each CTA of a cluster loads whole 64-column panels");
+};
+
+// bsfa_fwd_dense_pair (dense calls, any GQA group, MHA included): the two
+// CTAs of a cluster take two neighbouring query tiles of one head, and share
+// K and V as TraitsSm90WsMc's do.  Their key ranges differ where causal: the
+// pair visits the longer tile's blocks, and the CTA of the shorter tile (or
+// of none, the last pair of an odd tile count) hands the blocks past its own
+// range back unread (bsfa_consumer_sm90ws.cuh, drain_blocks).
+template <int kHeadDim_, bool kBf16_>
+struct TraitsSm90WsPair : TraitsSm90WsMc<kHeadDim_, kBf16_> {
+    static constexpr bool kPairTiles = true;
 };
 
 // The two-head tile of the split entry's short chunks (bsfa_fwd_split_pack):

@@ -1,5 +1,6 @@
 """The sm90ws cluster entries (bsfa_fwd_mc, bsfa_fwd_dense_mc, bsfa_block_max_mc): two CTAs of a cluster
-take two query heads of one GQA group and share every K and V load by TMA multicast. Each CTA runs the
+take two query heads of one GQA group and share every K and V load by TMA multicast. bsfa_fwd_dense_pair
+takes two neighbouring query tiles of one head instead (any group) and must equal bsfa_fwd_dense bitwise. Each CTA runs the
 consumers of the plain entries on the same key blocks in the same order, so their results must equal the
 plain entries' bitwise -- out, lse, keep and the tile maxima -- over dtypes, causal or not, odd lengths,
 GQA groups of 2 and 4, MQA and batches. ``attention`` routes only dense calls of even GQA groups to the
@@ -107,6 +108,72 @@ def test_cluster_entries_equal_plain(monkeypatch, dtype, causal, shape):
     _assert_bitwise(plain, mc)
 
 
+def _use_tile_pairs(monkeypatch, on: list, seen: list):
+    """While ``on[0]``, dense calls of sm90ws modules launch bsfa_fwd_dense_pair (recorded in ``seen``);
+    otherwise the plain bsfa_fwd_dense, whatever the GQA group."""
+    import bsfa_cupy
+    from bsfa_cupy import ops
+
+    real = ops.get_module
+    modules = {}
+
+    def get_module(key, backend, device_id):
+        mod = real(key, backend, device_id)
+        if key.arch != "sm90ws":
+            return mod
+        if (key, on[0]) not in modules:
+            if on[0]:
+                kern = mod.clustered().fwd_dense_pair
+                assert kern is not None and kern.pair_tiles, f"{key.name()}: no tile-pair entry"
+                kern.grid(1, 2, 1)  # the occupancy query needs the real function: asked before the spy wraps it
+
+                def spy(*args, _fn=kern.fn, **kw):
+                    seen.append("fwd_dense_pair")
+                    return _fn(*args, **kw)
+
+                m = dataclasses.replace(mod, fwd_dense=dataclasses.replace(kern, fn=spy))
+            else:
+                m = dataclasses.replace(mod)
+            m._clustered = m  # forward() takes this module's fwd_dense as it is
+            modules[(key, on[0])] = m
+        return modules[(key, on[0])]
+
+    monkeypatch.setattr(ops, "get_module", get_module)
+    bsfa_cupy.clear_plan_cache()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("shape", [(2, 1100, 1300, 4, 4), (1, 577, 577, 3, 1), (3, 300, 2100, 2, 2),
+                                   (1, 2100, 300, 6, 2), (2, 1024, 1536, 2, 1), (1, 100, 100, 1, 1)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_tile_pair_entry_equals_plain_dense(monkeypatch, dtype, causal, shape):
+    """bsfa_fwd_dense_pair (two neighbouring query tiles of one head a cluster) against bsfa_fwd_dense: out,
+    lse and keep bitwise, over MHA and odd GQA groups, odd tile counts (the last CTA of a cluster without a
+    tile), Nq < Nk and Nq > Nk (bottom-right causal: tiles without keys beside tiles with), a single tile."""
+    import bsfa_cupy
+
+    B, Nq, Nk, Hq, Hkv = shape
+    rng = np.random.default_rng(Nq * 5 + Nk + Hq)
+    q, k, v = map(cp.asarray, random_inputs(rng, B, Nq, Nk, Hq, Hkv, 128, dtype))
+    on, seen = [False], []
+    _use_tile_pairs(monkeypatch, on, seen)
+    runs = []
+    for pair in (False, True):
+        on[0] = pair
+        bsfa_cupy.clear_plan_cache()
+        runs.append(bsfa_cupy.attention(q, k, v, causal=causal, return_lse=True, return_keep=True, backend="sm90ws"))
+    assert seen == ["fwd_dense_pair"], f"expected one launch of the tile-pair entry, got {seen}"
+    names = ("out", "lse", "keep")
+    for name, a, b in zip(names, *runs):
+        a, b = cp.asarray(a), cp.asarray(b)
+        same = a == b if a.dtype == cp.bool_ else (a == b) | (cp.isnan(a) & cp.isnan(b))
+        bad = int((~same).sum())
+        if bad:
+            worst = float(cp.nanmax(cp.abs(a.astype(cp.float32) - b.astype(cp.float32))))
+            raise AssertionError(f"{name}: the tile-pair entry differs at {bad} of {a.size} entries (worst {worst:.3e})")
+
+
 def test_cluster_entries_exist_at_head_dim_128_only():
     from bsfa_cupy import _kernels
     from bsfa_cupy._variants import Backend, VariantKey
@@ -119,6 +186,7 @@ def test_cluster_entries_exist_at_head_dim_128_only():
         if D == 128:
             assert all(k.cluster == 2 for k in (mc.fwd, mc.fwd_dense, mc.block_max))
             assert mc.fwd_varlen is mod.fwd_varlen and mc.fwd_split is mod.fwd_split  # no cluster form
+            assert mc.fwd_dense_pair.cluster == 2 and mc.fwd_dense_pair.pair_tiles and mod.fwd_dense_pair is None
             assert mod.clustered() is mc  # loaded once
             grid = mc.fwd.grid(1, 32, 128)  # asks the driver how many clusters fit at once
             assert 1 <= mc.fwd.cluster_slots <= mc.fwd.sms // 2, mc.fwd.cluster_slots

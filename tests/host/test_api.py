@@ -143,6 +143,12 @@ def test_cluster_entries_walk_pairs_of_heads_on_whole_clusters():
     assert k64.grid(2, 8, 64) == (128, 1, 1)  # only 64 clusters resident: a grid of 64
     with pytest.raises(ValueError, match="query heads 2 at a time, got Hq=3"):
         k.grid(1, 3, 8)
+    # bsfa_fwd_dense_pair: a cluster takes two query tiles of one head, any head count
+    pair = Kernel(fn=None, threads=384, smem=0, grid_kind=GRID_PERSISTENT, sms=132, cluster=2, cluster_slots=66,
+                  pair_tiles=True)
+    assert pair.grid(1, 3, 9) == (30, 1, 1)  # 5 tile pairs (the last one a lone tile) x 3 heads
+    assert pair.grid(1, 1, 1) == (2, 1, 1)
+    assert pair.grid(1, 32, 128) == (132, 1, 1)
 
 
 def test_a_clustered_module_loads_its_cluster_entries_once_into_the_plain_places(monkeypatch):
@@ -171,7 +177,9 @@ def test_a_clustered_module_loads_its_cluster_entries_once_into_the_plain_places
     assert (mc.forward(True).fn, mc.forward(False).fn, mc.block_max.fn) == (
         "bsfa_fwd_mc", "bsfa_fwd_dense_mc", "bsfa_block_max_mc")
     assert (mc.fwd.cluster, mc.fwd_varlen, mc.fwd_split) == (2, "varlen", "split")
-    assert mod.clustered() is mc and len(loads) == 3  # loaded at the first call only
+    assert (mc.fwd_dense_pair.fn, mc.fwd_dense_pair.cluster, mc.fwd_dense_pair.pair_tiles) == (
+        "bsfa_fwd_dense_pair", 2, True)
+    assert mod.clustered() is mc and len(loads) == 4  # loaded at the first call only
     # dense calls whose GQA groups pair up take the cluster entry; calls with thresholds and odd groups do not
     assert mod.forward(False, 4).fn == "bsfa_fwd_dense_mc"
     assert mod.forward(False, 1) is plain and mod.forward(False, 3) is plain and mod.forward(True, 4) is plain

@@ -55,7 +55,8 @@ SOURCE_GLOBALS = {
 #: Entry points a source does not have (none today: every source exports all three).
 MISSING_KERNELS: dict[str, tuple[str, ...]] = {}
 #: Entries of head dim 128 only (an even number of 64-column panels to share between two CTAs).
-CLUSTER_KERNELS = {SM90WS_SOURCE: ("bsfa_fwd_mc", "bsfa_fwd_dense_mc", "bsfa_block_max_mc")}
+CLUSTER_KERNELS = {SM90WS_SOURCE: ("bsfa_fwd_mc", "bsfa_fwd_dense_mc", "bsfa_block_max_mc",
+                                   "bsfa_fwd_dense_pair")}
 GLOBALS = (
     "BSFA_FWD_THREADS",
     "BSFA_FWD_SMEM_BYTES",
