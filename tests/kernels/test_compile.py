@@ -117,36 +117,32 @@ def _defines(dtype: int, head_dim: int, causal: int) -> list[str]:
     return [f"-DBSFA_DTYPE={dtype}", f"-DBSFA_HEAD_DIM={head_dim}", f"-DBSFA_CAUSAL={causal}"]
 
 
-def parse_frames(ptxas_log: str) -> dict[str, tuple[int, int, int, str]]:
-    """Maps each function of a ``ptxas -v`` log to (stack frame, spill store, spill load bytes, its line)."""
-    result: dict[str, tuple[int, int, int, str]] = {}
+def _per_function(ptxas_log: str, pattern: re.Pattern, value) -> dict:
+    """Maps each function of a ``ptxas -v`` log to ``value(match, line)`` of the first line after its
+    "Function properties" line that ``pattern`` matches."""
+    result = {}
     current = None
     for line in ptxas_log.splitlines():
         m = _FUNC_RE.search(line)
         if m:
             current = m.group(1)
             continue
-        m = _FRAME_RE.search(line)
+        m = pattern.search(line)
         if m and current is not None:
-            result[current] = (int(m.group(1)), int(m.group(2)), int(m.group(3)), line.strip())
+            result[current] = value(m, line)
             current = None
     return result
+
+
+def parse_frames(ptxas_log: str) -> dict[str, tuple[int, int, int, str]]:
+    """Maps each function of a ``ptxas -v`` log to (stack frame, spill store, spill load bytes, its line)."""
+    return _per_function(ptxas_log, _FRAME_RE,
+                         lambda m, line: (int(m.group(1)), int(m.group(2)), int(m.group(3)), line.strip()))
 
 
 def parse_registers(ptxas_log: str) -> dict[str, int]:
     """Maps each function of a ``ptxas -v`` log to the registers per thread it is launched with."""
-    result: dict[str, int] = {}
-    current = None
-    for line in ptxas_log.splitlines():
-        m = _FUNC_RE.search(line)
-        if m:
-            current = m.group(1)
-            continue
-        m = _REGS_RE.search(line)
-        if m and current is not None:
-            result[current] = int(m.group(1))
-            current = None
-    return result
+    return _per_function(ptxas_log, _REGS_RE, lambda m, line: int(m.group(1)))
 
 
 def _includes(name: str) -> list[str]:
