@@ -99,12 +99,7 @@ def time_builds(specs, cases, out_dir, block_max=False):
             mc = mod.clustered()
             if mc is mod:
                 raise SystemExit(f"{key.name()}: this module has no cluster entries (head dim 128 only)")
-            if builds[b] == "@mc":
-                return mc
-            if (key, b) not in cache:
-                cache[(key, b)] = dataclasses.replace(mod, fwd_dense=mc.fwd_dense_pair)
-                cache[(key, b)]._clustered = cache[(key, b)]  # forward() takes fwd_dense whatever the group
-            return cache[(key, b)]
+            return mc if builds[b] == "@mc" else mod.tile_pairs()
         text, dense_entry = builds[b]
         entry = dense_entry if mode["dense"] else "bsfa_fwd"
         if (key, b, entry) not in cache:

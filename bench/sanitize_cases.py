@@ -38,25 +38,11 @@ if args.clusters:
         _real_get_module(key, *rest))
 
 if args.pair_tiles:
-    import dataclasses
-
     from bsfa_cupy import ops
 
     _pair_real_get_module = ops.get_module
-    _pair_modules = {}
-
-    def _pair_get_module(key, *rest):
-        mod = _pair_real_get_module(key, *rest)
-        pair = mod.clustered().fwd_dense_pair if key.arch == "sm90ws" else None
-        if pair is None:
-            return mod
-        if key not in _pair_modules:
-            m = dataclasses.replace(mod, fwd_dense=pair)
-            m._clustered = m  # forward() takes fwd_dense as it is, whatever the group
-            _pair_modules[key] = m
-        return _pair_modules[key]
-
-    ops.get_module = _pair_get_module
+    ops.get_module = lambda key, *rest: _pair_real_get_module(key, *rest).tile_pairs() if key.arch == "sm90ws" else (
+        _pair_real_get_module(key, *rest))
 
 rng = np.random.default_rng(0)
 hopper = str(cp.cuda.Device().compute_capability) == "90"

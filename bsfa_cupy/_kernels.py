@@ -86,6 +86,8 @@ class Module:
     fwd_split_pack_dense: Kernel | None = None
     # sm90ws at head dim 128, in clustered() only: bsfa_fwd_dense on clusters of two query tiles of one head
     fwd_dense_pair: Kernel | None = None
+    # forward() sends dense calls of even GQA groups to clustered()'s entry; False: to fwd_dense as it is
+    dense_clusters: bool = True
     _clustered: Module | None = dataclasses.field(default=None, repr=False)  # clustered(), once loaded
 
     def forward(self, gated: bool, group: int = 1) -> Kernel:
@@ -97,9 +99,15 @@ class Module:
         """
         if gated or self.fwd_dense is None:
             return self.fwd
-        if group % 2 == 0:
+        if group % 2 == 0 and self.dense_clusters:
             return self.clustered().fwd_dense
         return self.fwd_dense
+
+    def tile_pairs(self) -> Module:
+        """This module with every dense call on bsfa_fwd_dense_pair, whatever the GQA group; itself where it
+        has no such entry. Not routed by calls yet: tests and benchmarks swap it in."""
+        pair = self.clustered().fwd_dense_pair
+        return self if pair is None else dataclasses.replace(self, fwd_dense=pair, dense_clusters=False)
 
     def clustered(self) -> Module:
         """This module with its cluster entries in the places of bsfa_fwd, bsfa_fwd_dense and bsfa_block_max;
@@ -110,7 +118,7 @@ class Module:
         ensure that Hq / Hkv is even, else a pair spans two K/V heads. Dense calls reach the dense one through
         :meth:`forward`; they are loaded here, at first use. ``fwd_dense_pair`` (bsfa_fwd_dense_pair), whose
         clusters take two neighbouring query tiles of one head instead, for any GQA group, is loaded with them
-        and not yet routed: tests and benchmarks swap it in for ``fwd_dense``.
+        and not yet routed: tests and benchmarks swap it in with :meth:`tile_pairs`.
         """
         if self._clustered is None:
             cluster = _read_int(self.raw, "BSFA_FWD_MC") if self.key.arch == "sm90ws" else 0

@@ -94,23 +94,24 @@ __device__ __forceinline__ void producer_loop(const Params& p, const TmaDesc& tq
         // The box's batch coordinate: the packed tensors are one batch element.
         const int bc = kVarlen ? 0 : w.b;
 
-        if (!load_q) {
-        } else if constexpr (TR::kPackHeads) {
-            mbar_wait(sm.bar(TR::kBarQEmpty), q_phase ^ 1u);
-            mbar_arrive_expect_tx(sm.bar(TR::kBarQFull), TR::kPanels * TR::kQPanelBytes);
+        if (load_q) {
+            if constexpr (TR::kPackHeads) {
+                mbar_wait(sm.bar(TR::kBarQEmpty), q_phase ^ 1u);
+                mbar_arrive_expect_tx(sm.bar(TR::kBarQFull), TR::kPanels * TR::kQPanelBytes);
 #pragma unroll
-            for (int pn = 0; pn < TR::kPanels; ++pn) {
+                for (int pn = 0; pn < TR::kPanels; ++pn) {
 #pragma unroll
-                for (int hh = 0; hh < TR::kConsumerWGs; ++hh) {
-                    tma_load_4d(sm.q() + pn * TR::kQPanelBytes + hh * TR::kWgmmaM * kSwizzleBytes, tq,
-                                sm.bar(TR::kBarQFull), pn * TR::kPanelCols, pr.q_row + qt.q0, h0 + hh, bc);
+                    for (int hh = 0; hh < TR::kConsumerWGs; ++hh) {
+                        tma_load_4d(sm.q() + pn * TR::kQPanelBytes + hh * TR::kWgmmaM * kSwizzleBytes, tq,
+                                    sm.bar(TR::kBarQFull), pn * TR::kPanelCols, pr.q_row + qt.q0, h0 + hh, bc);
+                    }
                 }
+            } else {
+                fill_slot<TR, TR::kQPanelBytes>(sm.q(), tq, sm.bar(TR::kBarQEmpty), sm.bar(TR::kBarQFull),
+                                                 q_phase ^ 1u, pr.q_row + qt.q0, w.h, bc);
             }
-        } else {
-            fill_slot<TR, TR::kQPanelBytes>(sm.q(), tq, sm.bar(TR::kBarQEmpty), sm.bar(TR::kBarQFull), q_phase ^ 1u,
-                                             pr.q_row + qt.q0, w.h, bc);
+            q_phase ^= 1u;
         }
-        if (load_q) q_phase ^= 1u;
 
 #pragma unroll 1
         for (int n = kb.last; n >= kb.first; --n) {

@@ -89,12 +89,12 @@ struct PersistentSchedule {
         }
     }
 
-    // The index of this CTA's tile in round r, or -1 once the list is done
-    // or where round r gives it a padding slot.  Rounds are walked while r * G < slots.
     // Walkers of the list (CTAs, or clusters with kCtas 2) and this one's index.
     __device__ __forceinline__ static int grid() { return (int)gridDim.x / kCtas; }
     __device__ __forceinline__ static int walker() { return (int)blockIdx.x / kCtas; }
 
+    // The index of this CTA's tile in round r, or -1 once the list is done
+    // or where round r gives it a padding slot.  Rounds are walked while r * G < slots.
     __device__ __forceinline__ int index(int r) const {
         const int G = grid();
         const int i = (r & 1) ? G - 1 - walker() : walker();

@@ -38,8 +38,7 @@ def _use_clusters(monkeypatch, on: list, seen: list):
             return mod
         if not on[0]:  # the plain entries only: dense calls would take the cluster entry through forward()
             if key not in plain_only:
-                plain_only[key] = dataclasses.replace(mod)
-                plain_only[key]._clustered = plain_only[key]
+                plain_only[key] = dataclasses.replace(mod, dense_clusters=False)
             return plain_only[key]
         if key not in swapped:
             clustered = mod.clustered()
@@ -55,8 +54,7 @@ def _use_clusters(monkeypatch, on: list, seen: list):
                     return _fn(*args, **kw)
 
                 kerns[plain] = dataclasses.replace(kern, fn=spy)
-            swapped[key] = dataclasses.replace(mod, **kerns)
-            swapped[key]._clustered = swapped[key]  # so that forward() takes the swapped entries as they are
+            swapped[key] = dataclasses.replace(mod, **kerns, dense_clusters=False)  # forward() takes them as they are
         return swapped[key]
 
     monkeypatch.setattr(ops, "get_module", get_module)
@@ -122,19 +120,17 @@ def _use_tile_pairs(monkeypatch, on: list, seen: list):
         if key.arch != "sm90ws":
             return mod
         if (key, on[0]) not in modules:
+            m = mod.tile_pairs() if on[0] else dataclasses.replace(mod, dense_clusters=False)
             if on[0]:
-                kern = mod.clustered().fwd_dense_pair
-                assert kern is not None and kern.pair_tiles, f"{key.name()}: no tile-pair entry"
+                kern = m.fwd_dense
+                assert kern.pair_tiles, f"{key.name()}: no tile-pair entry"
                 kern.grid(1, 2, 1)  # the occupancy query needs the real function: asked before the spy wraps it
 
                 def spy(*args, _fn=kern.fn, **kw):
                     seen.append("fwd_dense_pair")
                     return _fn(*args, **kw)
 
-                m = dataclasses.replace(mod, fwd_dense=dataclasses.replace(kern, fn=spy))
-            else:
-                m = dataclasses.replace(mod)
-            m._clustered = m  # forward() takes this module's fwd_dense as it is
+                m = dataclasses.replace(m, fwd_dense=dataclasses.replace(kern, fn=spy))
             modules[(key, on[0])] = m
         return modules[(key, on[0])]
 

@@ -1,6 +1,7 @@
 """The GPU API's behaviour that needs no GPU: import without CuPy, clear errors for host inputs."""
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -183,10 +184,17 @@ def test_a_clustered_module_loads_its_cluster_entries_once_into_the_plain_places
     # dense calls whose GQA groups pair up take the cluster entry; calls with thresholds and odd groups do not
     assert mod.forward(False, 4).fn == "bsfa_fwd_dense_mc"
     assert mod.forward(False, 1) is plain and mod.forward(False, 3) is plain and mod.forward(True, 4) is plain
+    assert dataclasses.replace(mod, dense_clusters=False).forward(False, 4) is plain
+    # tile_pairs(): every dense call, any group, on the tile-pair entry; calls with thresholds keep the plain one
+    tp = mod.tile_pairs()
+    assert [tp.forward(False, g).fn for g in (1, 3, 4)] == ["bsfa_fwd_dense_pair"] * 3
+    assert tp.forward(True, 4) is plain and mod.forward(False, 1) is plain
     assert mod.fwd is plain  # the module calls run keeps its plain entries
     exported["BSFA_FWD_MC"] = 0  # head dim 64: none
     assert module("sm90ws").clustered().fwd is plain
     assert module("sm90ws").forward(False, 4) is plain
+    none = module("sm90ws")
+    assert none.tile_pairs() is none
 
 
 def test_params_packing_takes_pointers_and_refuses_unknown_fields():
