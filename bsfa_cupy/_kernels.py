@@ -21,6 +21,10 @@ from ._compile import KernelCompileError, cached_binary, options_for, target
 from ._source import kernel_source
 from ._variants import Backend, VariantKey
 
+# Query tiles from which a causal dense call of odd GQA groups takes bsfa_fwd_dense_pair (Module.forward):
+# 32K rows, where the H200 A/B first showed it ahead of the plain dense entry.
+PAIR_MIN_Q_TILES = 256
+
 
 @functools.cache
 def compute_capability(device_id: int) -> str:
@@ -86,26 +90,35 @@ class Module:
     fwd_split_pack_dense: Kernel | None = None
     # sm90ws at head dim 128, in clustered() only: bsfa_fwd_dense on clusters of two query tiles of one head
     fwd_dense_pair: Kernel | None = None
-    # forward() sends dense calls of even GQA groups to clustered()'s entry; False: to fwd_dense as it is
+    # forward() sends dense calls of even GQA groups, and long causal ones of odd groups, to clustered()'s
+    # entries; False: to fwd_dense as it is
     dense_clusters: bool = True
     _clustered: Module | None = dataclasses.field(default=None, repr=False)  # clustered(), once loaded
 
-    def forward(self, gated: bool, group: int = 1) -> Kernel:
-        """The unsplit forward entry of a call with (``gated``) or without thresholds, ``group`` = Hq / Hkv.
+    def forward(self, gated: bool, group: int = 1, q_tiles: int = 0) -> Kernel:
+        """The unsplit forward entry of a call with (``gated``) or without thresholds, ``group`` = Hq / Hkv,
+        ``q_tiles`` = ceil(Nq / 128).
 
         A dense call whose GQA groups pair up (``group`` even) takes the cluster entry where the module has
         one (sm90ws, head dim 128): on an H200 it ran 1.00-1.07x the plain dense entry's speed at 8K-32K,
-        with the same results bitwise. Calls with thresholds keep the plain entry, which skips faster.
+        with the same results bitwise. A long causal dense call of odd groups (MHA included, at least
+        PAIR_MIN_Q_TILES query tiles) takes the tile-pair entry: 1.06-1.07x the plain one at 64K-128K with
+        Hq = Hkv = 32, even at 16K, and slower on short batched calls, whose shorter tiles of a pair hand
+        most of its blocks back unread. Calls with thresholds keep the plain entry, which skips faster.
         """
         if gated or self.fwd_dense is None:
             return self.fwd
-        if group % 2 == 0 and self.dense_clusters:
-            return self.clustered().fwd_dense
+        if self.dense_clusters:
+            if group % 2 == 0:
+                return self.clustered().fwd_dense
+            if self.key.causal and q_tiles >= PAIR_MIN_Q_TILES and self.clustered().fwd_dense_pair is not None:
+                return self.clustered().fwd_dense_pair
         return self.fwd_dense
 
     def tile_pairs(self) -> Module:
-        """This module with every dense call on bsfa_fwd_dense_pair, whatever the GQA group; itself where it
-        has no such entry. Not routed by calls yet: tests and benchmarks swap it in."""
+        """This module with every dense call on bsfa_fwd_dense_pair, whatever the GQA group, length and mask
+        (:meth:`forward` routes only long causal calls of odd groups there); itself where it has no such
+        entry. For tests and benchmarks."""
         pair = self.clustered().fwd_dense_pair
         return self if pair is None else dataclasses.replace(self, fwd_dense=pair, dense_clusters=False)
 
@@ -117,8 +130,8 @@ class Module:
         on clusters of two CTAs that share K and V loads, two query heads of a GQA group: the caller must
         ensure that Hq / Hkv is even, else a pair spans two K/V heads. Dense calls reach the dense one through
         :meth:`forward`; they are loaded here, at first use. ``fwd_dense_pair`` (bsfa_fwd_dense_pair), whose
-        clusters take two neighbouring query tiles of one head instead, for any GQA group, is loaded with them
-        and not yet routed: tests and benchmarks swap it in with :meth:`tile_pairs`.
+        clusters take two neighbouring query tiles of one head instead, for any GQA group, is loaded with them;
+        :meth:`forward` routes long causal dense calls of odd groups there.
         """
         if self._clustered is None:
             cluster = _read_int(self.raw, "BSFA_FWD_MC") if self.key.arch == "sm90ws" else 0

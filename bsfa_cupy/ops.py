@@ -309,7 +309,7 @@ def _target(prob: _Problem, backend, causal, num_splits) -> _Target:
             plan = _splitkv.plan(prob.B, prob.Nq, prob.Nk, prob.Hq, prob.Hkv, sm_count(dev), num_splits, gated,
                                  ws=True)
             if plan.splits == 1 and num_splits is None:  # the tiles fill the GPU as they are: no merge
-                return _Target(kern=mod.forward(gated, prob.Hq // prob.Hkv))
+                return _Target(kern=mod.forward(gated, prob.Hq // prob.Hkv, prob.nQ))
             return _Target(mod=mod, split=plan)
         key = select(_splitkv_backend(backend), prob.dtype, prob.D, causal, cc)
         if prob.B * prob.Hq * prob.Nq == 0:
@@ -318,7 +318,7 @@ def _target(prob: _Problem, backend, causal, num_splits) -> _Target:
         plan = _splitkv.plan(prob.B, prob.Nq, prob.Nk, prob.Hq, prob.Hkv, sm_count(dev), num_splits, gated)
         return _Target(mod=mod, split=plan)
     mod = _module(backend, prob.dtype, prob.D, causal, dev)
-    return _Target(kern=mod.forward(prob.fields["thr_mode"] != 0, prob.Hq // prob.Hkv))
+    return _Target(kern=mod.forward(prob.fields["thr_mode"] != 0, prob.Hq // prob.Hkv, prob.nQ))
 
 
 def block_max_scores(q, k, *, causal=True, softmax_scale=None, backend="auto", q_start=None, k_start=0):

@@ -3,9 +3,9 @@ take two query heads of one GQA group and share every K and V load by TMA multic
 takes two neighbouring query tiles of one head instead (any group) and must equal bsfa_fwd_dense bitwise. Each CTA runs the
 consumers of the plain entries on the same key blocks in the same order, so their results must equal the
 plain entries' bitwise -- out, lse, keep and the tile maxima -- over dtypes, causal or not, odd lengths,
-GQA groups of 2 and 4, MQA and batches. ``attention`` routes only dense calls of even GQA groups to the
-dense one; these tests swap all three in for the plain entries, and keep the plain ones from the cluster
-entries for the comparison.
+GQA groups of 2 and 4, MQA and batches. ``attention`` routes dense calls of even GQA groups to the dense
+one, and long causal dense calls of odd groups to the tile-pair entry; these tests swap the entries in for
+the plain ones, and keep the plain ones from the cluster entries for the comparison.
 """
 from __future__ import annotations
 
@@ -189,3 +189,50 @@ def test_cluster_entries_exist_at_head_dim_128_only():
             assert grid == (2 * mc.fwd.cluster_slots, 1, 1), grid
         else:
             assert mc is mod
+
+
+@pytest.mark.parametrize("Hq,Hkv", [(1, 1), (3, 1)])
+def test_long_causal_calls_of_odd_groups_take_the_tile_pair_entry(monkeypatch, Hq, Hkv):
+    """``attention`` routes a causal dense call of an odd GQA group with PAIR_MIN_Q_TILES query tiles to
+    bsfa_fwd_dense_pair by itself (no swapped module): the launch is seen, and out and lse equal the plain
+    dense entry's bitwise."""
+    import bsfa_cupy
+    from bsfa_cupy import _kernels, ops
+
+    N = _kernels.PAIR_MIN_Q_TILES * 128
+    rng = np.random.default_rng(N + Hq)
+    q, k, v = map(cp.asarray, random_inputs(rng, 1, N, N, Hq, Hkv, 128, "float16"))
+    real, seen, plain_mode = ops.get_module, [], [False]
+    cache = {}
+
+    def get_module(key, backend, device_id):
+        mod = real(key, backend, device_id)
+        if key.arch != "sm90ws":
+            return mod
+        if (key, plain_mode[0]) not in cache:
+            if plain_mode[0]:
+                cache[(key, True)] = dataclasses.replace(mod, dense_clusters=False)
+            else:
+                pair = mod.clustered().fwd_dense_pair
+                pair.grid(1, 1, 2)  # the occupancy query needs the real function: asked before the spy wraps it
+
+                def spy(*args, _fn=pair.fn, **kw):
+                    seen.append("fwd_dense_pair")
+                    return _fn(*args, **kw)
+
+                spied = dataclasses.replace(mod.clustered(), fwd_dense_pair=dataclasses.replace(pair, fn=spy))
+                cache[(key, False)] = dataclasses.replace(mod, _clustered=spied)
+        return cache[(key, plain_mode[0])]
+
+    monkeypatch.setattr(ops, "get_module", get_module)
+    runs = []
+    for plain in (False, True):
+        plain_mode[0] = plain
+        bsfa_cupy.clear_plan_cache()
+        runs.append(bsfa_cupy.attention(q, k, v, causal=True, return_lse=True, backend="sm90ws"))
+    assert seen == ["fwd_dense_pair"], f"expected one launch of the tile-pair entry, got {seen}"
+    for name, a, b in zip(("out", "lse"), *runs):
+        a, b = cp.asarray(a), cp.asarray(b)
+        bad = int((a != b).sum())
+        assert bad == 0, (f"{name}: the routed tile-pair call differs from the plain dense entry at {bad} of "
+                          f"{a.size} entries (worst {float(cp.abs(a.astype(cp.float32) - b.astype(cp.float32)).max()):.3e})")

@@ -185,6 +185,14 @@ def test_a_clustered_module_loads_its_cluster_entries_once_into_the_plain_places
     assert mod.forward(False, 4).fn == "bsfa_fwd_dense_mc"
     assert mod.forward(False, 1) is plain and mod.forward(False, 3) is plain and mod.forward(True, 4) is plain
     assert dataclasses.replace(mod, dense_clusters=False).forward(False, 4) is plain
+    # long causal dense calls of odd groups take the tile-pair entry; shorter, non-causal or gated ones do not
+    long = _kernels.PAIR_MIN_Q_TILES
+    assert [mod.forward(False, g, long).fn for g in (1, 3)] == ["bsfa_fwd_dense_pair"] * 2
+    assert mod.forward(False, 4, long).fn == "bsfa_fwd_dense_mc"
+    assert mod.forward(False, 1, long - 1) is plain and mod.forward(True, 1, long) is plain
+    assert dataclasses.replace(mod, dense_clusters=False).forward(False, 1, long) is plain
+    acausal = dataclasses.replace(mod, key=VariantKey("float16", 128, False, "sm90ws"), _clustered=None)
+    assert acausal.forward(False, 1, long) is plain
     # tile_pairs(): every dense call, any group, on the tile-pair entry; calls with thresholds keep the plain one
     tp = mod.tile_pairs()
     assert [tp.forward(False, g).fn for g in (1, 3, 4)] == ["bsfa_fwd_dense_pair"] * 3
