@@ -10,7 +10,8 @@ Usage (two steps, the first where git is, the second on the GPU machine):
       thresholds); name one file twice to see the spread between two identical builds. NAME=@mc is the
       library's own module with its cluster entries (bsfa_fwd_mc, bsfa_fwd_dense_mc, bsfa_block_max_mc)
       in the plain ones' places; NAME=@pair runs its dense calls on bsfa_fwd_dense_pair (clusters of two
-      query tiles of one head, any GQA group). --block-max also times block_max_scores per build.
+      query tiles of one head, any GQA group); NAME=@nowide keeps the dense calls of head dim 64 off
+      bsfa_fwd_dense_wide (192-row tiles), on bsfa_fwd_dense. --block-max also times block_max_scores per build.
 Per case (B=1, Hq=32, causal unless noted): torch SDPA's cuDNN backend, then per build dense and sparse
 (rho of the gated tiles kept, thresholds from the inputs' tile maxima, as `bsfa bench` sets them), timed in
 9 interleaved repeats of 3 calls (median), the plan cache cleared at every switch (attention keeps kernel
@@ -39,6 +40,10 @@ CASES = {
     + [dict(n=16384, hkv=32, dtype="bfloat16", rhos=()), dict(n=8192, rhos=()), dict(n=16384, rhos=(0.25,)),
        dict(n=65536, rhos=()), dict(n=16384, causal=False, hkv=32, rhos=()), dict(n=2048, b=8, rhos=()),
        dict(n=1024, b=32, rhos=())],
+    # head dim 64: the 192-row dense entry's cases
+    "d64": [dict(n=n, d=64, rhos=()) for n in (8192, 16384, 32768, 65536)]
+    + [dict(n=16384, d=64, dtype="bfloat16", rhos=()), dict(n=16384, d=64, causal=False, rhos=()),
+       dict(n=16384, d=64, hkv=32, rhos=()), dict(n=2048, d=64, b=8, rhos=()), dict(n=1024, d=64, b=32, rhos=())],
     "long": [dict(n=n, hkv=32, rhos=()) for n in (16384, 32768, 65536, 131072)]
     + [dict(n=32768, hkv=32, dtype="bfloat16", rhos=())] + [dict(n=n, rhos=()) for n in (16384, 65536, 131072)]
     + [dict(n=32768, rhos=(0.25,))],
@@ -80,7 +85,7 @@ def time_builds(specs, cases, out_dir, block_max=False):
     builds = {}
     for spec in specs:
         name, _, rest = spec.partition("=")
-        if rest in ("@mc", "@pair"):
+        if rest in ("@mc", "@pair", "@nowide"):
             builds[name] = rest
             continue
         path, _, dense_entry = rest.partition(":")
@@ -95,6 +100,8 @@ def time_builds(specs, cases, out_dir, block_max=False):
         b = mode["build"]
         if key.arch != "sm90ws" or b == "base":
             return mod
+        if builds[b] == "@nowide":
+            return mod.wide_rows(False)
         if builds[b] in ("@mc", "@pair"):  # the cluster entries of the library's own module
             mc = mod.clustered()
             if mc is mod:

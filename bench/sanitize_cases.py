@@ -14,6 +14,8 @@ Usage: compute-sanitizer --tool memcheck --error-exitcode 9 python3 bench/saniti
 --clusters: the sm90ws modules of head dim 128 run their cluster entries (bsfa_fwd_mc, bsfa_fwd_dense_mc,
 bsfa_block_max_mc) in place of the plain ones (every case here has a GQA group of two).
 --pair-tiles: their dense calls run bsfa_fwd_dense_pair (clusters of two query tiles of one head) instead.
+--wide-rows: the sm90ws modules of head dim 64 run every dense call on bsfa_fwd_dense_wide (192-row tiles),
+those asking for keep included (keep is then left unwritten).
 """
 import argparse
 
@@ -24,6 +26,7 @@ p.add_argument("--backend", choices=("sm80", "sm90", "sm90ws", "splitkv"), actio
                help="run only this kernel (repeatable; default: every kernel the GPU has)")
 p.add_argument("--clusters", action="store_true", help="sm90ws at head dim 128: the cluster entries")
 p.add_argument("--pair-tiles", action="store_true", help="sm90ws at head dim 128: dense calls on tile pairs")
+p.add_argument("--wide-rows", action="store_true", help="sm90ws at head dim 64: dense calls on 192-row tiles")
 args = p.parse_args()
 
 import cupy as cp  # noqa: E402  (after argparse: --help works without a GPU)
@@ -43,6 +46,13 @@ if args.pair_tiles:
     _pair_real_get_module = ops.get_module
     ops.get_module = lambda key, *rest: _pair_real_get_module(key, *rest).tile_pairs() if key.arch == "sm90ws" else (
         _pair_real_get_module(key, *rest))
+
+if args.wide_rows:
+    from bsfa_cupy import ops
+
+    _wide_real_get_module = ops.get_module
+    ops.get_module = lambda key, *rest: _wide_real_get_module(key, *rest).wide_rows() if key.arch == "sm90ws" else (
+        _wide_real_get_module(key, *rest))
 
 rng = np.random.default_rng(0)
 hopper = str(cp.cuda.Device().compute_capability) == "90"

@@ -48,6 +48,7 @@ class Kernel:
     cluster: int = 1  # CTAs per cluster (the sm90ws cluster entries: 2, over pairs of query heads)
     cluster_slots: int = 0  # clusters resident at once (cluster entries; 0: not yet asked)
     pair_tiles: bool = False  # a cluster takes query tiles, not query heads, two at a time (bsfa_fwd_dense_pair)
+    q_box: int = 0  # rows of the q map's boxes where they differ from k's and v's (bsfa_fwd_dense_wide)
 
     def grid(self, B: int, Hq: int, nQ: int) -> tuple[int, int, int]:
         if self.cluster == 1:
@@ -61,6 +62,10 @@ class Kernel:
         else:
             g = _launch.grid(self.grid_kind, B, Hq // self.cluster, nQ, self.cluster_slots)
         return (g[0] * self.cluster, g[1], g[2])
+
+    def box_rows(self) -> tuple[int, int, int]:
+        """Rows of the boxes of the q, k and v tensor maps it takes."""
+        return (self.q_box or self.tma, self.tma, self.tma)
 
     def launch(self, B: int, Hq: int, nQ: int, params, maps: tuple = ()) -> None:
         """On CuPy's current stream (the caller's, see ``_arrays.on``)."""
@@ -93,11 +98,18 @@ class Module:
     # forward() sends dense calls of even GQA groups, and long causal ones of odd groups, to clustered()'s
     # entries; False: to fwd_dense as it is
     dense_clusters: bool = True
+    # sm90ws at head dim 64: bsfa_fwd_dense on 192-row query tiles (three consumer warpgroups), which
+    # forward() takes for dense calls without keep while dense_wide is True
+    fwd_dense_wide: Kernel | None = None
+    dense_wide: bool = True
     _clustered: Module | None = dataclasses.field(default=None, repr=False)  # clustered(), once loaded
 
-    def forward(self, gated: bool, group: int = 1, q_tiles: int = 0) -> Kernel:
+    def forward(self, gated: bool, group: int = 1, q_tiles: int = 0, keep: bool = False) -> Kernel:
         """The unsplit forward entry of a call with (``gated``) or without thresholds, ``group`` = Hq / Hkv,
-        ``q_tiles`` = ceil(Nq / 128).
+        ``q_tiles`` = ceil(Nq / 128), returning the keep mask or not (``keep``).
+
+        A dense call at head dim 64 that returns no keep mask takes the 192-row entry (three consumer
+        warpgroups), whose tiles are not the keep mask's.
 
         A dense call whose GQA groups pair up (``group`` even) takes the cluster entry where the module has
         one (sm90ws, head dim 128): on an H200 it ran 1.00-1.07x the plain dense entry's speed at 8K-32K,
@@ -108,12 +120,24 @@ class Module:
         """
         if gated or self.fwd_dense is None:
             return self.fwd
+        if self.fwd_dense_wide is not None and self.dense_wide and not keep:
+            return self.fwd_dense_wide
         if self.dense_clusters:
             if group % 2 == 0:
                 return self.clustered().fwd_dense
             if self.key.causal and q_tiles >= PAIR_MIN_Q_TILES and self.clustered().fwd_dense_pair is not None:
                 return self.clustered().fwd_dense_pair
         return self.fwd_dense
+
+    def wide_rows(self, on: bool = True) -> Module:
+        """This module with its dense calls on bsfa_fwd_dense_wide whether or not they return keep (``on``),
+        or never (not ``on``); itself where it has no such entry. For tests and benchmarks: keep, where
+        asked for, is then left unwritten."""
+        if self.fwd_dense_wide is None:
+            return self
+        if not on:
+            return dataclasses.replace(self, dense_wide=False)
+        return dataclasses.replace(self, fwd_dense=self.fwd_dense_wide, dense_wide=False, dense_clusters=False)
 
     def tile_pairs(self) -> Module:
         """This module with every dense call on bsfa_fwd_dense_pair, whatever the GQA group, length and mask
@@ -234,6 +258,10 @@ def get_module(key: VariantKey, backend: Backend, device_id: int) -> Module:
             split = {e: _kernel(raw, "bsfa_" + e, "BSFA_FWD", grid_kind, sms, fwd.tma, 3) for e in entries}
             split.update(split_pack_q_box=_read_int(raw, "BSFA_FWD_SPLIT_PACK_Q_BOX"),
                          combine=raw.get_function("bsfa_combine"), combine_warps=_read_int(raw, "BSFA_COMBINE_WARPS"))
+            if _read_int(raw, "BSFA_FWD_WIDE_THREADS"):
+                split["fwd_dense_wide"] = dataclasses.replace(
+                    _kernel(raw, "bsfa_fwd_dense_wide", "BSFA_FWD_WIDE", grid_kind, sms, fwd.tma, 3),
+                    q_box=_read_int(raw, "BSFA_FWD_WIDE_Q_BOX"))
     return Module(key, backend.defines, fwd, fwd_varlen, bmax, raw, **split)
 
 

@@ -183,7 +183,7 @@ def _attention(q, k, v, thresholds=None, *, causal=True, softmax_scale=None, ret
         prob = _problem(frame, qv, kv, vv, thresholds, softmax_scale, backend, num_splits, q_start, k_start)
         (out_native, out_view), (lse_native, lse_view), (keep_native, keep_view) = _outputs(prob, out, return_keep)
         fields = _output_fields(out_view, lse_view, keep_view)
-        target = _target(prob, backend, causal, num_splits)
+        target = _target(prob, backend, causal, num_splits, keep=return_keep)
         if target.mod is not None:
             maps = ()
             if target.split.ws:
@@ -193,7 +193,7 @@ def _attention(q, k, v, thresholds=None, *, causal=True, softmax_scale=None, ret
                             prob.Hkv, prob.D, _launch.pack, maps)
         elif target.kern is not None:
             kern = target.kern
-            maps = tuple(_tma.tensor_map(x, kern.tma) for x in (qv, kv, vv)) if kern.tma else ()
+            maps = tuple(_tma.tensor_map(x, r) for x, r in zip((qv, kv, vv), kern.box_rows())) if kern.tma else ()
             kern.launch(prob.B, prob.Hq, prob.nQ, _launch.pack(**prob.params(fields)), maps)
         frame.finish(stream)
 
@@ -297,7 +297,7 @@ class _Target:
     split: object = None  # _splitkv.Plan
 
 
-def _target(prob: _Problem, backend, causal, num_splits) -> _Target:
+def _target(prob: _Problem, backend, causal, num_splits, keep: bool = False) -> _Target:
     dev = prob.frame.device_id
     if prob.split:
         cc = compute_capability(dev)
@@ -309,7 +309,7 @@ def _target(prob: _Problem, backend, causal, num_splits) -> _Target:
             plan = _splitkv.plan(prob.B, prob.Nq, prob.Nk, prob.Hq, prob.Hkv, sm_count(dev), num_splits, gated,
                                  ws=True)
             if plan.splits == 1 and num_splits is None:  # the tiles fill the GPU as they are: no merge
-                return _Target(kern=mod.forward(gated, prob.Hq // prob.Hkv, prob.nQ))
+                return _Target(kern=mod.forward(gated, prob.Hq // prob.Hkv, prob.nQ, keep))
             return _Target(mod=mod, split=plan)
         key = select(_splitkv_backend(backend), prob.dtype, prob.D, causal, cc)
         if prob.B * prob.Hq * prob.Nq == 0:
@@ -318,7 +318,7 @@ def _target(prob: _Problem, backend, causal, num_splits) -> _Target:
         plan = _splitkv.plan(prob.B, prob.Nq, prob.Nk, prob.Hq, prob.Hkv, sm_count(dev), num_splits, gated)
         return _Target(mod=mod, split=plan)
     mod = _module(backend, prob.dtype, prob.D, causal, dev)
-    return _Target(kern=mod.forward(prob.fields["thr_mode"] != 0, prob.Hq // prob.Hkv, prob.nQ))
+    return _Target(kern=mod.forward(prob.fields["thr_mode"] != 0, prob.Hq // prob.Hkv, prob.nQ, keep))
 
 
 def block_max_scores(q, k, *, causal=True, softmax_scale=None, backend="auto", q_start=None, k_start=0):

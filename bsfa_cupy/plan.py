@@ -265,7 +265,7 @@ class AttentionPlan:
             elif target.kern is not None:
                 kern = target.kern
                 if kern.tma:
-                    geoms = _geometries((kern.tma,) * 3, (qv, kv, vv))
+                    geoms = _geometries(kern.box_rows(), (qv, kv, vv))
                 self._launch_split = None
                 self._launch_fwd = (kern.fn, kern.grid(prob.B, prob.Hq, prob.nQ), (kern.threads, 1, 1), kern.smem)
             else:  # an empty split-KV call: nothing to launch

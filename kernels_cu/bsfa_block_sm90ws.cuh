@@ -194,7 +194,9 @@ __device__ __forceinline__ unsigned gate_resolve(PostedGate g, int n, const Smem
 // fragments of P V (k-step kk covers keys 16kk..16kk+15), the row sums
 // rescaled and extended.  alpha = exp2(m_old - m_new) per row; returns
 // whether any row of the warp changed its max (O then needs the rescale).
-template <class TR>
+// kInPlace: the exponentials stay in S, in fp32, and P is not written
+// (pack_p packs them later: TR::kLatePack).
+template <class TR, bool kInPlace = false>
 __device__ __forceinline__ bool softmax_block(float (&S)[TR::kBlockSNBlocks][4], unsigned kept, float (&m)[2],
                                               float (&l)[2], unsigned (&P)[TR::kKeySteps][4], float (&alpha)[2],
                                               float scale_log2, unsigned have_vmx,
@@ -240,13 +242,28 @@ __device__ __forceinline__ bool softmax_block(float (&S)[TR::kBlockSNBlocks][4],
                     const float p0 = ex2(ffma(S[nb][2 * hf], scale_log2, -ref_scaled));
                     const float p1 = ex2(ffma(S[nb][2 * hf + 1], scale_log2, -ref_scaled));
                     rs += p0 + p1;
-                    P[nb / 2][(nb % 2) * 2 + hf] = pack2<TR::kBf16>(p0, p1);
+                    if constexpr (kInPlace) {
+                        S[nb][2 * hf] = p0;
+                        S[nb][2 * hf + 1] = p1;
+                    } else {
+                        P[nb / 2][(nb % 2) * 2 + hf] = pack2<TR::kBf16>(p0, p1);
+                    }
                 }
             }
         }
         l[hf] = l[hf] * alpha[hf] + rs;
     }
     return warp_any(changed);
+}
+
+// The exponentials that softmax_block<TR, true> left in S, packed as the A
+// fragments of P V (both halves).
+template <class TR>
+__device__ __forceinline__ void pack_p(const float (&S)[TR::kBlockSNBlocks][4], unsigned (&P)[TR::kKeySteps][4]) {
+#pragma unroll
+    for (int nb = 0; nb < TR::kBlockSNBlocks; ++nb)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) P[nb / 2][(nb % 2) * 2 + hf] = pack2<TR::kBf16>(S[nb][2 * hf], S[nb][2 * hf + 1]);
 }
 
 // O += P V over the halves in KEPT (a compile-time set), one wgmma group.

@@ -63,6 +63,17 @@ struct ConsumerThread {
     __device__ __forceinline__ int consumer_warp() const { return wg * 4 + warp; }
 };
 
+// The turn barrier that warpgroup wg hands its turn to: the next warpgroup's,
+// warpgroup 0's after the last.
+template <class TR>
+__device__ __forceinline__ int next_turn(int wg) {
+    if constexpr (TR::kConsumerWGs == 2) {
+        return TR::kBarTurn + 1 - wg;
+    } else {
+        return TR::kBarTurn + (wg + 1 == TR::kConsumerWGs ? 0 : wg + 1);
+    }
+}
+
 // A problem's extent as the masks take it (bsfa_problem.cuh).
 struct MaskBounds {
     int Nq, Nk, shift;
@@ -104,7 +115,7 @@ struct TileLoop {
         }
     }
     __device__ __forceinline__ static int my_turn() { return TR::kBarTurn + wg(); }
-    __device__ __forceinline__ static int their_turn() { return TR::kBarTurn + 1 - wg(); }
+    __device__ __forceinline__ static int their_turn() { return next_turn<TR>(wg()); }
     __device__ __forceinline__ unsigned long long k_desc(int stage) const {
         return make_desc(sm.k() + stage * TR::kKVBytes, 16, kSwizzleAtomBytes);
     }
@@ -195,28 +206,90 @@ __device__ __forceinline__ void dense_block(const TileLoop<TR, kCausal, kVarlen>
     mbar_wait(t.sm.bar(TR::kBarKFull + kv.stage), kv.phase);
     if (prev_kept != 0) mbar_wait(t.sm.bar(TR::kBarVFull + prev.stage), prev.phase);
     float S[TR::kBlockSNBlocks][4];
-    named_sync(t.my_turn(), TR::kConsumerThreads);
+    named_sync(t.my_turn(), TR::kTurnThreads);
     qk_block<TR>(S, t.q_desc(), t.k_desc(kv.stage));
     if (prev_kept != 0) {
         pv_block<TR>(O, P, t.v_desc(prev.stage), prev_kept);
     } else {
         wgmma_commit();
     }
-    named_arrive(t.their_turn(), TR::kConsumerThreads);
+    named_arrive(t.their_turn(), TR::kTurnThreads);
     wgmma_wait<1>();
     finish_qk_dense<TR, kCausal, kVarlen>(t, S, n, first, kv);
-    unsigned Pn[TR::kKeySteps][4];
     float alpha[2];
     float no_vmx[TR::kKeyHalves][2];  // not read: the softmax takes its own row maxima (have_vmx 0)
-    const bool rescale = softmax_block<TR>(S, kBoth, m, l, Pn, alpha, t.scale_log2, 0u, no_vmx);
+    if constexpr (TR::kLatePack) {
+        const bool rescale = softmax_block<TR, true>(S, kBoth, m, l, P, alpha, t.scale_log2, 0u, no_vmx);
+        wgmma_wait<0>();
+        fence_regs(flat(O));
+        fence_regs(P);
+        if (prev_kept == 0) mbar_wait(t.sm.bar(TR::kBarVFull + prev.stage), prev.phase);
+        if (t.lane() == 0) mbar_arrive_cluster<TR::kClusterCtas>(t.sm.bar(TR::kBarVEmpty + prev.stage));
+        if (rescale) rescale_rows(O, alpha);
+        pack_p<TR>(S, P);
+    } else {
+        unsigned Pn[TR::kKeySteps][4];
+        const bool rescale = softmax_block<TR>(S, kBoth, m, l, Pn, alpha, t.scale_log2, 0u, no_vmx);
+        wgmma_wait<0>();
+        fence_regs(flat(O));
+        fence_regs(P);
+        if (prev_kept == 0) mbar_wait(t.sm.bar(TR::kBarVFull + prev.stage), prev.phase);
+        if (t.lane() == 0) mbar_arrive_cluster<TR::kClusterCtas>(t.sm.bar(TR::kBarVEmpty + prev.stage));
+        if (rescale) rescale_rows(O, alpha);
+        copy_regs(P, Pn);
+    }
+    kv.advance();
+}
+
+// Block n's halves (bit h) whose key tile lies within c_end.
+template <class TR>
+__device__ __forceinline__ unsigned halves_within(int n, int c_end) {
+    unsigned bits = 0;
+#pragma unroll
+    for (int h = 0; h < TR::kKeyHalves; ++h) bits |= (n * TR::kKeyHalves + h <= c_end ? 1u : 0u) << h;
+    return bits;
+}
+
+// Block n of a dense work tile of 192 rows (!TR::kBsfaRows) while this
+// warpgroup's own BSFA tile may not reach all of it: dense_block with the
+// halves kept a variable, those of the tile's key range (own: a mask of
+// halves_within) among the valid ones.  A key tile is multiplied into O only
+// by the rows of BSFA tiles that keep it, as in the reference, where a
+// non-finite v reaches exactly those rows (0 * inf in P V).  Returns block
+// n's kept halves, which the next step multiplies.
+template <class TR, bool kCausal, bool kVarlen>
+__device__ __forceinline__ unsigned dense_block_partial(const TileLoop<TR, kCausal, kVarlen>& t, int n, int first,
+                                                        unsigned prev_kept, unsigned own, PipeState<TR::kStages>& kv,
+                                                        float (&O)[TR::kONBlocks][4], unsigned (&P)[TR::kKeySteps][4],
+                                                        float (&m)[2], float (&l)[2]) {
+    static_assert(TR::kLatePack, "the 192-row entry packs P late");
+    const PipeState<TR::kStages> prev = kv.previous();
+    mbar_wait(t.sm.bar(TR::kBarKFull + kv.stage), kv.phase);
+    if (prev_kept != 0) mbar_wait(t.sm.bar(TR::kBarVFull + prev.stage), prev.phase);
+    float S[TR::kBlockSNBlocks][4];
+    named_sync(t.my_turn(), TR::kTurnThreads);
+    qk_block<TR>(S, t.q_desc(), t.k_desc(kv.stage));
+    if (prev_kept != 0) {
+        pv_block<TR>(O, P, t.v_desc(prev.stage), prev_kept);
+    } else {
+        wgmma_commit();
+    }
+    named_arrive(t.their_turn(), TR::kTurnThreads);
+    wgmma_wait<1>();
+    const unsigned kept = finish_qk_dense<TR, kCausal, kVarlen>(t, S, n, first, kv) & own;
+    float alpha[2];
+    float no_vmx[TR::kKeyHalves][2];  // not read (have_vmx 0)
+    bool rescale = false;
+    if (kept != 0) rescale = softmax_block<TR, true>(S, kept, m, l, P, alpha, t.scale_log2, 0u, no_vmx);
     wgmma_wait<0>();
     fence_regs(flat(O));
     fence_regs(P);
     if (prev_kept == 0) mbar_wait(t.sm.bar(TR::kBarVFull + prev.stage), prev.phase);
     if (t.lane() == 0) mbar_arrive_cluster<TR::kClusterCtas>(t.sm.bar(TR::kBarVEmpty + prev.stage));
     if (rescale) rescale_rows(O, alpha);
-    copy_regs(P, Pn);
+    if (kept != 0) pack_p<TR>(S, P);
     kv.advance();
+    return kept;
 }
 
 // The key blocks kb of one work tile (at least one): O, m, l come in
@@ -236,7 +309,7 @@ __device__ __forceinline__ void consumer_tile(const Params& p, const SmemWs<TR>&
                             wg_head<TR>(w, ((int)threadIdx.x >> 7) - 1));
     const TileLoop<TR, kCausal, kVarlen> t{p, sm, qt, plan, p.softmax_scale * kLog2e, keep_row, seq};
     const int my_turn = TR::kBarTurn + t.wg();
-    const int their_turn = TR::kBarTurn + 1 - t.wg();
+    const int their_turn = next_turn<TR>(t.wg());
     // TileLoop::k_desc / v_desc spelled out on this function's sm: through
     // t the gated loop schedules differently (its SASS, kept since v16).
     auto k_desc = [&](int s) { return make_desc(sm.k() + s * TR::kKVBytes, 16, kSwizzleAtomBytes); };
@@ -259,9 +332,9 @@ __device__ __forceinline__ void consumer_tile(const Params& p, const SmemWs<TR>&
 
     // The first block: nothing to overlap with yet, and O is still zero.
     mbar_wait(sm.bar(TR::kBarKFull + kv.stage), kv.phase);
-    named_sync(my_turn, TR::kConsumerThreads);
+    named_sync(my_turn, TR::kTurnThreads);
     qk_block<TR>(S, t.q_desc(), k_desc(kv.stage));
-    named_arrive(their_turn, TR::kConsumerThreads);
+    named_arrive(their_turn, TR::kTurnThreads);
     wgmma_wait<0>();
     float vmx[TR::kKeyHalves][2];
     PostedGate g{0};
@@ -271,6 +344,17 @@ __device__ __forceinline__ void consumer_tile(const Params& p, const SmemWs<TR>&
         kept = gate_resolve<TR>(g, n, sm, vote_idx, keep_row);
     } else {
         kept = finish_qk_dense<TR, kCausal, kVarlen>(t, S, n, kb.first, kv);
+    }
+    // 192-row tiles: the last key tile of this warpgroup's BSFA tile.
+    int own_c_end = 0;
+    if constexpr (!TR::kBsfaRows) {
+        const int row0 = w.a * TR::kBlockM + t.wg() * TR::kWgmmaM;
+        own_c_end = QueryTile<typename TR::BsfaTile, kCausal>(row0 / TileShape::kBlockM, cta_problem<false>(p, w.b)).c_end;
+        // Broadcast, so that ptxas sees it (and the halves kept with it) as
+        // warp-uniform: a P V under a condition it cannot prove uniform
+        // serialises every wgmma (C7520).
+        own_c_end = __shfl_sync(0xffffffffu, own_c_end, 0);
+        kept &= halves_within<TR>(n, own_c_end);
     }
     if (kept != 0) softmax_block<TR>(S, kept, m, l, P, alpha, t.scale_log2, g.gated(), vmx);
     unsigned prev_kept = kept;
@@ -282,14 +366,14 @@ __device__ __forceinline__ void consumer_tile(const Params& p, const SmemWs<TR>&
             const PipeState<TR::kStages> prev = kv.previous();
             mbar_wait(sm.bar(TR::kBarKFull + kv.stage), kv.phase);
             if (prev_kept != 0) mbar_wait(sm.bar(TR::kBarVFull + prev.stage), prev.phase);
-            named_sync(my_turn, TR::kConsumerThreads);
+            named_sync(my_turn, TR::kTurnThreads);
             qk_block<TR>(S, t.q_desc(), k_desc(kv.stage));
             if (prev_kept != 0) {
                 pv_block<TR>(O, P, v_desc(prev.stage), prev_kept);
             } else {
                 wgmma_commit();  // an empty group: the waits below count the same on both paths
             }
-            named_arrive(their_turn, TR::kConsumerThreads);
+            named_arrive(their_turn, TR::kTurnThreads);
             wgmma_wait<1>();  // S is ready; P V may still run
             g = finish_qk<TR, kCausal, kVarlen>(t, S, n, kb.first, kv, vote_idx, vmx);
             kept = gate_resolve<TR>(g, n, sm, vote_idx, keep_row);
@@ -316,6 +400,20 @@ __device__ __forceinline__ void consumer_tile(const Params& p, const SmemWs<TR>&
             kv.advance();
         }
     } else {
+        constexpr unsigned kBoth = (1u << TR::kKeyHalves) - 1;
+        if constexpr (!TR::kBsfaRows) {
+            // 192-row tiles: the blocks at the top of the key range (visited
+            // first) may lie partly or wholly past this warpgroup's own BSFA
+            // tile; from the first block wholly within it, preceded by one
+            // wholly within, dense_block.
+#pragma unroll 1
+            for (--n; n >= kb.first && (prev_kept != kBoth || halves_within<TR>(n, own_c_end) != kBoth); --n) {
+                prev_kept = dense_block_partial<TR, kCausal, kVarlen>(t, n, kb.first, prev_kept,
+                                                                      halves_within<TR>(n, own_c_end), kv, O, P, m, l);
+            }
+#pragma unroll 1
+            for (; n >= kb.first; --n) dense_block<TR, kCausal, kVarlen>(t, n, kb.first, kBoth, kv, O, P, m, l);
+        } else {
         // The second block takes the first's P V, which may hold one half;
         // from the third on, both halves of both blocks.
         if (--n >= kb.first) {
@@ -326,18 +424,21 @@ __device__ __forceinline__ void consumer_tile(const Params& p, const SmemWs<TR>&
         for (--n; n >= kb.first; --n) {
             dense_block<TR, kCausal, kVarlen>(t, n, kb.first, (1u << TR::kKeyHalves) - 1, kv, O, P, m, l);
         }
+        }
     }
 
     const PipeState<TR::kStages> prev = kv.previous();
     mbar_wait(sm.bar(TR::kBarVFull + prev.stage), prev.phase);
-    if (TR::kPackHeads || prev_kept != 0) {  // two heads: the partner may keep it, and waits for this turn
-        named_sync(my_turn, TR::kConsumerThreads);
+    // Two heads, or 192 rows: another warpgroup may keep the block where
+    // this one does not, and waits for this turn.
+    if (TR::kPackHeads || !TR::kBsfaRows || prev_kept != 0) {
+        named_sync(my_turn, TR::kTurnThreads);
         if (prev_kept != 0) {
             pv_block<TR>(O, P, v_desc(prev.stage), prev_kept);
         } else {
             wgmma_commit();  // as in the loop: an empty group on the skipping path
         }
-        named_arrive(their_turn, TR::kConsumerThreads);
+        named_arrive(their_turn, TR::kTurnThreads);
     }
     wgmma_wait<0>();
     fence_regs(flat(O));
@@ -368,6 +469,8 @@ template <class TR, bool kCausal, bool kVarlen = false, bool kSplit = false, boo
 __device__ __forceinline__ void consumer_loop(const Params& p, const SmemWs<TR>& sm, int wg, int tid) {
     static_assert(!(kVarlen && kSplit), "no split-KV entry for packed batches");
     static_assert(!TR::kPairTiles || (!kVarlen && !kSplit && !kGated), "tile pairs: dense fixed-length calls only");
+    static_assert(TR::kBsfaRows || (!kVarlen && !kSplit && !kGated && !TR::kPairTiles),
+                  "tiles of other than the BSFA tile's rows: dense fixed-length calls only, without keep");
     const ConsumerThread ct(wg, tid);
     const int nQ = ceil_div(p.Nq, TR::kBlockM);
     const int nK = ceil_div(p.Nk, TR::kBlockN);
@@ -375,7 +478,7 @@ __device__ __forceinline__ void consumer_loop(const Params& p, const SmemWs<TR>&
     PipeState<TR::kStages> kv;
     unsigned q_phase = 0;
     unsigned vote_idx = 0;
-    if (wg == 1) named_arrive(TR::kBarTurn + 0, TR::kConsumerThreads);  // warpgroup 0 takes the first turn
+    if (wg == TR::kConsumerWGs - 1) named_arrive(TR::kBarTurn + 0, TR::kTurnThreads);  // warpgroup 0 takes the first turn
 #pragma unroll 1
     for (int r = 0; sched.rounds_left(r); ++r) {
         const int j = sched.index(r);
@@ -406,7 +509,7 @@ __device__ __forceinline__ void consumer_loop(const Params& p, const SmemWs<TR>&
         const QueryTile<TR, kCausal> qt(w.a, pr);
         const KeyBlocks kb = key_blocks<kSplit, TR::kKeyHalves>(qt.c_end, w.s, p.num_splits);
         unsigned char* keep_row = nullptr;
-        if (p.keep != nullptr) {
+        if (TR::kBsfaRows && p.keep != nullptr) {
             // One warpgroup writes the row of the tile's head, or each its own head's.
             const int writer = TR::kPackHeads ? wg : 0;
             unsigned char* row = p.keep + (((long long)w.b * p.Hq + wg_head<TR>(w, wg)) * nQ + w.a) * nK;

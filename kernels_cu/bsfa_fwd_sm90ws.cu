@@ -33,6 +33,11 @@
 // 2 * min(SMs / 2, tiles / 2).  bsfa_fwd_dense_pair (head dim 128, any GQA
 // group): bsfa_fwd_dense on clusters of two neighbouring query tiles of one
 // head, on a grid of 2 * min(SMs / 2, ceil(nQ / 2) * B * Hq).
+// bsfa_fwd_dense_wide (head dim 64; BSFA_FWD_WIDE_THREADS != 0):
+// bsfa_fwd_dense on 192-row query tiles, three consumer warpgroups
+// (TraitsSm90WsWide), BSFA_FWD_WIDE_THREADS threads and
+// BSFA_FWD_WIDE_SMEM_BYTES of shared memory, a q map of BSFA_FWD_WIDE_Q_BOX
+// rows a box (k and v as bsfa_fwd's); for dense calls without keep only.
 
 #if !defined(BSFA_DTYPE) || (BSFA_DTYPE != 0 && BSFA_DTYPE != 1)
 #error "BSFA_DTYPE must be 0 (float16) or 1 (bfloat16)"
@@ -77,6 +82,26 @@ extern "C" __constant__ int BSFA_FWD_SPLIT_PACK_Q_BOX = TRPack::kWgmmaM;
 // bsfa_block_max_mc), 0 where the module has none; launched as bsfa_fwd and
 // bsfa_block_max, on a grid of whole clusters.
 extern "C" __constant__ int BSFA_FWD_MC = kHasMc ? 2 : 0;
+
+// The 192-row dense entry (bsfa_fwd_dense_wide), head dim 64 only; zeros
+// where the module has none.
+#if BSFA_HEAD_DIM == 64
+using TRWide = bsfa::TraitsSm90WsWide<BSFA_HEAD_DIM, BSFA_DTYPE == 1>;
+static_assert(TRWide::kBlockKeys == TR::kBlockKeys, "the k and v maps are bsfa_fwd's");
+extern "C" __constant__ int BSFA_FWD_WIDE_THREADS = TRWide::kNThreads;
+extern "C" __constant__ int BSFA_FWD_WIDE_SMEM_BYTES = TRWide::kSmemBytes;
+extern "C" __constant__ int BSFA_FWD_WIDE_Q_BOX = TRWide::kBlockM;
+
+extern "C" __global__ void __launch_bounds__(TRWide::kNThreads, 1)
+    bsfa_fwd_dense_wide(const __grid_constant__ bsfa::Params p, const __grid_constant__ bsfa::TmaDesc tq,
+                        const __grid_constant__ bsfa::TmaDesc tk, const __grid_constant__ bsfa::TmaDesc tv) {
+    bsfa::kernel_sm90ws<TRWide, kCausal, true, false, false, false>(p, tq, tk, tv);
+}
+#else
+extern "C" __constant__ int BSFA_FWD_WIDE_THREADS = 0;
+extern "C" __constant__ int BSFA_FWD_WIDE_SMEM_BYTES = 0;
+extern "C" __constant__ int BSFA_FWD_WIDE_Q_BOX = 0;
+#endif
 
 extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
     bsfa_fwd(const __grid_constant__ bsfa::Params p, const __grid_constant__ bsfa::TmaDesc tq,

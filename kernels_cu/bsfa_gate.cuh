@@ -21,7 +21,7 @@ template <class TR>
 __device__ __forceinline__ float tile_threshold(const float* __restrict__ thresholds, float thr_scalar, int thr_mode,
                                                 int thr_T, int h, int tile_pos) {
     if (thr_mode == 1) return thr_scalar;
-    const int p = imax(imin(imax(tile_pos, 0) / TR::kBlockM, thr_T - 1), 0);
+    const int p = imax(imin(imax(tile_pos, 0) / TileShape::kBlockM, thr_T - 1), 0);
     return ldg_nc_f32(thresholds + (long long)h * thr_T + p);
 }
 

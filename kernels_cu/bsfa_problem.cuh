@@ -117,7 +117,7 @@ __device__ __forceinline__ int tile_row_len(const A& p) {
 // launch's Nq, Nk.
 template <class TR, class A>
 __device__ __forceinline__ long long tile_row(const A& p, long long b, int h, int a) {
-    return ((b * p.Hq + h) * ceil_div(p.Nq, TR::kBlockM) + a) * tile_row_len<TR>(p);
+    return ((b * p.Hq + h) * ceil_div(p.Nq, TileShape::kBlockM) + a) * tile_row_len<TR>(p);
 }
 
 }  // namespace bsfa

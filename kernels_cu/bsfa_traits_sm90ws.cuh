@@ -16,13 +16,14 @@
 
 namespace bsfa {
 
-template <int kHeadDim_, bool kBf16_>
+template <int kHeadDim_, bool kBf16_, int kConsumerWGs_ = 2>
 struct TraitsSm90Ws : TileShape {
     static constexpr int kHeadDim = kHeadDim_;
     static constexpr bool kBf16 = kBf16_;
 
-    // Roles: warpgroup 0 produces, 1 and 2 consume.
-    static constexpr int kConsumerWGs = 2;
+    // Roles: warpgroup 0 produces, 1 .. kConsumerWGs consume (two; three in
+    // TraitsSm90WsWide).
+    static constexpr int kConsumerWGs = kConsumerWGs_;
     static constexpr int kNThreads = 128 * (1 + kConsumerWGs);
     static constexpr int kConsumerThreads = 128 * kConsumerWGs;
     static constexpr int kConsumerWarps = kConsumerThreads / 32;
@@ -33,7 +34,8 @@ struct TraitsSm90Ws : TileShape {
     // the producer's release does not cover waits forever.
     static constexpr int kLaunchRegs = 65536 / kNThreads / 8 * 8;
     static constexpr int kProducerRegs = 24;
-    static constexpr int kConsumerRegs = 240;
+    // 240 for two consumer warpgroups, 160 for three.
+    static constexpr int kConsumerRegs = (kLaunchRegs * kNThreads - kProducerRegs * 128) / kConsumerThreads / 8 * 8;
     static_assert(kProducerRegs * 128 + kConsumerRegs * kConsumerThreads <= kLaunchRegs * kNThreads,
                   "setmaxnreg: the CTA's registers at launch");
 
@@ -48,13 +50,18 @@ struct TraitsSm90Ws : TileShape {
     static constexpr int kMmaN = 8;
     static constexpr int kMmaK = 16;
     static constexpr int kWarpRows = 16;
+    // Query rows of a CTA's work tile: the BSFA tile's 128 (TileShape) with
+    // two consumer warpgroups.  Three (TraitsSm90WsWide) take 192-row tiles,
+    // which only dense calls without a keep output may use: keep, the
+    // thresholds and the tile maxima are per 128-row tile.
+    static constexpr int kBlockM = kConsumerWGs * kWgmmaM;
+    static constexpr bool kBsfaRows = kBlockM == TileShape::kBlockM;
     static constexpr int kSNBlocks = kBlockN / kMmaN;           // n8 blocks of one key tile
     static constexpr int kBlockSNBlocks = kBlockKeys / kMmaN;   // ... of a 128-key block
     static constexpr int kONBlocks = kHeadDim / kMmaN;
     static constexpr int kDSteps = kHeadDim / kMmaK;             // k-steps of S = Q K^T
     static constexpr int kKeySteps = kBlockKeys / kMmaK;         // k-steps of O += P V
     static constexpr int kHalfKeySteps = kBlockN / kMmaK;
-    static_assert(kBlockM == kConsumerWGs * kWgmmaM, "each consumer owns one M=64 slice of the query tile");
 
     // Shared memory: 128-byte swizzled panels of 64 columns, as the TMA
     // writes them with CU_TENSOR_MAP_SWIZZLE_128B and a 64-column box.
@@ -108,14 +115,22 @@ struct TraitsSm90Ws : TileShape {
     // Named barriers (0 is __syncthreads): the two turns of the ping-pong
     // between the consumer warpgroups, then the one that publishes the
     // consumers' zeroing of a packed sequence's ragged V block.
+    // A turn barrier counts the warpgroup that takes the turn and the one
+    // that hands it over (warpgroup w passes it to w + 1, the last to 0).
     static constexpr int kBarTurn = 1;
     static constexpr int kBarVZero = kBarTurn + kConsumerWGs;
+    static constexpr int kTurnThreads = 2 * 128;
+    // Three consumer warpgroups hold O, S and one P each (registers): the
+    // softmax leaves its exponentials in S, packed into P only once the P V
+    // that reads the old P has retired.  Two hold the next P as well, packed
+    // as the exponentials are taken.
+    static constexpr bool kLatePack = kConsumerWGs > 2;
 
     static_assert(kHeadDim % kPanelCols == 0, "head dim must be a whole number of 64-column panels");
     static_assert(kVoteSlots > kBlockMaxStages, "bsfa_block_max: a slot must outlive a warp's lead");
     static_assert(kSmemV == kSmemK + kStages * kKVBytes && kBlockMaxStages <= 2 * kStages,
                   "bsfa_block_max's K slots past the forward's are the V ring's");
-    static_assert(kVoteSlotBytes == 8, "the gate reads one slot as a single 8-byte load");
+    static_assert(kVoteSlotBytes == 8 || !kBsfaRows, "the gate reads one slot as a single 8-byte load");
     static_assert(kSmemBytes <= 227 * 1024, "shared memory per CTA");
 
     // One query head per 128-row tile: both consumer warpgroups hold its
@@ -163,6 +178,19 @@ struct TraitsSm90WsMc : TraitsSm90Ws<kHeadDim_, kBf16_> {
 template <int kHeadDim_, bool kBf16_>
 struct TraitsSm90WsPair : TraitsSm90WsMc<kHeadDim_, kBf16_> {
     static constexpr bool kPairTiles = true;
+};
+
+// bsfa_fwd_dense_wide (head dim 64, dense calls without a keep output):
+// three consumer warpgroups on 192-row query tiles, as FlashAttention-3 runs
+// head dim 64.  There the softmax of a 128-key block takes several times its
+// GEMMs, and a third warpgroup's softmax is what keeps the tensor cores busy
+// (bench/NOTES.md, v20).  512 threads leave each consumer 160 registers.
+template <int kHeadDim_, bool kBf16_>
+struct TraitsSm90WsWide : TraitsSm90Ws<kHeadDim_, kBf16_, 3> {
+    static_assert(kHeadDim_ == 64, "three consumer warpgroups fit the registers at head dim 64 only");
+    // The BSFA tile (128 rows) that a consumer warpgroup's 64 rows lie in:
+    // its key tiles are the ones the warpgroup multiplies (bsfa_consumer_sm90ws.cuh).
+    using BsfaTile = TraitsSm90Ws<kHeadDim_, kBf16_>;
 };
 
 // The two-head tile of the split entry's short chunks (bsfa_fwd_split_pack):

@@ -193,6 +193,17 @@ def test_a_clustered_module_loads_its_cluster_entries_once_into_the_plain_places
     assert dataclasses.replace(mod, dense_clusters=False).forward(False, 1, long) is plain
     acausal = dataclasses.replace(mod, key=VariantKey("float16", 128, False, "sm90ws"), _clustered=None)
     assert acausal.forward(False, 1, long) is plain
+    # head dim 64: dense calls without keep take the 192-row entry, any group; with keep, or gated, they do not
+    wide = Kernel(fn="wide", threads=512, smem=0, grid_kind=2, sms=132, tma=128, q_box=192)
+    d64 = dataclasses.replace(module("sm90ws"), key=VariantKey("float16", 64, True, "sm90ws"), fwd_dense_wide=wide)
+    exported["BSFA_FWD_MC"] = 0
+    assert [d64.forward(False, g, q).fn for g, q in ((1, 1), (4, 300))] == ["wide", "wide"]
+    assert d64.forward(False, 4, 300, keep=True) is plain and d64.forward(True, 4, 300) is plain
+    assert d64.wide_rows(False).forward(False, 4, 300) is plain
+    assert d64.wide_rows().forward(False, 4, 300, keep=True) is wide and d64.wide_rows().fwd is plain
+    assert module("sm90ws").wide_rows().fwd_dense is plain  # no wide entry: itself
+    assert wide.box_rows() == (192, 128, 128) and plain.box_rows() == (128, 128, 128)
+    exported["BSFA_FWD_MC"] = 2
     # tile_pairs(): every dense call, any group, on the tile-pair entry; calls with thresholds keep the plain one
     tp = mod.tile_pairs()
     assert [tp.forward(False, g).fn for g in (1, 3, 4)] == ["bsfa_fwd_dense_pair"] * 3

@@ -57,6 +57,9 @@ MISSING_KERNELS: dict[str, tuple[str, ...]] = {}
 #: Entries of head dim 128 only (an even number of 64-column panels to share between two CTAs).
 CLUSTER_KERNELS = {SM90WS_SOURCE: ("bsfa_fwd_mc", "bsfa_fwd_dense_mc", "bsfa_block_max_mc",
                                    "bsfa_fwd_dense_pair")}
+#: Entries of head dim 64 only, and the registers a thread of theirs gets at launch: bsfa_fwd_dense_wide's
+#: 512 threads (three consumer warpgroups) leave 65536 / 512.
+WIDE_KERNELS = {SM90WS_SOURCE: {"bsfa_fwd_dense_wide": 65536 // 512 // 8 * 8}}
 GLOBALS = (
     "BSFA_FWD_THREADS",
     "BSFA_FWD_SMEM_BYTES",
@@ -69,7 +72,8 @@ GLOBALS = (
     "BSFA_BLOCK_MAX_TMA",
     "BSFA_FWD_VARLEN",
 )
-SOURCE_GLOBALS[SM90WS_SOURCE] = (*GLOBALS, "BSFA_COMBINE_WARPS", "BSFA_FWD_SPLIT_PACK_Q_BOX", "BSFA_FWD_MC")
+SOURCE_GLOBALS[SM90WS_SOURCE] = (*GLOBALS, "BSFA_COMBINE_WARPS", "BSFA_FWD_SPLIT_PACK_Q_BOX", "BSFA_FWD_MC",
+                                 "BSFA_FWD_WIDE_THREADS", "BSFA_FWD_WIDE_SMEM_BYTES", "BSFA_FWD_WIDE_Q_BOX")
 #: Registers a thread of every warp-specialised entry at launch: __launch_bounds__(384, 1) lets ptxas use
 #: 65536 / 384 rounded down to a multiple of 8.
 WS_LAUNCH_REGS = 65536 // 384 // 8 * 8
@@ -284,7 +288,8 @@ def test_compiles_without_spills(compiled, variant):
     assert not warnings, f"{name}: compiler warnings:\n" + "\n".join(warnings)
     frames = parse_frames(log)
     cluster = CLUSTER_KERNELS.get(variant[0], ()) if variant[3] % 128 == 0 else ()
-    for kernel in (*SOURCE_KERNELS.get(variant[0], KERNELS), *cluster):
+    wide = WIDE_KERNELS.get(variant[0], {}) if variant[3] == 64 else {}
+    for kernel in (*SOURCE_KERNELS.get(variant[0], KERNELS), *cluster, *wide):
         if kernel in MISSING_KERNELS.get(variant[0], ()):
             assert kernel not in frames, f"{name}: exports {kernel}: drop it from MISSING_KERNELS"
             continue
@@ -300,14 +305,19 @@ def test_compiles_without_spills(compiled, variant):
             if kernel != "bsfa_combine":
                 assert regs.get(kernel) == WS_LAUNCH_REGS, (
                     f"{name}: {kernel} is launched with {regs.get(kernel)} registers a thread, expected {WS_LAUNCH_REGS}")
+        for kernel, launch_regs in wide.items():
+            assert regs.get(kernel) == launch_regs, (
+                f"{name}: {kernel} is launched with {regs.get(kernel)} registers a thread, expected {launch_regs}")
     if variant[1].startswith("sm_90a"):
         serialised = [line for line in log.splitlines()
-                      if any(code in line for code in ("C7514", "C7515", "C7508")) or "serialized" in line]
+                      if any(code in line for code in ("C7514", "C7515", "C7520", "C7508")) or "serialized" in line]
         assert not serialised, f"{name}: ptxas serialises the wgmma pipeline: {serialised}"
     if variant[3] % 128 != 0:  # nor does a module without them export them
         assert not any(k.encode() + b"\0" in cubin.read_bytes() for k in CLUSTER_KERNELS.get(variant[0], ())), name
+    if variant[3] != 64:
+        assert not any(k.encode() + b"\0" in cubin.read_bytes() for k in WIDE_KERNELS.get(variant[0], {})), name
     image = cubin.read_bytes()
-    for symbol in (*SOURCE_KERNELS.get(variant[0], KERNELS), *cluster, *SOURCE_GLOBALS.get(variant[0], GLOBALS)):
+    for symbol in (*SOURCE_KERNELS.get(variant[0], KERNELS), *cluster, *wide, *SOURCE_GLOBALS.get(variant[0], GLOBALS)):
         if symbol in MISSING_KERNELS.get(variant[0], ()):
             continue
         assert symbol.encode() + b"\0" in image, f"{name}: the cubin exports no {symbol}"
