@@ -24,6 +24,10 @@ from ._variants import Backend, VariantKey
 # Query tiles from which a causal dense call of odd GQA groups takes bsfa_fwd_dense_pair (Module.forward):
 # 32K rows, where the H200 A/B first showed it ahead of the plain dense entry.
 PAIR_MIN_Q_TILES = 256
+# Query tiles from which a dense call of head dim 64 takes bsfa_fwd_dense_wide (Module.forward): 2K rows. On an
+# H200 it ran 1.16-1.19x bsfa_fwd_dense at 8K-64K and 1.09x at B=8 x 2K, but 0.95x at B=32 x 1K, where the
+# last of its six 192-row tiles holds 64 rows.
+WIDE_MIN_Q_TILES = 16
 
 
 @functools.cache
@@ -108,8 +112,8 @@ class Module:
         """The unsplit forward entry of a call with (``gated``) or without thresholds, ``group`` = Hq / Hkv,
         ``q_tiles`` = ceil(Nq / 128), returning the keep mask or not (``keep``).
 
-        A dense call at head dim 64 that returns no keep mask takes the 192-row entry (three consumer
-        warpgroups), whose tiles are not the keep mask's.
+        A dense call at head dim 64 with at least WIDE_MIN_Q_TILES query tiles that returns no keep mask
+        takes the 192-row entry (three consumer warpgroups), whose tiles are not the keep mask's.
 
         A dense call whose GQA groups pair up (``group`` even) takes the cluster entry where the module has
         one (sm90ws, head dim 128): on an H200 it ran 1.00-1.07x the plain dense entry's speed at 8K-32K,
@@ -120,7 +124,7 @@ class Module:
         """
         if gated or self.fwd_dense is None:
             return self.fwd
-        if self.fwd_dense_wide is not None and self.dense_wide and not keep:
+        if self.fwd_dense_wide is not None and self.dense_wide and not keep and q_tiles >= WIDE_MIN_Q_TILES:
             return self.fwd_dense_wide
         if self.dense_clusters:
             if group % 2 == 0:

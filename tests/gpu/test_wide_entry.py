@@ -1,5 +1,6 @@
 """bsfa_fwd_dense_wide, the sm90ws dense entry of head dim 64 on 192-row query tiles (three consumer
-warpgroups): dense calls without a keep mask take it, and it must equal bsfa_fwd_dense bitwise -- out and
+warpgroups): dense calls without a keep mask from 2K rows on take it (the tests below force it at any
+length, through Module.wide_rows), and it must equal bsfa_fwd_dense bitwise -- out and
 lse -- since each warpgroup multiplies exactly the key tiles of its own 128-row BSFA tile, in the same
 order. Non-finite inputs reach exactly the reference's rows (a non-finite v reaches the rows of the BSFA
 tiles that keep its key tile, not those of the wider work tile). Calls that ask for keep stay on
@@ -20,9 +21,10 @@ pytestmark = [pytest.mark.gpu, requires_gpu,
               pytest.mark.skipif(not _is_hopper(), reason="the sm90ws kernel needs compute capability 9.0")]
 
 
-def _route(monkeypatch, wide: list, seen: list):
-    """sm90ws modules with their dense calls on the wide entry where ``wide[0]`` (the library's own routing),
-    else on bsfa_fwd_dense; the launches of either entry are recorded in ``seen``."""
+def _route(monkeypatch, wide: list, seen: list, force: bool = True):
+    """sm90ws modules with their dense calls on the wide entry where ``wide[0]`` (at any length if ``force``,
+    else as the library routes them), else on bsfa_fwd_dense; the launches of either entry are recorded in
+    ``seen``."""
     import bsfa_cupy
     from bsfa_cupy import ops
 
@@ -44,7 +46,10 @@ def _route(monkeypatch, wide: list, seen: list):
 
                 kerns[field] = dataclasses.replace(kern, fn=spy)
             spied = dataclasses.replace(mod, **kerns)
-            cache[(key, wide[0])] = spied if wide[0] else spied.wide_rows(False)
+            if wide[0]:
+                cache[(key, True)] = spied.wide_rows() if force else spied
+            else:
+                cache[(key, False)] = spied.wide_rows(False)
         return cache[(key, wide[0])]
 
     monkeypatch.setattr(ops, "get_module", get_module)
@@ -110,13 +115,22 @@ def test_wide_entry_nonfinite_inputs_reach_exactly_the_reference_rows(monkeypatc
     assert_nonfinite_like_reference(q, k, v, causal, cp.asnumpy(out), cp.asnumpy(lse), None)
 
 
-def test_keep_calls_and_gated_calls_do_not_take_the_wide_entry(monkeypatch):
+def test_routing_long_dense_calls_without_keep_only(monkeypatch):
+    """From WIDE_MIN_Q_TILES query tiles on, a dense call without keep takes the wide entry by itself; a
+    shorter one, one asking for keep, and one with thresholds do not."""
     import bsfa_cupy
+    from bsfa_cupy import _kernels
 
     rng = np.random.default_rng(7)
-    q, k, v = map(cp.asarray, random_inputs(rng, 1, 1000, 1000, 4, 2, 64, "float16"))
+    n = _kernels.WIDE_MIN_Q_TILES * 128
+    # 2 x 16 heads x 16 query tiles fill the GPU: no split-KV
+    q, k, v = map(cp.asarray, random_inputs(rng, 2, n, n, 16, 4, 64, "float16"))
     wide, seen = [True], []
-    _route(monkeypatch, wide, seen)
+    _route(monkeypatch, wide, seen, force=False)
+    bsfa_cupy.attention(q, k, v, backend="sm90ws")
+    bsfa_cupy.attention(q[:, :n - 128], k, v, backend="sm90ws")
+    assert seen == ["wide", "dense"], f"expected the wide entry at {n} rows and bsfa_fwd_dense below, got {seen}"
+    seen.clear()
     _, _, keep = bsfa_cupy.attention(q, k, v, return_lse=True, return_keep=True, backend="sm90ws")
     assert seen == ["dense"], f"a call asking for keep: expected bsfa_fwd_dense, got {seen}"
     assert bool(cp.asarray(keep).any()), "keep: no tile kept"

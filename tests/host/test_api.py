@@ -197,7 +197,9 @@ def test_a_clustered_module_loads_its_cluster_entries_once_into_the_plain_places
     wide = Kernel(fn="wide", threads=512, smem=0, grid_kind=2, sms=132, tma=128, q_box=192)
     d64 = dataclasses.replace(module("sm90ws"), key=VariantKey("float16", 64, True, "sm90ws"), fwd_dense_wide=wide)
     exported["BSFA_FWD_MC"] = 0
-    assert [d64.forward(False, g, q).fn for g, q in ((1, 1), (4, 300))] == ["wide", "wide"]
+    few = _kernels.WIDE_MIN_Q_TILES
+    assert [d64.forward(False, g, q).fn for g, q in ((1, few), (4, 300))] == ["wide", "wide"]
+    assert d64.forward(False, 1, few - 1) is plain  # short calls: the last 192-row tile would be mostly empty
     assert d64.forward(False, 4, 300, keep=True) is plain and d64.forward(True, 4, 300) is plain
     assert d64.wide_rows(False).forward(False, 4, 300) is plain
     assert d64.wide_rows().forward(False, 4, 300, keep=True) is wide and d64.wide_rows().fwd is plain
