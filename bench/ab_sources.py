@@ -11,7 +11,8 @@ Usage (two steps, the first where git is, the second on the GPU machine):
       library's own module with its cluster entries (bsfa_fwd_mc, bsfa_fwd_dense_mc, bsfa_block_max_mc)
       in the plain ones' places; NAME=@pair runs its dense calls on bsfa_fwd_dense_pair (clusters of two
       query tiles of one head, any GQA group); NAME=@nowide keeps the dense calls of head dim 64 off
-      bsfa_fwd_dense_wide (192-row tiles), on bsfa_fwd_dense. --block-max also times block_max_scores per build.
+      bsfa_fwd_dense_wide (192-row tiles), on bsfa_fwd_dense; NAME=@bmqrs runs block_max_scores on
+      bsfa_block_max_qrs (Q in registers). --block-max also times block_max_scores per build.
 Per case (B=1, Hq=32, causal unless noted): torch SDPA's cuDNN backend, then per build dense and sparse
 (rho of the gated tiles kept, thresholds from the inputs' tile maxima, as `bsfa bench` sets them), timed in
 9 interleaved repeats of 3 calls (median), the plan cache cleared at every switch (attention keeps kernel
@@ -40,6 +41,9 @@ CASES = {
     + [dict(n=16384, hkv=32, dtype="bfloat16", rhos=()), dict(n=8192, rhos=()), dict(n=16384, rhos=(0.25,)),
        dict(n=65536, rhos=()), dict(n=16384, causal=False, hkv=32, rhos=()), dict(n=2048, b=8, rhos=()),
        dict(n=1024, b=32, rhos=())],
+    # block_max_scores (with --block-max): the bar's lengths, bf16, head dim 64, Hkv = 32
+    "blockmax": [dict(n=n, rhos=()) for n in (16384, 32768, 65536)]
+    + [dict(n=16384, dtype="bfloat16", rhos=()), dict(n=32768, d=64, rhos=()), dict(n=16384, hkv=32, rhos=())],
     # head dim 64: the 192-row dense entry's cases
     "d64": [dict(n=n, d=64, rhos=()) for n in (8192, 16384, 32768, 65536)]
     + [dict(n=16384, d=64, dtype="bfloat16", rhos=()), dict(n=16384, d=64, causal=False, rhos=()),
@@ -85,7 +89,7 @@ def time_builds(specs, cases, out_dir, block_max=False):
     builds = {}
     for spec in specs:
         name, _, rest = spec.partition("=")
-        if rest in ("@mc", "@pair", "@nowide"):
+        if rest in ("@mc", "@pair", "@nowide", "@bmqrs"):
             builds[name] = rest
             continue
         path, _, dense_entry = rest.partition(":")
@@ -102,6 +106,8 @@ def time_builds(specs, cases, out_dir, block_max=False):
             return mod
         if builds[b] == "@nowide":
             return mod.wide_rows(False)
+        if builds[b] == "@bmqrs":
+            return mod.block_max_q_regs()
         if builds[b] in ("@mc", "@pair"):  # the cluster entries of the library's own module
             mc = mod.clustered()
             if mc is mod:

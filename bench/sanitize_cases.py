@@ -16,6 +16,7 @@ bsfa_block_max_mc) in place of the plain ones (every case here has a GQA group o
 --pair-tiles: their dense calls run bsfa_fwd_dense_pair (clusters of two query tiles of one head) instead.
 --wide-rows: the sm90ws modules of head dim 64 run every dense call on bsfa_fwd_dense_wide (192-row tiles),
 those asking for keep included (keep is then left unwritten).
+--block-max-q-regs: the sm90ws modules run block_max_scores on bsfa_block_max_qrs (Q in registers).
 """
 import argparse
 
@@ -27,6 +28,7 @@ p.add_argument("--backend", choices=("sm80", "sm90", "sm90ws", "splitkv"), actio
 p.add_argument("--clusters", action="store_true", help="sm90ws at head dim 128: the cluster entries")
 p.add_argument("--pair-tiles", action="store_true", help="sm90ws at head dim 128: dense calls on tile pairs")
 p.add_argument("--wide-rows", action="store_true", help="sm90ws at head dim 64: dense calls on 192-row tiles")
+p.add_argument("--block-max-q-regs", action="store_true", help="sm90ws: block_max_scores with Q in registers")
 args = p.parse_args()
 
 import cupy as cp  # noqa: E402  (after argparse: --help works without a GPU)
@@ -53,6 +55,13 @@ if args.wide_rows:
     _wide_real_get_module = ops.get_module
     ops.get_module = lambda key, *rest: _wide_real_get_module(key, *rest).wide_rows() if key.arch == "sm90ws" else (
         _wide_real_get_module(key, *rest))
+
+if args.block_max_q_regs:
+    from bsfa_cupy import ops
+
+    _bm_real_get_module = ops.get_module
+    ops.get_module = lambda key, *rest: _bm_real_get_module(key, *rest).block_max_q_regs() if key.arch == "sm90ws" else (
+        _bm_real_get_module(key, *rest))
 
 rng = np.random.default_rng(0)
 hopper = str(cp.cuda.Device().compute_capability) == "90"

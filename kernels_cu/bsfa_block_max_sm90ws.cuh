@@ -76,6 +76,18 @@ __device__ __forceinline__ void write_block_maxima(const Params& p, const SmemWs
     }
 }
 
+// S of a block: Q from shared memory, or from registers (TR::kQInRegs: Qf,
+// loaded by load_q_frags; q_desc unused).
+template <class TR>
+__device__ __forceinline__ void block_max_qk(float (&S)[TR::kBlockSNBlocks][4], unsigned long long q_desc,
+                                             const unsigned (&Qf)[TR::kDSteps][4], unsigned long long k_desc) {
+    if constexpr (TR::kQInRegs) {
+        qk_block_rs<TR>(S, Qf, k_desc);
+    } else {
+        qk_block<TR>(S, q_desc, k_desc);
+    }
+}
+
 // One step for block n, whose S is in flight in Sc: issue block n-1's S
 // into Sn (kHasNext: n > 0, a compile-time branch, as in the forward), then
 // retire, mask and post block n, and let the writer thread write block
@@ -83,7 +95,8 @@ __device__ __forceinline__ void write_block_maxima(const Params& p, const SmemWs
 template <class TR, bool kCausal, bool kHasNext>
 __device__ __forceinline__ void block_max_step(const Params& p, const SmemWs<TR>& sm,
                                                const QueryTile<TR, kCausal>& qt, float* tm_row,
-                                               unsigned long long q_desc, float (&Sc)[TR::kBlockSNBlocks][4],
+                                               unsigned long long q_desc, const unsigned (&Qf)[TR::kDSteps][4],
+                                               float (&Sc)[TR::kBlockSNBlocks][4],
                                                float (&Sn)[TR::kBlockSNBlocks][4], int n, int row0, int lane,
                                                int consumer_warp, bool writer, PipeState<TR::kBlockMaxStages>& kv,
                                                unsigned& post_idx) {
@@ -91,7 +104,7 @@ __device__ __forceinline__ void block_max_step(const Params& p, const SmemWs<TR>
     if constexpr (kHasNext) {
         kv.advance();
         mbar_wait(sm.bar(TR::kBarKFull + kv.stage), kv.phase);
-        qk_block<TR>(Sn, q_desc, make_desc(sm.k() + kv.stage * TR::kKVBytes, 16, kSwizzleAtomBytes));
+        block_max_qk<TR>(Sn, q_desc, Qf, make_desc(sm.k() + kv.stage * TR::kKVBytes, 16, kSwizzleAtomBytes));
     }
     wgmma_wait<kHasNext ? 1 : 0>();
     post_block_maxima<TR, kCausal>(p, sm, qt, Sc, n, row0, lane, consumer_warp, cur, post_idx);
@@ -127,30 +140,32 @@ __device__ __forceinline__ void block_max_consumer(const Params& p, const SmemWs
         const int row0 = qt.q0 + wg * TR::kWgmmaM + (tid >> 5) * TR::kWarpRows + (lane >> 2);
         mbar_wait(sm.bar(TR::kBarQFull), q_phase);
         q_phase ^= 1u;
+        unsigned Qf[TR::kDSteps][4];
+        if constexpr (TR::kQInRegs) load_q_frags<TR>(sm.q(), wg, Qf);
 
         float Sa[TR::kBlockSNBlocks][4], Sb[TR::kBlockSNBlocks][4];
         int n = qt.c_end / TR::kKeyHalves;
         mbar_wait(sm.bar(TR::kBarKFull + kv.stage), kv.phase);
-        qk_block<TR>(Sa, q_desc, make_desc(sm.k() + kv.stage * TR::kKVBytes, 16, kSwizzleAtomBytes));
+        block_max_qk<TR>(Sa, q_desc, Qf, make_desc(sm.k() + kv.stage * TR::kKVBytes, 16, kSwizzleAtomBytes));
         // Two steps per trip, so that the S buffers trade roles without copies.
         bool in_a = true;
 #pragma unroll 1
         while (n > 0) {
-            block_max_step<TR, kCausal, true>(p, sm, qt, tm_row, q_desc, Sa, Sb, n, row0, lane, consumer_warp, writer,
+            block_max_step<TR, kCausal, true>(p, sm, qt, tm_row, q_desc, Qf, Sa, Sb, n, row0, lane, consumer_warp, writer,
                                               kv, post_idx);
             if (--n == 0) {
                 in_a = false;
                 break;
             }
-            block_max_step<TR, kCausal, true>(p, sm, qt, tm_row, q_desc, Sb, Sa, n, row0, lane, consumer_warp, writer,
+            block_max_step<TR, kCausal, true>(p, sm, qt, tm_row, q_desc, Qf, Sb, Sa, n, row0, lane, consumer_warp, writer,
                                               kv, post_idx);
             --n;
         }
         if (in_a) {
-            block_max_step<TR, kCausal, false>(p, sm, qt, tm_row, q_desc, Sa, Sb, 0, row0, lane, consumer_warp,
+            block_max_step<TR, kCausal, false>(p, sm, qt, tm_row, q_desc, Qf, Sa, Sb, 0, row0, lane, consumer_warp,
                                                writer, kv, post_idx);
         } else {
-            block_max_step<TR, kCausal, false>(p, sm, qt, tm_row, q_desc, Sb, Sa, 0, row0, lane, consumer_warp,
+            block_max_step<TR, kCausal, false>(p, sm, qt, tm_row, q_desc, Qf, Sb, Sa, 0, row0, lane, consumer_warp,
                                                writer, kv, post_idx);
         }
         kv.advance();

@@ -72,6 +72,37 @@ __device__ __forceinline__ void qk_block(float (&S)[TR::kBlockSNBlocks][4], unsi
     wgmma_commit();
 }
 
+// This warpgroup's 64 rows of Q (wg: the consumer warpgroup) as the A
+// fragments of S = Q K^T, k-step kk in Qf[kk]: the mma.sync m16n8k16 A
+// fragment of each warp's 16 rows, read with ldmatrix from the 128-byte
+// swizzled panels the TMA wrote.
+template <class TR>
+__device__ __forceinline__ void load_q_frags(unsigned q_smem, int wg, unsigned (&Qf)[TR::kDSteps][4]) {
+    const int lane = (int)threadIdx.x & 31;
+    const int row = wg * TR::kWgmmaM + (((int)threadIdx.x & 127) >> 5) * TR::kWarpRows + (lane & 7) + ((lane >> 3) & 1) * 8;
+#pragma unroll
+    for (int kk = 0; kk < TR::kDSteps; ++kk) {
+        const int chunk = (kk % TR::kStepsPerPanel) * 2 + (lane >> 4);
+        ldsm_x4(Qf[kk], q_smem + (kk / TR::kStepsPerPanel) * TR::kQPanelBytes + swizzled(row, chunk));
+    }
+}
+
+// qk_block with Q in registers (load_q_frags): only K is read from shared
+// memory.
+template <class TR>
+__device__ __forceinline__ void qk_block_rs(float (&S)[TR::kBlockSNBlocks][4], const unsigned (&Qf)[TR::kDSteps][4],
+                                            unsigned long long k_desc) {
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < TR::kDSteps; ++kk) {
+        const unsigned col = (kk % TR::kStepsPerPanel) * TR::kMmaK * TR::kElemBytes;
+        const unsigned pn = kk / TR::kStepsPerPanel;
+        wgmma_rs<TR::kBf16, TR::kBlockKeys, true>(flat(S), Qf[kk], desc_add(k_desc, pn * TR::kKVPanelBytes + col),
+                                                  kk > 0 ? 1 : 0);
+    }
+    wgmma_commit();
+}
+
 // Masks the invalid scores of half h of block n; returns bit h set iff the
 // half has a valid entry (c <= c_end).  Nq, Nk, shift: the problem's
 // (bsfa_problem.cuh).

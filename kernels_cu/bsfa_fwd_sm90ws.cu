@@ -33,6 +33,8 @@
 // 2 * min(SMs / 2, tiles / 2).  bsfa_fwd_dense_pair (head dim 128, any GQA
 // group): bsfa_fwd_dense on clusters of two neighbouring query tiles of one
 // head, on a grid of 2 * min(SMs / 2, ceil(nQ / 2) * B * Hq).
+// bsfa_block_max_qrs: bsfa_block_max with Q in registers (the same
+// arguments and launch).
 // bsfa_fwd_dense_wide (head dim 64; BSFA_FWD_WIDE_THREADS != 0):
 // bsfa_fwd_dense on 192-row query tiles, three consumer warpgroups
 // (TraitsSm90WsWide), BSFA_FWD_WIDE_THREADS threads and
@@ -156,6 +158,16 @@ extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
     bsfa_block_max(const __grid_constant__ bsfa::Params p, const __grid_constant__ bsfa::TmaDesc tq,
                    const __grid_constant__ bsfa::TmaDesc tk) {
     bsfa::kernel_sm90ws<TR, kCausal, false>(p, tq, tk, tk);
+}
+
+// bsfa_block_max with each consumer warpgroup's rows of Q in registers
+// (TraitsSm90WsQRegs): the same arguments, launch and results.
+using TRQRegs = bsfa::TraitsSm90WsQRegs<BSFA_HEAD_DIM, BSFA_DTYPE == 1>;
+
+extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
+    bsfa_block_max_qrs(const __grid_constant__ bsfa::Params p, const __grid_constant__ bsfa::TmaDesc tq,
+                       const __grid_constant__ bsfa::TmaDesc tk) {
+    bsfa::kernel_sm90ws<TRQRegs, kCausal, false>(p, tq, tk, tk);
 }
 
 #if BSFA_HEAD_DIM % 128 == 0

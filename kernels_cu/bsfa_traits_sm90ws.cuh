@@ -144,6 +144,8 @@ struct TraitsSm90Ws : TileShape {
     // A cluster's CTAs take two query tiles of one head (TraitsSm90WsPair),
     // not two heads of one GQA group.
     static constexpr bool kPairTiles = false;
+    // bsfa_block_max's S = Q K^T with Q in registers (TraitsSm90WsQRegs).
+    static constexpr bool kQInRegs = false;
 };
 
 // The cluster entries (bsfa_fwd_mc, bsfa_fwd_dense_mc, bsfa_block_max_mc):
@@ -191,6 +193,17 @@ struct TraitsSm90WsWide : TraitsSm90Ws<kHeadDim_, kBf16_, 3> {
     // The BSFA tile (128 rows) that a consumer warpgroup's 64 rows lie in:
     // its key tiles are the ones the warpgroup multiplies (bsfa_consumer_sm90ws.cuh).
     using BsfaTile = TraitsSm90Ws<kHeadDim_, kBf16_>;
+};
+
+// bsfa_block_max_qrs: bsfa_block_max with each consumer warpgroup's 64 rows
+// of Q loaded into registers once per work tile (the A operand of a
+// register-sourced wgmma), so that the tensor cores read only K from shared
+// memory: per m64n128k16 step 4 KB instead of 6, with the TMA's K writes
+// beside them.  Tests whether shared-memory bandwidth caps bsfa_block_max's
+// tensor pipe at ~66 % (bench/NOTES.md, v16 and v21).
+template <int kHeadDim_, bool kBf16_>
+struct TraitsSm90WsQRegs : TraitsSm90Ws<kHeadDim_, kBf16_> {
+    static constexpr bool kQInRegs = true;
 };
 
 // The two-head tile of the split entry's short chunks (bsfa_fwd_split_pack):

@@ -123,21 +123,21 @@ __device__ __forceinline__ void copy_regs(unsigned (&dst)[M][N], const unsigned 
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]) \
         : "l"(desc_a), "l"(desc_b), "r"(scale_d))
 
-#define BSFA_WGMMA_RS_N64(TY)                                                                 \
+#define BSFA_WGMMA_RS_N64(TY, TB)                                                                 \
     asm volatile(                                                                                \
         "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                       \
         "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " "                                 \
         "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "  \
-        "{%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"                                          \
+        "{%32, %33, %34, %35}, %36, p, 1, 1, " TB ";\n}\n"                                          \
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]) \
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d))
 
-#define BSFA_WGMMA_RS_N128(TY)                                                                 \
+#define BSFA_WGMMA_RS_N128(TY, TB)                                                                 \
     asm volatile(                                                                                \
         "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                       \
         "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " "                                 \
         "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "  \
-        "{%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"                                          \
+        "{%64, %65, %66, %67}, %68, p, 1, 1, " TB ";\n}\n"                                          \
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]) \
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d))
 
@@ -174,22 +174,40 @@ __device__ __forceinline__ void wgmma_ss_n128(float (&d)[64], unsigned long long
     }
 }
 
-// D(64 x N) (+)= A(64 x 16, registers) * B(16 x N, smem, MN-major), N = 64 or 128.
-template <bool kBf16, int N>
+// D(64 x N) (+)= A(64 x 16, registers) * B(16 x N, smem), N = 64 or 128: B
+// MN-major (kKMajorB false: V in P V) or K-major (K in S = Q K^T with Q in
+// registers).
+template <bool kBf16, int N, bool kKMajorB = false>
 __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const unsigned (&a)[4], unsigned long long desc_b,
                                          int scale_d) {
     static_assert(N == 64 || N == 128, "wgmma_rs: N must be 64 or 128");
     if constexpr (N == 64) {
         if constexpr (kBf16) {
-            BSFA_WGMMA_RS_N64("bf16");
+            if constexpr (kKMajorB) {
+                BSFA_WGMMA_RS_N64("bf16", "0");
+            } else {
+                BSFA_WGMMA_RS_N64("bf16", "1");
+            }
         } else {
-            BSFA_WGMMA_RS_N64("f16");
+            if constexpr (kKMajorB) {
+                BSFA_WGMMA_RS_N64("f16", "0");
+            } else {
+                BSFA_WGMMA_RS_N64("f16", "1");
+            }
         }
     } else {
         if constexpr (kBf16) {
-            BSFA_WGMMA_RS_N128("bf16");
+            if constexpr (kKMajorB) {
+                BSFA_WGMMA_RS_N128("bf16", "0");
+            } else {
+                BSFA_WGMMA_RS_N128("bf16", "1");
+            }
         } else {
-            BSFA_WGMMA_RS_N128("f16");
+            if constexpr (kKMajorB) {
+                BSFA_WGMMA_RS_N128("f16", "0");
+            } else {
+                BSFA_WGMMA_RS_N128("f16", "1");
+            }
         }
     }
 }

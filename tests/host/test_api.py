@@ -205,6 +205,11 @@ def test_a_clustered_module_loads_its_cluster_entries_once_into_the_plain_places
     assert d64.wide_rows().forward(False, 4, 300, keep=True) is wide and d64.wide_rows().fwd is plain
     assert module("sm90ws").wide_rows().fwd_dense is plain  # no wide entry: itself
     assert wide.box_rows() == (192, 128, 128) and plain.box_rows() == (128, 128, 128)
+    # block_max_q_regs(): block_max_scores on bsfa_block_max_qrs where the module has it; never routed by calls
+    qrs = Kernel(fn="qrs", threads=384, smem=0, grid_kind=2, sms=132, tma=128)
+    with_qrs = dataclasses.replace(module("sm90ws"), block_max_qrs=qrs)
+    assert with_qrs.block_max is plain and with_qrs.block_max_q_regs().block_max is qrs
+    assert module("sm90ws").block_max_q_regs().block_max is plain
     exported["BSFA_FWD_MC"] = 2
     # tile_pairs(): every dense call, any group, on the tile-pair entry; calls with thresholds keep the plain one
     tp = mod.tile_pairs()

@@ -46,7 +46,8 @@ KERNELS = ("bsfa_fwd", "bsfa_fwd_varlen", "bsfa_block_max")
 #: Sources with entry points and launch globals of their own (not those of KERNELS / GLOBALS).
 SOURCE_KERNELS = {SPLITKV_SOURCE: ("bsfa_fwd_split16", "bsfa_fwd_split64", "bsfa_fwd_split128", "bsfa_combine"),
                   SM90WS_SOURCE: (*KERNELS, "bsfa_fwd_dense", "bsfa_fwd_split", "bsfa_fwd_split_pack",
-                                 "bsfa_fwd_split_dense", "bsfa_fwd_split_pack_dense", "bsfa_combine")}
+                                 "bsfa_fwd_split_dense", "bsfa_fwd_split_pack_dense", "bsfa_block_max_qrs",
+                                 "bsfa_combine")}
 SOURCE_GLOBALS = {
     SPLITKV_SOURCE: ("BSFA_SPLIT16_THREADS", "BSFA_SPLIT16_SMEM_BYTES", "BSFA_SPLIT64_THREADS",
                      "BSFA_SPLIT64_SMEM_BYTES", "BSFA_SPLIT128_THREADS", "BSFA_SPLIT128_SMEM_BYTES",
