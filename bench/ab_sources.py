@@ -12,7 +12,9 @@ Usage (two steps, the first where git is, the second on the GPU machine):
       in the plain ones' places; NAME=@pair runs its dense calls on bsfa_fwd_dense_pair (clusters of two
       query tiles of one head, any GQA group); NAME=@nowide keeps the dense calls of head dim 64 off
       bsfa_fwd_dense_wide (192-row tiles), on bsfa_fwd_dense; NAME=@bmqrs runs block_max_scores on
-      bsfa_block_max_qrs (Q in registers). --block-max also times block_max_scores per build.
+      bsfa_block_max_qrs (Q in registers); NAME=@qrs runs every unsplit dense call on bsfa_fwd_dense_qrs
+      (head dim 128, Q in registers), NAME=@plain on bsfa_fwd_dense (neither cluster nor wide entries).
+      --block-max also times block_max_scores per build.
 Per case (B=1, Hq=32, causal unless noted): torch SDPA's cuDNN backend, then per build dense and sparse
 (rho of the gated tiles kept, thresholds from the inputs' tile maxima, as `bsfa bench` sets them), timed in
 9 interleaved repeats of 3 calls (median), the plan cache cleared at every switch (attention keeps kernel
@@ -89,7 +91,7 @@ def time_builds(specs, cases, out_dir, block_max=False):
     builds = {}
     for spec in specs:
         name, _, rest = spec.partition("=")
-        if rest in ("@mc", "@pair", "@nowide", "@bmqrs"):
+        if rest in ("@mc", "@pair", "@nowide", "@bmqrs", "@qrs", "@plain"):
             builds[name] = rest
             continue
         path, _, dense_entry = rest.partition(":")
@@ -108,6 +110,10 @@ def time_builds(specs, cases, out_dir, block_max=False):
             return mod.wide_rows(False)
         if builds[b] == "@bmqrs":
             return mod.block_max_q_regs()
+        if builds[b] == "@qrs":
+            return mod.dense_q_regs()
+        if builds[b] == "@plain":
+            return dataclasses.replace(mod, dense_clusters=False, dense_wide=False)
         if builds[b] in ("@mc", "@pair"):  # the cluster entries of the library's own module
             mc = mod.clustered()
             if mc is mod:

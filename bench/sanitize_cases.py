@@ -17,6 +17,7 @@ bsfa_block_max_mc) in place of the plain ones (every case here has a GQA group o
 --wide-rows: the sm90ws modules of head dim 64 run every dense call on bsfa_fwd_dense_wide (192-row tiles),
 those asking for keep included (keep is then left unwritten).
 --block-max-q-regs: the sm90ws modules run block_max_scores on bsfa_block_max_qrs (Q in registers).
+--dense-q-regs: those of head dim 128 run every unsplit dense call on bsfa_fwd_dense_qrs (Q in registers).
 """
 import argparse
 
@@ -29,6 +30,7 @@ p.add_argument("--clusters", action="store_true", help="sm90ws at head dim 128: 
 p.add_argument("--pair-tiles", action="store_true", help="sm90ws at head dim 128: dense calls on tile pairs")
 p.add_argument("--wide-rows", action="store_true", help="sm90ws at head dim 64: dense calls on 192-row tiles")
 p.add_argument("--block-max-q-regs", action="store_true", help="sm90ws: block_max_scores with Q in registers")
+p.add_argument("--dense-q-regs", action="store_true", help="sm90ws at head dim 128: dense calls with Q in registers")
 args = p.parse_args()
 
 import cupy as cp  # noqa: E402  (after argparse: --help works without a GPU)
@@ -62,6 +64,13 @@ if args.block_max_q_regs:
     _bm_real_get_module = ops.get_module
     ops.get_module = lambda key, *rest: _bm_real_get_module(key, *rest).block_max_q_regs() if key.arch == "sm90ws" else (
         _bm_real_get_module(key, *rest))
+
+if args.dense_q_regs:
+    from bsfa_cupy import ops
+
+    _qrs_real_get_module = ops.get_module
+    ops.get_module = lambda key, *rest: _qrs_real_get_module(key, *rest).dense_q_regs() if key.arch == "sm90ws" else (
+        _qrs_real_get_module(key, *rest))
 
 rng = np.random.default_rng(0)
 hopper = str(cp.cuda.Device().compute_capability) == "90"

@@ -76,18 +76,6 @@ __device__ __forceinline__ void write_block_maxima(const Params& p, const SmemWs
     }
 }
 
-// S of a block: Q from shared memory, or from registers (TR::kQInRegs: Qf,
-// loaded by load_q_frags; q_desc unused).
-template <class TR>
-__device__ __forceinline__ void block_max_qk(float (&S)[TR::kBlockSNBlocks][4], unsigned long long q_desc,
-                                             const unsigned (&Qf)[TR::kDSteps][4], unsigned long long k_desc) {
-    if constexpr (TR::kQInRegs) {
-        qk_block_rs<TR>(S, Qf, k_desc);
-    } else {
-        qk_block<TR>(S, q_desc, k_desc);
-    }
-}
-
 // One step for block n, whose S is in flight in Sc: issue block n-1's S
 // into Sn (kHasNext: n > 0, a compile-time branch, as in the forward), then
 // retire, mask and post block n, and let the writer thread write block
@@ -104,7 +92,7 @@ __device__ __forceinline__ void block_max_step(const Params& p, const SmemWs<TR>
     if constexpr (kHasNext) {
         kv.advance();
         mbar_wait(sm.bar(TR::kBarKFull + kv.stage), kv.phase);
-        block_max_qk<TR>(Sn, q_desc, Qf, make_desc(sm.k() + kv.stage * TR::kKVBytes, 16, kSwizzleAtomBytes));
+        qk_block_from<TR>(Sn, q_desc, Qf, make_desc(sm.k() + kv.stage * TR::kKVBytes, 16, kSwizzleAtomBytes));
     }
     wgmma_wait<kHasNext ? 1 : 0>();
     post_block_maxima<TR, kCausal>(p, sm, qt, Sc, n, row0, lane, consumer_warp, cur, post_idx);
@@ -146,7 +134,7 @@ __device__ __forceinline__ void block_max_consumer(const Params& p, const SmemWs
         float Sa[TR::kBlockSNBlocks][4], Sb[TR::kBlockSNBlocks][4];
         int n = qt.c_end / TR::kKeyHalves;
         mbar_wait(sm.bar(TR::kBarKFull + kv.stage), kv.phase);
-        block_max_qk<TR>(Sa, q_desc, Qf, make_desc(sm.k() + kv.stage * TR::kKVBytes, 16, kSwizzleAtomBytes));
+        qk_block_from<TR>(Sa, q_desc, Qf, make_desc(sm.k() + kv.stage * TR::kKVBytes, 16, kSwizzleAtomBytes));
         // Two steps per trip, so that the S buffers trade roles without copies.
         bool in_a = true;
 #pragma unroll 1

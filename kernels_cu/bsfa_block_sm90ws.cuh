@@ -103,6 +103,18 @@ __device__ __forceinline__ void qk_block_rs(float (&S)[TR::kBlockSNBlocks][4], c
     wgmma_commit();
 }
 
+// S of a block: Q from shared memory (q_desc), or from registers
+// (TR::kQInRegs: Qf, loaded by load_q_frags; q_desc unused).
+template <class TR>
+__device__ __forceinline__ void qk_block_from(float (&S)[TR::kBlockSNBlocks][4], unsigned long long q_desc,
+                                              const unsigned (&Qf)[TR::kDSteps][4], unsigned long long k_desc) {
+    if constexpr (TR::kQInRegs) {
+        qk_block_rs<TR>(S, Qf, k_desc);
+    } else {
+        qk_block<TR>(S, q_desc, k_desc);
+    }
+}
+
 // Masks the invalid scores of half h of block n; returns bit h set iff the
 // half has a valid entry (c <= c_end).  Nq, Nk, shift: the problem's
 // (bsfa_problem.cuh).

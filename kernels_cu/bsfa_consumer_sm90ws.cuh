@@ -198,7 +198,8 @@ __device__ __forceinline__ void zero_v_tail(const SmemWs<TR>& sm, const PipeStat
 // bookkeeping cost dense calls 5-12 % (bench/NOTES.md, v17).
 template <class TR, bool kCausal, bool kVarlen>
 __device__ __forceinline__ void dense_block(const TileLoop<TR, kCausal, kVarlen>& t, int n, int first,
-                                            unsigned prev_kept, PipeState<TR::kStages>& kv,
+                                            unsigned prev_kept, const unsigned (&Qf)[TR::kDSteps][4],
+                                            PipeState<TR::kStages>& kv,
                                             float (&O)[TR::kONBlocks][4], unsigned (&P)[TR::kKeySteps][4],
                                             float (&m)[2], float (&l)[2]) {
     constexpr unsigned kBoth = (1u << TR::kKeyHalves) - 1;
@@ -207,7 +208,7 @@ __device__ __forceinline__ void dense_block(const TileLoop<TR, kCausal, kVarlen>
     if (prev_kept != 0) mbar_wait(t.sm.bar(TR::kBarVFull + prev.stage), prev.phase);
     float S[TR::kBlockSNBlocks][4];
     named_sync(t.my_turn(), TR::kTurnThreads);
-    qk_block<TR>(S, t.q_desc(), t.k_desc(kv.stage));
+    qk_block_from<TR>(S, t.q_desc(), Qf, t.k_desc(kv.stage));
     if (prev_kept != 0) {
         pv_block<TR>(O, P, t.v_desc(prev.stage), prev_kept);
     } else {
@@ -259,7 +260,8 @@ __device__ __forceinline__ unsigned halves_within(int n, int c_end) {
 // n's kept halves, which the next step multiplies.
 template <class TR, bool kCausal, bool kVarlen>
 __device__ __forceinline__ unsigned dense_block_partial(const TileLoop<TR, kCausal, kVarlen>& t, int n, int first,
-                                                        unsigned prev_kept, unsigned own, PipeState<TR::kStages>& kv,
+                                                        unsigned prev_kept, unsigned own,
+                                                        const unsigned (&Qf)[TR::kDSteps][4], PipeState<TR::kStages>& kv,
                                                         float (&O)[TR::kONBlocks][4], unsigned (&P)[TR::kKeySteps][4],
                                                         float (&m)[2], float (&l)[2]) {
     static_assert(TR::kLatePack, "the 192-row entry packs P late");
@@ -268,7 +270,7 @@ __device__ __forceinline__ unsigned dense_block_partial(const TileLoop<TR, kCaus
     if (prev_kept != 0) mbar_wait(t.sm.bar(TR::kBarVFull + prev.stage), prev.phase);
     float S[TR::kBlockSNBlocks][4];
     named_sync(t.my_turn(), TR::kTurnThreads);
-    qk_block<TR>(S, t.q_desc(), t.k_desc(kv.stage));
+    qk_block_from<TR>(S, t.q_desc(), Qf, t.k_desc(kv.stage));
     if (prev_kept != 0) {
         pv_block<TR>(O, P, t.v_desc(prev.stage), prev_kept);
     } else {
@@ -320,6 +322,8 @@ __device__ __forceinline__ void consumer_tile(const Params& p, const SmemWs<TR>&
     }
     mbar_wait(sm.bar(TR::kBarQFull), q_phase);
     q_phase ^= 1u;
+    unsigned Qf[TR::kDSteps][4];  // TR::kQInRegs: this warpgroup's rows of Q
+    if constexpr (TR::kQInRegs) load_q_frags<TR>(sm.q(), t.wg(), Qf);
     // Dense: O (zero here) opaque from now on, so that no zero is folded into
     // the first P V's accumulators, a definition inside its wgmma stage
     // (C7515).  The gated loop's P V is conditional and never sees one.
@@ -333,7 +337,7 @@ __device__ __forceinline__ void consumer_tile(const Params& p, const SmemWs<TR>&
     // The first block: nothing to overlap with yet, and O is still zero.
     mbar_wait(sm.bar(TR::kBarKFull + kv.stage), kv.phase);
     named_sync(my_turn, TR::kTurnThreads);
-    qk_block<TR>(S, t.q_desc(), k_desc(kv.stage));
+    qk_block_from<TR>(S, t.q_desc(), Qf, k_desc(kv.stage));
     named_arrive(their_turn, TR::kTurnThreads);
     wgmma_wait<0>();
     float vmx[TR::kKeyHalves][2];
@@ -409,20 +413,21 @@ __device__ __forceinline__ void consumer_tile(const Params& p, const SmemWs<TR>&
 #pragma unroll 1
             for (--n; n >= kb.first && (prev_kept != kBoth || halves_within<TR>(n, own_c_end) != kBoth); --n) {
                 prev_kept = dense_block_partial<TR, kCausal, kVarlen>(t, n, kb.first, prev_kept,
-                                                                      halves_within<TR>(n, own_c_end), kv, O, P, m, l);
+                                                                      halves_within<TR>(n, own_c_end), Qf, kv, O, P,
+                                                                      m, l);
             }
 #pragma unroll 1
-            for (; n >= kb.first; --n) dense_block<TR, kCausal, kVarlen>(t, n, kb.first, kBoth, kv, O, P, m, l);
+            for (; n >= kb.first; --n) dense_block<TR, kCausal, kVarlen>(t, n, kb.first, kBoth, Qf, kv, O, P, m, l);
         } else {
         // The second block takes the first's P V, which may hold one half;
         // from the third on, both halves of both blocks.
         if (--n >= kb.first) {
-            dense_block<TR, kCausal, kVarlen>(t, n, kb.first, prev_kept, kv, O, P, m, l);
+            dense_block<TR, kCausal, kVarlen>(t, n, kb.first, prev_kept, Qf, kv, O, P, m, l);
             prev_kept = (1u << TR::kKeyHalves) - 1;
         }
 #pragma unroll 1
         for (--n; n >= kb.first; --n) {
-            dense_block<TR, kCausal, kVarlen>(t, n, kb.first, (1u << TR::kKeyHalves) - 1, kv, O, P, m, l);
+            dense_block<TR, kCausal, kVarlen>(t, n, kb.first, (1u << TR::kKeyHalves) - 1, Qf, kv, O, P, m, l);
         }
         }
     }
@@ -471,6 +476,7 @@ __device__ __forceinline__ void consumer_loop(const Params& p, const SmemWs<TR>&
     static_assert(!TR::kPairTiles || (!kVarlen && !kSplit && !kGated), "tile pairs: dense fixed-length calls only");
     static_assert(TR::kBsfaRows || (!kVarlen && !kSplit && !kGated && !TR::kPairTiles),
                   "tiles of other than the BSFA tile's rows: dense fixed-length calls only, without keep");
+    static_assert(!TR::kQInRegs || (!kVarlen && !kSplit && !kGated), "Q in registers: dense fixed-length calls only");
     const ConsumerThread ct(wg, tid);
     const int nQ = ceil_div(p.Nq, TR::kBlockM);
     const int nK = ceil_div(p.Nk, TR::kBlockN);

@@ -195,15 +195,17 @@ struct TraitsSm90WsWide : TraitsSm90Ws<kHeadDim_, kBf16_, 3> {
     using BsfaTile = TraitsSm90Ws<kHeadDim_, kBf16_>;
 };
 
-// bsfa_block_max_qrs: bsfa_block_max with each consumer warpgroup's 64 rows
-// of Q loaded into registers once per work tile (the A operand of a
+// bsfa_block_max_qrs and bsfa_fwd_dense_qrs: each consumer warpgroup's 64
+// rows of Q loaded into registers once per work tile (the A operand of a
 // register-sourced wgmma), so that the tensor cores read only K from shared
-// memory: per m64n128k16 step 4 KB instead of 6, with the TMA's K writes
-// beside them.  Tests whether shared-memory bandwidth caps bsfa_block_max's
-// tensor pipe at ~66 % (bench/NOTES.md, v16 and v21).
+// memory for S: per m64n128k16 step 4 KB instead of 6, with the TMA's writes
+// beside them.  Tests whether shared-memory bandwidth caps the tensor pipe
+// (bench/NOTES.md, v16 and v21).  The forward's 32 registers of Q come from
+// the next P, packed late as with three consumer warpgroups.
 template <int kHeadDim_, bool kBf16_>
 struct TraitsSm90WsQRegs : TraitsSm90Ws<kHeadDim_, kBf16_> {
     static constexpr bool kQInRegs = true;
+    static constexpr bool kLatePack = true;
 };
 
 // The two-head tile of the split entry's short chunks (bsfa_fwd_split_pack):

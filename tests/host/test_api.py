@@ -210,6 +210,12 @@ def test_a_clustered_module_loads_its_cluster_entries_once_into_the_plain_places
     with_qrs = dataclasses.replace(module("sm90ws"), block_max_qrs=qrs)
     assert with_qrs.block_max is plain and with_qrs.block_max_q_regs().block_max is qrs
     assert module("sm90ws").block_max_q_regs().block_max is plain
+    # dense_q_regs(): every dense call on bsfa_fwd_dense_qrs, whatever the group; never routed by calls
+    dq = Kernel(fn="dqrs", threads=384, smem=0, grid_kind=2, sms=132, tma=128)
+    with_dq = dataclasses.replace(module("sm90ws"), fwd_dense_qrs=dq)
+    assert with_dq.forward(False, 1) is plain and [with_dq.dense_q_regs().forward(False, g).fn for g in (1, 4)] == [
+        "dqrs", "dqrs"]
+    assert with_dq.dense_q_regs().forward(True, 4) is plain and module("sm90ws").dense_q_regs().fwd_dense is plain
     exported["BSFA_FWD_MC"] = 2
     # tile_pairs(): every dense call, any group, on the tile-pair entry; calls with thresholds keep the plain one
     tp = mod.tile_pairs()

@@ -1,0 +1,102 @@
+"""bsfa_block_max_qrs and bsfa_fwd_dense_qrs (head dim 128): bsfa_block_max and bsfa_fwd_dense with each
+consumer warpgroup's rows of Q in registers (the A operand of a register-sourced wgmma) instead of shared
+memory. The same products in the same order, so the tile maxima must equal bsfa_block_max's, and out, lse
+and keep bsfa_fwd_dense's, bitwise, over dtypes, head dims, causal or not, ragged lengths, Nq != Nk, GQA
+and batches. Their agreement with the reference is then the plain entries' (test_attention.py)."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from tests.gpu.conftest import _is_hopper
+from tests.support.gpu import cp, random_inputs, requires_gpu
+
+pytestmark = [pytest.mark.gpu, requires_gpu,
+              pytest.mark.skipif(not _is_hopper(), reason="the sm90ws kernel needs compute capability 9.0")]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("shape", [(2, 1100, 1300, 8, 2), (1, 577, 577, 3, 1), (3, 300, 2100, 4, 4),
+                                   (1, 2100, 300, 6, 2)], ids=lambda s: "x".join(map(str, s)))
+def test_q_in_registers_gives_the_same_tile_maxima(monkeypatch, dtype, D, causal, shape):
+    import bsfa_cupy
+    from bsfa_cupy import ops
+
+    B, Nq, Nk, Hq, Hkv = shape
+    rng = np.random.default_rng(Nq * 11 + Nk + D)
+    q, k, _ = map(cp.asarray, random_inputs(rng, B, Nq, Nk, Hq, Hkv, D, dtype))
+    real, on, seen = ops.get_module, [False], []
+
+    def get_module(key, backend, device_id):
+        mod = real(key, backend, device_id)
+        if key.arch != "sm90ws" or not on[0]:
+            return mod
+        swapped = mod.block_max_q_regs()
+        assert swapped.block_max.fn is mod.block_max_qrs.fn, f"{key.name()}: no bsfa_block_max_qrs"
+
+        def spy(*args, _fn=swapped.block_max.fn, **kw):
+            seen.append("block_max_qrs")
+            return _fn(*args, **kw)
+
+        return dataclasses.replace(swapped, block_max=dataclasses.replace(swapped.block_max, fn=spy))
+
+    monkeypatch.setattr(ops, "get_module", get_module)
+    runs = []
+    for regs in (False, True):
+        on[0] = regs
+        bsfa_cupy.clear_plan_cache()
+        runs.append(cp.asarray(bsfa_cupy.block_max_scores(q, k, causal=causal, backend="sm90ws")))
+    assert seen == ["block_max_qrs"], f"expected one launch of bsfa_block_max_qrs, got {seen}"
+    a, b = runs
+    same = (a == b) | (cp.isnan(a) & cp.isnan(b))
+    bad = int((~same).sum())
+    if bad:
+        both = cp.isfinite(a) & cp.isfinite(b)
+        worst = float(cp.abs(a - b)[both].max()) if bool(both.any()) else float("nan")
+        raise AssertionError(f"tile maxima: Q in registers differs at {bad} of {a.size} tiles (worst finite {worst:.3e})")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("shape", [(2, 1100, 1300, 16, 4), (1, 577, 577, 3, 1), (3, 300, 2100, 4, 4),
+                                   (1, 2100, 300, 6, 2), (1, 100, 100, 1, 1)], ids=lambda s: "x".join(map(str, s)))
+def test_dense_q_in_registers_gives_the_same_results(monkeypatch, dtype, causal, shape):
+    import bsfa_cupy
+    from bsfa_cupy import ops
+
+    B, Nq, Nk, Hq, Hkv = shape
+    rng = np.random.default_rng(Nq * 13 + Nk + Hq)
+    q, k, v = map(cp.asarray, random_inputs(rng, B, Nq, Nk, Hq, Hkv, 128, dtype))
+    real, on, seen = ops.get_module, [False], []
+
+    def get_module(key, backend, device_id):
+        mod = real(key, backend, device_id)
+        if key.arch != "sm90ws":
+            return mod
+        if not on[0]:  # bsfa_fwd_dense itself, not the cluster or tile-pair entries
+            return dataclasses.replace(mod, dense_clusters=False)
+        swapped = mod.dense_q_regs()
+        assert swapped.fwd_dense.fn is mod.fwd_dense_qrs.fn, f"{key.name()}: no bsfa_fwd_dense_qrs"
+
+        def spy(*args, _fn=swapped.fwd_dense.fn, **kw):
+            seen.append("fwd_dense_qrs")
+            return _fn(*args, **kw)
+
+        return dataclasses.replace(swapped, fwd_dense=dataclasses.replace(swapped.fwd_dense, fn=spy))
+
+    monkeypatch.setattr(ops, "get_module", get_module)
+    runs = []
+    for regs in (False, True):
+        on[0] = regs
+        bsfa_cupy.clear_plan_cache()
+        runs.append(bsfa_cupy.attention(q, k, v, causal=causal, return_lse=True, return_keep=True, backend="sm90ws"))
+    assert seen == ["fwd_dense_qrs"], f"expected one launch of bsfa_fwd_dense_qrs, got {seen}"
+    for name, a, b in zip(("out", "lse", "keep"), *runs):
+        a, b = cp.asarray(a), cp.asarray(b)
+        same = a == b if a.dtype == cp.bool_ else (a == b) | (cp.isnan(a) & cp.isnan(b))
+        bad = int((~same).sum())
+        assert bad == 0, f"{name}: Q in registers differs from bsfa_fwd_dense at {bad} of {a.size} entries"
