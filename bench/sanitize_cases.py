@@ -37,40 +37,24 @@ import cupy as cp  # noqa: E402  (after argparse: --help works without a GPU)
 
 import bsfa_cupy  # noqa: E402
 
-if args.clusters:
+
+def _swap_sm90ws(method: str) -> None:
+    """sm90ws modules come back as module.<method>() (an entry swapped in for tests), the others as they are."""
     from bsfa_cupy import ops
 
-    _real_get_module = ops.get_module
-    ops.get_module = lambda key, *rest: _real_get_module(key, *rest).clustered() if key.arch == "sm90ws" else (
-        _real_get_module(key, *rest))
+    real = ops.get_module
 
-if args.pair_tiles:
-    from bsfa_cupy import ops
+    def get_module(key, *rest):
+        mod = real(key, *rest)
+        return getattr(mod, method)() if key.arch == "sm90ws" else mod
 
-    _pair_real_get_module = ops.get_module
-    ops.get_module = lambda key, *rest: _pair_real_get_module(key, *rest).tile_pairs() if key.arch == "sm90ws" else (
-        _pair_real_get_module(key, *rest))
+    ops.get_module = get_module
 
-if args.wide_rows:
-    from bsfa_cupy import ops
 
-    _wide_real_get_module = ops.get_module
-    ops.get_module = lambda key, *rest: _wide_real_get_module(key, *rest).wide_rows() if key.arch == "sm90ws" else (
-        _wide_real_get_module(key, *rest))
-
-if args.block_max_q_regs:
-    from bsfa_cupy import ops
-
-    _bm_real_get_module = ops.get_module
-    ops.get_module = lambda key, *rest: _bm_real_get_module(key, *rest).block_max_q_regs() if key.arch == "sm90ws" else (
-        _bm_real_get_module(key, *rest))
-
-if args.dense_q_regs:
-    from bsfa_cupy import ops
-
-    _qrs_real_get_module = ops.get_module
-    ops.get_module = lambda key, *rest: _qrs_real_get_module(key, *rest).dense_q_regs() if key.arch == "sm90ws" else (
-        _qrs_real_get_module(key, *rest))
+for flag, method in (("clusters", "clustered"), ("pair_tiles", "tile_pairs"), ("wide_rows", "wide_rows"),
+                     ("block_max_q_regs", "block_max_q_regs"), ("dense_q_regs", "dense_q_regs")):
+    if getattr(args, flag):
+        _swap_sm90ws(method)
 
 rng = np.random.default_rng(0)
 hopper = str(cp.cuda.Device().compute_capability) == "90"

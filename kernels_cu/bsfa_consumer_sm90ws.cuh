@@ -190,6 +190,43 @@ __device__ __forceinline__ void zero_v_tail(const SmemWs<TR>& sm, const PipeStat
     named_sync(TR::kBarVZero, TR::kConsumerThreads);
 }
 
+// The tensor-core turn of a dense step: waits for block n's K (and for
+// the previous block's V where it is multiplied), issues S of n with the
+// P V of the previous block (prev_kept halves, an empty group where none),
+// hands the turn on and waits for S; P V may still run.
+template <class TR, bool kCausal, bool kVarlen>
+__device__ __forceinline__ void dense_turn(const TileLoop<TR, kCausal, kVarlen>& t, unsigned prev_kept,
+                                           const unsigned (&Qf)[TR::kDSteps][4], const PipeState<TR::kStages>& kv,
+                                           const PipeState<TR::kStages>& prev, float (&S)[TR::kBlockSNBlocks][4],
+                                           float (&O)[TR::kONBlocks][4], const unsigned (&P)[TR::kKeySteps][4]) {
+    mbar_wait(t.sm.bar(TR::kBarKFull + kv.stage), kv.phase);
+    if (prev_kept != 0) mbar_wait(t.sm.bar(TR::kBarVFull + prev.stage), prev.phase);
+    named_sync(t.my_turn(), TR::kTurnThreads);
+    qk_block_from<TR>(S, t.q_desc(), Qf, t.k_desc(kv.stage));
+    if (prev_kept != 0) {
+        pv_block<TR>(O, P, t.v_desc(prev.stage), prev_kept);
+    } else {
+        wgmma_commit();
+    }
+    named_arrive(t.their_turn(), TR::kTurnThreads);
+    wgmma_wait<1>();
+}
+
+// The end of a dense step, once the softmax is done: waits for the P V,
+// hands the previous block's V slot back (after its copy landed, where it
+// was not multiplied) and rescales O.
+template <class TR, bool kCausal, bool kVarlen>
+__device__ __forceinline__ void dense_retire(const TileLoop<TR, kCausal, kVarlen>& t, unsigned prev_kept,
+                                             const PipeState<TR::kStages>& prev, float (&O)[TR::kONBlocks][4],
+                                             unsigned (&P)[TR::kKeySteps][4], bool rescale, const float (&alpha)[2]) {
+    wgmma_wait<0>();
+    fence_regs(flat(O));
+    fence_regs(P);
+    if (prev_kept == 0) mbar_wait(t.sm.bar(TR::kBarVFull + prev.stage), prev.phase);
+    if (t.lane() == 0) mbar_arrive_cluster<TR::kClusterCtas>(t.sm.bar(TR::kBarVEmpty + prev.stage));
+    if (rescale) rescale_rows(O, alpha);
+}
+
 // Block n (< kb.last) of a dense work tile, the mainloop step of
 // consumer_tile without the gate: S of n issued with the P V of block n + 1
 // (prev_kept: the tile's first block's valid halves, or both), then n's
@@ -204,39 +241,19 @@ __device__ __forceinline__ void dense_block(const TileLoop<TR, kCausal, kVarlen>
                                             float (&m)[2], float (&l)[2]) {
     constexpr unsigned kBoth = (1u << TR::kKeyHalves) - 1;
     const PipeState<TR::kStages> prev = kv.previous();
-    mbar_wait(t.sm.bar(TR::kBarKFull + kv.stage), kv.phase);
-    if (prev_kept != 0) mbar_wait(t.sm.bar(TR::kBarVFull + prev.stage), prev.phase);
     float S[TR::kBlockSNBlocks][4];
-    named_sync(t.my_turn(), TR::kTurnThreads);
-    qk_block_from<TR>(S, t.q_desc(), Qf, t.k_desc(kv.stage));
-    if (prev_kept != 0) {
-        pv_block<TR>(O, P, t.v_desc(prev.stage), prev_kept);
-    } else {
-        wgmma_commit();
-    }
-    named_arrive(t.their_turn(), TR::kTurnThreads);
-    wgmma_wait<1>();
+    dense_turn(t, prev_kept, Qf, kv, prev, S, O, P);
     finish_qk_dense<TR, kCausal, kVarlen>(t, S, n, first, kv);
     float alpha[2];
     float no_vmx[TR::kKeyHalves][2];  // not read: the softmax takes its own row maxima (have_vmx 0)
     if constexpr (TR::kLatePack) {
         const bool rescale = softmax_block<TR, true>(S, kBoth, m, l, P, alpha, t.scale_log2, 0u, no_vmx);
-        wgmma_wait<0>();
-        fence_regs(flat(O));
-        fence_regs(P);
-        if (prev_kept == 0) mbar_wait(t.sm.bar(TR::kBarVFull + prev.stage), prev.phase);
-        if (t.lane() == 0) mbar_arrive_cluster<TR::kClusterCtas>(t.sm.bar(TR::kBarVEmpty + prev.stage));
-        if (rescale) rescale_rows(O, alpha);
+        dense_retire(t, prev_kept, prev, O, P, rescale, alpha);
         pack_p<TR>(S, P);
     } else {
         unsigned Pn[TR::kKeySteps][4];
         const bool rescale = softmax_block<TR>(S, kBoth, m, l, Pn, alpha, t.scale_log2, 0u, no_vmx);
-        wgmma_wait<0>();
-        fence_regs(flat(O));
-        fence_regs(P);
-        if (prev_kept == 0) mbar_wait(t.sm.bar(TR::kBarVFull + prev.stage), prev.phase);
-        if (t.lane() == 0) mbar_arrive_cluster<TR::kClusterCtas>(t.sm.bar(TR::kBarVEmpty + prev.stage));
-        if (rescale) rescale_rows(O, alpha);
+        dense_retire(t, prev_kept, prev, O, P, rescale, alpha);
         copy_regs(P, Pn);
     }
     kv.advance();
@@ -266,29 +283,14 @@ __device__ __forceinline__ unsigned dense_block_partial(const TileLoop<TR, kCaus
                                                         float (&m)[2], float (&l)[2]) {
     static_assert(TR::kLatePack, "the 192-row entry packs P late");
     const PipeState<TR::kStages> prev = kv.previous();
-    mbar_wait(t.sm.bar(TR::kBarKFull + kv.stage), kv.phase);
-    if (prev_kept != 0) mbar_wait(t.sm.bar(TR::kBarVFull + prev.stage), prev.phase);
     float S[TR::kBlockSNBlocks][4];
-    named_sync(t.my_turn(), TR::kTurnThreads);
-    qk_block_from<TR>(S, t.q_desc(), Qf, t.k_desc(kv.stage));
-    if (prev_kept != 0) {
-        pv_block<TR>(O, P, t.v_desc(prev.stage), prev_kept);
-    } else {
-        wgmma_commit();
-    }
-    named_arrive(t.their_turn(), TR::kTurnThreads);
-    wgmma_wait<1>();
+    dense_turn(t, prev_kept, Qf, kv, prev, S, O, P);
     const unsigned kept = finish_qk_dense<TR, kCausal, kVarlen>(t, S, n, first, kv) & own;
     float alpha[2];
     float no_vmx[TR::kKeyHalves][2];  // not read (have_vmx 0)
     bool rescale = false;
     if (kept != 0) rescale = softmax_block<TR, true>(S, kept, m, l, P, alpha, t.scale_log2, 0u, no_vmx);
-    wgmma_wait<0>();
-    fence_regs(flat(O));
-    fence_regs(P);
-    if (prev_kept == 0) mbar_wait(t.sm.bar(TR::kBarVFull + prev.stage), prev.phase);
-    if (t.lane() == 0) mbar_arrive_cluster<TR::kClusterCtas>(t.sm.bar(TR::kBarVEmpty + prev.stage));
-    if (rescale) rescale_rows(O, alpha);
+    dense_retire(t, prev_kept, prev, O, P, rescale, alpha);
     if (kept != 0) pack_p<TR>(S, P);
     kv.advance();
     return kept;

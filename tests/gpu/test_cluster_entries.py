@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from tests.gpu.conftest import _is_hopper
-from tests.support.gpu import cp, random_inputs, requires_gpu
+from tests.support.gpu import assert_bitwise, cp, random_inputs, requires_gpu
 
 pytestmark = [pytest.mark.gpu, requires_gpu,
               pytest.mark.skipif(not _is_hopper(), reason="the sm90ws kernel needs compute capability 9.0")]
@@ -75,14 +75,7 @@ def _calls(q, k, v, causal):
 
 def _assert_bitwise(plain, mc):
     names = ("tile_max", "dense out", "dense lse", "dense keep", "gated out", "gated lse", "gated keep")
-    for name, a, b in zip(names, plain, mc):
-        a, b = cp.asarray(a), cp.asarray(b)
-        assert a.shape == b.shape, f"{name}: shape {b.shape}, expected {a.shape}"
-        same = a == b if a.dtype == cp.bool_ else (a == b) | (cp.isnan(a) & cp.isnan(b))
-        bad = int((~same).sum())
-        if bad:
-            worst = float(cp.nanmax(cp.abs(a.astype(cp.float32) - b.astype(cp.float32))))
-            raise AssertionError(f"{name}: the cluster entry differs at {bad} of {a.size} entries (worst {worst:.3e})")
+    assert_bitwise(names, plain, mc, "the cluster entry")
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -160,14 +153,7 @@ def test_tile_pair_entry_equals_plain_dense(monkeypatch, dtype, causal, shape):
         bsfa_cupy.clear_plan_cache()
         runs.append(bsfa_cupy.attention(q, k, v, causal=causal, return_lse=True, return_keep=True, backend="sm90ws"))
     assert seen == ["fwd_dense_pair"], f"expected one launch of the tile-pair entry, got {seen}"
-    names = ("out", "lse", "keep")
-    for name, a, b in zip(names, *runs):
-        a, b = cp.asarray(a), cp.asarray(b)
-        same = a == b if a.dtype == cp.bool_ else (a == b) | (cp.isnan(a) & cp.isnan(b))
-        bad = int((~same).sum())
-        if bad:
-            worst = float(cp.nanmax(cp.abs(a.astype(cp.float32) - b.astype(cp.float32))))
-            raise AssertionError(f"{name}: the tile-pair entry differs at {bad} of {a.size} entries (worst {worst:.3e})")
+    assert_bitwise(("out", "lse", "keep"), runs[0], runs[1], "the tile-pair entry")
 
 
 def test_cluster_entries_exist_at_head_dim_128_only():
@@ -231,8 +217,4 @@ def test_long_causal_calls_of_odd_groups_take_the_tile_pair_entry(monkeypatch, H
         bsfa_cupy.clear_plan_cache()
         runs.append(bsfa_cupy.attention(q, k, v, causal=True, return_lse=True, backend="sm90ws"))
     assert seen == ["fwd_dense_pair"], f"expected one launch of the tile-pair entry, got {seen}"
-    for name, a, b in zip(("out", "lse"), *runs):
-        a, b = cp.asarray(a), cp.asarray(b)
-        bad = int((a != b).sum())
-        assert bad == 0, (f"{name}: the routed tile-pair call differs from the plain dense entry at {bad} of "
-                          f"{a.size} entries (worst {float(cp.abs(a.astype(cp.float32) - b.astype(cp.float32)).max()):.3e})")
+    assert_bitwise(("out", "lse"), runs[1], runs[0], "the routed tile-pair call (against the plain dense entry)")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from tests.gpu.conftest import _is_hopper
-from tests.support.gpu import (assert_nonfinite_like_reference, cp, planted_nonfinite, poison_outputs,
+from tests.support.gpu import (assert_bitwise, assert_nonfinite_like_reference, cp, planted_nonfinite, poison_outputs,
                                random_inputs, requires_gpu)
 
 pytestmark = [pytest.mark.gpu, requires_gpu,
@@ -70,14 +70,7 @@ def _both(monkeypatch, q, k, v, causal, **call):
 
 
 def _assert_bitwise(runs):
-    for name, a, b in zip(("out", "lse"), *runs):
-        a, b = cp.asarray(a), cp.asarray(b)
-        same = (a == b) | (cp.isnan(a) & cp.isnan(b))
-        bad = int((~same).sum())
-        if bad:
-            worst = float(cp.nanmax(cp.abs(a.astype(cp.float32) - b.astype(cp.float32))))
-            raise AssertionError(f"{name}: the wide entry differs from bsfa_fwd_dense at {bad} of {a.size} "
-                                 f"entries (worst {worst:.3e})")
+    assert_bitwise(("out", "lse"), runs[1], runs[0], "the wide entry (against bsfa_fwd_dense)")
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

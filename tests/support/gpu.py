@@ -313,6 +313,21 @@ def planted_nonfinite(seed, shape, causal, gated, q_at, k_at, v_at):
     return q, k, v, thr
 
 
+def assert_bitwise(names, want, got, what):
+    """Each array of ``got`` equal to its counterpart in ``want`` bitwise (NaN matching NaN, bool masks exactly),
+    else an AssertionError naming ``what``, the mismatch count and the worst finite difference."""
+    for name, a, b in zip(names, want, got):
+        a, b = cp.asarray(a), cp.asarray(b)
+        assert a.shape == b.shape, f"{name}: shape {b.shape}, expected {a.shape}"
+        same = a == b if a.dtype == cp.bool_ else (a == b) | (cp.isnan(a) & cp.isnan(b))
+        bad = int((~same).sum())
+        if bad:
+            diff = cp.abs(a.astype(cp.float32) - b.astype(cp.float32))
+            finite = cp.isfinite(diff)
+            worst = float(diff[finite].max()) if bool(finite.any()) else float("nan")
+            raise AssertionError(f"{name}: {what} differs at {bad} of {a.size} entries (worst finite {worst:.3e})")
+
+
 def assert_nonfinite_like_reference(q, k, v, causal, out, lse, keep):
     """NaN / ±inf in q, k and v propagate as the reference defines: the kernel's (out, lse, keep), as NumPy,
     against the reference replaying the kernel's tile decisions (the gate itself is tested on finite
