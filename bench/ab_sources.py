@@ -13,7 +13,8 @@ Usage (two steps, the first where git is, the second on the GPU machine):
       query tiles of one head, any GQA group); NAME=@nowide keeps the dense calls of head dim 64 off
       bsfa_fwd_dense_wide (192-row tiles), on bsfa_fwd_dense; NAME=@bmqrs runs block_max_scores on
       bsfa_block_max_qrs (Q in registers); NAME=@qrs runs every unsplit dense call on bsfa_fwd_dense_qrs
-      (head dim 128, Q in registers), NAME=@plain on bsfa_fwd_dense (neither cluster nor wide entries).
+      (head dim 128, Q in registers), NAME=@plain on bsfa_fwd_dense (neither cluster nor wide entries);
+      NAME=@lag runs calls with thresholds on bsfa_fwd_lag (head dim 64, S a block ahead of the gate).
       --block-max also times block_max_scores per build.
 Per case (B=1, Hq=32, causal unless noted): torch SDPA's cuDNN backend, then per build dense and sparse
 (rho of the gated tiles kept, thresholds from the inputs' tile maxima, as `bsfa bench` sets them), timed in
@@ -46,6 +47,8 @@ CASES = {
     # block_max_scores (with --block-max): the bar's lengths, bf16, head dim 64, Hkv = 32
     "blockmax": [dict(n=n, rhos=()) for n in (16384, 32768, 65536)]
     + [dict(n=16384, dtype="bfloat16", rhos=()), dict(n=32768, d=64, rhos=()), dict(n=16384, hkv=32, rhos=())],
+    # head dim 64, calls with thresholds (bsfa_fwd_lag)
+    "lag": [dict(n=n, d=64) for n in (8192, 16384, 32768)] + [dict(n=16384, d=64, dtype="bfloat16")],
     # head dim 64: the 192-row dense entry's cases
     "d64": [dict(n=n, d=64, rhos=()) for n in (8192, 16384, 32768, 65536)]
     + [dict(n=16384, d=64, dtype="bfloat16", rhos=()), dict(n=16384, d=64, causal=False, rhos=()),
@@ -91,7 +94,7 @@ def time_builds(specs, cases, out_dir, block_max=False):
     builds = {}
     for spec in specs:
         name, _, rest = spec.partition("=")
-        if rest in ("@mc", "@pair", "@nowide", "@bmqrs", "@qrs", "@plain"):
+        if rest in ("@mc", "@pair", "@nowide", "@bmqrs", "@qrs", "@plain", "@lag"):
             builds[name] = rest
             continue
         path, _, dense_entry = rest.partition(":")
@@ -112,6 +115,8 @@ def time_builds(specs, cases, out_dir, block_max=False):
             return mod.block_max_q_regs()
         if builds[b] == "@qrs":
             return mod.dense_q_regs()
+        if builds[b] == "@lag":
+            return mod.lagged_gate()
         if builds[b] == "@plain":
             return dataclasses.replace(mod, dense_clusters=False, dense_wide=False)
         if builds[b] in ("@mc", "@pair"):  # the cluster entries of the library's own module

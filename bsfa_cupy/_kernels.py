@@ -110,6 +110,8 @@ class Module:
     # (bsfa_fwd_dense_qrs); not routed, see block_max_q_regs() and dense_q_regs()
     block_max_qrs: Kernel | None = None
     fwd_dense_qrs: Kernel | None = None
+    # sm90ws at head dim 64: bsfa_fwd with S a block ahead of the gate exchange; not routed, see lagged_gate()
+    fwd_lag: Kernel | None = None
     _clustered: Module | None = dataclasses.field(default=None, repr=False)  # clustered(), once loaded
 
     def forward(self, gated: bool, group: int = 1, q_tiles: int = 0, keep: bool = False) -> Kernel:
@@ -160,6 +162,14 @@ class Module:
         if self.fwd_dense_qrs is None:
             return self
         return dataclasses.replace(self, fwd_dense=self.fwd_dense_qrs, dense_clusters=False, dense_wide=False)
+
+    def lagged_gate(self) -> Module:
+        """This module with every unsplit call with thresholds on bsfa_fwd_lag (S a block ahead of the gate
+        exchange, the same results); itself where it has none (head dim 128). Not routed yet: for tests and
+        benchmarks."""
+        if self.fwd_lag is None:
+            return self
+        return dataclasses.replace(self, fwd=self.fwd_lag)
 
     def tile_pairs(self) -> Module:
         """This module with every dense call on bsfa_fwd_dense_pair, whatever the GQA group, length and mask
@@ -281,6 +291,8 @@ def get_module(key: VariantKey, backend: Backend, device_id: int) -> Module:
             split.update(split_pack_q_box=_read_int(raw, "BSFA_FWD_SPLIT_PACK_Q_BOX"),
                          combine=raw.get_function("bsfa_combine"), combine_warps=_read_int(raw, "BSFA_COMBINE_WARPS"))
             split["block_max_qrs"] = _kernel(raw, "bsfa_block_max_qrs", "BSFA_BLOCK_MAX", grid_kind, sms, bmax.tma, 2)
+            if _read_int(raw, "BSFA_FWD_LAG"):
+                split["fwd_lag"] = _kernel(raw, "bsfa_fwd_lag", "BSFA_FWD", grid_kind, sms, fwd.tma, 3)
             if _read_int(raw, "BSFA_FWD_DENSE_QRS"):
                 split["fwd_dense_qrs"] = _kernel(raw, "bsfa_fwd_dense_qrs", "BSFA_FWD", grid_kind, sms, fwd.tma, 3)
             if _read_int(raw, "BSFA_FWD_WIDE_THREADS"):

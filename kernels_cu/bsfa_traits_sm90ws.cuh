@@ -146,6 +146,8 @@ struct TraitsSm90Ws : TileShape {
     static constexpr bool kPairTiles = false;
     // bsfa_block_max's S = Q K^T with Q in registers (TraitsSm90WsQRegs).
     static constexpr bool kQInRegs = false;
+    // The gated loop with S a block ahead (TraitsSm90WsLag).
+    static constexpr bool kLagGate = false;
 };
 
 // The cluster entries (bsfa_fwd_mc, bsfa_fwd_dense_mc, bsfa_block_max_mc):
@@ -205,6 +207,19 @@ struct TraitsSm90WsWide : TraitsSm90Ws<kHeadDim_, kBf16_, 3> {
 template <int kHeadDim_, bool kBf16_>
 struct TraitsSm90WsQRegs : TraitsSm90Ws<kHeadDim_, kBf16_> {
     static constexpr bool kQInRegs = true;
+    static constexpr bool kLatePack = true;
+};
+
+// bsfa_fwd_lag: bsfa_fwd whose consumers issue S of the next block before
+// the gate exchange of the current one (bsfa_consumer_sm90ws.cuh,
+// consumer_tile_lag), so that the tensor cores have work while the two
+// warpgroups settle a decision.  The second S buffer's registers come from
+// the next P, packed late; at head dim 128 they are still ~110 short (ptxas
+// spills 400+ bytes), so head dim 64 only.
+template <int kHeadDim_, bool kBf16_>
+struct TraitsSm90WsLag : TraitsSm90Ws<kHeadDim_, kBf16_> {
+    static_assert(kHeadDim_ == 64, "two S buffers beside O and P fit the registers at head dim 64 only");
+    static constexpr bool kLagGate = true;
     static constexpr bool kLatePack = true;
 };
 

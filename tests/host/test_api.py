@@ -216,6 +216,11 @@ def test_a_clustered_module_loads_its_cluster_entries_once_into_the_plain_places
     assert with_dq.forward(False, 1) is plain and [with_dq.dense_q_regs().forward(False, g).fn for g in (1, 4)] == [
         "dqrs", "dqrs"]
     assert with_dq.dense_q_regs().forward(True, 4) is plain and module("sm90ws").dense_q_regs().fwd_dense is plain
+    # lagged_gate(): calls with thresholds on bsfa_fwd_lag; dense ones keep theirs
+    lag = Kernel(fn="lag", threads=384, smem=0, grid_kind=2, sms=132, tma=128)
+    with_lag = dataclasses.replace(module("sm90ws"), fwd_lag=lag).lagged_gate()
+    assert with_lag.forward(True, 4) is lag and with_lag.forward(False, 1) is plain
+    assert module("sm90ws").lagged_gate().fwd is plain
     exported["BSFA_FWD_MC"] = 2
     # tile_pairs(): every dense call, any group, on the tile-pair entry; calls with thresholds keep the plain one
     tp = mod.tile_pairs()

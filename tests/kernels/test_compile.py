@@ -60,8 +60,8 @@ MISSING_KERNELS: dict[str, tuple[str, ...]] = {}
 CLUSTER_KERNELS = {SM90WS_SOURCE: ("bsfa_fwd_mc", "bsfa_fwd_dense_mc", "bsfa_block_max_mc",
                                    "bsfa_fwd_dense_pair", "bsfa_fwd_dense_qrs")}
 #: Entries of head dim 64 only, and the registers a thread of theirs gets at launch: bsfa_fwd_dense_wide's
-#: 512 threads (three consumer warpgroups) leave 65536 / 512.
-WIDE_KERNELS = {SM90WS_SOURCE: {"bsfa_fwd_dense_wide": 65536 // 512 // 8 * 8}}
+#: 512 threads (three consumer warpgroups) leave 65536 / 512; bsfa_fwd_lag has the usual 384.
+WIDE_KERNELS = {SM90WS_SOURCE: {"bsfa_fwd_dense_wide": 65536 // 512 // 8 * 8, "bsfa_fwd_lag": 65536 // 384 // 8 * 8}}
 GLOBALS = (
     "BSFA_FWD_THREADS",
     "BSFA_FWD_SMEM_BYTES",
@@ -76,7 +76,7 @@ GLOBALS = (
 )
 SOURCE_GLOBALS[SM90WS_SOURCE] = (*GLOBALS, "BSFA_COMBINE_WARPS", "BSFA_FWD_SPLIT_PACK_Q_BOX", "BSFA_FWD_MC",
                                  "BSFA_FWD_WIDE_THREADS", "BSFA_FWD_WIDE_SMEM_BYTES", "BSFA_FWD_WIDE_Q_BOX",
-                                 "BSFA_FWD_DENSE_QRS")
+                                 "BSFA_FWD_DENSE_QRS", "BSFA_FWD_LAG")
 #: Registers a thread of every warp-specialised entry at launch: __launch_bounds__(384, 1) lets ptxas use
 #: 65536 / 384 rounded down to a multiple of 8.
 WS_LAUNCH_REGS = 65536 // 384 // 8 * 8

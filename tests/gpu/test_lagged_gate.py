@@ -1,0 +1,58 @@
+"""bsfa_fwd_lag (head dim 64): bsfa_fwd with each consumer warpgroup's S issued a block ahead of the gate
+exchange. The decisions, the order of the key blocks and the arithmetic are bsfa_fwd's, so out, lse and keep
+must equal bsfa_fwd's bitwise, at keep fractions from none to all of the gated tiles, over dtypes, causal or
+not, ragged lengths, Nq != Nk, GQA and batches. Its agreement with the reference is then bsfa_fwd's."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from tests.gpu.conftest import _is_hopper
+from tests.support.gpu import assert_bitwise, cp, random_inputs, requires_gpu
+
+pytestmark = [pytest.mark.gpu, requires_gpu,
+              pytest.mark.skipif(not _is_hopper(), reason="the sm90ws kernel needs compute capability 9.0")]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("shape", [(2, 1100, 1300, 8, 2), (1, 577, 577, 3, 1), (3, 300, 2100, 4, 4),
+                                   (1, 2100, 300, 6, 2), (1, 100, 100, 1, 1)], ids=lambda s: "x".join(map(str, s)))
+def test_lagged_gate_equals_bsfa_fwd(monkeypatch, dtype, causal, shape):
+    import bsfa_cupy
+    from bsfa_cupy import ops
+
+    B, Nq, Nk, Hq, Hkv = shape
+    rng = np.random.default_rng(Nq * 17 + Nk + Hq)
+    q, k, v = map(cp.asarray, random_inputs(rng, B, Nq, Nk, Hq, Hkv, 64, dtype))
+    tm = cp.asarray(bsfa_cupy.block_max_scores(q, k, causal=causal, backend="sm90ws"))
+    finite = tm[cp.isfinite(tm)]
+    # every gated tile skipped, about a quarter and three quarters kept, all kept
+    thresholds = [np.inf] + ([float(cp.quantile(finite, f)) for f in (0.75, 0.25)] if finite.size else []) + [-np.inf]
+    real, on, seen = ops.get_module, [False], []
+
+    def get_module(key, backend, device_id):
+        mod = real(key, backend, device_id)
+        if key.arch != "sm90ws" or not on[0]:
+            return mod
+        lagged = mod.lagged_gate()
+        assert lagged.fwd.fn is mod.fwd_lag.fn, f"{key.name()}: no bsfa_fwd_lag"
+
+        def spy(*args, _fn=lagged.fwd.fn, **kw):
+            seen.append("fwd_lag")
+            return _fn(*args, **kw)
+
+        return dataclasses.replace(lagged, fwd=dataclasses.replace(lagged.fwd, fn=spy))
+
+    monkeypatch.setattr(ops, "get_module", get_module)
+    for thr in thresholds:
+        runs = []
+        for lag in (False, True):
+            on[0] = lag
+            bsfa_cupy.clear_plan_cache()
+            runs.append(bsfa_cupy.attention(q, k, v, thr, causal=causal, return_lse=True, return_keep=True,
+                                            backend="sm90ws"))
+        assert_bitwise(("out", "lse", "keep"), runs[0], runs[1], f"the lagged gate at threshold {thr:.4g}")
+    assert seen == ["fwd_lag"] * len(thresholds), f"expected one launch of bsfa_fwd_lag per threshold, got {seen}"
