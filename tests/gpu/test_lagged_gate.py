@@ -4,13 +4,11 @@ must equal bsfa_fwd's bitwise, at keep fractions from none to all of the gated t
 not, ragged lengths, Nq != Nk, GQA and batches. Its agreement with the reference is then bsfa_fwd's."""
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 
 from tests.gpu.conftest import _is_hopper
-from tests.support.gpu import assert_bitwise, cp, random_inputs, requires_gpu
+from tests.support.gpu import assert_bitwise, cp, random_inputs, requires_gpu, swap_sm90ws_entry
 
 pytestmark = [pytest.mark.gpu, requires_gpu,
               pytest.mark.skipif(not _is_hopper(), reason="the sm90ws kernel needs compute capability 9.0")]
@@ -22,7 +20,6 @@ pytestmark = [pytest.mark.gpu, requires_gpu,
                                    (1, 2100, 300, 6, 2), (1, 100, 100, 1, 1)], ids=lambda s: "x".join(map(str, s)))
 def test_lagged_gate_equals_bsfa_fwd(monkeypatch, dtype, causal, shape):
     import bsfa_cupy
-    from bsfa_cupy import ops
 
     B, Nq, Nk, Hq, Hkv = shape
     rng = np.random.default_rng(Nq * 17 + Nk + Hq)
@@ -31,22 +28,8 @@ def test_lagged_gate_equals_bsfa_fwd(monkeypatch, dtype, causal, shape):
     finite = tm[cp.isfinite(tm)]
     # every gated tile skipped, about a quarter and three quarters kept, all kept
     thresholds = [np.inf] + ([float(cp.quantile(finite, f)) for f in (0.75, 0.25)] if finite.size else []) + [-np.inf]
-    real, on, seen = ops.get_module, [False], []
-
-    def get_module(key, backend, device_id):
-        mod = real(key, backend, device_id)
-        if key.arch != "sm90ws" or not on[0]:
-            return mod
-        lagged = mod.lagged_gate()
-        assert lagged.fwd.fn is mod.fwd_lag.fn, f"{key.name()}: no bsfa_fwd_lag"
-
-        def spy(*args, _fn=lagged.fwd.fn, **kw):
-            seen.append("fwd_lag")
-            return _fn(*args, **kw)
-
-        return dataclasses.replace(lagged, fwd=dataclasses.replace(lagged.fwd, fn=spy))
-
-    monkeypatch.setattr(ops, "get_module", get_module)
+    on, seen = [False], []
+    swap_sm90ws_entry(monkeypatch, on, lambda mod: mod.lagged_gate(), "fwd", seen)
     for thr in thresholds:
         runs = []
         for lag in (False, True):
@@ -55,4 +38,4 @@ def test_lagged_gate_equals_bsfa_fwd(monkeypatch, dtype, causal, shape):
             runs.append(bsfa_cupy.attention(q, k, v, thr, causal=causal, return_lse=True, return_keep=True,
                                             backend="sm90ws"))
         assert_bitwise(("out", "lse", "keep"), runs[0], runs[1], f"the lagged gate at threshold {thr:.4g}")
-    assert seen == ["fwd_lag"] * len(thresholds), f"expected one launch of bsfa_fwd_lag per threshold, got {seen}"
+    assert seen == ["fwd"] * len(thresholds), f"expected one launch of bsfa_fwd_lag per threshold, got {seen}"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tests.gpu.conftest import _is_hopper
-from tests.support.gpu import assert_bitwise, cp, random_inputs, requires_gpu
+from tests.support.gpu import assert_bitwise, cp, random_inputs, requires_gpu, swap_sm90ws_entry
 
 pytestmark = [pytest.mark.gpu, requires_gpu,
               pytest.mark.skipif(not _is_hopper(), reason="the sm90ws kernel needs compute capability 9.0")]
@@ -24,33 +24,18 @@ pytestmark = [pytest.mark.gpu, requires_gpu,
                                    (1, 2100, 300, 6, 2)], ids=lambda s: "x".join(map(str, s)))
 def test_q_in_registers_gives_the_same_tile_maxima(monkeypatch, dtype, D, causal, shape):
     import bsfa_cupy
-    from bsfa_cupy import ops
 
     B, Nq, Nk, Hq, Hkv = shape
     rng = np.random.default_rng(Nq * 11 + Nk + D)
     q, k, _ = map(cp.asarray, random_inputs(rng, B, Nq, Nk, Hq, Hkv, D, dtype))
-    real, on, seen = ops.get_module, [False], []
-
-    def get_module(key, backend, device_id):
-        mod = real(key, backend, device_id)
-        if key.arch != "sm90ws" or not on[0]:
-            return mod
-        swapped = mod.block_max_q_regs()
-        assert swapped.block_max.fn is mod.block_max_qrs.fn, f"{key.name()}: no bsfa_block_max_qrs"
-
-        def spy(*args, _fn=swapped.block_max.fn, **kw):
-            seen.append("block_max_qrs")
-            return _fn(*args, **kw)
-
-        return dataclasses.replace(swapped, block_max=dataclasses.replace(swapped.block_max, fn=spy))
-
-    monkeypatch.setattr(ops, "get_module", get_module)
+    on, seen = [False], []
+    swap_sm90ws_entry(monkeypatch, on, lambda mod: mod.block_max_q_regs(), "block_max", seen)
     runs = []
     for regs in (False, True):
         on[0] = regs
         bsfa_cupy.clear_plan_cache()
         runs.append(cp.asarray(bsfa_cupy.block_max_scores(q, k, causal=causal, backend="sm90ws")))
-    assert seen == ["block_max_qrs"], f"expected one launch of bsfa_block_max_qrs, got {seen}"
+    assert seen == ["block_max"], f"expected one launch of bsfa_block_max_qrs, got {seen}"
     assert_bitwise(("tile maxima",), [runs[0]], [runs[1]], "Q in registers (against bsfa_block_max)")
 
 
@@ -60,33 +45,18 @@ def test_q_in_registers_gives_the_same_tile_maxima(monkeypatch, dtype, D, causal
                                    (1, 2100, 300, 6, 2), (1, 100, 100, 1, 1)], ids=lambda s: "x".join(map(str, s)))
 def test_dense_q_in_registers_gives_the_same_results(monkeypatch, dtype, causal, shape):
     import bsfa_cupy
-    from bsfa_cupy import ops
 
     B, Nq, Nk, Hq, Hkv = shape
     rng = np.random.default_rng(Nq * 13 + Nk + Hq)
     q, k, v = map(cp.asarray, random_inputs(rng, B, Nq, Nk, Hq, Hkv, 128, dtype))
-    real, on, seen = ops.get_module, [False], []
-
-    def get_module(key, backend, device_id):
-        mod = real(key, backend, device_id)
-        if key.arch != "sm90ws":
-            return mod
-        if not on[0]:  # bsfa_fwd_dense itself, not the cluster or tile-pair entries
-            return dataclasses.replace(mod, dense_clusters=False)
-        swapped = mod.dense_q_regs()
-        assert swapped.fwd_dense.fn is mod.fwd_dense_qrs.fn, f"{key.name()}: no bsfa_fwd_dense_qrs"
-
-        def spy(*args, _fn=swapped.fwd_dense.fn, **kw):
-            seen.append("fwd_dense_qrs")
-            return _fn(*args, **kw)
-
-        return dataclasses.replace(swapped, fwd_dense=dataclasses.replace(swapped.fwd_dense, fn=spy))
-
-    monkeypatch.setattr(ops, "get_module", get_module)
+    on, seen = [False], []
+    # off: bsfa_fwd_dense itself, not the cluster or tile-pair entries
+    swap_sm90ws_entry(monkeypatch, on, lambda mod: mod.dense_q_regs(), "fwd_dense", seen,
+                      off=lambda mod: dataclasses.replace(mod, dense_clusters=False))
     runs = []
     for regs in (False, True):
         on[0] = regs
         bsfa_cupy.clear_plan_cache()
         runs.append(bsfa_cupy.attention(q, k, v, causal=causal, return_lse=True, return_keep=True, backend="sm90ws"))
-    assert seen == ["fwd_dense_qrs"], f"expected one launch of bsfa_fwd_dense_qrs, got {seen}"
+    assert seen == ["fwd_dense"], f"expected one launch of bsfa_fwd_dense_qrs, got {seen}"
     assert_bitwise(("out", "lse", "keep"), runs[0], runs[1], "Q in registers (against bsfa_fwd_dense)")

@@ -6,7 +6,10 @@ the error of a plain low-precision computation of the same attention, plus a rou
 """
 from __future__ import annotations
 
+import dataclasses
+
 import ml_dtypes
+
 import numpy as np
 import pytest
 
@@ -311,6 +314,33 @@ def planted_nonfinite(seed, shape, causal, gated, q_at, k_at, v_at):
         x[at[0]] = np.nan
         x[at[1]] = big
     return q, k, v, thr
+
+
+def swap_sm90ws_entry(monkeypatch, on: list, swap, field: str, seen: list, off=None) -> None:
+    """Patch ``ops.get_module``: while ``on[0]``, sm90ws modules come back as ``swap(module)`` with the kernel in
+    ``field`` wrapped so that each launch appends its name to ``seen``; otherwise as ``off(module)`` (default:
+    the module itself). Undone after the test."""
+    from bsfa_cupy import ops
+
+    real = ops.get_module
+
+    def get_module(key, backend, device_id):
+        mod = real(key, backend, device_id)
+        if key.arch != "sm90ws":
+            return mod
+        if not on[0]:
+            return off(mod) if off is not None else mod
+        swapped = swap(mod)
+        kern = getattr(swapped, field)
+        assert kern is not getattr(mod, field), f"{key.name()}: no entry to swap in for {field}"
+
+        def spy(*args, _fn=kern.fn, **kw):
+            seen.append(field)
+            return _fn(*args, **kw)
+
+        return dataclasses.replace(swapped, **{field: dataclasses.replace(kern, fn=spy)})
+
+    monkeypatch.setattr(ops, "get_module", get_module)
 
 
 def assert_bitwise(names, want, got, what):
