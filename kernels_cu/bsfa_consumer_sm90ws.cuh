@@ -1,6 +1,10 @@
 // The consumers of the warp-specialised sm_90a forward: each of the two
-// consumer warpgroups owns 64 rows of the 128-row query tile and walks the
-// tile list with the producer.  Within a work tile the 128-key blocks are
+// consumer warpgroups owns 64 rows of the 128-row query tile (three of a
+// 192-row tile in bsfa_fwd_dense_wide) and walks the tile list with the
+// producer.  This file holds the work-tile loop (consumer_tile) and the
+// walk over the list (consumer_loop); the per-block pieces are in
+// bsfa_tile_loop_sm90ws.cuh and bsfa_dense_block_sm90ws.cuh, the gate with
+// S a block ahead in bsfa_consumer_lag_sm90ws.cuh.  Within a work tile the 128-key blocks are
 // software-pipelined across the warpgroup's own wgmma groups: the S of
 // block n is issued, then the P V of block n+1, and the gate and softmax of
 // block n run while that P V is still on the tensor cores; O is rescaled
@@ -37,6 +41,8 @@
 #pragma once
 
 #include "bsfa_block_sm90ws.cuh"
+#include "bsfa_consumer_lag_sm90ws.cuh"
+#include "bsfa_dense_block_sm90ws.cuh"
 #include "bsfa_epilogue_sm90ws.cuh"
 #include "bsfa_gate.cuh"
 #include "bsfa_mask.cuh"
@@ -45,126 +51,11 @@
 #include "bsfa_pipeline_sm90.cuh"
 #include "bsfa_smem_sm90ws.cuh"
 #include "bsfa_softmax.cuh"
+#include "bsfa_tile_loop_sm90ws.cuh"
 #include "bsfa_tile_scheduler_sm90.cuh"
 #include "bsfa_wgmma_sm90.cuh"
 
 namespace bsfa {
-
-// Where one consumer thread sits.
-struct ConsumerThread {
-    int wg;    // consumer warpgroup, 0 or 1: query rows 64 wg ..
-    int tid;   // thread within the warpgroup
-    int lane;
-    int warp;  // warp within the warpgroup
-    __device__ __forceinline__ ConsumerThread(int wg_, int tid_)
-        : wg(wg_), tid(tid_), lane(tid_ & 31), warp(tid_ >> 5) {}
-    // Row of the tile that this thread's accumulator elements 0..1 hold (2..3: +8).
-    __device__ __forceinline__ int row() const { return wg * 64 + warp * 16 + (lane >> 2); }
-    __device__ __forceinline__ int consumer_warp() const { return wg * 4 + warp; }
-};
-
-// The turn barrier that warpgroup wg hands its turn to: the next warpgroup's,
-// warpgroup 0's after the last.
-template <class TR>
-__device__ __forceinline__ int next_turn(int wg) {
-    if constexpr (TR::kConsumerWGs == 2) {
-        return TR::kBarTurn + 1 - wg;
-    } else {
-        return TR::kBarTurn + (wg + 1 == TR::kConsumerWGs ? 0 : wg + 1);
-    }
-}
-
-// A problem's extent as the masks take it (bsfa_problem.cuh).
-struct MaskBounds {
-    int Nq, Nk, shift;
-};
-
-// What one consumer warpgroup carries through the key blocks of a work tile
-// besides the accumulators.  Thread coordinates are re-derived from
-// threadIdx where used, so that they do not take registers across the loop.
-template <class TR, bool kCausal, bool kVarlen>
-struct TileLoop {
-    const Params& p;
-    const SmemWs<TR>& sm;
-    const QueryTile<TR, kCausal>& qt;
-    const GatePlan<TR>& plan;
-    float scale_log2;
-    unsigned char* keep_row;
-    MaskBounds seq;  // kVarlen: the packed sequence's; unused otherwise
-
-    // A fixed-length launch reads them from the Params (constant-bank operands, no registers).
-    __device__ __forceinline__ MaskBounds bounds() const {
-        if constexpr (kVarlen) {
-            return seq;
-        } else {
-            return MaskBounds{p.Nq, p.Nk, p.qk_shift};
-        }
-    }
-
-    __device__ __forceinline__ static int tid() { return (int)threadIdx.x; }
-    __device__ __forceinline__ static int lane() { return tid() & 31; }
-    __device__ __forceinline__ static int wg() { return (tid() >> 7) - 1; }
-    __device__ __forceinline__ static int consumer_warp() { return (tid() >> 5) - 4; }
-    // Row of the tile (of its head's rows, TR::kPackHeads) that this thread's
-    // accumulator elements 0..1 hold (2..3: +8).
-    __device__ __forceinline__ static int row() {
-        if constexpr (TR::kPackHeads) {
-            return ((tid() & 127) >> 5) * 16 + ((tid() & 31) >> 2);
-        } else {
-            return (tid() - 128) / 32 * 16 + ((tid() & 31) >> 2);
-        }
-    }
-    __device__ __forceinline__ static int my_turn() { return TR::kBarTurn + wg(); }
-    __device__ __forceinline__ static int their_turn() { return next_turn<TR>(wg()); }
-    __device__ __forceinline__ unsigned long long k_desc(int stage) const {
-        return make_desc(sm.k() + stage * TR::kKVBytes, 16, kSwizzleAtomBytes);
-    }
-    __device__ __forceinline__ unsigned long long v_desc(int stage) const {
-        return make_desc(sm.v() + stage * TR::kKVBytes, TR::kKVPanelBytes, kSwizzleAtomBytes);
-    }
-    __device__ __forceinline__ unsigned long long q_desc() const {
-        // This warpgroup's 64 rows of Q: 64 rows x 128 bytes further into each panel.
-        return make_desc(sm.q() + wg() * TR::kWgmmaM * kSwizzleBytes, 16, kSwizzleAtomBytes);
-    }
-};
-
-// Hands the K slot of block n (and, after the tile's last block, first, the
-// Q tile) back once S of block n is in.
-template <class TR, bool kCausal, bool kVarlen>
-__device__ __forceinline__ void release_k(const TileLoop<TR, kCausal, kVarlen>& t,
-                                          float (&S)[TR::kBlockSNBlocks][4], int n, int first,
-                                          const PipeState<TR::kStages>& kv) {
-    fence_regs(flat(S));
-    if (t.lane() == 0) {
-        mbar_arrive_cluster<TR::kClusterCtas>(t.sm.bar(TR::kBarKEmpty + kv.stage));
-        if (n == first) mbar_arrive(t.sm.bar(TR::kBarQEmpty));
-    }
-}
-
-// release_k, then masks block n's S and posts its votes.
-template <class TR, bool kCausal, bool kVarlen>
-__device__ __forceinline__ PostedGate finish_qk(const TileLoop<TR, kCausal, kVarlen>& t,
-                                                float (&S)[TR::kBlockSNBlocks][4], int n, int first,
-                                                const PipeState<TR::kStages>& kv, unsigned vote_idx,
-                                                float (&vmx)[TR::kKeyHalves][2]) {
-    release_k(t, S, n, first, kv);
-    const MaskBounds mb = t.bounds();
-    return gate_post<TR, kCausal>(S, t.qt, t.plan, n, t.qt.q0 + t.row(), t.lane(), t.consumer_warp(), t.p, t.sm,
-                                  vote_idx, mb.Nq, mb.Nk, mb.shift, vmx);
-}
-
-// finish_qk of a dense launch: release_k, block n's S masked, every valid
-// half kept (returned, and reported in keep_row).
-template <class TR, bool kCausal, bool kVarlen>
-__device__ __forceinline__ unsigned finish_qk_dense(const TileLoop<TR, kCausal, kVarlen>& t,
-                                                    float (&S)[TR::kBlockSNBlocks][4], int n, int first,
-                                                    const PipeState<TR::kStages>& kv) {
-    release_k(t, S, n, first, kv);
-    const MaskBounds mb = t.bounds();
-    const unsigned valid = mask_block<TR, kCausal>(S, t.qt, n, t.qt.q0 + t.row(), t.lane(), mb.Nq, mb.Nk, mb.shift);
-    write_keep<TR>(t.keep_row, n, valid, valid);
-    return valid;
-}
 
 // Zeroes rows row0.. (row0 > 0) of every panel of V slot kv.stage, once its
 // copy has landed: in a 128-byte swizzled panel the swizzle only permutes
@@ -188,112 +79,6 @@ __device__ __forceinline__ void zero_v_tail(const SmemWs<TR>& sm, const PipeStat
     }
     fence_proxy_async();
     named_sync(TR::kBarVZero, TR::kConsumerThreads);
-}
-
-// The tensor-core turn of a dense step: waits for block n's K (and for
-// the previous block's V where it is multiplied), issues S of n with the
-// P V of the previous block (prev_kept halves, an empty group where none),
-// hands the turn on and waits for S; P V may still run.
-template <class TR, bool kCausal, bool kVarlen>
-__device__ __forceinline__ void dense_turn(const TileLoop<TR, kCausal, kVarlen>& t, unsigned prev_kept,
-                                           const unsigned (&Qf)[TR::kDSteps][4], const PipeState<TR::kStages>& kv,
-                                           const PipeState<TR::kStages>& prev, float (&S)[TR::kBlockSNBlocks][4],
-                                           float (&O)[TR::kONBlocks][4], const unsigned (&P)[TR::kKeySteps][4]) {
-    mbar_wait(t.sm.bar(TR::kBarKFull + kv.stage), kv.phase);
-    if (prev_kept != 0) mbar_wait(t.sm.bar(TR::kBarVFull + prev.stage), prev.phase);
-    named_sync(t.my_turn(), TR::kTurnThreads);
-    qk_block_from<TR>(S, t.q_desc(), Qf, t.k_desc(kv.stage));
-    if (prev_kept != 0) {
-        pv_block<TR>(O, P, t.v_desc(prev.stage), prev_kept);
-    } else {
-        wgmma_commit();
-    }
-    named_arrive(t.their_turn(), TR::kTurnThreads);
-    wgmma_wait<1>();
-}
-
-// The end of a dense step, once the softmax is done: waits for the P V,
-// hands the previous block's V slot back (after its copy landed, where it
-// was not multiplied) and rescales O.
-template <class TR, bool kCausal, bool kVarlen>
-__device__ __forceinline__ void dense_retire(const TileLoop<TR, kCausal, kVarlen>& t, unsigned prev_kept,
-                                             const PipeState<TR::kStages>& prev, float (&O)[TR::kONBlocks][4],
-                                             unsigned (&P)[TR::kKeySteps][4], bool rescale, const float (&alpha)[2]) {
-    wgmma_wait<0>();
-    fence_regs(flat(O));
-    fence_regs(P);
-    if (prev_kept == 0) mbar_wait(t.sm.bar(TR::kBarVFull + prev.stage), prev.phase);
-    if (t.lane() == 0) mbar_arrive_cluster<TR::kClusterCtas>(t.sm.bar(TR::kBarVEmpty + prev.stage));
-    if (rescale) rescale_rows(O, alpha);
-}
-
-// Block n (< kb.last) of a dense work tile, the mainloop step of
-// consumer_tile without the gate: S of n issued with the P V of block n + 1
-// (prev_kept: the tile's first block's valid halves, or both), then n's
-// softmax over both halves while that P V runs.  With prev_kept a constant
-// the block is straight-line code: the gate's branches and the per-half
-// bookkeeping cost dense calls 5-12 % (bench/NOTES.md, v17).
-template <class TR, bool kCausal, bool kVarlen>
-__device__ __forceinline__ void dense_block(const TileLoop<TR, kCausal, kVarlen>& t, int n, int first,
-                                            unsigned prev_kept, const unsigned (&Qf)[TR::kDSteps][4],
-                                            PipeState<TR::kStages>& kv,
-                                            float (&O)[TR::kONBlocks][4], unsigned (&P)[TR::kKeySteps][4],
-                                            float (&m)[2], float (&l)[2]) {
-    constexpr unsigned kBoth = (1u << TR::kKeyHalves) - 1;
-    const PipeState<TR::kStages> prev = kv.previous();
-    float S[TR::kBlockSNBlocks][4];
-    dense_turn(t, prev_kept, Qf, kv, prev, S, O, P);
-    finish_qk_dense<TR, kCausal, kVarlen>(t, S, n, first, kv);
-    float alpha[2];
-    float no_vmx[TR::kKeyHalves][2];  // not read: the softmax takes its own row maxima (have_vmx 0)
-    if constexpr (TR::kLatePack) {
-        const bool rescale = softmax_block<TR, true>(S, kBoth, m, l, P, alpha, t.scale_log2, 0u, no_vmx);
-        dense_retire(t, prev_kept, prev, O, P, rescale, alpha);
-        pack_p<TR>(S, P);
-    } else {
-        unsigned Pn[TR::kKeySteps][4];
-        const bool rescale = softmax_block<TR>(S, kBoth, m, l, Pn, alpha, t.scale_log2, 0u, no_vmx);
-        dense_retire(t, prev_kept, prev, O, P, rescale, alpha);
-        copy_regs(P, Pn);
-    }
-    kv.advance();
-}
-
-// Block n's halves (bit h) whose key tile lies within c_end.
-template <class TR>
-__device__ __forceinline__ unsigned halves_within(int n, int c_end) {
-    unsigned bits = 0;
-#pragma unroll
-    for (int h = 0; h < TR::kKeyHalves; ++h) bits |= (n * TR::kKeyHalves + h <= c_end ? 1u : 0u) << h;
-    return bits;
-}
-
-// Block n of a dense work tile of 192 rows (!TR::kBsfaRows) while this
-// warpgroup's own BSFA tile may not reach all of it: dense_block with the
-// halves kept a variable, those of the tile's key range (own: a mask of
-// halves_within) among the valid ones.  A key tile is multiplied into O only
-// by the rows of BSFA tiles that keep it, as in the reference, where a
-// non-finite v reaches exactly those rows (0 * inf in P V).  Returns block
-// n's kept halves, which the next step multiplies.
-template <class TR, bool kCausal, bool kVarlen>
-__device__ __forceinline__ unsigned dense_block_partial(const TileLoop<TR, kCausal, kVarlen>& t, int n, int first,
-                                                        unsigned prev_kept, unsigned own,
-                                                        const unsigned (&Qf)[TR::kDSteps][4], PipeState<TR::kStages>& kv,
-                                                        float (&O)[TR::kONBlocks][4], unsigned (&P)[TR::kKeySteps][4],
-                                                        float (&m)[2], float (&l)[2]) {
-    static_assert(TR::kLatePack, "the 192-row entry packs P late");
-    const PipeState<TR::kStages> prev = kv.previous();
-    float S[TR::kBlockSNBlocks][4];
-    dense_turn(t, prev_kept, Qf, kv, prev, S, O, P);
-    const unsigned kept = finish_qk_dense<TR, kCausal, kVarlen>(t, S, n, first, kv) & own;
-    float alpha[2];
-    float no_vmx[TR::kKeyHalves][2];  // not read (have_vmx 0)
-    bool rescale = false;
-    if (kept != 0) rescale = softmax_block<TR, true>(S, kept, m, l, P, alpha, t.scale_log2, 0u, no_vmx);
-    dense_retire(t, prev_kept, prev, O, P, rescale, alpha);
-    if (kept != 0) pack_p<TR>(S, P);
-    kv.advance();
-    return kept;
 }
 
 // The key blocks kb of one work tile (at least one): O, m, l come in
@@ -446,113 +231,6 @@ __device__ __forceinline__ void consumer_tile(const Params& p, const SmemWs<TR>&
             wgmma_commit();  // as in the loop: an empty group on the skipping path
         }
         named_arrive(their_turn, TR::kTurnThreads);
-    }
-    wgmma_wait<0>();
-    fence_regs(flat(O));
-    fence_regs(P);
-    if (t.lane() == 0) mbar_arrive_cluster<TR::kClusterCtas>(sm.bar(TR::kBarVEmpty + prev.stage));
-}
-
-// One step of consumer_tile_lag for block n, whose S (issued a step
-// earlier) is in Sc: the turn issues S of block n - 1 into Sn (kHasNext)
-// and then the P V of block n + 1 (prev_kept halves), as two wgmma groups;
-// block n is gated and its softmax taken while both run; P takes block n's
-// probabilities once both have retired (waiting for the P V alone, with
-// S still pending, makes ptxas serialise every wgmma: C7515).  Returns n's
-// kept halves.
-template <class TR, bool kCausal, bool kHasNext>
-__device__ __forceinline__ unsigned lag_step(const TileLoop<TR, kCausal, false>& t, int n, int first,
-                                             unsigned prev_kept, float (&Sc)[TR::kBlockSNBlocks][4],
-                                             float (&Sn)[TR::kBlockSNBlocks][4], PipeState<TR::kStages>& kv,
-                                             unsigned& vote_idx, float (&O)[TR::kONBlocks][4],
-                                             unsigned (&P)[TR::kKeySteps][4], float (&m)[2], float (&l)[2]) {
-    const PipeState<TR::kStages> prev = kv.previous();
-    PipeState<TR::kStages> next = kv;
-    next.advance();
-    if constexpr (kHasNext) mbar_wait(t.sm.bar(TR::kBarKFull + next.stage), next.phase);
-    if (prev_kept != 0) mbar_wait(t.sm.bar(TR::kBarVFull + prev.stage), prev.phase);
-    named_sync(t.my_turn(), TR::kTurnThreads);
-    if constexpr (kHasNext) {
-        qk_block<TR>(Sn, t.q_desc(), t.k_desc(next.stage));
-    } else {
-        wgmma_commit();  // an empty group: the waits below count the same on every path
-    }
-    if (prev_kept != 0) {
-        pv_block<TR>(O, P, t.v_desc(prev.stage), prev_kept);
-    } else {
-        wgmma_commit();
-    }
-    named_arrive(t.their_turn(), TR::kTurnThreads);
-    wgmma_wait<2>();  // block n's S (the group before this turn's two) is in
-    float vmx[TR::kKeyHalves][2];
-    const PostedGate g = finish_qk<TR, kCausal, false>(t, Sc, n, first, kv, vote_idx, vmx);
-    const unsigned kept = gate_resolve<TR>(g, n, t.sm, vote_idx, t.keep_row);
-    float alpha[2];
-    bool rescale = false;
-    if (kept != 0) rescale = softmax_block<TR, true>(Sc, kept, m, l, P, alpha, t.scale_log2, g.gated(), vmx);
-    wgmma_wait<0>();  // the P V is over, and S of block n - 1, issued before it
-    fence_regs(flat(O));
-    fence_regs(P);
-    if (prev_kept == 0) mbar_wait(t.sm.bar(TR::kBarVFull + prev.stage), prev.phase);
-    if (t.lane() == 0) mbar_arrive_cluster<TR::kClusterCtas>(t.sm.bar(TR::kBarVEmpty + prev.stage));
-    if (rescale) rescale_rows(O, alpha);
-    if (kept != 0) pack_p<TR>(Sc, P);
-    kv.advance();
-    return kept;
-}
-
-// The gated key blocks of one work tile with S a block ahead
-// (TR::kLagGate, bsfa_fwd_lag): while block n is gated -- the exchange with
-// the other warpgroup's votes -- and its softmax taken, the tensor cores
-// already hold this warpgroup's S of block n - 1 beside the P V of block
-// n + 1, so that the exchange no longer leaves them idle (bench/NOTES.md,
-// v11-v17: the cost of the gate that spans both warpgroups).  Two S buffers
-// trade roles every step (two steps a trip, no copies); P is packed late to
-// make room for the second.  Decisions, the order of the blocks and of the
-// exchanges are consumer_tile's: the results are bsfa_fwd's bitwise.
-template <class TR, bool kCausal>
-__device__ __forceinline__ void consumer_tile_lag(const Params& p, const SmemWs<TR>& sm, const WorkTile& w,
-                                                  const QueryTile<TR, kCausal>& qt, const KeyBlocks& kb,
-                                                  PipeState<TR::kStages>& kv, unsigned& q_phase,
-                                                  unsigned& vote_idx, unsigned char* keep_row,
-                                                  float (&O)[TR::kONBlocks][4], float (&m)[2], float (&l)[2]) {
-    static_assert(TR::kLatePack, "the lagged gate packs P late");
-    const GatePlan<TR> plan(qt, p.thresholds, p.thr_scalar, p.thr_mode, p.thr_T, w.h);
-    const TileLoop<TR, kCausal, false> t{p, sm, qt, plan, p.softmax_scale * kLog2e, keep_row, MaskBounds{0, 0, 0}};
-    mbar_wait(sm.bar(TR::kBarQFull), q_phase);
-    q_phase ^= 1u;
-
-    float Sa[TR::kBlockSNBlocks][4], Sb[TR::kBlockSNBlocks][4];
-    unsigned P[TR::kKeySteps][4];
-    int n = kb.last;
-    // The first block's S, alone in its turn.
-    mbar_wait(sm.bar(TR::kBarKFull + kv.stage), kv.phase);
-    named_sync(t.my_turn(), TR::kTurnThreads);
-    qk_block<TR>(Sa, t.q_desc(), t.k_desc(kv.stage));
-    named_arrive(t.their_turn(), TR::kTurnThreads);
-    unsigned prev_kept = 0;
-#pragma unroll 1
-    while (true) {
-        if (n == kb.first) {
-            prev_kept = lag_step<TR, kCausal, false>(t, n, kb.first, prev_kept, Sa, Sb, kv, vote_idx, O, P, m, l);
-            break;
-        }
-        prev_kept = lag_step<TR, kCausal, true>(t, n, kb.first, prev_kept, Sa, Sb, kv, vote_idx, O, P, m, l);
-        if (--n == kb.first) {
-            prev_kept = lag_step<TR, kCausal, false>(t, n, kb.first, prev_kept, Sb, Sa, kv, vote_idx, O, P, m, l);
-            break;
-        }
-        prev_kept = lag_step<TR, kCausal, true>(t, n, kb.first, prev_kept, Sb, Sa, kv, vote_idx, O, P, m, l);
-        --n;
-    }
-
-    // The last block's P V, as consumer_tile ends.
-    const PipeState<TR::kStages> prev = kv.previous();
-    mbar_wait(sm.bar(TR::kBarVFull + prev.stage), prev.phase);
-    if (prev_kept != 0) {
-        named_sync(t.my_turn(), TR::kTurnThreads);
-        pv_block<TR>(O, P, t.v_desc(prev.stage), prev_kept);
-        named_arrive(t.their_turn(), TR::kTurnThreads);
     }
     wgmma_wait<0>();
     fence_regs(flat(O));

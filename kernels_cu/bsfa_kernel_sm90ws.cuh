@@ -2,8 +2,9 @@
 // (bsfa_fwd_sm90ws.cu exports them): barrier set-up, then one role per
 // warpgroup.  Warpgroup 0 hands most of its registers to the consumers and
 // one of its threads runs the TMA producer (bsfa_producer_sm90ws.cuh);
-// warpgroups 1 and 2 are the consumers (bsfa_consumer_sm90ws.cuh, or
-// bsfa_block_max_sm90ws.cuh), 64 query rows each.  Persistent:
+// warpgroups 1 and 2 (and 3 in bsfa_fwd_dense_wide) are the consumers
+// (bsfa_consumer_sm90ws.cuh, or bsfa_block_max_sm90ws.cuh), 64 query rows
+// each.  Persistent:
 // the grid has at most one CTA per SM (bsfa_tile_scheduler_sm90.cuh).
 //
 // Includes what it needs; TR is a TraitsSm90Ws.

@@ -193,7 +193,7 @@ template <int kHeadDim_, bool kBf16_>
 struct TraitsSm90WsWide : TraitsSm90Ws<kHeadDim_, kBf16_, 3> {
     static_assert(kHeadDim_ == 64, "three consumer warpgroups fit the registers at head dim 64 only");
     // The BSFA tile (128 rows) that a consumer warpgroup's 64 rows lie in:
-    // its key tiles are the ones the warpgroup multiplies (bsfa_consumer_sm90ws.cuh).
+    // its key tiles are the ones the warpgroup multiplies (bsfa_dense_block_sm90ws.cuh).
     using BsfaTile = TraitsSm90Ws<kHeadDim_, kBf16_>;
 };
 
@@ -211,7 +211,7 @@ struct TraitsSm90WsQRegs : TraitsSm90Ws<kHeadDim_, kBf16_> {
 };
 
 // bsfa_fwd_lag: bsfa_fwd whose consumers issue S of the next block before
-// the gate exchange of the current one (bsfa_consumer_sm90ws.cuh,
+// the gate exchange of the current one (bsfa_consumer_lag_sm90ws.cuh,
 // consumer_tile_lag), so that the tensor cores have work while the two
 // warpgroups settle a decision.  The second S buffer's registers come from
 // the next P, packed late; at head dim 128 they are still ~110 short (ptxas
