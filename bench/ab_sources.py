@@ -14,7 +14,7 @@ Usage (two steps, the first where git is, the second on the GPU machine):
       bsfa_fwd_dense_wide (192-row tiles), on bsfa_fwd_dense; NAME=@bmqrs runs block_max_scores on
       bsfa_block_max_qrs (Q in registers); NAME=@qrs runs every unsplit dense call on bsfa_fwd_dense_qrs
       (head dim 128, Q in registers), NAME=@plain on bsfa_fwd_dense (neither cluster nor wide entries);
-      NAME=@lag runs calls with thresholds on bsfa_fwd_lag (head dim 64, S a block ahead of the gate).
+      NAME=@lag runs calls with thresholds on bsfa_fwd_lag (S a block ahead of the gate; half at head dim 128).
       --block-max also times block_max_scores per build.
 Per case (B=1, Hq=32, causal unless noted): torch SDPA's cuDNN backend, then per build dense and sparse
 (rho of the gated tiles kept, thresholds from the inputs' tile maxima, as `bsfa bench` sets them), timed in
@@ -47,8 +47,9 @@ CASES = {
     # block_max_scores (with --block-max): the bar's lengths, bf16, head dim 64, Hkv = 32
     "blockmax": [dict(n=n, rhos=()) for n in (16384, 32768, 65536)]
     + [dict(n=16384, dtype="bfloat16", rhos=()), dict(n=32768, d=64, rhos=()), dict(n=16384, hkv=32, rhos=())],
-    # head dim 64, calls with thresholds (bsfa_fwd_lag)
-    "lag": [dict(n=n, d=64) for n in (8192, 16384, 32768)] + [dict(n=16384, d=64, dtype="bfloat16")],
+    # calls with thresholds (bsfa_fwd_lag): the sparse bar's shape, then head dim 64
+    "lag": [dict(n=n) for n in (16384, 32768, 65536)] + [dict(n=n, d=64) for n in (8192, 16384, 32768)]
+    + [dict(n=16384, d=64, dtype="bfloat16")],
     # head dim 64: the 192-row dense entry's cases
     "d64": [dict(n=n, d=64, rhos=()) for n in (8192, 16384, 32768, 65536)]
     + [dict(n=16384, d=64, dtype="bfloat16", rhos=()), dict(n=16384, d=64, causal=False, rhos=()),

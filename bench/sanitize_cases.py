@@ -18,7 +18,7 @@ bsfa_block_max_mc) in place of the plain ones (every case here has a GQA group o
 those asking for keep included (keep is then left unwritten).
 --block-max-q-regs: the sm90ws modules run block_max_scores on bsfa_block_max_qrs (Q in registers).
 --dense-q-regs: those of head dim 128 run every unsplit dense call on bsfa_fwd_dense_qrs (Q in registers).
---lagged-gate: those of head dim 64 run every unsplit call with thresholds on bsfa_fwd_lag.
+--lagged-gate: they run every unsplit call with thresholds on bsfa_fwd_lag.
 """
 import argparse
 
@@ -32,7 +32,7 @@ p.add_argument("--pair-tiles", action="store_true", help="sm90ws at head dim 128
 p.add_argument("--wide-rows", action="store_true", help="sm90ws at head dim 64: dense calls on 192-row tiles")
 p.add_argument("--block-max-q-regs", action="store_true", help="sm90ws: block_max_scores with Q in registers")
 p.add_argument("--dense-q-regs", action="store_true", help="sm90ws at head dim 128: dense calls with Q in registers")
-p.add_argument("--lagged-gate", action="store_true", help="sm90ws at head dim 64: gated calls with S a block ahead")
+p.add_argument("--lagged-gate", action="store_true", help="sm90ws: gated calls with S (half) a block ahead")
 args = p.parse_args()
 
 import cupy as cp  # noqa: E402  (after argparse: --help works without a GPU)

@@ -110,7 +110,8 @@ class Module:
     # (bsfa_fwd_dense_qrs); not routed, see block_max_q_regs() and dense_q_regs()
     block_max_qrs: Kernel | None = None
     fwd_dense_qrs: Kernel | None = None
-    # sm90ws at head dim 64: bsfa_fwd with S a block ahead of the gate exchange; not routed, see lagged_gate()
+    # sm90ws: bsfa_fwd with S a block (head dim 128: half a block) ahead of the gate exchange; not routed, see
+    # lagged_gate()
     fwd_lag: Kernel | None = None
     _clustered: Module | None = dataclasses.field(default=None, repr=False)  # clustered(), once loaded
 
@@ -164,9 +165,9 @@ class Module:
         return dataclasses.replace(self, fwd_dense=self.fwd_dense_qrs, dense_clusters=False, dense_wide=False)
 
     def lagged_gate(self) -> Module:
-        """This module with every unsplit call with thresholds on bsfa_fwd_lag (S a block ahead of the gate
-        exchange, the same results); itself where it has none (head dim 128). Not routed yet: for tests and
-        benchmarks."""
+        """This module with every unsplit call with thresholds on bsfa_fwd_lag (S a block, at head dim 128 half
+        a block, ahead of the gate exchange; the same results); itself where it has none. Not routed yet: for
+        tests and benchmarks."""
         if self.fwd_lag is None:
             return self
         return dataclasses.replace(self, fwd=self.fwd_lag)

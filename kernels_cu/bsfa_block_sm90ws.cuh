@@ -72,6 +72,29 @@ __device__ __forceinline__ void qk_block(float (&S)[TR::kBlockSNBlocks][4], unsi
     wgmma_commit();
 }
 
+// S of one 64-key half h of a block (an m64n64 wgmma group) into Sh, the
+// half's accumulators: rows 64 h .. of every panel of the K slot.
+template <class TR>
+__device__ __forceinline__ void qk_half(float (&Sh)[TR::kSNBlocks][4], unsigned long long q_desc,
+                                        unsigned long long k_desc, int h) {
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < TR::kDSteps; ++kk) {
+        const unsigned col = (kk % TR::kStepsPerPanel) * TR::kMmaK * TR::kElemBytes;
+        const unsigned pn = kk / TR::kStepsPerPanel;
+        wgmma_ss_n64<TR::kBf16>(flat(Sh), desc_add(q_desc, pn * TR::kQPanelBytes + col),
+                                desc_add(k_desc, pn * TR::kKVPanelBytes + h * TR::kBlockN * kSwizzleBytes + col),
+                                kk > 0 ? 1 : 0);
+    }
+    wgmma_commit();
+}
+
+// Half h of a block's S as an array of its own (the m64n64 accumulators).
+template <class TR>
+__device__ __forceinline__ float (&half_of(float (&S)[TR::kBlockSNBlocks][4], int h))[TR::kSNBlocks][4] {
+    return *reinterpret_cast<float(*)[TR::kSNBlocks][4]>(&S[h * TR::kSNBlocks]);
+}
+
 // This warpgroup's 64 rows of Q (wg: the consumer warpgroup) as the A
 // fragments of S = Q K^T, k-step kk in Qf[kk]: the mma.sync m16n8k16 A
 // fragment of each warp's 16 rows, read with ldmatrix from the 128-byte

@@ -1,7 +1,7 @@
 // The gated key loop of bsfa_fwd_lag (TraitsSm90WsLag): each consumer
-// warpgroup issues S of the next block before the gate exchange of the
-// current one, so that the tensor cores have work while the two warpgroups
-// settle a decision.
+// warpgroup issues S of the next block (at head dim 128 its first half)
+// before the gate exchange of the current one, so that the tensor cores
+// have work while the two warpgroups settle a decision.
 //
 // Includes what it needs; TR is a TraitsSm90Ws.
 #pragma once
@@ -66,6 +66,61 @@ __device__ __forceinline__ unsigned lag_step(const TileLoop<TR, kCausal, false>&
     return kept;
 }
 
+// lag_step with half a block ahead (TR::kLagHalf, head dim 128): block
+// n's first half (issued a step earlier) is in Sc's first half; the turn
+// issues its second half, then the next block's first half into En
+// (kHasNext) and the P V of block n + 1, three wgmma groups.  Block n is
+// gated once its second half is in, and En becomes the first half of Sc
+// once everything has retired (32 moves).
+template <class TR, bool kCausal, bool kHasNext>
+__device__ __forceinline__ unsigned lag_step_half(const TileLoop<TR, kCausal, false>& t, int n, int first,
+                                                  unsigned prev_kept, float (&Sc)[TR::kBlockSNBlocks][4],
+                                                  float (&En)[TR::kSNBlocks][4], PipeState<TR::kStages>& kv,
+                                                  unsigned& vote_idx, float (&O)[TR::kONBlocks][4],
+                                                  unsigned (&P)[TR::kKeySteps][4], float (&m)[2], float (&l)[2]) {
+    const PipeState<TR::kStages> prev = kv.previous();
+    PipeState<TR::kStages> next = kv;
+    next.advance();
+    if constexpr (kHasNext) mbar_wait(t.sm.bar(TR::kBarKFull + next.stage), next.phase);
+    if (prev_kept != 0) mbar_wait(t.sm.bar(TR::kBarVFull + prev.stage), prev.phase);
+    named_sync(t.my_turn(), TR::kTurnThreads);
+    qk_half<TR>(half_of<TR>(Sc, 1), t.q_desc(), t.k_desc(kv.stage), 1);
+    if constexpr (kHasNext) {
+        qk_half<TR>(En, t.q_desc(), t.k_desc(next.stage), 0);
+    } else {
+        wgmma_commit();  // an empty group: the waits below count the same on every path
+    }
+    if (prev_kept != 0) {
+        pv_block<TR>(O, P, t.v_desc(prev.stage), prev_kept);
+    } else {
+        wgmma_commit();
+    }
+    named_arrive(t.their_turn(), TR::kTurnThreads);
+    wgmma_wait<2>();  // block n's second half is in
+    float vmx[TR::kKeyHalves][2];
+    const PostedGate g = finish_qk<TR, kCausal, false>(t, Sc, n, first, kv, vote_idx, vmx);
+    const unsigned kept = gate_resolve<TR>(g, n, t.sm, vote_idx, t.keep_row);
+    float alpha[2];
+    bool rescale = false;
+    if (kept != 0) rescale = softmax_block<TR, true>(Sc, kept, m, l, P, alpha, t.scale_log2, g.gated(), vmx);
+    wgmma_wait<0>();
+    fence_regs(flat(O));
+    fence_regs(P);
+    if (prev_kept == 0) mbar_wait(t.sm.bar(TR::kBarVFull + prev.stage), prev.phase);
+    if (t.lane() == 0) mbar_arrive_cluster<TR::kClusterCtas>(t.sm.bar(TR::kBarVEmpty + prev.stage));
+    if (rescale) rescale_rows(O, alpha);
+    if (kept != 0) pack_p<TR>(Sc, P);
+    if constexpr (kHasNext) {
+        float(&Sc0)[TR::kSNBlocks][4] = half_of<TR>(Sc, 0);
+#pragma unroll
+        for (int i = 0; i < TR::kSNBlocks; ++i)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) Sc0[i][j] = En[i][j];
+    }
+    kv.advance();
+    return kept;
+}
+
 // The gated key blocks of one work tile with S a block ahead
 // (TR::kLagGate, bsfa_fwd_lag): while block n is gated -- the exchange with
 // the other warpgroup's votes -- and its softmax taken, the tensor cores
@@ -87,15 +142,29 @@ __device__ __forceinline__ void consumer_tile_lag(const Params& p, const SmemWs<
     mbar_wait(sm.bar(TR::kBarQFull), q_phase);
     q_phase ^= 1u;
 
-    float Sa[TR::kBlockSNBlocks][4], Sb[TR::kBlockSNBlocks][4];
     unsigned P[TR::kKeySteps][4];
     int n = kb.last;
+    unsigned prev_kept = 0;
+    if constexpr (TR::kLagHalf) {
+        float Sc[TR::kBlockSNBlocks][4];
+        float En[TR::kSNBlocks][4];
+        // The first block's first half, alone in its turn.
+        mbar_wait(sm.bar(TR::kBarKFull + kv.stage), kv.phase);
+        named_sync(t.my_turn(), TR::kTurnThreads);
+        qk_half<TR>(half_of<TR>(Sc, 0), t.q_desc(), t.k_desc(kv.stage), 0);
+        named_arrive(t.their_turn(), TR::kTurnThreads);
+#pragma unroll 1
+        for (; n > kb.first; --n) {
+            prev_kept = lag_step_half<TR, kCausal, true>(t, n, kb.first, prev_kept, Sc, En, kv, vote_idx, O, P, m, l);
+        }
+        prev_kept = lag_step_half<TR, kCausal, false>(t, n, kb.first, prev_kept, Sc, En, kv, vote_idx, O, P, m, l);
+    } else {
+    float Sa[TR::kBlockSNBlocks][4], Sb[TR::kBlockSNBlocks][4];
     // The first block's S, alone in its turn.
     mbar_wait(sm.bar(TR::kBarKFull + kv.stage), kv.phase);
     named_sync(t.my_turn(), TR::kTurnThreads);
     qk_block<TR>(Sa, t.q_desc(), t.k_desc(kv.stage));
     named_arrive(t.their_turn(), TR::kTurnThreads);
-    unsigned prev_kept = 0;
 #pragma unroll 1
     while (true) {
         if (n == kb.first) {
@@ -109,6 +178,7 @@ __device__ __forceinline__ void consumer_tile_lag(const Params& p, const SmemWs<
         }
         prev_kept = lag_step<TR, kCausal, true>(t, n, kb.first, prev_kept, Sb, Sa, kv, vote_idx, O, P, m, l);
         --n;
+    }
     }
 
     // The last block's P V, as consumer_tile ends.

@@ -171,10 +171,8 @@ extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
     bsfa::kernel_sm90ws<TRQRegs, kCausal, false>(p, tq, tk, tk);
 }
 
-// bsfa_fwd with S a block ahead of the gate exchange (TraitsSm90WsLag;
-// head dim 64, BSFA_FWD_LAG 1: at 128 its second S spills): the same
-// arguments, launch and results.
-#if BSFA_HEAD_DIM == 64
+// bsfa_fwd with S a block ahead of the gate exchange (TraitsSm90WsLag; at
+// head dim 128 half a block): the same arguments, launch and results.
 extern "C" __constant__ int BSFA_FWD_LAG = 1;
 using TRLag = bsfa::TraitsSm90WsLag<BSFA_HEAD_DIM, BSFA_DTYPE == 1>;
 
@@ -183,9 +181,6 @@ extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
                  const __grid_constant__ bsfa::TmaDesc tk, const __grid_constant__ bsfa::TmaDesc tv) {
     bsfa::kernel_sm90ws<TRLag, kCausal, true>(p, tq, tk, tv);
 }
-#else
-extern "C" __constant__ int BSFA_FWD_LAG = 0;
-#endif
 
 // bsfa_fwd_dense with Q in registers (head dim 128; BSFA_FWD_DENSE_QRS 1):
 // the same arguments, launch and results.

@@ -146,8 +146,9 @@ struct TraitsSm90Ws : TileShape {
     static constexpr bool kPairTiles = false;
     // bsfa_block_max's S = Q K^T with Q in registers (TraitsSm90WsQRegs).
     static constexpr bool kQInRegs = false;
-    // The gated loop with S a block ahead (TraitsSm90WsLag).
+    // The gated loop with S a block ahead (TraitsSm90WsLag), or half of it.
     static constexpr bool kLagGate = false;
+    static constexpr bool kLagHalf = false;
 };
 
 // The cluster entries (bsfa_fwd_mc, bsfa_fwd_dense_mc, bsfa_block_max_mc):
@@ -214,11 +215,12 @@ struct TraitsSm90WsQRegs : TraitsSm90Ws<kHeadDim_, kBf16_> {
 // the gate exchange of the current one (bsfa_consumer_lag_sm90ws.cuh,
 // consumer_tile_lag), so that the tensor cores have work while the two
 // warpgroups settle a decision.  The second S buffer's registers come from
-// the next P, packed late; at head dim 128 they are still ~110 short (ptxas
-// spills 400+ bytes), so head dim 64 only.
+// the next P, packed late.  At head dim 128 a whole second S does not fit
+// (ptxas spilled 428 bytes): only the next block's first 64-key half is
+// issued early (kLagHalf), its second half in that block's own turn.
 template <int kHeadDim_, bool kBf16_>
 struct TraitsSm90WsLag : TraitsSm90Ws<kHeadDim_, kBf16_> {
-    static_assert(kHeadDim_ == 64, "two S buffers beside O and P fit the registers at head dim 64 only");
+    static constexpr bool kLagHalf = kHeadDim_ > 64;
     static constexpr bool kLagGate = true;
     static constexpr bool kLatePack = true;
 };

@@ -1,5 +1,5 @@
-"""bsfa_fwd_lag (head dim 64): bsfa_fwd with each consumer warpgroup's S issued a block ahead of the gate
-exchange. The decisions, the order of the key blocks and the arithmetic are bsfa_fwd's, so out, lse and keep
+"""bsfa_fwd_lag: bsfa_fwd with each consumer warpgroup's S issued a block (at head dim 128, half a block)
+ahead of the gate exchange. The decisions, the order of the key blocks and the arithmetic are bsfa_fwd's, so out, lse and keep
 must equal bsfa_fwd's bitwise, at keep fractions from none to all of the gated tiles, over dtypes, causal or
 not, ragged lengths, Nq != Nk, GQA and batches. Its agreement with the reference is then bsfa_fwd's."""
 from __future__ import annotations
@@ -15,15 +15,16 @@ pytestmark = [pytest.mark.gpu, requires_gpu,
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("shape", [(2, 1100, 1300, 8, 2), (1, 577, 577, 3, 1), (3, 300, 2100, 4, 4),
                                    (1, 2100, 300, 6, 2), (1, 100, 100, 1, 1)], ids=lambda s: "x".join(map(str, s)))
-def test_lagged_gate_equals_bsfa_fwd(monkeypatch, dtype, causal, shape):
+def test_lagged_gate_equals_bsfa_fwd(monkeypatch, dtype, D, causal, shape):
     import bsfa_cupy
 
     B, Nq, Nk, Hq, Hkv = shape
-    rng = np.random.default_rng(Nq * 17 + Nk + Hq)
-    q, k, v = map(cp.asarray, random_inputs(rng, B, Nq, Nk, Hq, Hkv, 64, dtype))
+    rng = np.random.default_rng(Nq * 17 + Nk + Hq + D)
+    q, k, v = map(cp.asarray, random_inputs(rng, B, Nq, Nk, Hq, Hkv, D, dtype))
     tm = cp.asarray(bsfa_cupy.block_max_scores(q, k, causal=causal, backend="sm90ws"))
     finite = tm[cp.isfinite(tm)]
     # every gated tile skipped, about a quarter and three quarters kept, all kept

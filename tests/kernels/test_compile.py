@@ -47,7 +47,7 @@ KERNELS = ("bsfa_fwd", "bsfa_fwd_varlen", "bsfa_block_max")
 SOURCE_KERNELS = {SPLITKV_SOURCE: ("bsfa_fwd_split16", "bsfa_fwd_split64", "bsfa_fwd_split128", "bsfa_combine"),
                   SM90WS_SOURCE: (*KERNELS, "bsfa_fwd_dense", "bsfa_fwd_split", "bsfa_fwd_split_pack",
                                  "bsfa_fwd_split_dense", "bsfa_fwd_split_pack_dense", "bsfa_block_max_qrs",
-                                 "bsfa_combine")}
+                                 "bsfa_fwd_lag", "bsfa_combine")}
 SOURCE_GLOBALS = {
     SPLITKV_SOURCE: ("BSFA_SPLIT16_THREADS", "BSFA_SPLIT16_SMEM_BYTES", "BSFA_SPLIT64_THREADS",
                      "BSFA_SPLIT64_SMEM_BYTES", "BSFA_SPLIT128_THREADS", "BSFA_SPLIT128_SMEM_BYTES",
@@ -60,8 +60,8 @@ MISSING_KERNELS: dict[str, tuple[str, ...]] = {}
 CLUSTER_KERNELS = {SM90WS_SOURCE: ("bsfa_fwd_mc", "bsfa_fwd_dense_mc", "bsfa_block_max_mc",
                                    "bsfa_fwd_dense_pair", "bsfa_fwd_dense_qrs")}
 #: Entries of head dim 64 only, and the registers a thread of theirs gets at launch: bsfa_fwd_dense_wide's
-#: 512 threads (three consumer warpgroups) leave 65536 / 512; bsfa_fwd_lag has the usual 384.
-WIDE_KERNELS = {SM90WS_SOURCE: {"bsfa_fwd_dense_wide": 65536 // 512 // 8 * 8, "bsfa_fwd_lag": 65536 // 384 // 8 * 8}}
+#: 512 threads (three consumer warpgroups) leave 65536 / 512.
+WIDE_KERNELS = {SM90WS_SOURCE: {"bsfa_fwd_dense_wide": 65536 // 512 // 8 * 8}}
 GLOBALS = (
     "BSFA_FWD_THREADS",
     "BSFA_FWD_SMEM_BYTES",
