@@ -7,6 +7,7 @@
 #pragma once
 
 #include "bsfa_block_sm90ws.cuh"
+#include "bsfa_dense_block_sm90ws.cuh"
 #include "bsfa_gate.cuh"
 #include "bsfa_mask.cuh"
 #include "bsfa_params.cuh"
@@ -19,28 +20,34 @@
 namespace bsfa {
 
 // One step of consumer_tile_lag for block n, whose S (issued a step
-// earlier) is in Sc: the turn issues S of block n - 1 into Sn (kHasNext)
-// and then the P V of block n + 1 (prev_kept halves), as two wgmma groups;
-// block n is gated and its softmax taken while both run; P takes block n's
-// probabilities once both have retired (waiting for the P V alone, with
-// S still pending, makes ptxas serialise every wgmma: C7515).  Returns n's
-// kept halves.
+// earlier; with TR::kLagHalf only its first 64-key half) is in Sc.  The turn
+// issues, as separate wgmma groups, kLagHalf: block n's second half; then
+// the next block's S into Sn (kHasNext; kLagHalf: its first half); then the
+// P V of block n + 1 (prev_kept halves).  Block n is gated and its softmax
+// taken while they run; P takes block n's probabilities once all have
+// retired (waiting for the P V alone, with S still pending, makes ptxas
+// serialise every wgmma: C7515), and kLagHalf moves Sn into Sc's first half
+// (32 moves; Sa / Sb trade roles otherwise).  Returns n's kept halves.
 template <class TR, bool kCausal, bool kHasNext>
 __device__ __forceinline__ unsigned lag_step(const TileLoop<TR, kCausal, false>& t, int n, int first,
                                              unsigned prev_kept, float (&Sc)[TR::kBlockSNBlocks][4],
-                                             float (&Sn)[TR::kBlockSNBlocks][4], PipeState<TR::kStages>& kv,
-                                             unsigned& vote_idx, float (&O)[TR::kONBlocks][4],
-                                             unsigned (&P)[TR::kKeySteps][4], float (&m)[2], float (&l)[2]) {
+                                             float (&Sn)[TR::kLagHalf ? TR::kSNBlocks : TR::kBlockSNBlocks][4],
+                                             PipeState<TR::kStages>& kv, unsigned& vote_idx,
+                                             float (&O)[TR::kONBlocks][4], unsigned (&P)[TR::kKeySteps][4],
+                                             float (&m)[2], float (&l)[2]) {
     const PipeState<TR::kStages> prev = kv.previous();
     PipeState<TR::kStages> next = kv;
     next.advance();
     if constexpr (kHasNext) mbar_wait(t.sm.bar(TR::kBarKFull + next.stage), next.phase);
     if (prev_kept != 0) mbar_wait(t.sm.bar(TR::kBarVFull + prev.stage), prev.phase);
     named_sync(t.my_turn(), TR::kTurnThreads);
-    if constexpr (kHasNext) {
+    if constexpr (TR::kLagHalf) qk_half<TR>(half_of<TR>(Sc, 1), t.q_desc(), t.k_desc(kv.stage), 1);
+    if constexpr (!kHasNext) {
+        wgmma_commit();  // an empty group: the waits below count the same on every path
+    } else if constexpr (TR::kLagHalf) {
+        qk_half<TR>(Sn, t.q_desc(), t.k_desc(next.stage), 0);
+    } else {
         qk_block<TR>(Sn, t.q_desc(), t.k_desc(next.stage));
-    } else {
-        wgmma_commit();  // an empty group: the waits below count the same on every path
     }
     if (prev_kept != 0) {
         pv_block<TR>(O, P, t.v_desc(prev.stage), prev_kept);
@@ -48,74 +55,21 @@ __device__ __forceinline__ unsigned lag_step(const TileLoop<TR, kCausal, false>&
         wgmma_commit();
     }
     named_arrive(t.their_turn(), TR::kTurnThreads);
-    wgmma_wait<2>();  // block n's S (the group before this turn's two) is in
+    wgmma_wait<2>();  // block n's S is in: the groups before this turn's last two
     float vmx[TR::kKeyHalves][2];
     const PostedGate g = finish_qk<TR, kCausal, false>(t, Sc, n, first, kv, vote_idx, vmx);
     const unsigned kept = gate_resolve<TR>(g, n, t.sm, vote_idx, t.keep_row);
     float alpha[2];
     bool rescale = false;
     if (kept != 0) rescale = softmax_block<TR, true>(Sc, kept, m, l, P, alpha, t.scale_log2, g.gated(), vmx);
-    wgmma_wait<0>();  // the P V is over, and S of block n - 1, issued before it
-    fence_regs(flat(O));
-    fence_regs(P);
-    if (prev_kept == 0) mbar_wait(t.sm.bar(TR::kBarVFull + prev.stage), prev.phase);
-    if (t.lane() == 0) mbar_arrive_cluster<TR::kClusterCtas>(t.sm.bar(TR::kBarVEmpty + prev.stage));
-    if (rescale) rescale_rows(O, alpha);
+    dense_retire(t, prev_kept, prev, O, P, rescale, alpha);
     if (kept != 0) pack_p<TR>(Sc, P);
-    kv.advance();
-    return kept;
-}
-
-// lag_step with half a block ahead (TR::kLagHalf, head dim 128): block
-// n's first half (issued a step earlier) is in Sc's first half; the turn
-// issues its second half, then the next block's first half into En
-// (kHasNext) and the P V of block n + 1, three wgmma groups.  Block n is
-// gated once its second half is in, and En becomes the first half of Sc
-// once everything has retired (32 moves).
-template <class TR, bool kCausal, bool kHasNext>
-__device__ __forceinline__ unsigned lag_step_half(const TileLoop<TR, kCausal, false>& t, int n, int first,
-                                                  unsigned prev_kept, float (&Sc)[TR::kBlockSNBlocks][4],
-                                                  float (&En)[TR::kSNBlocks][4], PipeState<TR::kStages>& kv,
-                                                  unsigned& vote_idx, float (&O)[TR::kONBlocks][4],
-                                                  unsigned (&P)[TR::kKeySteps][4], float (&m)[2], float (&l)[2]) {
-    const PipeState<TR::kStages> prev = kv.previous();
-    PipeState<TR::kStages> next = kv;
-    next.advance();
-    if constexpr (kHasNext) mbar_wait(t.sm.bar(TR::kBarKFull + next.stage), next.phase);
-    if (prev_kept != 0) mbar_wait(t.sm.bar(TR::kBarVFull + prev.stage), prev.phase);
-    named_sync(t.my_turn(), TR::kTurnThreads);
-    qk_half<TR>(half_of<TR>(Sc, 1), t.q_desc(), t.k_desc(kv.stage), 1);
-    if constexpr (kHasNext) {
-        qk_half<TR>(En, t.q_desc(), t.k_desc(next.stage), 0);
-    } else {
-        wgmma_commit();  // an empty group: the waits below count the same on every path
-    }
-    if (prev_kept != 0) {
-        pv_block<TR>(O, P, t.v_desc(prev.stage), prev_kept);
-    } else {
-        wgmma_commit();
-    }
-    named_arrive(t.their_turn(), TR::kTurnThreads);
-    wgmma_wait<2>();  // block n's second half is in
-    float vmx[TR::kKeyHalves][2];
-    const PostedGate g = finish_qk<TR, kCausal, false>(t, Sc, n, first, kv, vote_idx, vmx);
-    const unsigned kept = gate_resolve<TR>(g, n, t.sm, vote_idx, t.keep_row);
-    float alpha[2];
-    bool rescale = false;
-    if (kept != 0) rescale = softmax_block<TR, true>(Sc, kept, m, l, P, alpha, t.scale_log2, g.gated(), vmx);
-    wgmma_wait<0>();
-    fence_regs(flat(O));
-    fence_regs(P);
-    if (prev_kept == 0) mbar_wait(t.sm.bar(TR::kBarVFull + prev.stage), prev.phase);
-    if (t.lane() == 0) mbar_arrive_cluster<TR::kClusterCtas>(t.sm.bar(TR::kBarVEmpty + prev.stage));
-    if (rescale) rescale_rows(O, alpha);
-    if (kept != 0) pack_p<TR>(Sc, P);
-    if constexpr (kHasNext) {
+    if constexpr (TR::kLagHalf && kHasNext) {
         float(&Sc0)[TR::kSNBlocks][4] = half_of<TR>(Sc, 0);
 #pragma unroll
         for (int i = 0; i < TR::kSNBlocks; ++i)
 #pragma unroll
-            for (int j = 0; j < 4; ++j) Sc0[i][j] = En[i][j];
+            for (int j = 0; j < 4; ++j) Sc0[i][j] = Sn[i][j];
     }
     kv.advance();
     return kept;
@@ -155,9 +109,9 @@ __device__ __forceinline__ void consumer_tile_lag(const Params& p, const SmemWs<
         named_arrive(t.their_turn(), TR::kTurnThreads);
 #pragma unroll 1
         for (; n > kb.first; --n) {
-            prev_kept = lag_step_half<TR, kCausal, true>(t, n, kb.first, prev_kept, Sc, En, kv, vote_idx, O, P, m, l);
+            prev_kept = lag_step<TR, kCausal, true>(t, n, kb.first, prev_kept, Sc, En, kv, vote_idx, O, P, m, l);
         }
-        prev_kept = lag_step_half<TR, kCausal, false>(t, n, kb.first, prev_kept, Sc, En, kv, vote_idx, O, P, m, l);
+        prev_kept = lag_step<TR, kCausal, false>(t, n, kb.first, prev_kept, Sc, En, kv, vote_idx, O, P, m, l);
     } else {
     float Sa[TR::kBlockSNBlocks][4], Sb[TR::kBlockSNBlocks][4];
     // The first block's S, alone in its turn.
