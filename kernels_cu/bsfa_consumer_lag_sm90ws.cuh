@@ -27,9 +27,10 @@ namespace bsfa {
 // taken while they run; P takes block n's probabilities once all have
 // retired (waiting for the P V alone, with S still pending, makes ptxas
 // serialise every wgmma: C7515), and kLagHalf moves Sn into Sc's first half
-// (32 moves; Sa / Sb trade roles otherwise).  Returns n's kept halves.
+// (32 moves; Sa / Sb trade roles otherwise).  The tile's first block
+// (n == last) has no previous one to retire.  Returns n's kept halves.
 template <class TR, bool kCausal, bool kHasNext>
-__device__ __forceinline__ unsigned lag_step(const TileLoop<TR, kCausal, false>& t, int n, int first,
+__device__ __forceinline__ unsigned lag_step(const TileLoop<TR, kCausal, false>& t, int n, int first, int last,
                                              unsigned prev_kept, float (&Sc)[TR::kBlockSNBlocks][4],
                                              float (&Sn)[TR::kLagHalf ? TR::kSNBlocks : TR::kBlockSNBlocks][4],
                                              PipeState<TR::kStages>& kv, unsigned& vote_idx,
@@ -62,7 +63,7 @@ __device__ __forceinline__ unsigned lag_step(const TileLoop<TR, kCausal, false>&
     float alpha[2];
     bool rescale = false;
     if (kept != 0) rescale = softmax_block<TR, true>(Sc, kept, m, l, P, alpha, t.scale_log2, g.gated(), vmx);
-    dense_retire(t, prev_kept, prev, O, P, rescale, alpha);
+    dense_retire(t, prev_kept, prev, O, P, rescale, alpha, n != last);
     if (kept != 0) pack_p<TR>(Sc, P);
     if constexpr (TR::kLagHalf && kHasNext) {
         float(&Sc0)[TR::kSNBlocks][4] = half_of<TR>(Sc, 0);
@@ -109,9 +110,9 @@ __device__ __forceinline__ void consumer_tile_lag(const Params& p, const SmemWs<
         named_arrive(t.their_turn(), TR::kTurnThreads);
 #pragma unroll 1
         for (; n > kb.first; --n) {
-            prev_kept = lag_step<TR, kCausal, true>(t, n, kb.first, prev_kept, Sc, En, kv, vote_idx, O, P, m, l);
+            prev_kept = lag_step<TR, kCausal, true>(t, n, kb.first, kb.last, prev_kept, Sc, En, kv, vote_idx, O, P, m, l);
         }
-        prev_kept = lag_step<TR, kCausal, false>(t, n, kb.first, prev_kept, Sc, En, kv, vote_idx, O, P, m, l);
+        prev_kept = lag_step<TR, kCausal, false>(t, n, kb.first, kb.last, prev_kept, Sc, En, kv, vote_idx, O, P, m, l);
     } else {
     float Sa[TR::kBlockSNBlocks][4], Sb[TR::kBlockSNBlocks][4];
     // The first block's S, alone in its turn.
@@ -122,15 +123,15 @@ __device__ __forceinline__ void consumer_tile_lag(const Params& p, const SmemWs<
 #pragma unroll 1
     while (true) {
         if (n == kb.first) {
-            prev_kept = lag_step<TR, kCausal, false>(t, n, kb.first, prev_kept, Sa, Sb, kv, vote_idx, O, P, m, l);
+            prev_kept = lag_step<TR, kCausal, false>(t, n, kb.first, kb.last, prev_kept, Sa, Sb, kv, vote_idx, O, P, m, l);
             break;
         }
-        prev_kept = lag_step<TR, kCausal, true>(t, n, kb.first, prev_kept, Sa, Sb, kv, vote_idx, O, P, m, l);
+        prev_kept = lag_step<TR, kCausal, true>(t, n, kb.first, kb.last, prev_kept, Sa, Sb, kv, vote_idx, O, P, m, l);
         if (--n == kb.first) {
-            prev_kept = lag_step<TR, kCausal, false>(t, n, kb.first, prev_kept, Sb, Sa, kv, vote_idx, O, P, m, l);
+            prev_kept = lag_step<TR, kCausal, false>(t, n, kb.first, kb.last, prev_kept, Sb, Sa, kv, vote_idx, O, P, m, l);
             break;
         }
-        prev_kept = lag_step<TR, kCausal, true>(t, n, kb.first, prev_kept, Sb, Sa, kv, vote_idx, O, P, m, l);
+        prev_kept = lag_step<TR, kCausal, true>(t, n, kb.first, kb.last, prev_kept, Sb, Sa, kv, vote_idx, O, P, m, l);
         --n;
     }
     }

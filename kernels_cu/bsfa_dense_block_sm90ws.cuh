@@ -40,16 +40,22 @@ __device__ __forceinline__ void dense_turn(const TileLoop<TR, kCausal, kVarlen>&
 
 // The end of a dense step, once the softmax is done: waits for the P V,
 // hands the previous block's V slot back (after its copy landed, where it
-// was not multiplied) and rescales O.
+// was not multiplied) and rescales O.  has_prev false (the work tile's first
+// block, in the lagged gate's steps): no previous block of this tile, no
+// slot to hand back -- another tile's slot released twice puts the ring's
+// phases out of step with the producer's, which then hangs.
 template <class TR, bool kCausal, bool kVarlen>
 __device__ __forceinline__ void dense_retire(const TileLoop<TR, kCausal, kVarlen>& t, unsigned prev_kept,
                                              const PipeState<TR::kStages>& prev, float (&O)[TR::kONBlocks][4],
-                                             unsigned (&P)[TR::kKeySteps][4], bool rescale, const float (&alpha)[2]) {
+                                             unsigned (&P)[TR::kKeySteps][4], bool rescale, const float (&alpha)[2],
+                                             bool has_prev = true) {
     wgmma_wait<0>();
     fence_regs(flat(O));
     fence_regs(P);
-    if (prev_kept == 0) mbar_wait(t.sm.bar(TR::kBarVFull + prev.stage), prev.phase);
-    if (t.lane() == 0) mbar_arrive_cluster<TR::kClusterCtas>(t.sm.bar(TR::kBarVEmpty + prev.stage));
+    if (has_prev) {
+        if (prev_kept == 0) mbar_wait(t.sm.bar(TR::kBarVFull + prev.stage), prev.phase);
+        if (t.lane() == 0) mbar_arrive_cluster<TR::kClusterCtas>(t.sm.bar(TR::kBarVEmpty + prev.stage));
+    }
     if (rescale) rescale_rows(O, alpha);
 }
 

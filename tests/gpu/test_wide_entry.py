@@ -48,8 +48,8 @@ def _route(monkeypatch, wide: list, seen: list, force: bool = True):
             spied = dataclasses.replace(mod, **kerns)
             if wide[0]:
                 cache[(key, True)] = spied.wide_rows() if force else spied
-            else:
-                cache[(key, False)] = spied.wide_rows(False)
+            else:  # bsfa_fwd_dense itself, not the cluster entries that even groups take
+                cache[(key, False)] = dataclasses.replace(spied.wide_rows(False), dense_clusters=False)
         return cache[(key, wide[0])]
 
     monkeypatch.setattr(ops, "get_module", get_module)
@@ -116,8 +116,9 @@ def test_routing_long_dense_calls_without_keep_only(monkeypatch):
 
     rng = np.random.default_rng(7)
     n = _kernels.WIDE_MIN_Q_TILES * 128
-    # 2 x 16 heads x 16 query tiles fill the GPU: no split-KV
-    q, k, v = map(cp.asarray, random_inputs(rng, 2, n, n, 16, 4, 64, "float16"))
+    # 2 x 16 heads x 16 query tiles fill the GPU: no split-KV; MHA, so that the shorter call's dense entry is
+    # bsfa_fwd_dense, not the cluster entry of even groups
+    q, k, v = map(cp.asarray, random_inputs(rng, 2, n, n, 16, 16, 64, "float16"))
     wide, seen = [True], []
     _route(monkeypatch, wide, seen, force=False)
     bsfa_cupy.attention(q, k, v, backend="sm90ws")
