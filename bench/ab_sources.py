@@ -11,9 +11,8 @@ Usage (two steps, the first where git is, the second on the GPU machine):
       library's own module with its cluster entries (bsfa_fwd_mc, bsfa_fwd_dense_mc, bsfa_block_max_mc)
       in the plain ones' places; NAME=@pair runs its dense calls on bsfa_fwd_dense_pair (clusters of two
       query tiles of one head, any GQA group); NAME=@nowide keeps the dense calls of head dim 64 off
-      bsfa_fwd_dense_wide (192-row tiles), on bsfa_fwd_dense; NAME=@bmqrs runs block_max_scores on
-      bsfa_block_max_qrs (Q in registers); NAME=@qrs runs every unsplit dense call on bsfa_fwd_dense_qrs
-      (head dim 128, Q in registers), NAME=@plain on bsfa_fwd_dense (neither cluster nor wide entries);
+      bsfa_fwd_dense_wide (192-row tiles), on bsfa_fwd_dense; NAME=@plain runs every unsplit dense call on
+      bsfa_fwd_dense (neither cluster nor wide entries);
       NAME=@lag runs calls with thresholds on bsfa_fwd_lag (S a block ahead of the gate; half at head dim 128).
       --block-max also times block_max_scores per build.
 Per case (B=1, Hq=32, causal unless noted): torch SDPA's cuDNN backend, then per build dense and sparse
@@ -95,7 +94,7 @@ def time_builds(specs, cases, out_dir, block_max=False):
     builds = {}
     for spec in specs:
         name, _, rest = spec.partition("=")
-        if rest in ("@mc", "@pair", "@nowide", "@bmqrs", "@qrs", "@plain", "@lag"):
+        if rest in ("@mc", "@pair", "@nowide", "@plain", "@lag"):
             builds[name] = rest
             continue
         path, _, dense_entry = rest.partition(":")
@@ -112,10 +111,6 @@ def time_builds(specs, cases, out_dir, block_max=False):
             return mod
         if builds[b] == "@nowide":
             return mod.wide_rows(False)
-        if builds[b] == "@bmqrs":
-            return mod.block_max_q_regs()
-        if builds[b] == "@qrs":
-            return mod.dense_q_regs()
         if builds[b] == "@lag":
             return mod.lagged_gate()
         if builds[b] == "@plain":

@@ -10,9 +10,10 @@
 # racecheck, the slow tool, gets 300: over every kernel's cases it outgrew 90 s once split-KV joined them)
 # and the whole call T_TOTAL (default 570 s), so it ends within ~10 minutes on a fresh machine. With three kernels
 # on Hopper the stages no longer fit one such call: run `gpu_check.sh compile tests` (the GPU suite with the
-# hypothesis profile `ci` took ~4 minutes on an H200 before the entries tested in test_wide_entry.py,
-# test_q_regs_entries.py and test_lagged_gate.py joined it; PYTEST_ADDOPTS="-k ..." or "--deselect ..." splits it
-# over two calls if it outgrows one) and `gpu_check.sh compile sanitize bench` as two calls.
+# hypothesis profile `ci` took ~4 minutes on an H200 with every entry's tests, ~3.5 without test_lagged_gate.py;
+# without the compile stage every changed variant compiles inside the tests and they outgrow the call;
+# PYTEST_ADDOPTS="-k ..." or "--deselect ..." splits them over two calls if they outgrow one) and
+# `gpu_check.sh compile sanitize bench` as two calls.
 # HYPOTHESIS_PROFILE (default ci) picks the examples; `gpu` draws many more and needs a longer T_TESTS.
 # SANITIZE_ARGS go to sanitize_cases.py, e.g. "--backend sm90ws --clusters" for the sm90ws cluster entries
 # ("--backend sm90ws --pair-tiles" for the tile-pair entry).

@@ -16,8 +16,6 @@ bsfa_block_max_mc) in place of the plain ones (every case here has a GQA group o
 --pair-tiles: their dense calls run bsfa_fwd_dense_pair (clusters of two query tiles of one head) instead.
 --wide-rows: the sm90ws modules of head dim 64 run every dense call on bsfa_fwd_dense_wide (192-row tiles),
 those asking for keep included (keep is then left unwritten).
---block-max-q-regs: the sm90ws modules run block_max_scores on bsfa_block_max_qrs (Q in registers).
---dense-q-regs: those of head dim 128 run every unsplit dense call on bsfa_fwd_dense_qrs (Q in registers).
 --lagged-gate: they run every unsplit call with thresholds on bsfa_fwd_lag.
 """
 import argparse
@@ -54,7 +52,6 @@ def _swap_sm90ws(method: str) -> None:
 
 
 for flag, method in (("clusters", "clustered"), ("pair_tiles", "tile_pairs"), ("wide_rows", "wide_rows"),
-                     ("block_max_q_regs", "block_max_q_regs"), ("dense_q_regs", "dense_q_regs"),
                      ("lagged_gate", "lagged_gate")):
     if getattr(args, flag):
         _swap_sm90ws(method)

@@ -106,10 +106,6 @@ class Module:
     # forward() takes for dense calls without keep while dense_wide is True
     fwd_dense_wide: Kernel | None = None
     dense_wide: bool = True
-    # sm90ws: bsfa_block_max with Q in registers (bsfa_block_max_qrs), and at head dim 128 bsfa_fwd_dense so
-    # (bsfa_fwd_dense_qrs); not routed, see block_max_q_regs() and dense_q_regs()
-    block_max_qrs: Kernel | None = None
-    fwd_dense_qrs: Kernel | None = None
     # sm90ws: bsfa_fwd with S a block (head dim 128: half a block) ahead of the gate exchange; not routed, see
     # lagged_gate()
     fwd_lag: Kernel | None = None
@@ -149,20 +145,6 @@ class Module:
         if not on:
             return dataclasses.replace(self, dense_wide=False)
         return dataclasses.replace(self, fwd_dense=self.fwd_dense_wide, dense_wide=False, dense_clusters=False)
-
-    def block_max_q_regs(self) -> Module:
-        """This module with block_max_scores on bsfa_block_max_qrs (Q in registers, the same results); itself
-        where it has none. Not routed yet: for tests and benchmarks."""
-        if self.block_max_qrs is None:
-            return self
-        return dataclasses.replace(self, block_max=self.block_max_qrs)
-
-    def dense_q_regs(self) -> Module:
-        """This module with every unsplit dense call on bsfa_fwd_dense_qrs (Q in registers, the same results),
-        whatever the group; itself where it has none (head dim 64). Not routed yet: for tests and benchmarks."""
-        if self.fwd_dense_qrs is None:
-            return self
-        return dataclasses.replace(self, fwd_dense=self.fwd_dense_qrs, dense_clusters=False, dense_wide=False)
 
     def lagged_gate(self) -> Module:
         """This module with every unsplit call with thresholds on bsfa_fwd_lag (S a block, at head dim 128 half
@@ -291,11 +273,8 @@ def get_module(key: VariantKey, backend: Backend, device_id: int) -> Module:
             split = {e: _kernel(raw, "bsfa_" + e, "BSFA_FWD", grid_kind, sms, fwd.tma, 3) for e in entries}
             split.update(split_pack_q_box=_read_int(raw, "BSFA_FWD_SPLIT_PACK_Q_BOX"),
                          combine=raw.get_function("bsfa_combine"), combine_warps=_read_int(raw, "BSFA_COMBINE_WARPS"))
-            split["block_max_qrs"] = _kernel(raw, "bsfa_block_max_qrs", "BSFA_BLOCK_MAX", grid_kind, sms, bmax.tma, 2)
             if _read_int(raw, "BSFA_FWD_LAG"):
                 split["fwd_lag"] = _kernel(raw, "bsfa_fwd_lag", "BSFA_FWD", grid_kind, sms, fwd.tma, 3)
-            if _read_int(raw, "BSFA_FWD_DENSE_QRS"):
-                split["fwd_dense_qrs"] = _kernel(raw, "bsfa_fwd_dense_qrs", "BSFA_FWD", grid_kind, sms, fwd.tma, 3)
             if _read_int(raw, "BSFA_FWD_WIDE_THREADS"):
                 split["fwd_dense_wide"] = dataclasses.replace(
                     _kernel(raw, "bsfa_fwd_dense_wide", "BSFA_FWD_WIDE", grid_kind, sms, fwd.tma, 3),

@@ -109,8 +109,6 @@ __device__ __forceinline__ void consumer_tile(const Params& p, const SmemWs<TR>&
     }
     mbar_wait(sm.bar(TR::kBarQFull), q_phase);
     q_phase ^= 1u;
-    unsigned Qf[TR::kDSteps][4];  // TR::kQInRegs: this warpgroup's rows of Q
-    if constexpr (TR::kQInRegs) load_q_frags<TR>(sm.q(), t.wg(), Qf);
     // Dense: O (zero here) opaque from now on, so that no zero is folded into
     // the first P V's accumulators, a definition inside its wgmma stage
     // (C7515).  The gated loop's P V is conditional and never sees one.
@@ -124,7 +122,7 @@ __device__ __forceinline__ void consumer_tile(const Params& p, const SmemWs<TR>&
     // The first block: nothing to overlap with yet, and O is still zero.
     mbar_wait(sm.bar(TR::kBarKFull + kv.stage), kv.phase);
     named_sync(my_turn, TR::kTurnThreads);
-    qk_block_from<TR>(S, t.q_desc(), Qf, k_desc(kv.stage));
+    qk_block<TR>(S, t.q_desc(), k_desc(kv.stage));
     named_arrive(their_turn, TR::kTurnThreads);
     wgmma_wait<0>();
     float vmx[TR::kKeyHalves][2];
@@ -200,21 +198,21 @@ __device__ __forceinline__ void consumer_tile(const Params& p, const SmemWs<TR>&
 #pragma unroll 1
             for (--n; n >= kb.first && (prev_kept != kBoth || halves_within<TR>(n, own_c_end) != kBoth); --n) {
                 prev_kept = dense_block_partial<TR, kCausal, kVarlen>(t, n, kb.first, prev_kept,
-                                                                      halves_within<TR>(n, own_c_end), Qf, kv, O, P,
+                                                                      halves_within<TR>(n, own_c_end), kv, O, P,
                                                                       m, l);
             }
 #pragma unroll 1
-            for (; n >= kb.first; --n) dense_block<TR, kCausal, kVarlen>(t, n, kb.first, kBoth, Qf, kv, O, P, m, l);
+            for (; n >= kb.first; --n) dense_block<TR, kCausal, kVarlen>(t, n, kb.first, kBoth, kv, O, P, m, l);
         } else {
         // The second block takes the first's P V, which may hold one half;
         // from the third on, both halves of both blocks.
         if (--n >= kb.first) {
-            dense_block<TR, kCausal, kVarlen>(t, n, kb.first, prev_kept, Qf, kv, O, P, m, l);
+            dense_block<TR, kCausal, kVarlen>(t, n, kb.first, prev_kept, kv, O, P, m, l);
             prev_kept = (1u << TR::kKeyHalves) - 1;
         }
 #pragma unroll 1
         for (--n; n >= kb.first; --n) {
-            dense_block<TR, kCausal, kVarlen>(t, n, kb.first, (1u << TR::kKeyHalves) - 1, Qf, kv, O, P, m, l);
+            dense_block<TR, kCausal, kVarlen>(t, n, kb.first, (1u << TR::kKeyHalves) - 1, kv, O, P, m, l);
         }
         }
     }
@@ -263,7 +261,7 @@ __device__ __forceinline__ void consumer_loop(const Params& p, const SmemWs<TR>&
     static_assert(!TR::kPairTiles || (!kVarlen && !kSplit && !kGated), "tile pairs: dense fixed-length calls only");
     static_assert(TR::kBsfaRows || (!kVarlen && !kSplit && !kGated && !TR::kPairTiles),
                   "tiles of other than the BSFA tile's rows: dense fixed-length calls only, without keep");
-    static_assert(!TR::kQInRegs || (!kVarlen && !kSplit && !kGated), "Q in registers: dense fixed-length calls only");
+    static_assert(!TR::kQInRegs, "Q in registers: bsfa_block_max only");
     static_assert(!TR::kLagGate || (!kVarlen && !kSplit && kGated && TR::kBsfaRows && !TR::kPackHeads),
                   "the lagged gate: gated fixed-length calls, one head a 128-row tile");
     const ConsumerThread ct(wg, tid);

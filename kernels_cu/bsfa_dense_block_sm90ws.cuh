@@ -22,13 +22,13 @@ namespace bsfa {
 // hands the turn on and waits for S; P V may still run.
 template <class TR, bool kCausal, bool kVarlen>
 __device__ __forceinline__ void dense_turn(const TileLoop<TR, kCausal, kVarlen>& t, unsigned prev_kept,
-                                           const unsigned (&Qf)[TR::kDSteps][4], const PipeState<TR::kStages>& kv,
+                                           const PipeState<TR::kStages>& kv,
                                            const PipeState<TR::kStages>& prev, float (&S)[TR::kBlockSNBlocks][4],
                                            float (&O)[TR::kONBlocks][4], const unsigned (&P)[TR::kKeySteps][4]) {
     mbar_wait(t.sm.bar(TR::kBarKFull + kv.stage), kv.phase);
     if (prev_kept != 0) mbar_wait(t.sm.bar(TR::kBarVFull + prev.stage), prev.phase);
     named_sync(t.my_turn(), TR::kTurnThreads);
-    qk_block_from<TR>(S, t.q_desc(), Qf, t.k_desc(kv.stage));
+    qk_block<TR>(S, t.q_desc(), t.k_desc(kv.stage));
     if (prev_kept != 0) {
         pv_block<TR>(O, P, t.v_desc(prev.stage), prev_kept);
     } else {
@@ -67,14 +67,13 @@ __device__ __forceinline__ void dense_retire(const TileLoop<TR, kCausal, kVarlen
 // bookkeeping cost dense calls 5-12 % (bench/NOTES.md, v17).
 template <class TR, bool kCausal, bool kVarlen>
 __device__ __forceinline__ void dense_block(const TileLoop<TR, kCausal, kVarlen>& t, int n, int first,
-                                            unsigned prev_kept, const unsigned (&Qf)[TR::kDSteps][4],
-                                            PipeState<TR::kStages>& kv,
+                                            unsigned prev_kept, PipeState<TR::kStages>& kv,
                                             float (&O)[TR::kONBlocks][4], unsigned (&P)[TR::kKeySteps][4],
                                             float (&m)[2], float (&l)[2]) {
     constexpr unsigned kBoth = (1u << TR::kKeyHalves) - 1;
     const PipeState<TR::kStages> prev = kv.previous();
     float S[TR::kBlockSNBlocks][4];
-    dense_turn(t, prev_kept, Qf, kv, prev, S, O, P);
+    dense_turn(t, prev_kept, kv, prev, S, O, P);
     finish_qk_dense<TR, kCausal, kVarlen>(t, S, n, first, kv);
     float alpha[2];
     float no_vmx[TR::kKeyHalves][2];  // not read: the softmax takes its own row maxima (have_vmx 0)
@@ -110,13 +109,13 @@ __device__ __forceinline__ unsigned halves_within(int n, int c_end) {
 template <class TR, bool kCausal, bool kVarlen>
 __device__ __forceinline__ unsigned dense_block_partial(const TileLoop<TR, kCausal, kVarlen>& t, int n, int first,
                                                         unsigned prev_kept, unsigned own,
-                                                        const unsigned (&Qf)[TR::kDSteps][4], PipeState<TR::kStages>& kv,
+                                                        PipeState<TR::kStages>& kv,
                                                         float (&O)[TR::kONBlocks][4], unsigned (&P)[TR::kKeySteps][4],
                                                         float (&m)[2], float (&l)[2]) {
     static_assert(TR::kLatePack, "the 192-row entry packs P late");
     const PipeState<TR::kStages> prev = kv.previous();
     float S[TR::kBlockSNBlocks][4];
-    dense_turn(t, prev_kept, Qf, kv, prev, S, O, P);
+    dense_turn(t, prev_kept, kv, prev, S, O, P);
     const unsigned kept = finish_qk_dense<TR, kCausal, kVarlen>(t, S, n, first, kv) & own;
     float alpha[2];
     float no_vmx[TR::kKeyHalves][2];  // not read (have_vmx 0)

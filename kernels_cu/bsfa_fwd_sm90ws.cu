@@ -33,9 +33,9 @@
 // 2 * min(SMs / 2, tiles / 2).  bsfa_fwd_dense_pair (head dim 128, any GQA
 // group): bsfa_fwd_dense on clusters of two neighbouring query tiles of one
 // head, on a grid of 2 * min(SMs / 2, ceil(nQ / 2) * B * Hq).
-// bsfa_block_max_qrs and bsfa_fwd_dense_qrs (head dim 128,
-// BSFA_FWD_DENSE_QRS = 1): bsfa_block_max and bsfa_fwd_dense with Q in
-// registers (the same arguments and launch).
+// bsfa_fwd_lag (BSFA_FWD_LAG = 1): bsfa_fwd with S a block (at head dim
+// 128 half a block) ahead of the gate exchange, the same arguments, launch
+// and results; not routed.
 // bsfa_fwd_dense_wide (head dim 64; BSFA_FWD_WIDE_THREADS != 0):
 // bsfa_fwd_dense on 192-row query tiles, three consumer warpgroups
 // (TraitsSm90WsWide), BSFA_FWD_WIDE_THREADS threads and
@@ -155,19 +155,12 @@ extern "C" __global__ void __launch_bounds__(32 * bsfa::kCombineWarps)
     bsfa::combine_kernel<BSFA_HEAD_DIM, BSFA_DTYPE == 1>(p);
 }
 
-extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
-    bsfa_block_max(const __grid_constant__ bsfa::Params p, const __grid_constant__ bsfa::TmaDesc tq,
-                   const __grid_constant__ bsfa::TmaDesc tk) {
-    bsfa::kernel_sm90ws<TR, kCausal, false>(p, tq, tk, tk);
-}
-
-// bsfa_block_max with each consumer warpgroup's rows of Q in registers
-// (TraitsSm90WsQRegs): the same arguments, launch and results.
+// Each consumer warpgroup's rows of Q in registers (TraitsSm90WsQRegs).
 using TRQRegs = bsfa::TraitsSm90WsQRegs<BSFA_HEAD_DIM, BSFA_DTYPE == 1>;
 
 extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
-    bsfa_block_max_qrs(const __grid_constant__ bsfa::Params p, const __grid_constant__ bsfa::TmaDesc tq,
-                       const __grid_constant__ bsfa::TmaDesc tk) {
+    bsfa_block_max(const __grid_constant__ bsfa::Params p, const __grid_constant__ bsfa::TmaDesc tq,
+                   const __grid_constant__ bsfa::TmaDesc tk) {
     bsfa::kernel_sm90ws<TRQRegs, kCausal, false>(p, tq, tk, tk);
 }
 
@@ -181,20 +174,6 @@ extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
                  const __grid_constant__ bsfa::TmaDesc tk, const __grid_constant__ bsfa::TmaDesc tv) {
     bsfa::kernel_sm90ws<TRLag, kCausal, true>(p, tq, tk, tv);
 }
-
-// bsfa_fwd_dense with Q in registers (head dim 128; BSFA_FWD_DENSE_QRS 1):
-// the same arguments, launch and results.
-#if BSFA_HEAD_DIM == 128
-extern "C" __constant__ int BSFA_FWD_DENSE_QRS = 1;
-
-extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
-    bsfa_fwd_dense_qrs(const __grid_constant__ bsfa::Params p, const __grid_constant__ bsfa::TmaDesc tq,
-                       const __grid_constant__ bsfa::TmaDesc tk, const __grid_constant__ bsfa::TmaDesc tv) {
-    bsfa::kernel_sm90ws<TRQRegs, kCausal, true, false, false, false>(p, tq, tk, tv);
-}
-#else
-extern "C" __constant__ int BSFA_FWD_DENSE_QRS = 0;
-#endif
 
 #if BSFA_HEAD_DIM % 128 == 0
 // Two query heads of a GQA group at the same query tile per cluster of two

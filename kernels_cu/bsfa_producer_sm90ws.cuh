@@ -117,8 +117,27 @@ __device__ __forceinline__ void producer_loop(const Params& p, const TmaDesc& tq
         for (int n = kb.last; n >= kb.first; --n) {
             const int s = kv.stage;
             const int key0 = pr.k_row + n * TR::kBlockKeys;
-            fill_slot<TR, TR::kKVPanelBytes, kC>(sm.k() + s * TR::kKVBytes, tk, sm.bar(TR::kBarKEmpty + s),
-                                                 sm.bar(TR::kBarKFull + s), kv.phase ^ 1u, key0, hkv, bc);
+            if constexpr (TR::kKAhead && kLoadV) {
+                // K a block ahead of V: the next block's K goes out before this
+                // block's V, as soon as its slot is free.  The lagged gate waits
+                // for it before the current block's turn; behind V it came a
+                // block late (bench/NOTES.md, v22).
+                if (n == kb.last) {
+                    fill_slot<TR, TR::kKVPanelBytes, kC>(sm.k() + s * TR::kKVBytes, tk, sm.bar(TR::kBarKEmpty + s),
+                                                         sm.bar(TR::kBarKFull + s), kv.phase ^ 1u, key0, hkv, bc);
+                }
+                if (n > kb.first) {
+                    PipeState<TR::kStages> nx = kv;
+                    nx.advance();
+                    fill_slot<TR, TR::kKVPanelBytes, kC>(sm.k() + nx.stage * TR::kKVBytes, tk,
+                                                         sm.bar(TR::kBarKEmpty + nx.stage),
+                                                         sm.bar(TR::kBarKFull + nx.stage), nx.phase ^ 1u,
+                                                         key0 - TR::kBlockKeys, hkv, bc);
+                }
+            } else {
+                fill_slot<TR, TR::kKVPanelBytes, kC>(sm.k() + s * TR::kKVBytes, tk, sm.bar(TR::kBarKEmpty + s),
+                                                     sm.bar(TR::kBarKFull + s), kv.phase ^ 1u, key0, hkv, bc);
+            }
             if constexpr (kLoadV) {
                 fill_slot<TR, TR::kKVPanelBytes, kC>(sm.v() + s * TR::kKVBytes, tv, sm.bar(TR::kBarVEmpty + s),
                                                      sm.bar(TR::kBarVFull + s), kv.phase ^ 1u, key0, hkv, bc);

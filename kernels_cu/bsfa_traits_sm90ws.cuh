@@ -144,11 +144,15 @@ struct TraitsSm90Ws : TileShape {
     // A cluster's CTAs take two query tiles of one head (TraitsSm90WsPair),
     // not two heads of one GQA group.
     static constexpr bool kPairTiles = false;
-    // bsfa_block_max's S = Q K^T with Q in registers (TraitsSm90WsQRegs).
+    // bsfa_block_max's S = Q K^T with Q in registers (TraitsSm90WsQRegs;
+    // the cluster entry bsfa_block_max_mc reads Q from shared memory).
     static constexpr bool kQInRegs = false;
     // The gated loop with S a block ahead (TraitsSm90WsLag), or half of it.
     static constexpr bool kLagGate = false;
     static constexpr bool kLagHalf = false;
+    // The producer loads each block's K before the previous block's V
+    // (TraitsSm90WsLag), not after.
+    static constexpr bool kKAhead = false;
 };
 
 // The cluster entries (bsfa_fwd_mc, bsfa_fwd_dense_mc, bsfa_block_max_mc):
@@ -198,17 +202,14 @@ struct TraitsSm90WsWide : TraitsSm90Ws<kHeadDim_, kBf16_, 3> {
     using BsfaTile = TraitsSm90Ws<kHeadDim_, kBf16_>;
 };
 
-// bsfa_block_max_qrs and bsfa_fwd_dense_qrs: each consumer warpgroup's 64
-// rows of Q loaded into registers once per work tile (the A operand of a
-// register-sourced wgmma), so that the tensor cores read only K from shared
-// memory for S: per m64n128k16 step 4 KB instead of 6, with the TMA's writes
-// beside them.  Tests whether shared-memory bandwidth caps the tensor pipe
-// (bench/NOTES.md, v16 and v21).  The forward's 32 registers of Q come from
-// the next P, packed late as with three consumer warpgroups.
+// bsfa_block_max: each consumer warpgroup's 64 rows of Q loaded into
+// registers once per work tile (the A operand of a register-sourced wgmma),
+// so that the tensor cores read only K from shared memory for S: per
+// m64n128k16 step 4 KB instead of 6.  3-6 % faster on an H200; the same
+// for the dense forward gained nothing and was dropped (bench/NOTES.md, v22).
 template <int kHeadDim_, bool kBf16_>
 struct TraitsSm90WsQRegs : TraitsSm90Ws<kHeadDim_, kBf16_> {
     static constexpr bool kQInRegs = true;
-    static constexpr bool kLatePack = true;
 };
 
 // bsfa_fwd_lag: bsfa_fwd whose consumers issue S of the next block before
@@ -223,6 +224,9 @@ struct TraitsSm90WsLag : TraitsSm90Ws<kHeadDim_, kBf16_> {
     static constexpr bool kLagHalf = kHeadDim_ > 64;
     static constexpr bool kLagGate = true;
     static constexpr bool kLatePack = true;
+    // S of the next block is issued before the current block's gate, so its
+    // K must not wait behind the current block's V in the producer's order.
+    static constexpr bool kKAhead = true;
 };
 
 // The two-head tile of the split entry's short chunks (bsfa_fwd_split_pack):

@@ -205,17 +205,6 @@ def test_a_clustered_module_loads_its_cluster_entries_once_into_the_plain_places
     assert d64.wide_rows().forward(False, 4, 300, keep=True) is wide and d64.wide_rows().fwd is plain
     assert module("sm90ws").wide_rows().fwd_dense is plain  # no wide entry: itself
     assert wide.box_rows() == (192, 128, 128) and plain.box_rows() == (128, 128, 128)
-    # block_max_q_regs(): block_max_scores on bsfa_block_max_qrs where the module has it; never routed by calls
-    qrs = Kernel(fn="qrs", threads=384, smem=0, grid_kind=2, sms=132, tma=128)
-    with_qrs = dataclasses.replace(module("sm90ws"), block_max_qrs=qrs)
-    assert with_qrs.block_max is plain and with_qrs.block_max_q_regs().block_max is qrs
-    assert module("sm90ws").block_max_q_regs().block_max is plain
-    # dense_q_regs(): every dense call on bsfa_fwd_dense_qrs, whatever the group; never routed by calls
-    dq = Kernel(fn="dqrs", threads=384, smem=0, grid_kind=2, sms=132, tma=128)
-    with_dq = dataclasses.replace(module("sm90ws"), fwd_dense_qrs=dq)
-    assert with_dq.forward(False, 1) is plain and [with_dq.dense_q_regs().forward(False, g).fn for g in (1, 4)] == [
-        "dqrs", "dqrs"]
-    assert with_dq.dense_q_regs().forward(True, 4) is plain and module("sm90ws").dense_q_regs().fwd_dense is plain
     # lagged_gate(): calls with thresholds on bsfa_fwd_lag; dense ones keep theirs
     lag = Kernel(fn="lag", threads=384, smem=0, grid_kind=2, sms=132, tma=128)
     with_lag = dataclasses.replace(module("sm90ws"), fwd_lag=lag).lagged_gate()

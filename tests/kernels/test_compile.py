@@ -46,7 +46,7 @@ KERNELS = ("bsfa_fwd", "bsfa_fwd_varlen", "bsfa_block_max")
 #: Sources with entry points and launch globals of their own (not those of KERNELS / GLOBALS).
 SOURCE_KERNELS = {SPLITKV_SOURCE: ("bsfa_fwd_split16", "bsfa_fwd_split64", "bsfa_fwd_split128", "bsfa_combine"),
                   SM90WS_SOURCE: (*KERNELS, "bsfa_fwd_dense", "bsfa_fwd_split", "bsfa_fwd_split_pack",
-                                 "bsfa_fwd_split_dense", "bsfa_fwd_split_pack_dense", "bsfa_block_max_qrs",
+                                 "bsfa_fwd_split_dense", "bsfa_fwd_split_pack_dense",
                                  "bsfa_fwd_lag", "bsfa_combine")}
 SOURCE_GLOBALS = {
     SPLITKV_SOURCE: ("BSFA_SPLIT16_THREADS", "BSFA_SPLIT16_SMEM_BYTES", "BSFA_SPLIT64_THREADS",
@@ -56,9 +56,9 @@ SOURCE_GLOBALS = {
 #: Entry points a source does not have (none today: every source exports all three).
 MISSING_KERNELS: dict[str, tuple[str, ...]] = {}
 #: Entries of head dim 128 only: the cluster entries (an even number of 64-column panels to share between two
-#: CTAs) and the dense entry with Q in registers.
+#: CTAs).
 CLUSTER_KERNELS = {SM90WS_SOURCE: ("bsfa_fwd_mc", "bsfa_fwd_dense_mc", "bsfa_block_max_mc",
-                                   "bsfa_fwd_dense_pair", "bsfa_fwd_dense_qrs")}
+                                   "bsfa_fwd_dense_pair")}
 #: Entries of head dim 64 only, and the registers a thread of theirs gets at launch: bsfa_fwd_dense_wide's
 #: 512 threads (three consumer warpgroups) leave 65536 / 512.
 WIDE_KERNELS = {SM90WS_SOURCE: {"bsfa_fwd_dense_wide": 65536 // 512 // 8 * 8}}
@@ -76,7 +76,7 @@ GLOBALS = (
 )
 SOURCE_GLOBALS[SM90WS_SOURCE] = (*GLOBALS, "BSFA_COMBINE_WARPS", "BSFA_FWD_SPLIT_PACK_Q_BOX", "BSFA_FWD_MC",
                                  "BSFA_FWD_WIDE_THREADS", "BSFA_FWD_WIDE_SMEM_BYTES", "BSFA_FWD_WIDE_Q_BOX",
-                                 "BSFA_FWD_DENSE_QRS", "BSFA_FWD_LAG")
+                                 "BSFA_FWD_LAG")
 #: Registers a thread of every warp-specialised entry at launch: __launch_bounds__(384, 1) lets ptxas use
 #: 65536 / 384 rounded down to a multiple of 8.
 WS_LAUNCH_REGS = 65536 // 384 // 8 * 8
