@@ -13,7 +13,7 @@ Usage (two steps, the first where git is, the second on the GPU machine):
       query tiles of one head, any GQA group); NAME=@nowide keeps the dense calls of head dim 64 off
       bsfa_fwd_dense_wide (192-row tiles), on bsfa_fwd_dense; NAME=@plain runs every unsplit dense call on
       bsfa_fwd_dense (neither cluster nor wide entries);
-      NAME=@lag runs calls with thresholds on bsfa_fwd_lag (S a block ahead of the gate; half at head dim 128).
+      NAME=@lag runs calls with thresholds on bsfa_fwd_lag (S a block ahead of the gate, votes posted early).
       --block-max also times block_max_scores per build.
 Per case (B=1, Hq=32, causal unless noted): torch SDPA's cuDNN backend, then per build dense and sparse
 (rho of the gated tiles kept, thresholds from the inputs' tile maxima, as `bsfa bench` sets them), timed in

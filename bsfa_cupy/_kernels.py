@@ -106,8 +106,7 @@ class Module:
     # forward() takes for dense calls without keep while dense_wide is True
     fwd_dense_wide: Kernel | None = None
     dense_wide: bool = True
-    # sm90ws: bsfa_fwd with S a block (head dim 128: half a block) ahead of the gate exchange; not routed, see
-    # lagged_gate()
+    # sm90ws: bsfa_fwd with S a block ahead of the gate exchange; not routed, see lagged_gate()
     fwd_lag: Kernel | None = None
     _clustered: Module | None = dataclasses.field(default=None, repr=False)  # clustered(), once loaded
 
@@ -147,9 +146,8 @@ class Module:
         return dataclasses.replace(self, fwd_dense=self.fwd_dense_wide, dense_wide=False, dense_clusters=False)
 
     def lagged_gate(self) -> Module:
-        """This module with every unsplit call with thresholds on bsfa_fwd_lag (S a block, at head dim 128 half
-        a block, ahead of the gate exchange; the same results); itself where it has none. Not routed yet: for
-        tests and benchmarks."""
+        """This module with every unsplit call with thresholds on bsfa_fwd_lag (S a block ahead of the gate
+        exchange; the same results); itself where it has none. Not routed yet: for tests and benchmarks."""
         if self.fwd_lag is None:
             return self
         return dataclasses.replace(self, fwd=self.fwd_lag)
@@ -274,7 +272,7 @@ def get_module(key: VariantKey, backend: Backend, device_id: int) -> Module:
             split.update(split_pack_q_box=_read_int(raw, "BSFA_FWD_SPLIT_PACK_Q_BOX"),
                          combine=raw.get_function("bsfa_combine"), combine_warps=_read_int(raw, "BSFA_COMBINE_WARPS"))
             if _read_int(raw, "BSFA_FWD_LAG"):
-                split["fwd_lag"] = _kernel(raw, "bsfa_fwd_lag", "BSFA_FWD", grid_kind, sms, fwd.tma, 3)
+                split["fwd_lag"] = _kernel(raw, "bsfa_fwd_lag", "BSFA_FWD_LAG", grid_kind, sms, fwd.tma, 3)
             if _read_int(raw, "BSFA_FWD_WIDE_THREADS"):
                 split["fwd_dense_wide"] = dataclasses.replace(
                     _kernel(raw, "bsfa_fwd_dense_wide", "BSFA_FWD_WIDE", grid_kind, sms, fwd.tma, 3),

@@ -72,29 +72,6 @@ __device__ __forceinline__ void qk_block(float (&S)[TR::kBlockSNBlocks][4], unsi
     wgmma_commit();
 }
 
-// S of one 64-key half h of a block (an m64n64 wgmma group) into Sh, the
-// half's accumulators: rows 64 h .. of every panel of the K slot.
-template <class TR>
-__device__ __forceinline__ void qk_half(float (&Sh)[TR::kSNBlocks][4], unsigned long long q_desc,
-                                        unsigned long long k_desc, int h) {
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < TR::kDSteps; ++kk) {
-        const unsigned col = (kk % TR::kStepsPerPanel) * TR::kMmaK * TR::kElemBytes;
-        const unsigned pn = kk / TR::kStepsPerPanel;
-        wgmma_ss_n64<TR::kBf16>(flat(Sh), desc_add(q_desc, pn * TR::kQPanelBytes + col),
-                                desc_add(k_desc, pn * TR::kKVPanelBytes + h * TR::kBlockN * kSwizzleBytes + col),
-                                kk > 0 ? 1 : 0);
-    }
-    wgmma_commit();
-}
-
-// Half h of a block's S as an array of its own (the m64n64 accumulators).
-template <class TR>
-__device__ __forceinline__ float (&half_of(float (&S)[TR::kBlockSNBlocks][4], int h))[TR::kSNBlocks][4] {
-    return *reinterpret_cast<float(*)[TR::kSNBlocks][4]>(&S[h * TR::kSNBlocks]);
-}
-
 // This warpgroup's 64 rows of Q (wg: the consumer warpgroup) as the A
 // fragments of S = Q K^T, k-step kk in Qf[kk]: the mma.sync m16n8k16 A
 // fragment of each warp's 16 rows, read with ldmatrix from the 128-byte
@@ -364,6 +341,63 @@ __device__ __forceinline__ void pv_block(float (&O)[TR::kONBlocks][4], const uns
         pv_halves<TR, 1u>(O, P, v_desc);
     } else {
         pv_halves<TR, 2u>(O, P, v_desc);
+    }
+}
+
+// The exponentials that softmax_block<TR, true> left in S, packed as
+// pack_p packs them and stored as this warpgroup's rows of P in shared
+// memory (TR::kPInSmem, the map of Q with keys for columns) with stmatrix,
+// the inverse of load_q_frags's ldmatrix.  Each k-step is packed just
+// before its store, so that S's registers die as P is written.  The fence
+// makes the stores visible to the wgmma that read them after the next turn
+// barrier, which every warp of the warpgroup passes.
+template <class TR>
+__device__ __forceinline__ void store_p(const float (&S)[TR::kBlockSNBlocks][4], unsigned p_smem, int wg) {
+    const int lane = (int)threadIdx.x & 31;
+    const int row = wg * TR::kWgmmaM + (((int)threadIdx.x & 127) >> 5) * TR::kWarpRows + (lane & 7) + ((lane >> 3) & 1) * 8;
+#pragma unroll
+    for (int kk = 0; kk < TR::kKeySteps; ++kk) {
+        unsigned r[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) r[j] = pack2<TR::kBf16>(S[2 * kk + j / 2][2 * (j % 2)], S[2 * kk + j / 2][2 * (j % 2) + 1]);
+        const int chunk = (kk % TR::kStepsPerPanel) * 2 + (lane >> 4);
+        stsm_x4(p_smem + (kk / TR::kStepsPerPanel) * TR::kQPanelBytes + swizzled(row, chunk), r);
+    }
+    fence_proxy_async();
+}
+
+// pv_halves with P from shared memory (store_p; p_desc: this warpgroup's
+// rows, as q_desc points at Q's).
+template <class TR, unsigned KEPT>
+__device__ __forceinline__ void pv_halves_smem(float (&O)[TR::kONBlocks][4], unsigned long long p_desc,
+                                               unsigned long long v_desc) {
+    wgmma_fence();
+#pragma unroll
+    for (int h = 0; h < TR::kKeyHalves; ++h) {
+        if (((KEPT >> h) & 1u) != 0) {
+#pragma unroll
+            for (int i = 0; i < TR::kHalfKeySteps; ++i) {
+                const int kk = h * TR::kHalfKeySteps + i;
+                const unsigned col = (kk % TR::kStepsPerPanel) * TR::kMmaK * TR::kElemBytes;
+                wgmma_ss_n128<TR::kBf16, false>(flat(O), desc_add(p_desc, (kk / TR::kStepsPerPanel) * TR::kQPanelBytes + col),
+                                                desc_add(v_desc, kk * TR::kMmaK * kSwizzleBytes), 1);
+            }
+        }
+    }
+    wgmma_commit();
+}
+
+// pv_block with P from shared memory.
+template <class TR>
+__device__ __forceinline__ void pv_block_smem(float (&O)[TR::kONBlocks][4], unsigned long long p_desc,
+                                              unsigned long long v_desc, unsigned kept) {
+    static_assert(TR::kKeyHalves == 2 && TR::kHeadDim == 128, "two halves; an m64n128 P V");
+    if (kept == 3u) {
+        pv_halves_smem<TR, 3u>(O, p_desc, v_desc);
+    } else if (kept == 1u) {
+        pv_halves_smem<TR, 1u>(O, p_desc, v_desc);
+    } else {
+        pv_halves_smem<TR, 2u>(O, p_desc, v_desc);
     }
 }
 

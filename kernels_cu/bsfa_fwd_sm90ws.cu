@@ -33,9 +33,10 @@
 // 2 * min(SMs / 2, tiles / 2).  bsfa_fwd_dense_pair (head dim 128, any GQA
 // group): bsfa_fwd_dense on clusters of two neighbouring query tiles of one
 // head, on a grid of 2 * min(SMs / 2, ceil(nQ / 2) * B * Hq).
-// bsfa_fwd_lag (BSFA_FWD_LAG = 1): bsfa_fwd with S a block (at head dim
-// 128 half a block) ahead of the gate exchange, the same arguments, launch
-// and results; not routed.
+// bsfa_fwd_lag (BSFA_FWD_LAG = 1): bsfa_fwd with S a block ahead of the
+// gate exchange, the same arguments and results, launched with
+// BSFA_FWD_LAG_THREADS threads and BSFA_FWD_LAG_SMEM_BYTES of shared memory
+// (P's tile besides, at head dim 128); not routed.
 // bsfa_fwd_dense_wide (head dim 64; BSFA_FWD_WIDE_THREADS != 0):
 // bsfa_fwd_dense on 192-row query tiles, three consumer warpgroups
 // (TraitsSm90WsWide), BSFA_FWD_WIDE_THREADS threads and
@@ -164,10 +165,12 @@ extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
     bsfa::kernel_sm90ws<TRQRegs, kCausal, false>(p, tq, tk, tk);
 }
 
-// bsfa_fwd with S a block ahead of the gate exchange (TraitsSm90WsLag; at
-// head dim 128 half a block): the same arguments, launch and results.
+// bsfa_fwd with S a block ahead of the gate exchange (TraitsSm90WsLag): the
+// same arguments and results.
 extern "C" __constant__ int BSFA_FWD_LAG = 1;
 using TRLag = bsfa::TraitsSm90WsLag<BSFA_HEAD_DIM, BSFA_DTYPE == 1>;
+extern "C" __constant__ int BSFA_FWD_LAG_THREADS = TRLag::kNThreads;
+extern "C" __constant__ int BSFA_FWD_LAG_SMEM_BYTES = TRLag::kSmemBytes;
 
 extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
     bsfa_fwd_lag(const __grid_constant__ bsfa::Params p, const __grid_constant__ bsfa::TmaDesc tq,

@@ -18,6 +18,7 @@ struct SmemWs {
     __device__ __forceinline__ unsigned k() const { return base + TR::kSmemK; }
     __device__ __forceinline__ unsigned v() const { return base + TR::kSmemV; }
     __device__ __forceinline__ unsigned o() const { return base + TR::kSmemO; }
+    __device__ __forceinline__ unsigned p() const { return base + TR::kSmemP; }  // TR::kPInSmem only
     __device__ __forceinline__ unsigned votes() const { return base + TR::kSmemVotes; }
     __device__ __forceinline__ unsigned maxes() const { return base + TR::kSmemMaxes; }
     __device__ __forceinline__ unsigned bar(int i) const { return base + TR::kSmemBars + 8 * i; }

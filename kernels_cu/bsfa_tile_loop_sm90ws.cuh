@@ -96,6 +96,10 @@ struct TileLoop {
         // This warpgroup's 64 rows of Q: 64 rows x 128 bytes further into each panel.
         return make_desc(sm.q() + wg() * TR::kWgmmaM * kSwizzleBytes, 16, kSwizzleAtomBytes);
     }
+    // TR::kPInSmem: this warpgroup's rows of P, the same way.
+    __device__ __forceinline__ unsigned long long p_desc() const {
+        return make_desc(sm.p() + wg() * TR::kWgmmaM * kSwizzleBytes, 16, kSwizzleAtomBytes);
+    }
 };
 
 // Hands the K slot of block n (and, after the tile's last block, first, the

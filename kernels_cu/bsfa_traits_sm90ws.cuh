@@ -147,9 +147,10 @@ struct TraitsSm90Ws : TileShape {
     // bsfa_block_max's S = Q K^T with Q in registers (TraitsSm90WsQRegs;
     // the cluster entry bsfa_block_max_mc reads Q from shared memory).
     static constexpr bool kQInRegs = false;
-    // The gated loop with S a block ahead (TraitsSm90WsLag), or half of it.
+    // The gated loop with S a block ahead (TraitsSm90WsLag), and P V with P
+    // from shared memory (its head dim 128).
     static constexpr bool kLagGate = false;
-    static constexpr bool kLagHalf = false;
+    static constexpr bool kPInSmem = false;
     // The producer loads each block's K before the previous block's V
     // (TraitsSm90WsLag), not after.
     static constexpr bool kKAhead = false;
@@ -216,17 +217,30 @@ struct TraitsSm90WsQRegs : TraitsSm90Ws<kHeadDim_, kBf16_> {
 // the gate exchange of the current one (bsfa_consumer_lag_sm90ws.cuh,
 // consumer_tile_lag), so that the tensor cores have work while the two
 // warpgroups settle a decision.  The second S buffer's registers come from
-// the next P, packed late.  At head dim 128 a whole second S does not fit
-// (ptxas spilled 428 bytes): only the next block's first 64-key half is
-// issued early (kLagHalf), its second half in that block's own turn.
+// P, packed late; at head dim 128 that is not enough (two S, O and P in
+// registers spilled 428 bytes), and P goes to shared memory instead
+// (kPInSmem: P V reads it from there, a region of its own after the base
+// map's output staging, 224 of the 227 KB).
 template <int kHeadDim_, bool kBf16_>
 struct TraitsSm90WsLag : TraitsSm90Ws<kHeadDim_, kBf16_> {
-    static constexpr bool kLagHalf = kHeadDim_ > 64;
+    using Base = TraitsSm90Ws<kHeadDim_, kBf16_>;
     static constexpr bool kLagGate = true;
     static constexpr bool kLatePack = true;
     // S of the next block is issued before the current block's gate, so its
     // K must not wait behind the current block's V in the producer's order.
     static constexpr bool kKAhead = true;
+    static constexpr bool kPInSmem = kHeadDim_ > 64;
+    // P in the map of Q (64-column panels of the tile's rows), keys for
+    // columns: kPanelsP panels of kQPanelBytes; the barriers, votes and
+    // maxima follow it.
+    static constexpr int kPanelsP = Base::kBlockKeys / Base::kPanelCols;
+    static constexpr int kSmemP = Base::kSmemBars;
+    static constexpr int kSmemBars = kSmemP + (kPInSmem ? kPanelsP * Base::kQPanelBytes : 0);
+    static constexpr int kSmemVotes = kSmemBars + 8 * Base::kNumBars;
+    static constexpr int kSmemMaxes = kSmemVotes + Base::kVoteSlots * Base::kVoteSlotBytes;
+    static constexpr int kSmemBytes = kSmemMaxes + Base::kVoteSlots * Base::kMaxSlotBytes + kSwizzleAtomBytes;
+    static_assert(kSmemBytes <= 227 * 1024, "shared memory per CTA");
+    static_assert(!kPInSmem || kHeadDim_ == 128, "P V from shared memory: an m64n128 wgmma, head dim 128");
 };
 
 // The two-head tile of the split entry's short chunks (bsfa_fwd_split_pack):

@@ -54,6 +54,15 @@ __device__ __forceinline__ void fence_proxy_async() {
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
+// stmatrix: four 8 x 8 b16 matrices from the warp's registers (r[j]: this
+// thread's mma-fragment element pair of matrix j) into shared memory, row
+// (lane % 8) of matrix (lane / 8) at this thread's addr -- ldmatrix's inverse.
+__device__ __forceinline__ void stsm_x4(unsigned addr, const unsigned (&r)[4]) {
+    asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(r[0]),
+                 "r"(r[1]), "r"(r[2]), "r"(r[3])
+                 : "memory");
+}
+
 // Orders this warp's register writes before the next wgmma reads them.
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 
@@ -141,12 +150,12 @@ __device__ __forceinline__ void copy_regs(unsigned (&dst)[M][N], const unsigned 
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]) \
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d))
 
-#define BSFA_WGMMA_SS_N128(TY)                                                                 \
+#define BSFA_WGMMA_SS_N128(TY, TB)                                                               \
     asm volatile(                                                                                \
         "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                       \
         "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " "                                 \
         "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "  \
-        "%64, %65, p, 1, 1, 0, 0;\n}\n"                                                  \
+        "%64, %65, p, 1, 1, 0, " TB ";\n}\n"                                                  \
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]) \
         : "l"(desc_a), "l"(desc_b), "r"(scale_d))
 
@@ -162,15 +171,24 @@ __device__ __forceinline__ void wgmma_ss_n64(float (&d)[32], unsigned long long 
     }
 }
 
-// D(64 x 128) (+)= A(64 x 16, smem, K-major) * B(16 x 128, smem, K-major): S of a
-// 128-key block in the warp-specialised kernel.
-template <bool kBf16>
+// D(64 x 128) (+)= A(64 x 16, smem, K-major) * B(16 x 128, smem): B K-major
+// (S of a 128-key block in the warp-specialised kernel) or MN-major
+// (kKMajorB false: V in P V with P in shared memory, head dim 128).
+template <bool kBf16, bool kKMajorB = true>
 __device__ __forceinline__ void wgmma_ss_n128(float (&d)[64], unsigned long long desc_a, unsigned long long desc_b,
                                               int scale_d) {
     if constexpr (kBf16) {
-        BSFA_WGMMA_SS_N128("bf16");
+        if constexpr (kKMajorB) {
+            BSFA_WGMMA_SS_N128("bf16", "0");
+        } else {
+            BSFA_WGMMA_SS_N128("bf16", "1");
+        }
     } else {
-        BSFA_WGMMA_SS_N128("f16");
+        if constexpr (kKMajorB) {
+            BSFA_WGMMA_SS_N128("f16", "0");
+        } else {
+            BSFA_WGMMA_SS_N128("f16", "1");
+        }
     }
 }
 

@@ -1,7 +1,8 @@
-"""bsfa_fwd_lag: bsfa_fwd with each consumer warpgroup's S issued a block (at head dim 128, half a block)
-ahead of the gate exchange. The decisions, the order of the key blocks and the arithmetic are bsfa_fwd's, so out, lse and keep
-must equal bsfa_fwd's bitwise, at keep fractions from none to all of the gated tiles, over dtypes, causal or
-not, ragged lengths, Nq != Nk, GQA and batches. Its agreement with the reference is then bsfa_fwd's."""
+"""bsfa_fwd_lag: bsfa_fwd with each consumer warpgroup's S issued a block ahead of the gate exchange, its votes
+posted as soon as it retires, and at head dim 128 P V reading P from shared memory. The decisions, the order of
+the key blocks and the arithmetic are bsfa_fwd's, so out, lse and keep must equal bsfa_fwd's bitwise, at keep
+fractions from none to all of the gated tiles, over dtypes, causal or not, ragged lengths, Nq != Nk, GQA and
+batches. Its agreement with the reference is then bsfa_fwd's."""
 from __future__ import annotations
 
 import numpy as np

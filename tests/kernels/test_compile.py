@@ -76,7 +76,7 @@ GLOBALS = (
 )
 SOURCE_GLOBALS[SM90WS_SOURCE] = (*GLOBALS, "BSFA_COMBINE_WARPS", "BSFA_FWD_SPLIT_PACK_Q_BOX", "BSFA_FWD_MC",
                                  "BSFA_FWD_WIDE_THREADS", "BSFA_FWD_WIDE_SMEM_BYTES", "BSFA_FWD_WIDE_Q_BOX",
-                                 "BSFA_FWD_LAG")
+                                 "BSFA_FWD_LAG", "BSFA_FWD_LAG_THREADS", "BSFA_FWD_LAG_SMEM_BYTES")
 #: Registers a thread of every warp-specialised entry at launch: __launch_bounds__(384, 1) lets ptxas use
 #: 65536 / 384 rounded down to a multiple of 8.
 WS_LAUNCH_REGS = 65536 // 384 // 8 * 8
