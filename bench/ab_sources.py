@@ -13,7 +13,8 @@ Usage (two steps, the first where git is, the second on the GPU machine):
       query tiles of one head, any GQA group); NAME=@nowide keeps the dense calls of head dim 64 off
       bsfa_fwd_dense_wide (192-row tiles), on bsfa_fwd_dense; NAME=@plain runs every unsplit dense call on
       bsfa_fwd_dense (neither cluster nor wide entries);
-      NAME=@lag runs calls with thresholds on bsfa_fwd_lag (S a block ahead of the gate, votes posted early).
+      NAME=@lag runs calls with thresholds on bsfa_fwd_lag (S a block ahead of the gate, votes posted early);
+      NAME=@bmwide runs block_max_scores on bsfa_block_max_wide (256-row query tiles).
       --block-max also times block_max_scores per build.
 Per case (B=1, Hq=32, causal unless noted): torch SDPA's cuDNN backend, then per build dense and sparse
 (rho of the gated tiles kept, thresholds from the inputs' tile maxima, as `bsfa bench` sets them), timed in
@@ -94,7 +95,7 @@ def time_builds(specs, cases, out_dir, block_max=False):
     builds = {}
     for spec in specs:
         name, _, rest = spec.partition("=")
-        if rest in ("@mc", "@pair", "@nowide", "@plain", "@lag"):
+        if rest in ("@mc", "@pair", "@nowide", "@plain", "@lag", "@bmwide"):
             builds[name] = rest
             continue
         path, _, dense_entry = rest.partition(":")
@@ -113,6 +114,8 @@ def time_builds(specs, cases, out_dir, block_max=False):
             return mod.wide_rows(False)
         if builds[b] == "@lag":
             return mod.lagged_gate()
+        if builds[b] == "@bmwide":
+            return mod.block_max_rows()
         if builds[b] == "@plain":
             return dataclasses.replace(mod, dense_clusters=False, dense_wide=False)
         if builds[b] in ("@mc", "@pair"):  # the cluster entries of the library's own module

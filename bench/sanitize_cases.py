@@ -17,6 +17,7 @@ bsfa_block_max_mc) in place of the plain ones (every case here has a GQA group o
 --wide-rows: the sm90ws modules of head dim 64 run every dense call on bsfa_fwd_dense_wide (192-row tiles),
 those asking for keep included (keep is then left unwritten).
 --lagged-gate: they run every unsplit call with thresholds on bsfa_fwd_lag.
+--block-max-wide: they run block_max_scores on bsfa_block_max_wide (256-row query tiles).
 """
 import argparse
 
@@ -30,7 +31,8 @@ p.add_argument("--pair-tiles", action="store_true", help="sm90ws at head dim 128
 p.add_argument("--wide-rows", action="store_true", help="sm90ws at head dim 64: dense calls on 192-row tiles")
 p.add_argument("--block-max-q-regs", action="store_true", help="sm90ws: block_max_scores with Q in registers")
 p.add_argument("--dense-q-regs", action="store_true", help="sm90ws at head dim 128: dense calls with Q in registers")
-p.add_argument("--lagged-gate", action="store_true", help="sm90ws: gated calls with S (half) a block ahead")
+p.add_argument("--lagged-gate", action="store_true", help="sm90ws: gated calls with S a block ahead")
+p.add_argument("--block-max-wide", action="store_true", help="sm90ws: block_max_scores on 256-row query tiles")
 args = p.parse_args()
 
 import cupy as cp  # noqa: E402  (after argparse: --help works without a GPU)
@@ -52,7 +54,7 @@ def _swap_sm90ws(method: str) -> None:
 
 
 for flag, method in (("clusters", "clustered"), ("pair_tiles", "tile_pairs"), ("wide_rows", "wide_rows"),
-                     ("lagged_gate", "lagged_gate")):
+                     ("lagged_gate", "lagged_gate"), ("block_max_wide", "block_max_rows")):
     if getattr(args, flag):
         _swap_sm90ws(method)
 

@@ -108,6 +108,8 @@ class Module:
     dense_wide: bool = True
     # sm90ws: bsfa_fwd with S a block ahead of the gate exchange; not routed, see lagged_gate()
     fwd_lag: Kernel | None = None
+    # sm90ws: bsfa_block_max on 256-row query tiles; not routed, see block_max_rows()
+    block_max_wide: Kernel | None = None
     _clustered: Module | None = dataclasses.field(default=None, repr=False)  # clustered(), once loaded
 
     def forward(self, gated: bool, group: int = 1, q_tiles: int = 0, keep: bool = False) -> Kernel:
@@ -144,6 +146,14 @@ class Module:
         if not on:
             return dataclasses.replace(self, dense_wide=False)
         return dataclasses.replace(self, fwd_dense=self.fwd_dense_wide, dense_wide=False, dense_clusters=False)
+
+    def block_max_rows(self) -> Module:
+        """This module with block_max_scores on bsfa_block_max_wide (256-row query tiles, a whole BSFA tile a
+        consumer warpgroup; the same results); itself where it has none. Not routed yet: for tests and
+        benchmarks."""
+        if self.block_max_wide is None:
+            return self
+        return dataclasses.replace(self, block_max=self.block_max_wide)
 
     def lagged_gate(self) -> Module:
         """This module with every unsplit call with thresholds on bsfa_fwd_lag (S a block ahead of the gate
@@ -271,6 +281,9 @@ def get_module(key: VariantKey, backend: Backend, device_id: int) -> Module:
             split = {e: _kernel(raw, "bsfa_" + e, "BSFA_FWD", grid_kind, sms, fwd.tma, 3) for e in entries}
             split.update(split_pack_q_box=_read_int(raw, "BSFA_FWD_SPLIT_PACK_Q_BOX"),
                          combine=raw.get_function("bsfa_combine"), combine_warps=_read_int(raw, "BSFA_COMBINE_WARPS"))
+            split["block_max_wide"] = dataclasses.replace(
+                _kernel(raw, "bsfa_block_max_wide", "BSFA_BLOCK_MAX_WIDE", grid_kind, sms, bmax.tma, 2),
+                q_box=_read_int(raw, "BSFA_BLOCK_MAX_WIDE_Q_BOX"))
             if _read_int(raw, "BSFA_FWD_LAG"):
                 split["fwd_lag"] = _kernel(raw, "bsfa_fwd_lag", "BSFA_FWD_LAG", grid_kind, sms, fwd.tma, 3)
             if _read_int(raw, "BSFA_FWD_WIDE_THREADS"):

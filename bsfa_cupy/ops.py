@@ -348,7 +348,7 @@ def block_max_scores(q, k, *, causal=True, softmax_scale=None, backend="auto", q
         kern = _module(backend, dtype, D, causal, frame.device_id).block_max
         params = _launch.pack(q=qv, k=kv, tile_max=tm_view, **_stride_fields("qk", strides), Nq=Nq, Nk=Nk, Hq=Hq,
                               Hkv=Hkv, B=B, softmax_scale=scale, k_start=k0, qk_shift=shift)
-        maps = tuple(_tma.tensor_map(x, kern.tma) for x in (qv, kv)) if kern.tma else ()
+        maps = tuple(_tma.tensor_map(x, r) for x, r in zip((qv, kv), kern.box_rows())) if kern.tma else ()
         kern.launch(B, Hq, nQ, params, maps)
         frame.finish(stream)
     return frame.wrap(tm_native, tm_view)

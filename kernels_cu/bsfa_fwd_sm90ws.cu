@@ -165,6 +165,20 @@ extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
     bsfa::kernel_sm90ws<TRQRegs, kCausal, false>(p, tq, tk, tk);
 }
 
+// bsfa_block_max on 256-row query tiles (TraitsSm90WsBlockMaxWide): the same
+// arguments and results, BSFA_BLOCK_MAX_WIDE_SMEM_BYTES of shared memory, a q
+// map of BSFA_BLOCK_MAX_WIDE_Q_BOX rows a box; not routed.
+using TRBmWide = bsfa::TraitsSm90WsBlockMaxWide<BSFA_HEAD_DIM, BSFA_DTYPE == 1>;
+extern "C" __constant__ int BSFA_BLOCK_MAX_WIDE_THREADS = TRBmWide::kNThreads;
+extern "C" __constant__ int BSFA_BLOCK_MAX_WIDE_SMEM_BYTES = TRBmWide::kSmemBytes;
+extern "C" __constant__ int BSFA_BLOCK_MAX_WIDE_Q_BOX = TRBmWide::kBlockM;
+
+extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
+    bsfa_block_max_wide(const __grid_constant__ bsfa::Params p, const __grid_constant__ bsfa::TmaDesc tq,
+                        const __grid_constant__ bsfa::TmaDesc tk) {
+    bsfa::kernel_sm90ws<TRBmWide, kCausal, false>(p, tq, tk, tk);
+}
+
 // bsfa_fwd with S a block ahead of the gate exchange (TraitsSm90WsLag): the
 // same arguments and results.
 extern "C" __constant__ int BSFA_FWD_LAG = 1;

@@ -11,6 +11,7 @@
 #pragma once
 
 #include "bsfa_block_max_sm90ws.cuh"
+#include "bsfa_block_max_wide_sm90ws.cuh"
 #include "bsfa_consumer_sm90ws.cuh"
 #include "bsfa_copy_sm90.cuh"
 #include "bsfa_params.cuh"
@@ -77,7 +78,11 @@ __device__ __forceinline__ void kernel_sm90ws(const Params& p, const TmaDesc& tq
         if constexpr (kFwd) {
             consumer_loop<TR, kCausal, kVarlen, kSplit, kGated>(p, sm, wg - 1, threadIdx.x - 128 * wg);
         } else {
-            block_max_consumer<TR, kCausal>(p, sm, wg - 1, threadIdx.x - 128 * wg);
+            if constexpr (TR::kWgRows > TR::kWgmmaM) {
+                block_max_consumer_wide<TR, kCausal>(p, sm, wg - 1, threadIdx.x - 128 * wg);
+            } else {
+                block_max_consumer<TR, kCausal>(p, sm, wg - 1, threadIdx.x - 128 * wg);
+            }
         }
     }
     // Cluster entries: no CTA leaves while the peer may still copy into its

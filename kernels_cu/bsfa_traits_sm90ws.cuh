@@ -56,6 +56,9 @@ struct TraitsSm90Ws : TileShape {
     // thresholds and the tile maxima are per 128-row tile.
     static constexpr int kBlockM = kConsumerWGs * kWgmmaM;
     static constexpr bool kBsfaRows = kBlockM == TileShape::kBlockM;
+    // Query rows of one consumer warpgroup: one m64 wgmma's
+    // (TraitsSm90WsBlockMaxWide: a whole BSFA tile).
+    static constexpr int kWgRows = kWgmmaM;
     static constexpr int kSNBlocks = kBlockN / kMmaN;           // n8 blocks of one key tile
     static constexpr int kBlockSNBlocks = kBlockKeys / kMmaN;   // ... of a 128-key block
     static constexpr int kONBlocks = kHeadDim / kMmaN;
@@ -241,6 +244,41 @@ struct TraitsSm90WsLag : TraitsSm90Ws<kHeadDim_, kBf16_> {
     static constexpr int kSmemBytes = kSmemMaxes + Base::kVoteSlots * Base::kMaxSlotBytes + kSwizzleAtomBytes;
     static_assert(kSmemBytes <= 227 * 1024, "shared memory per CTA");
     static_assert(!kPInSmem || kHeadDim_ == 128, "P V from shared memory: an m64n128 wgmma, head dim 128");
+};
+
+// bsfa_block_max_wide: bsfa_block_max on 256-row query tiles, each consumer
+// warpgroup a whole 128-row BSFA tile (two m64 row halves), so that a K
+// block serves twice the rows (bsfa_block_max_wide_sm90ws.cuh).  The shared
+// memory map is the base's with Q twice as tall and the K ring (over the V
+// slots too) right after it; each warpgroup posts its warps' maxima to a
+// ring of its own.
+template <int kHeadDim_, bool kBf16_>
+struct TraitsSm90WsBlockMaxWide : TraitsSm90Ws<kHeadDim_, kBf16_> {
+    using Base = TraitsSm90Ws<kHeadDim_, kBf16_>;
+    using BsfaTile = Base;
+    static constexpr int kWgRows = TileShape::kBlockM;
+    static constexpr int kRowHalves = kWgRows / Base::kWgmmaM;
+    static constexpr int kBlockM = Base::kConsumerWGs * kWgRows;
+    static constexpr bool kBsfaRows = false;
+    static constexpr int kQPanelBytes = kBlockM * kSwizzleBytes;
+    static constexpr int kQBytes = Base::kPanels * kQPanelBytes;
+    static constexpr int kSmemQ = 0;
+    static constexpr int kSmemK = kQBytes;
+    static constexpr int kSmemV = kSmemK + Base::kStages * Base::kKVBytes;
+    static constexpr int kSmemO = kSmemV + Base::kStages * Base::kKVBytes;  // not used: no output staging
+    static constexpr int kSmemBars = kSmemK + Base::kBlockMaxStages * Base::kKVBytes;
+    // A warp may post kBlockMaxStages blocks ahead of its warpgroup's
+    // writer, which reads a posting a block late: kBlockMaxStages + 2 live.
+    static constexpr int kVoteRing = 8;
+    static constexpr int kVoteWarps = 4;
+    static constexpr int kVoteSlots = Base::kConsumerWGs * kVoteRing;
+    static_assert(kVoteRing >= Base::kBlockMaxStages + 2, "a ring slot outlives a warp's lead");
+    static constexpr int kBarVote = Base::kBarVote;
+    static constexpr int kNumBars = kBarVote + kVoteSlots;
+    static constexpr int kSmemVotes = kSmemBars + 8 * kNumBars;
+    static constexpr int kSmemMaxes = kSmemVotes + kVoteSlots * Base::kVoteSlotBytes;
+    static constexpr int kSmemBytes = kSmemMaxes + kVoteSlots * Base::kMaxSlotBytes + kSwizzleAtomBytes;
+    static_assert(kSmemBytes <= 227 * 1024, "shared memory per CTA");
 };
 
 // The two-head tile of the split entry's short chunks (bsfa_fwd_split_pack):

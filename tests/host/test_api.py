@@ -205,6 +205,11 @@ def test_a_clustered_module_loads_its_cluster_entries_once_into_the_plain_places
     assert d64.wide_rows().forward(False, 4, 300, keep=True) is wide and d64.wide_rows().fwd is plain
     assert module("sm90ws").wide_rows().fwd_dense is plain  # no wide entry: itself
     assert wide.box_rows() == (192, 128, 128) and plain.box_rows() == (128, 128, 128)
+    # block_max_rows(): block_max_scores on bsfa_block_max_wide (256-row boxes of q); never routed by calls
+    bmw = Kernel(fn="bmw", threads=384, smem=0, grid_kind=2, sms=132, tma=128, q_box=256)
+    with_bmw = dataclasses.replace(module("sm90ws"), block_max_wide=bmw)
+    assert with_bmw.block_max is plain and with_bmw.block_max_rows().block_max is bmw
+    assert module("sm90ws").block_max_rows().block_max is plain and bmw.box_rows()[:2] == (256, 128)
     # lagged_gate(): calls with thresholds on bsfa_fwd_lag; dense ones keep theirs
     lag = Kernel(fn="lag", threads=384, smem=0, grid_kind=2, sms=132, tma=128)
     with_lag = dataclasses.replace(module("sm90ws"), fwd_lag=lag).lagged_gate()

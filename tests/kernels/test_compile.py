@@ -46,7 +46,7 @@ KERNELS = ("bsfa_fwd", "bsfa_fwd_varlen", "bsfa_block_max")
 #: Sources with entry points and launch globals of their own (not those of KERNELS / GLOBALS).
 SOURCE_KERNELS = {SPLITKV_SOURCE: ("bsfa_fwd_split16", "bsfa_fwd_split64", "bsfa_fwd_split128", "bsfa_combine"),
                   SM90WS_SOURCE: (*KERNELS, "bsfa_fwd_dense", "bsfa_fwd_split", "bsfa_fwd_split_pack",
-                                 "bsfa_fwd_split_dense", "bsfa_fwd_split_pack_dense",
+                                 "bsfa_fwd_split_dense", "bsfa_fwd_split_pack_dense", "bsfa_block_max_wide",
                                  "bsfa_fwd_lag", "bsfa_combine")}
 SOURCE_GLOBALS = {
     SPLITKV_SOURCE: ("BSFA_SPLIT16_THREADS", "BSFA_SPLIT16_SMEM_BYTES", "BSFA_SPLIT64_THREADS",
@@ -76,7 +76,9 @@ GLOBALS = (
 )
 SOURCE_GLOBALS[SM90WS_SOURCE] = (*GLOBALS, "BSFA_COMBINE_WARPS", "BSFA_FWD_SPLIT_PACK_Q_BOX", "BSFA_FWD_MC",
                                  "BSFA_FWD_WIDE_THREADS", "BSFA_FWD_WIDE_SMEM_BYTES", "BSFA_FWD_WIDE_Q_BOX",
-                                 "BSFA_FWD_LAG", "BSFA_FWD_LAG_THREADS", "BSFA_FWD_LAG_SMEM_BYTES")
+                                 "BSFA_FWD_LAG", "BSFA_FWD_LAG_THREADS", "BSFA_FWD_LAG_SMEM_BYTES",
+                                 "BSFA_BLOCK_MAX_WIDE_THREADS", "BSFA_BLOCK_MAX_WIDE_SMEM_BYTES",
+                                 "BSFA_BLOCK_MAX_WIDE_Q_BOX")
 #: Registers a thread of every warp-specialised entry at launch: __launch_bounds__(384, 1) lets ptxas use
 #: 65536 / 384 rounded down to a multiple of 8.
 WS_LAUNCH_REGS = 65536 // 384 // 8 * 8
