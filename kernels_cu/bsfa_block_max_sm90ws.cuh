@@ -28,6 +28,30 @@
 
 namespace bsfa {
 
+// Folds v (this lane's maximum of half h) over the warp; lane 0 stores it as
+// posting w's value of half h in the ring slot at maxes.
+template <class TR>
+__device__ __forceinline__ void store_warp_max(float v, int lane, unsigned maxes, int w, int h) {
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) v = fmax2(v, shfl_xor(v, off));
+    if (lane == 0) sts_f32(maxes + (w * TR::kKeyHalves + h) * 4, v);
+}
+
+// Block n's tile maxima from the ring slot at maxes, the maximum of `warps`
+// postings per half, scaled and written where a key tile is valid (c <= c_end).
+template <class TR>
+__device__ __forceinline__ void write_slot_maxima(const Params& p, unsigned maxes, int warps, int n, int c_end,
+                                                  float* tm_row) {
+#pragma unroll
+    for (int h = 0; h < TR::kKeyHalves; ++h) {
+        const int c = n * TR::kKeyHalves + h;
+        float v = lds_f32(maxes + h * 4);
+#pragma unroll
+        for (int w = 1; w < warps; ++w) v = fmax2(v, lds_f32(maxes + (w * TR::kKeyHalves + h) * 4));
+        if (c <= c_end) tm_row[c] = v * p.softmax_scale;
+    }
+}
+
 // Masks block n's S (issued earlier), hands its K slot back and posts this
 // warp's maximum of each half to the ring.
 template <class TR, bool kCausal>
@@ -49,10 +73,7 @@ __device__ __forceinline__ void post_block_maxima(const Params& p, const SmemWs<
         if (qt.needs_mask(c)) mask_tile<TR, kCausal>(Sh, c, row0, lane, p.Nq, p.Nk, p.qk_shift);
         float mx[1][2];
         row_max<TR, false>(Sh, mx);
-        float v = fmax2(mx[0][0], mx[0][1]);
-#pragma unroll
-        for (int off = 1; off < 32; off <<= 1) v = fmax2(v, shfl_xor(v, off));
-        if (lane == 0) sts_f32(maxes + (consumer_warp * TR::kKeyHalves + h) * 4, v);
+        store_warp_max<TR>(fmax2(mx[0][0], mx[0][1]), lane, maxes, consumer_warp, h);
     }
     if (lane == 0) mbar_arrive(sm.bar(TR::kBarVote + slot));
 }
@@ -66,14 +87,7 @@ __device__ __forceinline__ void write_block_maxima(const Params& p, const SmemWs
     const unsigned slot = post_idx % TR::kVoteSlots;
     const unsigned maxes = sm.maxes() + slot * TR::kMaxSlotBytes;
     mbar_wait(sm.bar(TR::kBarVote + slot), (post_idx / TR::kVoteSlots) & 1u);
-#pragma unroll
-    for (int h = 0; h < TR::kKeyHalves; ++h) {
-        const int c = n * TR::kKeyHalves + h;
-        float v = lds_f32(maxes + h * 4);
-#pragma unroll
-        for (int cw = 1; cw < TR::kConsumerWarps; ++cw) v = fmax2(v, lds_f32(maxes + (cw * TR::kKeyHalves + h) * 4));
-        if (c <= qt.c_end) tm_row[c] = v * p.softmax_scale;
-    }
+    write_slot_maxima<TR>(p, maxes, TR::kConsumerWarps, n, qt.c_end, tm_row);
 }
 
 // One step for block n, whose S is in flight in Sc: issue block n-1's S

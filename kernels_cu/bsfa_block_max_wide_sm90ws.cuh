@@ -15,6 +15,7 @@
 // Includes what it needs; TR is a TraitsSm90WsBlockMaxWide.
 #pragma once
 
+#include "bsfa_block_max_sm90ws.cuh"
 #include "bsfa_block_sm90ws.cuh"
 #include "bsfa_mask.cuh"
 #include "bsfa_params.cuh"
@@ -58,9 +59,7 @@ __device__ __forceinline__ void post_wide_maxima(const Params& p, const SmemWs<T
             row_max<TR, false>(Sh, mx);
             v = fmax2(v, fmax2(mx[0][0], mx[0][1]));
         }
-#pragma unroll
-        for (int off = 1; off < 32; off <<= 1) v = fmax2(v, shfl_xor(v, off));
-        if (lane == 0) sts_f32(maxes + (warp * TR::kKeyHalves + h) * 4, v);
+        store_warp_max<TR>(v, lane, maxes, warp, h);
     }
     if (lane == 0) mbar_arrive(sm.bar(TR::kBarVote + slot));
 }
@@ -74,14 +73,7 @@ __device__ __forceinline__ void write_wide_maxima(const Params& p, const SmemWs<
     const unsigned slot = wide_max_slot<TR>(wg, post_idx);
     const unsigned maxes = sm.maxes() + slot * TR::kMaxSlotBytes;
     mbar_wait(sm.bar(TR::kBarVote + slot), (post_idx / TR::kVoteRing) & 1u);
-#pragma unroll
-    for (int h = 0; h < TR::kKeyHalves; ++h) {
-        const int c = n * TR::kKeyHalves + h;
-        float v = lds_f32(maxes + h * 4);
-#pragma unroll
-        for (int w = 1; w < TR::kVoteWarps; ++w) v = fmax2(v, lds_f32(maxes + (w * TR::kKeyHalves + h) * 4));
-        if (c <= qo.c_end) tm_row[c] = v * p.softmax_scale;
-    }
+    write_slot_maxima<TR>(p, maxes, TR::kVoteWarps, n, qo.c_end, tm_row);
 }
 
 template <class TR, bool kCausal>
