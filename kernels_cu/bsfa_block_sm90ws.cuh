@@ -72,19 +72,25 @@ __device__ __forceinline__ void qk_block(float (&S)[TR::kBlockSNBlocks][4], unsi
     wgmma_commit();
 }
 
+// The address this lane gives ldmatrix / stmatrix (x4) for k-step kk of
+// warpgroup wg's rows in a map of Q's shape at base (64-column panels of
+// the tile's rows, 128-byte swizzle): row lane % 8 of matrix lane / 8 of
+// the warp's mma.sync m16n8k16 A fragment.
+template <class TR>
+__device__ __forceinline__ unsigned a_frag_addr(unsigned base, int wg, int kk) {
+    const int lane = (int)threadIdx.x & 31;
+    const int row = wg * TR::kWgmmaM + (((int)threadIdx.x & 127) >> 5) * TR::kWarpRows + (lane & 7) + ((lane >> 3) & 1) * 8;
+    const int chunk = (kk % TR::kStepsPerPanel) * 2 + (lane >> 4);
+    return base + (kk / TR::kStepsPerPanel) * TR::kQPanelBytes + swizzled(row, chunk);
+}
+
 // This warpgroup's 64 rows of Q (wg: the consumer warpgroup) as the A
-// fragments of S = Q K^T, k-step kk in Qf[kk]: the mma.sync m16n8k16 A
-// fragment of each warp's 16 rows, read with ldmatrix from the 128-byte
+// fragments of S = Q K^T, k-step kk in Qf[kk], read with ldmatrix from the
 // swizzled panels the TMA wrote.
 template <class TR>
 __device__ __forceinline__ void load_q_frags(unsigned q_smem, int wg, unsigned (&Qf)[TR::kDSteps][4]) {
-    const int lane = (int)threadIdx.x & 31;
-    const int row = wg * TR::kWgmmaM + (((int)threadIdx.x & 127) >> 5) * TR::kWarpRows + (lane & 7) + ((lane >> 3) & 1) * 8;
 #pragma unroll
-    for (int kk = 0; kk < TR::kDSteps; ++kk) {
-        const int chunk = (kk % TR::kStepsPerPanel) * 2 + (lane >> 4);
-        ldsm_x4(Qf[kk], q_smem + (kk / TR::kStepsPerPanel) * TR::kQPanelBytes + swizzled(row, chunk));
-    }
+    for (int kk = 0; kk < TR::kDSteps; ++kk) ldsm_x4(Qf[kk], a_frag_addr<TR>(q_smem, wg, kk));
 }
 
 // qk_block with Q in registers (load_q_frags): only K is read from shared
@@ -299,14 +305,19 @@ __device__ __forceinline__ bool softmax_block(float (&S)[TR::kBlockSNBlocks][4],
     return warp_any(changed);
 }
 
-// The exponentials that softmax_block<TR, true> left in S, packed as the A
-// fragments of P V (both halves).
+// The exponentials that softmax_block<TR, true> left in S for P V's k-step
+// kk (keys 16kk..16kk+15), packed as its A fragment.
+template <class TR>
+__device__ __forceinline__ void pack_step(const float (&S)[TR::kBlockSNBlocks][4], int kk, unsigned (&r)[4]) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) r[j] = pack2<TR::kBf16>(S[2 * kk + j / 2][2 * (j % 2)], S[2 * kk + j / 2][2 * (j % 2) + 1]);
+}
+
+// ... for every k-step (both halves).
 template <class TR>
 __device__ __forceinline__ void pack_p(const float (&S)[TR::kBlockSNBlocks][4], unsigned (&P)[TR::kKeySteps][4]) {
 #pragma unroll
-    for (int nb = 0; nb < TR::kBlockSNBlocks; ++nb)
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf) P[nb / 2][(nb % 2) * 2 + hf] = pack2<TR::kBf16>(S[nb][2 * hf], S[nb][2 * hf + 1]);
+    for (int kk = 0; kk < TR::kKeySteps; ++kk) pack_step<TR>(S, kk, P[kk]);
 }
 
 // O += P V over the halves in KEPT (a compile-time set), one wgmma group.
@@ -353,15 +364,11 @@ __device__ __forceinline__ void pv_block(float (&O)[TR::kONBlocks][4], const uns
 // barrier, which every warp of the warpgroup passes.
 template <class TR>
 __device__ __forceinline__ void store_p(const float (&S)[TR::kBlockSNBlocks][4], unsigned p_smem, int wg) {
-    const int lane = (int)threadIdx.x & 31;
-    const int row = wg * TR::kWgmmaM + (((int)threadIdx.x & 127) >> 5) * TR::kWarpRows + (lane & 7) + ((lane >> 3) & 1) * 8;
 #pragma unroll
     for (int kk = 0; kk < TR::kKeySteps; ++kk) {
         unsigned r[4];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) r[j] = pack2<TR::kBf16>(S[2 * kk + j / 2][2 * (j % 2)], S[2 * kk + j / 2][2 * (j % 2) + 1]);
-        const int chunk = (kk % TR::kStepsPerPanel) * 2 + (lane >> 4);
-        stsm_x4(p_smem + (kk / TR::kStepsPerPanel) * TR::kQPanelBytes + swizzled(row, chunk), r);
+        pack_step<TR>(S, kk, r);
+        stsm_x4(a_frag_addr<TR>(p_smem, wg, kk), r);
     }
     fence_proxy_async();
 }
