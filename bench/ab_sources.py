@@ -13,8 +13,9 @@ Usage (two steps, the first where git is, the second on the GPU machine):
       query tiles of one head, any GQA group); NAME=@nowide keeps the dense calls of head dim 64 off
       bsfa_fwd_dense_wide (192-row tiles), on bsfa_fwd_dense; NAME=@plain runs every unsplit dense call on
       bsfa_fwd_dense (neither cluster nor wide entries);
-      NAME=@lag runs calls with thresholds on bsfa_fwd_lag (S a block ahead of the gate, votes posted early);
-      NAME=@bmwide runs block_max_scores on bsfa_block_max_wide (256-row query tiles).
+      NAME=@unlagged runs calls with thresholds on bsfa_fwd (S waiting for the gate) instead of bsfa_fwd_lag;
+      NAME=@narrowbm runs block_max_scores on bsfa_block_max (128-row query tiles) instead of
+      bsfa_block_max_wide.
       --block-max also times block_max_scores per build.
 Per case (B=1, Hq=32, causal unless noted): torch SDPA's cuDNN backend, then per build dense and sparse
 (rho of the gated tiles kept, thresholds from the inputs' tile maxima, as `bsfa bench` sets them), timed in
@@ -95,7 +96,7 @@ def time_builds(specs, cases, out_dir, block_max=False):
     builds = {}
     for spec in specs:
         name, _, rest = spec.partition("=")
-        if rest in ("@mc", "@pair", "@nowide", "@plain", "@lag", "@bmwide"):
+        if rest in ("@mc", "@pair", "@nowide", "@plain", "@unlagged", "@narrowbm"):
             builds[name] = rest
             continue
         path, _, dense_entry = rest.partition(":")
@@ -112,10 +113,10 @@ def time_builds(specs, cases, out_dir, block_max=False):
             return mod
         if builds[b] == "@nowide":
             return mod.wide_rows(False)
-        if builds[b] == "@lag":
-            return mod.lagged_gate()
-        if builds[b] == "@bmwide":
-            return mod.block_max_rows()
+        if builds[b] == "@unlagged":
+            return mod.unlagged()
+        if builds[b] == "@narrowbm":
+            return mod.narrow_block_max()
         if builds[b] == "@plain":
             return dataclasses.replace(mod, dense_clusters=False, dense_wide=False)
         if builds[b] in ("@mc", "@pair"):  # the cluster entries of the library's own module

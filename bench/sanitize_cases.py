@@ -16,8 +16,10 @@ bsfa_block_max_mc) in place of the plain ones (every case here has a GQA group o
 --pair-tiles: their dense calls run bsfa_fwd_dense_pair (clusters of two query tiles of one head) instead.
 --wide-rows: the sm90ws modules of head dim 64 run every dense call on bsfa_fwd_dense_wide (192-row tiles),
 those asking for keep included (keep is then left unwritten).
---lagged-gate: they run every unsplit call with thresholds on bsfa_fwd_lag.
---block-max-wide: they run block_max_scores on bsfa_block_max_wide (256-row query tiles).
+--unlagged: they run every unsplit call with thresholds on bsfa_fwd (S waits for the gate exchange)
+instead of bsfa_fwd_lag.
+--narrow-block-max: they run block_max_scores on bsfa_block_max (128-row query tiles) instead of
+bsfa_block_max_wide.
 """
 import argparse
 
@@ -29,10 +31,8 @@ p.add_argument("--backend", choices=("sm80", "sm90", "sm90ws", "splitkv"), actio
 p.add_argument("--clusters", action="store_true", help="sm90ws at head dim 128: the cluster entries")
 p.add_argument("--pair-tiles", action="store_true", help="sm90ws at head dim 128: dense calls on tile pairs")
 p.add_argument("--wide-rows", action="store_true", help="sm90ws at head dim 64: dense calls on 192-row tiles")
-p.add_argument("--block-max-q-regs", action="store_true", help="sm90ws: block_max_scores with Q in registers")
-p.add_argument("--dense-q-regs", action="store_true", help="sm90ws at head dim 128: dense calls with Q in registers")
-p.add_argument("--lagged-gate", action="store_true", help="sm90ws: gated calls with S a block ahead")
-p.add_argument("--block-max-wide", action="store_true", help="sm90ws: block_max_scores on 256-row query tiles")
+p.add_argument("--unlagged", action="store_true", help="sm90ws: gated calls on bsfa_fwd, S waiting for the gate")
+p.add_argument("--narrow-block-max", action="store_true", help="sm90ws: block_max_scores on 128-row query tiles")
 args = p.parse_args()
 
 import cupy as cp  # noqa: E402  (after argparse: --help works without a GPU)
@@ -54,7 +54,7 @@ def _swap_sm90ws(method: str) -> None:
 
 
 for flag, method in (("clusters", "clustered"), ("pair_tiles", "tile_pairs"), ("wide_rows", "wide_rows"),
-                     ("lagged_gate", "lagged_gate"), ("block_max_wide", "block_max_rows")):
+                     ("unlagged", "unlagged"), ("narrow_block_max", "narrow_block_max")):
     if getattr(args, flag):
         _swap_sm90ws(method)
 

@@ -106,10 +106,11 @@ class Module:
     # forward() takes for dense calls without keep while dense_wide is True
     fwd_dense_wide: Kernel | None = None
     dense_wide: bool = True
-    # sm90ws: bsfa_fwd with S a block ahead of the gate exchange; not routed, see lagged_gate()
-    fwd_lag: Kernel | None = None
-    # sm90ws: bsfa_block_max on 256-row query tiles; not routed, see block_max_rows()
-    block_max_wide: Kernel | None = None
+    # sm90ws: where fwd is bsfa_fwd_lag (S a block ahead of the gate exchange), bsfa_fwd, whose S waits for
+    # it; where block_max is bsfa_block_max_wide (256-row query tiles), bsfa_block_max on 128-row ones. Same
+    # results, slower on an H200 (NOTES v23); for tests and benchmarks: unlagged(), narrow_block_max()
+    fwd_unlagged: Kernel | None = None
+    block_max_narrow: Kernel | None = None
     _clustered: Module | None = dataclasses.field(default=None, repr=False)  # clustered(), once loaded
 
     def forward(self, gated: bool, group: int = 1, q_tiles: int = 0, keep: bool = False) -> Kernel:
@@ -124,7 +125,8 @@ class Module:
         with the same results bitwise. A long causal dense call of odd groups (MHA included, at least
         PAIR_MIN_Q_TILES query tiles) takes the tile-pair entry: 1.06-1.07x the plain one at 64K-128K with
         Hq = Hkv = 32, even at 16K, and slower on short batched calls, whose shorter tiles of a pair hand
-        most of its blocks back unread. Calls with thresholds keep the plain entry, which skips faster.
+        most of its blocks back unread. Calls with thresholds take ``fwd`` (on sm90ws bsfa_fwd_lag), which
+        skips faster than any cluster entry.
         """
         if gated or self.fwd_dense is None:
             return self.fwd
@@ -147,20 +149,21 @@ class Module:
             return dataclasses.replace(self, dense_wide=False)
         return dataclasses.replace(self, fwd_dense=self.fwd_dense_wide, dense_wide=False, dense_clusters=False)
 
-    def block_max_rows(self) -> Module:
-        """This module with block_max_scores on bsfa_block_max_wide (256-row query tiles, a whole BSFA tile a
-        consumer warpgroup; the same results); itself where it has none. Not routed yet: for tests and
-        benchmarks."""
-        if self.block_max_wide is None:
+    def narrow_block_max(self) -> Module:
+        """This module with block_max_scores on bsfa_block_max (128-row query tiles) instead of
+        bsfa_block_max_wide (256-row ones, a whole BSFA tile a consumer warpgroup; the same results, 3-12 %
+        faster on an H200); itself where it has no wide entry. For tests and benchmarks."""
+        if self.block_max_narrow is None:
             return self
-        return dataclasses.replace(self, block_max=self.block_max_wide)
+        return dataclasses.replace(self, block_max=self.block_max_narrow, block_max_narrow=None)
 
-    def lagged_gate(self) -> Module:
-        """This module with every unsplit call with thresholds on bsfa_fwd_lag (S a block ahead of the gate
-        exchange; the same results); itself where it has none. Not routed yet: for tests and benchmarks."""
-        if self.fwd_lag is None:
+    def unlagged(self) -> Module:
+        """This module with its unsplit calls with thresholds on bsfa_fwd instead of bsfa_fwd_lag (S a block
+        ahead of the gate exchange; the same results, 7-14 % faster on an H200); itself where it has no lagged
+        entry. For tests and benchmarks."""
+        if self.fwd_unlagged is None:
             return self
-        return dataclasses.replace(self, fwd=self.fwd_lag)
+        return dataclasses.replace(self, fwd=self.fwd_unlagged, fwd_unlagged=None)
 
     def tile_pairs(self) -> Module:
         """This module with every dense call on bsfa_fwd_dense_pair, whatever the GQA group, length and mask
@@ -193,7 +196,8 @@ class Module:
                     _kernel(self.raw, "bsfa_fwd_dense_pair", "BSFA_FWD", f.grid_kind, f.sms, f.tma, 3, cluster),
                     pair_tiles=True)
                 self._clustered = dataclasses.replace(self, fwd=fwd, fwd_dense=dense, block_max=bmax,
-                                                      fwd_dense_pair=pair)
+                                                      fwd_dense_pair=pair, fwd_unlagged=None,
+                                                      block_max_narrow=None)
         return self._clustered
 
     def split_entry(self, pack: bool, gated: bool) -> Kernel:
@@ -281,11 +285,13 @@ def get_module(key: VariantKey, backend: Backend, device_id: int) -> Module:
             split = {e: _kernel(raw, "bsfa_" + e, "BSFA_FWD", grid_kind, sms, fwd.tma, 3) for e in entries}
             split.update(split_pack_q_box=_read_int(raw, "BSFA_FWD_SPLIT_PACK_Q_BOX"),
                          combine=raw.get_function("bsfa_combine"), combine_warps=_read_int(raw, "BSFA_COMBINE_WARPS"))
-            split["block_max_wide"] = dataclasses.replace(
+            # the entries calls take (NOTES v23); the ones they replace stay for tests and benchmarks
+            split["block_max_narrow"], bmax = bmax, dataclasses.replace(
                 _kernel(raw, "bsfa_block_max_wide", "BSFA_BLOCK_MAX_WIDE", grid_kind, sms, bmax.tma, 2),
                 q_box=_read_int(raw, "BSFA_BLOCK_MAX_WIDE_Q_BOX"))
             if _read_int(raw, "BSFA_FWD_LAG"):
-                split["fwd_lag"] = _kernel(raw, "bsfa_fwd_lag", "BSFA_FWD_LAG", grid_kind, sms, fwd.tma, 3)
+                split["fwd_unlagged"], fwd = fwd, _kernel(raw, "bsfa_fwd_lag", "BSFA_FWD_LAG", grid_kind, sms,
+                                                         fwd.tma, 3)
             if _read_int(raw, "BSFA_FWD_WIDE_THREADS"):
                 split["fwd_dense_wide"] = dataclasses.replace(
                     _kernel(raw, "bsfa_fwd_dense_wide", "BSFA_FWD_WIDE", grid_kind, sms, fwd.tma, 3),

@@ -36,7 +36,8 @@
 // bsfa_fwd_lag (BSFA_FWD_LAG = 1): bsfa_fwd with S a block ahead of the
 // gate exchange, the same arguments and results, launched with
 // BSFA_FWD_LAG_THREADS threads and BSFA_FWD_LAG_SMEM_BYTES of shared memory
-// (P's tile besides, at head dim 128); not routed.
+// (P's tile besides, at head dim 128); the entry of unsplit calls with
+// thresholds (bsfa_fwd stays for tests and A/B runs: it is slower).
 // bsfa_fwd_dense_wide (head dim 64; BSFA_FWD_WIDE_THREADS != 0):
 // bsfa_fwd_dense on 192-row query tiles, three consumer warpgroups
 // (TraitsSm90WsWide), BSFA_FWD_WIDE_THREADS threads and
@@ -167,7 +168,8 @@ extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
 
 // bsfa_block_max on 256-row query tiles (TraitsSm90WsBlockMaxWide): the same
 // arguments and results, BSFA_BLOCK_MAX_WIDE_SMEM_BYTES of shared memory, a q
-// map of BSFA_BLOCK_MAX_WIDE_Q_BOX rows a box; not routed.
+// map of BSFA_BLOCK_MAX_WIDE_Q_BOX rows a box; the entry block_max_scores
+// takes (bsfa_block_max stays for tests and A/B runs: it is slower).
 using TRBmWide = bsfa::TraitsSm90WsBlockMaxWide<BSFA_HEAD_DIM, BSFA_DTYPE == 1>;
 extern "C" __constant__ int BSFA_BLOCK_MAX_WIDE_THREADS = TRBmWide::kNThreads;
 extern "C" __constant__ int BSFA_BLOCK_MAX_WIDE_SMEM_BYTES = TRBmWide::kSmemBytes;

@@ -1,8 +1,9 @@
-"""bsfa_block_max_wide: bsfa_block_max on 256-row query tiles, each consumer warpgroup a whole 128-row BSFA
-tile, so that each K block serves twice the rows. The same S (m64n128 wgmma per 64 rows), masks and maxima,
-so the tile maxima must equal bsfa_block_max's bitwise, over dtypes, head dims, causal or not, tile counts
-odd and even (a 256-row tile whose second half lies past Nq), Nq != Nk (rows without keys), GQA, batches,
-offsets and non-finite inputs. Their agreement with the reference is then bsfa_block_max's."""
+"""bsfa_block_max_wide, the sm90ws entry of block_max_scores: bsfa_block_max on 256-row query tiles, each consumer
+warpgroup a whole 128-row BSFA tile, so that each K block serves twice the rows. The same S (m64n128 wgmma per 64
+rows), masks and maxima, so the tile maxima must equal bsfa_block_max's (Module.narrow_block_max()) bitwise, over
+dtypes, head dims, causal or not, tile counts odd and even (a 256-row tile whose second half lies past Nq), Nq !=
+Nk (rows without keys), GQA, batches, offsets and non-finite inputs. Their agreement with the reference is then
+bsfa_block_max's."""
 from __future__ import annotations
 
 import numpy as np
@@ -19,7 +20,7 @@ def _both(monkeypatch, q, k, causal, **call):
     import bsfa_cupy
 
     on, seen = [False], []
-    swap_sm90ws_entry(monkeypatch, on, lambda mod: mod.block_max_rows(), "block_max", seen)
+    swap_sm90ws_entry(monkeypatch, on, lambda mod: mod, "block_max", seen, off=lambda mod: mod.narrow_block_max())
     runs = []
     for wide in (False, True):
         on[0] = wide

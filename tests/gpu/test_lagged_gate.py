@@ -1,8 +1,9 @@
-"""bsfa_fwd_lag: bsfa_fwd with each consumer warpgroup's S issued a block ahead of the gate exchange, its votes
-posted as soon as it retires, and at head dim 128 P V reading P from shared memory. The decisions, the order of
-the key blocks and the arithmetic are bsfa_fwd's, so out, lse and keep must equal bsfa_fwd's bitwise, at keep
-fractions from none to all of the gated tiles, over dtypes, causal or not, ragged lengths, Nq != Nk, GQA and
-batches. Its agreement with the reference is then bsfa_fwd's."""
+"""bsfa_fwd_lag, the sm90ws entry of unsplit calls with thresholds: bsfa_fwd with each consumer warpgroup's S issued
+a block ahead of the gate exchange, its votes posted as soon as it retires, and at head dim 128 P V reading P
+from shared memory. The decisions, the order of the key blocks and the arithmetic are bsfa_fwd's, so out, lse and
+keep must equal bsfa_fwd's (Module.unlagged()) bitwise, at keep fractions from none to all of the gated tiles,
+over dtypes, causal or not, ragged lengths, Nq != Nk, GQA and batches. Its agreement with the reference is then
+bsfa_fwd's."""
 from __future__ import annotations
 
 import numpy as np
@@ -31,7 +32,7 @@ def test_lagged_gate_equals_bsfa_fwd(monkeypatch, dtype, D, causal, shape):
     # every gated tile skipped, about a quarter and three quarters kept, all kept
     thresholds = [np.inf] + ([float(cp.quantile(finite, f)) for f in (0.75, 0.25)] if finite.size else []) + [-np.inf]
     on, seen = [False], []
-    swap_sm90ws_entry(monkeypatch, on, lambda mod: mod.lagged_gate(), "fwd", seen)
+    swap_sm90ws_entry(monkeypatch, on, lambda mod: mod, "fwd", seen, off=lambda mod: mod.unlagged())
     for thr in thresholds:
         runs = []
         for lag in (False, True):

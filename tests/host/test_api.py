@@ -205,17 +205,21 @@ def test_a_clustered_module_loads_its_cluster_entries_once_into_the_plain_places
     assert d64.wide_rows().forward(False, 4, 300, keep=True) is wide and d64.wide_rows().fwd is plain
     assert module("sm90ws").wide_rows().fwd_dense is plain  # no wide entry: itself
     assert wide.box_rows() == (192, 128, 128) and plain.box_rows() == (128, 128, 128)
-    # block_max_rows(): block_max_scores on bsfa_block_max_wide (256-row boxes of q); never routed by calls
+    # narrow_block_max(): block_max_scores on bsfa_block_max (128-row boxes of q) where the module has moved it
+    # to bsfa_block_max_wide (256-row ones)
     bmw = Kernel(fn="bmw", threads=384, smem=0, grid_kind=2, sms=132, tma=128, q_box=256)
-    with_bmw = dataclasses.replace(module("sm90ws"), block_max_wide=bmw)
-    assert with_bmw.block_max is plain and with_bmw.block_max_rows().block_max is bmw
-    assert module("sm90ws").block_max_rows().block_max is plain and bmw.box_rows()[:2] == (256, 128)
-    # lagged_gate(): calls with thresholds on bsfa_fwd_lag; dense ones keep theirs
+    with_bmw = dataclasses.replace(module("sm90ws"), block_max=bmw, block_max_narrow=plain)
+    narrow = with_bmw.narrow_block_max()
+    assert narrow.block_max is plain and narrow.narrow_block_max().block_max is plain
+    assert module("sm90ws").narrow_block_max().block_max is plain and bmw.box_rows()[:2] == (256, 128)
+    # unlagged(): calls with thresholds on bsfa_fwd where the module sends them to bsfa_fwd_lag; dense ones keep theirs
     lag = Kernel(fn="lag", threads=384, smem=0, grid_kind=2, sms=132, tma=128)
-    with_lag = dataclasses.replace(module("sm90ws"), fwd_lag=lag).lagged_gate()
+    with_lag = dataclasses.replace(module("sm90ws"), fwd=lag, fwd_unlagged=plain)
     assert with_lag.forward(True, 4) is lag and with_lag.forward(False, 1) is plain
-    assert module("sm90ws").lagged_gate().fwd is plain
+    assert with_lag.unlagged().forward(True, 4) is plain and with_lag.unlagged().unlagged().fwd is plain
+    assert module("sm90ws").unlagged().fwd is plain
     exported["BSFA_FWD_MC"] = 2
+    assert with_lag.clustered().fwd_unlagged is None  # the cluster entries have no unlagged twins
     # tile_pairs(): every dense call, any group, on the tile-pair entry; calls with thresholds keep the plain one
     tp = mod.tile_pairs()
     assert [tp.forward(False, g).fn for g in (1, 3, 4)] == ["bsfa_fwd_dense_pair"] * 3

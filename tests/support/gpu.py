@@ -319,7 +319,7 @@ def planted_nonfinite(seed, shape, causal, gated, q_at, k_at, v_at):
 def swap_sm90ws_entry(monkeypatch, on: list, swap, field: str, seen: list, off=None) -> None:
     """Patch ``ops.get_module``: while ``on[0]``, sm90ws modules come back as ``swap(module)`` with the kernel in
     ``field`` wrapped so that each launch appends its name to ``seen``; otherwise as ``off(module)`` (default:
-    the module itself). Undone after the test."""
+    the module itself), whose kernel in ``field`` must differ. Undone after the test."""
     from bsfa_cupy import ops
 
     real = ops.get_module
@@ -332,7 +332,8 @@ def swap_sm90ws_entry(monkeypatch, on: list, swap, field: str, seen: list, off=N
             return off(mod) if off is not None else mod
         swapped = swap(mod)
         kern = getattr(swapped, field)
-        assert kern is not getattr(mod, field), f"{key.name()}: no entry to swap in for {field}"
+        base = off(mod) if off is not None else mod
+        assert kern is not getattr(base, field), f"{key.name()}: no entry to swap in for {field}"
 
         def spy(*args, _fn=kern.fn, **kw):
             seen.append(field)
