@@ -151,15 +151,15 @@ class Module:
 
     def narrow_block_max(self) -> Module:
         """This module with block_max_scores on bsfa_block_max (128-row query tiles) instead of
-        bsfa_block_max_wide (256-row ones, a whole BSFA tile a consumer warpgroup; the same results, 3-12 %
-        faster on an H200); itself where it has no wide entry. For tests and benchmarks."""
+        bsfa_block_max_wide (256-row ones, a whole BSFA tile a consumer warpgroup; the same results, 2-5 %
+        faster on an H200 at head dim 128, 16 % at 64); itself where it has no wide entry. For tests and benchmarks."""
         if self.block_max_narrow is None:
             return self
         return dataclasses.replace(self, block_max=self.block_max_narrow, block_max_narrow=None)
 
     def unlagged(self) -> Module:
         """This module with its unsplit calls with thresholds on bsfa_fwd instead of bsfa_fwd_lag (S a block
-        ahead of the gate exchange; the same results, 7-14 % faster on an H200); itself where it has no lagged
+        ahead of the gate exchange; the same results, 6-18 % faster on an H200); itself where it has no lagged
         entry. For tests and benchmarks."""
         if self.fwd_unlagged is None:
             return self
