@@ -100,9 +100,11 @@ for backend in (b for b in backends if b != "splitkv"):
                         bsfa_cupy.attention(q, k, v, t, causal=causal, return_lse=True, return_keep=True,
                                             backend=backend)
                     n_calls += 3
-                    # sm90ws's split entry: fp32 partials, empty splits (64), the merge
-                    for t, s, q0 in ((None, 3, None), (thr, 64, 256)) if backend == "sm90ws" else ():
-                        bsfa_cupy.attention(q, k, v, t, causal=causal, return_lse=True, return_keep=True,
+                    # sm90ws's split entry: fp32 partials, empty splits (64), the merge; without keep, calls
+                    # with thresholds take its lagged entry (bsfa_fwd_split_lag)
+                    for t, s, q0, keep in ((None, 3, None, True), (thr, 64, 256, True), (thr, 3, None, False),
+                                           (thr, 64, 256, False)) if backend == "sm90ws" else ():
+                        bsfa_cupy.attention(q, k, v, t, causal=causal, return_lse=True, return_keep=keep,
                                             backend=backend, num_splits=s, q_start=q0)
                         n_calls += 1
                     for q0, k0 in ((0, 192), (256, 0), (0, 512)):

@@ -111,6 +111,9 @@ class Module:
     # results, slower on an H200 (NOTES v23); for tests and benchmarks: unlagged(), narrow_block_max()
     fwd_unlagged: Kernel | None = None
     block_max_narrow: Kernel | None = None
+    # sm90ws: bsfa_fwd_split_lag, bsfa_fwd_split the same way, which split_entry() takes for calls with
+    # thresholds, one head a tile and no keep (it writes none)
+    fwd_split_lag: Kernel | None = None
     _clustered: Module | None = dataclasses.field(default=None, repr=False)  # clustered(), once loaded
 
     def forward(self, gated: bool, group: int = 1, q_tiles: int = 0, keep: bool = False) -> Kernel:
@@ -160,10 +163,10 @@ class Module:
     def unlagged(self) -> Module:
         """This module with its unsplit calls with thresholds on bsfa_fwd instead of bsfa_fwd_lag (S a block
         ahead of the gate exchange; the same results, 6-18 % faster on an H200); itself where it has no lagged
-        entry. For tests and benchmarks."""
+        entry; its split calls then take bsfa_fwd_split. For tests and benchmarks."""
         if self.fwd_unlagged is None:
             return self
-        return dataclasses.replace(self, fwd=self.fwd_unlagged, fwd_unlagged=None)
+        return dataclasses.replace(self, fwd=self.fwd_unlagged, fwd_unlagged=None, fwd_split_lag=None)
 
     def tile_pairs(self) -> Module:
         """This module with every dense call on bsfa_fwd_dense_pair, whatever the GQA group, length and mask
@@ -200,11 +203,15 @@ class Module:
                                                       block_max_narrow=None)
         return self._clustered
 
-    def split_entry(self, pack: bool, gated: bool) -> Kernel:
-        """The sm90ws split entry: two query heads a tile (``pack``) or one, with or without the gate."""
+    def split_entry(self, pack: bool, gated: bool, keep: bool = False) -> Kernel:
+        """The sm90ws split entry: two query heads a tile (``pack``) or one, with or without the gate; one
+        head a tile with the gate takes bsfa_fwd_split_lag where the module has it, unless the call returns
+        the keep mask (``keep``), which that entry does not write."""
         if pack:
             return self.fwd_split_pack if gated else self.fwd_split_pack_dense
-        return self.fwd_split if gated else self.fwd_split_dense
+        if not gated:
+            return self.fwd_split_dense
+        return self.fwd_split if keep or self.fwd_split_lag is None else self.fwd_split_lag
 
 
 @dataclass
@@ -292,6 +299,7 @@ def get_module(key: VariantKey, backend: Backend, device_id: int) -> Module:
             if _read_int(raw, "BSFA_FWD_LAG"):
                 split["fwd_unlagged"], fwd = fwd, _kernel(raw, "bsfa_fwd_lag", "BSFA_FWD_LAG", grid_kind, sms,
                                                          fwd.tma, 3)
+                split["fwd_split_lag"] = _kernel(raw, "bsfa_fwd_split_lag", "BSFA_FWD_LAG", grid_kind, sms, fwd.tma, 3)
             if _read_int(raw, "BSFA_FWD_WIDE_THREADS"):
                 split["fwd_dense_wide"] = dataclasses.replace(
                     _kernel(raw, "bsfa_fwd_dense_wide", "BSFA_FWD_WIDE", grid_kind, sms, fwd.tma, 3),

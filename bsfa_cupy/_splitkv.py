@@ -244,7 +244,7 @@ def launch_kernels(mod, p: Plan, g: tuple, rows: int, params, stream=None, maps:
     (anything with ``.ptr``; None: CuPy's current). A ``ws`` plan's ``mod`` is the sm90ws module, which
     takes the tensor maps (q, k, v) after the Params."""
     if p.ws:
-        k = mod.split_entry(p.pack == WS_PACK, p.gated)
+        k = mod.split_entry(p.pack == WS_PACK, p.gated, keep=int(params["keep"]) != 0)
         k.fn(g, (k.threads, 1, 1), (params, *maps), shared_mem=k.smem, stream=stream)
     else:
         fn, threads, smem = mod.split[p.rows]

@@ -262,8 +262,12 @@ __device__ __forceinline__ void consumer_loop(const Params& p, const SmemWs<TR>&
     static_assert(TR::kBsfaRows || (!kVarlen && !kSplit && !kGated && !TR::kPairTiles),
                   "tiles of other than the BSFA tile's rows: dense fixed-length calls only, without keep");
     static_assert(!TR::kQInRegs, "Q in registers: bsfa_block_max only");
-    static_assert(!TR::kLagGate || (!kVarlen && !kSplit && kGated && TR::kBsfaRows && !TR::kPackHeads),
+    static_assert(!TR::kLagGate || (!kVarlen && kGated && TR::kBsfaRows && !TR::kPackHeads),
                   "the lagged gate: gated fixed-length calls, one head a 128-row tile");
+    // bsfa_fwd_split_lag writes no keep: the row's pointer, live through its
+    // key loop, spilled at head dim 128; calls that return keep take
+    // bsfa_fwd_split.
+    constexpr bool kKeepRow = TR::kBsfaRows && !(TR::kLagGate && kSplit);
     const ConsumerThread ct(wg, tid);
     const int nQ = ceil_div(p.Nq, TR::kBlockM);
     const int nK = ceil_div(p.Nk, TR::kBlockN);
@@ -302,7 +306,7 @@ __device__ __forceinline__ void consumer_loop(const Params& p, const SmemWs<TR>&
         const QueryTile<TR, kCausal> qt(w.a, pr);
         const KeyBlocks kb = key_blocks<kSplit, TR::kKeyHalves>(qt.c_end, w.s, p.num_splits);
         unsigned char* keep_row = nullptr;
-        if (TR::kBsfaRows && p.keep != nullptr) {
+        if (kKeepRow && p.keep != nullptr) {
             // One warpgroup writes the row of the tile's head, or each its own head's.
             const int writer = TR::kPackHeads ? wg : 0;
             unsigned char* row = p.keep + (((long long)w.b * p.Hq + wg_head<TR>(w, wg)) * nQ + w.a) * nK;

@@ -38,6 +38,8 @@
 // BSFA_FWD_LAG_THREADS threads and BSFA_FWD_LAG_SMEM_BYTES of shared memory
 // (P's tile besides, at head dim 128); the entry of unsplit calls with
 // thresholds (bsfa_fwd stays for tests and A/B runs: it is slower).
+// bsfa_fwd_split_lag: bsfa_fwd_split the same way, launched as bsfa_fwd_lag,
+// for calls without keep.
 // bsfa_fwd_dense_wide (head dim 64; BSFA_FWD_WIDE_THREADS != 0):
 // bsfa_fwd_dense on 192-row query tiles, three consumer warpgroups
 // (TraitsSm90WsWide), BSFA_FWD_WIDE_THREADS threads and
@@ -192,6 +194,16 @@ extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
     bsfa_fwd_lag(const __grid_constant__ bsfa::Params p, const __grid_constant__ bsfa::TmaDesc tq,
                  const __grid_constant__ bsfa::TmaDesc tk, const __grid_constant__ bsfa::TmaDesc tv) {
     bsfa::kernel_sm90ws<TRLag, kCausal, true>(p, tq, tk, tv);
+}
+
+// bsfa_fwd_split with S a block ahead of the gate exchange: the same
+// arguments and partials, but Params.keep is not written; the split entry of
+// gated calls without keep that take one head a 128-row tile
+// (bsfa_fwd_split_pack keeps the unlagged loop: its warpgroups decide alone).
+extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
+    bsfa_fwd_split_lag(const __grid_constant__ bsfa::Params p, const __grid_constant__ bsfa::TmaDesc tq,
+                       const __grid_constant__ bsfa::TmaDesc tk, const __grid_constant__ bsfa::TmaDesc tv) {
+    bsfa::kernel_sm90ws<TRLag, kCausal, true, false, true>(p, tq, tk, tv);
 }
 
 #if BSFA_HEAD_DIM % 128 == 0

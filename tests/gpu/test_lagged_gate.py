@@ -42,3 +42,37 @@ def test_lagged_gate_equals_bsfa_fwd(monkeypatch, dtype, D, causal, shape):
                                             backend="sm90ws"))
         assert_bitwise(("out", "lse", "keep"), runs[0], runs[1], f"the lagged gate at threshold {thr:.4g}")
     assert seen == ["fwd"] * len(thresholds), f"expected one launch of bsfa_fwd_lag per threshold, got {seen}"
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("shape,num_splits", [((1, 128, 2100, 8, 2), 3), ((2, 200, 1300, 4, 4), 2),
+                                              ((1, 100, 700, 2, 1), 64)], ids=lambda x: str(x))
+def test_lagged_split_equals_bsfa_fwd_split(monkeypatch, dtype, D, causal, shape, num_splits):
+    """bsfa_fwd_split_lag, the split entry of calls with thresholds and without keep (one head a tile),
+    against bsfa_fwd_split: the same partials, so the same merged out and lse bitwise; empty splits too (64)."""
+    import bsfa_cupy
+
+    B, Nq, Nk, Hq, Hkv = shape
+    rng = np.random.default_rng(Nq * 7 + Nk + D)
+    q, k, v = map(cp.asarray, random_inputs(rng, B, Nq, Nk, Hq, Hkv, D, dtype))
+    tm = cp.asarray(bsfa_cupy.block_max_scores(q, k, causal=causal, backend="sm90ws"))
+    finite = tm[cp.isfinite(tm)]
+    thresholds = [np.inf] + [float(cp.quantile(finite, f)) for f in (0.75, 0.25)] + [-np.inf]
+    on, seen = [False], []
+    swap_sm90ws_entry(monkeypatch, on, lambda mod: mod, "fwd_split_lag", seen, off=lambda mod: mod.unlagged())
+    for thr in thresholds:
+        runs = []
+        for lag in (False, True):
+            on[0] = lag
+            bsfa_cupy.clear_plan_cache()
+            runs.append(bsfa_cupy.attention(q, k, v, thr, causal=causal, return_lse=True, backend="sm90ws",
+                                            num_splits=num_splits))
+        assert_bitwise(("out", "lse"), runs[0], runs[1], f"the lagged split entry at threshold {thr:.4g}")
+    assert seen == ["fwd_split_lag"] * len(thresholds), f"expected one bsfa_fwd_split_lag launch a call, got {seen}"
+    # with keep the call stays on bsfa_fwd_split, which writes it
+    seen.clear()
+    bsfa_cupy.attention(q, k, v, thresholds[1], causal=causal, return_keep=True, backend="sm90ws",
+                        num_splits=num_splits)
+    assert seen == [], f"a call returning keep launched {seen}"

@@ -218,6 +218,15 @@ def test_a_clustered_module_loads_its_cluster_entries_once_into_the_plain_places
     assert with_lag.forward(True, 4) is lag and with_lag.forward(False, 1) is plain
     assert with_lag.unlagged().forward(True, 4) is plain and with_lag.unlagged().unlagged().fwd is plain
     assert module("sm90ws").unlagged().fwd is plain
+    # split calls with thresholds, one head a tile and no keep take bsfa_fwd_split_lag; unlagged() drops it
+    sl, sp, sd, spd = (Kernel(fn=n, threads=384, smem=0, grid_kind=2, sms=132, tma=128)
+                       for n in ("split_lag", "split_pack", "split_dense", "split_pack_dense"))
+    split_mod = dataclasses.replace(with_lag, fwd_split=plain, fwd_split_lag=sl, fwd_split_pack=sp,
+                                    fwd_split_dense=sd, fwd_split_pack_dense=spd)
+    assert [split_mod.split_entry(pack, gated) for pack, gated in ((False, True), (False, False), (True, True),
+                                                                  (True, False))] == [sl, sd, sp, spd]
+    assert split_mod.split_entry(False, True, keep=True) is plain  # the lagged split entry writes no keep
+    assert split_mod.unlagged().split_entry(False, True) is plain
     exported["BSFA_FWD_MC"] = 2
     assert with_lag.clustered().fwd_unlagged is None  # the cluster entries have no unlagged twins
     # tile_pairs(): every dense call, any group, on the tile-pair entry; calls with thresholds keep the plain one
