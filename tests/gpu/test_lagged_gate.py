@@ -16,32 +16,38 @@ pytestmark = [pytest.mark.gpu, requires_gpu,
               pytest.mark.skipif(not _is_hopper(), reason="the sm90ws kernel needs compute capability 9.0")]
 
 
+def _lagged_vs_unlagged(monkeypatch, field, q, k, v, causal, names, **call):
+    """The call at thresholds skipping every gated tile, about a quarter and three quarters kept, and all kept,
+    on the module's lagged entry in ``field`` and on Module.unlagged()'s: ``names`` of the results bitwise
+    equal, one launch of the lagged entry each. Returns (thresholds, the launch spy's list)."""
+    import bsfa_cupy
+
+    tm = cp.asarray(bsfa_cupy.block_max_scores(q, k, causal=causal, backend="sm90ws"))
+    finite = tm[cp.isfinite(tm)]
+    thresholds = [np.inf] + ([float(cp.quantile(finite, f)) for f in (0.75, 0.25)] if finite.size else []) + [-np.inf]
+    on, seen = [False], []
+    swap_sm90ws_entry(monkeypatch, on, lambda mod: mod, field, seen, off=lambda mod: mod.unlagged())
+    for thr in thresholds:
+        runs = []
+        for lag in (False, True):
+            on[0] = lag
+            bsfa_cupy.clear_plan_cache()
+            runs.append(bsfa_cupy.attention(q, k, v, thr, causal=causal, return_lse=True, backend="sm90ws", **call))
+        assert_bitwise(names, runs[0], runs[1], f"{field} at threshold {thr:.4g}")
+    assert seen == [field] * len(thresholds), f"expected one launch of the lagged entry per threshold, got {seen}"
+    return thresholds, seen
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("shape", [(2, 1100, 1300, 8, 2), (1, 577, 577, 3, 1), (3, 300, 2100, 4, 4),
                                    (1, 2100, 300, 6, 2), (1, 100, 100, 1, 1)], ids=lambda s: "x".join(map(str, s)))
 def test_lagged_gate_equals_bsfa_fwd(monkeypatch, dtype, D, causal, shape):
-    import bsfa_cupy
-
     B, Nq, Nk, Hq, Hkv = shape
     rng = np.random.default_rng(Nq * 17 + Nk + Hq + D)
     q, k, v = map(cp.asarray, random_inputs(rng, B, Nq, Nk, Hq, Hkv, D, dtype))
-    tm = cp.asarray(bsfa_cupy.block_max_scores(q, k, causal=causal, backend="sm90ws"))
-    finite = tm[cp.isfinite(tm)]
-    # every gated tile skipped, about a quarter and three quarters kept, all kept
-    thresholds = [np.inf] + ([float(cp.quantile(finite, f)) for f in (0.75, 0.25)] if finite.size else []) + [-np.inf]
-    on, seen = [False], []
-    swap_sm90ws_entry(monkeypatch, on, lambda mod: mod, "fwd", seen, off=lambda mod: mod.unlagged())
-    for thr in thresholds:
-        runs = []
-        for lag in (False, True):
-            on[0] = lag
-            bsfa_cupy.clear_plan_cache()
-            runs.append(bsfa_cupy.attention(q, k, v, thr, causal=causal, return_lse=True, return_keep=True,
-                                            backend="sm90ws"))
-        assert_bitwise(("out", "lse", "keep"), runs[0], runs[1], f"the lagged gate at threshold {thr:.4g}")
-    assert seen == ["fwd"] * len(thresholds), f"expected one launch of bsfa_fwd_lag per threshold, got {seen}"
+    _lagged_vs_unlagged(monkeypatch, "fwd", q, k, v, causal, ("out", "lse", "keep"), return_keep=True)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -57,22 +63,11 @@ def test_lagged_split_equals_bsfa_fwd_split(monkeypatch, dtype, D, causal, shape
     B, Nq, Nk, Hq, Hkv = shape
     rng = np.random.default_rng(Nq * 7 + Nk + D)
     q, k, v = map(cp.asarray, random_inputs(rng, B, Nq, Nk, Hq, Hkv, D, dtype))
-    tm = cp.asarray(bsfa_cupy.block_max_scores(q, k, causal=causal, backend="sm90ws"))
-    finite = tm[cp.isfinite(tm)]
-    thresholds = [np.inf] + [float(cp.quantile(finite, f)) for f in (0.75, 0.25)] + [-np.inf]
-    on, seen = [False], []
-    swap_sm90ws_entry(monkeypatch, on, lambda mod: mod, "fwd_split_lag", seen, off=lambda mod: mod.unlagged())
-    for thr in thresholds:
-        runs = []
-        for lag in (False, True):
-            on[0] = lag
-            bsfa_cupy.clear_plan_cache()
-            runs.append(bsfa_cupy.attention(q, k, v, thr, causal=causal, return_lse=True, backend="sm90ws",
-                                            num_splits=num_splits))
-        assert_bitwise(("out", "lse"), runs[0], runs[1], f"the lagged split entry at threshold {thr:.4g}")
-    assert seen == ["fwd_split_lag"] * len(thresholds), f"expected one bsfa_fwd_split_lag launch a call, got {seen}"
+    thresholds, seen = _lagged_vs_unlagged(monkeypatch, "fwd_split_lag", q, k, v, causal, ("out", "lse"),
+                                           num_splits=num_splits)
     # with keep the call stays on bsfa_fwd_split, which writes it
     seen.clear()
+    bsfa_cupy.clear_plan_cache()
     bsfa_cupy.attention(q, k, v, thresholds[1], causal=causal, return_keep=True, backend="sm90ws",
                         num_splits=num_splits)
     assert seen == [], f"a call returning keep launched {seen}"
