@@ -10,8 +10,8 @@
 # racecheck, the slow tool, gets 300: over every kernel's cases it outgrew 90 s once split-KV joined them)
 # and the whole call T_TOTAL (default 570 s), so it ends within ~10 minutes on a fresh machine. With three kernels
 # on Hopper the stages no longer fit one such call: run `gpu_check.sh compile tests` (the GPU suite with the
-# hypothesis profile `ci` took ~4 minutes on an H200 with every entry's tests, ~3.5 without test_lagged_gate.py;
-# without the compile stage every changed variant compiles inside the tests and they outgrow the call;
+# hypothesis profile `ci` took ~4.6 minutes on an H200 with every entry's tests; without the compile stage
+# every changed variant compiles inside the tests, one after another, and even two test files outgrow a call;
 # PYTEST_ADDOPTS="-k ..." or "--deselect ..." splits them over two calls if they outgrow one) and
 # `gpu_check.sh compile sanitize bench` as two calls.
 # HYPOTHESIS_PROFILE (default ci) picks the examples; `gpu` draws many more and needs a longer T_TESTS.
