@@ -155,7 +155,8 @@ class Module:
     def narrow_block_max(self) -> Module:
         """This module with block_max_scores on bsfa_block_max (128-row query tiles) instead of
         bsfa_block_max_wide (256-row ones, a whole BSFA tile a consumer warpgroup; the same results, 2-5 %
-        faster on an H200 at head dim 128, 16 % at 64); itself where it has no wide entry. For tests and benchmarks."""
+        faster on an H200 at head dim 128, 16 % at 64); itself where it has no wide entry. For tests and
+        benchmarks."""
         if self.block_max_narrow is None:
             return self
         return dataclasses.replace(self, block_max=self.block_max_narrow, block_max_narrow=None)
