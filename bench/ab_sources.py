@@ -15,7 +15,9 @@ Usage (two steps, the first where git is, the second on the GPU machine):
       bsfa_fwd_dense (neither cluster nor wide entries);
       NAME=@unlagged runs calls with thresholds on bsfa_fwd (S waiting for the gate) instead of bsfa_fwd_lag;
       NAME=@narrowbm runs block_max_scores on bsfa_block_max (128-row query tiles) instead of
-      bsfa_block_max_wide.
+      bsfa_block_max_wide; NAME=@headpair runs calls with thresholds of even GQA groups on
+      bsfa_fwd_headpair (two query heads a CTA, a whole BSFA tile a consumer warpgroup), and
+      NAME=@headpairdense their dense calls too.
       --block-max also times block_max_scores per build.
 Per case (B=1, Hq=32, causal unless noted): torch SDPA's cuDNN backend, then per build dense and sparse
 (rho of the gated tiles kept, thresholds from the inputs' tile maxima, as `bsfa bench` sets them), timed in
@@ -96,7 +98,7 @@ def time_builds(specs, cases, out_dir, block_max=False):
     builds = {}
     for spec in specs:
         name, _, rest = spec.partition("=")
-        if rest in ("@mc", "@pair", "@nowide", "@plain", "@unlagged", "@narrowbm"):
+        if rest in ("@mc", "@pair", "@nowide", "@plain", "@unlagged", "@narrowbm", "@headpair", "@headpairdense"):
             builds[name] = rest
             continue
         path, _, dense_entry = rest.partition(":")
@@ -117,6 +119,8 @@ def time_builds(specs, cases, out_dir, block_max=False):
             return mod.unlagged()
         if builds[b] == "@narrowbm":
             return mod.narrow_block_max()
+        if builds[b] in ("@headpair", "@headpairdense"):
+            return mod.head_pairs(dense=builds[b] == "@headpairdense")
         if builds[b] == "@plain":
             return dataclasses.replace(mod, dense_clusters=False, dense_wide=False)
         if builds[b] in ("@mc", "@pair"):  # the cluster entries of the library's own module

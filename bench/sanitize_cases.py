@@ -20,6 +20,8 @@ those asking for keep included (keep is then left unwritten).
 instead of bsfa_fwd_lag.
 --narrow-block-max: they run block_max_scores on bsfa_block_max (128-row query tiles) instead of
 bsfa_block_max_wide.
+--head-pairs: they run every unsplit call of the fixed-length cases, dense or with thresholds, on
+bsfa_fwd_headpair (two query heads a CTA, a whole BSFA tile a consumer warpgroup).
 """
 import argparse
 
@@ -33,6 +35,7 @@ p.add_argument("--pair-tiles", action="store_true", help="sm90ws at head dim 128
 p.add_argument("--wide-rows", action="store_true", help="sm90ws at head dim 64: dense calls on 192-row tiles")
 p.add_argument("--unlagged", action="store_true", help="sm90ws: gated calls on bsfa_fwd, S waiting for the gate")
 p.add_argument("--narrow-block-max", action="store_true", help="sm90ws: block_max_scores on 128-row query tiles")
+p.add_argument("--head-pairs", action="store_true", help="sm90ws: unsplit calls on bsfa_fwd_headpair")
 args = p.parse_args()
 
 import cupy as cp  # noqa: E402  (after argparse: --help works without a GPU)
@@ -40,15 +43,15 @@ import cupy as cp  # noqa: E402  (after argparse: --help works without a GPU)
 import bsfa_cupy  # noqa: E402
 
 
-def _swap_sm90ws(method: str) -> None:
-    """sm90ws modules come back as module.<method>() (an entry swapped in for tests), the others as they are."""
+def _swap_sm90ws(method: str, **kw) -> None:
+    """sm90ws modules come back as module.<method>(**kw) (an entry swapped in for tests), the others as they are."""
     from bsfa_cupy import ops
 
     real = ops.get_module
 
     def get_module(key, *rest):
         mod = real(key, *rest)
-        return getattr(mod, method)() if key.arch == "sm90ws" else mod
+        return getattr(mod, method)(**kw) if key.arch == "sm90ws" else mod
 
     ops.get_module = get_module
 
@@ -57,6 +60,8 @@ for flag, method in (("clusters", "clustered"), ("pair_tiles", "tile_pairs"), ("
                      ("unlagged", "unlagged"), ("narrow_block_max", "narrow_block_max")):
     if getattr(args, flag):
         _swap_sm90ws(method)
+if args.head_pairs:
+    _swap_sm90ws("head_pairs", dense=True)
 
 rng = np.random.default_rng(0)
 hopper = str(cp.cuda.Device().compute_capability) == "90"

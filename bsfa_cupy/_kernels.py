@@ -53,8 +53,13 @@ class Kernel:
     cluster_slots: int = 0  # clusters resident at once (cluster entries; 0: not yet asked)
     pair_tiles: bool = False  # a cluster takes query tiles, not query heads, two at a time (bsfa_fwd_dense_pair)
     q_box: int = 0  # rows of the q map's boxes where they differ from k's and v's (bsfa_fwd_dense_wide)
+    head_pairs: bool = False  # a CTA takes two query heads of a GQA group (bsfa_fwd_headpair): Hq even
 
     def grid(self, B: int, Hq: int, nQ: int) -> tuple[int, int, int]:
+        if self.head_pairs:
+            if Hq % 2:
+                raise ValueError(f"bsfa_fwd_headpair takes query heads two at a time, got Hq={Hq}")
+            return _launch.grid(self.grid_kind, B, Hq // 2, nQ, self.sms)
         if self.cluster == 1:
             return _launch.grid(self.grid_kind, B, Hq, nQ, self.sms)
         if not self.pair_tiles and Hq % self.cluster:
@@ -114,6 +119,12 @@ class Module:
     # sm90ws: bsfa_fwd_split_lag, bsfa_fwd_split the same way, which split_entry() takes for calls with
     # thresholds, one head a tile and no keep (it writes none)
     fwd_split_lag: Kernel | None = None
+    # sm90ws: bsfa_fwd_headpair, two query heads of a GQA group a CTA, each consumer warpgroup a whole BSFA tile
+    # of its own head and its own decisions; forward() sends unsplit calls of even groups with thresholds there
+    # while headpairs is True (dense ones too while headpairs_dense is True: benchmarks)
+    fwd_headpair: Kernel | None = None
+    headpairs: bool = False
+    headpairs_dense: bool = False
     _clustered: Module | None = dataclasses.field(default=None, repr=False)  # clustered(), once loaded
 
     def forward(self, gated: bool, group: int = 1, q_tiles: int = 0, keep: bool = False) -> Kernel:
@@ -131,6 +142,8 @@ class Module:
         most of its blocks back unread. Calls with thresholds take ``fwd`` (on sm90ws bsfa_fwd_lag), which
         skips faster than any cluster entry.
         """
+        if self.fwd_headpair is not None and group % 2 == 0 and (self.headpairs_dense if not gated else self.headpairs):
+            return self.fwd_headpair
         if gated or self.fwd_dense is None:
             return self.fwd
         if self.fwd_dense_wide is not None and self.dense_wide and not keep and q_tiles >= WIDE_MIN_Q_TILES:
@@ -160,6 +173,14 @@ class Module:
         if self.block_max_narrow is None:
             return self
         return dataclasses.replace(self, block_max=self.block_max_narrow, block_max_narrow=None)
+
+    def head_pairs(self, on: bool = True, dense: bool = False) -> Module:
+        """This module with its unsplit calls with thresholds of even GQA groups on bsfa_fwd_headpair (``on``),
+        and its dense ones too (``dense``), or on neither (not ``on``); itself where it has no such entry. For
+        tests and benchmarks."""
+        if self.fwd_headpair is None:
+            return self
+        return dataclasses.replace(self, headpairs=on, headpairs_dense=on and dense)
 
     def unlagged(self) -> Module:
         """This module with its unsplit calls with thresholds on bsfa_fwd instead of bsfa_fwd_lag (S a block
@@ -301,6 +322,10 @@ def get_module(key: VariantKey, backend: Backend, device_id: int) -> Module:
                 split["fwd_unlagged"], fwd = fwd, _kernel(raw, "bsfa_fwd_lag", "BSFA_FWD_LAG", grid_kind, sms,
                                                          fwd.tma, 3)
                 split["fwd_split_lag"] = _kernel(raw, "bsfa_fwd_split_lag", "BSFA_FWD_LAG", grid_kind, sms, fwd.tma, 3)
+            split["fwd_headpair"] = dataclasses.replace(
+                _kernel(raw, "bsfa_fwd_headpair", "BSFA_FWD_HEADPAIR", grid_kind, sms,
+                        _read_int(raw, "BSFA_FWD_HEADPAIR_KV_BOX"), 3),
+                q_box=_read_int(raw, "BSFA_FWD_HEADPAIR_Q_BOX"), head_pairs=True)
             if _read_int(raw, "BSFA_FWD_WIDE_THREADS"):
                 split["fwd_dense_wide"] = dataclasses.replace(
                     _kernel(raw, "bsfa_fwd_dense_wide", "BSFA_FWD_WIDE", grid_kind, sms, fwd.tma, 3),

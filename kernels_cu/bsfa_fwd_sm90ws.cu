@@ -206,6 +206,25 @@ extern "C" __global__ void __launch_bounds__(TR::kNThreads, 1)
     bsfa::kernel_sm90ws<TRLag, kCausal, true, false, true>(p, tq, tk, tv);
 }
 
+// Two query heads of one GQA group a CTA at the same query tile, each
+// consumer warpgroup a whole 128-row BSFA tile of its own head, deciding its
+// gates alone (TraitsSm90WsHeadPair): the same arguments and results as
+// bsfa_fwd (out, lse and keep), Hq / Hkv even; BSFA_FWD_HEADPAIR_THREADS
+// threads, BSFA_FWD_HEADPAIR_SMEM_BYTES of shared memory, a q map of
+// BSFA_FWD_HEADPAIR_Q_BOX rows a box and k and v maps of
+// BSFA_FWD_HEADPAIR_KV_BOX, the grid (min(SMs, B * Hq / 2 * nQ), 1, 1).
+using TRHeadPair = bsfa::TraitsSm90WsHeadPair<BSFA_HEAD_DIM, BSFA_DTYPE == 1>;
+extern "C" __constant__ int BSFA_FWD_HEADPAIR_THREADS = TRHeadPair::kNThreads;
+extern "C" __constant__ int BSFA_FWD_HEADPAIR_SMEM_BYTES = TRHeadPair::kSmemBytes;
+extern "C" __constant__ int BSFA_FWD_HEADPAIR_Q_BOX = TRHeadPair::kWgRows;
+extern "C" __constant__ int BSFA_FWD_HEADPAIR_KV_BOX = TRHeadPair::kBlockKeys;
+
+extern "C" __global__ void __launch_bounds__(TRHeadPair::kNThreads, 1)
+    bsfa_fwd_headpair(const __grid_constant__ bsfa::Params p, const __grid_constant__ bsfa::TmaDesc tq,
+                      const __grid_constant__ bsfa::TmaDesc tk, const __grid_constant__ bsfa::TmaDesc tv) {
+    bsfa::kernel_sm90ws<TRHeadPair, kCausal, true>(p, tq, tk, tv);
+}
+
 #if BSFA_HEAD_DIM % 128 == 0
 // Two query heads of a GQA group at the same query tile per cluster of two
 // CTAs, which share every K and V load (TraitsSm90WsMc); same arguments as

@@ -4,7 +4,7 @@
 // one of its threads runs the TMA producer (bsfa_producer_sm90ws.cuh);
 // warpgroups 1 and 2 (and 3 in bsfa_fwd_dense_wide) are the consumers
 // (bsfa_consumer_sm90ws.cuh, or bsfa_block_max_sm90ws.cuh), 64 query rows
-// each.  Persistent:
+// each (bsfa_consumer_headpair_sm90ws.cuh: a query head's 128 each).  Persistent:
 // the grid has at most one CTA per SM (bsfa_tile_scheduler_sm90.cuh).
 //
 // Includes what it needs; TR is a TraitsSm90Ws.
@@ -12,6 +12,7 @@
 
 #include "bsfa_block_max_sm90ws.cuh"
 #include "bsfa_block_max_wide_sm90ws.cuh"
+#include "bsfa_consumer_headpair_sm90ws.cuh"
 #include "bsfa_consumer_sm90ws.cuh"
 #include "bsfa_copy_sm90.cuh"
 #include "bsfa_params.cuh"
@@ -75,7 +76,10 @@ __device__ __forceinline__ void kernel_sm90ws(const Params& p, const TmaDesc& tq
         }
     } else {
         setmaxnreg_inc<TR::kConsumerRegs>();
-        if constexpr (kFwd) {
+        if constexpr (kFwd && TR::kOwnTiles) {
+            static_assert(!kVarlen && !kSplit && kGated, "bsfa_fwd_headpair: fixed-length unsplit calls");
+            headpair_consumer_loop<TR, kCausal>(p, sm, wg - 1, threadIdx.x - 128 * wg);
+        } else if constexpr (kFwd) {
             consumer_loop<TR, kCausal, kVarlen, kSplit, kGated>(p, sm, wg - 1, threadIdx.x - 128 * wg);
         } else {
             if constexpr (TR::kWgRows > TR::kWgmmaM) {

@@ -165,6 +165,21 @@ __device__ __forceinline__ void named_arrive(int id, int threads) {
     asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
+// OR of one predicate per thread over the `threads` threads of barrier `id`,
+// which all wait there (bar.red: a named barrier that reduces).
+__device__ __forceinline__ bool named_or(int id, int threads, bool pred) {
+    unsigned r;
+    asm volatile(
+        "{ .reg .pred p, q;\n"
+        "  setp.ne.u32 p, %1, 0;\n"
+        "  bar.red.or.pred q, %2, %3, p;\n"
+        "  selp.u32 %0, 1, 0, q; }\n"
+        : "=r"(r)
+        : "r"((unsigned)pred), "r"(id), "r"(threads)
+        : "memory");
+    return r != 0;
+}
+
 // Register hand-over between warpgroups: the producer gives registers back,
 // the consumers take them.  Both need a register cap at kernel entry
 // (__launch_bounds__(threads, 1)) and one role per branch.

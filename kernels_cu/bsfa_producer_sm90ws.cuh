@@ -21,7 +21,8 @@
 // nothing, not even its Q tile.  With two heads a tile (TR::kPackHeads,
 // bsfa_fwd_split_pack) the Q tile is the first 64 rows of query heads 2 w.h
 // and 2 w.h + 1, one box of 64 rows each (tq is made with 64-row boxes) into
-// the two warpgroups' halves of the Q buffer.
+// the two warpgroups' halves of the Q buffer; bsfa_fwd_headpair's is the
+// same with 128-row boxes (TR::kWgRows), and 64-key blocks.
 //
 // Includes what it needs; TR is a TraitsSm90Ws.
 #pragma once
@@ -102,7 +103,7 @@ __device__ __forceinline__ void producer_loop(const Params& p, const TmaDesc& tq
                 for (int pn = 0; pn < TR::kPanels; ++pn) {
 #pragma unroll
                     for (int hh = 0; hh < TR::kConsumerWGs; ++hh) {
-                        tma_load_4d(sm.q() + pn * TR::kQPanelBytes + hh * TR::kWgmmaM * kSwizzleBytes, tq,
+                        tma_load_4d(sm.q() + pn * TR::kQPanelBytes + hh * TR::kWgRows * kSwizzleBytes, tq,
                                     sm.bar(TR::kBarQFull), pn * TR::kPanelCols, pr.q_row + qt.q0, h0 + hh, bc);
                     }
                 }

@@ -157,6 +157,9 @@ struct TraitsSm90Ws : TileShape {
     // The producer loads each block's K before the previous block's V
     // (TraitsSm90WsLag), not after.
     static constexpr bool kKAhead = false;
+    // Each consumer warpgroup owns a whole 128-row BSFA tile of a query
+    // head of its own (TraitsSm90WsHeadPair).
+    static constexpr bool kOwnTiles = false;
 };
 
 // The cluster entries (bsfa_fwd_mc, bsfa_fwd_dense_mc, bsfa_block_max_mc):
@@ -294,6 +297,58 @@ struct TraitsSm90WsPack : TraitsSm90Ws<kHeadDim_, kBf16_> {
     static constexpr int kVoteRing = Base::kVoteSlots / Base::kConsumerWGs;
     static constexpr int kVoteWarps = Base::kConsumerWarps / Base::kConsumerWGs;
     static_assert(kVoteRing >= 4, "a warp posts exchange e+3 only once every warp resolved e (bsfa_block_sm90ws.cuh)");
+};
+
+// bsfa_fwd_headpair: two query heads of one GQA group a CTA, at the same
+// query tile, and each consumer warpgroup a whole 128-row BSFA tile of its
+// own head (two m64 row halves, kWarpMBlocks = 2), so that no gate decision
+// needs the other warpgroup: the tile maximum is the warpgroup's own, one
+// barrier reduction over its 128 threads (bsfa_consumer_headpair_sm90ws.cuh).
+// Both heads read the same K and V blocks of their K/V head.  O of 128 rows
+// at head dim 128 takes 128 registers a thread, so a block is one 64-key
+// BSFA key tile (S 64 registers) and P goes through shared memory; the
+// output is staged as the base's, in a 256-row map over the P buffers.  Per block and CTA the
+// tensor work is the base's (256 rows x 64 keys against 128 x 128).
+template <int kHeadDim_, bool kBf16_>
+struct TraitsSm90WsHeadPair : TraitsSm90Ws<kHeadDim_, kBf16_> {
+    using Base = TraitsSm90Ws<kHeadDim_, kBf16_>;
+    static constexpr bool kOwnTiles = true;
+    static constexpr bool kPackHeads = true;  // wg_head, the schedule over head pairs, Q boxes per head
+    static constexpr int kWgRows = TileShape::kBlockM;
+    static constexpr int kWarpMBlocks = kWgRows / Base::kWgmmaM;
+    static constexpr int kBlockM = TileShape::kBlockM;  // rows of one head's query tile
+    static constexpr int kBlockKeys = TileShape::kBlockN;
+    static constexpr int kKeyHalves = 1;
+    static constexpr int kBlockSNBlocks = kBlockKeys / Base::kMmaN;
+    static constexpr int kKeySteps = kBlockKeys / Base::kMmaK;
+    static constexpr int kHalfKeySteps = kKeySteps;
+    // Shared memory: Q of both heads (256 rows), the K and V rings of 64-key
+    // blocks, then P of both warpgroups, a buffer (one 64-column panel of
+    // 256 rows) per K/V stage.  The P buffers are the output staging too (in
+    // Q's map, a buffer a 64-column panel): a warpgroup stages its own rows
+    // only, once its last P V retired.
+    static constexpr int kQRows = Base::kConsumerWGs * kWgRows;
+    static constexpr int kQPanelBytes = kQRows * kSwizzleBytes;
+    static constexpr int kKVPanelBytes = kBlockKeys * kSwizzleBytes;
+    static constexpr int kQBytes = Base::kPanels * kQPanelBytes;
+    static constexpr int kKVBytes = Base::kPanels * kKVPanelBytes;
+    static constexpr int kPBytes = kQRows * kSwizzleBytes;
+    static constexpr int kSmemQ = 0;
+    static constexpr int kSmemK = kSmemQ + kQBytes;
+    static constexpr int kSmemV = kSmemK + Base::kStages * kKVBytes;
+    static constexpr int kSmemP = kSmemV + Base::kStages * kKVBytes;
+    static constexpr int kSmemO = kSmemP;
+    static_assert(Base::kStages * kPBytes >= kQBytes, "the P buffers hold the output staging");
+    static constexpr int kSmemBars = kSmemP + Base::kStages * kPBytes;
+    static constexpr int kSmemVotes = kSmemBars + 8 * Base::kNumBars;
+    static constexpr int kSmemMaxes = kSmemVotes + Base::kVoteSlots * Base::kVoteSlotBytes;
+    static constexpr int kSmemBytes = kSmemMaxes + Base::kVoteSlots * Base::kMaxSlotBytes + kSwizzleAtomBytes;
+    static_assert(kSmemBytes <= 227 * 1024, "shared memory per CTA");
+    static_assert(kBlockKeys == Base::kPanelCols, "P of a block is one 64-column panel");
+    // The named barriers of the warpgroups' gate reductions, after the turns
+    // and the base's zeroing barrier.
+    static constexpr int kBarGate = Base::kBarVZero + 1;
+    static_assert(kBarGate + Base::kConsumerWGs <= 16, "named barriers 1..15");
 };
 
 }  // namespace bsfa

@@ -123,12 +123,12 @@ __device__ __forceinline__ void copy_regs(unsigned (&dst)[M][N], const unsigned 
 // m16n8k16 A fragment of the warp's 16 rows.  scale_d = 0 ignores the old
 // accumulator (D = A B), 1 accumulates.
 
-#define BSFA_WGMMA_SS_N64(TY)                                                                 \
+#define BSFA_WGMMA_SS_N64(TY, TB)                                                             \
     asm volatile(                                                                                \
         "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                       \
         "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " "                                 \
         "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "  \
-        "%32, %33, p, 1, 1, 0, 0;\n}\n"                                                  \
+        "%32, %33, p, 1, 1, 0, " TB ";\n}\n"                                            \
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]) \
         : "l"(desc_a), "l"(desc_b), "r"(scale_d))
 
@@ -160,14 +160,23 @@ __device__ __forceinline__ void copy_regs(unsigned (&dst)[M][N], const unsigned 
         : "l"(desc_a), "l"(desc_b), "r"(scale_d))
 
 
-// D(64 x 64) (+)= A(64 x 16, smem, K-major) * B(16 x 64, smem, K-major).
-template <bool kBf16>
+// D(64 x 64) (+)= A(64 x 16, smem, K-major) * B(16 x 64, smem): B K-major,
+// or MN-major (kKMajorB false: V in P V with P in shared memory, head dim 64).
+template <bool kBf16, bool kKMajorB = true>
 __device__ __forceinline__ void wgmma_ss_n64(float (&d)[32], unsigned long long desc_a, unsigned long long desc_b,
                                              int scale_d) {
     if constexpr (kBf16) {
-        BSFA_WGMMA_SS_N64("bf16");
+        if constexpr (kKMajorB) {
+            BSFA_WGMMA_SS_N64("bf16", "0");
+        } else {
+            BSFA_WGMMA_SS_N64("bf16", "1");
+        }
     } else {
-        BSFA_WGMMA_SS_N64("f16");
+        if constexpr (kKMajorB) {
+            BSFA_WGMMA_SS_N64("f16", "0");
+        } else {
+            BSFA_WGMMA_SS_N64("f16", "1");
+        }
     }
 }
 
