@@ -17,7 +17,8 @@ Usage (two steps, the first where git is, the second on the GPU machine):
       NAME=@narrowbm runs block_max_scores on bsfa_block_max (128-row query tiles) instead of
       bsfa_block_max_wide; NAME=@headpair runs calls with thresholds of even GQA groups on
       bsfa_fwd_headpair (two query heads a CTA, a whole BSFA tile a consumer warpgroup), and
-      NAME=@headpairdense their dense calls too.
+      NAME=@headpairdense their dense calls too; NAME=FILE.cu@headpair runs both on FILE.cu's
+      bsfa_fwd_headpair (the A/B of two versions of that entry).
       --block-max also times block_max_scores per build.
 Per case (B=1, Hq=32, causal unless noted): torch SDPA's cuDNN backend, then per build dense and sparse
 (rho of the gated tiles kept, thresholds from the inputs' tile maxima, as `bsfa bench` sets them), timed in
@@ -101,6 +102,9 @@ def time_builds(specs, cases, out_dir, block_max=False):
         if rest in ("@mc", "@pair", "@nowide", "@plain", "@unlagged", "@narrowbm", "@headpair", "@headpairdense"):
             builds[name] = rest
             continue
+        if rest.endswith("@headpair"):
+            builds[name] = (Path(rest[: -len("@headpair")]).read_text(), "@headpair")
+            continue
         path, _, dense_entry = rest.partition(":")
         builds[name] = (Path(path).read_text(), dense_entry or "bsfa_fwd")
     all_names = ["base", *builds]
@@ -135,8 +139,16 @@ def time_builds(specs, cases, out_dir, block_max=False):
             options = _compile.options_for(key.arch, arch_flag) + key.defines() + backend.options()
             raw = cp.cuda.function.Module()
             raw.load(_compile.cached_binary(text, f"{key.name()}_ab_{b}", options, is_cubin))
-            f = _kernels._kernel(raw, entry, "BSFA_FWD", mod.fwd.grid_kind, mod.fwd.sms, mod.fwd.tma, 3)
-            cache[(key, b, entry)] = dataclasses.replace(mod, fwd=f, fwd_dense=f, raw=(mod.raw, raw))
+            if dense_entry == "@headpair":
+                hp = dataclasses.replace(
+                    _kernels._kernel(raw, "bsfa_fwd_headpair", "BSFA_FWD_HEADPAIR", mod.fwd.grid_kind, mod.fwd.sms,
+                                     _kernels._read_int(raw, "BSFA_FWD_HEADPAIR_KV_BOX"), 3),
+                    q_box=_kernels._read_int(raw, "BSFA_FWD_HEADPAIR_Q_BOX"), head_pairs=True)
+                cache[(key, b, entry)] = dataclasses.replace(mod, fwd_headpair=hp, raw=(mod.raw, raw)).head_pairs(
+                    dense=True)
+            else:
+                f = _kernels._kernel(raw, entry, "BSFA_FWD", mod.fwd.grid_kind, mod.fwd.sms, mod.fwd.tma, 3)
+                cache[(key, b, entry)] = dataclasses.replace(mod, fwd=f, fwd_dense=f, raw=(mod.raw, raw))
         return cache[(key, b, entry)]
 
     def use(build, dense):
