@@ -121,9 +121,9 @@ class Module:
     fwd_split_lag: Kernel | None = None
     # sm90ws: bsfa_fwd_headpair, two query heads of a GQA group a CTA, each consumer warpgroup a whole BSFA tile
     # of its own head and its own decisions; forward() sends unsplit calls of even groups with thresholds there
-    # while headpairs is True (dense ones too while headpairs_dense is True: benchmarks)
+    # while headpairs is True (dense ones too while headpairs_dense is True: tests and benchmarks)
     fwd_headpair: Kernel | None = None
-    headpairs: bool = False
+    headpairs: bool = True
     headpairs_dense: bool = False
     _clustered: Module | None = dataclasses.field(default=None, repr=False)  # clustered(), once loaded
 
@@ -140,7 +140,10 @@ class Module:
         PAIR_MIN_Q_TILES query tiles) takes the tile-pair entry: 1.06-1.07x the plain one at 64K-128K with
         Hq = Hkv = 32, even at 16K, and slower on short batched calls, whose shorter tiles of a pair hand
         most of its blocks back unread. Calls with thresholds take ``fwd`` (on sm90ws bsfa_fwd_lag), which
-        skips faster than any cluster entry.
+        skips faster than any cluster entry, or where their GQA groups pair up bsfa_fwd_headpair (two query heads a
+        CTA, each consumer warpgroup deciding its own head's tiles): 4-15 % faster than bsfa_fwd_lag on an H200 at
+        every keep fraction (NOTES v24), with results within rounding of the reference as the others' (its key
+        blocks are 64 keys long, so not bitwise theirs).
         """
         if self.fwd_headpair is not None and group % 2 == 0 and (self.headpairs_dense if not gated else self.headpairs):
             return self.fwd_headpair
@@ -184,11 +187,12 @@ class Module:
 
     def unlagged(self) -> Module:
         """This module with its unsplit calls with thresholds on bsfa_fwd instead of bsfa_fwd_lag (S a block
-        ahead of the gate exchange; the same results, 6-18 % faster on an H200); itself where it has no lagged
-        entry; its split calls then take bsfa_fwd_split. For tests and benchmarks."""
+        ahead of the gate exchange; the same results, 6-18 % faster on an H200) and bsfa_fwd_headpair; itself where
+        it has no lagged entry; its split calls then take bsfa_fwd_split. For tests and benchmarks."""
         if self.fwd_unlagged is None:
             return self
-        return dataclasses.replace(self, fwd=self.fwd_unlagged, fwd_unlagged=None, fwd_split_lag=None)
+        return dataclasses.replace(self, fwd=self.fwd_unlagged, fwd_unlagged=None, fwd_split_lag=None,
+                                   headpairs=False)
 
     def tile_pairs(self) -> Module:
         """This module with every dense call on bsfa_fwd_dense_pair, whatever the GQA group, length and mask
@@ -198,8 +202,9 @@ class Module:
         return self if pair is None else dataclasses.replace(self, fwd_dense=pair, dense_clusters=False)
 
     def clustered(self) -> Module:
-        """This module with its cluster entries in the places of bsfa_fwd, bsfa_fwd_dense and bsfa_block_max;
-        itself where it has none (not sm90ws, or head dim 64).
+        """This module with its cluster entries in the places of bsfa_fwd, bsfa_fwd_dense and bsfa_block_max (calls
+        with thresholds then take bsfa_fwd_mc whatever their GQA group, not bsfa_fwd_headpair); itself where it
+        has none (not sm90ws, or head dim 64).
 
         The cluster entries (sm90ws, head dim 128: bsfa_fwd_mc, bsfa_fwd_dense_mc, bsfa_block_max_mc) run
         on clusters of two CTAs that share K and V loads, two query heads of a GQA group: the caller must
@@ -222,7 +227,7 @@ class Module:
                     pair_tiles=True)
                 self._clustered = dataclasses.replace(self, fwd=fwd, fwd_dense=dense, block_max=bmax,
                                                       fwd_dense_pair=pair, fwd_unlagged=None,
-                                                      block_max_narrow=None)
+                                                      block_max_narrow=None, headpairs=False)
         return self._clustered
 
     def split_entry(self, pack: bool, gated: bool, keep: bool = False) -> Kernel:

@@ -14,8 +14,8 @@
 // issues S of block n and the P V of block n + 1, and block n's gate and
 // softmax run while that P V is on the tensor cores.  O of 128 rows takes
 // the registers that P would (128 a thread at head dim 128), so the softmax
-// stores P to shared memory, a buffer per K/V stage, and P V reads it from
-// there.  The two P buffers are the output staging at the tile's end.
+// stores P to shared memory, a buffer for even blocks and one for odd, and
+// P V reads it from there.  The two P buffers are the output staging at the tile's end.
 //
 // Includes what it needs; TR is a TraitsSm90WsHeadPair.
 #pragma once
@@ -104,10 +104,9 @@ struct HeadPairLoop {
     __device__ __forceinline__ unsigned long long v_desc(int stage) const {
         return make_desc(sm.v() + stage * TR::kKVBytes, TR::kKVPanelBytes, kSwizzleAtomBytes);
     }
-    // P of the block in K/V stage `stage`: one buffer a stage, so that a
-    // block's softmax stores its P while the previous block's P V reads the
-    // other.
-    __device__ __forceinline__ unsigned p_buffer(int stage) const { return sm.p() + stage * TR::kPBytes; }
+    // P of block n: one buffer for even n and one for odd, so that a block's
+    // softmax stores its P while the previous block's P V reads the other.
+    __device__ __forceinline__ unsigned p_buffer(int n) const { return sm.p() + (n & 1) * TR::kPBytes; }
     __device__ __forceinline__ int my_turn() const { return TR::kBarTurn + wg; }
     __device__ __forceinline__ int their_turn() const { return next_turn<TR>(wg); }
 };
@@ -216,7 +215,7 @@ __device__ __forceinline__ void headpair_tile(const HeadPairLoop<TR, kCausal>& t
     named_arrive(t.their_turn(), TR::kTurnThreads);
     wgmma_wait<0>();
     bool kept = hp_decide<TR, kCausal>(t, S, n, kb.first, kv, vmx, gated);
-    if (kept) hp_softmax<TR>(S, gated, vmx, m, l, alpha, scale_log2, t.p_buffer(kv.stage), t.wg);
+    if (kept) hp_softmax<TR>(S, gated, vmx, m, l, alpha, scale_log2, t.p_buffer(n), t.wg);
     bool prev_kept = kept;
     kv.advance();
 
@@ -228,7 +227,7 @@ __device__ __forceinline__ void headpair_tile(const HeadPairLoop<TR, kCausal>& t
         named_sync(t.my_turn(), TR::kTurnThreads);
         hp_qk<TR>(S, sm.q(), t.wg, t.k_desc(kv.stage));
         if (prev_kept) {
-            hp_pv<TR>(O, t.p_buffer(prev.stage), t.wg, t.v_desc(prev.stage));
+            hp_pv<TR>(O, t.p_buffer(n + 1), t.wg, t.v_desc(prev.stage));
         } else {
             wgmma_commit();  // an empty group: the waits below count the same on both paths
         }
@@ -236,7 +235,7 @@ __device__ __forceinline__ void headpair_tile(const HeadPairLoop<TR, kCausal>& t
         wgmma_wait<1>();  // S is ready; P V may still run
         kept = hp_decide<TR, kCausal>(t, S, n, kb.first, kv, vmx, gated);
         bool rescale = false;
-        if (kept) rescale = hp_softmax<TR>(S, gated, vmx, m, l, alpha, scale_log2, t.p_buffer(kv.stage), t.wg);
+        if (kept) rescale = hp_softmax<TR>(S, gated, vmx, m, l, alpha, scale_log2, t.p_buffer(n), t.wg);
         // Unconditional, so that ptxas sees O retired on every path.
         wgmma_wait<0>();
 #pragma unroll
@@ -258,7 +257,7 @@ __device__ __forceinline__ void headpair_tile(const HeadPairLoop<TR, kCausal>& t
     mbar_wait(sm.bar(TR::kBarVFull + prev.stage), prev.phase);
     named_sync(t.my_turn(), TR::kTurnThreads);
     if (prev_kept) {
-        hp_pv<TR>(O, t.p_buffer(prev.stage), t.wg, t.v_desc(prev.stage));
+        hp_pv<TR>(O, t.p_buffer(kb.first), t.wg, t.v_desc(prev.stage));
     } else {
         wgmma_commit();
     }

@@ -322,11 +322,16 @@ struct TraitsSm90WsHeadPair : TraitsSm90Ws<kHeadDim_, kBf16_> {
     static constexpr int kBlockSNBlocks = kBlockKeys / Base::kMmaN;
     static constexpr int kKeySteps = kBlockKeys / Base::kMmaK;
     static constexpr int kHalfKeySteps = kKeySteps;
-    // Shared memory: Q of both heads (256 rows), the K and V rings of 64-key
-    // blocks, then P of both warpgroups, a buffer (one 64-column panel of
-    // 256 rows) per K/V stage.  The P buffers are the output staging too (in
-    // Q's map, a buffer a 64-column panel): a warpgroup stages its own rows
-    // only, once its last P V retired.
+    // Shared memory: Q of both heads (256 rows), K and V rings of three
+    // stages of 64-key blocks (a block takes half the time of the base's, so
+    // the producer runs a stage further ahead), then P of both warpgroups in
+    // two buffers (one 64-column panel of 256 rows each), one for blocks of
+    // even index and one for odd.  The P buffers are the output staging too
+    // (in Q's map, a buffer a 64-column panel): a warpgroup stages its own
+    // rows only, once its last P V retired.
+    static constexpr int kStages = 3;
+    static constexpr int kBlockMaxStages = kStages;  // the K ring's barriers
+    static constexpr int kPBuffers = 2;
     static constexpr int kQRows = Base::kConsumerWGs * kWgRows;
     static constexpr int kQPanelBytes = kQRows * kSwizzleBytes;
     static constexpr int kKVPanelBytes = kBlockKeys * kSwizzleBytes;
@@ -335,12 +340,18 @@ struct TraitsSm90WsHeadPair : TraitsSm90Ws<kHeadDim_, kBf16_> {
     static constexpr int kPBytes = kQRows * kSwizzleBytes;
     static constexpr int kSmemQ = 0;
     static constexpr int kSmemK = kSmemQ + kQBytes;
-    static constexpr int kSmemV = kSmemK + Base::kStages * kKVBytes;
-    static constexpr int kSmemP = kSmemV + Base::kStages * kKVBytes;
+    static constexpr int kSmemV = kSmemK + kStages * kKVBytes;
+    static constexpr int kSmemP = kSmemV + kStages * kKVBytes;
     static constexpr int kSmemO = kSmemP;
-    static_assert(Base::kStages * kPBytes >= kQBytes, "the P buffers hold the output staging");
-    static constexpr int kSmemBars = kSmemP + Base::kStages * kPBytes;
-    static constexpr int kSmemVotes = kSmemBars + 8 * Base::kNumBars;
+    static_assert(kPBuffers * kPBytes >= kQBytes, "the P buffers hold the output staging");
+    static constexpr int kSmemBars = kSmemP + kPBuffers * kPBytes;
+    // Barrier words as the base's, for three stages.
+    static constexpr int kBarKEmpty = Base::kBarKFull + kStages;
+    static constexpr int kBarVFull = kBarKEmpty + kStages;
+    static constexpr int kBarVEmpty = kBarVFull + kStages;
+    static constexpr int kBarVote = kBarVEmpty + kStages;
+    static constexpr int kNumBars = kBarVote + Base::kVoteSlots;
+    static constexpr int kSmemVotes = kSmemBars + 8 * kNumBars;
     static constexpr int kSmemMaxes = kSmemVotes + Base::kVoteSlots * Base::kVoteSlotBytes;
     static constexpr int kSmemBytes = kSmemMaxes + Base::kVoteSlots * Base::kMaxSlotBytes + kSwizzleAtomBytes;
     static_assert(kSmemBytes <= 227 * 1024, "shared memory per CTA");

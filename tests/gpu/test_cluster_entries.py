@@ -38,7 +38,7 @@ def _use_clusters(monkeypatch, on: list, seen: list):
             return mod
         if not on[0]:  # the plain entries only: dense calls would take the cluster entry through forward()
             if key not in plain_only:
-                plain_only[key] = dataclasses.replace(mod, dense_clusters=False)
+                plain_only[key] = dataclasses.replace(mod, dense_clusters=False, headpairs=False)
             return plain_only[key]
         if key not in swapped:
             clustered = mod.clustered()
@@ -54,7 +54,8 @@ def _use_clusters(monkeypatch, on: list, seen: list):
                     return _fn(*args, **kw)
 
                 kerns[plain] = dataclasses.replace(kern, fn=spy)
-            swapped[key] = dataclasses.replace(mod, **kerns, dense_clusters=False)  # forward() takes them as they are
+            # forward() takes them as they are (calls with thresholds too: not bsfa_fwd_headpair)
+            swapped[key] = dataclasses.replace(mod, **kerns, dense_clusters=False, headpairs=False)
         return swapped[key]
 
     monkeypatch.setattr(ops, "get_module", get_module)

@@ -26,7 +26,8 @@ def _lagged_vs_unlagged(monkeypatch, field, q, k, v, causal, names, **call):
     finite = tm[cp.isfinite(tm)]
     thresholds = [np.inf] + ([float(cp.quantile(finite, f)) for f in (0.75, 0.25)] if finite.size else []) + [-np.inf]
     on, seen = [False], []
-    swap_sm90ws_entry(monkeypatch, on, lambda mod: mod, field, seen, off=lambda mod: mod.unlagged())
+    # head_pairs(False): even GQA groups stay on the lagged entry instead of bsfa_fwd_headpair
+    swap_sm90ws_entry(monkeypatch, on, lambda mod: mod.head_pairs(False), field, seen, off=lambda mod: mod.unlagged())
     for thr in thresholds:
         runs = []
         for lag in (False, True):

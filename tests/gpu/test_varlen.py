@@ -28,6 +28,7 @@ from tests.support.gpu import (
     rounding_margin,
     scalar_threshold,
     thresholds_from_maxima,
+    without_head_pairs,
 )
 
 pytestmark = [pytest.mark.gpu, requires_gpu]
@@ -252,10 +253,12 @@ def test_varlen_edge_lengths(monkeypatch, backend, kind, causal, D):
     run_varlen(p, monkeypatch, backend)
 
 
-def test_varlen_equals_separate_calls_bitwise(backend):
-    """Each sequence of a packed call is bit for bit the fixed-length call on that sequence alone."""
+def test_varlen_equals_separate_calls_bitwise(monkeypatch, backend):
+    """Each sequence of a packed call is bit for bit the fixed-length call on that sequence alone (on the entries
+    of the packed kernel's arithmetic: not bsfa_fwd_headpair, whose 64-key blocks round differently)."""
     import bsfa_cupy
 
+    without_head_pairs(monkeypatch)
     rng = np.random.default_rng(3)
     len_q = len_k = [300, 129, 640]
     q, k, v, cu_q, cu_k = packed_inputs(rng, len_q, len_k, 4, 2, 128, "float16")
@@ -277,10 +280,12 @@ def test_varlen_equals_separate_calls_bitwise(backend):
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("D,dtype", [(64, "bfloat16"), (128, "float16")])
-def test_non_finite_rows_stay_in_their_sequence(backend, causal, D, dtype):
+def test_non_finite_rows_stay_in_their_sequence(monkeypatch, backend, causal, D, dtype):
     """NaN / inf in a sequence's first rows of q, k and v, right where the boxes of the sequence before it
     (ragged: 200 queries and keys) run past its end, poison no other sequence: every clean sequence is
-    finite and bit for bit its own fixed-length call (P = 0 times a non-finite V would be NaN)."""
+    finite and bit for bit its own fixed-length call (P = 0 times a non-finite V would be NaN; on the packed
+    kernel's arithmetic, as test_varlen_equals_separate_calls_bitwise)."""
+    without_head_pairs(monkeypatch)
     import bsfa_cupy
 
     rng = np.random.default_rng(5)

@@ -229,6 +229,20 @@ def test_a_clustered_module_loads_its_cluster_entries_once_into_the_plain_places
     assert split_mod.unlagged().split_entry(False, True) is plain
     exported["BSFA_FWD_MC"] = 2
     assert with_lag.clustered().fwd_unlagged is None  # the cluster entries have no unlagged twins
+    # calls with thresholds of even GQA groups take bsfa_fwd_headpair (q boxes of 128 rows, k and v of 64, a CTA per
+    # head pair); head_pairs(False), unlagged() and clustered() take them off it, head_pairs(dense=True) adds the
+    # dense calls of even groups
+    hp = Kernel(fn="hp", threads=384, smem=0, grid_kind=2, sms=132, tma=64, q_box=128, head_pairs=True)
+    with_hp = dataclasses.replace(with_lag, fwd_headpair=hp)
+    assert [with_hp.forward(True, g) for g in (2, 4, 1, 3)] == [hp, hp, lag, lag]
+    assert with_hp.forward(False, 4) is not hp and with_hp.forward(False, 1) is plain
+    assert with_hp.head_pairs(False).forward(True, 4) is lag and with_hp.unlagged().forward(True, 4) is plain
+    assert [with_hp.head_pairs(dense=True).forward(False, g) for g in (2, 1)] == [hp, plain]
+    assert with_hp.clustered().forward(True, 4).fn == "bsfa_fwd_mc"
+    assert module("sm90ws").head_pairs().forward(True, 4) is plain  # no head-pair entry: itself
+    assert hp.box_rows() == (128, 64, 64) and hp.grid(1, 32, 128) == (132, 1, 1) and hp.grid(2, 4, 3) == (12, 1, 1)
+    with pytest.raises(ValueError, match="two at a time"):
+        hp.grid(1, 3, 1)
     # tile_pairs(): every dense call, any group, on the tile-pair entry; calls with thresholds keep the plain one
     tp = mod.tile_pairs()
     assert [tp.forward(False, g).fn for g in (1, 3, 4)] == ["bsfa_fwd_dense_pair"] * 3

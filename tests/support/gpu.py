@@ -344,6 +344,23 @@ def swap_sm90ws_entry(monkeypatch, on: list, swap, field: str, seen: list, off=N
     monkeypatch.setattr(ops, "get_module", get_module)
 
 
+def without_head_pairs(monkeypatch) -> None:
+    """Patch ``ops.get_module`` so that sm90ws modules send no call to bsfa_fwd_headpair (``Module.head_pairs(False)``),
+    for tests that hold the unsplit 128-key entries bitwise to another path (split, packed, dense); that entry's
+    64-key blocks round differently and are held to the reference instead (tests/gpu/test_head_pairs.py)."""
+    import bsfa_cupy
+    from bsfa_cupy import ops
+
+    real = ops.get_module
+
+    def get_module(key, backend, device_id):
+        mod = real(key, backend, device_id)
+        return mod.head_pairs(False) if key.arch == "sm90ws" else mod
+
+    monkeypatch.setattr(ops, "get_module", get_module)
+    bsfa_cupy.clear_plan_cache()
+
+
 def assert_bitwise(names, want, got, what):
     """Each array of ``got`` equal to its counterpart in ``want`` bitwise (NaN matching NaN, bool masks exactly),
     else an AssertionError naming ``what``, the mismatch count and the worst finite difference."""
