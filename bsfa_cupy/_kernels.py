@@ -141,8 +141,8 @@ class Module:
         Hq = Hkv = 32, even at 16K, and slower on short batched calls, whose shorter tiles of a pair hand
         most of its blocks back unread. Calls with thresholds take ``fwd`` (on sm90ws bsfa_fwd_lag), which
         skips faster than any cluster entry, or where their GQA groups pair up bsfa_fwd_headpair (two query heads a
-        CTA, each consumer warpgroup deciding its own head's tiles): 4-15 % faster than bsfa_fwd_lag on an H200 at
-        every keep fraction (NOTES v24), with results within rounding of the reference as the others' (its key
+        CTA, each consumer warpgroup deciding its own head's tiles): 1.04-1.18x the speed of bsfa_fwd_lag on an
+        H200 at every keep fraction (NOTES v24), with results within rounding of the reference as the others' (its key
         blocks are 64 keys long, so not bitwise theirs).
         """
         if self.fwd_headpair is not None and group % 2 == 0 and (self.headpairs_dense if not gated else self.headpairs):
