@@ -121,8 +121,10 @@ class Module:
     fwd_split_lag: Kernel | None = None
     # sm90ws: bsfa_fwd_headpair, two query heads of a GQA group a CTA, each consumer warpgroup a whole BSFA tile
     # of its own head and its own decisions; forward() sends unsplit calls of even groups with thresholds there
-    # while headpairs is True (dense ones too while headpairs_dense is True: tests and benchmarks)
+    # while headpairs is True (dense ones too while headpairs_dense is True: tests and benchmarks); split calls
+    # with thresholds of even groups and more than 64 rows take bsfa_fwd_split_headpair while headpairs is True
     fwd_headpair: Kernel | None = None
+    fwd_split_headpair: Kernel | None = None
     headpairs: bool = True
     headpairs_dense: bool = False
     _clustered: Module | None = dataclasses.field(default=None, repr=False)  # clustered(), once loaded
@@ -185,6 +187,11 @@ class Module:
             return self
         return dataclasses.replace(self, headpairs=on, headpairs_dense=on and dense)
 
+    def split_head_pairs(self, gated: bool) -> bool:
+        """Whether split calls (with thresholds: ``gated``) of even GQA groups and more than 64 rows take
+        bsfa_fwd_split_headpair."""
+        return gated and self.headpairs and self.fwd_split_headpair is not None
+
     def unlagged(self) -> Module:
         """This module with its unsplit calls with thresholds on bsfa_fwd instead of bsfa_fwd_lag (S a block
         ahead of the gate exchange; the same results, 6-18 % faster on an H200) and bsfa_fwd_headpair; itself where
@@ -230,10 +237,13 @@ class Module:
                                                       block_max_narrow=None, headpairs=False)
         return self._clustered
 
-    def split_entry(self, pack: bool, gated: bool, keep: bool = False) -> Kernel:
+    def split_entry(self, pack: bool, gated: bool, keep: bool = False, head_pairs: bool = False) -> Kernel:
         """The sm90ws split entry: two query heads a tile (``pack``) or one, with or without the gate; one
         head a tile with the gate takes bsfa_fwd_split_lag where the module has it, unless the call returns
-        the keep mask (``keep``), which that entry does not write."""
+        the keep mask (``keep``), which that entry does not write. ``head_pairs``: bsfa_fwd_split_headpair
+        (two heads a CTA, 128 rows each; the plan chose it, see split_head_pairs)."""
+        if head_pairs:
+            return self.fwd_split_headpair
         if pack:
             return self.fwd_split_pack if gated else self.fwd_split_pack_dense
         if not gated:
@@ -327,10 +337,10 @@ def get_module(key: VariantKey, backend: Backend, device_id: int) -> Module:
                 split["fwd_unlagged"], fwd = fwd, _kernel(raw, "bsfa_fwd_lag", "BSFA_FWD_LAG", grid_kind, sms,
                                                          fwd.tma, 3)
                 split["fwd_split_lag"] = _kernel(raw, "bsfa_fwd_split_lag", "BSFA_FWD_LAG", grid_kind, sms, fwd.tma, 3)
-            split["fwd_headpair"] = dataclasses.replace(
-                _kernel(raw, "bsfa_fwd_headpair", "BSFA_FWD_HEADPAIR", grid_kind, sms,
-                        _read_int(raw, "BSFA_FWD_HEADPAIR_KV_BOX"), 3),
+            split["fwd_headpair"], split["fwd_split_headpair"] = (dataclasses.replace(
+                _kernel(raw, name, "BSFA_FWD_HEADPAIR", grid_kind, sms, _read_int(raw, "BSFA_FWD_HEADPAIR_KV_BOX"), 3),
                 q_box=_read_int(raw, "BSFA_FWD_HEADPAIR_Q_BOX"), head_pairs=True)
+                for name in ("bsfa_fwd_headpair", "bsfa_fwd_split_headpair"))
             if _read_int(raw, "BSFA_FWD_WIDE_THREADS"):
                 split["fwd_dense_wide"] = dataclasses.replace(
                     _kernel(raw, "bsfa_fwd_dense_wide", "BSFA_FWD_WIDE", grid_kind, sms, fwd.tma, 3),

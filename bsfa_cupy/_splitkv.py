@@ -100,6 +100,8 @@ class Plan:
     ws_width: int = 0
     #: the call has thresholds; a ws plan without runs the split entry compiled without the gate
     gated: bool = True
+    #: a ws plan on bsfa_fwd_split_headpair: WS_PACK heads of a group a CTA, up to 128 rows each
+    headpair: bool = False
 
     @property
     def ws(self) -> bool:
@@ -154,14 +156,16 @@ def heuristic_splits(ctas: int, nK: int, sms: int, rows: int = 64, gated: bool =
 
 @functools.lru_cache(maxsize=1024)  # a per-layer loop repeats the same shapes: plan once
 def plan(B: int, Nq: int, Nk: int, Hq: int, Hkv: int, sms: int, num_splits=None, gated: bool = False,
-         ws: bool = False) -> Plan:
+         ws: bool = False, head_pairs: bool = False) -> Plan:
     """The split plan of a call; ``ws``: for the warp-specialised split entry (one head per 128-row tile, or
     WS_PACK heads of a group up to 64 rows; at most one CTA per SM walking the (query tile, split, head,
-    batch) list)."""
+    batch) list). ``head_pairs`` (ws): more than 64 rows of an even group go to bsfa_fwd_split_headpair, WS_PACK
+    heads a CTA with 128 rows each."""
     G = Hq // Hkv
     nQ, nK = -(-Nq // BLOCK_M), -(-Nk // BLOCK_N)
     if ws:
-        pack = WS_PACK if Nq <= BLOCK_M // WS_PACK and G % WS_PACK == 0 else 1
+        headpair = head_pairs and Nq > BLOCK_M // WS_PACK and G % WS_PACK == 0
+        pack = WS_PACK if (Nq <= BLOCK_M // WS_PACK or headpair) and G % WS_PACK == 0 else 1
         tiles = B * (Hq // pack) * nQ
         splits = num_splits if num_splits is not None else heuristic_splits(tiles, nK, sms, BLOCK_M, gated)
         if tiles * splits > _launch.MAX_TILES:
@@ -169,7 +173,8 @@ def plan(B: int, Nq: int, Nk: int, Hq: int, Hkv: int, sms: int, num_splits=None,
                 f"split-KV: expected at most {_launch.MAX_TILES} work tiles (B * Hq / {pack} * ceil(Nq / {BLOCK_M}) "
                 f"* num_splits), got {tiles} * {splits}"
             )
-        return Plan(BLOCK_M, pack, G // pack, splits, ws_width=max(1, min(sms, tiles * splits)), gated=gated)
+        return Plan(BLOCK_M, pack, G // pack, splits, ws_width=max(1, min(sms, tiles * splits)), gated=gated,
+                    headpair=headpair)
     rows, pack = pack_shape(Nq, G)
     n_packs = -(-G // pack)
     splits = num_splits if num_splits is not None else heuristic_splits(B * Hkv * nQ * n_packs, nK, sms, rows, gated)
@@ -235,6 +240,8 @@ def workspace(p: Plan, g: tuple, B: int, Nq: int, Hq: int, D: int):
 
 def ws_box_rows(mod, p: Plan) -> tuple[int, int, int]:
     """Box rows of the q, k and v tensor maps that a ``ws`` plan's kernel takes."""
+    if p.headpair:
+        return mod.fwd_split_headpair.box_rows()
     kv = mod.fwd_split.tma
     return (mod.split_pack_q_box if p.pack == WS_PACK else kv), kv, kv
 
@@ -244,7 +251,7 @@ def launch_kernels(mod, p: Plan, g: tuple, rows: int, params, stream=None, maps:
     (anything with ``.ptr``; None: CuPy's current). A ``ws`` plan's ``mod`` is the sm90ws module, which
     takes the tensor maps (q, k, v) after the Params."""
     if p.ws:
-        k = mod.split_entry(p.pack == WS_PACK, p.gated, keep=int(params["keep"]) != 0)
+        k = mod.split_entry(p.pack == WS_PACK, p.gated, keep=int(params["keep"]) != 0, head_pairs=p.headpair)
         k.fn(g, (k.threads, 1, 1), (params, *maps), shared_mem=k.smem, stream=stream)
     else:
         fn, threads, smem = mod.split[p.rows]

@@ -307,7 +307,7 @@ def _target(prob: _Problem, backend, causal, num_splits, keep: bool = False) -> 
             if prob.B * prob.Hq * prob.Nq == 0:
                 return _Target()
             plan = _splitkv.plan(prob.B, prob.Nq, prob.Nk, prob.Hq, prob.Hkv, sm_count(dev), num_splits, gated,
-                                 ws=True)
+                                 ws=True, head_pairs=mod.split_head_pairs(gated))
             if plan.splits == 1 and num_splits is None:  # the tiles fill the GPU as they are: no merge
                 return _Target(kern=mod.forward(gated, prob.Hq // prob.Hkv, prob.nQ, keep))
             return _Target(mod=mod, split=plan)

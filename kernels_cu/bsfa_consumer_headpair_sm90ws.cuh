@@ -269,14 +269,18 @@ __device__ __forceinline__ void headpair_tile(const HeadPairLoop<TR, kCausal>& t
 }
 
 // The walk over the list of (query tile, head pair, batch) work tiles; each
-// warpgroup writes its own head's keep row, out rows and lse.
-template <class TR, bool kCausal>
+// warpgroup writes its own head's keep row, out rows and lse.  kSplit
+// (bsfa_fwd_split_headpair): a work tile is one key split of a query tile
+// (KeyBlocks), whose rows end in fp32 partials normalised by the split's own
+// sums, with the split's lse, for bsfa_combine; an empty split writes an
+// empty partial.  Decisions are the same whichever split visits a tile.
+template <class TR, bool kCausal, bool kSplit>
 __device__ __forceinline__ void headpair_consumer_loop(const Params& p, const SmemWs<TR>& sm, int wg, int tid) {
     static_assert(TR::kOwnTiles && TR::kPackHeads && TR::kClusterCtas == 1, "a TraitsSm90WsHeadPair");
     const ConsumerThread ct(wg, tid);
     const int nQ = ceil_div(p.Nq, TR::kBlockM);
     const int nK = ceil_div(p.Nk, TR::kBlockN);
-    const auto sched = schedule_sm90ws<TR, kCausal, false>(p, nQ, p.Hq / p.Hkv);
+    const auto sched = schedule_sm90ws<TR, kCausal, kSplit>(p, nQ, p.Hq / p.Hkv);
     PipeState<TR::kStages> kv;
     unsigned q_phase = 0;
     if (wg == TR::kConsumerWGs - 1) named_arrive(TR::kBarTurn + 0, TR::kTurnThreads);  // warpgroup 0 takes the first turn
@@ -287,12 +291,14 @@ __device__ __forceinline__ void headpair_consumer_loop(const Params& p, const Sm
         const WorkTile w = sched.tile(j);
         const Problem pr = cta_problem<false>(p, w.b);
         const QueryTile<TR, kCausal> qt(w.a, pr);
-        const KeyBlocks kb = key_blocks<false, TR::kKeyHalves>(qt.c_end, 0, 1);
+        const KeyBlocks kb = key_blocks<kSplit, TR::kKeyHalves>(qt.c_end, w.s, p.num_splits);
         const int head = wg_head<TR>(w, wg);
         unsigned char* keep_row = nullptr;
         if (p.keep != nullptr) {
             unsigned char* row = p.keep + (((long long)w.b * p.Hq + head) * nQ + w.a) * nK;
-            for (int c = qt.c_end + 1 + tid; c < nK; c += 128) row[c] = 0;  // the tiles no block visits
+            if (w.s == 0) {  // the tiles no block (of any split) visits
+                for (int c = qt.c_end + 1 + tid; c < nK; c += 128) row[c] = 0;
+            }
             if (tid == 0) keep_row = row;
         }
         float O[TR::kWarpMBlocks][TR::kONBlocks][4];
@@ -309,13 +315,22 @@ __device__ __forceinline__ void headpair_consumer_loop(const Params& p, const Sm
         int j_fresh = j;
         asm volatile("" : "+r"(j_fresh));
         const WorkTile we = sched.tile(j_fresh);
-        const WorkTile own{we.a, wg_head<TR>(we, wg), we.b, 0};
-        // This warpgroup's rows of the staging map: the epilogue's row
-        // halves (its "warpgroups") then count from them.
-        const SmemWs<TR> staging(sm.base + wg * TR::kWgRows * kSwizzleBytes);
+        if constexpr (kSplit) {
+            // Each row half as a tile of its own, 64 rows further down.
 #pragma unroll
-        for (int mb = 0; mb < TR::kWarpMBlocks; ++mb) {
-            epilogue_ws<TR>(p, staging, mb, ct.warp, ct.lane, own, we.a * TR::kBlockM, O[mb], m[mb], l[mb]);
+            for (int mb = 0; mb < TR::kWarpMBlocks; ++mb) {
+                epilogue_part_ws<TR>(p, wg, ct.warp, ct.lane, we, we.a * TR::kBlockM + mb * TR::kWgmmaM, O[mb], m[mb],
+                                     l[mb]);
+            }
+        } else {
+            const WorkTile own{we.a, wg_head<TR>(we, wg), we.b, 0};
+            // This warpgroup's rows of the staging map: the epilogue's row
+            // halves (its "warpgroups") then count from them.
+            const SmemWs<TR> staging(sm.base + wg * TR::kWgRows * kSwizzleBytes);
+#pragma unroll
+            for (int mb = 0; mb < TR::kWarpMBlocks; ++mb) {
+                epilogue_ws<TR>(p, staging, mb, ct.warp, ct.lane, own, we.a * TR::kBlockM, O[mb], m[mb], l[mb]);
+            }
         }
     }
 }

@@ -225,6 +225,15 @@ extern "C" __global__ void __launch_bounds__(TRHeadPair::kNThreads, 1)
     bsfa::kernel_sm90ws<TRHeadPair, kCausal, true>(p, tq, tk, tv);
 }
 
+// bsfa_fwd_headpair on key splits: the arguments and partials of
+// bsfa_fwd_split, the launch of bsfa_fwd_headpair, the grid (min(SMs,
+// B * Hq / 2 * nQ * num_splits), 1, 1); for chunks of more than 64 rows.
+extern "C" __global__ void __launch_bounds__(TRHeadPair::kNThreads, 1)
+    bsfa_fwd_split_headpair(const __grid_constant__ bsfa::Params p, const __grid_constant__ bsfa::TmaDesc tq,
+                            const __grid_constant__ bsfa::TmaDesc tk, const __grid_constant__ bsfa::TmaDesc tv) {
+    bsfa::kernel_sm90ws<TRHeadPair, kCausal, true, false, true>(p, tq, tk, tv);
+}
+
 #if BSFA_HEAD_DIM % 128 == 0
 // Two query heads of a GQA group at the same query tile per cluster of two
 // CTAs, which share every K and V load (TraitsSm90WsMc); same arguments as

@@ -77,8 +77,8 @@ __device__ __forceinline__ void kernel_sm90ws(const Params& p, const TmaDesc& tq
     } else {
         setmaxnreg_inc<TR::kConsumerRegs>();
         if constexpr (kFwd && TR::kOwnTiles) {
-            static_assert(!kVarlen && !kSplit && kGated, "bsfa_fwd_headpair: fixed-length unsplit calls");
-            headpair_consumer_loop<TR, kCausal>(p, sm, wg - 1, threadIdx.x - 128 * wg);
+            static_assert(!kVarlen && kGated, "bsfa_fwd_headpair: fixed-length calls");
+            headpair_consumer_loop<TR, kCausal, kSplit>(p, sm, wg - 1, threadIdx.x - 128 * wg);
         } else if constexpr (kFwd) {
             consumer_loop<TR, kCausal, kVarlen, kSplit, kGated>(p, sm, wg - 1, threadIdx.x - 128 * wg);
         } else {

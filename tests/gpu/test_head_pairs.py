@@ -2,7 +2,9 @@
 whole 128-row BSFA tile of its own head that decides its own gates: against the float64 reference (keep up to fp32
 rounding at the threshold, out and lse relative to the low-precision baseline), dense and with thresholds, over
 dtypes, head dims 64 and 128, causal or not, ragged lengths, Nq != Nk, GQA groups of 2 to 8, batches and layouts;
-non-finite inputs; infinite thresholds. Every call must launch the entry once."""
+non-finite inputs; infinite thresholds. Every call must launch the entry once. Its split form
+(bsfa_fwd_split_headpair, chunks of more than 64 rows) the same way at 1 to 64 splits, and its results independent
+of the split count up to the merge's rounding."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,6 +16,7 @@ import bsfa_reference as ref
 from tests.gpu.conftest import _is_hopper
 from tests.support.gpu import (assert_nonfinite_like_reference, cp, planted_nonfinite, poison_outputs,
                                random_inputs, requires_gpu, run_case)
+from tests.support.split_checks import assert_split_count_independent, split_count_results
 
 pytestmark = [pytest.mark.gpu, requires_gpu,
               pytest.mark.skipif(not _is_hopper(), reason="the sm90ws kernel needs compute capability 9.0")]
@@ -32,14 +35,17 @@ def launches(monkeypatch):
         mod = real(key, backend, device_id)
         if key.arch != "sm90ws":
             return mod
-        kern = mod.fwd_headpair
-        assert kern is not None, f"{key.name()}: no bsfa_fwd_headpair"
+        spied = {}
+        for field in ("fwd_headpair", "fwd_split_headpair"):
+            kern = getattr(mod, field)
+            assert kern is not None, f"{key.name()}: no {field}"
 
-        def spy(*args, _fn=kern.fn, **kw):
-            seen.append("fwd_headpair")
-            return _fn(*args, **kw)
+            def spy(*args, _fn=kern.fn, _name=field, **kw):
+                seen.append(_name)
+                return _fn(*args, **kw)
 
-        return dataclasses.replace(mod, fwd_headpair=dataclasses.replace(kern, fn=spy)).head_pairs(dense=True)
+            spied[field] = dataclasses.replace(kern, fn=spy)
+        return dataclasses.replace(mod, **spied).head_pairs(dense=True)
 
     monkeypatch.setattr(ops, "get_module", get_module)
     bsfa_cupy.clear_plan_cache()
@@ -47,12 +53,12 @@ def launches(monkeypatch):
     bsfa_cupy.clear_plan_cache()
 
 
-def _case(monkeypatch, launches, **p):
+def _case(monkeypatch, launches, entry="fwd_headpair", call=None, **p):
     case = dict(layouts=("contiguous",) * 3, spread=1.0, seed=0)
     case.update(p)
     launches.clear()
-    info, _ = run_case(case, monkeypatch, "sm90ws")
-    assert launches == ["fwd_headpair"], f"expected one launch of bsfa_fwd_headpair, got {launches} ({info})"
+    info, _ = run_case(case, monkeypatch, "sm90ws", **(call or {}))
+    assert launches == [entry], f"expected one launch of {entry}, got {launches} ({info})"
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -109,3 +115,22 @@ def test_head_pairs_infinite_thresholds(launches, thr):
         dense = bsfa_cupy.attention(qd, kd, vd, backend="sm90ws")
         assert cp.array_equal(out, dense), "thresholds=-inf must equal dense bitwise"
     assert launches == ["fwd_headpair"] * (1 if thr == np.inf else 2), f"launches: {launches}"
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 64])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("Nq,causal,dtype", [(65, True, "float16"), (128, False, "bfloat16"),
+                                             (300, True, "bfloat16")])
+def test_split_head_pairs_match_reference(monkeypatch, launches, num_splits, D, Nq, causal, dtype):
+    """Chunks of more than 64 rows against a longer cache, split over the keys (64: more splits than a split has
+    key blocks, so some are empty)."""
+    _case(monkeypatch, launches, entry="fwd_split_headpair", call=dict(num_splits=num_splits), dtype=dtype, D=D,
+          causal=causal, B=1, Nq=Nq, Nk=2100, Hq=8, Hkv=2, mode="maxima", seed=Nq + num_splits + D)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_split_head_pairs_do_not_depend_on_the_split_count(monkeypatch, launches, causal):
+    """keep exactly equal; lse and out up to the fp32 rounding of the merge."""
+    calls = {f"num_splits={s}": dict(backend="sm90ws", num_splits=s) for s in (1, 2, 3, 7, 64)}
+    assert_split_count_independent(split_count_results(monkeypatch, 129, 2100, 4, causal, calls), "num_splits=1")
+    assert launches == ["fwd_split_headpair"] * len(calls), f"launches: {launches}"

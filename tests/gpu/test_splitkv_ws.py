@@ -98,14 +98,16 @@ def test_auto_routes_chunks_to_the_ws_split_bitwise():
     rng = np.random.default_rng(5)
     q, k, v = random_inputs(rng, 1, 128, 8192, 8, 2, 128, "float16")
     qd, kd, vd = (cp.asarray(x) for x in (q, k, v))
-    splits = _splitkv.plan(1, 128, 8192, 8, 2, sm_count(cp.cuda.Device().id), gated=True, ws=True).splits
+    # 128 rows of an even group: the head-pair split entry
+    splits = _splitkv.plan(1, 128, 8192, 8, 2, sm_count(cp.cuda.Device().id), gated=True, ws=True,
+                           head_pairs=True).splits
     assert splits > 1
     a = bsfa_cupy.attention(qd, kd, vd, 0.0, return_lse=True)
     b = bsfa_cupy.attention(qd, kd, vd, 0.0, return_lse=True, backend="sm90ws", num_splits=splits)
     for x, y in zip(a, b):
         assert cp.array_equal(x, y)
     plan = bsfa_cupy.AttentionPlan(qd, kd, vd, 0.0, return_lse=True)
-    assert plan.split is not None and plan.split.ws and plan.split.splits == splits
+    assert plan.split is not None and plan.split.ws and plan.split.headpair and plan.split.splits == splits
     for x, y in zip(plan.run(qd, kd, vd), a):
         assert cp.array_equal(x, y)
     assert not bsfa_cupy.AttentionPlan(qd[:, :16], kd, vd).split.ws

@@ -240,6 +240,12 @@ def test_a_clustered_module_loads_its_cluster_entries_once_into_the_plain_places
     assert [with_hp.head_pairs(dense=True).forward(False, g) for g in (2, 1)] == [hp, plain]
     assert with_hp.clustered().forward(True, 4).fn == "bsfa_fwd_mc"
     assert module("sm90ws").head_pairs().forward(True, 4) is plain  # no head-pair entry: itself
+    # split calls: with thresholds, the plan's head pairs take bsfa_fwd_split_headpair while the module routes them
+    sh = Kernel(fn="split_hp", threads=384, smem=0, grid_kind=2, sms=132, tma=64, q_box=128, head_pairs=True)
+    with_sh = dataclasses.replace(with_hp, fwd_split_headpair=sh, fwd_split=plain)
+    assert with_sh.split_head_pairs(True) and not with_sh.split_head_pairs(False)
+    assert not with_sh.head_pairs(False).split_head_pairs(True) and not with_sh.unlagged().split_head_pairs(True)
+    assert with_sh.split_entry(True, True, head_pairs=True) is sh and not with_hp.split_head_pairs(True)
     assert hp.box_rows() == (128, 64, 64) and hp.grid(1, 32, 128) == (132, 1, 1) and hp.grid(2, 4, 3) == (12, 1, 1)
     with pytest.raises(ValueError, match="two at a time"):
         hp.grid(1, 3, 1)

@@ -116,6 +116,21 @@ def test_ws_plan_packs_two_heads_of_a_group(Nq, Hq, Hkv, pack):
     assert p.splits == heuristic_splits(tiles, 2048, H200_SMS, 128) and p.ws_width == min(H200_SMS, tiles * p.splits)
 
 
+@pytest.mark.parametrize("Nq,Hq,Hkv,headpair,pack", [
+    (65, 32, 8, True, 2), (128, 32, 8, True, 2), (700, 16, 8, True, 2),  # more than 64 rows, even groups
+    (64, 32, 8, False, 2),  # up to 64 rows: the two-head tile of 64-row warpgroups (bsfa_fwd_split_pack)
+    (128, 24, 8, False, 1), (128, 8, 8, False, 1),  # G = 3, MHA: no pairs
+])
+def test_ws_plan_takes_head_pairs(Nq, Hq, Hkv, headpair, pack):
+    """head_pairs: more than 64 rows of an even group go to bsfa_fwd_split_headpair, two heads a CTA with 128
+    rows each: half the tiles of one head a tile, so the split count is chosen for those."""
+    p = plan(1, Nq, 131072, Hq, Hkv, H200_SMS, ws=True, head_pairs=True)
+    assert (p.headpair, p.pack, p.n_packs) == (headpair, pack, Hq // Hkv // pack)
+    tiles = Hq // pack * -(-Nq // 128)
+    assert p.splits == heuristic_splits(tiles, 2048, H200_SMS, 128) and p.ws_width == min(H200_SMS, tiles * p.splits)
+    assert not plan(1, Nq, 131072, Hq, Hkv, H200_SMS, ws=True).headpair  # only where asked for
+
+
 @pytest.mark.parametrize("arch,Nq,G,hopper_ws,want", [
     ("auto", 1, 4, True, False), ("auto", 16, 4, True, False),  # a whole group in one mma.sync CTA
     ("auto", 17, 4, True, True), ("auto", 32, 2, True, True),  # two heads a wgmma tile
