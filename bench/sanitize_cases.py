@@ -105,8 +105,9 @@ for backend in (b for b in backends if b != "splitkv"):
                         bsfa_cupy.attention(q, k, v, t, causal=causal, return_lse=True, return_keep=True,
                                             backend=backend)
                     n_calls += 3
-                    # sm90ws's split entry: fp32 partials, empty splits (64), the merge; without keep, calls
-                    # with thresholds take its lagged entry (bsfa_fwd_split_lag)
+                    # sm90ws's split entries: fp32 partials, empty splits (64), the merge; calls with thresholds
+                    # of these 130 and 200 rows (a GQA group of two) take bsfa_fwd_split_headpair, the 64 rows
+                    # bsfa_fwd_split_pack
                     for t, s, q0, keep in ((None, 3, None, True), (thr, 64, 256, True), (thr, 3, None, False),
                                            (thr, 64, 256, False)) if backend == "sm90ws" else ():
                         bsfa_cupy.attention(q, k, v, t, causal=causal, return_lse=True, return_keep=keep,
