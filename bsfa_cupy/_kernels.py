@@ -147,7 +147,7 @@ class Module:
         H200 at every keep fraction (NOTES v24), with results within rounding of the reference as the others' (its key
         blocks are 64 keys long, so not bitwise theirs).
         """
-        if self.fwd_headpair is not None and group % 2 == 0 and (self.headpairs_dense if not gated else self.headpairs):
+        if self.fwd_headpair is not None and group % 2 == 0 and (self.headpairs if gated else self.headpairs_dense):
             return self.fwd_headpair
         if gated or self.fwd_dense is None:
             return self.fwd

@@ -165,7 +165,7 @@ def plan(B: int, Nq: int, Nk: int, Hq: int, Hkv: int, sms: int, num_splits=None,
     nQ, nK = -(-Nq // BLOCK_M), -(-Nk // BLOCK_N)
     if ws:
         headpair = head_pairs and Nq > BLOCK_M // WS_PACK and G % WS_PACK == 0
-        pack = WS_PACK if (Nq <= BLOCK_M // WS_PACK or headpair) and G % WS_PACK == 0 else 1
+        pack = WS_PACK if headpair or (Nq <= BLOCK_M // WS_PACK and G % WS_PACK == 0) else 1
         tiles = B * (Hq // pack) * nQ
         splits = num_splits if num_splits is not None else heuristic_splits(tiles, nK, sms, BLOCK_M, gated)
         if tiles * splits > _launch.MAX_TILES:
