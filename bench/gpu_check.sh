@@ -92,6 +92,8 @@ for stage in "${stages[@]}"; do
       status[$stage]+="; $(grep -hE '(ERROR|RACECHECK) SUMMARY' "$OUT/sanitize_$stage.log" 2>/dev/null | tail -n 1 | sed 's/^=* *//')"
       status[$stage]+="; $(grep -hE '^(sanitize cases ran|NaN |[A-Za-z.]*(Error|Exception)\b)' "$OUT/sanitize_$stage.log" \
         2>/dev/null | tail -n 3 | tr '\n' ' ')"
+      # A run cut short: the group of calls it was in (sanitize_cases.py prints one line as each starts).
+      [[ ${status[$stage]} == ok* ]] || status[$stage]+="; last $(grep -h '^case:' "$OUT/sanitize_$stage.log" 2>/dev/null | tail -n 1)"
       ;;
     bench)
       # shellcheck disable=SC2086  # BENCH_N is a list of sizes

@@ -22,6 +22,7 @@ instead of bsfa_fwd_lag.
 bsfa_block_max_wide.
 --head-pairs: they run every unsplit call of the fixed-length cases, dense or with thresholds, on
 bsfa_fwd_headpair (two query heads a CTA, a whole BSFA tile a consumer warpgroup).
+--head-dim 64 (or 128) keeps the cases of that head dim only (the NaN cases, at 128, run when it is kept).
 """
 import argparse
 
@@ -36,6 +37,8 @@ p.add_argument("--wide-rows", action="store_true", help="sm90ws at head dim 64: 
 p.add_argument("--unlagged", action="store_true", help="sm90ws: gated calls on bsfa_fwd, S waiting for the gate")
 p.add_argument("--narrow-block-max", action="store_true", help="sm90ws: block_max_scores on 128-row query tiles")
 p.add_argument("--head-pairs", action="store_true", help="sm90ws: unsplit calls on bsfa_fwd_headpair")
+p.add_argument("--head-dim", type=int, choices=(64, 128), action="append",
+               help="run only this head dim (repeatable; default: both)")
 args = p.parse_args()
 
 import cupy as cp  # noqa: E402  (after argparse: --help works without a GPU)
@@ -75,12 +78,21 @@ def inputs(nq, nk, d, dtype):
     return q, k, v
 
 
+head_dims = tuple(args.head_dim or (64, 128))
 n_calls = 0
+
+
+def progress(*case):
+    """One line as each group of calls starts, so that a run cut short by its time limit shows where it was."""
+    print("case:", *case, flush=True)
+
+
 # split-KV: decode and short chunks (GQA 4 and 8 packed), more splits than key tiles, several query tiles
 for dtype in ("float16", "bfloat16") if "splitkv" in backends else ():
-    for d in (64, 128):
+    for d in head_dims:
         for causal in (True, False):
             for nq, nk, hq in ((1, 577, 8), (3, 200, 8), (16, 577, 4), (200, 130, 2), (130, 200, 2)):
+                progress("splitkv", dtype, d, causal, nq, nk)
                 q = cp.asarray(rng.standard_normal((1, nq, hq, d), dtype=np.float32)).astype(dtype)
                 k = cp.asarray(rng.standard_normal((1, nk, 1, d), dtype=np.float32)).astype(dtype)
                 v = cp.asarray(rng.standard_normal((1, nk, 1, d), dtype=np.float32)).astype(dtype)
@@ -95,9 +107,10 @@ for dtype in ("float16", "bfloat16") if "splitkv" in backends else ():
                 n_calls += 1
 for backend in (b for b in backends if b != "splitkv"):
     for dtype in ("float16", "bfloat16"):
-        for d in (64, 128):
+        for d in head_dims:
             for causal in (True, False):
                 for nq, nk in ((200, 130), (130, 200), (64, 64)):
+                    progress(backend, dtype, d, causal, nq, nk)
                     q, k, v = inputs(nq, nk, d, dtype)
                     tm = bsfa_cupy.block_max_scores(q, k, causal=causal, backend=backend)
                     thr = float(cp.median(tm[cp.isfinite(tm)]))
@@ -118,6 +131,7 @@ for backend in (b for b in backends if b != "splitkv"):
                         bsfa_cupy.attention(q, k, v, thr, causal=causal, return_lse=True, return_keep=True,
                                             backend=backend, q_start=q0, k_start=k0)
                         n_calls += 2
+            progress(backend, dtype, d, "both", "packed", "packed")
             # packed: empty sequences first, in the middle and last, tile-edge lengths
             len_q, len_k = [0, 1, 129, 0, 128, 200, 0], [3, 1, 129, 0, 64, 130, 0]
             cu_q = cp.asarray(np.concatenate([[0], np.cumsum(len_q)]).astype(np.int32))
@@ -140,7 +154,7 @@ nq, nk, d = 200, 130, 128
 iq, jv, jk = 100, 90, 120
 rows = np.arange(nq)
 bad = []
-for backend in backends:
+for backend in backends if d in head_dims else ():
     for causal in (True, False):
         q, k, v = inputs(nq, nk, d, "float16")
         q[0, iq, 0, 3] = cp.nan
