@@ -1,8 +1,9 @@
 """A/B of whole kernel sources in one process: the library's module against other versions of one .cu file.
 
 Usage (two steps, the first where git is, the second on the GPU machine):
-  python bench/ab_sources.py expand REV OUT.cu [--source bsfa_fwd_sm90ws.cu]
+  python bench/ab_sources.py expand REV OUT.cu [--source bsfa_fwd_sm90ws.cu] [--patch FILE.diff ...]
       the source as of git revision REV of this checkout (or a directory holding a kernels_cu/ tree),
+      with the diffs of kernels_cu/ applied (bench/variants/: kernel changes kept for an A/B, not landed),
       headers folded in, the text NVRTC compiles
   python bench/ab_sources.py time NAME=FILE.cu[:DENSE_ENTRY] ... [--cases main|bar|heads|long|quick] [--out DIR]
       times the library's module ("base") and each NAME: FILE.cu compiled as a module of its own, whose
@@ -31,6 +32,7 @@ import dataclasses
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -64,12 +66,13 @@ CASES = {
 }
 
 
-def expand(rev: str, out: str, source: str) -> None:
+def expand(rev: str, out: str, source: str, patches=()) -> None:
     from bsfa_cupy import _source
 
     with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "kernels_cu"
         if Path(rev).is_dir():
-            root = Path(rev) / "kernels_cu"
+            shutil.copytree(Path(rev) / "kernels_cu", root)
         else:
             blob = subprocess.run(["git", "archive", rev, "kernels_cu"], check=True, capture_output=True,
                                   cwd=Path(__file__).resolve().parents[1]).stdout
@@ -78,11 +81,18 @@ def expand(rev: str, out: str, source: str) -> None:
                     tar.extractall(tmp, filter="data")
                 else:
                     tar.extractall(tmp)
-            root = Path(tmp) / "kernels_cu"
+        for patch in patches:
+            # paths a/kernels_cu/... as `git diff` writes them; outside a repository (the ceiling keeps git from
+            # finding one above tmp) git apply patches plain files
+            done = subprocess.run(["git", "apply", str(Path(patch).resolve())], cwd=tmp, capture_output=True, text=True,
+                                  env={**os.environ, "GIT_CEILING_DIRECTORIES": str(Path(tmp).parent)})
+            if done.returncode != 0:
+                raise SystemExit(f"{patch} does not apply to kernels_cu of {rev}: {done.stderr.strip()}")
         real = _source.kernels_dir
         _source.kernels_dir = lambda: root
         try:
-            Path(out).write_text(_source.kernel_source(source))
+            # past kernel_source's cache, which holds the library's own tree's text
+            Path(out).write_text(_source.kernel_source.__wrapped__(source))
         finally:
             _source.kernels_dir = real
 
@@ -234,6 +244,8 @@ def main(argv=None):
     e.add_argument("rev")
     e.add_argument("out")
     e.add_argument("--source", default="bsfa_fwd_sm90ws.cu")
+    e.add_argument("--patch", action="append", default=[],
+                   help="a diff of kernels_cu/ (as `git diff` writes it, e.g. bench/variants/*.diff) applied first")
     t = sub.add_parser("time", help="time the library's module against other sources (GPU)")
     t.add_argument("builds", nargs="+", help="NAME=FILE.cu[:DENSE_ENTRY]")
     t.add_argument("--cases", choices=sorted(CASES), default="bar")
@@ -241,7 +253,7 @@ def main(argv=None):
     t.add_argument("--block-max", action="store_true", help="time block_max_scores per build too")
     args = p.parse_args(argv)
     if args.cmd == "expand":
-        expand(args.rev, args.out, args.source)
+        expand(args.rev, args.out, args.source, args.patch)
     else:
         time_builds(args.builds, CASES[args.cases], args.out, args.block_max)
 

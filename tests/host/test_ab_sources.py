@@ -43,3 +43,24 @@ def test_expand_of_a_revision_folds_its_headers(tmp_path):
 def test_time_refuses_an_unknown_case_set():
     with pytest.raises(SystemExit):
         _load().main(["time", "a=x.cu", "--cases", "nosuch"])
+
+
+VARIANTS = sorted((ROOT / "bench" / "variants").glob("*.diff"))
+
+
+@pytest.mark.parametrize("patch", VARIANTS, ids=[p.stem for p in VARIANTS])
+def test_every_kept_variant_applies_to_the_tree_and_changes_the_source(tmp_path, patch):
+    from bsfa_cupy._source import kernel_source
+
+    out = tmp_path / "k.cu"
+    _load().main(["expand", str(ROOT), str(out), "--patch", str(patch)])
+    text = out.read_text()
+    assert '#include "' not in text, "a local include was left unfolded"
+    assert text != kernel_source("bsfa_fwd_sm90ws.cu"), f"{patch.name} changed nothing"
+
+
+def test_expand_refuses_a_patch_that_does_not_apply(tmp_path):
+    bad = tmp_path / "bad.diff"
+    bad.write_text("--- a/kernels_cu/nosuch.cuh\n+++ b/kernels_cu/nosuch.cuh\n@@ -1 +1 @@\n-x\n+y\n")
+    with pytest.raises(SystemExit, match="does not apply"):
+        _load().main(["expand", str(ROOT), str(tmp_path / "k.cu"), "--patch", str(bad)])
