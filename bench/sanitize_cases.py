@@ -23,6 +23,7 @@ bsfa_block_max_wide.
 --head-pairs: they run every unsplit call of the fixed-length cases, dense or with thresholds, on
 bsfa_fwd_headpair (two query heads a CTA, a whole BSFA tile a consumer warpgroup).
 --head-dim 64 (or 128) keeps the cases of that head dim only (the NaN cases, at 128, run when it is kept).
+A line "case: ..." as each group of calls starts shows where a run cut short by its time limit was.
 """
 import argparse
 
