@@ -5,7 +5,7 @@ Usage (two steps, the first where git is, the second on the GPU machine):
       the source as of git revision REV of this checkout (or a directory holding a kernels_cu/ tree),
       with the diffs of kernels_cu/ applied (bench/variants/: kernel changes kept for an A/B, not landed),
       headers folded in, the text NVRTC compiles
-  python bench/ab_sources.py time NAME=FILE.cu[:DENSE_ENTRY] ... [--cases main|bar|heads|long|quick] [--out DIR]
+  python bench/ab_sources.py time NAME=FILE.cu[:DENSE_ENTRY] ... [--cases main|bar|gate|lag|heads|long|quick] [--out DIR]
       times the library's module ("base") and each NAME: FILE.cu compiled as a module of its own, whose
       bsfa_fwd replaces the library's (DENSE_ENTRY, e.g. bsfa_fwd_dense, for the calls without
       thresholds); name one file twice to see the spread between two identical builds. NAME=@mc is the
@@ -56,6 +56,10 @@ CASES = {
     # calls with thresholds (bsfa_fwd_lag): the sparse bar's shape, then head dim 64
     "lag": [dict(n=n) for n in (16384, 32768, 65536)] + [dict(n=n, d=64) for n in (8192, 16384, 32768)]
     + [dict(n=16384, d=64, dtype="bfloat16")],
+    # the gate's cost: the sparse bar's shapes and head dim 64, from every gated tile kept to rho 0 (only the top
+    # gated tile of each head and query tile kept: the cost of skipping, NOTES v25)
+    "gate": [dict(n=n, rhos=(1.0, 0.5, 0.25, 0.1, 0.0)) for n in (16384, 32768, 65536)]
+    + [dict(n=16384, d=64, rhos=(1.0, 0.5, 0.25, 0.1, 0.0))],
     # head dim 64: the 192-row dense entry's cases
     "d64": [dict(n=n, d=64, rhos=()) for n in (8192, 16384, 32768, 65536)]
     + [dict(n=16384, d=64, dtype="bfloat16", rhos=()), dict(n=16384, d=64, causal=False, rhos=()),
