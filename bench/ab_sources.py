@@ -87,11 +87,17 @@ def expand(rev: str, out: str, source: str, patches=()) -> None:
                     tar.extractall(tmp)
         for patch in patches:
             # paths a/kernels_cu/... as `git diff` writes them; outside a repository (the ceiling keeps git from
-            # finding one above tmp) git apply patches plain files
-            done = subprocess.run(["git", "apply", str(Path(patch).resolve())], cwd=tmp, capture_output=True, text=True,
+            # finding one above tmp) git apply patches plain files; without git, patch(1) does
+            if shutil.which("git"):
+                cmd = ["git", "apply", str(Path(patch).resolve())]
+            elif shutil.which("patch"):
+                cmd = ["patch", "-p1", "--forward", "--batch", "-i", str(Path(patch).resolve())]
+            else:
+                raise SystemExit("--patch needs git or patch(1) on this machine")
+            done = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True,
                                   env={**os.environ, "GIT_CEILING_DIRECTORIES": str(Path(tmp).parent)})
             if done.returncode != 0:
-                raise SystemExit(f"{patch} does not apply to kernels_cu of {rev}: {done.stderr.strip()}")
+                raise SystemExit(f"{patch} does not apply to kernels_cu of {rev}: {(done.stderr or done.stdout).strip()}")
         real = _source.kernels_dir
         _source.kernels_dir = lambda: root
         try:
