@@ -5,7 +5,7 @@ Usage (two steps, the first where git is, the second on the GPU machine):
       the source as of git revision REV of this checkout (or a directory holding a kernels_cu/ tree),
       with the diffs of kernels_cu/ applied (bench/variants/: kernel changes kept for an A/B, not landed),
       headers folded in, the text NVRTC compiles
-  python bench/ab_sources.py time NAME=FILE.cu[:DENSE_ENTRY] ... [--cases main|bar|gate|lag|heads|long|quick] [--out DIR]
+  python bench/ab_sources.py time NAME=FILE.cu[:DENSE_ENTRY] ... [--cases bar|gate|lag|main|quick|...] [--out DIR]
       times the library's module ("base") and each NAME: FILE.cu compiled as a module of its own, whose
       bsfa_fwd replaces the library's (DENSE_ENTRY, e.g. bsfa_fwd_dense, for the calls without
       thresholds); name one file twice to see the spread between two identical builds. NAME=@mc is the
@@ -24,8 +24,9 @@ Usage (two steps, the first where git is, the second on the GPU machine):
 Per case (B=1, Hq=32, causal unless noted): torch SDPA's cuDNN backend, then per build dense and sparse
 (rho of the gated tiles kept, thresholds from the inputs' tile maxima, as `bsfa bench` sets them), timed in
 9 interleaved repeats of 3 calls (median), the plan cache cleared at every switch (attention keeps kernel
-handles in its plans); each build's dense out and lse are compared with base's. Prints a table; --out
-writes it with the JSON. Only the unsplit forward is swapped: shapes here never split.
+handles in its plans); each build's dense out and lse are compared with base's, and one call with thresholds
+(rho 0.25 where the case has it): its keep mask must equal base's (mismatches printed), out and lse to rounding.
+Prints a table; --out writes it with the JSON. Only the unsplit forward is swapped: shapes here never split.
 """
 import argparse
 import dataclasses
@@ -97,7 +98,8 @@ def expand(rev: str, out: str, source: str, patches=()) -> None:
             done = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True,
                                   env={**os.environ, "GIT_CEILING_DIRECTORIES": str(Path(tmp).parent)})
             if done.returncode != 0:
-                raise SystemExit(f"{patch} does not apply to kernels_cu of {rev}: {(done.stderr or done.stdout).strip()}")
+                why = (done.stderr or done.stdout).strip()
+                raise SystemExit(f"{patch} does not apply to kernels_cu of {rev}: {why}")
         real = _source.kernels_dir
         _source.kernels_dir = lambda: root
         try:
@@ -202,6 +204,22 @@ def time_builds(specs, cases, out_dir, block_max=False):
                 else:
                     row[f"{name}:dout"] = float((o - ref[0]).abs().max())
                     row[f"{name}:dlse"] = float((lse - ref[1]).abs().max())
+            # The same call with thresholds (rho 0.25, or the case's first): keep must match base's exactly, out
+            # and lse to rounding, so that a build that skips the wrong work cannot pass for a fast one.
+            rho_c = 0.25 if 0.25 in thr else next(iter(thr), None)
+            sref = None
+            for name in names if rho_c is not None else ():
+                use(name, False)
+                o, lse, keep = bsfa_cupy.attention(*sets[0], thr[rho_c][0], causal=causal, return_lse=True,
+                                                   return_keep=True)
+                o, lse, keep = torch.from_dlpack(o).float(), torch.from_dlpack(lse), torch.from_dlpack(keep)
+                if sref is None:
+                    sref = (o, lse, keep)
+                else:
+                    row[f"{name}:sparse_rho"] = rho_c
+                    row[f"{name}:sparse_keep_mismatches"] = int((keep != sref[2]).sum())
+                    row[f"{name}:sparse_dout"] = float((o - sref[0]).abs().max())
+                    row[f"{name}:sparse_dlse"] = float((lse - sref[1]).abs().max())
             fns = [("cudnn", "base", True, cudnn)]
             for name in names:
                 fns.append((f"{name}:dense", name, True, lambda i: bsfa_cupy.attention(*sets[i], causal=causal)))
@@ -231,6 +249,9 @@ def time_builds(specs, cases, out_dir, block_max=False):
         case = [head + "".join(f" | {m} {tf / row[m + ':dense']:.0f} TF ({row['cudnn'] / row[m + ':dense']:.3f}x)"
                                for m in names)]
         case += [f"    {m}: max|dout| {row[m + ':dout']:.2e} max|dlse| {row[m + ':dlse']:.2e}" for m in names[1:]]
+        case += [f"    {m}: with thresholds (rho{row[m + ':sparse_rho']}) keep mismatches "
+                 f"{row[m + ':sparse_keep_mismatches']}, max|dout| {row[m + ':sparse_dout']:.2e} "
+                 f"max|dlse| {row[m + ':sparse_dlse']:.2e}" for m in names[1:] if m + ":sparse_rho" in row]
         if block_max:
             case += ["    block_max ms (x own dense): " + "  ".join(
                 f"{m} {row[m + ':block_max']:.3f} ({row[m + ':block_max'] / row[m + ':dense']:.2f})" for m in names)]
