@@ -26,6 +26,7 @@ bsfa_fwd_headpair (two query heads a CTA, a whole BSFA tile a consumer warpgroup
 A line "case: ..." as each group of calls starts shows where a run cut short by its time limit was.
 """
 import argparse
+import time
 
 import numpy as np
 
@@ -38,9 +39,12 @@ p.add_argument("--wide-rows", action="store_true", help="sm90ws at head dim 64: 
 p.add_argument("--unlagged", action="store_true", help="sm90ws: gated calls on bsfa_fwd, S waiting for the gate")
 p.add_argument("--narrow-block-max", action="store_true", help="sm90ws: block_max_scores on 128-row query tiles")
 p.add_argument("--head-pairs", action="store_true", help="sm90ws: unsplit calls on bsfa_fwd_headpair")
+p.add_argument("--no-packed", action="store_true",
+               help="leave out the packed batches (attention_varlen), to see the fixed-length calls through a slow tool")
 p.add_argument("--head-dim", type=int, choices=(64, 128), action="append",
                help="run only this head dim (repeatable; default: both)")
 args = p.parse_args()
+_started = time.perf_counter()
 
 import cupy as cp  # noqa: E402  (after argparse: --help works without a GPU)
 
@@ -85,7 +89,7 @@ n_calls = 0
 
 def progress(*case):
     """One line as each group of calls starts, so that a run cut short by its time limit shows where it was."""
-    print("case:", *case, flush=True)
+    print("case:", *case, f"(at {time.perf_counter() - _started:.0f} s)", flush=True)
 
 
 # split-KV: decode and short chunks (GQA 4 and 8 packed), more splits than key tiles, several query tiles
@@ -132,6 +136,8 @@ for backend in (b for b in backends if b != "splitkv"):
                         bsfa_cupy.attention(q, k, v, thr, causal=causal, return_lse=True, return_keep=True,
                                             backend=backend, q_start=q0, k_start=k0)
                         n_calls += 2
+            if args.no_packed:
+                continue
             progress(backend, dtype, d, "both", "packed", "packed")
             # packed: empty sequences first, in the middle and last, tile-edge lengths
             len_q, len_k = [0, 1, 129, 0, 128, 200, 0], [3, 1, 129, 0, 64, 130, 0]
