@@ -6,16 +6,22 @@
 // same K and V slots.  A decision is the warpgroup's own: the lane-local
 // maxima of its 128 rows voted in one barrier reduction over its threads
 // (named_or), so that a gated block never waits for the other warpgroup,
-// the exchange that bsfa_fwd's gate pays (bench/NOTES.md, v11-v23).  The two
-// heads decide differently, so both warpgroups take every turn of the
-// ping-pong, with an empty group where they skip.
+// the exchange that bsfa_fwd's gate pays (bench/NOTES.md, v11-v23).  No
+// ping-pong: each warpgroup issues its products as soon as it is ready, and
+// the tensor cores interleave the two (measured against turns in v26).
 //
-// Within a warpgroup the blocks are pipelined as in consumer_tile: a turn
-// issues S of block n and the P V of block n + 1, and block n's gate and
-// softmax run while that P V is on the tensor cores.  O of 128 rows takes
-// the registers that P would (128 a thread at head dim 128), so the softmax
-// stores P to shared memory, a buffer for even blocks and one for odd, and
-// P V reads it from there.  The two P buffers are the output staging at the tile's end.
+// Within a warpgroup, two schedules (TR::kPInRegs, by head dim):
+// - overlapped (head dim 128): S of block n is issued with the P V of block
+//   n + 1, and block n's gate and softmax run while that P V is on the
+//   tensor cores.  O of 128 rows takes the registers that P would (128 a
+//   thread), so the softmax stores P to shared memory, a buffer for even
+//   blocks and one for odd, and P V reads it from there;
+// - sequential (head dim 64): a block is one step, S, the gate and for a
+//   kept block the softmax, P packed into P V's register operands, and P V,
+//   each waited for; the other warpgroup's products fill the tensor cores
+//   meanwhile.  P never crosses shared memory, and a skipped block's path
+//   is the shortest.
+// The P buffers are the output staging at the tile's end.
 //
 // Includes what it needs; TR is a TraitsSm90WsHeadPair.
 #pragma once
@@ -86,6 +92,23 @@ __device__ __forceinline__ void hp_pv(float (&O)[TR::kWarpMBlocks][TR::kONBlocks
     wgmma_commit();
 }
 
+// O += P V of one block, P from registers (hp_softmax), one group.
+template <class TR>
+__device__ __forceinline__ void hp_pv(float (&O)[TR::kWarpMBlocks][TR::kONBlocks][4],
+                                      const unsigned (&P)[TR::kWarpMBlocks][TR::kKeySteps][4],
+                                      unsigned long long v_desc) {
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < TR::kKeySteps; ++kk) {
+#pragma unroll
+        for (int mb = 0; mb < TR::kWarpMBlocks; ++mb) {
+            wgmma_rs<TR::kBf16, TR::kHeadDim>(flat(O[mb]), P[mb][kk], desc_add(v_desc, kk * TR::kMmaK * kSwizzleBytes),
+                                              1);
+        }
+    }
+    wgmma_commit();
+}
+
 // What a warpgroup carries through the blocks of a work tile besides the
 // accumulators.
 template <class TR, bool kCausal>
@@ -107,8 +130,6 @@ struct HeadPairLoop {
     // P of block n: one buffer for even n and one for odd, so that a block's
     // softmax stores its P while the previous block's P V reads the other.
     __device__ __forceinline__ unsigned p_buffer(int n) const { return sm.p() + (n & 1) * TR::kPBytes; }
-    __device__ __forceinline__ int my_turn() const { return TR::kBarTurn + wg; }
-    __device__ __forceinline__ int their_turn() const { return next_turn<TR>(wg); }
 };
 
 // Block n's S is in: its K slot (and, after the tile's last block, first,
@@ -145,19 +166,21 @@ __device__ __forceinline__ bool hp_decide(const HeadPairLoop<TR, kCausal>& t,
     return kept;
 }
 
-// The online-softmax update of a kept block over both row halves; returns
-// whether any row of the warp changed its max (O then needs the rescale by
-// alpha).  vmx: the gate's lane-local maxima where it took them (gated).
-// Each row half's P is packed (softmax_row's A fragments) and stored into
-// this warpgroup's rows of P buffer p_base with stmatrix as soon as it is
-// complete, so that no more than a half's P is held in registers beside O
-// and S; the fence makes the stores visible to the wgmma that reads them
-// after the next turn barrier.
+// The online-softmax update of a kept block over both row halves, P packed
+// into P V's A fragments (softmax_row); returns whether any row of the warp
+// changed its max (O then needs the rescale by alpha).  vmx: the gate's
+// lane-local maxima where it took them (gated).  Overlapped schedule: each
+// row half's P is stored into this warpgroup's rows of P buffer p_base with
+// stmatrix as soon as it is complete, so that no more than a half's P is
+// held in registers beside O and S; the fence makes the stores visible to
+// the wgmma that reads them after hp_p_ready's barrier.  Sequential: P stays
+// in registers for hp_pv.
 template <class TR>
 __device__ __forceinline__ bool hp_softmax(const float (&S)[TR::kWarpMBlocks][TR::kSNBlocks][4], bool gated,
                                            const float (&vmx)[TR::kWarpMBlocks][2],
                                            float (&m)[TR::kWarpMBlocks][2], float (&l)[TR::kWarpMBlocks][2],
-                                           float (&alpha)[TR::kWarpMBlocks][2], float scale_log2, unsigned p_base,
+                                           float (&alpha)[TR::kWarpMBlocks][2], float scale_log2,
+                                           unsigned (&P)[TR::kWarpMBlocks][TR::kKeySteps][4], unsigned p_base,
                                            int wg) {
     float mx[TR::kWarpMBlocks][2];
     if (gated) {
@@ -171,7 +194,6 @@ __device__ __forceinline__ bool hp_softmax(const float (&S)[TR::kWarpMBlocks][TR
         row_max<TR, true>(S, mx);
     }
     bool changed = false;
-    unsigned P[TR::kWarpMBlocks][TR::kKeySteps][4];
 #pragma unroll
     for (int mb = 0; mb < TR::kWarpMBlocks; ++mb) {
 #pragma unroll
@@ -181,19 +203,30 @@ __device__ __forceinline__ bool hp_softmax(const float (&S)[TR::kWarpMBlocks][TR
                                                               scale_log2);
             changed |= m[mb][hf] != m_old;
         }
+        if constexpr (!TR::kPInRegs) {
 #pragma unroll
-        for (int kk = 0; kk < TR::kKeySteps; ++kk) {
-            stsm_x4(a_frag_addr<TR>(p_base, wg * TR::kWarpMBlocks + mb, kk), P[mb][kk]);
+            for (int kk = 0; kk < TR::kKeySteps; ++kk) {
+                stsm_x4(a_frag_addr<TR>(p_base, wg * TR::kWarpMBlocks + mb, kk), P[mb][kk]);
+            }
         }
     }
-    fence_proxy_async();
+    if constexpr (!TR::kPInRegs) fence_proxy_async();
     return warp_any(changed);
 }
 
-// The key blocks kb of one work tile (at least one) for this warpgroup's
-// head: O, m, l come in initialised and leave unnormalised.
+// P of the last kept block, stored by all four warps of the warpgroup, is
+// complete before its P V reads it (the ping-pong's turn barrier did this);
+// the warpgroup's turn barrier, unused here, is the one it waits on.
 template <class TR, bool kCausal>
-__device__ __forceinline__ void headpair_tile(const HeadPairLoop<TR, kCausal>& t, const KeyBlocks& kb,
+__device__ __forceinline__ void hp_p_ready(const HeadPairLoop<TR, kCausal>& t) {
+    named_sync(TR::kBarTurn + t.wg, 128);
+}
+
+// The key blocks kb of one work tile (at least one) for this warpgroup's
+// head, the overlapped schedule: O, m, l come in initialised and leave
+// unnormalised.
+template <class TR, bool kCausal>
+__device__ __forceinline__ void headpair_tile_overlapped(const HeadPairLoop<TR, kCausal>& t, const KeyBlocks& kb,
                                               PipeState<TR::kStages>& kv, unsigned& q_phase,
                                               float (&O)[TR::kWarpMBlocks][TR::kONBlocks][4],
                                               float (&m)[TR::kWarpMBlocks][2], float (&l)[TR::kWarpMBlocks][2]) {
@@ -205,17 +238,16 @@ __device__ __forceinline__ void headpair_tile(const HeadPairLoop<TR, kCausal>& t
     float S[TR::kWarpMBlocks][TR::kSNBlocks][4];
     float alpha[TR::kWarpMBlocks][2];
     float vmx[TR::kWarpMBlocks][2];
+    unsigned P[TR::kWarpMBlocks][TR::kKeySteps][4];
     bool gated;
     int n = kb.last;
 
     // The first block: nothing to overlap with yet, and O is still zero.
     mbar_wait(sm.bar(TR::kBarKFull + kv.stage), kv.phase);
-    named_sync(t.my_turn(), TR::kTurnThreads);
     hp_qk<TR>(S, sm.q(), t.wg, t.k_desc(kv.stage));
-    named_arrive(t.their_turn(), TR::kTurnThreads);
     wgmma_wait<0>();
     bool kept = hp_decide<TR, kCausal>(t, S, n, kb.first, kv, vmx, gated);
-    if (kept) hp_softmax<TR>(S, gated, vmx, m, l, alpha, scale_log2, t.p_buffer(n), t.wg);
+    if (kept) hp_softmax<TR>(S, gated, vmx, m, l, alpha, scale_log2, P, t.p_buffer(n), t.wg);
     bool prev_kept = kept;
     kv.advance();
 
@@ -224,18 +256,17 @@ __device__ __forceinline__ void headpair_tile(const HeadPairLoop<TR, kCausal>& t
         const PipeState<TR::kStages> prev = kv.previous();
         mbar_wait(sm.bar(TR::kBarKFull + kv.stage), kv.phase);
         if (prev_kept) mbar_wait(sm.bar(TR::kBarVFull + prev.stage), prev.phase);
-        named_sync(t.my_turn(), TR::kTurnThreads);
         hp_qk<TR>(S, sm.q(), t.wg, t.k_desc(kv.stage));
         if (prev_kept) {
+            hp_p_ready(t);
             hp_pv<TR>(O, t.p_buffer(n + 1), t.wg, t.v_desc(prev.stage));
         } else {
             wgmma_commit();  // an empty group: the waits below count the same on both paths
         }
-        named_arrive(t.their_turn(), TR::kTurnThreads);
         wgmma_wait<1>();  // S is ready; P V may still run
         kept = hp_decide<TR, kCausal>(t, S, n, kb.first, kv, vmx, gated);
         bool rescale = false;
-        if (kept) rescale = hp_softmax<TR>(S, gated, vmx, m, l, alpha, scale_log2, t.p_buffer(n), t.wg);
+        if (kept) rescale = hp_softmax<TR>(S, gated, vmx, m, l, alpha, scale_log2, P, t.p_buffer(n), t.wg);
         // Unconditional, so that ptxas sees O retired on every path.
         wgmma_wait<0>();
 #pragma unroll
@@ -251,21 +282,74 @@ __device__ __forceinline__ void headpair_tile(const HeadPairLoop<TR, kCausal>& t
         kv.advance();
     }
 
-    // The last block's P V; the turn is taken whatever this head kept, as the
-    // other warpgroup takes it.
+    // The last block's P V.
     const PipeState<TR::kStages> prev = kv.previous();
     mbar_wait(sm.bar(TR::kBarVFull + prev.stage), prev.phase);
-    named_sync(t.my_turn(), TR::kTurnThreads);
     if (prev_kept) {
+        hp_p_ready(t);
         hp_pv<TR>(O, t.p_buffer(kb.first), t.wg, t.v_desc(prev.stage));
     } else {
         wgmma_commit();
     }
-    named_arrive(t.their_turn(), TR::kTurnThreads);
     wgmma_wait<0>();
 #pragma unroll
     for (int mb = 0; mb < TR::kWarpMBlocks; ++mb) fence_regs(flat(O[mb]));
     if (t.lane() == 0) mbar_arrive(sm.bar(TR::kBarVEmpty + prev.stage));
+}
+
+// The same, the sequential schedule: a block's P is made and consumed within
+// its own step, so that P's registers are never live beside S's.
+template <class TR, bool kCausal>
+__device__ __forceinline__ void headpair_tile_sequential(const HeadPairLoop<TR, kCausal>& t, const KeyBlocks& kb,
+                                                         PipeState<TR::kStages>& kv, unsigned& q_phase,
+                                                         float (&O)[TR::kWarpMBlocks][TR::kONBlocks][4],
+                                                         float (&m)[TR::kWarpMBlocks][2],
+                                                         float (&l)[TR::kWarpMBlocks][2]) {
+    const SmemWs<TR>& sm = t.sm;
+    const float scale_log2 = t.p.softmax_scale * kLog2e;
+    mbar_wait(sm.bar(TR::kBarQFull), q_phase);
+    q_phase ^= 1u;
+
+#pragma unroll 1
+    for (int n = kb.last; n >= kb.first; --n) {
+        float S[TR::kWarpMBlocks][TR::kSNBlocks][4];
+        float vmx[TR::kWarpMBlocks][2];
+        bool gated;
+        mbar_wait(sm.bar(TR::kBarKFull + kv.stage), kv.phase);
+        hp_qk<TR>(S, sm.q(), t.wg, t.k_desc(kv.stage));
+        wgmma_wait<0>();
+        const bool kept = hp_decide<TR, kCausal>(t, S, n, kb.first, kv, vmx, gated);
+        // This block's V, kept or not: a skipped block's (speculative) copy
+        // is handed back only once it landed.
+        mbar_wait(sm.bar(TR::kBarVFull + kv.stage), kv.phase);
+        if (kept) {
+            unsigned P[TR::kWarpMBlocks][TR::kKeySteps][4];
+            float alpha[TR::kWarpMBlocks][2];
+            if (hp_softmax<TR>(S, gated, vmx, m, l, alpha, scale_log2, P, 0u, t.wg)) {
+#pragma unroll
+                for (int mb = 0; mb < TR::kWarpMBlocks; ++mb) rescale_rows(O[mb], alpha[mb]);
+            }
+            hp_pv<TR>(O, P, t.v_desc(kv.stage));
+            wgmma_wait<0>();
+#pragma unroll
+            for (int mb = 0; mb < TR::kWarpMBlocks; ++mb) fence_regs(flat(O[mb]));
+            fence_regs(P);
+        }
+        if (t.lane() == 0) mbar_arrive(sm.bar(TR::kBarVEmpty + kv.stage));
+        kv.advance();
+    }
+}
+
+template <class TR, bool kCausal>
+__device__ __forceinline__ void headpair_tile(const HeadPairLoop<TR, kCausal>& t, const KeyBlocks& kb,
+                                              PipeState<TR::kStages>& kv, unsigned& q_phase,
+                                              float (&O)[TR::kWarpMBlocks][TR::kONBlocks][4],
+                                              float (&m)[TR::kWarpMBlocks][2], float (&l)[TR::kWarpMBlocks][2]) {
+    if constexpr (TR::kPInRegs) {
+        headpair_tile_sequential<TR, kCausal>(t, kb, kv, q_phase, O, m, l);
+    } else {
+        headpair_tile_overlapped<TR, kCausal>(t, kb, kv, q_phase, O, m, l);
+    }
 }
 
 // The walk over the list of (query tile, head pair, batch) work tiles; each
@@ -283,7 +367,6 @@ __device__ __forceinline__ void headpair_consumer_loop(const Params& p, const Sm
     const auto sched = schedule_sm90ws<TR, kCausal, kSplit>(p, nQ, p.Hq / p.Hkv);
     PipeState<TR::kStages> kv;
     unsigned q_phase = 0;
-    if (wg == TR::kConsumerWGs - 1) named_arrive(TR::kBarTurn + 0, TR::kTurnThreads);  // warpgroup 0 takes the first turn
 #pragma unroll 1
     for (int r = 0; sched.rounds_left(r); ++r) {
         const int j = sched.index(r);

@@ -322,6 +322,12 @@ struct TraitsSm90WsHeadPair : TraitsSm90Ws<kHeadDim_, kBf16_> {
     static constexpr int kBlockSNBlocks = kBlockKeys / Base::kMmaN;
     static constexpr int kKeySteps = kBlockKeys / Base::kMmaK;
     static constexpr int kHalfKeySteps = kKeySteps;
+    // The consumers' schedule (bsfa_consumer_headpair_sm90ws.cuh): at head
+    // dim 64 (O 64 registers a thread) P fits in registers beside O and S,
+    // and a block as one sequential step ran 7-16 % faster sparse than the
+    // overlapped schedule with P in shared memory; at head dim 128 (O 128)
+    // the sequential step lost up to 5 % at 64K (bench/NOTES.md, v26).
+    static constexpr bool kPInRegs = kHeadDim_ == 64;
     // Shared memory: Q of both heads (256 rows), K and V rings of three
     // stages of 64-key blocks (a block takes half the time of the base's, so
     // the producer runs a stage further ahead), then P of both warpgroups in

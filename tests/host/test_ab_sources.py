@@ -59,6 +59,19 @@ def test_every_kept_variant_applies_to_the_tree_and_changes_the_source(tmp_path,
     assert text != kernel_source("bsfa_fwd_sm90ws.cu"), f"{patch.name} changed nothing"
 
 
+def test_expand_applies_a_patch_to_the_tree(tmp_path):
+    import difflib
+
+    name = "kernels_cu/bsfa_consumer_headpair_sm90ws.cuh"
+    lines = (ROOT / name).read_text().splitlines(keepends=True)
+    changed = ["// a variant\n", *lines]
+    patch = tmp_path / "v.diff"
+    patch.write_text("".join(difflib.unified_diff(lines, changed, "a/" + name, "b/" + name)))
+    out = tmp_path / "k.cu"
+    _load().main(["expand", str(ROOT), str(out), "--patch", str(patch)])
+    assert "// a variant\n" in out.read_text()
+
+
 def test_expand_refuses_a_patch_that_does_not_apply(tmp_path):
     bad = tmp_path / "bad.diff"
     bad.write_text("--- a/kernels_cu/nosuch.cuh\n+++ b/kernels_cu/nosuch.cuh\n@@ -1 +1 @@\n-x\n+y\n")
