@@ -92,23 +92,6 @@ __device__ __forceinline__ void hp_pv(float (&O)[TR::kWarpMBlocks][TR::kONBlocks
     wgmma_commit();
 }
 
-// O += P V of one block, P from registers (hp_softmax), one group.
-template <class TR>
-__device__ __forceinline__ void hp_pv(float (&O)[TR::kWarpMBlocks][TR::kONBlocks][4],
-                                      const unsigned (&P)[TR::kWarpMBlocks][TR::kKeySteps][4],
-                                      unsigned long long v_desc) {
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < TR::kKeySteps; ++kk) {
-#pragma unroll
-        for (int mb = 0; mb < TR::kWarpMBlocks; ++mb) {
-            wgmma_rs<TR::kBf16, TR::kHeadDim>(flat(O[mb]), P[mb][kk], desc_add(v_desc, kk * TR::kMmaK * kSwizzleBytes),
-                                              1);
-        }
-    }
-    wgmma_commit();
-}
-
 // What a warpgroup carries through the blocks of a work tile besides the
 // accumulators.
 template <class TR, bool kCausal>
@@ -329,7 +312,7 @@ __device__ __forceinline__ void headpair_tile_sequential(const HeadPairLoop<TR, 
 #pragma unroll
                 for (int mb = 0; mb < TR::kWarpMBlocks; ++mb) rescale_rows(O[mb], alpha[mb]);
             }
-            hp_pv<TR>(O, P, t.v_desc(kv.stage));
+            issue_pv<TR>(O, P, t.v_desc(kv.stage));  // P from registers
             wgmma_wait<0>();
 #pragma unroll
             for (int mb = 0; mb < TR::kWarpMBlocks; ++mb) fence_regs(flat(O[mb]));

@@ -67,18 +67,19 @@ __device__ __forceinline__ void qk_row_maxima(float (&S)[TR::kHalves][TR::kSNBlo
     half_max(1);
 }
 
-// O += P V for both halves, committed as one wgmma group; key step kk = 16
-// keys = two 8-key swizzle atoms further into V.
+// O += P V for each m64 row block of the warpgroup's rows, P from
+// registers, committed as one wgmma group; key step kk = 16 keys = two 8-key
+// swizzle atoms further into V.
 template <class TR>
-__device__ __forceinline__ void issue_pv(float (&O)[TR::kHalves][TR::kONBlocks][4],
-                                         const unsigned (&P)[TR::kHalves][TR::kKeySteps][4],
+__device__ __forceinline__ void issue_pv(float (&O)[TR::kWarpMBlocks][TR::kONBlocks][4],
+                                         const unsigned (&P)[TR::kWarpMBlocks][TR::kKeySteps][4],
                                          unsigned long long v_desc) {
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < TR::kKeySteps; ++kk) {
 #pragma unroll
-        for (int hm = 0; hm < TR::kHalves; ++hm) {
-            wgmma_rs<TR::kBf16, TR::kHeadDim>(flat(O[hm]), P[hm][kk], desc_add(v_desc, kk * TR::kMmaK * kSwizzleBytes),
+        for (int mb = 0; mb < TR::kWarpMBlocks; ++mb) {
+            wgmma_rs<TR::kBf16, TR::kHeadDim>(flat(O[mb]), P[mb][kk], desc_add(v_desc, kk * TR::kMmaK * kSwizzleBytes),
                                               1);
         }
     }
