@@ -157,7 +157,7 @@ __device__ __forceinline__ bool hp_decide(const HeadPairLoop<TR, kCausal>& t,
 // stmatrix as soon as it is complete, so that no more than a half's P is
 // held in registers beside O and S; the fence makes the stores visible to
 // the wgmma that reads them after hp_p_ready's barrier.  Sequential: P stays
-// in registers for hp_pv.
+// in registers for issue_pv.
 template <class TR>
 __device__ __forceinline__ bool hp_softmax(const float (&S)[TR::kWarpMBlocks][TR::kSNBlocks][4], bool gated,
                                            const float (&vmx)[TR::kWarpMBlocks][2],
@@ -198,8 +198,8 @@ __device__ __forceinline__ bool hp_softmax(const float (&S)[TR::kWarpMBlocks][TR
 }
 
 // P of the last kept block, stored by all four warps of the warpgroup, is
-// complete before its P V reads it (the ping-pong's turn barrier did this);
-// the warpgroup's turn barrier, unused here, is the one it waits on.
+// complete before its P V reads it: a barrier of the warpgroup's 128
+// threads (its turn barrier's id, which no ping-pong uses here).
 template <class TR, bool kCausal>
 __device__ __forceinline__ void hp_p_ready(const HeadPairLoop<TR, kCausal>& t) {
     named_sync(TR::kBarTurn + t.wg, 128);
