@@ -26,7 +26,8 @@ Per case (B=1, Hq=32, causal unless noted): torch SDPA's cuDNN backend, then per
 9 interleaved repeats of 3 calls (median), the plan cache cleared at every switch (attention keeps kernel
 handles in its plans); each build's dense out and lse are compared with base's, and one call with thresholds
 (rho 0.25 where the case has it): its keep mask must equal base's (mismatches printed), out and lse to rounding.
-Prints a table; --out writes it with the JSON. Only the unsplit forward is swapped: shapes here never split.
+Every module the run loads (the library's and each FILE's, per head dim and dtype) is compiled first, in parallel
+processes. Prints a table; --out writes it with the JSON. Only the unsplit forward is swapped: shapes here never split.
 """
 import argparse
 import dataclasses
