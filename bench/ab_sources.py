@@ -253,17 +253,19 @@ def time_builds(specs, cases, out_dir, block_max=False):
                     row[f"{name}:sparse_keep_mismatches"] = int((keep != sref[2]).sum())
                     row[f"{name}:sparse_dout"] = float((o - sref[0]).abs().max())
                     row[f"{name}:sparse_dlse"] = float((lse - sref[1]).abs().max())
-            fns = [("cudnn", "base", True, cudnn)]
-            for name in names:
-                fns.append((f"{name}:dense", name, True, lambda i: bsfa_cupy.attention(*sets[i], causal=causal)))
-                if block_max:
-                    fns.append((f"{name}:block_max", name, True,
-                                lambda i: bsfa_cupy.block_max_scores(*sets[i][:2], causal=causal)))
-                for r, th in thr.items():
-                    fns.append((f"{name}:rho{r}", name, False,
-                                lambda i, th=th: bsfa_cupy.attention(*sets[i], th[i], causal=causal)))
+            kinds = {"dense": (True, lambda i: bsfa_cupy.attention(*sets[i], causal=causal))}
+            if block_max:
+                kinds["block_max"] = (True, lambda i: bsfa_cupy.block_max_scores(*sets[i][:2], causal=causal))
+            for r, th in thr.items():
+                kinds[f"rho{r}"] = (False, lambda i, th=th: bsfa_cupy.attention(*sets[i], th[i], causal=causal))
             times = {}
             for rep in range(9):
+                # Each kind of call for every build in turn, the builds' order rotated each repeat: a build's
+                # calls with thresholds right after its own dense call ran up to 6 % slower at 16K when that
+                # dense entry was the faster one (NOTES v27), a bias that this order spreads over all builds.
+                order = names[rep % len(names):] + names[:rep % len(names)]
+                fns = [("cudnn", "base", True, cudnn)] + [(f"{name}:{kind}", name, dense, fn)
+                                                          for kind, (dense, fn) in kinds.items() for name in order]
                 for label, name, dense, fn in fns:
                     use(name, dense)
                     fn(0)

@@ -5,8 +5,11 @@ current stream (our kernel launches there when handed torch tensors): warm-up fi
 median over repeats of a back-to-back batch of calls that rotates between input sets so repeats do
 not find their inputs in L2. The implementations of one shape take their repeats in turn (ours
 dense, block_max, sparse per keep fraction, then each peer, and again), so that a drift of clocks
-or temperature over the shape's timings falls on all of them alike. TFLOP/s always use the dense-equivalent FLOPs (causal 2·B·Hq·N²·D,
-non-causal twice that), so sparse rows show effective throughput.
+or temperature over the shape's timings falls on all of them alike; the turn order is rotated by
+one every repeat, since a call right after a hotter one ran a few per cent slower on an H200 (NOTES
+v27), and a fixed order would hand that to the same implementation every time. TFLOP/s always use
+the dense-equivalent FLOPs (causal 2·B·Hq·N²·D, non-causal twice that), so sparse rows show
+effective throughput.
 """
 from __future__ import annotations
 
@@ -102,7 +105,9 @@ class Timer:
         torch.cuda.synchronize()
         times: dict = {name: [] for name in live}
         for r in range(self.repeats):
-            for name, fn in list(live.items()):
+            turn = list(live.items())
+            k = r % len(turn) if turn else 0
+            for name, fn in turn[k:] + turn[:k]:
                 start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 try:
                     start.record()
