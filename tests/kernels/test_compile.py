@@ -47,7 +47,8 @@ KERNELS = ("bsfa_fwd", "bsfa_fwd_varlen", "bsfa_block_max")
 SOURCE_KERNELS = {SPLITKV_SOURCE: ("bsfa_fwd_split16", "bsfa_fwd_split64", "bsfa_fwd_split128", "bsfa_combine"),
                   SM90WS_SOURCE: (*KERNELS, "bsfa_fwd_dense", "bsfa_fwd_split", "bsfa_fwd_split_pack",
                                  "bsfa_fwd_split_dense", "bsfa_fwd_split_pack_dense", "bsfa_block_max_wide",
-                                 "bsfa_fwd_lag", "bsfa_fwd_split_lag", "bsfa_combine")}
+                                 "bsfa_fwd_lag", "bsfa_fwd_split_lag", "bsfa_fwd_headpair", "bsfa_fwd_split_headpair",
+                                 "bsfa_combine")}
 SOURCE_GLOBALS = {
     SPLITKV_SOURCE: ("BSFA_SPLIT16_THREADS", "BSFA_SPLIT16_SMEM_BYTES", "BSFA_SPLIT64_THREADS",
                      "BSFA_SPLIT64_SMEM_BYTES", "BSFA_SPLIT128_THREADS", "BSFA_SPLIT128_SMEM_BYTES",
