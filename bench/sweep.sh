@@ -20,7 +20,23 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 T=${TAG:?"set TAG, the name of this sweep: result tags are TAG-PART, e.g. TAG=v8 gives v8-main-fp16"}
 peers=(--peers sdpa-flash sdpa-cudnn)
-bench() { python3 -m bsfa_cupy bench --quiet --out "$OUT" "$@" 2>&1 | grep -E '^(bsfa|sdpa|flex)' ; }
+# A fresh machine has no bsfa_cupy: install the tree in place as gpu_check.sh does (or run from it), so that a
+# part never fails unseen behind the filter below.
+python3 -c "import bsfa_cupy" 2>/dev/null \
+  || python3 -m pip install --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 \
+  || { echo "editable install failed (see $OUT/install.log), running from the tree"; export PYTHONPATH=$PWD; }
+# The rows of one part as they come; its whole output in $OUT/sweep.log, and its tail where it fails.
+bench() {
+  local rc
+  echo "---- bench $*" >>"$OUT/sweep.log"
+  python3 -m bsfa_cupy bench --quiet --out "$OUT" "$@" 2>&1 | tee -a "$OUT/sweep.log" | grep -E '^(bsfa|sdpa|flex)'
+  rc=${PIPESTATUS[0]}
+  if ((rc != 0)); then
+    echo "bench $* failed (exit $rc):"
+    tail -n 8 "$OUT/sweep.log"
+  fi
+  return "$rc"
+}
 parts=()
 for p in "$@"; do
   case $p in
