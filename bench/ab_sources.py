@@ -23,7 +23,8 @@ Usage (two steps, the first where git is, the second on the GPU machine):
       --block-max also times block_max_scores per build.
 Per case (B=1, Hq=32, causal unless noted): torch SDPA's cuDNN backend, then per build dense and sparse
 (rho of the gated tiles kept, thresholds from the inputs' tile maxima, as `bsfa bench` sets them), timed in
-9 interleaved repeats of 3 calls (median), the plan cache cleared at every switch (attention keeps kernel
+9 interleaved repeats of 3 calls (median; each kind of call for every build in turn, the builds' order rotated
+every repeat), the plan cache cleared at every switch (attention keeps kernel
 handles in its plans); each build's dense out and lse are compared with base's, and one call with thresholds
 (rho 0.25 where the case has it): its keep mask must equal base's (mismatches printed), out and lse to rounding.
 Every module the run loads (the library's and each FILE's, per head dim and dtype) is compiled first, in parallel

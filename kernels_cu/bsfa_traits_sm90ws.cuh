@@ -326,7 +326,8 @@ struct TraitsSm90WsHeadPair : TraitsSm90Ws<kHeadDim_, kBf16_> {
     // dim 64 (O 64 registers a thread) P fits in registers beside O and S,
     // and a block as one sequential step ran 7-16 % faster sparse than the
     // overlapped schedule with P in shared memory; at head dim 128 (O 128)
-    // the sequential step lost up to 5 % at 64K (bench/NOTES.md, v26).
+    // the sequential step was level up to 32K and 4-7 % slower at 64K,
+    // where the CTAs sharing a K/V head drift apart (bench/NOTES.md, v27).
     static constexpr bool kPInRegs = kHeadDim_ == 64;
     // Shared memory: Q of both heads (256 rows), K and V rings of three
     // stages of 64-key blocks (a block takes half the time of the base's, so
