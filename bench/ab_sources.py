@@ -19,7 +19,8 @@ Usage (two steps, the first where git is, the second on the GPU machine):
       bsfa_block_max_wide; NAME=@headpair runs calls with thresholds of even GQA groups on
       bsfa_fwd_headpair (two query heads a CTA, a whole BSFA tile a consumer warpgroup), and
       NAME=@headpairdense their dense calls too; NAME=FILE.cu@headpair runs both on FILE.cu's
-      bsfa_fwd_headpair (the A/B of two versions of that entry).
+      bsfa_fwd_headpair (the A/B of two versions of that entry); NAME=FILE.cu@blockmax runs block_max_scores
+      on FILE.cu's bsfa_block_max_wide (with --block-max; the forward calls stay the library's).
       --block-max also times block_max_scores per build.
 Per case (B=1, Hq=32, causal unless noted): torch SDPA's cuDNN backend, then per build dense and sparse
 (rho of the gated tiles kept, thresholds from the inputs' tile maxima, as `bsfa bench` sets them), timed in
@@ -157,8 +158,8 @@ def time_builds(specs, cases, out_dir, block_max=False):
         if rest in ("@mc", "@pair", "@nowide", "@plain", "@unlagged", "@narrowbm", "@headpair", "@headpairdense"):
             builds[name] = rest
             continue
-        if rest.endswith("@headpair"):
-            builds[name] = (Path(rest[: -len("@headpair")]).read_text(), "@headpair")
+        if rest.endswith(("@headpair", "@blockmax")):
+            builds[name] = (Path(rest[: -len("@headpair")]).read_text(), rest[-len("@headpair"):])
             continue
         path, _, dense_entry = rest.partition(":")
         builds[name] = (Path(path).read_text(), dense_entry or "bsfa_fwd")
@@ -195,7 +196,13 @@ def time_builds(specs, cases, out_dir, block_max=False):
             options = _compile.options_for(key.arch, arch_flag) + key.defines() + backend.options()
             raw = cp.cuda.function.Module()
             raw.load(_compile.cached_binary(text, f"{key.name()}_ab_{b}", options, is_cubin))
-            if dense_entry == "@headpair":
+            if dense_entry == "@blockmax":
+                bm = mod.block_max
+                wide = dataclasses.replace(
+                    _kernels._kernel(raw, "bsfa_block_max_wide", "BSFA_BLOCK_MAX_WIDE", bm.grid_kind, bm.sms, bm.tma, 2),
+                    q_box=_kernels._read_int(raw, "BSFA_BLOCK_MAX_WIDE_Q_BOX"))
+                cache[(key, b, entry)] = dataclasses.replace(mod, block_max=wide, raw=(mod.raw, raw))
+            elif dense_entry == "@headpair":
                 hp = dataclasses.replace(
                     _kernels._kernel(raw, "bsfa_fwd_headpair", "BSFA_FWD_HEADPAIR", mod.fwd.grid_kind, mod.fwd.sms,
                                      _kernels._read_int(raw, "BSFA_FWD_HEADPAIR_KV_BOX"), 3),
