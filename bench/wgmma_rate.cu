@@ -34,6 +34,37 @@ __device__ __forceinline__ unsigned long long qdesc(unsigned q, int wg, int mb) 
     return make_desc(q + (wg * 128 + mb * 64) * 128, 16, 1024);
 }
 
+// Today's S for a warpgroup: its two 64-row halves against the 64 keys of
+// the K block at kd, two m64n64 chains with both operands in shared memory,
+// accumulated (never reset, see above), one group.
+__device__ __forceinline__ void issue_s64(float (&X)[2][32], unsigned q, int wg, unsigned long long kd) {
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk) {
+        const unsigned col = (kk % 4) * 32, pn = kk / 4;
+#pragma unroll
+        for (int mb = 0; mb < 2; ++mb)
+            wgmma_ss_n64<false>(X[mb], desc_add(qdesc(q, wg, mb), pn * kQPanel + col), desc_add(kd, pn * kKPanel + col),
+                                1);
+    }
+    wgmma_commit();
+}
+
+// One group a warpgroup per iteration, waited for: products(kd, kk, col, pn)
+// issues k-step kk's products against iteration it's K block (kd), fence()
+// passes the accumulators through fence_regs after the wait.
+template <class Products, class Fence>
+__device__ __forceinline__ void each_iteration(int iters, unsigned long long kd0, Products products, Fence fence) {
+    for (int it = 0; it < iters; ++it) {
+        const unsigned long long kd = desc_add(kd0, (it % kKBlocks) * 2 * kKPanel);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < 8; ++kk) products(kd, kk, (unsigned)(kk % 4) * 32, (unsigned)(kk / 4));
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence();
+    }
+}
 
 __device__ __forceinline__ void wgmma_ss_n32(float (&d)[16], unsigned long long a, unsigned long long b) {
     asm volatile(
@@ -61,17 +92,7 @@ __global__ void __launch_bounds__(384, 1) rate(const uint4* src, int iters, floa
     if constexpr (MODE == 0 || MODE == 3) {  // two m64n64 chains (row halves), SS; MODE 3: two S, wait<1>
         float S[2][32], S2[2][32];
         auto issue = [&](float (&X)[2][32], int it) {
-            const unsigned long long kd = desc_add(kd0, (it % kKBlocks) * 2 * kKPanel);
-            wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < 8; ++kk) {
-                const unsigned col = (kk % 4) * 32, pn = kk / 4;
-#pragma unroll
-                for (int mb = 0; mb < 2; ++mb)
-                    wgmma_ss_n64<false>(X[mb], desc_add(qdesc(q, wg, mb), pn * kQPanel + col),
-                                        desc_add(kd, pn * kKPanel + col), 1);
-            }
-            wgmma_commit();
+            issue_s64(X, q, wg, desc_add(kd0, (it % kKBlocks) * 2 * kKPanel));
         };
         for (int i = 0; i < 32; ++i) S2[0][i] = S2[1][i] = S[0][i] = S[1][i] = 0.f;
         for (int it = 0; it < iters; it += 2) {
@@ -117,18 +138,8 @@ __global__ void __launch_bounds__(384, 1) rate(const uint4* src, int iters, floa
         int kept_count = 0;
         if (MODE == 6 && wg == 1) named_arrive(3, 256);
         for (int it = 0; it < iters; ++it) {
-            const unsigned long long kd = desc_add(kd0, (it % kKBlocks) * 2 * kKPanel);
             if (MODE == 6) named_sync(3 + wg, 256);
-            wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < 8; ++kk) {
-                const unsigned col = (kk % 4) * 32, pn = kk / 4;
-#pragma unroll
-                for (int mb = 0; mb < 2; ++mb)
-                    wgmma_ss_n64<false>(S[mb], desc_add(qdesc(q, wg, mb), pn * kQPanel + col),
-                                        desc_add(kd, pn * kKPanel + col), 1);
-            }
-            wgmma_commit();
+            issue_s64(S, q, wg, desc_add(kd0, (it % kKBlocks) * 2 * kKPanel));
             if (MODE == 6 && !(wg == 1 && it == iters - 1)) named_arrive(3 + (wg ^ 1), 256);
             wgmma_wait<0>();
             fence_regs(S[0]); fence_regs(S[1]);
@@ -148,23 +159,14 @@ __global__ void __launch_bounds__(384, 1) rate(const uint4* src, int iters, floa
     } else if constexpr (MODE == 7) {  // m64n32 products: 3 KB of operands a 16-cycle product at the peak
         float S[2][2][16];
         for (int i = 0; i < 16; ++i) S[0][0][i] = S[0][1][i] = S[1][0][i] = S[1][1][i] = 0.f;
-        for (int it = 0; it < iters; ++it) {
-            const unsigned long long kd = desc_add(kd0, (it % kKBlocks) * 2 * kKPanel);
-            wgmma_fence();
+        each_iteration(iters, kd0, [&](unsigned long long kd, int kk, unsigned col, unsigned pn) {
 #pragma unroll
-            for (int kk = 0; kk < 8; ++kk) {
-                const unsigned col = (kk % 4) * 32, pn = kk / 4;
+            for (int nb = 0; nb < 2; ++nb)
 #pragma unroll
-                for (int nb = 0; nb < 2; ++nb)
-#pragma unroll
-                    for (int mb = 0; mb < 2; ++mb)
-                        wgmma_ss_n32(S[mb][nb], desc_add(qdesc(q, wg, mb), pn * kQPanel + col),
-                                     desc_add(kd, pn * kKPanel + col + nb * 32 * 128));
-            }
-            wgmma_commit();
-            wgmma_wait<0>();
-            fence_regs(S[0][0]); fence_regs(S[0][1]); fence_regs(S[1][0]); fence_regs(S[1][1]);
-        }
+                for (int mb = 0; mb < 2; ++mb)
+                    wgmma_ss_n32(S[mb][nb], desc_add(qdesc(q, wg, mb), pn * kQPanel + col),
+                                 desc_add(kd, pn * kKPanel + col + nb * 32 * 128));
+        }, [&] { fence_regs(S[0][0]); fence_regs(S[0][1]); fence_regs(S[1][0]); fence_regs(S[1][1]); });
         for (int i = 0; i < 16; ++i) acc += S[0][0][i] + S[0][1][i] + S[1][0][i] + S[1][1][i];
     } else if constexpr (MODE == 2) {  // Q in registers, K from shared memory
         unsigned A[2][8][4];
@@ -179,20 +181,11 @@ __global__ void __launch_bounds__(384, 1) rate(const uint4* src, int iters, floa
             }
         float S[2][32];
         for (int i = 0; i < 32; ++i) S[0][i] = S[1][i] = 0.f;
-        for (int it = 0; it < iters; ++it) {
-            const unsigned long long kd = desc_add(kd0, (it % kKBlocks) * 2 * kKPanel);
-            wgmma_fence();
+        each_iteration(iters, kd0, [&](unsigned long long kd, int kk, unsigned col, unsigned pn) {
 #pragma unroll
-            for (int kk = 0; kk < 8; ++kk) {
-                const unsigned col = (kk % 4) * 32, pn = kk / 4;
-#pragma unroll
-                for (int mb = 0; mb < 2; ++mb)
-                    wgmma_rs<false, 64, true>(S[mb], A[mb][kk], desc_add(kd, pn * kKPanel + col), 1);
-            }
-            wgmma_commit();
-            wgmma_wait<0>();
-            fence_regs(S[0]); fence_regs(S[1]);
-        }
+            for (int mb = 0; mb < 2; ++mb)
+                wgmma_rs<false, 64, true>(S[mb], A[mb][kk], desc_add(kd, pn * kKPanel + col), 1);
+        }, [&] { fence_regs(S[0]); fence_regs(S[1]); });
         for (int i = 0; i < 32; ++i) acc += S[0][i] + S[1][i];
     }
     const long long t1 = clock64();
