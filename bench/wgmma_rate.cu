@@ -10,7 +10,10 @@
 // cores' peak here: its results were right, its timing was not).
 // bench/NOTES.md v28 reads the numbers: shared memory feeds wgmma at most
 // 128 bytes a cycle, which m64n64 products with both operands there use up
-// at the tensor peak.
+// at the tensor peak.  Mode 8 runs today's S beside a warp that lands 32 KB
+// of bulk copies an iteration, as the head-pair entry's TMA lands K and V:
+// whether those writes take from the same 128 bytes (the time per iteration
+// is thread 0's; the kernel's time includes the copies).
 // Build and run (no Python):
 //   nvcc -std=c++17 -gencode arch=compute_90a,code=sm_90a -O3 -I kernels_cu -o wgmma_rate bench/wgmma_rate.cu
 //   ./wgmma_rate
@@ -28,7 +31,8 @@ constexpr int kKRows = 64;
 constexpr int kKPanel = kKRows * 128;
 constexpr int kKBlocks = 4;  // a different K block each iteration
 constexpr int kData = 2 * kQPanel + kKBlocks * 2 * kKPanel;
-constexpr int kSmem = kData + 1024;
+constexpr int kCopyBytes = 16384;  // mode 8: one bulk copy, a K or V block of 64 keys
+constexpr int kSmem = kData + 2 * kCopyBytes + 64 + 1024;
 
 __device__ __forceinline__ unsigned long long qdesc(unsigned q, int wg, int mb) {
     return make_desc(q + (wg * 128 + mb * 64) * 128, 16, 1024);
@@ -66,6 +70,28 @@ __device__ __forceinline__ void each_iteration(int iters, unsigned long long kd0
     }
 }
 
+// A bulk copy of `bytes` from global memory into shared memory, completing on
+// the mbarrier at bar (the TMA's non-tensor form).
+__device__ __forceinline__ void bulk_copy(unsigned dst, const void* src, unsigned bytes, unsigned bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+                 "l"(src), "r"(bytes), "r"(bar)
+                 : "memory");
+}
+
+// Mode 8's extra warp: 2 * iters bulk copies of kCopyBytes into two slots in
+// turn (32 KB an iteration, the K and V a head-pair CTA lands per 64-key
+// block), as fast as they come, while the warpgroups run today's S.
+__device__ __forceinline__ void stream_copies(const uint4* src, int iters, unsigned slots, unsigned bars) {
+    if ((threadIdx.x & 31) != 0) return;
+    for (int c = 0; c < 2 * iters; ++c) {
+        const int s = c & 1;
+        if (c >= 2) mbar_wait(bars + 8 * s, ((c >> 1) - 1) & 1);
+        mbar_arrive_expect_tx(bars + 8 * s, kCopyBytes);
+        bulk_copy(slots + s * kCopyBytes, (const char*)src + (c % 8) * kCopyBytes, kCopyBytes, bars + 8 * s);
+    }
+    for (int c = 2 * iters - 2; c < 2 * iters; ++c) mbar_wait(bars + 8 * (c & 1), (c >> 1) & 1);
+}
+
 __device__ __forceinline__ void wgmma_ss_n32(float (&d)[16], unsigned long long a, unsigned long long b) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
@@ -89,7 +115,27 @@ __global__ void __launch_bounds__(384, 1) rate(const uint4* src, int iters, floa
     const unsigned long long kd0 = make_desc(k, 16, 1024);
     float acc = 0.f;
     const long long t0 = clock64();
-    if constexpr (MODE == 0 || MODE == 3) {  // two m64n64 chains (row halves), SS; MODE 3: two S, wait<1>
+    if constexpr (MODE == 8) {  // as mode 0, beside an extra warp streaming bulk copies into shared memory
+        const unsigned slots = q + kData, bars = slots + 2 * kCopyBytes;
+        if (threadIdx.x == 0) {
+            mbar_init(bars, 1);
+            mbar_init(bars + 8, 1);
+            mbar_init_fence();
+        }
+        __syncthreads();
+        if (wg == 2) {
+            stream_copies(src, iters, slots, bars);
+        } else {
+            float S[2][32];
+            for (int i = 0; i < 32; ++i) S[0][i] = S[1][i] = 0.f;
+            for (int it = 0; it < iters; ++it) {
+                issue_s64(S, q, wg, desc_add(kd0, (it % kKBlocks) * 2 * kKPanel));
+                wgmma_wait<0>();
+                fence_regs(S[0]); fence_regs(S[1]);
+            }
+            for (int i = 0; i < 32; ++i) acc += S[0][i] + S[1][i];
+        }
+    } else if constexpr (MODE == 0 || MODE == 3) {  // two m64n64 chains (row halves), SS; MODE 3: two S, wait<1>
         float S[2][32], S2[2][32];
         auto issue = [&](float (&X)[2][32], int it) {
             issue_s64(X, q, wg, desc_add(kd0, (it % kKBlocks) * 2 * kKPanel));
@@ -201,7 +247,7 @@ template <int MODE>
 void run(const char* name, int wgs, const uint4* src, float* out) {
     CK(cudaFuncSetAttribute(rate<MODE>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
     const int iters = 4000, ctas = 132;
-    rate<MODE><<<ctas, 128 * wgs, kSmem>>>(src, 10, out);
+    rate<MODE><<<ctas, 128 * wgs + (MODE == 8 ? 32 : 0), kSmem>>>(src, 10, out);
     CK(cudaGetLastError());
     CK(cudaDeviceSynchronize());
     cudaEvent_t a, b;
@@ -209,7 +255,7 @@ void run(const char* name, int wgs, const uint4* src, float* out) {
     float best = 1e30f;
     for (int r = 0; r < 5; ++r) {
         CK(cudaEventRecord(a));
-        rate<MODE><<<ctas, 128 * wgs, kSmem>>>(src, iters, out);
+        rate<MODE><<<ctas, 128 * wgs + (MODE == 8 ? 32 : 0), kSmem>>>(src, iters, out);
         CK(cudaEventRecord(b));
         CK(cudaEventSynchronize(b));
         CK(cudaGetLastError());
@@ -218,11 +264,11 @@ void run(const char* name, int wgs, const uint4* src, float* out) {
     }
     // the sum of the four K blocks' products, then the big run's against (ctas * iters / 4) times it
     CK(cudaMemset(out, 0, 16));
-    rate<MODE><<<1, 128 * wgs, kSmem>>>(src, 4, out);
+    rate<MODE><<<1, 128 * wgs + (MODE == 8 ? 32 : 0), kSmem>>>(src, 4, out);
     CK(cudaDeviceSynchronize());
     float sum; CK(cudaMemcpy(&sum, out, 4, cudaMemcpyDeviceToHost));
     CK(cudaMemset(out, 0, 16));
-    rate<MODE><<<ctas, 128 * wgs, kSmem>>>(src, iters, out);
+    rate<MODE><<<ctas, 128 * wgs + (MODE == 8 ? 32 : 0), kSmem>>>(src, iters, out);
     CK(cudaDeviceSynchronize());
     unsigned long long cyc; CK(cudaMemcpy(&cyc, out + 2, 8, cudaMemcpyDeviceToHost));
     float big; CK(cudaMemcpy(&big, out, 4, cudaMemcpyDeviceToHost));
@@ -248,6 +294,7 @@ int main() {
         run<2>("rs m64n64 x2 (Q in regs)", wgs, src, out);
         run<7>("ss m64n32 x4", wgs, src, out);
     }
+    run<8>("ss m64n64 x2 + 32 KB of bulk copies an iteration", 2, src, out);
     run<5>("ss m64n64 x2 + gate, free", 2, src, out);
     run<6>("ss m64n64 x2 + gate, turns", 2, src, out);
     run<5>("ss m64n64 x2 + gate, free", 3, src, out);
