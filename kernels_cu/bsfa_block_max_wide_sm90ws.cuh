@@ -126,10 +126,10 @@ __device__ __forceinline__ void block_max_consumer_wide(const Params& p, const S
         // Blocks from the CTA's last down to 0; this warpgroup computes those
         // with a key of its own tile, and hands every slot back.  Its rows of
         // Q are in registers (its two row halves' A fragments, read once),
-        // so that S reads only K from shared memory, and each row half's S
-        // of a block is a group of its own: the next one is issued before
-        // the one ahead is waited for, so that one group is always in flight
-        // while the warpgroup folds maxima (as bsfa_block_max's blocks).
+        // so that S reads only K from shared memory; each row half's S of a
+        // block is a group of its own, both issued together and retired
+        // within the block's step (a group kept in flight into the next step
+        // made ptxas serialise every wgmma here, NOTES v28).
         int n = qt.c_end / TR::kKeyHalves;
 #pragma unroll 1
         for (; n >= 0 && n * TR::kKeyHalves > own_c_end; --n) {
