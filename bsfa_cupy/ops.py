@@ -334,24 +334,43 @@ def block_max_scores(q, k, *, causal=True, softmax_scale=None, backend="auto", q
     _check_offset_args(q_start, k_start)
     frame = frame_for(q)
     with on(frame) as stream:
-        qv, kv = to_cupy(q, "q", frame), to_cupy(k, "k", frame)
-        B, Nq, Nk, Hq, Hkv, D = check_qk(qv, kv)
-        dtype = _check_dtypes([("q", qv), ("k", kv)], D)
-        k0, shift = positions(q_start, k_start, Nq, Nk)
-        _same_device([qv, kv], ["q", "k"])
-        strides = _strides(qv, "q") + _strides(kv, "k")
-        scale = _positive_scale(softmax_scale, D)
-        nQ, nK = -(-Nq // BLOCK_M), -(-Nk // BLOCK_N)
-        _launch.check_grid(B, Hq, nQ, BLOCK_M)
-        backend = as_backend(backend)
-        tm_native, tm_view = frame.empty((B, Hq, nQ, nK), "float32")
-        kern = _module(backend, dtype, D, causal, frame.device_id).block_max
-        params = _launch.pack(q=qv, k=kv, tile_max=tm_view, **_stride_fields("qk", strides), Nq=Nq, Nk=Nk, Hq=Hq,
-                              Hkv=Hkv, B=B, softmax_scale=scale, k_start=k0, qk_shift=shift)
-        maps = tuple(_tma.tensor_map(x, r) for x, r in zip((qv, kv), kern.box_rows())) if kern.tma else ()
-        kern.launch(B, Hq, nQ, params, maps)
+        bm = _block_max_problem(frame, q, k, causal, softmax_scale, backend, q_start, k_start)
+        tm_native, tm_view = frame.empty(bm.out_shape, "float32")
+        params = _launch.pack(q=bm.qv, k=bm.kv, tile_max=tm_view, **bm.fields)
+        maps = tuple(_tma.tensor_map(x, r) for x, r in zip((bm.qv, bm.kv), bm.kern.box_rows())) if bm.kern.tma else ()
+        bm.kern.launch(*bm.out_shape[:3], params, maps)
         frame.finish(stream)
     return frame.wrap(tm_native, tm_view)
+
+
+@dataclass
+class _BlockMaxProblem:
+    """A block_max_scores call checked: the CuPy views of q and k, the kernel, the Params fields other than the
+    pointers, and the (B, Hq, nQ, nK) shape of the tile maxima."""
+
+    qv: object
+    kv: object
+    kern: object
+    fields: dict
+    out_shape: tuple
+
+
+def _block_max_problem(frame, q, k, causal, softmax_scale, backend, q_start, k_start) -> _BlockMaxProblem:
+    """block_max_scores' checks and kernel choice (also :class:`~bsfa_cupy.block_max_plan.BlockMaxPlan`'s),
+    inside ``on(frame)``; _check_grad and _check_offset_args come first, before any array is touched."""
+    qv, kv = to_cupy(q, "q", frame), to_cupy(k, "k", frame)
+    B, Nq, Nk, Hq, Hkv, D = check_qk(qv, kv)
+    dtype = _check_dtypes([("q", qv), ("k", kv)], D)
+    k0, shift = positions(q_start, k_start, Nq, Nk)
+    _same_device([qv, kv], ["q", "k"])
+    strides = _strides(qv, "q") + _strides(kv, "k")
+    scale = _positive_scale(softmax_scale, D)
+    nQ, nK = -(-Nq // BLOCK_M), -(-Nk // BLOCK_N)
+    _launch.check_grid(B, Hq, nQ, BLOCK_M)
+    kern = _module(as_backend(backend), dtype, D, causal, frame.device_id).block_max
+    fields = dict(**_stride_fields("qk", strides), Nq=Nq, Nk=Nk, Hq=Hq, Hkv=Hkv, B=B, softmax_scale=scale,
+                  k_start=k0, qk_shift=shift)
+    return _BlockMaxProblem(qv, kv, kern, fields, (B, Hq, nQ, nK))
 
 
 @functools.lru_cache(maxsize=64)  # Backend is frozen and hashable; spares a call its checks twice

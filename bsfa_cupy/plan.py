@@ -27,7 +27,7 @@ __all__ = ["AttentionPlan"]
 #: Params fields that run fills per call (the split-KV partials per stream, see AttentionPlan._workspace).
 _CALL_POINTERS = ("q", "k", "v", "out", "lse")
 _OFFSETS = {name: _launch.PARAMS.fields[name][1]
-            for name in _CALL_POINTERS + ("o_part", "lse_part", "split_done", "thresholds")}
+            for name in _CALL_POINTERS + ("o_part", "lse_part", "split_done", "thresholds", "tile_max")}
 if [_OFFSETS[n] for n in _CALL_POINTERS] != [_OFFSETS["q"] + 8 * i for i in range(5)]:  # pragma: no cover
     raise ImportError("bsfa::Params: q, k, v, out and lse are expected as five consecutive pointers")
 _CALL = struct.Struct("<5Q")
@@ -56,11 +56,18 @@ class _ParamsTemplate:
     def pack(cls, **fields):
         return cls(_launch.pack(**fields).tobytes())
 
-    def with_pointers(self, **ptrs) -> "_ParamsTemplate":
+    def _filled(self, ptrs) -> bytearray:
         buf = bytearray(self._raw)
         for name, ptr in ptrs.items():
             _ONE.pack_into(buf, _OFFSETS[name], ptr)
-        return _ParamsTemplate(bytes(buf))
+        return buf
+
+    def with_pointers(self, **ptrs) -> "_ParamsTemplate":
+        return _ParamsTemplate(bytes(self._filled(ptrs)))
+
+    def bind_named(self, **ptrs) -> np.void:
+        """The Params with the named pointers filled in (a fresh buffer, as :meth:`bind`)."""
+        return np.frombuffer(self._filled(ptrs), _launch.PARAMS)[0]
 
     def bind(self, q: int, k: int, v: int, out: int, lse: int, thresholds: int = 0) -> np.void:
         # A fresh buffer per call: the same plan may be run from several threads.
@@ -90,10 +97,11 @@ def _cupy_ptr(x) -> int:
 class _Spec:
     """The planned type and layout of one argument; :meth:`pointer` checks an array against it."""
 
-    __slots__ = ("name", "type", "layout", "nonempty", "read", "ptr", "torch", "what")
+    __slots__ = ("name", "type", "layout", "nonempty", "read", "ptr", "torch", "what", "plan", "call")
 
-    def __init__(self, name, kind, type_, layout, nonempty):
+    def __init__(self, name, kind, type_, layout, nonempty, plan="AttentionPlan", call="attention"):
         self.name, self.type, self.layout, self.nonempty = name, type_, tuple(layout), nonempty
+        self.plan, self.call = plan, call  # the plan class and the function it stands for, named in errors
         self.torch = kind == "torch"
         self.read, self.ptr = (_torch_layout, _torch_ptr) if self.torch else (_cupy_layout, _cupy_ptr)
         self.what = f"{type_.__module__.split('.')[0]}.{type_.__name__}"
@@ -102,7 +110,7 @@ class _Spec:
         if type(x) is not self.type and not isinstance(x, self.type):
             raise TypeError(
                 f"{self.name}: expected a {self.what} like the plan's example arrays, got {_type_name(x)} "
-                "(a plan binds one framework; for JAX arrays call bsfa_cupy.attention)"
+                f"(a plan binds one framework; for JAX arrays call bsfa_cupy.{self.call})"
             )
         if self.read(x) != self.layout:
             raise self._mismatch(self.read(x))
@@ -123,7 +131,7 @@ class _Spec:
         exc = TypeError if self.layout[2] != got[2] else ValueError
         return exc(
             f"{self.name}: does not match the plan: " + "; ".join(diffs)
-            + " (build an AttentionPlan for this layout, or call bsfa_cupy.attention)"
+            + f" (build another {self.plan} for this layout, or call bsfa_cupy.{self.call})"
         )
 
 
@@ -197,7 +205,60 @@ class _CupyIO:
         return contextlib.nullcontext()
 
 
-class AttentionPlan:
+def _framework(q, plan: str, call: str) -> str:
+    """q's framework; JAX arrays are refused (no stream to launch on), naming the function to call instead."""
+    kind = framework_of(q)
+    if kind not in ("torch", "cupy", "numpy", "unknown"):
+        raise TypeError(
+            f"q: {plan} takes torch CUDA tensors or CuPy arrays, got {_type_name(q)}; for JAX arrays "
+            f"call bsfa_cupy.{call} (JAX exposes no stream, so each call waits for its inputs anyway)"
+        )
+    return kind
+
+
+def _check_framework(named, q, kind: str) -> None:
+    """The other arrays of a plan are of q's framework."""
+    for name, x in named:
+        if framework_of(x) != kind:
+            raise TypeError(f"{name}: expected a {_type_name(q)} like q (a plan binds one framework), "
+                            f"got {_type_name(x)}")
+
+
+def _io_layouts(kind: str, frame, arrays):
+    """A plan's allocator and stream source for its framework, and the planned layouts of ``arrays``."""
+    if kind == "torch":
+        import torch
+
+        return _TorchIO(torch, frame.torch_device), [_torch_layout(x) for x in arrays]
+    return _CupyIO(cupy()), [_cupy_layout(x) for x in arrays]
+
+
+class _PlanBase:
+    """What the plans share: assembly from parts (host tests) and running on the plan's device."""
+
+    @classmethod
+    def _assemble(cls, **attrs):
+        """A plan from its parts, for host tests that stand in for the GPU pieces."""
+        plan = cls.__new__(cls)
+        plan.__dict__.update(attrs)
+        return plan
+
+    @contextlib.contextmanager
+    def _on_device(self):
+        """The plan's GPU current for the block, the caller's restored after it."""
+        rt = self._runtime
+        prev = rt.getDevice()
+        dev = self._device_id
+        if prev != dev:
+            rt.setDevice(dev)
+        try:
+            yield
+        finally:
+            if prev != dev:
+                rt.setDevice(prev)
+
+
+class AttentionPlan(_PlanBase):
     """:func:`bsfa_cupy.attention` for one layout, validated and chosen once; :meth:`run` per call.
 
     ``AttentionPlan(q, k, v, thresholds, causal=..., ...)`` takes example arrays (torch CUDA tensors or
@@ -223,20 +284,12 @@ class AttentionPlan:
     def __init__(self, q, k, v, thresholds=None, *, causal=True, softmax_scale=None, return_lse=False,
                  num_splits=None, backend="auto", q_start=None, k_start=0):
         num_splits, backend = _call_args(q, k, v, q_start, k_start, num_splits, backend)
-        kind = framework_of(q)
-        if kind not in ("torch", "cupy", "numpy", "unknown"):
-            raise TypeError(
-                f"q: AttentionPlan takes torch CUDA tensors or CuPy arrays, got {_type_name(q)}; for JAX arrays "
-                "call bsfa_cupy.attention (JAX exposes no stream, so each call waits for its inputs anyway)"
-            )
+        kind = _framework(q, "AttentionPlan", "attention")
         frame = frame_for(q)
         cp = cupy()
         with on(frame) as stream:
             qv, kv, vv = to_cupy(q, "q", frame), to_cupy(k, "k", frame), to_cupy(v, "v", frame)
-            for name, x in (("k", k), ("v", v)):
-                if framework_of(x) != kind:
-                    raise TypeError(f"{name}: expected a {_type_name(q)} like q (a plan binds one framework), "
-                                    f"got {_type_name(x)}")
+            _check_framework((("k", k), ("v", v)), q, kind)
             prob = _problem(frame, qv, kv, vv, thresholds, softmax_scale, backend, num_splits, q_start, k_start)
             copied = False
             if isinstance(thresholds, DeviceThresholds):
@@ -276,14 +329,7 @@ class AttentionPlan:
                 stream.synchronize()
 
         native_type = type(q)
-        if kind == "torch":
-            import torch
-
-            io = _TorchIO(torch, frame.torch_device)
-            layouts = [_torch_layout(x) for x in (q, k, v, out_native)]
-        else:
-            io = _CupyIO(cp)
-            layouts = [_cupy_layout(x) for x in (q, k, v, out_native)]
+        io, layouts = _io_layouts(kind, frame, (q, k, v, out_native))
         names = ("q", "k", "v", "out")
         sizes = (qv.size, kv.size, vv.size, out_view.size)
         self._specs = tuple(_Spec(n, kind, native_type, lay, bool(s)) for n, lay, s in zip(names, layouts, sizes))
@@ -298,13 +344,6 @@ class AttentionPlan:
         self.split = target.split  # the split-KV plan (rows, pack, splits), None off that path
         self.shapes = dict(q=prob.out_shape, k=(prob.B, prob.Nk, prob.Hkv, prob.D), out=prob.out_shape,
                            lse=prob.lse_shape)
-
-    @classmethod
-    def _assemble(cls, **attrs):
-        """A plan from its parts, for host tests that stand in for the GPU pieces."""
-        plan = cls.__new__(cls)
-        plan.__dict__.update(attrs)
-        return plan
 
     def __repr__(self) -> str:
         route = "split-KV" if self._launch_split else ("forward" if self._launch_fwd else "empty")
@@ -323,12 +362,7 @@ class AttentionPlan:
         io = self._io
         if out is not None:
             op = so.pointer(out)
-        rt = self._runtime
-        prev = rt.getDevice()
-        dev = self._device_id
-        if prev != dev:
-            rt.setDevice(dev)
-        try:
+        with self._on_device():
             if out is None:
                 out = io.empty(self._out_shape, self._dtype)
                 op = so.ptr(out)
@@ -344,9 +378,6 @@ class AttentionPlan:
                 params = self._params.bind(qp, kp, vp, op, so.ptr(lse), tp)
                 maps = self._maps(qp, kp, vp) if self._geoms else ()
                 fn(grid, block, (params, *maps), shared_mem=smem, stream=stream)
-        finally:
-            if prev != dev:
-                rt.setDevice(prev)
         return (out, lse) if self._return_lse else out
 
     def _maps(self, qp: int, kp: int, vp: int) -> tuple:
