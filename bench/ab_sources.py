@@ -158,8 +158,9 @@ def time_builds(specs, cases, out_dir, block_max=False):
         if rest in ("@mc", "@pair", "@nowide", "@plain", "@unlagged", "@narrowbm", "@headpair", "@headpairdense"):
             builds[name] = rest
             continue
-        if rest.endswith(("@headpair", "@blockmax")):
-            builds[name] = (Path(rest[: -len("@headpair")]).read_text(), rest[-len("@headpair"):])
+        path, at, suffix = rest.rpartition("@")
+        if at and suffix in ("headpair", "blockmax"):
+            builds[name] = (Path(path).read_text(), "@" + suffix)
             continue
         path, _, dense_entry = rest.partition(":")
         builds[name] = (Path(path).read_text(), dense_entry or "bsfa_fwd")
