@@ -202,7 +202,7 @@ def _attention(q, k, v, thresholds=None, *, causal=True, softmax_scale=None, ret
 
 
 def clear_plan_cache() -> None:
-    """Drop the plans :func:`attention` keeps by layout (and the split-KV partials they hold)."""
+    """Drop the plans :func:`attention` and :func:`block_max_scores` keep by layout (and the split-KV partials they hold)."""
     from . import _plan_cache
 
     _plan_cache.clear()
@@ -329,7 +329,18 @@ def block_max_scores(q, k, *, causal=True, softmax_scale=None, backend="auto", q
     (128-query x 64-key) tile's valid entries, -inf where a tile has none (the reference's
     ``bsfa_reference.block_max_scores`` rounded to float32). ``causal=True`` is the default;
     ``backend``, ``q_start`` and ``k_start`` as in :func:`attention`.
+
+    Torch and CuPy calls run through a :class:`~bsfa_cupy.block_max_plan.BlockMaxPlan` kept per layout (with
+    :func:`attention`'s, dropped by :func:`clear_plan_cache`): bitwise the same maxima, a fraction of the host time.
     """
+    from . import _plan_cache  # imports block_max_plan, which imports this module
+
+    res = _plan_cache.run_block_max(q, k, causal, softmax_scale, backend, q_start, k_start)
+    return _block_max_scores(q, k, causal, softmax_scale, backend, q_start, k_start) if res is None else res
+
+
+def _block_max_scores(q, k, causal, softmax_scale, backend, q_start, k_start):
+    """block_max_scores without the kept plans: every check, view and allocation on each call."""
     _check_grad([("q", q), ("k", k)])
     _check_offset_args(q_start, k_start)
     frame = frame_for(q)

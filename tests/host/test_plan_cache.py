@@ -117,3 +117,63 @@ def test_clear_plan_cache(plans):
     bsfa_cupy.clear_plan_cache()
     _call(*_qkv())
     assert len(plans) == 2
+
+
+class _BlockMaxRecorder:
+    built: list = []
+
+    def __init__(self, q, k, **kw):
+        self.kw, self.runs = kw, 0
+        _BlockMaxRecorder.built.append(self)
+
+    def run(self, q, k):
+        self.runs += 1
+        return ("maxima of", self)
+
+
+@pytest.fixture
+def block_max_plans(monkeypatch):
+    monkeypatch.setattr(_plan_cache, "BlockMaxPlan", _BlockMaxRecorder)
+    monkeypatch.setattr(_BlockMaxRecorder, "built", [])
+    _plan_cache.clear()
+    yield _BlockMaxRecorder.built
+    _plan_cache.clear()
+
+
+def _block_max(q, k, **kw):
+    args = dict(causal=True, softmax_scale=None, backend="auto", q_start=None, k_start=0)
+    args.update(kw)
+    return _plan_cache.run_block_max(q, k, *args.values())
+
+
+def test_block_max_one_plan_per_layout_and_arguments(block_max_plans):
+    q, k, _ = _qkv(Nq=300)
+    first = _block_max(q, k)
+    assert first[0] == "maxima of" and _block_max(*_qkv(Nq=300)[:2]) == first
+    assert len(block_max_plans) == 1 and block_max_plans[0].runs == 2
+    _block_max(q, k, causal=False)
+    _block_max(q, k, softmax_scale=0.5)
+    _block_max(q, k, q_start=128)
+    _block_max(q, k, k_start=64)
+    _block_max(q, k, backend="sm80")
+    _block_max(*_qkv(Nq=301)[:2])
+    assert len(block_max_plans) == 7
+    assert block_max_plans[1].kw == dict(causal=False, softmax_scale=None, backend="auto", q_start=None, k_start=0)
+
+
+def test_block_max_and_attention_plans_share_the_bound(block_max_plans, plans, monkeypatch):
+    monkeypatch.setattr(_plan_cache, "MAX_PLANS", 2)
+    q, k, v = _qkv()
+    _call(q, k, v)
+    _block_max(q, k)
+    _block_max(q, k, causal=False)  # drops the attention plan
+    _call(q, k, v)
+    assert len(plans) == 2 and len(block_max_plans) == 2 and len(_plan_cache._plans) == 2
+
+
+def test_block_max_unplanned_calls_take_the_full_path(block_max_plans):
+    q, k, _ = _qkv()
+    assert _block_max(q, k.numpy()) is None
+    assert _block_max(q.numpy(), k.numpy()) is None
+    assert _block_max(q, k, softmax_scale=[1.0]) is None
+    assert not block_max_plans
