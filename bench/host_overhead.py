@@ -6,7 +6,8 @@ full path that redoes every check per call), with a DeviceThresholds, with a pla
 thresholds array (NaN check and stream wait per call) and with `return_lse=True, return_keep=True`; then the
 same calls through an AttentionPlan (`plan.run`), a decode shape (1 row against 32K keys, B=1, Hq=32, Hkv=8,
 D=128: the split-KV path) through attention and a plan, and what the split-KV partials would cost allocated per
-call (CuPy's pool under torch's stream) instead of kept per stream by the plan.
+call (CuPy's pool under torch's stream) instead of kept per stream by the plan; and `block_max_scores` on the
+tiny problem through its kept plans, its full path and a BlockMaxPlan.
 """
 import argparse
 import functools
@@ -20,7 +21,8 @@ args = p.parse_args()
 import cupy as cp  # noqa: E402  (after argparse: --help works without a GPU)
 
 import bsfa_cupy  # noqa: E402
-from bsfa_cupy.ops import _attention  # noqa: E402
+from bsfa_cupy.block_max_plan import BlockMaxPlan  # noqa: E402
+from bsfa_cupy.ops import _attention, _block_max_scores  # noqa: E402
 
 attention = functools.partial(bsfa_cupy.attention, backend=args.backend)
 full_path = functools.partial(_attention, backend=args.backend)  # no kept plans: all host work per call
@@ -127,4 +129,20 @@ def host_us(fn, n=200):
 
 print(f"decode plan: {dplan!r}")
 for name, fn in decode.items():
+    print(f"{name:24s} {per_call_us(fn):8.1f} us/call back to back, {host_us(fn):8.1f} us host", flush=True)
+
+bm = {
+    "block_max cupy": lambda: bsfa_cupy.block_max_scores(q, k, backend=args.backend),
+    "block_max cupy full": lambda: _block_max_scores(q, k, True, None, args.backend, None, 0),
+}
+bm_plan = BlockMaxPlan(q, k, backend=args.backend)
+bm["block_max cupy plan.run"] = lambda: bm_plan.run(q, k)
+try:
+    bm["block_max torch"] = lambda: bsfa_cupy.block_max_scores(tq, tk, backend=args.backend)
+    bm["block_max torch full"] = lambda: _block_max_scores(tq, tk, True, None, args.backend, None, 0)
+    bm_tplan = BlockMaxPlan(tq, tk, backend=args.backend)
+    bm["block_max torch plan.run"] = lambda: bm_tplan.run(tq, tk)
+except NameError:  # no torch
+    pass
+for name, fn in bm.items():
     print(f"{name:24s} {per_call_us(fn):8.1f} us/call back to back, {host_us(fn):8.1f} us host", flush=True)

@@ -24,6 +24,7 @@ def _both(monkeypatch, q, k, causal, **call):
     runs = []
     for wide in (False, True):
         on[0] = wide
+        bsfa_cupy.clear_plan_cache()  # a kept plan holds the entry it was built with
         runs.append(cp.asarray(bsfa_cupy.block_max_scores(q, k, causal=causal, backend="sm90ws", **call)))
     assert seen == ["block_max"], f"expected one launch of bsfa_block_max_wide, got {seen}"
     assert_bitwise(("tile maxima",), [runs[0]], [runs[1]], "256-row tiles (against bsfa_block_max)")
