@@ -121,7 +121,10 @@ struct HeadPairLoop {
 // else iff a score of the warpgroup's 128 rows reaches the threshold (the
 // gated tile's lane-local row maxima stay in vmx, and gated is set).
 // Returns the decision, warp-uniform as ptxas sees it: a P V under a
-// condition it cannot prove uniform serialises every wgmma.
+// condition it cannot prove uniform serialises every wgmma.  A vote makes
+// it so (every lane already holds the reduction's result); a shuffle from
+// lane 0 did too, but its latency sat on every gated block's path (1-4 %
+// of a sparse call, bench/NOTES.md v29).
 template <class TR, bool kCausal>
 __device__ __forceinline__ bool hp_decide(const HeadPairLoop<TR, kCausal>& t,
                                           float (&S)[TR::kWarpMBlocks][TR::kSNBlocks][4], int n, int first,
@@ -143,7 +146,7 @@ __device__ __forceinline__ bool hp_decide(const HeadPairLoop<TR, kCausal>& t,
     if (gated) {
         row_max<TR, false>(S, vmx);
         const bool any = named_or(TR::kBarGate + t.wg, 128, t.plan.vote(vmx, t.p.softmax_scale));
-        kept = __shfl_sync(0xffffffffu, any ? 1 : 0, 0) != 0;
+        kept = __any_sync(0xffffffffu, any);
     }
     if (t.keep_row != nullptr) t.keep_row[n] = kept ? 1 : 0;
     return kept;
