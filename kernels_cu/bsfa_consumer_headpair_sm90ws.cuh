@@ -123,7 +123,7 @@ struct HeadPairLoop {
 // Returns the decision, warp-uniform as ptxas sees it: a P V under a
 // condition it cannot prove uniform serialises every wgmma.  A vote makes
 // it so (every lane already holds the reduction's result); a shuffle from
-// lane 0 did too, but its latency sat on every gated block's path (1-4 %
+// lane 0 did too, but its latency sat on every gated block's path (up to 4 %
 // of a sparse call, bench/NOTES.md v29).
 template <class TR, bool kCausal>
 __device__ __forceinline__ bool hp_decide(const HeadPairLoop<TR, kCausal>& t,
