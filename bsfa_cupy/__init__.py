@@ -9,6 +9,7 @@ from bsfa_reference.tiles import BLOCK_M, BLOCK_N
 from ._backend import has_gpu
 from ._compile import KernelCompileError
 from ._variants import HEAD_DIMS, Backend
+from .block_max_plan import BlockMaxPlan
 from .calibration import Calibrator
 from .device_thresholds import DeviceThresholds
 from .ops import attention, block_max_scores, clear_plan_cache
@@ -21,6 +22,7 @@ __all__ = [
     "AttentionPlan",
     "BLOCK_M",
     "Backend",
+    "BlockMaxPlan",
     "BLOCK_N",
     "Calibrator",
     "DeviceThresholds",

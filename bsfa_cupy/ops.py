@@ -202,7 +202,8 @@ def _attention(q, k, v, thresholds=None, *, causal=True, softmax_scale=None, ret
 
 
 def clear_plan_cache() -> None:
-    """Drop the plans :func:`attention` and :func:`block_max_scores` keep by layout (and the split-KV partials they hold)."""
+    """Drop the plans :func:`attention` and :func:`block_max_scores` keep by layout (and the split-KV partials
+    they hold)."""
     from . import _plan_cache
 
     _plan_cache.clear()
