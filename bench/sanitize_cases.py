@@ -23,7 +23,9 @@ bsfa_block_max_wide.
 --head-pairs: they run every unsplit call of the fixed-length cases, dense or with thresholds, on
 bsfa_fwd_headpair (two query heads a CTA, a whole BSFA tile a consumer warpgroup).
 --head-dim 64 (or 128) keeps the cases of that head dim only (the NaN cases, at 128, run when it is kept).
-A line "case: ..." as each group of calls starts shows where a run cut short by its time limit was.
+A line "case: ..." as each group of calls starts shows where a run cut short by its time limit was; --each adds
+a line before every call (its function, q's shape and the arguments that pick the entry) and its seconds after it,
+the device synchronised in between, so that a tool that stalls shows the launch it stalls in.
 """
 import argparse
 import time
@@ -43,6 +45,7 @@ p.add_argument("--no-packed", action="store_true",
                help="leave out the packed batches (attention_varlen), to see the fixed-length calls through a slow tool")
 p.add_argument("--head-dim", type=int, choices=(64, 128), action="append",
                help="run only this head dim (repeatable; default: both)")
+p.add_argument("--each", action="store_true", help="a line before and after every call, synchronised")
 args = p.parse_args()
 _started = time.perf_counter()
 
@@ -85,6 +88,29 @@ def inputs(nq, nk, d, dtype):
 
 head_dims = tuple(args.head_dim or (64, 128))
 n_calls = 0
+
+
+def _each(name, fn):
+    """fn with a line before its launch and one with its seconds once the device is done (--each)."""
+    thr_at = {"attention": 2, "attention_varlen": 4}.get(name)  # thresholds' place after q
+
+    def call(q, *rest, **kw):
+        picks = {k: kw[k] for k in ("backend", "causal", "num_splits", "q_start", "k_start", "return_keep")
+                 if k in kw}
+        kind = "" if thr_at is None else "dense" if len(rest) <= thr_at or rest[thr_at] is None else "thresholds"
+        print(f"  {name} q{tuple(q.shape)} {q.dtype} {kind} {picks}", end=" ", flush=True)
+        t0 = time.perf_counter()
+        res = fn(q, *rest, **kw)
+        cp.cuda.Device().synchronize()
+        print(f"{time.perf_counter() - t0:.2f} s", flush=True)
+        return res
+
+    return call
+
+
+if args.each:
+    for _name in ("attention", "block_max_scores", "attention_varlen"):
+        setattr(bsfa_cupy, _name, _each(_name, getattr(bsfa_cupy, _name)))
 
 
 def progress(*case):
