@@ -35,11 +35,18 @@ __device__ __forceinline__ void init_softmax_state(float (&O)[MB][NB][4], float 
 // block: the C fragment of S is the A fragment of P), and l, a per-thread
 // partial row sum of the fp32 P, is rescaled and extended.  Returns the
 // rescale factor exp2(m_old - m_new); rescaling O is the caller's.
-template <class TR, int MB>
+// kMargin > 0 (log2 units): a row that already has a max keeps it while the
+// tile's is at most kMargin above (P then reaches up to 2^kMargin, alpha is
+// 1 and O needs no rescale), as FlashAttention-4 does; out and lse are the
+// same sums taken against another reference, rounded differently.
+template <class TR, int MB, int kMargin = 0>
 __device__ __forceinline__ float softmax_row(const float (&S)[MB][TR::kSNBlocks][4], int mb, int hf, float tile_mx,
                                              float& m, float& l, unsigned (&P)[MB][TR::kKeySteps][4],
                                              float scale_log2) {
-    const float m_new = fmax2(m, tile_mx);
+    float m_new = fmax2(m, tile_mx);
+    if constexpr (kMargin > 0) {
+        if (m != neg_inf() && (m_new - m) * scale_log2 <= (float)kMargin) m_new = m;
+    }
     // A row with no valid score yet (m_new = -inf) takes 0 as its reference
     // so that exp2(-inf - ref) = 0 rather than NaN.
     const float ref = m_new == neg_inf() ? 0.f : m_new;
