@@ -3,7 +3,8 @@
 # one `python3 -m bsfa_cupy bench` run (backend "auto": the wgmma kernel on Hopper) written to $OUT as
 # GPU_DATE_TAG-PART.{json,md,png}; merge the parts' JSON with bench/merge.py, e.g.
 #   python3 bench/merge.py v8-sweep $OUT/*_v8-main-fp16.json $OUT/*_v8-main-bf16.json ... --out bench/results
-# Usage: TAG=name [OUT=dir] bench/sweep.sh PART [PART...]   (OUT default /tmp/bsfa_bench)
+# Usage: TAG=name [OUT=dir] [BENCH_ARGS=...] bench/sweep.sh PART [PART...]   (OUT default /tmp/bsfa_bench;
+#   BENCH_ARGS go to every bench run, e.g. "--warmup 0")
 #   main-fp16 main-bf16          D=128, Hkv=8, N=8K..64K, ours + SDPA flash/cuDNN
 #   d64 hkv32 hkv32-bf16         D=64 (fp16, N=8K..32K); Hkv=32 (N=8K..64K)
 #   4k noncausal n128k flex      4K both dtypes, a non-causal row (16K), N=128K, FlexAttention at 16K/32K
@@ -28,8 +29,9 @@ python3 -c "import bsfa_cupy" 2>/dev/null \
 # The rows of one part as they come; its whole output in $OUT/sweep.log, and its tail where it fails.
 bench() {
   local rc
-  echo "---- bench $*" >>"$OUT/sweep.log"
-  python3 -m bsfa_cupy bench --quiet --out "$OUT" "$@" 2>&1 | tee -a "$OUT/sweep.log" | grep -E '^(bsfa|sdpa|flex)'
+  echo "---- bench $* ${BENCH_ARGS:-}" >>"$OUT/sweep.log"
+  # shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
+  python3 -m bsfa_cupy bench --quiet --out "$OUT" "$@" ${BENCH_ARGS:-} 2>&1 | tee -a "$OUT/sweep.log" | grep -E '^(bsfa|sdpa|flex)'
   rc=${PIPESTATUS[0]}
   if ((rc != 0)); then
     echo "bench $* failed (exit $rc):"

@@ -5,9 +5,11 @@ current stream (our kernel launches there when handed torch tensors): warm-up fi
 median over repeats of a back-to-back batch of calls that rotates between input sets so repeats do
 not find their inputs in L2. The implementations of one shape take their repeats in turn (ours
 dense, block_max, sparse per keep fraction, then each peer, and again), so that a drift of clocks
-or temperature over the shape's timings falls on all of them alike; the turn order is rotated by
-one every repeat, since a call right after a hotter one ran a few per cent slower on an H200 (NOTES
-v27), and a fixed order would hand that to the same implementation every time. TFLOP/s always use
+or temperature over the shape's timings falls on all of them alike, and the turn order is rotated by
+one every repeat. A call right after a hotter one runs a few per cent slower on an H200 and the
+effect fades over the next calls (NOTES v27); rotating a cyclic order does not change which
+implementation precedes which, so each takes ``warmup`` untimed calls of its own right before its
+timed batch, and every implementation is timed in its own steady state. TFLOP/s always use
 the dense-equivalent FLOPs (causal 2·B·Hq·N²·D, non-causal twice that), so sparse rows show
 effective throughput.
 """
@@ -60,6 +62,7 @@ class Config:
     blockmax: bool = True
     repeats: int = 7
     inner: int = 4
+    warmup: int = 2  # untimed calls of an implementation right before each of its timed batches
     calib_k: int = 64
     ours: bool = True
     backend: str = "auto"  # our kernel: "auto", "sm80", "sm90" or "sm90ws"
@@ -77,10 +80,14 @@ def gpu_name() -> str:
 
 
 class Timer:
-    """Median ms per call of fn(i) (i rotates over input sets) on torch's current stream."""
+    """Median ms per call of fn(i) (i rotates over input sets) on torch's current stream; each timed batch
+    of ``inner`` calls comes right after ``warmup`` untimed calls of the same fn (on the input sets before
+    the batch's), so that no timed call follows another implementation's."""
 
-    def __init__(self, repeats, inner):
-        self.repeats, self.inner = repeats, inner
+    def __init__(self, repeats, inner, warmup=2):
+        if warmup < 0:
+            raise ValueError(f"warmup: expected a count of calls >= 0, got {warmup}")
+        self.repeats, self.inner, self.warmup = repeats, inner, warmup
 
     def __call__(self, fn, n_sets):
         got = self.many({"fn": fn}, n_sets)["fn"]
@@ -110,6 +117,8 @@ class Timer:
             for name, fn in turn[k:] + turn[:k]:
                 start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 try:
+                    for i in range(-self.warmup, 0):
+                        fn((r * self.inner + i) % n_sets)
                     start.record()
                     for i in range(self.inner):
                         fn((r * self.inner + i) % n_sets)
@@ -216,7 +225,7 @@ def run(cfg: Config, *, progress=True, echo=print, out_dir=".", tag="") -> dict:
     from .synthetic import make_sample
 
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    timer = Timer(cfg.repeats, cfg.inner)
+    timer = Timer(cfg.repeats, cfg.inner, cfg.warmup)
     _warm_up_clocks()
     rows: list[Row] = []
     combos = [(dt, d, hkv, c, n) for dt in cfg.dtypes for d in cfg.ds for hkv in cfg.hkvs for c in cfg.causal
@@ -267,6 +276,7 @@ def run(cfg: Config, *, progress=True, echo=print, out_dir=".", tag="") -> dict:
         cp.get_default_memory_pool().free_all_blocks()
 
     result = {"gpu": gpu_name(), "date": _dt.date.today().isoformat(), "backend": cfg.backend,
+              "timing": {"repeats": cfg.repeats, "inner": cfg.inner, "warmup": cfg.warmup},
               "rows": [asdict(r) for r in rows]}
     if out_dir:
         write_results(result, out_dir, tag)

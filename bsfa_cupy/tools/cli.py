@@ -33,8 +33,9 @@ def _bench(args) -> int:
 
     cfg = Config(ns=tuple(args.n), ds=tuple(args.d), hkvs=tuple(args.hkv), dtypes=tuple(args.dtype),
                  causal=(True, False) if args.noncausal else (True,), peers=tuple(args.peers),
-                 calibrated=not args.no_calibrated, repeats=args.repeats, ours=not args.peers_only,
-                 backend=args.backend, b=args.b, rhos=tuple(args.rhos), blockmax=not args.no_blockmax)
+                 calibrated=not args.no_calibrated, repeats=args.repeats, warmup=args.warmup,
+                 ours=not args.peers_only, backend=args.backend, b=args.b, rhos=tuple(args.rhos),
+                 blockmax=not args.no_blockmax)
     bad_rho = [r for r in cfg.rhos if not 0 < r <= 1]
     if bad_rho:
         raise CliError(f"--rhos {bad_rho[0]}: expected keep fractions in (0, 1]")
@@ -202,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-calibrated", action="store_true", help="skip the calibrated-thresholds row")
     b.add_argument("--peers-only", action="store_true", help="time only the peers (e.g. FlexAttention on a few shapes)")
     b.add_argument("--repeats", type=_positive, default=7)
+    b.add_argument("--warmup", type=_count, default=2,
+                   help="untimed calls of an implementation right before each of its timed batches, so that none "
+                        "is timed right after another's calls (default 2; 0: none)")
     b.add_argument("--b", type=_positive, default=1, help="batch size (default 1)")
     b.add_argument("--rhos", type=float, nargs="+", default=list(RHOS),
                    help="keep fractions of the gated tiles for the sparse rows (default: %(default)s)")
@@ -317,6 +321,16 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if not 1 <= value <= MAX_INT:
         raise argparse.ArgumentTypeError(f"expected a positive integer up to {MAX_INT}, got {value}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if not 0 <= value <= MAX_INT:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to {MAX_INT}, got {value}")
     return value
 
 
