@@ -314,24 +314,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if not 1 <= value <= MAX_INT:
-        raise argparse.ArgumentTypeError(f"expected a positive integer up to {MAX_INT}, got {value}")
-    return value
+def _int_parser(low: int, what: str):
+    """An argparse type: an integer from ``low`` to MAX_INT, named ``what`` in its errors."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not low <= value <= MAX_INT:
+            raise argparse.ArgumentTypeError(f"expected {what} from {low} to {MAX_INT}, got {value}")
+        return value
+
+    return parse
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if not 0 <= value <= MAX_INT:
-        raise argparse.ArgumentTypeError(f"expected an integer from 0 to {MAX_INT}, got {value}")
-    return value
+_positive = _int_parser(1, "a positive integer")
+_count = _int_parser(0, "an integer")
 
 
 def _positive_float(text: str) -> float:
