@@ -24,13 +24,18 @@ class _Recorder:
         return ("result of", self)
 
 
+def _recording(monkeypatch, name, recorder):
+    """_plan_cache's plan class `name` replaced by recorder, over an empty cache; yields the plans it builds."""
+    monkeypatch.setattr(_plan_cache, name, recorder)
+    monkeypatch.setattr(recorder, "built", [])
+    _plan_cache.clear()
+    yield recorder.built
+    _plan_cache.clear()
+
+
 @pytest.fixture
 def plans(monkeypatch):
-    monkeypatch.setattr(_plan_cache, "AttentionPlan", _Recorder)
-    monkeypatch.setattr(_Recorder, "built", [])
-    _plan_cache.clear()
-    yield _Recorder.built
-    _plan_cache.clear()
+    yield from _recording(monkeypatch, "AttentionPlan", _Recorder)
 
 
 def _qkv(Nq=1, Nk=256, Hq=4, Hkv=2, D=64):
@@ -133,11 +138,7 @@ class _BlockMaxRecorder:
 
 @pytest.fixture
 def block_max_plans(monkeypatch):
-    monkeypatch.setattr(_plan_cache, "BlockMaxPlan", _BlockMaxRecorder)
-    monkeypatch.setattr(_BlockMaxRecorder, "built", [])
-    _plan_cache.clear()
-    yield _BlockMaxRecorder.built
-    _plan_cache.clear()
+    yield from _recording(monkeypatch, "BlockMaxPlan", _BlockMaxRecorder)
 
 
 def _block_max(q, k, **kw):
