@@ -35,21 +35,27 @@ LSE_ATOL, LSE_RTOL = 2e-4, 4e-6
 BAR = {2: 1.8, 4: 3.4}  # the speed-up asked for at N = 128K
 
 
-def parse_args(argv=None):
+def build_parser():
+    # No option may be a prefix of one of torchrun's (--n, --d): torchrun's argparse reads the script's
+    # arguments too and stops at an ambiguous abbreviation (tests/host/test_context_parallel_cli.py).
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, nargs="+", default=[32768, 131072, 524288], help="sequence lengths")
+    p.add_argument("--seqlen", type=int, nargs="+", default=[32768, 131072, 524288], help="sequence lengths")
     p.add_argument("--rho", type=float, nargs="*", default=[0.25],
                    help="fractions of the gated tiles to keep (besides dense); none: dense only")
     p.add_argument("--b", type=int, default=1)
     p.add_argument("--hq", type=int, default=32)
     p.add_argument("--hkv", type=int, default=8)
-    p.add_argument("--d", type=int, default=128)
+    p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--dtype", choices=sorted(EPS), default="float16")
     p.add_argument("--layout", choices=["zigzag", "contiguous"], default="zigzag")
     p.add_argument("--repeats", type=int, default=3, help="timed calls after one warm-up (median taken)")
     p.add_argument("--out", default="bench/results", help="folder for the JSON and markdown results")
     p.add_argument("--tag", default="", help="result name suffix (default cp<world>)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None) -> int:
@@ -71,12 +77,12 @@ def main(argv=None) -> int:
     tag = check_tag(args.tag or f"cp{world}")
     check_out_dir(args.out)  # on every rank: a rank that stopped alone would leave the others waiting
     unit = 2 * world * 128 if args.layout == "zigzag" else world * 128
-    bad = [n for n in args.n if n % unit]
+    bad = [n for n in args.seqlen if n % unit]
     if bad:
-        raise SystemExit(f"--n {bad}: a {args.layout} layout on {world} GPUs needs multiples of {unit}")
+        raise SystemExit(f"--seqlen {bad}: a {args.layout} layout on {world} GPUs needs multiples of {unit}")
 
     rows = []
-    for n in args.n:
+    for n in args.seqlen:
         rows += run_length(args, n, rank, world, torch, dist)
         if rank == 0:  # after every length, so that a later one running out of memory loses nothing
             write(args, rows, world, tag, torch)
@@ -94,7 +100,7 @@ def run_length(args, n, rank, world, torch, dist):
 
     dtype = getattr(torch, args.dtype)
     dev = torch.device("cuda", torch.cuda.current_device())
-    full = [torch.empty((args.b, n, h, args.d), dtype=dtype, device=dev) for h in (args.hq, args.hkv, args.hkv)]
+    full = [torch.empty((args.b, n, h, args.head_dim), dtype=dtype, device=dev) for h in (args.hq, args.hkv, args.hkv)]
     if rank == 0:
         gen = torch.Generator(device=dev).manual_seed(n)
         for x in full:
@@ -118,7 +124,7 @@ def run_length(args, n, rank, world, torch, dist):
                     cp.get_default_memory_pool().free_all_blocks()
                 dist.broadcast(table, src=0)
                 thr = bsfa_cupy.DeviceThresholds(table)  # validated once, as a layer loop would hold it
-            row = dict(n=n, b=args.b, hq=args.hq, hkv=args.hkv, d=args.d, dtype=args.dtype, layout=args.layout,
+            row = dict(n=n, b=args.b, hq=args.hq, hkv=args.hkv, d=args.head_dim, dtype=args.dtype, layout=args.layout,
                        world=world, rho_target=rho)
 
             one = None
