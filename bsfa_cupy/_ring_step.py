@@ -46,10 +46,11 @@ def merge_into(acc_out, acc_lse, out, lse):
     shift = m.masked_fill(empty, 0.0)
     new = shift + torch.log(torch.exp(a - shift) + torch.exp(b - shift))
     base = new.masked_fill(empty, 0.0)  # empty rows: exp(-inf - 0) = 0 for both weights
-    w_acc = torch.exp(a - base).transpose(-1, -2).unsqueeze(-1)
+    # A poisoned row's weight is NaN, which makes every column of it NaN in the same two passes over
+    # acc_out (the out-sized tensors are what a merge costs; the lse-sized ones are D times smaller)
+    w_acc = torch.exp(a - base).masked_fill(poisoned, math.nan).transpose(-1, -2).unsqueeze(-1)
     w_new = torch.exp(b - base).transpose(-1, -2).unsqueeze(-1)
-    acc_out.mul_(w_acc).add_(out * w_new)
-    acc_out.masked_fill_(poisoned.transpose(-1, -2).unsqueeze(-1), math.nan)
+    acc_out.mul_(w_acc).addcmul_(out, w_new)
     acc_lse.copy_(new.masked_fill(empty, -inf).masked_fill(poisoned, math.nan))
 
 
