@@ -8,7 +8,8 @@ Usage (two steps, the first where git is, the second on the GPU machine):
   python bench/ab_sources.py time NAME=FILE.cu[:DENSE_ENTRY] ... [--cases bar|gate|lag|main|quick|...] [--out DIR]
       times the library's module ("base") and each NAME: FILE.cu compiled as a module of its own, whose
       bsfa_fwd replaces the library's (DENSE_ENTRY, e.g. bsfa_fwd_dense, for the calls without
-      thresholds); name one file twice to see the spread between two identical builds. NAME=@mc is the
+      thresholds) for every call (no cluster, 192-row or head-pair entry of the library's routing takes
+      one); name one file twice to see the spread between two identical builds. NAME=@mc is the
       library's own module with its cluster entries (bsfa_fwd_mc, bsfa_fwd_dense_mc, bsfa_block_max_mc)
       in the plain ones' places; NAME=@pair runs its dense calls on bsfa_fwd_dense_pair (clusters of two
       query tiles of one head, any GQA group); NAME=@nowide keeps the dense calls of head dim 64 off
@@ -212,7 +213,11 @@ def time_builds(specs, cases, out_dir, block_max=False):
                     dense=True)
             else:
                 f = _kernels._kernel(raw, entry, "BSFA_FWD", mod.fwd.grid_kind, mod.fwd.sms, mod.fwd.tma, 3)
-                cache[(key, b, entry)] = dataclasses.replace(mod, fwd=f, fwd_dense=f, raw=(mod.raw, raw))
+                # every call on this build's entry: the library's routing would send dense calls of even groups
+                # to its own cluster entry, head dim 64 to its 192-row one, and calls with thresholds of even
+                # groups to its head-pair entry, none of which this build replaces
+                cache[(key, b, entry)] = dataclasses.replace(mod, fwd=f, fwd_dense=f, dense_clusters=False,
+                                                             dense_wide=False, headpairs=False, raw=(mod.raw, raw))
         return cache[(key, b, entry)]
 
     def use(build, dense):
