@@ -4,10 +4,11 @@ the script that abbreviates one of torchrun's (``--n`` for ``--nnodes``/``--npro
 bench/README.md's command writes them, must reach the script unchanged."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+
+from tests.support.bench_scripts import load_bench_script
 
 run = pytest.importorskip("torch.distributed.run")
 
@@ -15,10 +16,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "context_parallel.py"
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("bench_context_parallel", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench_script("context_parallel")
 
 
 def _script_options(parser):

@@ -2,9 +2,6 @@
 through BSFA give the full SDPA forward's logits, thresholded ones are counted tile by tile and skip."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -14,15 +11,13 @@ transformers = pytest.importorskip("transformers", minversion="5")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import bsfa_cupy.hf as hf  # noqa: E402
+from tests.support.bench_scripts import load_bench_script  # noqa: E402
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "decode_quality.py"
 LAYERS, PROMPT, N = 2, 300, 310
 
 
 def _study():
-    spec = importlib.util.spec_from_file_location("bench_decode_quality", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_bench_script("decode_quality")
     mod.register()
     return mod
 

@@ -18,6 +18,7 @@ import bsfa_cupy.hf as hf  # noqa: E402
 from bsfa_cupy.tools import quality  # noqa: E402
 from bsfa_cupy.tools.cli import main  # noqa: E402
 from bsfa_reference.tiles import BLOCK_M, BLOCK_N, diagonal_tiles, tile_reduce_any, valid_mask  # noqa: E402
+from tests.support.bench_scripts import load_bench_script  # noqa: E402
 
 N = 512  # 4 query tiles x 8 key tiles: query tile a has 2a off-diagonal key tiles, at most 6
 LAYERS, HQ, VOCAB = 2, 4, 256
@@ -294,13 +295,7 @@ def test_needle_trials_are_exactly_n_tokens():
 
 
 def test_merge_quality_joins_runs_of_the_same_texts(measured):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "bench" / "merge_quality.py"
-    spec = importlib.util.spec_from_file_location("merge_quality", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_bench_script("merge_quality")
     rows, texts = measured
     rows = [{**r, "rule": "paper"} for r in rows.values()]
 

@@ -2,22 +2,19 @@
 git revision; `time`'s argument parsing refuses a malformed build before any GPU work."""
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from tests.support.bench_scripts import load_bench_script
+
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "bench" / "ab_sources.py"
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("bench_ab_sources", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench_script("ab_sources")
 
 
 @pytest.mark.parametrize("source", ["bsfa_fwd_sm90ws.cu", "bsfa_fwd_sm80.cu"])

@@ -1,21 +1,16 @@
 """bench/decode.py's CPU-side logic (its --dry-run): thresholds for a target ρ, the bars, the result files."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "decode.py"
+from tests.support.bench_scripts import load_bench_script
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("bench_decode", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench_script("decode")
 
 
 def test_dry_run_writes_results_and_bars(tmp_path, capsys):

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import csv
 import gzip
-import importlib.util
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "ncu_sass.py"
+from tests.support.bench_scripts import load_bench_script
+
 HEADER = ["Address", "Source", "Warp Stall Sampling (All Samples)", "Warp Stall Sampling (Not-issued Samples)",
           "# Samples", "Instructions Executed", "stall_barrier", "stall_wait", "stall_barrier (Not Issued)"]
 ROWS = [  # offset, SASS, samples, executed, barrier, wait
@@ -21,10 +20,7 @@ ROWS = [  # offset, SASS, samples, executed, barrier, wait
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("bench_ncu_sass", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench_script("ncu_sass")
 
 
 def _write(path, opener=open):
