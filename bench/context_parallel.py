@@ -37,7 +37,7 @@ BAR = {2: 1.8, 4: 3.4}  # the speed-up asked for at N = 128K
 
 def build_parser():
     # No option may be a prefix of one of torchrun's (--n, --d): torchrun's argparse reads the script's
-    # arguments too and stops at an ambiguous abbreviation (tests/host/test_context_parallel_cli.py).
+    # arguments too and stops at an ambiguous abbreviation (tests/distributed/test_launcher_args.py).
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seqlen", type=int, nargs="+", default=[32768, 131072, 524288], help="sequence lengths")
     p.add_argument("--rho", type=float, nargs="*", default=[0.25],
@@ -100,7 +100,8 @@ def run_length(args, n, rank, world, torch, dist):
 
     dtype = getattr(torch, args.dtype)
     dev = torch.device("cuda", torch.cuda.current_device())
-    full = [torch.empty((args.b, n, h, args.head_dim), dtype=dtype, device=dev) for h in (args.hq, args.hkv, args.hkv)]
+    full = [torch.empty((args.b, n, h, args.head_dim), dtype=dtype, device=dev)
+            for h in (args.hq, args.hkv, args.hkv)]
     if rank == 0:
         gen = torch.Generator(device=dev).manual_seed(n)
         for x in full:
@@ -124,8 +125,8 @@ def run_length(args, n, rank, world, torch, dist):
                     cp.get_default_memory_pool().free_all_blocks()
                 dist.broadcast(table, src=0)
                 thr = bsfa_cupy.DeviceThresholds(table)  # validated once, as a layer loop would hold it
-            row = dict(n=n, b=args.b, hq=args.hq, hkv=args.hkv, d=args.head_dim, dtype=args.dtype, layout=args.layout,
-                       world=world, rho_target=rho)
+            row = dict(n=n, b=args.b, hq=args.hq, hkv=args.hkv, d=args.head_dim, dtype=args.dtype,
+                       layout=args.layout, world=world, rho_target=rho)
 
             one = None
             if rank == 0:
