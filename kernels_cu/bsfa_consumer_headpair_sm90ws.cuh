@@ -52,11 +52,16 @@ __device__ __forceinline__ unsigned long long hp_rows_desc(unsigned base, int wg
 // S = Q K^T of one 64-key block for the warpgroup's 128 rows, the two row
 // halves' m64n64 chains interleaved, one group.  Q's address is made opaque
 // here, so that its sixteen descriptors are derived afresh for each block
-// rather than hoisted out of the key loop and kept live (they spilled).
+// rather than hoisted out of the key loop and kept live (they spilled); the
+// shuffle from lane 0 then hands it back to ptxas as warp-uniform, so that
+// the descriptors are made in uniform registers rather than in vector ones,
+// each moved across with R2UR before its wgmma (2-3 % of a sparse call at
+// rho <= 0.25, bench/NOTES.md v32).
 template <class TR>
 __device__ __forceinline__ void hp_qk(float (&S)[TR::kWarpMBlocks][TR::kSNBlocks][4], unsigned q_base, int wg,
                                       unsigned long long k_desc) {
     asm volatile("" : "+r"(q_base));
+    q_base = __shfl_sync(0xffffffffu, q_base, 0);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < TR::kDSteps; ++kk) {
@@ -247,10 +252,10 @@ __device__ __forceinline__ void headpair_tile_overlapped(const HeadPairLoop<TR, 
         if (prev_kept) {
             hp_p_ready(t);
             hp_pv<TR>(O, t.p_buffer(n + 1), t.wg, t.v_desc(prev.stage));
+            wgmma_wait<1>();  // S is ready; P V may still run
         } else {
-            wgmma_commit();  // an empty group: the waits below count the same on both paths
+            wgmma_wait<0>();  // S alone: no empty group, which ptxas makes a real (if tiny) wgmma
         }
-        wgmma_wait<1>();  // S is ready; P V may still run
         kept = hp_decide<TR, kCausal>(t, S, n, kb.first, kv, vmx, gated);
         bool rescale = false;
         if (kept) rescale = hp_softmax<TR>(S, gated, vmx, m, l, alpha, scale_log2, P, t.p_buffer(n), t.wg);
@@ -348,6 +353,8 @@ __device__ __forceinline__ void headpair_tile(const HeadPairLoop<TR, kCausal>& t
 template <class TR, bool kCausal, bool kSplit>
 __device__ __forceinline__ void headpair_consumer_loop(const Params& p, const SmemWs<TR>& sm, int wg, int tid) {
     static_assert(TR::kOwnTiles && TR::kPackHeads && TR::kClusterCtas == 1, "a TraitsSm90WsHeadPair");
+    // Warp-uniform for ptxas: descriptors and barrier ids made from wg stay in uniform registers.
+    wg = __shfl_sync(0xffffffffu, wg, 0);
     const ConsumerThread ct(wg, tid);
     const int nQ = ceil_div(p.Nq, TR::kBlockM);
     const int nK = ceil_div(p.Nk, TR::kBlockN);

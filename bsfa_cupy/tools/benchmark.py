@@ -7,9 +7,10 @@ not find their inputs in L2. The implementations of one shape take their repeats
 dense, block_max, sparse per keep fraction, then each peer, and again), so that a drift of clocks
 or temperature over the shape's timings falls on all of them alike, and the turn order is rotated by
 one every repeat. A call right after a hotter one runs a few per cent slower on an H200 and the
-effect fades over the next calls (NOTES v27); rotating a cyclic order does not change which
-implementation precedes which, so each takes ``warmup`` untimed calls of its own right before its
-timed batch, and every implementation is timed in its own steady state. TFLOP/s always use
+effect fades over the next tens of ms (NOTES v27, v32; ``bench/transient.py`` measures it);
+rotating a cyclic order does not change which implementation precedes which, so each takes
+untimed calls of its own right before its timed batch, at least ``warmup`` of them and at least
+``warmup_ms`` of them by its call time, and every implementation is timed in its own steady state. TFLOP/s always use
 the dense-equivalent FLOPs (causal 2·B·Hq·N²·D, non-causal twice that), so sparse rows show
 effective throughput.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -62,7 +64,8 @@ class Config:
     blockmax: bool = True
     repeats: int = 7
     inner: int = 4
-    warmup: int = 2  # untimed calls of an implementation right before each of its timed batches
+    warmup: int = 2  # untimed calls of an implementation right before each of its timed batches, at least
+    warmup_ms: float = 100.0  # and at least this long by the implementation's own call time
     calib_k: int = 64
     ours: bool = True
     backend: str = "auto"  # our kernel: "auto", "sm80", "sm90" or "sm90ws"
@@ -81,13 +84,26 @@ def gpu_name() -> str:
 
 class Timer:
     """Median ms per call of fn(i) (i rotates over input sets) on torch's current stream; each timed batch
-    of ``inner`` calls comes right after ``warmup`` untimed calls of the same fn (on the input sets before
-    the batch's), so that no timed call follows another implementation's."""
+    of ``inner`` calls comes right after untimed calls of the same fn (on the input sets before the
+    batch's), so that no timed call follows another implementation's: ``warmup`` of them, or as many
+    as take ``warmup_ms`` at the fn's call time (timed once, on ``clock``) where that is more, up to
+    ``MAX_LEAD``."""
 
-    def __init__(self, repeats, inner, warmup=2):
+    MAX_LEAD = 1000
+
+    def __init__(self, repeats, inner, warmup=2, warmup_ms=0.0, clock=time.perf_counter):
         if warmup < 0:
             raise ValueError(f"warmup: expected a count of calls >= 0, got {warmup}")
-        self.repeats, self.inner, self.warmup = repeats, inner, warmup
+        if not warmup_ms >= 0:
+            raise ValueError(f"warmup_ms: expected a time >= 0, got {warmup_ms}")
+        self.repeats, self.inner, self.warmup, self.warmup_ms, self.clock = repeats, inner, warmup, warmup_ms, clock
+
+    def lead_calls(self, call_ms: float) -> int:
+        """Untimed calls before each timed batch of a fn that takes call_ms a call."""
+        if self.warmup_ms == 0:
+            return self.warmup
+        by_time = math.ceil(self.warmup_ms / max(call_ms, 1e-3))
+        return max(self.warmup, min(self.MAX_LEAD, by_time))
 
     def __call__(self, fn, n_sets):
         got = self.many({"fn": fn}, n_sets)["fn"]
@@ -101,11 +117,15 @@ class Timer:
         import torch
 
         out: dict = {}
-        live = {}
+        live, lead = {}, {}
         for name, fn in fns.items():
             try:
-                for i in range(2):
-                    fn(i % n_sets)
+                fn(0)  # the first call compiles and plans: not a call time
+                torch.cuda.synchronize()
+                t0 = self.clock()
+                fn(1 % n_sets)
+                torch.cuda.synchronize()
+                lead[name] = self.lead_calls((self.clock() - t0) * 1e3)
                 live[name] = fn
             except Exception as exc:  # noqa: BLE001 -- reported per implementation
                 out[name] = exc
@@ -117,7 +137,7 @@ class Timer:
             for name, fn in turn[k:] + turn[:k]:
                 start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 try:
-                    for i in range(-self.warmup, 0):
+                    for i in range(-lead[name], 0):
                         fn((r * self.inner + i) % n_sets)
                     start.record()
                     for i in range(self.inner):
@@ -225,7 +245,7 @@ def run(cfg: Config, *, progress=True, echo=print, out_dir=".", tag="") -> dict:
     from .synthetic import make_sample
 
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    timer = Timer(cfg.repeats, cfg.inner, cfg.warmup)
+    timer = Timer(cfg.repeats, cfg.inner, cfg.warmup, cfg.warmup_ms)
     _warm_up_clocks()
     rows: list[Row] = []
     combos = [(dt, d, hkv, c, n) for dt in cfg.dtypes for d in cfg.ds for hkv in cfg.hkvs for c in cfg.causal
@@ -276,7 +296,8 @@ def run(cfg: Config, *, progress=True, echo=print, out_dir=".", tag="") -> dict:
         cp.get_default_memory_pool().free_all_blocks()
 
     result = {"gpu": gpu_name(), "date": _dt.date.today().isoformat(), "backend": cfg.backend,
-              "timing": {"repeats": cfg.repeats, "inner": cfg.inner, "warmup": cfg.warmup},
+              "timing": {"repeats": cfg.repeats, "inner": cfg.inner, "warmup": cfg.warmup,
+                             "warmup_ms": cfg.warmup_ms},
               "rows": [asdict(r) for r in rows]}
     if out_dir:
         write_results(result, out_dir, tag)

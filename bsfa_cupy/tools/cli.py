@@ -34,6 +34,7 @@ def _bench(args) -> int:
     cfg = Config(ns=tuple(args.n), ds=tuple(args.d), hkvs=tuple(args.hkv), dtypes=tuple(args.dtype),
                  causal=(True, False) if args.noncausal else (True,), peers=tuple(args.peers),
                  calibrated=not args.no_calibrated, repeats=args.repeats, warmup=args.warmup,
+                 warmup_ms=args.warmup_ms,
                  ours=not args.peers_only, backend=args.backend, b=args.b, rhos=tuple(args.rhos),
                  blockmax=not args.no_blockmax)
     bad_rho = [r for r in cfg.rhos if not 0 < r <= 1]
@@ -206,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=_count, default=2,
                    help="untimed calls of an implementation right before each of its timed batches, so that none "
                         "is timed right after another's calls (default 2; 0: none)")
+    b.add_argument("--warmup-ms", type=_time_ms, default=100.0,
+                   help="and at least as many as take this long at the implementation's call time, so that a "
+                        "batch never meets the tail of a hotter call's slowdown (default 100; 0: --warmup alone)")
     b.add_argument("--b", type=_positive, default=1, help="batch size (default 1)")
     b.add_argument("--rhos", type=float, nargs="+", default=list(RHOS),
                    help="keep fractions of the gated tiles for the sparse rows (default: %(default)s)")
@@ -331,6 +335,16 @@ def _int_parser(low: int, what: str):
 
 _positive = _int_parser(1, "a positive integer")
 _count = _int_parser(0, "an integer")
+
+
+def _time_ms(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a time in ms, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite time in ms >= 0, got {text!r}")
+    return value
 
 
 def _positive_float(text: str) -> float:

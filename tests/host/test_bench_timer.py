@@ -69,3 +69,27 @@ def test_without_warmup_a_timed_batch_follows_another_implementation(log):
 def test_a_negative_warmup_is_refused():
     with pytest.raises(ValueError, match="warmup: expected a count of calls >= 0, got -1"):
         Timer(repeats=1, inner=1, warmup=-1)
+
+
+@pytest.mark.parametrize("call_ms, want", [(5.0, 20), (40.0, 3), (250.0, 2), (0.01, Timer.MAX_LEAD)])
+def test_the_warm_up_lasts_warmup_ms_at_the_call_time(log, call_ms, want):
+    now = [0.0]
+
+    def fn(i):
+        log.append(("f", i))
+        now[0] += call_ms / 1e3
+
+    timer = Timer(repeats=2, inner=3, warmup=2, warmup_ms=100.0, clock=lambda: now[0])
+    assert timer.lead_calls(call_ms) == want, f"{call_ms} ms a call: expected {want} lead calls"
+    timer.many({"f": fn}, n_sets=2)
+    for k, (before, _) in enumerate(_batches(log)):
+        last_event = max((j for j, c in enumerate(before) if c[0] == "event"), default=-1)
+        # before the first batch also the two untimed calls that measure fn's call time
+        lead = len(before) - last_event - 1 - (2 if k == 0 else 0)
+        assert lead == want, f"{call_ms} ms a call: {lead} untimed calls before a timed batch, expected {want}"
+
+
+def test_a_negative_or_nan_warmup_ms_is_refused():
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="warmup_ms: expected a time >= 0"):
+            Timer(repeats=1, inner=1, warmup_ms=bad)

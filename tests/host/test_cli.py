@@ -412,6 +412,8 @@ def test_bench_checks_its_arguments_before_looking_for_a_gpu(tmp_path, capsys):
     assert "--peers" in _error(capsys, "bench", "--peers-only", "--peers", "--out", str(tmp_path))
     assert "--repeats" in _error(capsys, "bench", "--repeats", "0", "--out", str(tmp_path))
     assert "--warmup" in _error(capsys, "bench", "--warmup", "-1", "--out", str(tmp_path))
+    assert "--warmup-ms" in _error(capsys, "bench", "--warmup-ms", "-5", "--out", str(tmp_path))
+    assert "--warmup-ms" in _error(capsys, "bench", "--warmup-ms", "nan", "--out", str(tmp_path))
 
 
 def test_accuracy_checks_its_arguments_before_any_work(tmp_path, capsys, no_work):
