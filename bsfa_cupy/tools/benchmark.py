@@ -6,11 +6,12 @@ median over repeats of a back-to-back batch of calls that rotates between input 
 not find their inputs in L2. The implementations of one shape take their repeats in turn (ours
 dense, block_max, sparse per keep fraction, then each peer, and again), so that a drift of clocks
 or temperature over the shape's timings falls on all of them alike, and the turn order is rotated by
-one every repeat. A call right after a hotter one runs a few per cent slower on an H200 and the
-effect fades over the next tens of ms (NOTES v27, v32; ``bench/transient.py`` measures it);
-rotating a cyclic order does not change which implementation precedes which, so each takes
-untimed calls of its own right before its timed batch, at least ``warmup`` of them and at least
-``warmup_ms`` of them by its call time, and every implementation is timed in its own steady state. TFLOP/s always use
+one every repeat. A call right after a hotter one runs up to ~9 % slower on an H200, and the
+effect fades over the next 50-90 ms (NOTES v27, v32). Rotating a cyclic order does not change
+which implementation precedes which, so each takes untimed calls of its own right before its
+timed batch: at least ``warmup`` of them, and at least ``warmup_ms`` of them by its call time.
+Every implementation is then timed in its own steady state, which under sustained load is the
+card's power cap. TFLOP/s always use
 the dense-equivalent FLOPs (causal 2·B·Hq·N²·D, non-causal twice that), so sparse rows show
 effective throughput.
 """
