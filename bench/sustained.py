@@ -13,36 +13,32 @@ then meets costs each implementation in clock. Results: DIR/GPU_DATE_[TAG-]susta
 """
 import argparse
 import datetime
-import json
 import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-p.add_argument("--shapes", nargs="+", default=["16384x8", "8192x32"])
-p.add_argument("--seconds", type=float, default=2.0)
-p.add_argument("--tag", default="")
-p.add_argument("--out", default="bench/results")
-args = p.parse_args()
+import numpy as np
 
-import cupy as cp  # noqa: E402  (after argparse: --help works without a GPU)
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
-import bsfa_cupy  # noqa: E402
-from bsfa_cupy.tools.benchmark import _input_sets, _peer_fns, gpu_name, thresholds_for_rho  # noqa: E402
-from bsfa_cupy.tools.outputs import result_stem, slug  # noqa: E402
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", nargs="+", default=["16384x8", "8192x32"])
+    p.add_argument("--seconds", type=float, default=2.0)
+    p.add_argument("--tag", default="")
+    p.add_argument("--out", default="bench/results")
+    return p.parse_args(argv)
 
 
 def sample_smi(index):
-    """A background nvidia-smi writing (ms since epoch, SM MHz, W) lines every 20 ms."""
-    return subprocess.Popen(["nvidia-smi", "-i", str(index), "--query-gpu=timestamp,clocks.sm,power.draw",
+    """A background nvidia-smi printing its clock time, the SM clock (MHz) and the power draw (W) every 20 ms."""
+    return subprocess.Popen(["nvidia-smi", "-i", index, "--query-gpu=timestamp,clocks.sm,power.draw",
                              "--format=csv,noheader,nounits", "-lms", "20"], stdout=subprocess.PIPE, text=True)
 
 
 def parse_smi(text):
+    """(seconds since the epoch, MHz, W) rows of sample_smi's output, as a float array; lines that do not parse
+    (nvidia-smi's "[N/A]", a line cut off when it was stopped) are left out."""
     rows = []
     for line in text.splitlines():
         parts = [s.strip() for s in line.split(",")]
@@ -56,8 +52,22 @@ def parse_smi(text):
     return np.array(rows) if rows else np.zeros((0, 3))
 
 
+def settled(call_ms, samples, late_from, late_to):
+    """The row of one run: median call time over the first 10 ms and over the second half, and the mean SM clock
+    and power of the (time, MHz, W) samples in [late_from, late_to] (None where none fell there)."""
+    ms = np.asarray(call_ms, dtype=float)
+    early = ms[np.cumsum(ms) <= 10.0]
+    late = samples[(samples[:, 0] >= late_from) & (samples[:, 0] <= late_to)] if len(samples) else samples
+    return dict(calls=len(ms), first_10ms=float(np.median(early)) if len(early) else float(ms[0]),
+                late_ms=float(np.median(ms[len(ms) // 2:])),
+                sm_mhz=float(late[:, 1].mean()) if len(late) else None,
+                power_w=float(late[:, 2].mean()) if len(late) else None)
+
+
 def sustain(fn, seconds):
     """fn back to back for about `seconds`; per-call ms and the wall-clock window of the second half."""
+    import torch
+
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     fn()
@@ -76,9 +86,18 @@ def sustain(fn, seconds):
     return ms, (start + (end - start) / 2, end)
 
 
-def main():
-    # nvidia-smi counts every GPU of the machine: the first visible one is the one torch uses here
-    index = int((os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0])
+def main(argv=None):
+    args = parse_args(argv)
+    import cupy as cp
+    import torch
+
+    import bsfa_cupy
+    from bsfa_cupy.tools.benchmark import _input_sets, _peer_fns, gpu_name, thresholds_for_rho
+    from bsfa_cupy.tools.outputs import result_stem, slug, write_result_files
+
+    # nvidia-smi counts every GPU of the machine: the first visible one (an index or a UUID, both of which
+    # nvidia-smi -i takes) is the one torch uses here
+    index = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0]
     rows = []
     with torch.inference_mode():
         for shape in args.shapes:
@@ -103,13 +122,7 @@ def main():
                 ms, (a, b) = sustain(fn, args.seconds)
                 smi.terminate()
                 samples = parse_smi(smi.communicate()[0])
-                late = samples[(samples[:, 0] >= a) & (samples[:, 0] <= b)] if len(samples) else samples
-                early = ms[np.cumsum(ms) <= 10.0]
-                rows.append(dict(n=n, hkv=hkv, impl=name, calls=len(ms),
-                                 first_10ms=float(np.median(early)) if len(early) else float(ms[0]),
-                                 late_ms=float(np.median(ms[len(ms) // 2:])),
-                                 sm_mhz=float(late[:, 1].mean()) if len(late) else None,
-                                 power_w=float(late[:, 2].mean()) if len(late) else None))
+                rows.append(dict(n=n, hkv=hkv, impl=name, **settled(ms, samples, a, b)))
     lines = [f"# Sustained calls, {gpu_name()}, {datetime.date.today()}", "",
              f"B=1 Hq=32 D=128 fp16 causal; each implementation alone for {args.seconds:g} s after 1 s idle. "
              "`first 10 ms` and `late` are median call times (ms) over the first 10 ms and the second half; clock and "
@@ -123,12 +136,9 @@ def main():
                      f"{r['late_ms'] / r['first_10ms']:.3f} | {mhz} | {pw} |")
     text = "\n".join(lines) + "\n"
     print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     tag = f"{args.tag}-sustained" if args.tag else "sustained"
     stem = result_stem(slug(gpu_name()), str(datetime.date.today()), tag=tag)
-    (out / f"{stem}.md").write_text(text)
-    (out / f"{stem}.json").write_text(json.dumps(dict(seconds=args.seconds, gpu=gpu_name(), rows=rows), indent=1))
+    write_result_files(args.out, stem, dict(seconds=args.seconds, gpu=gpu_name(), rows=rows), text, lambda _: [])
     return 0
 
 

@@ -14,34 +14,45 @@ says how long that has to be. Results: DIR/GPU_DATE_[TAG-]transient.{json,md}.
 """
 import argparse
 import datetime
-import json
 import sys
 import time
-from pathlib import Path
 
-p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-p.add_argument("--n", type=int, default=16384)
-p.add_argument("--burst-ms", type=float, default=300.0)
-p.add_argument("--follow-ms", type=float, default=300.0)
-p.add_argument("--trials", type=int, default=3)
-p.add_argument("--tag", default="")
-p.add_argument("--out", default="bench/results")
-args = p.parse_args()
-
-import cupy as cp  # noqa: E402  (after argparse: --help works without a GPU)
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import bsfa_cupy  # noqa: E402
-from bsfa_cupy.tools.benchmark import (  # noqa: E402
-    _input_sets, _peer_fns, _warm_up_clocks, gpu_name, thresholds_for_rho)
-from bsfa_cupy.tools.outputs import result_stem, slug  # noqa: E402
+import numpy as np
 
 WINDOW_MS = 10.0
+SPANS = ((0, 10), (10, 20), (20, 40), (40, 80), (80, 160))  # ms after the burst, the table's columns
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=16384)
+    p.add_argument("--burst-ms", type=float, default=300.0)
+    p.add_argument("--follow-ms", type=float, default=300.0)
+    p.add_argument("--trials", type=int, default=3)
+    p.add_argument("--tag", default="")
+    p.add_argument("--out", default="bench/results")
+    return p.parse_args(argv)
+
+
+def recovery(call_ms, steady_ms, window_ms=WINDOW_MS):
+    """Mean call time over steady_ms in each span of SPANS (by each call's end since the burst), and the end of
+    the last window_ms-wide window more than 1 % slow (0 when none is)."""
+    ms = np.asarray(call_ms, dtype=float)
+    t_end = np.cumsum(ms)
+
+    def window(a, b):
+        sel = (t_end > a) & (t_end <= b)
+        return float(ms[sel].mean() / steady_ms) if sel.any() else float("nan")
+
+    edges = np.arange(0.0, float(t_end[-1]) + window_ms, window_ms)
+    slow = [b for a, b in zip(edges[:-1], edges[1:]) if window(a, b) > 1.01]
+    return [window(a, b) for a, b in SPANS], float(slow[-1]) if slow else 0.0
 
 
 def burst(fn, ms):
     """fn back to back for about ms of GPU time (the call's time measured once, so the host never waits)."""
+    import torch
+
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     fn()
@@ -53,6 +64,8 @@ def burst(fn, ms):
 
 def follow(fn, ms, one_ms):
     """Per-call ms of fn right after whatever is queued before it, for about ms."""
+    import torch
+
     count = max(4, int(ms / one_ms))
     ev = [torch.cuda.Event(enable_timing=True) for _ in range(count + 1)]
     ev[0].record()
@@ -63,7 +76,15 @@ def follow(fn, ms, one_ms):
     return np.array([ev[i].elapsed_time(ev[i + 1]) for i in range(count)])
 
 
-def main():
+def main(argv=None):
+    args = parse_args(argv)
+    import cupy as cp
+    import torch
+
+    import bsfa_cupy
+    from bsfa_cupy.tools.benchmark import _input_sets, _peer_fns, _warm_up_clocks, gpu_name, thresholds_for_rho
+    from bsfa_cupy.tools.outputs import result_stem, slug, write_result_files
+
     n = args.n
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     q, k, v = _input_sets(1, n, 32, 8, 128, "float16", l2)[0]
@@ -102,37 +123,24 @@ def main():
               for r in rows if r["pre"] == r["follower"]}
     lines = [f"# Calls after a hotter one, {gpu_name()}, {datetime.date.today()}", "",
              f"B=1 Hq=32 Hkv=8 D=128 fp16 causal N={n}; burst {args.burst_ms:.0f} ms, follower {args.follow_ms:.0f} "
-             f"ms, median of {args.trials} trials. Follower's mean call time in {WINDOW_MS:.0f}-ms windows after the "
-             "burst, over its steady state (its calls late after a burst of itself); `back` = the end of the last "
-             "window more than 1 % slow (0: none).", "",
+             f"ms, median of {args.trials} trials. Follower's mean call time in each span (ms after the burst) "
+             "over its steady state (its calls late after a burst of itself); `back` = the end of the last "
+             f"{WINDOW_MS:.0f}-ms window more than 1 % slow (0: none).", "",
              "| follower | predecessor | steady ms | first call | 0-10 ms | 10-20 | 20-40 | 40-80 | 80-160 "
              "| back (ms) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        ms = np.array(r["call_ms"])
-        t_end = np.cumsum(ms)
         base = steady[r["follower"]]
-
-        def window(a, b):
-            sel = (t_end > a) & (t_end <= b)
-            return float(ms[sel].mean() / base) if sel.any() else float("nan")
-
-        edges = np.arange(0.0, float(t_end[-1]) + WINDOW_MS, WINDOW_MS)
-        slow = [b for a, b in zip(edges[:-1], edges[1:]) if window(a, b) > 1.01]
-        back = float(slow[-1]) if slow else 0.0
+        spans, back = recovery(r["call_ms"], base)
         r.update(steady_ms=base, back_ms=back)
-        cells = [f"{window(a, b):.3f}" for a, b in ((0, 10), (10, 20), (20, 40), (40, 80), (80, 160))]
-        lines.append(f"| {r['follower']} | {r['pre']} | {base:.3f} | {ms[0] / base:.3f} | " + " | ".join(cells)
-                     + f" | {back:.0f} |")
+        lines.append(f"| {r['follower']} | {r['pre']} | {base:.3f} | {r['call_ms'][0] / base:.3f} | "
+                     + " | ".join(f"{v:.3f}" for v in spans) + f" | {back:.0f} |")
     text = "\n".join(lines) + "\n"
     print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     tag = f"{args.tag}-transient" if args.tag else "transient"
     stem = result_stem(slug(gpu_name()), str(datetime.date.today()), tag=tag)
-    (out / f"{stem}.md").write_text(text)
-    (out / f"{stem}.json").write_text(json.dumps(dict(n=n, burst_ms=args.burst_ms, follow_ms=args.follow_ms,
-                                                      trials=args.trials, gpu=gpu_name(), rows=rows), indent=1))
+    result = dict(n=n, burst_ms=args.burst_ms, follow_ms=args.follow_ms, trials=args.trials, gpu=gpu_name(), rows=rows)
+    write_result_files(args.out, stem, result, text, lambda _: [])
     return 0
 
 
