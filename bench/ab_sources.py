@@ -6,6 +6,7 @@ Usage (two steps, the first where git is, the second on the GPU machine):
       with the diffs of kernels_cu/ applied (bench/variants/: kernel changes kept for an A/B, not landed),
       headers folded in, the text NVRTC compiles
   python bench/ab_sources.py time NAME=FILE.cu[:DENSE_ENTRY] ... [--cases bar|gate|lag|main|quick|...] [--out DIR]
+      [--warmup-ms 100]
       times the library's module ("base") and each NAME: FILE.cu compiled as a module of its own, whose
       bsfa_fwd replaces the library's (DENSE_ENTRY, e.g. bsfa_fwd_dense, for the calls without
       thresholds) for every call (no cluster, 192-row or head-pair entry of the library's routing takes
@@ -26,7 +27,9 @@ Usage (two steps, the first where git is, the second on the GPU machine):
 Per case (B=1, Hq=32, causal unless noted): torch SDPA's cuDNN backend, then per build dense and sparse
 (rho of the gated tiles kept, thresholds from the inputs' tile maxima, as `bsfa bench` sets them), timed in
 9 interleaved repeats of 3 calls (median; each kind of call for every build in turn, the builds' order rotated
-every repeat), the plan cache cleared at every switch (attention keeps kernel
+every repeat; each batch right after untimed calls of its own, at least two and at least --warmup-ms of them, 100 by
+default, so that every build is timed in the steady state the card's power cap sets, as `bsfa bench` does: NOTES
+v32), the plan cache cleared at every switch (attention keeps kernel
 handles in its plans); each build's dense out and lse are compared with base's, and one call with thresholds
 (rho 0.25 where the case has it): its keep mask must equal base's (mismatches printed), out and lse to rounding.
 Every module the run loads (the library's and each FILE's, per head dim and dtype) is compiled first, in parallel
@@ -144,14 +147,15 @@ def _prebuild(builds, cases):
     print(f"compiled {len(jobs)} modules in {time.perf_counter() - started:.0f} s", flush=True)
 
 
-def time_builds(specs, cases, out_dir, block_max=False):
+def time_builds(specs, cases, out_dir, block_max=False, warmup_ms=100.0):
     import cupy as cp
     import numpy as np
     import torch
 
     import bsfa_cupy
     from bsfa_cupy import _compile, _kernels, ops
-    from bsfa_cupy.tools.benchmark import _input_sets, _peer_fns, _warm_up_clocks, dense_flops, thresholds_for_rho
+    from bsfa_cupy.tools.benchmark import (Timer, _input_sets, _peer_fns, _warm_up_clocks, dense_flops,
+                                           thresholds_for_rho)
 
     builds = {}
     for spec in specs:
@@ -233,7 +237,7 @@ def time_builds(specs, cases, out_dir, block_max=False):
         dtype, causal = c.get("dtype", "float16"), c.get("causal", True)
         rhos = c.get("rhos", (1.0, 0.5, 0.25, 0.1)) if causal and b == 1 else ()
         sets = _input_sets(b, n, 32, hkv, d, dtype, l2)
-        row = dict(n=n, d=d, hkv=hkv, b=b, dtype=dtype, causal=causal)
+        row = dict(n=n, d=d, hkv=hkv, b=b, dtype=dtype, causal=causal, warmup_ms=warmup_ms)
         # @mc pairs the query heads of a GQA group: none to pair with an odd group (Hq = 32 here)
         names = [m for m in all_names if not (builds.get(m) == "@mc" and (32 // hkv) % 2)]
         with torch.inference_mode():
@@ -272,6 +276,18 @@ def time_builds(specs, cases, out_dir, block_max=False):
                 kinds["block_max"] = (True, lambda i: bsfa_cupy.block_max_scores(*sets[i][:2], causal=causal))
             for r, th in thr.items():
                 kinds[f"rho{r}"] = (False, lambda i, th=th: bsfa_cupy.attention(*sets[i], th[i], causal=causal))
+            # Untimed calls before each batch: as many as take warmup_ms at the call's own time (timed once here).
+            warm = Timer(9, 3, warmup=2, warmup_ms=warmup_ms)
+            lead = {}
+            for label, name, dense, fn in [("cudnn", "base", True, cudnn)] + [
+                    (f"{name}:{kind}", name, dense, fn) for kind, (dense, fn) in kinds.items() for name in names]:
+                use(name, dense)
+                fn(0)
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                fn(1 % len(sets))
+                torch.cuda.synchronize()
+                lead[label] = warm.lead_calls((time.perf_counter() - t0) * 1e3)
             times = {}
             for rep in range(9):
                 # Each kind of call for every build in turn, the builds' order rotated each repeat: a build's
@@ -282,8 +298,8 @@ def time_builds(specs, cases, out_dir, block_max=False):
                                                           for kind, (dense, fn) in kinds.items() for name in order]
                 for label, name, dense, fn in fns:
                     use(name, dense)
-                    fn(0)
-                    fn(1 % len(sets))
+                    for i in range(lead[label]):
+                        fn(i % len(sets))
                     start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                     start.record()
                     for i in range(3):
@@ -331,11 +347,16 @@ def main(argv=None):
     t.add_argument("--cases", choices=sorted(CASES), default="bar")
     t.add_argument("--out", default=None)
     t.add_argument("--block-max", action="store_true", help="time block_max_scores per build too")
+    t.add_argument("--warmup-ms", type=float, default=100.0,
+                   help="untimed calls of a kind and build before each of its batches, at least this long (default "
+                        "100; 0: two calls, the protocol before v32)")
     args = p.parse_args(argv)
+    if args.cmd == "time" and not args.warmup_ms >= 0:
+        p.error(f"--warmup-ms: expected a time in ms >= 0, got {args.warmup_ms}")
     if args.cmd == "expand":
         expand(args.rev, args.out, args.source, args.patch)
     else:
-        time_builds(args.builds, CASES[args.cases], args.out, args.block_max)
+        time_builds(args.builds, CASES[args.cases], args.out, args.block_max, args.warmup_ms)
 
 
 if __name__ == "__main__":

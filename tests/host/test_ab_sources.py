@@ -42,6 +42,13 @@ def test_time_refuses_an_unknown_case_set():
         _load().main(["time", "a=x.cu", "--cases", "nosuch"])
 
 
+@pytest.mark.parametrize("bad", ["-1", "nan"])
+def test_time_refuses_a_warm_up_that_is_not_a_time(bad, capsys):
+    with pytest.raises(SystemExit):
+        _load().main(["time", "a=x.cu", "--warmup-ms", bad])
+    assert "--warmup-ms: expected a time in ms >= 0" in capsys.readouterr().err
+
+
 VARIANTS = sorted((ROOT / "bench" / "variants").glob("*.diff"))
 
 
