@@ -5,7 +5,8 @@ groups and more than 64 rows), bsfa_fwd_split_lag (Module.head_pairs(False)) and
 Usage: python bench/ab_split.py [--nq 128 256 512] [--nk 131072] [--rhos 0.25 0.1]
 B=1, Hq=32, Hkv=8, D=128, float16, bottom-right causal; thresholds per head and query tile keeping about rho of
 the gated tiles (bench/decode.py's rule). Each variant is an AttentionPlan built once (a plan keeps its kernel
-handles), timed with bsfa_cupy.tools.benchmark.Timer (9 interleaved repeats of 3 calls, median); the lag and
+handles), timed with bsfa_cupy.tools.benchmark.Timer (9 interleaved repeats of 3 calls, median, each batch after
+at least 100 ms of untimed calls of its own); the lag and
 unlagged plans' outputs are compared bitwise, the head-pair plan's with theirs by the largest difference (its
 64-key blocks round differently).
 """

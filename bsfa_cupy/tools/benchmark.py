@@ -92,7 +92,7 @@ class Timer:
 
     MAX_LEAD = 1000
 
-    def __init__(self, repeats, inner, warmup=2, warmup_ms=0.0, clock=time.perf_counter):
+    def __init__(self, repeats, inner, warmup=2, warmup_ms=100.0, clock=time.perf_counter):
         if warmup < 0:
             raise ValueError(f"warmup: expected a count of calls >= 0, got {warmup}")
         if not warmup_ms >= 0:

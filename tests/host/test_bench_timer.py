@@ -44,7 +44,7 @@ def _batches(log):
 @pytest.mark.parametrize("warmup", [1, 2, 3])
 def test_every_timed_batch_follows_untimed_calls_of_its_own(log, warmup):
     names = ("dense", "sparse", "cudnn")
-    got = Timer(repeats=5, inner=4, warmup=warmup).many(_fns(log, names), n_sets=3)
+    got = Timer(repeats=5, inner=4, warmup=warmup, warmup_ms=0).many(_fns(log, names), n_sets=3)
     assert set(got) == set(names) and all(isinstance(v, float) and v > 0 for v in got.values()), got
     batches = _batches(log)
     assert len(batches) == 5 * len(names), f"expected {5 * len(names)} timed batches, got {len(batches)}"
@@ -60,7 +60,7 @@ def test_every_timed_batch_follows_untimed_calls_of_its_own(log, warmup):
 
 def test_without_warmup_a_timed_batch_follows_another_implementation(log):
     # The protocol before the warm-up: the same test then sees batches timed right after another's calls.
-    Timer(repeats=3, inner=2, warmup=0).many(_fns(log, ("a", "b")), n_sets=2)
+    Timer(repeats=3, inner=2, warmup=0, warmup_ms=0).many(_fns(log, ("a", "b")), n_sets=2)
     last = [next(c[0] for c in reversed(before) if c[0] != "event") for before, _ in _batches(log)]
     followed = [prev != timed[0][0] for prev, (_, timed) in zip(last, _batches(log))]
     assert sum(followed) >= 3, f"expected batches timed right after the other implementation's calls, got {followed}"
