@@ -6,7 +6,7 @@ Usage (two steps, the first where git is, the second on the GPU machine):
       with the diffs of kernels_cu/ applied (bench/variants/: kernel changes kept for an A/B, not landed),
       headers folded in, the text NVRTC compiles
   python bench/ab_sources.py time NAME=FILE.cu[:DENSE_ENTRY] ... [--cases bar|gate|lag|main|quick|...] [--out DIR]
-      [--warmup-ms 100]
+      [--warmup-ms 100] [--power]
       times the library's module ("base") and each NAME: FILE.cu compiled as a module of its own, whose
       bsfa_fwd replaces the library's (DENSE_ENTRY, e.g. bsfa_fwd_dense, for the calls without
       thresholds) for every call (no cluster, 192-row or head-pair entry of the library's routing takes
@@ -34,6 +34,9 @@ handles in its plans); each build's dense out and lse are compared with base's, 
 (rho 0.25 where the case has it): its keep mask must equal base's (mismatches printed), out and lse to rounding.
 Every module the run loads (the library's and each FILE's, per head dim and dtype) is compiled first, in parallel
 processes. Prints a table; --out writes it with the JSON. Only the unsplit forward is swapped: shapes here never split.
+--power samples nvidia-smi every 20 ms beside the timings and adds each kind's and build's mean SM clock and power
+(over its warm-up and batches): in the card's power-capped steady state, a build that does the same work with
+fewer joules runs at a higher clock (NOTES v32).
 """
 import argparse
 import dataclasses
@@ -147,7 +150,21 @@ def _prebuild(builds, cases):
     print(f"compiled {len(jobs)} modules in {time.perf_counter() - started:.0f} s", flush=True)
 
 
-def time_builds(specs, cases, out_dir, block_max=False, warmup_ms=100.0):
+def clocks_by_label(samples, spans):
+    """Mean SM clock (MHz) and power (W) per label over the (time, MHz, W) samples that fall in its (start, end)
+    spans of wall-clock time; None for a label none fell in."""
+    import numpy as np
+
+    out = {}
+    for label, windows in spans.items():
+        sel = np.zeros(len(samples), dtype=bool)
+        for a, b in windows:
+            sel |= (samples[:, 0] >= a) & (samples[:, 0] <= b)
+        out[label] = (float(samples[sel, 1].mean()), float(samples[sel, 2].mean())) if sel.any() else None
+    return out
+
+
+def time_builds(specs, cases, out_dir, block_max=False, warmup_ms=100.0, power=False):
     import cupy as cp
     import numpy as np
     import torch
@@ -230,6 +247,13 @@ def time_builds(specs, cases, out_dir, block_max=False, warmup_ms=100.0):
 
     ops.get_module = get_module
     _warm_up_clocks()
+    smi = None
+    if power:  # nvidia-smi beside the timings: each kind's and build's clock and power while its calls run
+        sys.path.insert(0, str(Path(__file__).parent))
+        from sustained import parse_smi, sample_smi
+
+        smi = sample_smi((os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0])
+    spans = {}
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     rows, lines = [], []
     for c in cases:
@@ -298,6 +322,7 @@ def time_builds(specs, cases, out_dir, block_max=False, warmup_ms=100.0):
                                                           for kind, (dense, fn) in kinds.items() for name in order]
                 for label, name, dense, fn in fns:
                     use(name, dense)
+                    t_warm = time.time()  # the GPU is idle here: the last batch was synchronised
                     for i in range(lead[label]):
                         fn(i % len(sets))
                     start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -307,6 +332,8 @@ def time_builds(specs, cases, out_dir, block_max=False, warmup_ms=100.0):
                     stop.record()
                     stop.synchronize()
                     times.setdefault(label, []).append(start.elapsed_time(stop) / 3)
+                    spans.setdefault((n, d, hkv, b, dtype, causal), {}).setdefault(label, []).append(
+                        (t_warm, time.time()))
         row.update({k: float(np.median(v)) for k, v in times.items()})
         rows.append(row)
         tf = dense_flops(b, 32, n, d, causal) / 1e9
@@ -327,6 +354,19 @@ def time_builds(specs, cases, out_dir, block_max=False, warmup_ms=100.0):
         lines += case
         del sets
         torch.cuda.empty_cache()
+    if smi is not None:
+        smi.terminate()
+        samples = parse_smi(smi.communicate()[0])
+        for row in rows:
+            case_key = (row["n"], row["d"], row["hkv"], row["b"], row["dtype"], row["causal"])
+            got = clocks_by_label(samples, spans[case_key])
+            for label, v in got.items():
+                if v is not None:
+                    row[f"{label}:mhz"], row[f"{label}:w"] = v
+            line = (f"N={row['n']} {row['dtype']} D={row['d']} Hkv={row['hkv']} B={row['b']} clock and power while "
+                    "each kind ran: " + "  ".join(f"{k} {v[0]:.0f} MHz {v[1]:.0f} W" for k, v in got.items() if v))
+            print(line, flush=True)
+            lines.append(line)
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         Path(out_dir, "ab_sources.txt").write_text("\n".join(lines) + "\n")
@@ -347,6 +387,8 @@ def main(argv=None):
     t.add_argument("--cases", choices=sorted(CASES), default="bar")
     t.add_argument("--out", default=None)
     t.add_argument("--block-max", action="store_true", help="time block_max_scores per build too")
+    t.add_argument("--power", action="store_true",
+                   help="sample nvidia-smi every 20 ms and report each kind's and build's mean SM clock and power")
     t.add_argument("--warmup-ms", type=float, default=100.0,
                    help="untimed calls of a kind and build before each of its batches, at least this long (default "
                         "100; 0: two calls, the protocol before v32)")
@@ -356,7 +398,7 @@ def main(argv=None):
     if args.cmd == "expand":
         expand(args.rev, args.out, args.source, args.patch)
     else:
-        time_builds(args.builds, CASES[args.cases], args.out, args.block_max, args.warmup_ms)
+        time_builds(args.builds, CASES[args.cases], args.out, args.block_max, args.warmup_ms, args.power)
 
 
 if __name__ == "__main__":

@@ -81,3 +81,13 @@ def test_expand_refuses_a_patch_that_does_not_apply(tmp_path):
     bad.write_text("--- a/kernels_cu/nosuch.cuh\n+++ b/kernels_cu/nosuch.cuh\n@@ -1 +1 @@\n-x\n+y\n")
     with pytest.raises(SystemExit, match="does not apply"):
         _load().main(["expand", str(ROOT), str(tmp_path / "k.cu"), "--patch", str(bad)])
+
+
+def test_clocks_by_label_averages_the_samples_inside_each_labels_spans():
+    import numpy as np
+
+    samples = np.array([[0.5, 1980.0, 300.0], [1.5, 1600.0, 690.0], [2.5, 1700.0, 680.0], [9.0, 1000.0, 100.0]])
+    got = _load().clocks_by_label(samples, {"a:dense": [(1.0, 2.0), (2.0, 3.0)], "b:dense": [(0.0, 1.0)],
+                                            "c:dense": [(4.0, 5.0)]})
+    assert got["a:dense"] == (1650.0, 685.0), got
+    assert got["b:dense"] == (1980.0, 300.0) and got["c:dense"] is None, got
