@@ -306,12 +306,7 @@ def time_builds(specs, cases, out_dir, block_max=False, warmup_ms=100.0, power=F
             for label, name, dense, fn in [("cudnn", "base", True, cudnn)] + [
                     (f"{name}:{kind}", name, dense, fn) for kind, (dense, fn) in kinds.items() for name in names]:
                 use(name, dense)
-                fn(0)
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                fn(1 % len(sets))
-                torch.cuda.synchronize()
-                lead[label] = warm.lead_calls((time.perf_counter() - t0) * 1e3)
+                lead[label] = warm.lead_for(fn, len(sets))
             times = {}
             for rep in range(9):
                 # Each kind of call for every build in turn, the builds' order rotated each repeat: a build's
@@ -332,8 +327,9 @@ def time_builds(specs, cases, out_dir, block_max=False, warmup_ms=100.0, power=F
                     stop.record()
                     stop.synchronize()
                     times.setdefault(label, []).append(start.elapsed_time(stop) / 3)
-                    spans.setdefault((n, d, hkv, b, dtype, causal), {}).setdefault(label, []).append(
-                        (t_warm, time.time()))
+                    if smi is not None:
+                        spans.setdefault((n, d, hkv, b, dtype, causal), {}).setdefault(label, []).append(
+                            (t_warm, time.time()))
         row.update({k: float(np.median(v)) for k, v in times.items()})
         rows.append(row)
         tf = dense_flops(b, 32, n, d, causal) / 1e9

@@ -4,7 +4,7 @@
 # GPU_DATE_TAG-PART.{json,md,png}; merge the parts' JSON with bench/merge.py, e.g.
 #   python3 bench/merge.py v8-sweep $OUT/*_v8-main-fp16.json $OUT/*_v8-main-bf16.json ... --out bench/results
 # Usage: TAG=name [OUT=dir] [BENCH_ARGS=...] bench/sweep.sh PART [PART...]   (OUT default /tmp/bsfa_bench;
-#   BENCH_ARGS go to every bench run, e.g. "--warmup 0")
+#   BENCH_ARGS go to every bench run, e.g. "--warmup-ms 0" for the timing protocol before v32)
 #   main-fp16 main-bf16          D=128, Hkv=8, N=8K..64K, ours + SDPA flash/cuDNN
 #   d64 hkv32 hkv32-bf16         D=64 (fp16, N=8K..32K); Hkv=32 (N=8K..64K)
 #   4k noncausal n128k flex      4K both dtypes, a non-causal row (16K), N=128K, FlexAttention at 16K/32K

@@ -55,8 +55,8 @@ __device__ __forceinline__ unsigned long long hp_rows_desc(unsigned base, int wg
 // rather than hoisted out of the key loop and kept live (they spilled); the
 // shuffle from lane 0 then hands it back to ptxas as warp-uniform, so that
 // the descriptors are made in uniform registers rather than in vector ones,
-// each moved across with R2UR before its wgmma (2-3 % of a sparse call at
-// rho <= 0.25, bench/NOTES.md v32).
+// each moved across with R2UR before its wgmma (with the empty group gone:
+// 0.6-2.9 % of a sparse call at rho <= 0.25, bench/NOTES.md v32).
 template <class TR>
 __device__ __forceinline__ void hp_qk(float (&S)[TR::kWarpMBlocks][TR::kSNBlocks][4], unsigned q_base, int wg,
                                       unsigned long long k_desc) {

@@ -106,6 +106,17 @@ class Timer:
         by_time = math.ceil(self.warmup_ms / max(call_ms, 1e-3))
         return max(self.warmup, min(self.MAX_LEAD, by_time))
 
+    def lead_for(self, fn, n_sets) -> int:
+        """lead_calls at fn's call time: a first call (which compiles and plans), then one timed."""
+        import torch
+
+        fn(0)
+        torch.cuda.synchronize()
+        t0 = self.clock()
+        fn(1 % n_sets)
+        torch.cuda.synchronize()
+        return self.lead_calls((self.clock() - t0) * 1e3)
+
     def __call__(self, fn, n_sets):
         got = self.many({"fn": fn}, n_sets)["fn"]
         if isinstance(got, BaseException):
@@ -121,12 +132,7 @@ class Timer:
         live, lead = {}, {}
         for name, fn in fns.items():
             try:
-                fn(0)  # the first call compiles and plans: not a call time
-                torch.cuda.synchronize()
-                t0 = self.clock()
-                fn(1 % n_sets)
-                torch.cuda.synchronize()
-                lead[name] = self.lead_calls((self.clock() - t0) * 1e3)
+                lead[name] = self.lead_for(fn, n_sets)
                 live[name] = fn
             except Exception as exc:  # noqa: BLE001 -- reported per implementation
                 out[name] = exc
