@@ -250,9 +250,9 @@ def time_builds(specs, cases, out_dir, block_max=False, warmup_ms=100.0, power=F
     smi = None
     if power:  # nvidia-smi beside the timings: each kind's and build's clock and power while its calls run
         sys.path.insert(0, str(Path(__file__).parent))
-        from sustained import parse_smi, sample_smi
+        from sustained import SmiSampler
 
-        smi = sample_smi((os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0])
+        smi = SmiSampler((os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0])
     spans = {}
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     rows, lines = [], []
@@ -351,8 +351,7 @@ def time_builds(specs, cases, out_dir, block_max=False, warmup_ms=100.0, power=F
         del sets
         torch.cuda.empty_cache()
     if smi is not None:
-        smi.terminate()
-        samples = parse_smi(smi.communicate()[0])
+        samples = smi.stop()
         for row in rows:
             case_key = (row["n"], row["d"], row["hkv"], row["b"], row["dtype"], row["causal"])
             got = clocks_by_label(samples, spans[case_key])

@@ -16,6 +16,7 @@ import datetime
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -30,14 +31,27 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def sample_smi(index):
-    """A background nvidia-smi printing its clock time, the SM clock (MHz) and the power draw (W) every 20 ms."""
-    return subprocess.Popen(["nvidia-smi", "-i", index, "--query-gpu=timestamp,clocks.sm,power.draw",
-                             "--format=csv,noheader,nounits", "-lms", "20"], stdout=subprocess.PIPE, text=True)
+class SmiSampler:
+    """A background nvidia-smi writing its clock time, the SM clock (MHz) and the power draw (W) every 20 ms into a
+    temporary file (a pipe fills within a minute of samples, and nvidia-smi then stops sampling); stop() ends it and
+    returns parse_smi's rows."""
+
+    def __init__(self, index):
+        self._log = tempfile.TemporaryFile(mode="w+")
+        self._proc = subprocess.Popen(["nvidia-smi", "-i", index, "--query-gpu=timestamp,clocks.sm,power.draw",
+                                       "--format=csv,noheader,nounits", "-lms", "20"], stdout=self._log, text=True)
+
+    def stop(self):
+        self._proc.terminate()
+        self._proc.wait()
+        self._log.seek(0)
+        text = self._log.read()
+        self._log.close()
+        return parse_smi(text)
 
 
 def parse_smi(text):
-    """(seconds since the epoch, MHz, W) rows of sample_smi's output, as a float array; lines that do not parse
+    """(seconds since the epoch, MHz, W) rows of SmiSampler's output, as a float array; lines that do not parse
     (nvidia-smi's "[N/A]", a line cut off when it was stopped) are left out."""
     rows = []
     for line in text.splitlines():
@@ -117,11 +131,10 @@ def main(argv=None):
             for name, fn in fns.items():
                 torch.cuda.synchronize()
                 time.sleep(1.0)
-                smi = sample_smi(index)
+                smi = SmiSampler(index)
                 time.sleep(0.2)
                 ms, (a, b) = sustain(fn, args.seconds)
-                smi.terminate()
-                samples = parse_smi(smi.communicate()[0])
+                samples = smi.stop()
                 rows.append(dict(n=n, hkv=hkv, impl=name, **settled(ms, samples, a, b)))
     lines = [f"# Sustained calls, {gpu_name()}, {datetime.date.today()}", "",
              f"B=1 Hq=32 D=128 fp16 causal; each implementation alone for {args.seconds:g} s after 1 s idle. "

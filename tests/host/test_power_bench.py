@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import time
 
 import numpy as np
 import pytest
@@ -57,3 +59,23 @@ def test_the_scripts_parse_their_options_without_a_gpu(name):
     mod = load_bench_script(name)
     args = mod.parse_args(["--tag", "t", "--out", "o"])
     assert args.tag == "t" and args.out == "o"
+
+
+def test_smi_sampler_keeps_more_samples_than_a_pipe_holds(tmp_path, monkeypatch):
+    # A stand-in nvidia-smi that prints 200 KB of samples at once and then keeps running, as the real one does
+    # under -lms: with its output on a pipe it would block once the pipe's buffer filled, and the samples after
+    # the first minute of an A/B would be lost.
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\n"
+                    "i=0; while [ $i -lt 5000 ]; do echo \"2026/11/30 09:42:15.120, 1650, 690.12\"; i=$((i+1)); done\n"
+                    "exec sleep 30\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    sustained = load_bench_script("sustained")
+    smi = sustained.SmiSampler("0")
+    deadline = time.time() + 20
+    while smi._log.tell() < 5000 * 38 and time.time() < deadline:
+        time.sleep(0.05)
+    got = smi.stop()
+    assert got.shape == (5000, 3), f"expected 5000 samples back, got {got.shape[0]}"
+    assert np.all(got[:, 1] == 1650) and np.all(got[:, 2] == pytest.approx(690.12)), got[:3]
