@@ -62,6 +62,11 @@ CASES = {
     + [dict(n=16384, hkv=32, dtype="bfloat16", rhos=()), dict(n=8192, rhos=()), dict(n=16384, rhos=(0.25,)),
        dict(n=65536, rhos=()), dict(n=16384, causal=False, hkv=32, rhos=()), dict(n=2048, b=8, rhos=()),
        dict(n=1024, b=32, rhos=())],
+    # the tile-pair entry's threshold (PAIR_MIN_Q_TILES): odd groups from 2K to 16K rows, causal or not, and batches
+    "pairs": [dict(n=n, hkv=32, rhos=()) for n in (2048, 4096, 8192, 16384)]
+    + [dict(n=n, hkv=32, causal=False, rhos=()) for n in (4096, 8192, 16384)]
+    + [dict(n=8192, hkv=32, dtype="bfloat16", rhos=()), dict(n=4096, b=2, hkv=32, rhos=()),
+       dict(n=8192, b=2, hkv=32, rhos=()), dict(n=2048, b=8, hkv=32, rhos=())],
     # block_max_scores (with --block-max): the bar's lengths, bf16, head dim 64, Hkv = 32
     "blockmax": [dict(n=n, rhos=()) for n in (16384, 32768, 65536)]
     + [dict(n=16384, dtype="bfloat16", rhos=()), dict(n=32768, d=64, rhos=()), dict(n=16384, hkv=32, rhos=())],

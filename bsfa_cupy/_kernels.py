@@ -21,9 +21,11 @@ from ._compile import KernelCompileError, cached_binary, options_for, target
 from ._source import kernel_source
 from ._variants import Backend, VariantKey
 
-# Query tiles from which a causal dense call of odd GQA groups takes bsfa_fwd_dense_pair (Module.forward):
-# 32K rows, where the H200 A/B first showed it ahead of the plain dense entry.
-PAIR_MIN_Q_TILES = 256
+# Query tiles from which a dense call of odd GQA groups takes bsfa_fwd_dense_pair (Module.forward): 8K rows.
+# Timed in the card's power-capped steady state on an H200 (Hq = Hkv = 32), it ran 1.03-1.06x the plain dense
+# entry at 8K-16K, causal or not, and level beyond; short batched calls (B=8 x 2K, 16 tiles) lose 5-9 %, their
+# shorter tile of a pair handing most of its blocks back unread.
+PAIR_MIN_Q_TILES = 64
 # Query tiles from which a dense call of head dim 64 takes bsfa_fwd_dense_wide (Module.forward): 2K rows. On an
 # H200 it ran 1.16-1.19x bsfa_fwd_dense at 8K-64K and 1.09x at B=8 x 2K, but 0.95x at B=32 x 1K, where the
 # last of its six 192-row tiles holds 64 rows.
@@ -138,14 +140,15 @@ class Module:
 
         A dense call whose GQA groups pair up (``group`` even) takes the cluster entry where the module has
         one (sm90ws, head dim 128): on an H200 it ran 1.00-1.07x the plain dense entry's speed at 8K-32K,
-        with the same results bitwise. A long causal dense call of odd groups (MHA included, at least
-        PAIR_MIN_Q_TILES query tiles) takes the tile-pair entry: 1.06-1.07x the plain one at 64K-128K with
-        Hq = Hkv = 32, even at 16K, and slower on short batched calls, whose shorter tiles of a pair hand
-        most of its blocks back unread. Calls with thresholds take ``fwd`` (on sm90ws bsfa_fwd_lag), which
-        skips faster than any cluster entry, or where their GQA groups pair up bsfa_fwd_headpair (two query heads a
-        CTA, each consumer warpgroup deciding its own head's tiles): 1.04-1.18x the speed of bsfa_fwd_lag on an
-        H200 at every keep fraction (NOTES v24), with results within rounding of the reference as the others' (its key
-        blocks are 64 keys long, so not bitwise theirs).
+        with the same results bitwise. A long dense call of odd groups (MHA included, at least PAIR_MIN_Q_TILES
+        query tiles, causal or not) takes the tile-pair entry, whose two query tiles share each K/V load by
+        multicast: 1.03-1.07x the plain one at 8K-128K with Hq = Hkv = 32 (the same results bitwise), and
+        slower on short batched calls, whose shorter tiles of a pair hand most of its blocks back unread.
+        Calls with thresholds take ``fwd`` (on sm90ws bsfa_fwd_lag), which skips faster than any cluster entry,
+        or where their GQA groups pair up bsfa_fwd_headpair (two query heads a CTA, each consumer warpgroup
+        deciding its own head's tiles): 1.04-1.18x the speed of bsfa_fwd_lag on an H200 at every keep fraction
+        (NOTES v24), with results within rounding of the reference as the others' (its key blocks are 64 keys
+        long, so not bitwise theirs).
         """
         if self.fwd_headpair is not None and group % 2 == 0 and (self.headpairs if gated else self.headpairs_dense):
             return self.fwd_headpair
@@ -156,7 +159,7 @@ class Module:
         if self.dense_clusters:
             if group % 2 == 0:
                 return self.clustered().fwd_dense
-            if self.key.causal and q_tiles >= PAIR_MIN_Q_TILES and self.clustered().fwd_dense_pair is not None:
+            if q_tiles >= PAIR_MIN_Q_TILES and self.clustered().fwd_dense_pair is not None:
                 return self.clustered().fwd_dense_pair
         return self.fwd_dense
 

@@ -178,10 +178,11 @@ def test_cluster_entries_exist_at_head_dim_128_only():
             assert mc is mod
 
 
+@pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("Hq,Hkv", [(1, 1), (3, 1)])
-def test_long_causal_calls_of_odd_groups_take_the_tile_pair_entry(monkeypatch, Hq, Hkv):
-    """``attention`` routes a causal dense call of an odd GQA group with PAIR_MIN_Q_TILES query tiles to
-    bsfa_fwd_dense_pair by itself (no swapped module): the launch is seen, and out and lse equal the plain
+def test_long_calls_of_odd_groups_take_the_tile_pair_entry(monkeypatch, Hq, Hkv, causal):
+    """``attention`` routes a dense call of an odd GQA group with PAIR_MIN_Q_TILES query tiles, causal or not,
+    to bsfa_fwd_dense_pair by itself (no swapped module): the launch is seen, and out and lse equal the plain
     dense entry's bitwise."""
     import bsfa_cupy
     from bsfa_cupy import _kernels, ops
@@ -216,6 +217,6 @@ def test_long_causal_calls_of_odd_groups_take_the_tile_pair_entry(monkeypatch, H
     for plain in (False, True):
         plain_mode[0] = plain
         bsfa_cupy.clear_plan_cache()
-        runs.append(bsfa_cupy.attention(q, k, v, causal=True, return_lse=True, backend="sm90ws"))
+        runs.append(bsfa_cupy.attention(q, k, v, causal=causal, return_lse=True, backend="sm90ws"))
     assert seen == ["fwd_dense_pair"], f"expected one launch of the tile-pair entry, got {seen}"
     assert_bitwise(("out", "lse"), runs[1], runs[0], "the routed tile-pair call (against the plain dense entry)")

@@ -185,14 +185,14 @@ def test_a_clustered_module_loads_its_cluster_entries_once_into_the_plain_places
     assert mod.forward(False, 4).fn == "bsfa_fwd_dense_mc"
     assert mod.forward(False, 1) is plain and mod.forward(False, 3) is plain and mod.forward(True, 4) is plain
     assert dataclasses.replace(mod, dense_clusters=False).forward(False, 4) is plain
-    # long causal dense calls of odd groups take the tile-pair entry; shorter, non-causal or gated ones do not
+    # long dense calls of odd groups take the tile-pair entry, causal or not; shorter or gated ones do not
     long = _kernels.PAIR_MIN_Q_TILES
     assert [mod.forward(False, g, long).fn for g in (1, 3)] == ["bsfa_fwd_dense_pair"] * 2
     assert mod.forward(False, 4, long).fn == "bsfa_fwd_dense_mc"
     assert mod.forward(False, 1, long - 1) is plain and mod.forward(True, 1, long) is plain
     assert dataclasses.replace(mod, dense_clusters=False).forward(False, 1, long) is plain
     acausal = dataclasses.replace(mod, key=VariantKey("float16", 128, False, "sm90ws"), _clustered=None)
-    assert acausal.forward(False, 1, long) is plain
+    assert acausal.forward(False, 1, long).fn == "bsfa_fwd_dense_pair" and acausal.forward(False, 1, long - 1) is plain
     # head dim 64: dense calls without keep take the 192-row entry, any group; with keep, or gated, they do not
     wide = Kernel(fn="wide", threads=512, smem=0, grid_kind=2, sms=132, tma=128, q_box=192)
     d64 = dataclasses.replace(module("sm90ws"), key=VariantKey("float16", 64, True, "sm90ws"), fwd_dense_wide=wide)
