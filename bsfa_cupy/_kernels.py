@@ -21,11 +21,11 @@ from ._compile import KernelCompileError, cached_binary, options_for, target
 from ._source import kernel_source
 from ._variants import Backend, VariantKey
 
-# Query tiles from which a dense call of odd GQA groups takes bsfa_fwd_dense_pair (Module.forward): 8K rows.
-# Timed in the card's power-capped steady state on an H200 (Hq = Hkv = 32), it ran 1.03-1.06x the plain dense
-# entry at 8K-16K, causal or not, and level beyond; short batched calls (B=8 x 2K, 16 tiles) lose 5-9 %, their
-# shorter tile of a pair handing most of its blocks back unread.
-PAIR_MIN_Q_TILES = 64
+# Query tiles from which a dense call of odd GQA groups takes bsfa_fwd_dense_pair (Module.forward): 4K rows.
+# Timed in the card's power-capped steady state on an H200 (Hq = Hkv = 32), it ran 1.02-1.06x the plain dense
+# entry at 4K-16K, causal or not, 1.04x at B=8 x 2K, and 0.99x at B=1 x 2K (16 tiles), within the spread of two
+# identical builds (2-3 %); beyond 16K it was level or ahead (1.06-1.07x at 64K-128K).
+PAIR_MIN_Q_TILES = 32
 # Query tiles from which a dense call of head dim 64 takes bsfa_fwd_dense_wide (Module.forward): 2K rows. On an
 # H200 it ran 1.16-1.19x bsfa_fwd_dense at 8K-64K and 1.09x at B=8 x 2K, but 0.95x at B=32 x 1K, where the
 # last of its six 192-row tiles holds 64 rows.
@@ -142,8 +142,9 @@ class Module:
         one (sm90ws, head dim 128): on an H200 it ran 1.00-1.07x the plain dense entry's speed at 8K-32K,
         with the same results bitwise. A long dense call of odd groups (MHA included, at least PAIR_MIN_Q_TILES
         query tiles, causal or not) takes the tile-pair entry, whose two query tiles share each K/V load by
-        multicast: 1.03-1.07x the plain one at 8K-128K with Hq = Hkv = 32 (the same results bitwise), and
-        slower on short batched calls, whose shorter tiles of a pair hand most of its blocks back unread.
+        multicast: 1.02-1.07x the plain one at 4K-128K with Hq = Hkv = 32 (the same results bitwise); at 2K
+        it was level. Even groups keep the cluster entry, which the tile pairs only equal on long calls and
+        trail on short batched ones, whose shorter tile of a pair hands most of its blocks back unread.
         Calls with thresholds take ``fwd`` (on sm90ws bsfa_fwd_lag), which skips faster than any cluster entry,
         or where their GQA groups pair up bsfa_fwd_headpair (two query heads a CTA, each consumer warpgroup
         deciding its own head's tiles): 1.04-1.18x the speed of bsfa_fwd_lag on an H200 at every keep fraction
