@@ -106,7 +106,7 @@ class Module:
     fwd_split_pack_dense: Kernel | None = None
     # sm90ws at head dim 128, in clustered() only: bsfa_fwd_dense on clusters of two query tiles of one head
     fwd_dense_pair: Kernel | None = None
-    # forward() sends dense calls of even GQA groups, and long causal ones of odd groups, to clustered()'s
+    # forward() sends dense calls of even GQA groups, and those of odd groups from PAIR_MIN_Q_TILES, to clustered()'s
     # entries; False: to fwd_dense as it is
     dense_clusters: bool = True
     # sm90ws at head dim 64: bsfa_fwd_dense on 192-row query tiles (three consumer warpgroups), which
@@ -207,7 +207,7 @@ class Module:
 
     def tile_pairs(self) -> Module:
         """This module with every dense call on bsfa_fwd_dense_pair, whatever the GQA group, length and mask
-        (:meth:`forward` routes only long causal calls of odd groups there); itself where it has no such
+        (:meth:`forward` routes only dense calls of odd groups from PAIR_MIN_Q_TILES there); itself where it has no such
         entry. For tests and benchmarks."""
         pair = self.clustered().fwd_dense_pair
         return self if pair is None else dataclasses.replace(self, fwd_dense=pair, dense_clusters=False)
@@ -222,7 +222,7 @@ class Module:
         ensure that Hq / Hkv is even, else a pair spans two K/V heads. Dense calls reach the dense one through
         :meth:`forward`; they are loaded here, at first use. ``fwd_dense_pair`` (bsfa_fwd_dense_pair), whose
         clusters take two neighbouring query tiles of one head instead, for any GQA group, is loaded with them;
-        :meth:`forward` routes long causal dense calls of odd groups there.
+        :meth:`forward` routes dense calls of odd groups from PAIR_MIN_Q_TILES query tiles there.
         """
         if self._clustered is None:
             cluster = _read_int(self.raw, "BSFA_FWD_MC") if self.key.arch == "sm90ws" else 0

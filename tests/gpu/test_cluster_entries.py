@@ -4,7 +4,7 @@ takes two neighbouring query tiles of one head instead (any group) and must equa
 consumers of the plain entries on the same key blocks in the same order, so their results must equal the
 plain entries' bitwise -- out, lse, keep and the tile maxima -- over dtypes, causal or not, odd lengths,
 GQA groups of 2 and 4, MQA and batches. ``attention`` routes dense calls of even GQA groups to the dense
-one, and long causal dense calls of odd groups to the tile-pair entry; these tests swap the entries in for
+one, and dense calls of odd groups from 4K rows to the tile-pair entry; these tests swap the entries in for
 the plain ones, and keep the plain ones from the cluster entries for the comparison.
 """
 from __future__ import annotations

@@ -41,7 +41,7 @@ def _spy_launch(monkeypatch):
     def get_module(key, backend, device_id):
         mod = real(key, backend, device_id)
         # fwd_dense: sm90ws's dense calls; fwd_dense_wide: those of head dim 64 without keep; the cluster
-        # module's: those of even GQA groups at head dim 128, and its tile-pair entry: long causal ones of odd groups
+        # module's: those of even GQA groups at head dim 128, and its tile-pair entry: those of odd groups from 4K rows
         mc = mod.clustered()
         for kern in (mod.fwd, mod.fwd_dense, mod.fwd_dense_wide, mod.block_max, mc.fwd_dense, mc.fwd_dense_pair):
             if kern is not None and not getattr(kern.fn, "_bsfa_spied", False):
