@@ -24,7 +24,7 @@ from ._variants import Backend, VariantKey
 # Query tiles from which a dense call of odd GQA groups takes bsfa_fwd_dense_pair (Module.forward): 4K rows.
 # Timed in the card's power-capped steady state on an H200 (Hq = Hkv = 32), it ran 1.02-1.06x the plain dense
 # entry at 4K-16K, causal or not, 1.04x at B=8 x 2K, and 0.99x at B=1 x 2K (16 tiles), within the spread of two
-# identical builds (2-3 %); beyond 16K it was level or ahead (1.06-1.07x at 64K-128K).
+# identical builds (2-3 %); beyond 16K, 1.06x at 32K-64K (1.06-1.07x at 64K-128K in NOTES v20).
 PAIR_MIN_Q_TILES = 32
 # Query tiles from which a dense call of head dim 64 takes bsfa_fwd_dense_wide (Module.forward): 2K rows. On an
 # H200 it ran 1.16-1.19x bsfa_fwd_dense at 8K-64K and 1.09x at B=8 x 2K, but 0.95x at B=32 x 1K, where the
