@@ -220,3 +220,61 @@ def test_long_calls_of_odd_groups_take_the_tile_pair_entry(monkeypatch, Hq, Hkv,
         runs.append(bsfa_cupy.attention(q, k, v, causal=causal, return_lse=True, backend="sm90ws"))
     assert seen == ["fwd_dense_pair"], f"expected one launch of the tile-pair entry, got {seen}"
     assert_bitwise(("out", "lse"), runs[1], runs[0], "the routed tile-pair call (against the plain dense entry)")
+
+
+def _use_head_pair_clusters(monkeypatch, on: list, seen: list):
+    """sm90ws modules with every unsplit call of an even GQA group, dense or not, on bsfa_fwd_headpair; while
+    ``on[0]``, those of groups of four on bsfa_fwd_headpair_mc (recorded in ``seen``)."""
+    import bsfa_cupy
+    from bsfa_cupy import ops
+
+    real = ops.get_module
+    modules = {}
+
+    def get_module(key, backend, device_id):
+        mod = real(key, backend, device_id)
+        if key.arch != "sm90ws":
+            return mod
+        if (key, on[0]) not in modules:
+            m = mod.head_pairs(dense=True)
+            if on[0]:
+                kern = m.fwd_headpair_mc
+                assert kern is not None and kern.cluster == 2 and kern.head_pairs, f"{key.name()}: {kern}"
+                kern.grid(1, 4, 1)  # the occupancy query needs the real function: asked before the spy wraps it
+
+                def spy(*args, _fn=kern.fn, **kw):
+                    seen.append("fwd_headpair_mc")
+                    return _fn(*args, **kw)
+
+                m = dataclasses.replace(m, fwd_headpair_mc=dataclasses.replace(kern, fn=spy)).head_pair_clusters()
+            modules[(key, on[0])] = m
+        return modules[(key, on[0])]
+
+    monkeypatch.setattr(ops, "get_module", get_module)
+    bsfa_cupy.clear_plan_cache()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("shape", [(2, 1100, 1300, 8, 2), (1, 577, 577, 4, 1), (3, 300, 2100, 8, 1),
+                                   (1, 2100, 300, 16, 4), (1, 100, 100, 4, 1)], ids=lambda s: "x".join(map(str, s)))
+def test_head_pair_cluster_entry_equals_head_pairs(monkeypatch, dtype, causal, shape):
+    """bsfa_fwd_headpair_mc (the two head pairs of a group of four on a cluster of two CTAs sharing K and V)
+    against bsfa_fwd_headpair: out, lse and keep bitwise, dense and with thresholds, over groups of four and
+    eight, batches, Nq < Nk and Nq > Nk (bottom-right causal: tiles without keys), odd lengths, a single tile;
+    both CTAs of a cluster run bsfa_fwd_headpair's consumers on the same blocks in the same order."""
+    import bsfa_cupy
+
+    B, Nq, Nk, Hq, Hkv = shape
+    rng = np.random.default_rng(Nq * 3 + Nk + Hq)
+    q, k, v = map(cp.asarray, random_inputs(rng, B, Nq, Nk, Hq, Hkv, 128, dtype))
+    on, seen = [False], []
+    _use_head_pair_clusters(monkeypatch, on, seen)
+    runs = []
+    for mc in (False, True):
+        on[0] = mc
+        bsfa_cupy.clear_plan_cache()
+        runs.append(_calls(q, k, v, causal)[1:])
+    assert seen == ["fwd_headpair_mc"] * 2, f"expected two launches of the head-pair cluster entry, got {seen}"
+    assert_bitwise(("dense out", "dense lse", "dense keep", "gated out", "gated lse", "gated keep"), runs[0],
+                   runs[1], "the head-pair cluster entry")
