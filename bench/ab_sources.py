@@ -20,8 +20,7 @@ Usage (two steps, the first where git is, the second on the GPU machine):
       NAME=@narrowbm runs block_max_scores on bsfa_block_max (128-row query tiles) instead of
       bsfa_block_max_wide; NAME=@headpair runs calls with thresholds of even GQA groups on
       bsfa_fwd_headpair (two query heads a CTA, a whole BSFA tile a consumer warpgroup), and
-      NAME=@headpairdense their dense calls too; NAME=@hpmc runs those of groups of four on
-      bsfa_fwd_headpair_mc (the two head pairs of a group on a cluster of two CTAs sharing K and V); NAME=FILE.cu@headpair runs both on FILE.cu's
+      NAME=@headpairdense their dense calls too; NAME=FILE.cu@headpair runs both on FILE.cu's
       bsfa_fwd_headpair (the A/B of two versions of that entry); NAME=FILE.cu@blockmax runs block_max_scores
       on FILE.cu's bsfa_block_max_wide (with --block-max; the forward calls stay the library's).
       --block-max also times block_max_scores per build.
@@ -183,8 +182,7 @@ def time_builds(specs, cases, out_dir, block_max=False, warmup_ms=100.0, power=F
     builds = {}
     for spec in specs:
         name, _, rest = spec.partition("=")
-        if rest in ("@mc", "@pair", "@nowide", "@plain", "@unlagged", "@narrowbm", "@headpair", "@headpairdense",
-                    "@hpmc"):
+        if rest in ("@mc", "@pair", "@nowide", "@plain", "@unlagged", "@narrowbm", "@headpair", "@headpairdense"):
             builds[name] = rest
             continue
         path, at, suffix = rest.rpartition("@")
@@ -212,8 +210,6 @@ def time_builds(specs, cases, out_dir, block_max=False, warmup_ms=100.0, power=F
             return mod.narrow_block_max()
         if builds[b] in ("@headpair", "@headpairdense"):
             return mod.head_pairs(dense=builds[b] == "@headpairdense")
-        if builds[b] == "@hpmc":
-            return mod.head_pairs().head_pair_clusters()
         if builds[b] == "@plain":
             return dataclasses.replace(mod, dense_clusters=False, dense_wide=False)
         if builds[b] in ("@mc", "@pair"):  # the cluster entries of the library's own module

@@ -56,16 +56,12 @@ class Kernel:
     pair_tiles: bool = False  # a cluster takes query tiles, not query heads, two at a time (bsfa_fwd_dense_pair)
     q_box: int = 0  # rows of the q map's boxes where they differ from k's and v's (bsfa_fwd_dense_wide)
     head_pairs: bool = False  # a CTA takes two query heads of a GQA group (bsfa_fwd_headpair): Hq even
-    # (with cluster 2, bsfa_fwd_headpair_mc: a cluster takes four, Hq a multiple of four)
 
     def grid(self, B: int, Hq: int, nQ: int) -> tuple[int, int, int]:
         if self.head_pairs:
-            heads = 2 * self.cluster
-            if Hq % heads:
-                name = "bsfa_fwd_headpair" + ("_mc" if self.cluster > 1 else "")
-                raise ValueError(f"{name} takes query heads {'two' if heads == 2 else 'four'} at a time, got Hq={Hq}")
-            if self.cluster == 1:
-                return _launch.grid(self.grid_kind, B, Hq // 2, nQ, self.sms)
+            if Hq % 2:
+                raise ValueError(f"bsfa_fwd_headpair takes query heads two at a time, got Hq={Hq}")
+            return _launch.grid(self.grid_kind, B, Hq // 2, nQ, self.sms)
         if self.cluster == 1:
             return _launch.grid(self.grid_kind, B, Hq, nQ, self.sms)
         if not self.pair_tiles and Hq % self.cluster:
@@ -74,8 +70,6 @@ class Kernel:
             self.cluster_slots = _cluster_slots(self)
         if self.pair_tiles:
             g = _launch.grid(self.grid_kind, B, Hq, -(-nQ // self.cluster), self.cluster_slots)
-        elif self.head_pairs:
-            g = _launch.grid(self.grid_kind, B, Hq // (2 * self.cluster), nQ, self.cluster_slots)
         else:
             g = _launch.grid(self.grid_kind, B, Hq // self.cluster, nQ, self.cluster_slots)
         return (g[0] * self.cluster, g[1], g[2])
@@ -135,11 +129,6 @@ class Module:
     fwd_split_headpair: Kernel | None = None
     headpairs: bool = True
     headpairs_dense: bool = False
-    # sm90ws at head dim 128: bsfa_fwd_headpair_mc, bsfa_fwd_headpair on clusters of two CTAs that take the two
-    # head pairs of a GQA group of four and share K and V loads; forward() sends the calls that would take
-    # bsfa_fwd_headpair there where the group is a multiple of four, while headpair_clusters is True
-    fwd_headpair_mc: Kernel | None = None
-    headpair_clusters: bool = False
     _clustered: Module | None = dataclasses.field(default=None, repr=False)  # clustered(), once loaded
 
     def forward(self, gated: bool, group: int = 1, q_tiles: int = 0, keep: bool = False) -> Kernel:
@@ -163,8 +152,6 @@ class Module:
         long, so not bitwise theirs).
         """
         if self.fwd_headpair is not None and group % 2 == 0 and (self.headpairs if gated else self.headpairs_dense):
-            if self.headpair_clusters and group % 4 == 0 and self.fwd_headpair_mc is not None:
-                return self.fwd_headpair_mc
             return self.fwd_headpair
         if gated or self.fwd_dense is None:
             return self.fwd
@@ -203,14 +190,6 @@ class Module:
         if self.fwd_headpair is None:
             return self
         return dataclasses.replace(self, headpairs=on, headpairs_dense=on and dense)
-
-    def head_pair_clusters(self, on: bool = True) -> Module:
-        """This module with the calls that take bsfa_fwd_headpair on bsfa_fwd_headpair_mc where their GQA group
-        holds a multiple of four heads (``on``), or never (not ``on``); itself where it has no such entry
-        (head dim 64, or not sm90ws)."""
-        if self.fwd_headpair_mc is None:
-            return self
-        return dataclasses.replace(self, headpair_clusters=on)
 
     def split_head_pairs(self, gated: bool) -> bool:
         """Whether split calls (with thresholds: ``gated``) of even GQA groups and more than 64 rows take
@@ -366,12 +345,6 @@ def get_module(key: VariantKey, backend: Backend, device_id: int) -> Module:
                 _kernel(raw, name, "BSFA_FWD_HEADPAIR", grid_kind, sms, _read_int(raw, "BSFA_FWD_HEADPAIR_KV_BOX"), 3),
                 q_box=_read_int(raw, "BSFA_FWD_HEADPAIR_Q_BOX"), head_pairs=True)
                 for name in ("bsfa_fwd_headpair", "bsfa_fwd_split_headpair"))
-            cluster = _read_int(raw, "BSFA_FWD_MC")
-            if cluster:
-                hp = split["fwd_headpair"]
-                split["fwd_headpair_mc"] = dataclasses.replace(
-                    _kernel(raw, "bsfa_fwd_headpair_mc", "BSFA_FWD_HEADPAIR", grid_kind, sms, hp.tma, 3, cluster),
-                    q_box=hp.q_box, head_pairs=True)
             if _read_int(raw, "BSFA_FWD_WIDE_THREADS"):
                 split["fwd_dense_wide"] = dataclasses.replace(
                     _kernel(raw, "bsfa_fwd_dense_wide", "BSFA_FWD_WIDE", grid_kind, sms, fwd.tma, 3),

@@ -139,7 +139,7 @@ __device__ __forceinline__ bool hp_decide(const HeadPairLoop<TR, kCausal>& t,
     for (int mb = 0; mb < TR::kWarpMBlocks; ++mb) fence_regs(flat(S[mb]));
     const int lane = t.lane();
     if (lane == 0) {
-        mbar_arrive_cluster<TR::kClusterCtas>(t.sm.bar(TR::kBarKEmpty + kv.stage));
+        mbar_arrive(t.sm.bar(TR::kBarKEmpty + kv.stage));
         if (n == first) mbar_arrive(t.sm.bar(TR::kBarQEmpty));
     }
     if (t.qt.needs_mask(n)) {
@@ -265,7 +265,7 @@ __device__ __forceinline__ void headpair_tile_overlapped(const HeadPairLoop<TR, 
         for (int mb = 0; mb < TR::kWarpMBlocks; ++mb) fence_regs(flat(O[mb]));
         // A skipped block's (speculative) V is handed back only once it landed.
         if (!prev_kept) mbar_wait(sm.bar(TR::kBarVFull + prev.stage), prev.phase);
-        if (t.lane() == 0) mbar_arrive_cluster<TR::kClusterCtas>(sm.bar(TR::kBarVEmpty + prev.stage));
+        if (t.lane() == 0) mbar_arrive(sm.bar(TR::kBarVEmpty + prev.stage));
         if (rescale) {
 #pragma unroll
             for (int mb = 0; mb < TR::kWarpMBlocks; ++mb) rescale_rows(O[mb], alpha[mb]);
@@ -286,7 +286,7 @@ __device__ __forceinline__ void headpair_tile_overlapped(const HeadPairLoop<TR, 
     wgmma_wait<0>();
 #pragma unroll
     for (int mb = 0; mb < TR::kWarpMBlocks; ++mb) fence_regs(flat(O[mb]));
-    if (t.lane() == 0) mbar_arrive_cluster<TR::kClusterCtas>(sm.bar(TR::kBarVEmpty + prev.stage));
+    if (t.lane() == 0) mbar_arrive(sm.bar(TR::kBarVEmpty + prev.stage));
 }
 
 // The same, the sequential schedule: a block's P is made and consumed within
@@ -327,7 +327,7 @@ __device__ __forceinline__ void headpair_tile_sequential(const HeadPairLoop<TR, 
             for (int mb = 0; mb < TR::kWarpMBlocks; ++mb) fence_regs(flat(O[mb]));
             fence_regs(P);
         }
-        if (t.lane() == 0) mbar_arrive_cluster<TR::kClusterCtas>(sm.bar(TR::kBarVEmpty + kv.stage));
+        if (t.lane() == 0) mbar_arrive(sm.bar(TR::kBarVEmpty + kv.stage));
         kv.advance();
     }
 }
@@ -352,8 +352,7 @@ __device__ __forceinline__ void headpair_tile(const HeadPairLoop<TR, kCausal>& t
 // empty partial.  Decisions are the same whichever split visits a tile.
 template <class TR, bool kCausal, bool kSplit>
 __device__ __forceinline__ void headpair_consumer_loop(const Params& p, const SmemWs<TR>& sm, int wg, int tid) {
-    static_assert(TR::kOwnTiles && TR::kPackHeads, "a TraitsSm90WsHeadPair");
-    static_assert(TR::kClusterCtas == 1 || !kSplit, "no cluster entry splits the key range");
+    static_assert(TR::kOwnTiles && TR::kPackHeads && TR::kClusterCtas == 1, "a TraitsSm90WsHeadPair");
     // Warp-uniform for ptxas: descriptors and barrier ids made from wg stay in uniform registers.
     wg = __shfl_sync(0xffffffffu, wg, 0);
     const ConsumerThread ct(wg, tid);

@@ -269,17 +269,4 @@ extern "C" __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(TR::kNThr
                       const __grid_constant__ bsfa::TmaDesc tk) {
     bsfa::kernel_sm90ws<TRMc, kCausal, false>(p, tq, tk, tk);
 }
-
-// bsfa_fwd_headpair on clusters of two CTAs that take the two head pairs of
-// a GQA group of four at the same query tile and share every K and V load
-// (TraitsSm90WsHeadPairMc): the arguments, results and launch of
-// bsfa_fwd_headpair, Hq / Hkv a multiple of four, on a grid of
-// 2 * min(clusters resident, B * Hq / 4 * nQ).
-using TRHeadPairMc = bsfa::TraitsSm90WsHeadPairMc<BSFA_HEAD_DIM, BSFA_DTYPE == 1>;
-
-extern "C" __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(TRHeadPair::kNThreads, 1)
-    bsfa_fwd_headpair_mc(const __grid_constant__ bsfa::Params p, const __grid_constant__ bsfa::TmaDesc tq,
-                         const __grid_constant__ bsfa::TmaDesc tk, const __grid_constant__ bsfa::TmaDesc tv) {
-    bsfa::kernel_sm90ws<TRHeadPairMc, kCausal, true>(p, tq, tk, tv);
-}
 #endif

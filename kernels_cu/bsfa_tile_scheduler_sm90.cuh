@@ -32,9 +32,7 @@
 // kCtas 2 (the cluster entries, TraitsSm90WsMc): the list is over pairs of
 // query heads of one GQA group, walked by clusters (cluster i is CTAs 2i and
 // 2i+1, G the number of clusters), and the CTA of rank r takes head 2 h + r
-// of the pair h: both CTAs of a cluster visit the same key blocks (with two
-// heads a CTA, TraitsSm90WsHeadPairMc, the list is over pairs of head pairs
-// and r picks a head pair).  With
+// of the pair h: both CTAs of a cluster visit the same key blocks.  With
 // kPairTiles (TraitsSm90WsPair) the list is over pairs of query tiles of one
 // head instead: entry rank p holds tiles 2p and 2p + 1 (counted from the
 // heaviest, for causal), the CTA of rank r takes the r-th, and a tile index
@@ -191,7 +189,7 @@ __device__ __forceinline__ ScheduleSm90Ws<TR, kCausal, kSplit> schedule_sm90ws(c
     if constexpr (TR::kPairTiles) {
         return ScheduleSm90Ws<TR, kCausal, kSplit>(ceil_div(nQ, 2), p.Hq, p.B, group, 1, nQ);
     } else {
-        return ScheduleSm90Ws<TR, kCausal, kSplit>(nQ, TR::kPackHeads ? p.Hq / (2 * kC) : p.Hq / kC, p.B, group / kC,
+        return ScheduleSm90Ws<TR, kCausal, kSplit>(nQ, TR::kPackHeads ? p.Hq / 2 : p.Hq / kC, p.B, group / kC,
                                                    p.num_splits);
     }
 }

@@ -369,22 +369,4 @@ struct TraitsSm90WsHeadPair : TraitsSm90Ws<kHeadDim_, kBf16_> {
     static_assert(kBarGate + Base::kConsumerWGs <= 16, "named barriers 1..15");
 };
 
-// bsfa_fwd_headpair_mc: bsfa_fwd_headpair on clusters of two CTAs that take
-// the two head pairs of a GQA group of four (or more) at the same query
-// tile and share every K and V load by multicast, as TraitsSm90WsMc's do:
-// half the K/V bytes leaving L2 a head.  The four heads' decisions stay
-// their warpgroups' own; what couples them is the ring, whose slots are
-// refilled once the consumers of both CTAs released them.
-template <int kHeadDim_, bool kBf16_>
-struct TraitsSm90WsHeadPairMc : TraitsSm90WsHeadPair<kHeadDim_, kBf16_> {
-    using Base = TraitsSm90WsHeadPair<kHeadDim_, kBf16_>;
-    static constexpr int kClusterCtas = 2;
-    // As TraitsSm90WsMc: the producer's multicast bookkeeping spills at 24.
-    static constexpr int kProducerRegs = 32;
-    static constexpr int kConsumerRegs = 232;
-    static_assert(kProducerRegs * 128 + kConsumerRegs * Base::kConsumerThreads <= Base::kLaunchRegs * Base::kNThreads,
-                  "setmaxnreg: the CTA's registers at launch");
-    static_assert(Base::kPanels % kClusterCtas == 0, "each CTA of a cluster loads whole 64-column panels");
-};
-
 }  // namespace bsfa
