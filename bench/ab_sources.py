@@ -77,6 +77,8 @@ CASES = {
     # gated tile of each head and query tile kept: the cost of skipping, NOTES v25)
     "gate": [dict(n=n, rhos=(1.0, 0.5, 0.25, 0.1, 0.0)) for n in (16384, 32768, 65536)]
     + [dict(n=16384, d=64, rhos=(1.0, 0.5, 0.25, 0.1, 0.0))],
+    # the same at head dim 128 only (the head-pair entry's overlapped schedule, without the sequential one's case)
+    "gate128": [dict(n=n, rhos=(1.0, 0.5, 0.25, 0.1, 0.0)) for n in (16384, 32768, 65536)],
     # head dim 64: the 192-row dense entry's cases
     "d64": [dict(n=n, d=64, rhos=()) for n in (8192, 16384, 32768, 65536)]
     + [dict(n=16384, d=64, dtype="bfloat16", rhos=()), dict(n=16384, d=64, causal=False, rhos=()),
