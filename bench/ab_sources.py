@@ -51,6 +51,9 @@ import tempfile
 import time
 from pathlib import Path
 
+# The gate's cases at head dim 128: every gated tile kept down to rho 0.
+_GATE_D128 = [dict(n=n, rhos=(1.0, 0.5, 0.25, 0.1, 0.0)) for n in (16384, 32768, 65536)]
+
 CASES = {
     "quick": [dict(n=16384)],
     "main": [dict(n=n) for n in (8192, 16384, 32768)] + [dict(n=32768, d=64, rhos=(0.25,))],
@@ -75,10 +78,9 @@ CASES = {
     + [dict(n=16384, d=64, dtype="bfloat16")],
     # the gate's cost: the sparse bar's shapes and head dim 64, from every gated tile kept to rho 0 (only the top
     # gated tile of each head and query tile kept: the cost of skipping, NOTES v25)
-    "gate": [dict(n=n, rhos=(1.0, 0.5, 0.25, 0.1, 0.0)) for n in (16384, 32768, 65536)]
-    + [dict(n=16384, d=64, rhos=(1.0, 0.5, 0.25, 0.1, 0.0))],
+    "gate": _GATE_D128 + [dict(n=16384, d=64, rhos=(1.0, 0.5, 0.25, 0.1, 0.0))],
     # the same at head dim 128 only (the head-pair entry's overlapped schedule, without the sequential one's case)
-    "gate128": [dict(n=n, rhos=(1.0, 0.5, 0.25, 0.1, 0.0)) for n in (16384, 32768, 65536)],
+    "gate128": _GATE_D128,
     # head dim 64: the 192-row dense entry's cases
     "d64": [dict(n=n, d=64, rhos=()) for n in (8192, 16384, 32768, 65536)]
     + [dict(n=16384, d=64, dtype="bfloat16", rhos=()), dict(n=16384, d=64, causal=False, rhos=()),
