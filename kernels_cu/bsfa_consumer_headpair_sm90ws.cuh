@@ -263,8 +263,12 @@ __device__ __forceinline__ void headpair_tile_overlapped(const HeadPairLoop<TR, 
         wgmma_wait<0>();
 #pragma unroll
         for (int mb = 0; mb < TR::kWarpMBlocks; ++mb) fence_regs(flat(O[mb]));
-        // A skipped block's (speculative) V is handed back only once it landed.
-        if (!prev_kept) mbar_wait(sm.bar(TR::kBarVFull + prev.stage), prev.phase);
+        // Block n + 1's V goes back here, a skipped block's unwaited (the
+        // producer checks that it landed, TR::kProducerChecksV; 1-4 % of a
+        // sparse call at rho <= 0.5, bench/NOTES.md v35).  The arrival counts
+        // towards the right phase: block n's K, seen above, went out after
+        // that V, which went out only once every consumer had released the
+        // slot's previous block.
         if (t.lane() == 0) mbar_arrive(sm.bar(TR::kBarVEmpty + prev.stage));
         if (rescale) {
 #pragma unroll
@@ -276,6 +280,9 @@ __device__ __forceinline__ void headpair_tile_overlapped(const HeadPairLoop<TR, 
 
     // The last block's P V.
     const PipeState<TR::kStages> prev = kv.previous();
+    // Waited for even where skipped: no later K is seen in this tile, and
+    // an arrival before this V went out could count towards the slot's
+    // previous phase.
     mbar_wait(sm.bar(TR::kBarVFull + prev.stage), prev.phase);
     if (prev_kept) {
         hp_p_ready(t);
@@ -352,7 +359,8 @@ __device__ __forceinline__ void headpair_tile(const HeadPairLoop<TR, kCausal>& t
 // empty partial.  Decisions are the same whichever split visits a tile.
 template <class TR, bool kCausal, bool kSplit>
 __device__ __forceinline__ void headpair_consumer_loop(const Params& p, const SmemWs<TR>& sm, int wg, int tid) {
-    static_assert(TR::kOwnTiles && TR::kPackHeads && TR::kClusterCtas == 1, "a TraitsSm90WsHeadPair");
+    static_assert(TR::kOwnTiles && TR::kPackHeads && TR::kClusterCtas == 1 && TR::kProducerChecksV,
+                  "a TraitsSm90WsHeadPair");
     // Warp-uniform for ptxas: descriptors and barrier ids made from wg stay in uniform registers.
     wg = __shfl_sync(0xffffffffu, wg, 0);
     const ConsumerThread ct(wg, tid);

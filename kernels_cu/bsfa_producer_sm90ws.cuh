@@ -5,6 +5,9 @@
 // two-stage rings.  It waits only for free slots: a slot is refilled once
 // all consumer warps have released it.  V is loaded for every visited block,
 // skipped or not (speculative): the producer never waits for a gate decision.
+// TR::kProducerChecksV (bsfa_fwd_headpair): the consumers hand a skipped
+// block's V slot back without waiting for its copy, so the producer checks
+// that each V copy landed before the slot is reused, and before it exits.
 // kLoadV = false serves bsfa_block_max (Q and K only; its K ring takes the
 // V ring's slots too: kBlockMaxStages).
 //
@@ -136,6 +139,13 @@ __device__ __forceinline__ void producer_loop(const Params& p, const TmaDesc& tq
                                                          key0 - TR::kBlockKeys, hkv, bc);
                 }
             } else {
+                if constexpr (TR::kProducerChecksV && kLoadV) {
+                    // The V slot's previous copy landed (its consumers may
+                    // have released it unseen) before this block's K goes
+                    // out: a consumer that saw this K never waits on the V
+                    // barrier a phase early (the same parity).
+                    mbar_wait(sm.bar(TR::kBarVFull + s), kv.phase ^ 1u);
+                }
                 fill_slot<TR, TR::kKVPanelBytes, kC>(sm.k() + s * TR::kKVBytes, tk, sm.bar(TR::kBarKEmpty + s),
                                                      sm.bar(TR::kBarKFull + s), kv.phase ^ 1u, key0, hkv, bc);
             }
@@ -143,6 +153,15 @@ __device__ __forceinline__ void producer_loop(const Params& p, const TmaDesc& tq
                 fill_slot<TR, TR::kKVPanelBytes, kC>(sm.v() + s * TR::kKVBytes, tv, sm.bar(TR::kBarVEmpty + s),
                                                      sm.bar(TR::kBarVFull + s), kv.phase ^ 1u, key0, hkv, bc);
             }
+            kv.advance();
+        }
+    }
+    if constexpr (TR::kProducerChecksV && kLoadV) {
+        // Nobody may have waited for the last copies: none is left in flight
+        // into shared memory when the CTA exits.
+#pragma unroll 1
+        for (int i = 0; i < TR::kStages; ++i) {
+            mbar_wait(sm.bar(TR::kBarVFull + kv.stage), kv.phase ^ 1u);
             kv.advance();
         }
     }

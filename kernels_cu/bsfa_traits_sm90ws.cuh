@@ -157,6 +157,10 @@ struct TraitsSm90Ws : TileShape {
     // The producer loads each block's K before the previous block's V
     // (TraitsSm90WsLag), not after.
     static constexpr bool kKAhead = false;
+    // The producer, not the consumers, makes sure a V slot's last copy
+    // landed (TraitsSm90WsHeadPair), so that a skipped block's V slot goes
+    // back without a wait on the consumers' path.
+    static constexpr bool kProducerChecksV = false;
     // Each consumer warpgroup owns a whole 128-row BSFA tile of a query
     // head of its own (TraitsSm90WsHeadPair).
     static constexpr bool kOwnTiles = false;
@@ -329,6 +333,12 @@ struct TraitsSm90WsHeadPair : TraitsSm90Ws<kHeadDim_, kBf16_> {
     // the sequential step was level up to 32K and 4-7 % slower at 64K,
     // where the CTAs sharing a K/V head drift apart (bench/NOTES.md, v27).
     static constexpr bool kPInRegs = kHeadDim_ == 64;
+    // The overlapped schedule hands a skipped block's V slot back unwaited
+    // (bsfa_consumer_headpair_sm90ws.cuh); the producer checks that the
+    // slot's previous copy landed before it loads the K of the block that
+    // reuses the slot, since a consumer that skipped that copy would
+    // otherwise wait for the slot's next one on the same barrier parity.
+    static constexpr bool kProducerChecksV = true;
     // Shared memory: Q of both heads (256 rows), K and V rings of three
     // stages of 64-key blocks (a block takes half the time of the base's, so
     // the producer runs a stage further ahead), then P of both warpgroups in
