@@ -159,6 +159,32 @@ def _prebuild(builds, cases):
     print(f"compiled {len(jobs)} modules in {time.perf_counter() - started:.0f} s", flush=True)
 
 
+def load_build(text, key, backend, dev, tag):
+    """The module of kernel source `text` for variant `key` (compiled as the library's own, cached on disk under
+    the key's name and `tag`), loaded on device `dev`."""
+    import cupy as cp
+
+    from bsfa_cupy import _compile, _kernels
+
+    arch_flag, is_cubin = _compile.target(key.arch, _kernels.compute_capability(dev))
+    options = _compile.options_for(key.arch, arch_flag) + key.defines() + backend.options()
+    raw = cp.cuda.function.Module()
+    raw.load(_compile.cached_binary(text, f"{key.name()}_ab_{tag}", options, is_cubin))
+    return raw
+
+
+def headpair_build(mod, raw):
+    """The library's module `mod` with `raw`'s bsfa_fwd_headpair as its head-pair entry, which then takes the
+    calls of even GQA groups, dense ones too."""
+    from bsfa_cupy import _kernels
+
+    hp = dataclasses.replace(
+        _kernels._kernel(raw, "bsfa_fwd_headpair", "BSFA_FWD_HEADPAIR", mod.fwd.grid_kind, mod.fwd.sms,
+                         _kernels._read_int(raw, "BSFA_FWD_HEADPAIR_KV_BOX"), 3),
+        q_box=_kernels._read_int(raw, "BSFA_FWD_HEADPAIR_Q_BOX"), head_pairs=True)
+    return dataclasses.replace(mod, fwd_headpair=hp, raw=(mod.raw, raw)).head_pairs(dense=True)
+
+
 def clocks_by_label(samples, spans):
     """Mean SM clock (MHz) and power (W) per label over the (time, MHz, W) samples that fall in its (start, end)
     spans of wall-clock time; None for a label none fell in."""
@@ -179,7 +205,7 @@ def time_builds(specs, cases, out_dir, block_max=False, warmup_ms=100.0, power=F
     import torch
 
     import bsfa_cupy
-    from bsfa_cupy import _compile, _kernels, ops
+    from bsfa_cupy import _kernels, ops
     from bsfa_cupy.tools.benchmark import (Timer, _input_sets, _peer_fns, _warm_up_clocks, dense_flops,
                                            thresholds_for_rho)
 
@@ -224,10 +250,7 @@ def time_builds(specs, cases, out_dir, block_max=False, warmup_ms=100.0, power=F
         text, dense_entry = builds[b]
         entry = dense_entry if mode["dense"] else "bsfa_fwd"
         if (key, b, entry) not in cache:
-            arch_flag, is_cubin = _compile.target(key.arch, _kernels.compute_capability(dev))
-            options = _compile.options_for(key.arch, arch_flag) + key.defines() + backend.options()
-            raw = cp.cuda.function.Module()
-            raw.load(_compile.cached_binary(text, f"{key.name()}_ab_{b}", options, is_cubin))
+            raw = load_build(text, key, backend, dev, b)
             if dense_entry == "@blockmax":
                 bm = mod.block_max
                 wide = dataclasses.replace(
@@ -235,12 +258,7 @@ def time_builds(specs, cases, out_dir, block_max=False, warmup_ms=100.0, power=F
                     q_box=_kernels._read_int(raw, "BSFA_BLOCK_MAX_WIDE_Q_BOX"))
                 cache[(key, b, entry)] = dataclasses.replace(mod, block_max=wide, raw=(mod.raw, raw))
             elif dense_entry == "@headpair":
-                hp = dataclasses.replace(
-                    _kernels._kernel(raw, "bsfa_fwd_headpair", "BSFA_FWD_HEADPAIR", mod.fwd.grid_kind, mod.fwd.sms,
-                                     _kernels._read_int(raw, "BSFA_FWD_HEADPAIR_KV_BOX"), 3),
-                    q_box=_kernels._read_int(raw, "BSFA_FWD_HEADPAIR_Q_BOX"), head_pairs=True)
-                cache[(key, b, entry)] = dataclasses.replace(mod, fwd_headpair=hp, raw=(mod.raw, raw)).head_pairs(
-                    dense=True)
+                cache[(key, b, entry)] = headpair_build(mod, raw)
             else:
                 f = _kernels._kernel(raw, entry, "BSFA_FWD", mod.fwd.grid_kind, mod.fwd.sms, mod.fwd.tma, 3)
                 # every call on this build's entry: the library's routing would send dense calls of even groups

@@ -1,0 +1,65 @@
+"""bench/step_trace.py's summary of an instrumented head-pair build's step clocks, on a trace built here with
+known parts: per kind of block the cycles of S, gate, rest and gap, the seams between work tiles, and the overlap
+of the two warpgroups' S windows."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.support.bench_scripts import load_bench_script
+
+S, GATE, REST_KEPT, REST_SKIPPED, PERIOD = 100, 50, 300, 20, 1000
+KEPT = [1, 0, 1, 0, 0, 1]  # two work tiles of three blocks each
+SEAM_EXTRA = 700  # more time before the second tile's first step
+
+
+def _trace(shift_wg1):
+    st = load_bench_script("step_trace")
+    trace = np.zeros(st.SHAPE, dtype=np.uint64)
+    for wg, shift in ((0, 0), (1, shift_wg1)):
+        for i, kept in enumerate(KEPT):
+            t0 = 10 + PERIOD * i + (SEAM_EXTRA if i >= 3 else 0) + shift
+            t1, t2 = t0 + S, t0 + S + GATE
+            t3 = t2 + (REST_KEPT if kept else REST_SKIPPED)
+            prev = KEPT[i - 1] if i % 3 else 0
+            flags = (kept << 2) | (prev << 1) | (1 if i % 3 == 0 else 0)
+            trace[0, wg, i] = [t0, t1, t2, t3 | (flags << 61)]
+    return st, trace
+
+
+def test_parts_by_kind_and_the_seams():
+    st, trace = _trace(0)
+    got = st.summarize(trace)
+    assert got["counts"] == {"kept": 2 * KEPT.count(1), "skipped": 2 * KEPT.count(0)}, got["counts"]
+    assert got["kept"]["S"] == S and got["kept"]["gate"] == GATE and got["kept"]["rest"] == REST_KEPT, got
+    assert got["skipped"]["rest"] == REST_SKIPPED, got
+    # gap: the next step's start minus this step's end, within a tile only; a tile's last step has none of its
+    # own, its time to the next tile's first step is a seam
+    def start(i):
+        return 10 + PERIOD * i + (SEAM_EXTRA if i >= 3 else 0)
+
+    def end(i):
+        return start(i) + S + GATE + (REST_KEPT if KEPT[i] else REST_SKIPPED)
+
+    gaps = {"kept": [], "skipped": []}
+    for i, kept in enumerate(KEPT):
+        gaps["kept" if kept else "skipped"].append(start(i + 1) - end(i) if i % 3 != 2 else 0)
+    for kind in gaps:
+        assert got[kind]["gap"] == pytest.approx(np.mean(gaps[kind])), (kind, got[kind], gaps[kind])
+    seam = start(3) - end(2)
+    steps = sum(got[k][p] * got["counts"][k] for k in ("kept", "skipped") for p in st.PARTS)
+    assert got["seams"] == pytest.approx(2 * seam / (steps + 2 * seam)), got["seams"]
+    assert got["s_overlap"] == pytest.approx(1.0), got["s_overlap"]
+    lines = st.report({"rho0.5": got})
+    assert lines[0].startswith("rho0.5: 6 kept and 6 skipped"), lines
+
+
+def test_half_shifted_warpgroups_overlap_by_half():
+    st, trace = _trace(S // 2)
+    assert st.summarize(trace)["s_overlap"] == pytest.approx(0.5)
+
+
+def test_a_trace_of_another_shape_is_refused():
+    st = load_bench_script("step_trace")
+    with pytest.raises(ValueError, match=r"expected shape \(CTAs, 2, 2048, 4\), got \(8, 2, 16, 4\)"):
+        st.summarize(np.zeros((8, 2, 16, 4), dtype=np.uint64))
