@@ -264,7 +264,7 @@ __device__ __forceinline__ void headpair_tile_overlapped(const HeadPairLoop<TR, 
 #pragma unroll
         for (int mb = 0; mb < TR::kWarpMBlocks; ++mb) fence_regs(flat(O[mb]));
         // Block n + 1's V goes back here, a skipped block's unwaited (the
-        // producer checks that it landed, TR::kProducerChecksV; 1-4 % of a
+        // producer checks that it landed, TR::kProducerChecksV; 0.8-4 % of a
         // sparse call at rho <= 0.5, bench/NOTES.md v35).  The arrival counts
         // towards the right phase: block n's K, seen above, went out after
         // that V, which went out only once every consumer had released the
