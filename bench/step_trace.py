@@ -144,6 +144,9 @@ def main(argv=None):
     if args.cmd == "run":
         if args.n % 128 or args.n <= 0:
             p.error(f"--n: expected a positive multiple of 128, got {args.n}")
+        bad = [r for r in args.rhos if not 0.0 <= r <= 1.0]
+        if bad:
+            p.error(f"--rhos: expected keep fractions in [0, 1], got {bad}")
         run(args.source, args.out, args.n, args.rhos)
     else:
         with np.load(args.trace) as f:

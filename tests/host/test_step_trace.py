@@ -63,3 +63,14 @@ def test_a_trace_of_another_shape_is_refused():
     st = load_bench_script("step_trace")
     with pytest.raises(ValueError, match=r"expected shape \(CTAs, 2, 2048, 4\), got \(8, 2, 16, 4\)"):
         st.summarize(np.zeros((8, 2, 16, 4), dtype=np.uint64))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--n", "1000"], "--n: expected a positive multiple of 128, got 1000"),
+    (["--rhos", "0.5", "1.5"], "--rhos: expected keep fractions in [0, 1], got [1.5]"),
+])
+def test_run_refuses_bad_options_before_any_gpu_work(argv, message, capsys):
+    st = load_bench_script("step_trace")
+    with pytest.raises(SystemExit):
+        st.main(["run", "T.cu", "out.npz", *argv])
+    assert message in capsys.readouterr().err
