@@ -24,7 +24,10 @@
 // with 4-round sections, v18).  Sections of 16 rounds, padded, keep the
 // busiest CTA within 0.5 % of the mean in a model of the causal schedule
 // at N = 8K-128K, Hkv = 8 and 32, B = 8 x 2K, B = 32 x 1K; a problem that
-// one section covers (8K here) keeps the plain list.  kSplit keeps
+// one section covers (8K here) keeps the plain list.  Tile pairs
+// (kPairTiles) take narrower sections where their padding allows, down to
+// about G / 16 heads: at Hq = Hkv = 32, where K/V outgrow L2, 1.04-1.06x
+// the speed at 8K-16K (bench/NOTES.md, v37).  kSplit keeps
 // one section: within one query-tile rank the splits go split by split,
 // heads fastest, so the CTAs in flight at once read the same key range of
 // a GQA group's K/V head.
@@ -85,6 +88,25 @@ struct PersistentSchedule {
                 width = w;
                 span = ceil_div(w * nQ_, pair) * pair;
                 slots = ceil_div(BH, w) * span;
+            }
+            if constexpr (kPairTiles) {
+                // Tile pairs (dense calls of odd groups, Hq = Hkv included) from 32 pairs a head: the
+                // narrowest sections, from about G / 16 heads, whose padding stays within 1/32 of the list,
+                // so that the clusters in flight share fewer K/V heads and each K/V block fetched from DRAM
+                // serves more of them (at 8K, G = 66: 8 heads a section, against all 32 in one).
+                if (nQ_ >= 32 && total <= (1 << 29)) {
+                    const int lo = imax(group, ceil_div(grid(), 16) / group * group);
+                    for (int v = lo; v < width; v += group) {
+                        const int sp = ceil_div(v * nQ_, pair) * pair;
+                        const long long sl = (long long)ceil_div(BH, v) * sp;
+                        if ((sl - total) * 32 <= total) {
+                            width = v;
+                            span = sp;
+                            slots = (int)sl;
+                            break;
+                        }
+                    }
+                }
             }
         }
     }

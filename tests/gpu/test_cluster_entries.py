@@ -135,12 +135,15 @@ def _use_tile_pairs(monkeypatch, on: list, seen: list):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("shape", [(2, 1100, 1300, 4, 4), (1, 577, 577, 3, 1), (3, 300, 2100, 2, 2),
-                                   (1, 2100, 300, 6, 2), (2, 1024, 1536, 2, 1), (1, 100, 100, 1, 1)],
+                                   (1, 2100, 300, 6, 2), (2, 1024, 1536, 2, 1), (1, 100, 100, 1, 1),
+                                   (2, 8192, 8192, 8, 8), (1, 8200, 8192, 24, 8)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_tile_pair_entry_equals_plain_dense(monkeypatch, dtype, causal, shape):
     """bsfa_fwd_dense_pair (two neighbouring query tiles of one head a cluster) against bsfa_fwd_dense: out,
     lse and keep bitwise, over MHA and odd GQA groups, odd tile counts (the last CTA of a cluster without a
-    tile), Nq < Nk and Nq > Nk (bottom-right causal: tiles without keys beside tiles with), a single tile."""
+    tile), Nq < Nk and Nq > Nk (bottom-right causal: tiles without keys beside tiles with), a single tile,
+    and lists of 32 pairs a head and more cut into sections narrower than the 16-round rule's (on a grid of
+    66 clusters: 16 heads in sections of 8; 24 heads, groups of 3, in sections of 12)."""
     import bsfa_cupy
 
     B, Nq, Nk, Hq, Hkv = shape
