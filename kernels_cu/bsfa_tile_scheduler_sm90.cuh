@@ -26,8 +26,8 @@
 // at N = 8K-128K, Hkv = 8 and 32, B = 8 x 2K, B = 32 x 1K; a problem that
 // one section covers (8K here) keeps the plain list.  Tile pairs
 // (kPairTiles) take narrower sections where their padding allows, down to
-// about G / 16 heads: at Hq = Hkv = 32, where K/V outgrow L2, 1.04-1.06x
-// the speed at 8K-16K (bench/NOTES.md, v37).  kSplit keeps
+// about G / 16 heads: at Hq = Hkv = 32, where K/V outgrow L2, 3-7 %
+// faster at 8K-16K, causal or not (bench/NOTES.md, v37).  kSplit keeps
 // one section: within one query-tile rank the splits go split by split,
 // heads fastest, so the CTAs in flight at once read the same key range of
 // a GQA group's K/V head.
