@@ -14,7 +14,8 @@ def test_every_tile_is_walked_once(nQ, BH, group, G, pairs, narrow):
     model = load_bench_script("schedule_model")
     shape = model.list_shape(nQ, BH, group, G, pairs, narrow)
     seen = [(rank, h) for taken in model.walk(shape, nQ, BH, G) for _, rank, h in taken]
-    assert len(seen) == len(set(seen)) == nQ * BH, f"{len(seen)} tiles walked, {len(set(seen))} distinct, expected {nQ * BH}"
+    assert len(seen) == len(set(seen)) == nQ * BH, \
+        f"{len(seen)} tiles walked, {len(set(seen))} distinct, expected {nQ * BH}"
     assert shape.width % group == 0 or shape.width == BH, f"a section of {shape.width} heads splits a group of {group}"
     assert shape.slots % (2 * G) == 0 or shape.width == BH, f"{shape.slots} slots: not whole round pairs of {G}"
 
