@@ -22,7 +22,8 @@ Usage (two steps, the first where git is, the second on the GPU machine):
       bsfa_fwd_headpair (two query heads a CTA, a whole BSFA tile a consumer warpgroup), and
       NAME=@headpairdense their dense calls too; NAME=FILE.cu@headpair runs both on FILE.cu's
       bsfa_fwd_headpair (the A/B of two versions of that entry); NAME=FILE.cu@pair runs every dense call on
-      FILE.cu's bsfa_fwd_dense_pair (against NAME=@pair, the library's); NAME=FILE.cu@blockmax runs block_max_scores
+      FILE.cu's bsfa_fwd_dense_pair (against NAME=@pair, the library's), NAME=FILE.cu@mc on its bsfa_fwd_dense_mc
+      (even GQA groups only; against NAME=@mc); NAME=FILE.cu@blockmax runs block_max_scores
       on FILE.cu's bsfa_block_max_wide (with --block-max; the forward calls stay the library's).
       --block-max also times block_max_scores per build.
 Per case (B=1, Hq=32, causal unless noted): torch SDPA's cuDNN backend, then per build dense and sparse
@@ -186,17 +187,18 @@ def headpair_build(mod, raw):
     return dataclasses.replace(mod, fwd_headpair=hp, raw=(mod.raw, raw)).head_pairs(dense=True)
 
 
-def pair_build(mod, raw):
-    """The library's module `mod` with every dense call on `raw`'s bsfa_fwd_dense_pair (as NAME=@pair puts them on
-    the library's own), calls with thresholds on the library's routing."""
+def cluster_build(mod, raw, entry):
+    """The library's module `mod` with every dense call on `raw`'s bsfa_fwd_dense_pair (entry "pair", as NAME=@pair
+    puts them on the library's own) or bsfa_fwd_dense_mc ("mc": two query heads of a GQA group a cluster, so even
+    groups only, as for NAME=@mc), calls with thresholds on the library's routing."""
     from bsfa_cupy import _kernels
 
     f = mod.fwd
-    pair = dataclasses.replace(
-        _kernels._kernel(raw, "bsfa_fwd_dense_pair", "BSFA_FWD", f.grid_kind, f.sms, f.tma, 3,
-                         _kernels._read_int(raw, "BSFA_FWD_MC")),
-        pair_tiles=True)
-    return dataclasses.replace(mod, fwd_dense=pair, dense_clusters=False, dense_wide=False, raw=(mod.raw, raw))
+    name = {"pair": "bsfa_fwd_dense_pair", "mc": "bsfa_fwd_dense_mc"}[entry]
+    dense = dataclasses.replace(
+        _kernels._kernel(raw, name, "BSFA_FWD", f.grid_kind, f.sms, f.tma, 3, _kernels._read_int(raw, "BSFA_FWD_MC")),
+        pair_tiles=entry == "pair")
+    return dataclasses.replace(mod, fwd_dense=dense, dense_clusters=False, dense_wide=False, raw=(mod.raw, raw))
 
 
 def clocks_by_label(samples, spans):
@@ -230,7 +232,7 @@ def time_builds(specs, cases, out_dir, block_max=False, warmup_ms=100.0, power=F
             builds[name] = rest
             continue
         path, at, suffix = rest.rpartition("@")
-        if at and suffix in ("headpair", "blockmax", "pair"):
+        if at and suffix in ("headpair", "blockmax", "pair", "mc"):
             builds[name] = (Path(path).read_text(), "@" + suffix)
             continue
         path, _, dense_entry = rest.partition(":")
@@ -273,8 +275,8 @@ def time_builds(specs, cases, out_dir, block_max=False, warmup_ms=100.0, power=F
                 cache[(key, b, entry)] = dataclasses.replace(mod, block_max=wide, raw=(mod.raw, raw))
             elif dense_entry == "@headpair":
                 cache[(key, b, entry)] = headpair_build(mod, raw)
-            elif dense_entry == "@pair":
-                cache[(key, b, entry)] = pair_build(mod, raw)
+            elif dense_entry in ("@pair", "@mc"):
+                cache[(key, b, entry)] = cluster_build(mod, raw, dense_entry[1:])
             else:
                 f = _kernels._kernel(raw, entry, "BSFA_FWD", mod.fwd.grid_kind, mod.fwd.sms, mod.fwd.tma, 3)
                 # every call on this build's entry: the library's routing would send dense calls of even groups

@@ -25,16 +25,18 @@ class ListShape(NamedTuple):
     slots: int  # list slots in all
 
 
-def list_shape(nQ: int, BH: int, group: int, G: int, pair_tiles: bool, narrow: bool = True) -> ListShape:
-    """The constructor's arithmetic: nQ query tiles (pairs of them with pair_tiles), BH = B * Hq heads, group heads
-    a K/V head, G walkers."""
+def list_shape(nQ: int, BH: int, group: int, G: int, pair_tiles: bool, narrow: bool = True,
+               any_list: bool = False) -> ListShape:
+    """The constructor's arithmetic: nQ query tiles (pairs of them with pair_tiles), BH = B * Hq heads (or pairs of
+    heads, for the head-pair and cluster entries' lists), group the list's group argument, G walkers. any_list:
+    the narrower sections on every list, not only the tile pairs' (bench/variants/sections-narrow-all.diff)."""
     total, pair = nQ * BH, 2 * G
     width, span, slots = BH, total, total
     w = math.ceil(SECTION_ROUNDS * G / (nQ * group)) * group
     if w < BH and total <= 1 << 29:
         width, span = w, math.ceil(w * nQ / pair) * pair
         slots = math.ceil(BH / w) * span
-    if pair_tiles and narrow and nQ >= 32 and total <= 1 << 29:
+    if (pair_tiles or any_list) and narrow and nQ >= 32 and total <= 1 << 29:
         lo = max(group, math.ceil(G / 16) // group * group)
         for v in range(lo, width, group):
             sp = math.ceil(v * nQ / pair) * pair
@@ -70,9 +72,9 @@ def walk(shape: ListShape, nQ: int, BH: int, G: int):
 
 
 def summary(nQ: int, BH: int, group: int, G: int, pair_tiles: bool, narrow: bool, causal: bool = True,
-            overhead: float = 2.0) -> dict:
+            overhead: float = 2.0, any_list: bool = False) -> dict:
     """Width, slots, busiest walker's work over the mean, and mean heads a round."""
-    shape = list_shape(nQ, BH, group, G, pair_tiles, narrow)
+    shape = list_shape(nQ, BH, group, G, pair_tiles, narrow, any_list)
     work = [0.0] * G
     heads = []
     for taken in walk(shape, nQ, BH, G):
@@ -93,18 +95,25 @@ def main(argv=None):
     ap.add_argument("--b", type=int, default=1)
     ap.add_argument("--walkers", type=int, default=66, help="CTAs, or clusters for the cluster entries (G)")
     ap.add_argument("--pairs", action="store_true", help="the tile-pair entry: clusters over pairs of query tiles")
+    ap.add_argument("--heads", type=int, default=0,
+                    help="heads (b * Hq) the list counts, and its group argument from --hq/--hkv as the entry passes "
+                         "it: e.g. the head-pair entry's list counts B * Hq / 2 pairs with group Hq / Hkv")
+    ap.add_argument("--any-list", action="store_true",
+                    help="the narrower sections on every list (variants/sections-narrow-all), not only the tile pairs'")
     ap.add_argument("--noncausal", action="store_true")
     args = ap.parse_args(argv)
     if args.hq % args.hkv:
         ap.error(f"--hq must be a multiple of --hkv, got {args.hq} and {args.hkv}")
     group = args.hq // args.hkv
+    BH = args.heads or args.b * args.hq
+    narrowing = args.pairs or args.any_list
     print("| N | rule | width | slots | busiest / mean | heads a round |")
     print("|---|---|---|---|---|---|")
     for n in args.n:
         tiles = math.ceil(n / 128)
         nQ = math.ceil(tiles / 2) if args.pairs else tiles
-        for narrow in (False, True) if args.pairs else (False,):
-            s = summary(nQ, args.b * args.hq, group, args.walkers, args.pairs, narrow, not args.noncausal)
+        for narrow in (False, True) if narrowing else (False,):
+            s = summary(nQ, BH, group, args.walkers, args.pairs, narrow, not args.noncausal, any_list=args.any_list)
             rule = "narrow" if narrow else "16 rounds"
             print(f"| {n} | {rule} | {s['width']} | {s['slots']} | {s['busiest']:.4f} | {s['heads']:.1f} |")
 

@@ -9,10 +9,10 @@ from tests.support.bench_scripts import load_bench_script
 
 @pytest.mark.parametrize("nQ,BH,group,G,pairs", [(32, 32, 1, 66, True), (33, 24, 3, 66, True), (64, 16, 4, 132, False),
                                                  (16, 64, 1, 64, True), (40, 48, 3, 60, True), (7, 5, 1, 66, True)])
-@pytest.mark.parametrize("narrow", [False, True])
-def test_every_tile_is_walked_once(nQ, BH, group, G, pairs, narrow):
+@pytest.mark.parametrize("narrow,any_list", [(False, False), (True, False), (True, True)])
+def test_every_tile_is_walked_once(nQ, BH, group, G, pairs, narrow, any_list):
     model = load_bench_script("schedule_model")
-    shape = model.list_shape(nQ, BH, group, G, pairs, narrow)
+    shape = model.list_shape(nQ, BH, group, G, pairs, narrow, any_list)
     seen = [(rank, h) for taken in model.walk(shape, nQ, BH, G) for _, rank, h in taken]
     assert len(seen) == len(set(seen)) == nQ * BH, \
         f"{len(seen)} tiles walked, {len(set(seen))} distinct, expected {nQ * BH}"
@@ -42,3 +42,11 @@ def test_narrow_sections_keep_the_walkers_balanced(nQ, G):
 def test_short_lists_keep_the_16_round_rule():
     model = load_bench_script("schedule_model")
     assert model.list_shape(16, 32, 1, 66, True) == model.list_shape(16, 32, 1, 66, True, narrow=False)
+
+
+def test_any_list_narrows_the_head_pairs_list_at_16k():
+    model = load_bench_script("schedule_model")
+    # bsfa_fwd_headpair at 16K, Hq = 32, Hkv = 8: 128 tiles, 16 pairs of heads, group argument 4, 132 CTAs
+    assert model.list_shape(128, 16, 4, 132, False, any_list=False).width == 16
+    s = model.summary(128, 16, 4, 132, pair_tiles=False, narrow=True, any_list=True)
+    assert s["width"] == 8 and s["busiest"] <= 1.005, s
