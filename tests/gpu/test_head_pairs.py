@@ -82,6 +82,15 @@ def test_head_pairs_edges(monkeypatch, launches, mode, Nq, Nk):
           seed=Nq * 1000 + Nk)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("D", [64, 128])
+def test_head_pairs_one_sign_scores(monkeypatch, launches, dtype, D):
+    """Every score of one K/V head's query heads negative (and of the other's mostly positive), thresholds
+    from the tile maxima: the gate's maxima of a row with no non-negative score are taken the slow way."""
+    _case(monkeypatch, launches, dtype=dtype, D=D, causal=True, B=1, Nq=700, Nk=900, Hq=4, Hkv=2, mode="maxima",
+          k_shift=(-12.0, 3.0), seed=D + len(dtype))
+
+
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("causal", [True, False])

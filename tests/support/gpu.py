@@ -254,13 +254,17 @@ def run_case(p, monkeypatch, backend, **call):
     ``call``: further keyword arguments of the attention call (e.g. num_splits).
 
     p: dtype, D, causal, B, Hkv, Hq, Nq, Nk, mode ("none", "scalar", "maxima", "short"), layouts,
-    spread, seed, and optionally q_start / k_start (the call's offsets, default bottom-right).
+    spread, seed, and optionally q_start / k_start (the call's offsets, default bottom-right) and k_shift (one
+    score offset per K/V head, e.g. to make every score of a head negative).
     """
     backend = kernel_backend(backend, p["D"])
     import bsfa_cupy
 
     rng = np.random.default_rng(p["seed"])
     q, k, v = random_inputs(rng, p["B"], p["Nq"], p["Nk"], p["Hq"], p["Hkv"], p["D"], p["dtype"], p["spread"])
+    if p.get("k_shift") is not None:  # every score of K/V head g moved by 8 * k_shift[g] (through feature 0)
+        q[..., 0] = 8
+        k[..., 0] += np.asarray(p["k_shift"]).astype(k.dtype)
     scale = 1.0 / np.sqrt(p["D"])
     causal = p["causal"]
     at = dict(q_start=p.get("q_start"), k_start=p.get("k_start", 0))
