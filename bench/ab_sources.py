@@ -38,7 +38,9 @@ Every module the run loads (the library's and each FILE's, per head dim and dtyp
 processes. Prints a table; --out writes it with the JSON. Only the unsplit forward is swapped: shapes here never split.
 --power samples nvidia-smi every 20 ms beside the timings and adds each kind's and build's mean SM clock and power
 (over its warm-up and batches): in the card's power-capped steady state, a build that does the same work with
-fewer joules runs at a higher clock (NOTES v32).
+fewer joules runs at a higher clock (NOTES v32); and from them each kind's energy (W x ms, mJ) and SM cycles
+(MHz x ms) per call, which tell a build that saves joules from one that saves cycles the clock then takes back
+(NOTES v38).
 """
 import argparse
 import dataclasses
@@ -213,6 +215,14 @@ def clocks_by_label(samples, spans):
             sel |= (samples[:, 0] >= a) & (samples[:, 0] <= b)
         out[label] = (float(samples[sel, 1].mean()), float(samples[sel, 2].mean())) if sel.any() else None
     return out
+
+
+def energy_per_call(row, clocks):
+    """{label: (mJ, millions of SM cycles)} a call, from a label's time in row (ms) and its mean (MHz, W) in
+    clocks (clocks_by_label). At the power limit a call's time is its energy over the limit, and cycles saved at
+    equal energy come back as a lower clock: the two columns tell those apart (NOTES v38)."""
+    return {k: (v[1] * row[k], v[0] * row[k] / 1e3) for k, v in clocks.items()
+            if v is not None and isinstance(row.get(k), float)}
 
 
 def time_builds(specs, cases, out_dir, block_max=False, warmup_ms=100.0, power=False):
@@ -405,6 +415,8 @@ def time_builds(specs, cases, out_dir, block_max=False, warmup_ms=100.0, power=F
                     row[f"{label}:mhz"], row[f"{label}:w"] = v
             line = (f"N={row['n']} {row['dtype']} D={row['d']} Hkv={row['hkv']} B={row['b']} clock and power while "
                     "each kind ran: " + "  ".join(f"{k} {v[0]:.0f} MHz {v[1]:.0f} W" for k, v in got.items() if v))
+            line += "\n    energy and SM cycles per call: " + "  ".join(
+                f"{k} {mj:.0f} mJ {mcyc:.2f} Mcyc" for k, (mj, mcyc) in energy_per_call(row, got).items())
             print(line, flush=True)
             lines.append(line)
     if out_dir:

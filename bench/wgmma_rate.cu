@@ -16,9 +16,11 @@
 // is thread 0's; the kernel's time includes the copies).
 // Build and run (no Python):
 //   nvcc -std=c++17 -gencode arch=compute_90a,code=sm_90a -O3 -I kernels_cu -o wgmma_rate bench/wgmma_rate.cu
-//   ./wgmma_rate
+//   ./wgmma_rate                                  (every mode, timed)
+//   ./wgmma_rate sustain MODE WGS SECONDS         (one mode back to back: bench/wgmma_energy.py)
 #include <cstdio>
 #include <cstdlib>
+#include <string>
 #include <cuda_fp16.h>
 #include "bsfa_wgmma_sm90.cuh"
 #include "bsfa_ptx.cuh"
@@ -278,7 +280,30 @@ void run(const char* name, int wgs, const uint4* src, float* out) {
     printf("%-28s wgs=%d  %.3f ms  %.0f TFLOP/s\n", name, wgs, best, 2 * macs / best / 1e9);
 }
 
-int main() {
+// `wgmma_rate sustain MODE WGS SECONDS`: MODE (0, 1, 2 or 7) on WGS warpgroups launched back to back for about
+// SECONDS, one line per launch ("launch MS"), then the multiply-adds of one launch; bench/wgmma_energy.py reads
+// it beside nvidia-smi's power samples for the joules of each product shape.
+template <int MODE>
+void sustain(int wgs, double seconds, const uint4* src, float* out) {
+    CK(cudaFuncSetAttribute(rate<MODE>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+    const int iters = 4000, ctas = 132;
+    cudaEvent_t a, b;
+    CK(cudaEventCreate(&a)); CK(cudaEventCreate(&b));
+    double total = 0;
+    while (total < seconds * 1e3) {
+        CK(cudaEventRecord(a));
+        rate<MODE><<<ctas, 128 * wgs, kSmem>>>(src, iters, out);
+        CK(cudaEventRecord(b));
+        CK(cudaEventSynchronize(b));
+        CK(cudaGetLastError());
+        float ms; CK(cudaEventElapsedTime(&ms, a, b));
+        printf("launch %.4f\n", ms);
+        total += ms;
+    }
+    printf("macs %.0f\n", (double)ctas * wgs * iters * 128.0 * 64 * 128);
+}
+
+int main(int argc, char** argv) {
     const size_t n = kData / 2;
     __half* h = (__half*)malloc(n * 2);
     srand(1);
@@ -286,6 +311,22 @@ int main() {
     uint4* src; float* out;
     CK(cudaMalloc(&src, n * 2)); CK(cudaMalloc(&out, 16));
     CK(cudaMemcpy(src, h, n * 2, cudaMemcpyHostToDevice));
+    if (argc == 5 && std::string(argv[1]) == "sustain") {
+        const int mode = atoi(argv[2]), wgs = atoi(argv[3]);
+        const double seconds = atof(argv[4]);
+        if (wgs < 1 || wgs > 3 || seconds <= 0) {
+            printf("sustain: expected WGS in 1..3 and SECONDS > 0, got %s %s\n", argv[3], argv[4]);
+            return 2;
+        }
+        switch (mode) {
+            case 0: sustain<0>(wgs, seconds, src, out); break;
+            case 1: sustain<1>(wgs, seconds, src, out); break;
+            case 2: sustain<2>(wgs, seconds, src, out); break;
+            case 7: sustain<7>(wgs, seconds, src, out); break;
+            default: printf("sustain: expected MODE 0, 1, 2 or 7, got %d\n", mode); return 2;
+        }
+        return 0;
+    }
     for (int wgs = 1; wgs <= 3; ++wgs) {
         run<0>("ss m64n64 x2 (today's S)", wgs, src, out);
         run<3>("ss m64n64 x2, two S", wgs, src, out);

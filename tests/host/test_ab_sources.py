@@ -91,3 +91,13 @@ def test_clocks_by_label_averages_the_samples_inside_each_labels_spans():
                                             "c:dense": [(4.0, 5.0)]})
     assert got["a:dense"] == (1650.0, 685.0), got
     assert got["b:dense"] == (1980.0, 300.0) and got["c:dense"] is None, got
+
+
+def test_energy_per_call_is_power_times_time_and_cycles_clock_times_time():
+    row = {"cudnn": 4.0, "base:rho0.5": 2.0, "n": 16384}
+    clocks = {"cudnn": (1500.0, 600.0), "base:rho0.5": (1700.0, 690.0), "old:rho0.5": (1700.0, 690.0),
+              "base:dense": None}
+    got = _load().energy_per_call(row, clocks)
+    assert set(got) == {"cudnn", "base:rho0.5"}, f"labels without a time or a clock must drop out, got {sorted(got)}"
+    assert got["cudnn"] == (2400.0, 6.0), f"cudnn: expected (2400 mJ, 6.0 Mcyc), got {got['cudnn']}"
+    assert got["base:rho0.5"] == (1380.0, 3.4), f"base:rho0.5: expected (1380 mJ, 3.4 Mcyc), got {got['base:rho0.5']}"
