@@ -9,7 +9,8 @@ of each run: the median launch time, the dense-equivalent TFLOP/s, the mean cloc
 multiply-add (power over the multiply-add rate). At the power limit a call's time is its energy over the limit
 (bench/NOTES.md v38), so a shape's picojoules say what it would cost the skip path there. Modes: 0 today's S (two
 m64n64 chains, Q and K from shared memory), 1 S^T (one m64n128 chain, K Q^T), 2 Q in registers (two m64n64 chains,
-K from shared memory), 7 four m64n32 chains.
+K from shared memory), 7 four m64n32 chains; 5 and 9 are 0 and 1 each followed by a skipped block's gate (the max of the
+64 accumulators and a vote of the warpgroup).
 """
 import argparse
 import os
@@ -23,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from sustained import SmiSampler  # noqa: E402
 
 NAMES = {0: "ss m64n64 x2 (today's S)", 1: "ss m64n128 transposed (S^T)", 2: "rs m64n64 x2 (Q in registers)",
-         7: "ss m64n32 x4"}
+         5: "today's S + the gate", 7: "ss m64n32 x4", 9: "S^T + the gate"}
 
 
 def parse_sustain(text):

@@ -179,6 +179,36 @@ __global__ void __launch_bounds__(384, 1) rate(const uint4* src, int iters, floa
         wgmma_wait<0>();
         fence_regs(S); fence_regs(S2);
         for (int i = 0; i < 64; ++i) acc += S[i] + S2[i];
+    } else if constexpr (MODE == 9) {  // S^T, then the same gate: a tile's max is the max of all 64 accumulators
+        float S[64];
+        for (int i = 0; i < 64; ++i) S[i] = 0.f;
+        const unsigned long long qb = make_desc(q + wg * 128 * 128, 16, 1024);
+        const float thr = 1e30f;
+        int kept_count = 0;
+        for (int it = 0; it < iters; ++it) {
+            const unsigned long long kd = desc_add(kd0, (it % kKBlocks) * 2 * kKPanel);
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < 8; ++kk) {
+                const unsigned col = (kk % 4) * 32, pn = kk / 4;
+                wgmma_ss_n128<false>(S, desc_add(kd, pn * kKPanel + col), desc_add(qb, pn * kQPanel + col), 1);
+            }
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_regs(S);
+            float m[4];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) m[j] = S[j];
+#pragma unroll
+            for (int i = 1; i < 16; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) m[j] = fmax2(m[j], S[4 * i + j]);
+            const bool vote = fmax2(fmax2(m[0], m[1]), fmax2(m[2], m[3])) * 0.088f >= thr;
+            const bool any = named_or(1 + wg, 128, vote);
+            kept_count += __shfl_sync(0xffffffffu, any ? 1 : 0, 0);
+        }
+        for (int i = 0; i < 64; ++i) acc += S[i];
+        acc += kept_count;
     } else if constexpr (MODE == 5 || MODE == 6) {  // today's S, then a gate: max of 64, a vote; 6: turns
         float S[2][32];
         for (int i = 0; i < 32; ++i) S[0][i] = S[1][i] = 0.f;
@@ -280,7 +310,7 @@ void run(const char* name, int wgs, const uint4* src, float* out) {
     printf("%-28s wgs=%d  %.3f ms  %.0f TFLOP/s\n", name, wgs, best, 2 * macs / best / 1e9);
 }
 
-// `wgmma_rate sustain MODE WGS SECONDS`: MODE (0, 1, 2 or 7) on WGS warpgroups launched back to back for about
+// `wgmma_rate sustain MODE WGS SECONDS`: MODE (0, 1, 2, 5, 7 or 9) on WGS warpgroups launched back to back for about
 // SECONDS, one line per launch ("launch MS"), then the multiply-adds of one launch; bench/wgmma_energy.py reads
 // it beside nvidia-smi's power samples for the joules of each product shape.
 template <int MODE>
@@ -322,8 +352,10 @@ int main(int argc, char** argv) {
             case 0: sustain<0>(wgs, seconds, src, out); break;
             case 1: sustain<1>(wgs, seconds, src, out); break;
             case 2: sustain<2>(wgs, seconds, src, out); break;
+            case 5: sustain<5>(wgs, seconds, src, out); break;
             case 7: sustain<7>(wgs, seconds, src, out); break;
-            default: printf("sustain: expected MODE 0, 1, 2 or 7, got %d\n", mode); return 2;
+            case 9: sustain<9>(wgs, seconds, src, out); break;
+            default: printf("sustain: expected MODE 0, 1, 2, 5, 7 or 9, got %d\n", mode); return 2;
         }
         return 0;
     }
@@ -339,5 +371,7 @@ int main(int argc, char** argv) {
     run<5>("ss m64n64 x2 + gate, free", 2, src, out);
     run<6>("ss m64n64 x2 + gate, turns", 2, src, out);
     run<5>("ss m64n64 x2 + gate, free", 3, src, out);
+    run<9>("ss m64n128 transposed + gate, free", 2, src, out);
+    run<9>("ss m64n128 transposed + gate, free", 3, src, out);
     return 0;
 }
