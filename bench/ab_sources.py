@@ -219,8 +219,8 @@ def clocks_by_label(samples, spans):
 
 def energy_per_call(row, clocks):
     """{label: (mJ, millions of SM cycles)} a call, from a label's time in row (ms) and its mean (MHz, W) in
-    clocks (clocks_by_label). At the power limit a call's time is its energy over the limit, and cycles saved at
-    equal energy come back as a lower clock: the two columns tell those apart (NOTES v38)."""
+    clocks (clocks_by_label). Under the card's power cap, cycles saved at equal energy come back in part as a
+    lower clock: the two columns tell a build that saves joules from one that saves only cycles (NOTES v38)."""
     return {k: (v[1] * row[k], v[0] * row[k] / 1e3) for k, v in clocks.items()
             if v is not None and isinstance(row.get(k), float)}
 

@@ -22,7 +22,7 @@ def test_parse_sustain_reads_every_launch_and_the_multiply_adds():
 
 def test_parse_sustain_refuses_output_without_launches():
     with pytest.raises(ValueError, match="expected 'launch MS' lines"):
-        _load().parse_sustain("sustain: expected MODE 0, 1, 2 or 7, got 5\n")
+        _load().parse_sustain("sustain: expected MODE 0, 1, 2, 5, 7 or 9, got 4\n")
 
 
 def test_energy_row_is_power_over_the_multiply_add_rate_in_the_window():
