@@ -56,6 +56,20 @@ __device__ __forceinline__ void issue_s64(float (&X)[2][32], unsigned q, int wg,
     wgmma_commit();
 }
 
+// S^T = K Q^T for a warpgroup: the 64 keys of the K block at kd against its
+// 128 query rows, one m64n128 chain with both operands in shared memory,
+// accumulated, one group.
+__device__ __forceinline__ void issue_st(float (&X)[64], unsigned q, int wg, unsigned long long kd) {
+    const unsigned long long qb = make_desc(q + wg * 128 * 128, 16, 1024);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk) {
+        const unsigned col = (kk % 4) * 32, pn = kk / 4;
+        wgmma_ss_n128<false>(X, desc_add(kd, pn * kKPanel + col), desc_add(qb, pn * kQPanel + col), 1);
+    }
+    wgmma_commit();
+}
+
 // One group a warpgroup per iteration, waited for: products(kd, kk, col, pn)
 // issues k-step kk's products against iteration it's K block (kd), fence()
 // passes the accumulators through fence_regs after the wait.
@@ -156,16 +170,8 @@ __global__ void __launch_bounds__(384, 1) rate(const uint4* src, int iters, floa
         for (int i = 0; i < 32; ++i) acc += S[0][i] + S[1][i] + S2[0][i] + S2[1][i];
     } else if constexpr (MODE == 1 || MODE == 4) {  // transposed: S^T = K Q^T, one m64n128 a k-step
         float S[64], S2[64];
-        const unsigned long long qb = make_desc(q + wg * 128 * 128, 16, 1024);
         auto issue = [&](float (&X)[64], int it) {
-            const unsigned long long kd = desc_add(kd0, (it % kKBlocks) * 2 * kKPanel);
-            wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < 8; ++kk) {
-                const unsigned col = (kk % 4) * 32, pn = kk / 4;
-                wgmma_ss_n128<false>(X, desc_add(kd, pn * kKPanel + col), desc_add(qb, pn * kQPanel + col), 1);
-            }
-            wgmma_commit();
+            issue_st(X, q, wg, desc_add(kd0, (it % kKBlocks) * 2 * kKPanel));
         };
         for (int i = 0; i < 64; ++i) S2[i] = S[i] = 0.f;
         for (int it = 0; it < iters; it += 2) {
@@ -182,18 +188,10 @@ __global__ void __launch_bounds__(384, 1) rate(const uint4* src, int iters, floa
     } else if constexpr (MODE == 9) {  // S^T, then the same gate: a tile's max is the max of all 64 accumulators
         float S[64];
         for (int i = 0; i < 64; ++i) S[i] = 0.f;
-        const unsigned long long qb = make_desc(q + wg * 128 * 128, 16, 1024);
         const float thr = 1e30f;
         int kept_count = 0;
         for (int it = 0; it < iters; ++it) {
-            const unsigned long long kd = desc_add(kd0, (it % kKBlocks) * 2 * kKPanel);
-            wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < 8; ++kk) {
-                const unsigned col = (kk % 4) * 32, pn = kk / 4;
-                wgmma_ss_n128<false>(S, desc_add(kd, pn * kKPanel + col), desc_add(qb, pn * kQPanel + col), 1);
-            }
-            wgmma_commit();
+            issue_st(S, q, wg, desc_add(kd0, (it % kKBlocks) * 2 * kKPanel));
             wgmma_wait<0>();
             fence_regs(S);
             float m[4];
